@@ -1,0 +1,293 @@
+"""Launch a real Triton server on this machine from the PyPI ``nvidia-pytriton`` wheel.
+
+The wheel ships ``tritonserver`` (2.51), the python backend and one stub per Python
+version, but not as a ready-to-run install.  ``TritonHome`` lays out a backend
+directory (python backend + the stub for *this* interpreter + our Python-based
+backends from ``backends/``), ``TritonServer`` starts the binary with the right
+library path, polls readiness, and stops it.
+
+    python -m streamasr.server --model-repository model_repository
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("streamasr.server")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+DEFAULT_BACKENDS = REPO_ROOT / "backends"
+LOOPBACK = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _pytriton_dirs() -> tuple[Path, Path]:
+    """(tritonserver folder inside the wheel, the wheel's bundled shared libraries)."""
+    try:
+        import pytriton  # noqa: F401  (only its location is needed)
+    except ImportError as exc:  # pragma: no cover - install problem, said plainly
+        raise ServerError("nvidia-pytriton is not installed: run `make venv`") from exc
+    site = Path(pytriton.__file__).resolve().parent.parent
+    server_dir = site / "pytriton" / "tritonserver"
+    libs = site / "nvidia_pytriton.libs"
+    if not (server_dir / "bin" / "tritonserver").exists():
+        raise ServerError(f"no tritonserver binary under {server_dir}")
+    return server_dir, libs
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonHome:
+    """A backend directory Triton can load: python backend + stub + our backends."""
+
+    root: Path
+    backends_src: Path = DEFAULT_BACKENDS
+
+    @property
+    def backend_dir(self) -> Path:
+        return self.root / "backends"
+
+    def prepare(self) -> "TritonHome":
+        server_dir, _ = _pytriton_dirs()
+        py = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = server_dir / "python_backend_stubs" / py / "triton_python_backend_stub"
+        if not stub.exists():
+            raise ServerError(f"pytriton ships no python backend stub for Python {py}")
+        # Copies, not symlinks: Triton refuses backend files that resolve outside
+        # the backend directory.
+        python_dir = self.backend_dir / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+            _copy(server_dir / "backends" / "python" / name, python_dir / name)
+        _copy(stub, python_dir / "triton_python_backend_stub")
+        # Python-based backends: a folder holding model.py, named as config.pbtxt's `backend`.
+        for src in sorted(self.backends_src.iterdir()):
+            if (src / "model.py").exists():
+                dst = self.backend_dir / src.name
+                dst.mkdir(exist_ok=True)
+                _copy(src / "model.py", dst / "model.py")
+        (self.root / "cache").mkdir(exist_ok=True)
+        return self
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Copy unless dst already holds the same bytes (keeps re-preparing cheap)."""
+    if dst.exists() and dst.stat().st_size == src.stat().st_size \
+            and dst.read_bytes() == src.read_bytes():
+        return
+    shutil.copy2(src, dst)
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    host: str = LOOPBACK
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    home: Path | None = None
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+    # TLS for the gRPC endpoint (both set, or neither).
+    grpc_cert: Path | None = None
+    grpc_key: Path | None = None
+
+
+class TritonServer:
+    """A tritonserver child process; use as a context manager."""
+
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        self.config = config
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        home_root = config.home
+        if home_root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="streamasr-triton-")
+            home_root = Path(self._tmp.name)
+        self.home = TritonHome(Path(home_root)).prepare()
+        self.log_path = log_path or (self.home.root / "tritonserver.log")
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    # -- command line -------------------------------------------------------
+    def command(self) -> list[str]:
+        server_dir, _ = _pytriton_dirs()
+        c = self.config
+        cmd = [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={Path(c.model_repository).resolve()}",
+            f"--backend-directory={self.home.backend_dir}",
+            f"--cache-directory={self.home.root / 'cache'}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--allow-gpu-metrics=false",
+            "--allow-metrics=true",
+            f"--http-address={c.host}", f"--http-port={c.http_port}",
+            f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
+            f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
+            f"--log-verbose={c.log_verbose}",
+        ]
+        if c.grpc_cert or c.grpc_key:
+            if not (c.grpc_cert and c.grpc_key):
+                raise ServerError("gRPC TLS needs both a certificate and a key")
+            cmd += ["--grpc-use-ssl=true",
+                    f"--grpc-server-cert={c.grpc_cert}", f"--grpc-server-key={c.grpc_key}"]
+        return cmd + list(c.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        _, libs = _pytriton_dirs()
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        # The stub must load the same libpython as this interpreter, and find `python3`
+        # of this environment so that models import from its site-packages.
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    # -- lifecycle ----------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.config.grpc_port}"
+
+    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        self._log_file = open(self.log_path, "ab")
+        log.info("starting tritonserver (log: %s)", self.log_path)
+        self.proc = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=self._log_file,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        delay = 0.05
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.proc.returncode} before it was ready\n"
+                    + self.log_tail())
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f}s\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = Path(self.log_path).read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no server log)"
+        return "\n".join(["--- tritonserver log tail ---", *text[-lines:]])
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver ignored SIGTERM for %.0fs; killing it", timeout_s)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log_file:
+            self._log_file.close()
+        code = self.proc.returncode
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m streamasr.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    p.add_argument("--host", default=LOOPBACK, help="address for all endpoints (default loopback)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--home", type=Path, default=None,
+                   help="folder for the prepared backend directory (default: a temporary one)")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--grpc-cert", type=Path, default=None)
+    p.add_argument("--grpc-key", type=Path, default=None)
+    p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    a = parse_args(argv)
+    cfg = ServerConfig(model_repository=a.model_repository, host=a.host, http_port=a.http_port,
+                       grpc_port=a.grpc_port, metrics_port=a.metrics_port, home=a.home,
+                       log_verbose=a.log_verbose, extra_args=a.extra,
+                       grpc_cert=a.grpc_cert, grpc_key=a.grpc_key)
+    server = TritonServer(cfg, log_path=None)
+    stop = {"signal": None}
+
+    def _on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        server.start(a.startup_timeout)
+    except ServerError as exc:
+        log.error("%s", exc)
+        server.stop()
+        return 1
+    log.info("ready: grpc %s, http %s", server.grpc_url, server.http_url)
+    while stop["signal"] is None and server.proc.poll() is None:
+        time.sleep(0.2)
+    if server.proc.poll() is not None:
+        log.error("tritonserver exited on its own with code %s\n%s",
+                  server.proc.returncode, server.log_tail())
+        server.stop()
+        return 1
+    log.info("stopping tritonserver")
+    return 0 if server.stop() in (0, None) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
