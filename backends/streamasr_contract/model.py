@@ -1,0 +1,2 @@
+"""Triton Python-based backend `streamasr_contract`: a thin adapter, the logic lives in streamasr."""
+from streamasr.triton_models.adapters import ContractModel as TritonPythonModel  # noqa: F401

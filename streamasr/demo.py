@@ -1,0 +1,48 @@
+"""`make demo`: start a real Triton server, stream the bundled recording through it in
+real time, print interim and final transcripts, stop the server."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .server import REPO_ROOT, ServerConfig, ServerError, TritonServer, free_port
+
+DEMO_AUDIO = REPO_ROOT / "assets" / "demo.wav"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m streamasr.demo", description=__doc__)
+    p.add_argument("--audio", type=Path, default=DEMO_AUDIO)
+    p.add_argument("--fast", action="store_true", help="do not pace at real time")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from streamasr_client import transcribe
+
+    cfg = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server = TritonServer(cfg)
+    print(f"Starting tritonserver on {cfg.host} (grpc :{cfg.grpc_port}) ...", flush=True)
+    try:
+        server.start()
+    except ServerError as exc:
+        print(exc, file=sys.stderr)
+        server.stop()
+        return 1
+    try:
+        reference = DEMO_AUDIO.with_suffix(".txt")
+        print(f"Streaming {a.audio.name}"
+              + ("" if a.fast else " in real time") + ": interims as '…', finals with times\n",
+              flush=True)
+        code = transcribe.main([str(a.audio), "--url", server.grpc_url]
+                               + ([] if a.fast else ["--realtime"]))
+        if a.audio == DEMO_AUDIO and reference.exists():
+            print("\nReference:\n" + reference.read_text().strip())
+        return code
+    finally:
+        print("\nStopping tritonserver ...", flush=True)
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

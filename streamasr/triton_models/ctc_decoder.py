@@ -1,0 +1,141 @@
+"""Decoder step of the `streaming_asr` ensemble: log-probs -> JSON result messages.
+
+Per stream it keeps a ``StreamDecoder`` (streamasr.decoding).  Requests are processed in
+stream order (``StepInfo.seq``): should an earlier request of the same stream still be on
+its way through the acoustic model, a later one waits in a small reorder buffer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..contract import ModelContract
+from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from ..state import StreamError, StreamStore
+from .common import FLAG_END, FLAG_START, ModelConfig, StepInfo, stream_idle_timeout
+
+log = logging.getLogger("streamasr.ctc_decoder")
+
+# config.pbtxt parameters of the decoder model that are not decoder options.
+STEP_PARAMETERS = ("acoustic_model", "stream_idle_timeout_s", "max_streams")
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stream options -> (decoder options, endpoint options); unknown keys are an error."""
+    dec_keys, end_keys = _field_names(DecoderConfig), _field_names(EndpointConfig)
+    unknown = sorted(set(options) - dec_keys - end_keys)
+    if unknown:
+        raise ValueError(f"unknown stream option(s) {unknown}; known: "
+                         f"{sorted(dec_keys | end_keys)}")
+    return ({k: v for k, v in options.items() if k in dec_keys},
+            {k: v for k, v in options.items() if k in end_keys})
+
+
+@dataclass
+class DecoderDefaults:
+    """Model-level decoder settings from config.pbtxt; streams may override them."""
+
+    decoder: dict[str, Any] = field(default_factory=dict)
+    endpoint: dict[str, Any] = field(default_factory=dict)
+
+    def configs(self, options: dict[str, Any]) -> tuple[DecoderConfig, EndpointConfig]:
+        dec, end = split_options(options)
+        return (DecoderConfig.from_parameters({**self.decoder, **dec}),
+                EndpointConfig.from_parameters({**self.endpoint, **end}))
+
+    def validate(self, options: dict[str, Any]) -> None:
+        self.configs(options)
+
+
+@dataclass
+class DecoderRequest:
+    corrid: Any
+    flags: int
+    log_probs: np.ndarray          # [N, T, V]
+    info: StepInfo
+
+
+@dataclass
+class _Stream:
+    decoder: StreamDecoder
+    next_seq: int = 1                                   # START (seq 0) is handled at create
+    pending: dict[int, DecoderRequest] = field(default_factory=dict)
+    closed: bool = False
+
+
+class DecoderStep:
+    def __init__(self, contract: ModelContract, defaults: DecoderDefaults,
+                 idle_timeout_s: float, max_streams: int | None = None,
+                 max_pending: int = 64):
+        self.contract = contract
+        self.defaults = defaults
+        defaults.validate({})          # fail at load time on a bad config.pbtxt value
+        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, max_streams=max_streams)
+        self.max_pending = max_pending
+
+    def _frames(self, r: DecoderRequest) -> np.ndarray:
+        info = r.info
+        if info.windows == 0:
+            return np.zeros((0, len(self.contract.vocabulary)), np.float32)
+        if r.log_probs.ndim != 3 or r.log_probs.shape[0] != info.windows:
+            raise StreamError(f"internal: {r.log_probs.shape} log-probs for {info.windows} windows")
+        return np.concatenate([r.log_probs[i, :n] for i, n in enumerate(info.valid_outputs)])
+
+    def _apply(self, st: _Stream, r: DecoderRequest) -> list[dict]:
+        msgs = st.decoder.accept(self._frames(r))
+        if r.info.finalize:
+            msgs += st.decoder.finalize()
+        if r.flags & FLAG_END:
+            msgs += st.decoder.close()
+            st.closed = True
+        return msgs
+
+    def process(self, r: DecoderRequest) -> list[dict]:
+        if r.flags & FLAG_START:
+            dec_cfg, end_cfg = self.defaults.configs(r.info.options)
+            st = self.store.create(r.corrid, _Stream(StreamDecoder(
+                self.contract, config=dec_cfg, endpoint=end_cfg)))
+            if r.info.seq != 0:
+                raise StreamError("internal: START request is not the stream's first")
+            msgs = self._apply(st, r)
+        else:
+            st = self.store.get(r.corrid)
+            if r.info.seq != st.next_seq:
+                if len(st.pending) >= self.max_pending:
+                    raise StreamError("too many requests of this stream out of order")
+                st.pending[r.info.seq] = r
+                return []
+            msgs = self._apply(st, r)
+            st.next_seq += 1
+        while st.next_seq in st.pending:
+            msgs += self._apply(st, st.pending.pop(st.next_seq))
+            st.next_seq += 1
+        if st.closed:
+            self.store.pop(r.corrid)
+        return msgs
+
+
+def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
+    """Decoder/endpoint defaults from config.pbtxt parameters (all but STEP_PARAMETERS)."""
+    params = {k: v for k, v in cfg.parameters().items() if k not in STEP_PARAMETERS}
+    try:
+        dec, end = split_options(params)
+        defaults = DecoderDefaults(dec, end)
+        defaults.validate({})
+    except ValueError as exc:
+        raise ValueError(f"model {cfg.name!r}: {exc}") from None
+    return defaults
+
+
+def build_step(cfg: ModelConfig) -> DecoderStep:
+    max_streams = int(cfg.param("max_streams", "0")) or None
+    return DecoderStep(cfg.contract(), build_defaults(cfg), stream_idle_timeout(cfg),
+                       max_streams)

@@ -1,0 +1,161 @@
+"""Feature step of the `streaming_asr` ensemble: audio chunks -> model windows.
+
+Per stream (Triton CORRID) it keeps a ``FeatureStream``: the audio remainder not yet
+framed and the feature context the next window needs.  Each request yields the windows
+that became complete (``[N, left+chunk+right, n_mels]``) plus a ``StepInfo`` for the
+decoder.  With no complete window the acoustic model still gets one placeholder window,
+since Triton cannot send it a batch of zero (``StepInfo.windows`` is then 0).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..contract import ModelContract
+from ..features import FeatureStream, silence_frame
+from ..state import StreamError, StreamStore
+from .common import (FLAG_END, FLAG_START, ModelConfig, StepInfo, parse_bool, parse_float,
+                     parse_int, stream_idle_timeout)
+
+log = logging.getLogger("streamasr.feature_extractor")
+
+# Request parameters this step acts on; every other key is a per-stream decoder option.
+CONTROL_PARAMETERS = ("finalize", "keepalive")
+
+
+@dataclass
+class FeatureRequest:
+    """One request, as plain data (the adapter extracts it from pb_utils)."""
+
+    corrid: Any
+    flags: int
+    audio: np.ndarray | None          # float32 / int16 samples, or None (no audio input)
+    sample_rate: int | None
+    parameters: dict[str, Any]
+
+    @property
+    def start(self) -> bool:
+        return bool(self.flags & FLAG_START)
+
+    @property
+    def end(self) -> bool:
+        return bool(self.flags & FLAG_END)
+
+
+@dataclass
+class FeatureResult:
+    features: np.ndarray       # [max(N, 1), W, F] float32
+    info: StepInfo
+
+
+@dataclass
+class _Stream:
+    features: FeatureStream
+    requests: int = 0
+
+
+class FeatureStep:
+    """All streams of one model instance."""
+
+    def __init__(self, contract: ModelContract, idle_timeout_s: float,
+                 max_chunk_seconds: float, max_windows_per_request: int,
+                 max_streams: int | None = None, validate_options=None):
+        self.contract = contract
+        self.max_chunk_samples = int(max_chunk_seconds * contract.sample_rate)
+        self.max_windows = max_windows_per_request
+        # Worst case in one request: the chunk itself, plus context carried over from
+        # earlier requests, plus the flush at END.
+        need = -(-(self.max_chunk_samples // contract.features.hop_length
+                   + contract.window_frames) // contract.chunk_frames) + 1
+        if need > max_windows_per_request:
+            raise ValueError(
+                f"max_chunk_seconds {max_chunk_seconds:g} can yield {need} windows in one "
+                f"request, more than max_windows_per_request {max_windows_per_request}")
+        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, max_streams=max_streams)
+        self._placeholder = np.tile(silence_frame(contract.features),
+                                    (1, contract.window_frames, 1)).astype(np.float32)
+        self._validate_options = validate_options or (lambda options: None)
+
+    # -- validation (before any state changes: a rejected request changes nothing) -------
+    def _checked_audio(self, r: FeatureRequest) -> np.ndarray:
+        if r.sample_rate is not None and r.sample_rate != self.contract.sample_rate:
+            raise StreamError(f"SAMPLE_RATE {r.sample_rate} does not match the model's "
+                              f"{self.contract.sample_rate} Hz; resample before sending")
+        if r.audio is None:
+            return np.zeros(0, np.float64)
+        a = np.asarray(r.audio)
+        if a.ndim != 1:
+            raise StreamError(f"audio must be 1-D mono samples, got shape {list(a.shape)}")
+        if len(a) > self.max_chunk_samples:
+            raise StreamError(
+                f"audio chunk of {len(a) / self.contract.sample_rate:.2f} s exceeds the "
+                f"limit of {self.max_chunk_samples / self.contract.sample_rate:.2f} s per request")
+        if a.dtype == np.int16:
+            return a.astype(np.float64) / 32768.0
+        if a.dtype != np.float32:
+            raise StreamError(f"audio dtype {a.dtype} is not float32 (AUDIO) or int16 (AUDIO_INT16)")
+        if not np.all(np.isfinite(a)):
+            raise StreamError("audio contains NaN or infinite samples")
+        return a.astype(np.float64)
+
+    def _control(self, r: FeatureRequest) -> tuple[bool, bool, dict[str, Any]]:
+        p = dict(r.parameters)
+        try:
+            finalize = parse_bool("finalize", p.pop("finalize", False))
+            keepalive = parse_bool("keepalive", p.pop("keepalive", False))
+        except ValueError as exc:
+            raise StreamError(str(exc)) from None
+        if p and not r.start:
+            raise StreamError(f"stream options {sorted(p)} are accepted only on the START "
+                              "request")
+        if p:
+            try:
+                self._validate_options(p)
+            except ValueError as exc:
+                raise StreamError(str(exc)) from None
+        return finalize, keepalive, p
+
+    # -- processing ----------------------------------------------------------------
+    def process(self, r: FeatureRequest) -> FeatureResult:
+        audio = self._checked_audio(r)
+        finalize, keepalive, options = self._control(r)
+        if len(audio) == 0 and not (keepalive or finalize or r.end or r.start):
+            raise StreamError("empty audio chunk: send audio, or set keepalive=true to keep "
+                              "an idle stream open, or finalize=true to flush")
+        if r.start:
+            st = self.store.create(r.corrid, _Stream(FeatureStream(self.contract)))
+        else:
+            st = self.store.get(r.corrid)
+        info = StepInfo(seq=st.requests, finalize=finalize, keepalive=keepalive,
+                        options=options)
+        st.requests += 1
+        windows = st.features.accept(audio)
+        feats, valid = [windows.features], [windows.valid_outputs]
+        if r.end:
+            tail = st.features.finish()
+            feats.append(tail.features)
+            valid.append(tail.valid_outputs)
+            self.store.pop(r.corrid)
+        features = np.concatenate(feats)
+        info.windows = len(features)
+        info.valid_outputs = [int(v) for v in np.concatenate(valid)]
+        if info.windows == 0:
+            features = self._placeholder
+        return FeatureResult(features, info)
+
+
+def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
+    """The step as configured in config.pbtxt (fails fast on a bad parameter)."""
+    contract = cfg.contract()
+    try:
+        max_chunk = parse_float("max_chunk_seconds", cfg.param("max_chunk_seconds"), 0.01)
+        max_windows = parse_int("max_windows_per_request",
+                                cfg.param("max_windows_per_request"), 1)
+        max_streams = parse_int("max_streams", cfg.param("max_streams", "0"), 0) or None
+    except ValueError as exc:
+        raise ValueError(f"model {cfg.name!r}: {exc}") from None
+    return FeatureStep(contract, stream_idle_timeout(cfg), max_chunk, max_windows,
+                       max_streams, validate_options)

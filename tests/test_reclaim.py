@@ -1,0 +1,71 @@
+"""Abandoned streams (no END) are reclaimed after the idle timeout: Triton never tells a
+model about them, so the steps sweep their own state by TTL."""
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from .conftest import copy_repository, start_server
+
+TTL_S = 1.0
+TRITON_IDLE_US = 4_000_000
+
+
+@pytest.fixture(scope="module")
+def short_ttl_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("short_ttl")
+    repo = copy_repository(
+        root / "repo",
+        {"feature_extractor": {"stream_idle_timeout_s": str(TTL_S)},
+         "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)}},
+        idle_us={"feature_extractor": TRITON_IDLE_US, "ctc_decoder": TRITON_IDLE_US})
+    srv = start_server(repo, root / "tritonserver.log")
+    yield srv
+    srv.stop()
+
+
+def metric(server, name: str, model: str) -> float:
+    text = urllib.request.urlopen(
+        f"http://{server.config.host}:{server.config.metrics_port}/metrics", timeout=10
+    ).read().decode()
+    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+]+)$', text, re.M)
+    assert m, f"{name} for {model} not in metrics"
+    return float(m.group(1))
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server):
+    from streamasr_client.stream import AsrConnection
+
+    n = 20
+    with AsrConnection(short_ttl_server.grpc_url) as conn:
+        rate = conn.contract().sample_rate
+        sessions = [conn.open_session() for _ in range(n)]
+        for s in sessions:
+            s.send(np.zeros(rate // 2, np.float32))
+        for s in sessions:
+            s.wait()
+            assert s.errors == []
+        for model in ("feature_extractor", "ctc_decoder"):
+            assert metric(short_ttl_server, "streamasr_open_streams", model) == n
+        for model in ("feature_extractor", "ctc_decoder"):
+            wait_for(lambda: metric(short_ttl_server, "streamasr_open_streams", model) == 0,
+                     10 * TTL_S, f"{model} to sweep its streams")
+            assert metric(short_ttl_server, "streamasr_reclaimed_streams_total", model) >= n
+        # Still inside Triton's own idle window: our step answers "expired".
+        late = sessions[0]
+        late.send(np.zeros(rate // 2, np.float32))
+        late.wait()
+        assert len(late.errors) == 1 and "expired" in late.errors[0], late.errors

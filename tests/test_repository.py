@@ -1,0 +1,55 @@
+"""The model repository's configs agree with each other and with the model contract
+(no server needed; tests/test_streaming.py checks that Triton loads them)."""
+from __future__ import annotations
+
+import pytest
+
+from streamasr.triton_models.common import read_config, stream_idle_timeout
+
+from .conftest import REPOSITORY
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return {p.name: read_config(p) for p in REPOSITORY.iterdir() if (p / "config.pbtxt").exists()}
+
+
+def dims(tensor) -> list[int]:
+    return [int(d) for d in tensor["dims"]]
+
+
+def test_acoustic_model_config_matches_its_contract(configs, contract):
+    am = configs["acoustic_model"].raw
+    assert am["backend"] == "onnxruntime"
+    assert am["max_batch_size"] > 1 and "dynamic_batching" in am
+    (inp,) = am["input"]
+    (out,) = am["output"]
+    assert inp["name"] == contract.input_name
+    assert dims(inp) == [contract.window_frames, contract.features.n_mels], \
+        "acoustic_model/config.pbtxt input dims disagree with the model's contract"
+    assert out["name"] == contract.output_name
+    assert dims(out) == [contract.output_frames, len(contract.vocabulary)], \
+        "acoustic_model/config.pbtxt output dims disagree with the model's contract"
+
+
+def test_window_limits_fit_the_acoustic_models_batch(configs):
+    mbs = configs["acoustic_model"].raw["max_batch_size"]
+    assert int(configs["feature_extractor"].param("max_windows_per_request")) <= mbs
+    assert int(configs["offline_asr"].param("max_batch")) <= mbs
+
+
+def test_ensemble_has_no_sequence_batching_and_steps_do(configs):
+    ens = configs["streaming_asr"].raw
+    assert ens["platform"] == "ensemble" and "sequence_batching" not in ens
+    steps = [s["model_name"] for s in ens["ensemble_scheduling"]["step"]]
+    assert steps == ["feature_extractor", "acoustic_model", "ctc_decoder"]
+    for name in ("feature_extractor", "ctc_decoder"):
+        sb = configs[name].raw["sequence_batching"]
+        assert "oldest" in sb
+        # our TTL sweep must fire before Triton forgets the sequence
+        assert stream_idle_timeout(configs[name]) < configs[name].sequence_idle_s()
+
+
+def test_stateful_steps_agree_on_the_idle_timeout(configs):
+    assert stream_idle_timeout(configs["feature_extractor"]) == \
+        stream_idle_timeout(configs["ctc_decoder"])
