@@ -1,0 +1,86 @@
+"""The model build: our CTranslate2 reader and torch Whisper against the reference
+CTranslate2 runtime, on real speech."""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from streamasr.contract import FeatureSpec
+from streamasr.features import silence_frame
+from training import ct2, whisper
+
+LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
+CLIP = LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0870.wav"
+REFERENCE = ("and mister john dashwood had then leisure to consider how much there might be "
+             "prudently in his power to do for them")
+ENCODER_TOLERANCE = 1e-3   # max |ours - reference| on outputs of magnitude ~10
+
+
+def _norm(text: str) -> list[str]:
+    text = text.lower().replace("mr.", "mister")
+    return re.sub(r"[^a-z' ]+", " ", text).split()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ct2.load(ct2.packaged_whisper_dir())
+
+
+@pytest.fixture(scope="module")
+def clip_features():
+    if not CLIP.exists():
+        pytest.skip("Debian pocketsphinx-testdata is not installed")
+    audio, sr = sf.read(CLIP, dtype="float32")
+    assert sr == 16000
+    f = whisper.log_mel(audio)
+    pad = np.tile(silence_frame(FeatureSpec()), (3000 - len(f), 1))
+    return np.concatenate([f, pad]).astype(np.float32)
+
+
+def test_ct2_reader_header_and_aliases(model):
+    assert model.binary_version == 6
+    assert model.spec_name == "WhisperSpec" and model.revision == 3
+    assert len(model.variables) == 148
+    assert model["encoder/conv1/weight"].shape == (384, 80, 3)
+    assert model["encoder/conv1/weight"].dtype == np.float16
+    # the output projection is stored once, as an alias of the token embedding
+    assert model.aliases["decoder/projection/weight"] == "decoder/embeddings/weight"
+    assert model["decoder/projection/weight"] is model["decoder/embeddings/weight"]
+    assert model.scalar("encoder/num_heads") == 6
+
+
+def test_ct2_reader_rejects_truncated_and_unknown(tmp_path):
+    data = (ct2.packaged_whisper_dir() / "model.bin").read_bytes()
+    with pytest.raises(ct2.CT2FormatError, match="truncated"):
+        ct2.parse(data[:1000])
+    with pytest.raises(ct2.CT2FormatError, match="binary version"):
+        ct2.parse(struct.pack("<I", 99) + data[4:])
+    with pytest.raises(ct2.CT2FormatError, match="trailing"):
+        ct2.parse(data + b"\0")
+
+
+def test_encoder_matches_ctranslate2(model, clip_features):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    ref = ctranslate2.models.Whisper(str(ct2.packaged_whisper_dir()), device="cpu",
+                                     compute_type="float32", intra_threads=1)
+    x = np.ascontiguousarray(clip_features.T[None])
+    expected = np.array(ref.encode(ctranslate2.StorageView.from_array(x), to_cpu=True))
+    enc = whisper.encoder_from_ct2(model)
+    with torch.no_grad():
+        got = enc(torch.from_numpy(clip_features)[None]).numpy()
+    assert got.shape == expected.shape == (1, 1500, 384)
+    err = np.abs(got - expected).max()
+    assert err < ENCODER_TOLERANCE, f"max abs error {err}"
+
+
+def test_greedy_decoding_gives_the_reference_words(clip_features):
+    w = whisper.Whisper()
+    ids = w.greedy(torch.from_numpy(clip_features)[None])
+    text = w.tokens.decode(ids)
+    assert _norm(text) == REFERENCE.split(), text
