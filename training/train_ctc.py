@@ -293,6 +293,39 @@ def torch_runner(model: acoustic.AcousticModel):
 
 
 # --- command line ----------------------------------------------------------------------
+def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float = 1e-3,
+               dev_fraction: float = 0.03, out: Path = HEAD_FILE):
+    """The whole recipe: precompute -> train -> evaluate on real speech -> save the head."""
+    contract = acoustic.default_contract()
+    cfg = acoustic.HeadConfig()
+    encoder = whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir()))
+    items = read_manifest(manifest)
+    random.Random(0).shuffle(items)
+    n_dev = max(1, int(len(items) * dev_fraction))
+    t0 = time.time()
+    dev = precompute(items[:n_dev], contract, encoder, cfg, copies=1, seed=1)
+    tr = precompute(items[n_dev:], contract, encoder, cfg, copies=copies, seed=0)
+    pre_min = (time.time() - t0) / 60
+    log.info("train: %d utterances / %d windows; dev %d; precompute %.1f min",
+             len(tr.targets), len(tr.frames), len(dev.targets), pre_min)
+
+    head = acoustic.CTCHead(cfg, contract.output_frames)
+    info = train(head, tr, dev, minutes, lr=lr)
+    model = acoustic.AcousticModel(encoder, head, contract).eval()
+    res = evaluate(torch_runner(model), contract)
+    for r in res["rows"]:
+        log.info("%s\n  REF: %s\n  HYP: %s", r["file"], r["ref"], r["hyp"])
+    log.info("REAL SPEECH (%d clips, %d words): WER %.1f %%  CER %.1f %%", res["clips"],
+             res["words"], 100 * res["wer"], 100 * res["cer"])
+    meta = {"train": {**info, "precompute_minutes": pre_min, "utterances": len(tr.targets),
+                      "windows": int(len(tr.frames)), "manifest": str(manifest),
+                      "copies": copies},
+            "real_speech": {k: res[k] for k in ("wer", "cer", "clips", "words")}}
+    acoustic.save_head(head, out, **meta)
+    log.info("saved %s", out)
+    return head, meta
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train_ctc", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,35 +339,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
-
-    contract = acoustic.default_contract()
-    cfg = acoustic.HeadConfig()
-    encoder = whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir()))
-    items = read_manifest(a.manifest)
-    random.Random(0).shuffle(items)
-    n_dev = max(1, int(len(items) * a.dev_fraction))
-    t0 = time.time()
-    dev = precompute(items[:n_dev], contract, encoder, cfg, copies=1, seed=1)
-    tr = precompute(items[n_dev:], contract, encoder, cfg, copies=a.copies, seed=0)
-    pre_min = (time.time() - t0) / 60
-    log.info("train: %d utterances / %d windows; dev %d", len(tr.targets), len(tr.frames),
-             len(dev.targets))
-
-    head = acoustic.CTCHead(cfg, contract.output_frames)
-    info = train(head, tr, dev, a.minutes, lr=a.lr)
-    model = acoustic.AcousticModel(encoder, head, contract).eval()
-    res = evaluate(torch_runner(model), contract)
-    for r in res["rows"]:
-        log.info("%s\n  REF: %s\n  HYP: %s", r["file"], r["ref"], r["hyp"])
-    log.info("REAL SPEECH (%d clips, %d words): WER %.1f %%  CER %.1f %%", res["clips"],
-             res["words"], 100 * res["wer"], 100 * res["cer"])
-    acoustic.save_head(head, a.out, train={**info, "precompute_minutes": pre_min,
-                                           "utterances": len(tr.targets),
-                                           "windows": int(len(tr.frames)),
-                                           "manifest": str(a.manifest)},
-                       real_speech={k: res[k] for k in ("wer", "cer", "clips", "words")},
-                       head_config=asdict(cfg))
-    log.info("saved %s", a.out)
+    train_head(a.manifest, a.minutes, a.copies, a.lr, a.dev_fraction, a.out)
     return 0
 
 

