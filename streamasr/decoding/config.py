@@ -1,0 +1,251 @@
+"""Typed decoder and endpoint settings, parsed from Triton parameters or stream options.
+
+Triton's ``config.pbtxt`` parameters and per-stream options arrive as strings ("2.4",
+"true", "beam"); JSON clients may send typed values.  ``from_parameters`` accepts both,
+rejects unknown keys and raises ``ValueError`` whose message starts with the bad key.
+
+The two dataclasses have disjoint field names, so one flat dict of stream options can be
+split between them by field name (the Triton adapter does exactly that).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# -- decoding defaults -----------------------------------------------------------------
+DECODING_METHODS = ("greedy", "beam")
+DEFAULT_DECODING = "greedy"
+#: Prefixes kept after every frame by the prefix beam search.
+DEFAULT_BEAM_SIZE = 8
+#: Non-blank tokens per frame the beam search considers (the frame's k most likely).
+DEFAULT_BEAM_TOP_K = 8
+#: Log-domain bonus per matched hotword token when a hotword is given without a boost
+#: (the per-token convention of sherpa-onnx's ``hotwords_score``).
+DEFAULT_HOTWORD_BOOST = 1.5
+#: Shallow-fusion weight of the word n-gram LM (natural-log LM score times alpha).
+DEFAULT_LM_ALPHA = 0.5
+#: Bonus per word scored by the LM (counteracts the LM's preference for short outputs).
+DEFAULT_LM_BETA = 1.0
+
+# -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
+#: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.
+DEFAULT_RULE1_MIN_TRAILING_SILENCE = 2.4
+#: Rule 2: this much trailing silence after some text ends the utterance (speech_final).
+DEFAULT_RULE2_MIN_TRAILING_SILENCE = 1.2
+#: Rule 3: an utterance this long is finalized whatever its silence.
+DEFAULT_RULE3_MIN_UTTERANCE_LENGTH = 20.0
+#: Silence after the last word of a finalized utterance before an UtteranceEnd message
+#: (Deepgram's ``utterance_end_ms``, 1000 ms being its minimum).
+DEFAULT_UTTERANCE_END = 1.0
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(key: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, (int, float)) and raw in (0, 1):
+        return bool(raw)
+    text = str(raw).strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise ValueError(f"{key}: must be true or false, got {raw!r}")
+
+
+def parse_float(key: str, raw: Any, minimum: float = 0.0) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"{key}: must be a number, got {raw!r}")
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{key}: must be finite, got {raw!r}")
+    if value < minimum:
+        raise ValueError(f"{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def parse_int(key: str, raw: Any, minimum: int = 1) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"{key}: must be an integer, got {raw!r}")
+    if isinstance(raw, float):
+        if not raw.is_integer():
+            raise ValueError(f"{key}: must be an integer, got {raw!r}")
+        raw = int(raw)
+    try:
+        value = int(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def parse_choice(key: str, raw: Any, choices: tuple[str, ...]) -> str:
+    text = str(raw).strip().lower()
+    if text not in choices:
+        raise ValueError(f"{key}: must be one of {list(choices)}, got {raw!r}")
+    return text
+
+
+def parse_hotwords(key: str, raw: Any, default_boost: float) -> tuple[tuple[str, float], ...]:
+    """Hotwords as ``(phrase, boost)`` pairs.
+
+    Accepted forms: a sequence of phrases or ``(phrase, boost)`` pairs; a JSON string of
+    the same (``'[["tensor rt", 2.0], "triton"]'``); or ``"phrase:boost,phrase"`` text.
+    A phrase without a boost gets ``default_boost``.
+    """
+    if raw is None or raw == "":
+        return ()
+    items: Any = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{key}: not valid JSON ({exc.msg})") from None
+        else:
+            items = []
+            for part in text.split(","):
+                if not part.strip():
+                    continue
+                phrase, sep, boost = part.rpartition(":")
+                items.append((phrase, boost) if sep else part)
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{key}: must be a list of phrases or (phrase, boost) pairs, "
+                         f"got {raw!r}")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            phrase, boost = item, default_boost
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
+            phrase, boost = item[0], parse_float(key, item[1])
+        else:
+            raise ValueError(f"{key}: each entry must be a phrase or a (phrase, boost) pair, "
+                             f"got {item!r}")
+        phrase = " ".join(phrase.split())
+        if not phrase:
+            raise ValueError(f"{key}: empty hotword phrase in {raw!r}")
+        out.append((phrase, float(boost)))
+    return tuple(out)
+
+
+def _check_unknown(cls, params: Mapping[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown {cls.__name__} parameter "
+                         f"(unknown: {unknown}; known: {sorted(known)})")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """How log-probabilities become tokens.
+
+    decoding          "greedy" (best path, the default) or "beam" (CTC prefix beam search)
+    beam_size         prefixes kept per frame (beam only)
+    beam_top_k        non-blank candidate tokens per frame (beam only)
+    hotwords          ((phrase, boost), ...): per-token log-domain bonus while a hotword's
+                      tokens are being matched, kept only if the phrase completes (beam only)
+    hotword_boost     boost of hotwords given without one
+    lm_path           word n-gram LM (ARPA or KenLM binary) for shallow fusion (beam only;
+                      needs the ``kenlm`` module); "" = none
+    lm_alpha, lm_beta LM weight and per-word bonus
+    time_offset       seconds added to every time in the messages
+    """
+
+    decoding: str = DEFAULT_DECODING
+    beam_size: int = DEFAULT_BEAM_SIZE
+    beam_top_k: int = DEFAULT_BEAM_TOP_K
+    hotwords: tuple[tuple[str, float], ...] = ()
+    hotword_boost: float = DEFAULT_HOTWORD_BOOST
+    lm_path: str = ""
+    lm_alpha: float = DEFAULT_LM_ALPHA
+    lm_beta: float = DEFAULT_LM_BETA
+    time_offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Normalise and validate values given directly to the constructor, too.
+        norm = self._parsed(dataclasses.asdict(self))
+        for k, v in norm.items():
+            object.__setattr__(self, k, v)
+
+    @staticmethod
+    def _parsed(p: Mapping[str, Any]) -> dict[str, Any]:
+        boost = parse_float("hotword_boost", p.get("hotword_boost", DEFAULT_HOTWORD_BOOST))
+        out = {
+            "decoding": parse_choice("decoding", p["decoding"], DECODING_METHODS),
+            "beam_size": parse_int("beam_size", p["beam_size"]),
+            "beam_top_k": parse_int("beam_top_k", p["beam_top_k"]),
+            "hotwords": parse_hotwords("hotwords", p["hotwords"], boost),
+            "hotword_boost": boost,
+            "lm_path": str(p["lm_path"] or "").strip(),
+            "lm_alpha": parse_float("lm_alpha", p["lm_alpha"]),
+            "lm_beta": parse_float("lm_beta", p["lm_beta"], minimum=-math.inf),
+            "time_offset": parse_float("time_offset", p["time_offset"]),
+        }
+        if out["lm_path"]:
+            from .lm import check_lm_path  # kenlm is optional: imported only when asked for
+            check_lm_path("lm_path", out["lm_path"])
+        return out
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, Any]) -> "DecoderConfig":
+        """Parse Triton parameters / stream options (strings or typed values)."""
+        _check_unknown(cls, params)
+        merged = {**dataclasses.asdict(cls()), **params}
+        return cls(**cls._parsed(merged))
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """When an utterance ends (sherpa-onnx's rules; any rule set to 0 is disabled).
+
+    endpointing                  false: utterances end only at finalize()/close()
+    rule1_min_trailing_silence   s of silence with nothing decoded -> reset, no final
+                                 (an empty final if ``empty_finals``)
+    rule2_min_trailing_silence   s of silence after text -> final, speech_final=true
+    rule3_min_utterance_length   s of utterance -> final, speech_final=false
+    empty_finals                 rule 1 emits an empty final instead of resetting silently
+    utterance_end                s of silence after a finalized utterance's last word
+                                 before an UtteranceEnd message; 0 = never
+    """
+
+    endpointing: bool = True
+    rule1_min_trailing_silence: float = DEFAULT_RULE1_MIN_TRAILING_SILENCE
+    rule2_min_trailing_silence: float = DEFAULT_RULE2_MIN_TRAILING_SILENCE
+    rule3_min_utterance_length: float = DEFAULT_RULE3_MIN_UTTERANCE_LENGTH
+    empty_finals: bool = False
+    utterance_end: float = DEFAULT_UTTERANCE_END
+
+    def __post_init__(self) -> None:
+        for k, v in self._parsed(dataclasses.asdict(self)).items():
+            object.__setattr__(self, k, v)
+
+    @staticmethod
+    def _parsed(p: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(EndpointConfig):
+            if f.type in ("bool", bool):
+                out[f.name] = parse_bool(f.name, p[f.name])
+            else:
+                out[f.name] = parse_float(f.name, p[f.name])
+        return out
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, Any]) -> "EndpointConfig":
+        """Parse Triton parameters / stream options (strings or typed values)."""
+        _check_unknown(cls, params)
+        merged = {**dataclasses.asdict(cls()), **params}
+        return cls(**cls._parsed(merged))
+
+
+__all__ = ["DecoderConfig", "EndpointConfig", "DECODING_METHODS"]

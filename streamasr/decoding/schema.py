@@ -1,0 +1,67 @@
+"""The result messages' schema, as markdown (served to clients and quoted in docs)."""
+from __future__ import annotations
+
+from .config import (DEFAULT_RULE1_MIN_TRAILING_SILENCE, DEFAULT_RULE2_MIN_TRAILING_SILENCE,
+                     DEFAULT_RULE3_MIN_UTTERANCE_LENGTH, DEFAULT_UTTERANCE_END)
+
+results_schema_doc = f"""\
+# Result messages
+
+Every request of a stream returns a list of JSON messages (modelled on Deepgram's live
+API).  Times are seconds from the start of the stream (plus the decoder's `time_offset`),
+rounded to 1 ms; they are multiples of the model's output frame length.
+
+## `Results`
+
+```json
+{{"type": "Results", "is_final": false, "speech_final": false, "from_finalize": false,
+ "start": 0.0, "duration": 1.2,
+ "channel": {{"alternatives": [{{"transcript": "hello world", "confidence": 0.93,
+   "words": [{{"word": "hello", "start": 0.12, "end": 0.44, "confidence": 0.95}},
+             {{"word": "world", "start": 0.52, "end": 0.9, "confidence": 0.91}}]}}]}}}}
+```
+
+| field | type | meaning |
+| --- | --- | --- |
+| `type` | string | `"Results"` |
+| `is_final` | bool | `false`: an *interim*, the current hypothesis of the open utterance, sent at the end of every request with audio frames and revised by later messages. `true`: a *final*; its words are never revised, and later messages carry only later words |
+| `speech_final` | bool | `true` only on a final sent because the speaker paused (endpoint rule 1 or 2: trailing silence of {DEFAULT_RULE2_MIN_TRAILING_SILENCE} s after text by default) |
+| `from_finalize` | bool | `true` only on the final that answers an explicit Finalize request |
+| `start` | float s | start of the utterance (the frame after the previous final) |
+| `duration` | float s | length of the utterance so far (final: up to the frame the utterance ended at, trailing silence included) |
+| `channel.alternatives` | list | exactly one alternative (the best hypothesis) |
+| `alternatives[0].transcript` | string | the words joined by single spaces; may be `""` |
+| `alternatives[0].confidence` | float 0..1 | **mean** of the word confidences (0 when there are no words) |
+| `alternatives[0].words` | list | one entry per word, in order |
+| `words[].word` | string | the word's text |
+| `words[].start` | float s | start of the output frame where the word's first token is first emitted (CTC spike) |
+| `words[].end` | float s | end of the last frame of the word's last token (the frame after it) |
+| `words[].confidence` | float 0..1 | mean over the word's tokens of each token's peak posterior (the highest probability of that token over the frames aligned to it) |
+
+## `UtteranceEnd`
+
+```json
+{{"type": "UtteranceEnd", "last_word_end": 3.52}}
+```
+
+Sent once after a final with words when `utterance_end` seconds (default
+{DEFAULT_UTTERANCE_END}) of silence have followed its last word with no new word started;
+also when the stream is closed while one is still owed.
+
+| field | type | meaning |
+| --- | --- | --- |
+| `type` | string | `"UtteranceEnd"` |
+| `last_word_end` | float s | `end` of the last word of the finalized utterance |
+
+## When messages are sent
+
+* each request with audio: any finals (and UtteranceEnds) that its frames produced, in
+  order, then exactly one interim for the utterance left open;
+* endpoint rule 1 ({DEFAULT_RULE1_MIN_TRAILING_SILENCE} s of silence with nothing decoded)
+  starts a new utterance **without** a message (unless `empty_finals`); rule 2 (see
+  `speech_final`) and rule 3 (utterance of {DEFAULT_RULE3_MIN_UTTERANCE_LENGTH} s,
+  `speech_final=false`) send a final;
+* Finalize: one final with `from_finalize=true`, even when it is empty;
+* end of stream: the open utterance's final if it has words, then an owed UtteranceEnd;
+* keep-alive: nothing.
+"""
