@@ -22,7 +22,7 @@ def short_ttl_server(tmp_path_factory):
         root / "repo",
         {"feature_extractor": {"stream_idle_timeout_s": str(TTL_S)},
          "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)}},
-        idle_us={"feature_extractor": TRITON_IDLE_US, "ctc_decoder": TRITON_IDLE_US})
+        idle_us={"feature_extractor": TRITON_IDLE_US})
     srv = start_server(repo, root / "tritonserver.log")
     yield srv
     srv.stop()

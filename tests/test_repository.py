@@ -38,16 +38,23 @@ def test_window_limits_fit_the_acoustic_models_batch(configs):
     assert int(configs["offline_asr"].param("max_batch")) <= mbs
 
 
-def test_ensemble_has_no_sequence_batching_and_steps_do(configs):
+def test_ensemble_has_no_sequence_batching_and_the_feature_step_does(configs):
     ens = configs["streaming_asr"].raw
     assert ens["platform"] == "ensemble" and "sequence_batching" not in ens
     steps = [s["model_name"] for s in ens["ensemble_scheduling"]["step"]]
     assert steps == ["feature_extractor", "acoustic_model", "ctc_decoder"]
-    for name in ("feature_extractor", "ctc_decoder"):
-        sb = configs[name].raw["sequence_batching"]
-        assert "oldest" in sb
-        # our TTL sweep must fire before Triton forgets the sequence
-        assert stream_idle_timeout(configs[name]) < configs[name].sequence_idle_s()
+    fe = configs["feature_extractor"]
+    assert "oldest" in fe.raw["sequence_batching"]
+    # our TTL sweep must fire before Triton forgets the sequence
+    assert stream_idle_timeout(fe) < fe.sequence_idle_s()
+
+
+def test_decoder_keeps_every_stream_in_one_instance(configs):
+    """Streams are routed by STEP_INFO, not by a sequence batcher, so one instance must
+    hold them all (see ctc_decoder/config.pbtxt)."""
+    dec = configs["ctc_decoder"].raw
+    assert "sequence_batching" not in dec
+    assert [g.get("count", 1) for g in dec["instance_group"]] == [1]
 
 
 def test_stateful_steps_agree_on_the_idle_timeout(configs):

@@ -192,8 +192,7 @@ class CtcDecoderModel:
                 info_t = pb_utils.get_input_tensor_by_name(request, "STEP_INFO")
                 info = StepInfo.from_json(info_t.as_numpy().reshape(-1)[0])
                 lp = pb_utils.get_input_tensor_by_name(request, "LOG_PROBS").as_numpy()
-                msgs = self.step.process(ctc_decoder.DecoderRequest(
-                    request.correlation_id(), request.flags(), lp, info))
+                msgs = self.step.process(ctc_decoder.DecoderRequest(lp, info))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs])]))
             except (StreamError, ValueError) as exc:

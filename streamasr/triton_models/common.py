@@ -123,6 +123,8 @@ def stream_idle_timeout(cfg: ModelConfig) -> float:
     timeout, so a late request still reaches the model and is told 'expired' instead of
     Triton's bare 'must specify START'."""
     ttl = parse_float("stream_idle_timeout_s", cfg.param("stream_idle_timeout_s"), 0.001)
+    if "sequence_batching" not in cfg.raw:
+        return ttl
     triton_idle = cfg.sequence_idle_s()
     if ttl >= triton_idle:
         raise ConfigError(
@@ -149,13 +151,20 @@ def request_parameters(request) -> dict[str, Any]:
 class StepInfo:
     """Feature step -> decoder step, one per request (JSON in the STEP_INFO tensor).
 
-    ``windows`` real windows in this request's FEATURES (0: the acoustic model ran on one
+    ``stream``/``start``/``end`` identify the request's stream and its place in it: the
+    decoder is not a Triton sequence model, because Triton's ensemble does not keep a
+    stream's requests in order between steps (measured: with two requests in flight an
+    END could overtake the request before it, and a sequence batcher then rejects the
+    late one).  ``windows`` real windows in this request's FEATURES (0: the acoustic model ran on one
     placeholder window because a batch of zero cannot be sent to it), ``valid_outputs``
     real output frames per window, ``seq`` the request's index in its stream (the decoder
     uses it to restore order), ``options`` per-stream decoder options (START only).
     """
 
+    stream: int
     seq: int
+    start: bool = False
+    end: bool = False
     windows: int = 0
     valid_outputs: list[int] = field(default_factory=list)
     finalize: bool = False

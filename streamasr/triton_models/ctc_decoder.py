@@ -16,7 +16,7 @@ import numpy as np
 from ..contract import ModelContract
 from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from ..state import StreamError, StreamStore
-from .common import FLAG_END, FLAG_START, ModelConfig, StepInfo, stream_idle_timeout
+from .common import ModelConfig, StepInfo, stream_idle_timeout
 
 log = logging.getLogger("streamasr.ctc_decoder")
 
@@ -57,21 +57,23 @@ class DecoderDefaults:
 
 @dataclass
 class DecoderRequest:
-    corrid: Any
-    flags: int
     log_probs: np.ndarray          # [N, T, V]
     info: StepInfo
 
 
 @dataclass
 class _Stream:
-    decoder: StreamDecoder
-    next_seq: int = 1                                   # START (seq 0) is handled at create
+    decoder: StreamDecoder | None = None                # None until its START arrives
+    next_seq: int = 0
     pending: dict[int, DecoderRequest] = field(default_factory=dict)
     closed: bool = False
 
 
 class DecoderStep:
+    """All streams of the decoder model.  Streams are identified by the ``StepInfo`` the
+    feature step attaches (not by Triton's sequence batcher), and each stream's requests
+    are applied in ``seq`` order whatever order they arrive in."""
+
     def __init__(self, contract: ModelContract, defaults: DecoderDefaults,
                  idle_timeout_s: float, max_streams: int | None = None,
                  max_pending: int = 64):
@@ -90,37 +92,49 @@ class DecoderStep:
         return np.concatenate([r.log_probs[i, :n] for i, n in enumerate(info.valid_outputs)])
 
     def _apply(self, st: _Stream, r: DecoderRequest) -> list[dict]:
+        info = r.info
+        if info.start:
+            dec_cfg, end_cfg = self.defaults.configs(info.options)
+            st.decoder = StreamDecoder(self.contract, config=dec_cfg, endpoint=end_cfg)
         msgs = st.decoder.accept(self._frames(r))
-        if r.info.finalize:
+        if info.finalize:
             msgs += st.decoder.finalize()
-        if r.flags & FLAG_END:
+        if info.end:
             msgs += st.decoder.close()
             st.closed = True
         return msgs
 
     def process(self, r: DecoderRequest) -> list[dict]:
-        if r.flags & FLAG_START:
-            dec_cfg, end_cfg = self.defaults.configs(r.info.options)
-            st = self.store.create(r.corrid, _Stream(StreamDecoder(
-                self.contract, config=dec_cfg, endpoint=end_cfg)))
-            if r.info.seq != 0:
-                raise StreamError("internal: START request is not the stream's first")
-            msgs = self._apply(st, r)
-        else:
-            st = self.store.get(r.corrid)
-            if r.info.seq != st.next_seq:
+        info = r.info
+        with self.store.lock:
+            if info.start:
+                if info.seq != 0:
+                    raise StreamError("internal: a START request must be its stream's first")
+                st = self.store.create(info.stream, _Stream())
+            elif info.stream in self.store:
+                st = self.store.get(info.stream)
+            else:
+                # A request that overtook its stream's START: hold it for the START, unless
+                # the stream is known to have expired.
+                if info.stream in self.store.expired:
+                    self.store.get(info.stream)          # raises "expired"
+                st = self.store.create(info.stream, _Stream())
+            if info.seq != st.next_seq:
+                if info.seq < st.next_seq or info.seq in st.pending:
+                    raise StreamError(f"internal: request {info.seq} of stream "
+                                      f"{info.stream} arrived twice")
                 if len(st.pending) >= self.max_pending:
                     raise StreamError("too many requests of this stream out of order")
-                st.pending[r.info.seq] = r
+                st.pending[info.seq] = r
                 return []
             msgs = self._apply(st, r)
             st.next_seq += 1
-        while st.next_seq in st.pending:
-            msgs += self._apply(st, st.pending.pop(st.next_seq))
-            st.next_seq += 1
-        if st.closed:
-            self.store.pop(r.corrid)
-        return msgs
+            while st.next_seq in st.pending:
+                msgs += self._apply(st, st.pending.pop(st.next_seq))
+                st.next_seq += 1
+            if st.closed:
+                self.store.pop(info.stream)
+            return msgs
 
 
 def build_defaults(cfg: ModelConfig) -> DecoderDefaults:

@@ -129,8 +129,8 @@ class FeatureStep:
             st = self.store.create(r.corrid, _Stream(FeatureStream(self.contract)))
         else:
             st = self.store.get(r.corrid)
-        info = StepInfo(seq=st.requests, finalize=finalize, keepalive=keepalive,
-                        options=options)
+        info = StepInfo(stream=int(r.corrid), seq=st.requests, start=r.start, end=r.end,
+                        finalize=finalize, keepalive=keepalive, options=options)
         st.requests += 1
         windows = st.features.accept(audio)
         feats, valid = [windows.features], [windows.valid_outputs]
