@@ -241,8 +241,8 @@ class BeamSearch:
         idx = np.argpartition(-nb, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(nb, idx, axis=1)
         probs = np.exp(vals)
-        self._cands = [list(zip(r_i, r_v, r_p)) for r_i, r_v, r_p in
-                       zip(idx.tolist(), vals.tolist(), probs.tolist())]
+        self._cands = [[c for c in zip(r_i, r_v, r_p) if c[1] > NEG_INF]
+                       for r_i, r_v, r_p in zip(idx.tolist(), vals.tolist(), probs.tolist())]
 
     def step(self, i: int, t: int) -> None:
         lpb = self._blank_lp[i]
