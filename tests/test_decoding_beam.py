@@ -189,3 +189,28 @@ def test_word_lm_needs_beam_search(tmp_path):
     arpa.write_text(ARPA)
     with pytest.raises(ValueError, match="^lm_path:"):
         StreamDecoder(CONTRACT, config=DecoderConfig(lm_path=str(arpa)))
+
+
+def test_impossible_tokens_are_never_chosen():
+    lp = path_matrix("hh_i")
+    lp[:, VOCAB.index("z")] = -np.inf            # e.g. a masked token
+    for cfg in (DecoderConfig(), BEAM):
+        assert final_text(decode_whole(CONTRACT, lp, cfg)) == "hi"
+
+
+def test_sentencepiece_beam_and_hotword_tokenisation():
+    from streamasr.decoding.text import TokenText
+
+    from .test_decoding import make_contract
+
+    sp = make_contract(("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x", "o"),
+                       word_boundary="sentencepiece")
+    text = TokenText(sp)
+    v = list(sp.vocabulary)
+    assert text.encode("hello world") == tuple(v.index(t) for t in
+                                                ("\u2581he", "llo", "\u2581wor", "ld"))
+    assert text.encode("x") == (v.index("\u2581"), v.index("x"))
+    path = ["\u2581he", "llo", BLANK, "\u2581wor", "ld", BLANK, "\u2581", "x"]
+    msgs = decode_whole(sp, path_matrix(path, sp), DecoderConfig(
+        decoding="beam", hotwords=[("world", 1.0)]))
+    assert final_text(msgs) == "hello world x"

@@ -99,3 +99,10 @@ def test_stream_level_errors_name_the_key():
                                                      hotwords=[("caf\u00e9", 1.0)]))
     # a capitalised hotword falls back to the lowercase vocabulary
     StreamDecoder(CONTRACT, config=DecoderConfig(decoding="beam", hotwords=[("Cat", 1.0)]))
+
+
+def test_server_only_parameters_are_decoder_fields():
+    from streamasr.decoding.config import SERVER_ONLY_PARAMETERS
+
+    assert SERVER_ONLY_PARAMETERS == {"lm_path"}
+    assert SERVER_ONLY_PARAMETERS <= {f.name for f in dataclasses.fields(DecoderConfig)}

@@ -41,6 +41,10 @@ DEFAULT_RULE3_MIN_UTTERANCE_LENGTH = 20.0
 #: (Deepgram's ``utterance_end_ms``, 1000 ms being its minimum).
 DEFAULT_UTTERANCE_END = 1.0
 
+#: Keys that name files on the server: set them in config.pbtxt; an adapter should refuse
+#: them as per-stream options from clients (a client must not make the server open paths).
+SERVER_ONLY_PARAMETERS = frozenset({"lm_path"})
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -248,4 +252,4 @@ class EndpointConfig:
         return cls(**cls._parsed(merged))
 
 
-__all__ = ["DecoderConfig", "EndpointConfig", "DECODING_METHODS"]
+__all__ = ["DecoderConfig", "EndpointConfig", "DECODING_METHODS", "SERVER_ONLY_PARAMETERS"]
