@@ -24,7 +24,7 @@ rounded to 1 ms; they are multiples of the model's output frame length.
 | field | type | meaning |
 | --- | --- | --- |
 | `type` | string | `"Results"` |
-| `is_final` | bool | `false`: an *interim*, the current hypothesis of the open utterance, sent at the end of every request with audio frames and revised by later messages. `true`: a *final*; its words are never revised, and later messages carry only later words |
+| `is_final` | bool | `false`: an *interim*, the current hypothesis of the open utterance, sent at the end of every request that carries audio (even when it completed no output frame) and revised by later messages. `true`: a *final*; its words are never revised, and later messages carry only later words |
 | `speech_final` | bool | `true` only on a final sent because the speaker paused (endpoint rule 1 or 2: trailing silence of {DEFAULT_RULE2_MIN_TRAILING_SILENCE} s after text by default) |
 | `from_finalize` | bool | `true` only on the final that answers an explicit Finalize request |
 | `start` | float s | start of the utterance (the frame after the previous final) |
@@ -55,8 +55,9 @@ also when the stream is closed while one is still owed.
 
 ## When messages are sent
 
-* each request with audio: any finals (and UtteranceEnds) that its frames produced, in
-  order, then exactly one interim for the utterance left open;
+* each request that carries audio: any finals (and UtteranceEnds) that its frames
+  produced, in order, then exactly one interim for the utterance left open (possibly
+  empty);
 * endpoint rule 1 ({DEFAULT_RULE1_MIN_TRAILING_SILENCE} s of silence with nothing decoded)
   starts a new utterance **without** a message (unless `empty_finals`); rule 2 (see
   `speech_final`) and rule 3 (utterance of {DEFAULT_RULE3_MIN_UTTERANCE_LENGTH} s,
