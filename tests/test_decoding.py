@@ -32,10 +32,6 @@ def make_contract(vocabulary=VOCAB, word_boundary="space") -> ModelContract:
 CONTRACT = make_contract()
 
 
-def symbols(path: str) -> list[str]:
-    return [BLANK if ch == BLANK else ch for ch in path]
-
-
 def path_matrix(path, contract=CONTRACT, peak=PEAK) -> np.ndarray:
     """[T, V] log-probs whose frame t has argmax ``path[t]`` with posterior ``peak``.
 

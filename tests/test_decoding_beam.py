@@ -99,7 +99,7 @@ def test_beam_word_times_follow_the_alignment():
 
 
 # -- hotwords --------------------------------------------------------------------------------
-def with_hotwords(lp: np.ndarray, hotwords, boost_default=None) -> str:
+def with_hotwords(lp: np.ndarray, hotwords) -> str:
     cfg = DecoderConfig(decoding="beam", beam_size=8, beam_top_k=4, hotwords=hotwords)
     return final_text(decode_whole(CONTRACT, lp, cfg))
 
