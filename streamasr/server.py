@@ -109,6 +109,9 @@ class ServerConfig:
     metrics_port: int = 8002
     home: Path | None = None
     log_verbose: int = 0
+    # On SIGTERM Triton waits this long for in-flight work; an open sequence (a stream
+    # without END) counts as in flight until its idle timeout.
+    exit_timeout_s: int = 30
     extra_args: list[str] = field(default_factory=list)
     # TLS for the gRPC endpoint (both set, or neither).
     grpc_cert: Path | None = None
@@ -147,6 +150,7 @@ class TritonServer:
             f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
             f"--log-verbose={c.log_verbose}",
+            f"--exit-timeout-secs={c.exit_timeout_s}",
         ]
         if c.grpc_cert or c.grpc_key:
             if not (c.grpc_cert and c.grpc_key):

@@ -2,6 +2,7 @@
 shown on failure, always stopped), clients, and the audio the tests stream."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,12 +17,14 @@ from streamasr_client.stream import AsrConnection
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = ROOT / "model_repository"
 ACOUSTIC_MODEL = REPOSITORY / "acoustic_model" / "1" / "model.onnx"
-DEMO_WAV = ROOT / "assets" / "demo.wav"
+# The recording the tests stream; STREAMASR_TEST_AUDIO runs the suite on another one.
+DEMO_WAV = Path(os.environ.get("STREAMASR_TEST_AUDIO", ROOT / "assets" / "demo.wav"))
 
 
 def start_server(repository: Path, log_path: Path) -> TritonServer:
+    # Tests leave streams open on purpose; don't wait 30 s for them at shutdown.
     cfg = ServerConfig(model_repository=repository, http_port=free_port(),
-                       grpc_port=free_port(), metrics_port=free_port())
+                       grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=3)
     server = TritonServer(cfg, log_path=log_path)
     try:
         server.start(timeout_s=180)

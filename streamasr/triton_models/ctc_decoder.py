@@ -15,6 +15,7 @@ import numpy as np
 
 from ..contract import ModelContract
 from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..state import StreamError, StreamStore
 from .common import ModelConfig, StepInfo, stream_idle_timeout
 
@@ -28,8 +29,13 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stream options -> (decoder options, endpoint options); unknown keys are an error."""
+def split_options(options: dict[str, Any], server_side: bool = False
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Options -> (decoder options, endpoint options); unknown keys are an error, and so
+    are server-only ones (a file path, say) unless they come from config.pbtxt."""
+    server_only = sorted(set(options) & SERVER_ONLY_PARAMETERS)
+    if server_only and not server_side:
+        raise ValueError(f"option(s) {server_only} can only be set in config.pbtxt")
     dec_keys, end_keys = _field_names(DecoderConfig), _field_names(EndpointConfig)
     unknown = sorted(set(options) - dec_keys - end_keys)
     if unknown:
@@ -110,7 +116,10 @@ class DecoderStep:
             if info.start:
                 if info.seq != 0:
                     raise StreamError("internal: a START request must be its stream's first")
-                st = self.store.create(info.stream, _Stream())
+                held = self.store.pop(info.stream)
+                # Keep requests that overtook this START; a live stream is replaced.
+                st = self.store.create(info.stream, held if held is not None
+                                       and held.decoder is None else _Stream())
             elif info.stream in self.store:
                 st = self.store.get(info.stream)
             else:
@@ -141,7 +150,7 @@ def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
     """Decoder/endpoint defaults from config.pbtxt parameters (all but STEP_PARAMETERS)."""
     params = {k: v for k, v in cfg.parameters().items() if k not in STEP_PARAMETERS}
     try:
-        dec, end = split_options(params)
+        dec, end = split_options(params, server_side=True)
         defaults = DecoderDefaults(dec, end)
         defaults.validate({})
     except ValueError as exc:

@@ -122,9 +122,12 @@ class FeatureStep:
     def process(self, r: FeatureRequest) -> FeatureResult:
         audio = self._checked_audio(r)
         finalize, keepalive, options = self._control(r)
-        if len(audio) == 0 and not (keepalive or finalize or r.end or r.start):
+        if r.audio is not None and len(audio) == 0 and not keepalive:
             raise StreamError("empty audio chunk: send audio, or set keepalive=true to keep "
-                              "an idle stream open, or finalize=true to flush")
+                              "an idle stream open")
+        if r.audio is None and not (keepalive or finalize or r.end or r.start):
+            raise StreamError("request has no audio (AUDIO or AUDIO_INT16) and no "
+                              "keepalive, finalize or END")
         if r.start:
             st = self.store.create(r.corrid, _Stream(FeatureStream(self.contract)))
         else:
