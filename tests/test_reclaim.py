@@ -69,3 +69,26 @@ def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server)
         late.send(np.zeros(rate // 2, np.float32))
         late.wait()
         assert len(late.errors) == 1 and "expired" in late.errors[0], late.errors
+
+
+def test_keepalive_keeps_a_silent_stream_open(short_ttl_server):
+    from streamasr_client.stream import AsrConnection
+
+    with AsrConnection(short_ttl_server.grpc_url) as conn:
+        rate = conn.contract().sample_rate
+        kept = conn.open_session()
+        dropped = conn.open_session()
+        for s in (kept, dropped):
+            s.send(np.zeros(rate // 4, np.float32))
+        deadline = time.monotonic() + 3 * TTL_S        # well past the TTL, in Triton's window
+        while time.monotonic() < deadline:
+            kept.keepalive()
+            time.sleep(TTL_S / 4)
+        for s in (kept, dropped):
+            s.send(np.zeros(rate // 4, np.float32))
+            s.wait()
+        assert kept.errors == []
+        assert len(dropped.errors) == 1 and "expired" in dropped.errors[0]
+        kept.close()
+        kept.wait()
+        assert kept.errors == []
