@@ -84,3 +84,33 @@ def test_greedy_decoding_gives_the_reference_words(clip_features):
     ids = w.greedy(torch.from_numpy(clip_features)[None])
     text = w.tokens.decode(ids)
     assert _norm(text) == REFERENCE.split(), text
+
+
+def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
+    """The exported graphs: encoder matches CTranslate2, cached greedy decoding gives the
+    same tokens as the torch model (and so the reference words)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from training import export_whisper
+
+    ep, dp = export_whisper.export(tmp_path)
+    ow = export_whisper.OnnxWhisper(ep, dp)
+    ref = ctranslate2.models.Whisper(str(ct2.packaged_whisper_dir()), device="cpu",
+                                     compute_type="float32", intra_threads=1)
+    x = np.ascontiguousarray(clip_features.T[None])
+    expected = np.array(ref.encode(ctranslate2.StorageView.from_array(x), to_cpu=True))
+    got = ow.enc.run(["encoder_out"], {"mel": clip_features[None]})[0]
+    assert np.abs(got - expected).max() < ENCODER_TOLERANCE
+    ids = ow.greedy(clip_features)
+    assert _norm(ow.tokens.decode(ids)) == REFERENCE.split()
+    # a cached step equals recomputing the whole prefix
+    _, ck, cv = ow.enc.run(None, {"mel": clip_features[None]})
+    L, _, h, _, dh = ck.shape
+    empty = np.zeros((L, 1, h, 0, dh), np.float32)
+    prefix = np.array([[whisper.SOT, whisper.NO_TIMESTAMPS] + ids[:3]], np.int64)
+    full, _, _ = ow.dec.run(None, {"tokens": prefix, "cross_k": ck, "cross_v": cv,
+                                   "past_k": empty, "past_v": empty})
+    _, pk, pv = ow.dec.run(None, {"tokens": prefix[:, :-1], "cross_k": ck, "cross_v": cv,
+                                  "past_k": empty, "past_v": empty})
+    step, _, _ = ow.dec.run(None, {"tokens": prefix[:, -1:], "cross_k": ck, "cross_v": cv,
+                                   "past_k": pk, "past_v": pv})
+    assert np.abs(full - step).max() < 1e-3

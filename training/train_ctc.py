@@ -214,7 +214,7 @@ def train(head, cache: Cache, dev: Cache | None, minutes: float, lr: float = 1e-
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 5.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if step % 50 == 0:
                 log.info("step %d epoch %d loss %.3f (%.1f min)", step, epoch,

@@ -76,9 +76,10 @@ class Attention(nn.Module):
             new_cache = (k, v)
         scale = (self.d // self.h) ** -0.5
         att = (q @ k.transpose(-1, -2)) * scale
-        if causal and q.shape[2] > 1:
+        if causal:   # query i (at absolute position past+i) sees keys 0..past+i
             tq, tk = q.shape[2], k.shape[2]
-            mask = torch.ones(tq, tk, dtype=torch.bool).triu(tk - tq + 1)
+            qpos = torch.arange(tq) + (tk - tq)
+            mask = torch.arange(tk)[None, :] > qpos[:, None]
             att = att.masked_fill(mask, float("-inf"))
         y = att.softmax(dim=-1) @ v
         return self.out(self._merge(y)), new_cache
@@ -158,6 +159,9 @@ class WhisperDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, mem_kv, caches=None, offset: int = 0):
         """tokens [B, n] at positions offset.. -> (logits [B, n, V], new caches)."""
         x = self.embed(tokens) + self.pos[offset: offset + tokens.shape[1]]
+        return self.run_blocks(x, mem_kv, caches)
+
+    def run_blocks(self, x, mem_kv, caches):
         new = []
         for i, b in enumerate(self.blocks):
             x, c = b(x, mem_kv[i], None if caches is None else caches[i])
