@@ -227,6 +227,12 @@ class TritonServer:
                 log.warning("tritonserver ignored SIGTERM for %.0fs; killing it", timeout_s)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # Python backend stubs are in the server's process group; one still finalizing
+        # when the server gave up waiting would outlive it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self._log_file:
             self._log_file.close()
         code = self.proc.returncode
