@@ -29,11 +29,11 @@ OUTPUT = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
 PARITY_TOLERANCE = 1e-3   # max |onnx - torch| of log-probs
 
 
-def make_training_data(out_dir: Path) -> Path:
-    """The synthetic-speech manifest (training.data by the data helper; see its docs)."""
-    from . import data  # noqa: PLC0415 - only needed for retraining
+def make_training_data(out_dir: Path, sentences: int = 6000) -> Path:
+    """Synthesise the training manifest (espeak-ng + flite over local English text)."""
+    from . import synth
 
-    return Path(data.build_manifest(out_dir))
+    return synth.build_manifest(out_dir, n_sentences=sentences)
 
 
 def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 30.0,
@@ -46,7 +46,7 @@ def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 30.0,
     contract = acoustic.default_contract()
     if retrain or not train_ctc.HEAD_FILE.exists():
         if manifest is None:
-            manifest = make_training_data(ROOT / "build" / "data")
+            manifest = make_training_data(ROOT / "build" / "synth")
         head, meta = train_ctc.train_head(manifest, minutes=minutes, copies=copies)
     else:
         head, meta = acoustic.load_head(train_ctc.HEAD_FILE)
