@@ -13,50 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import ModelContract
+# One set of typed parameter readers for config.pbtxt and request parameters alike.
+from ..decoding.config import parse_bool, parse_float, parse_int  # noqa: F401
 
 # Sequence control flags as Triton reports them in request.flags().
 FLAG_START = 1
 FLAG_END = 2
 
-TRUE_WORDS = {"1", "true", "yes", "on"}
-FALSE_WORDS = {"0", "false", "no", "off"}
-
 
 class ConfigError(ValueError):
     """A model's config.pbtxt is unusable; raised from initialize() so the load fails."""
-
-
-def parse_bool(key: str, raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    text = str(raw).strip().lower()
-    if text in TRUE_WORDS:
-        return True
-    if text in FALSE_WORDS:
-        return False
-    raise ValueError(f"parameter {key!r} must be true or false, got {raw!r}")
-
-
-def parse_float(key: str, raw: Any, minimum: float | None = None) -> float:
-    try:
-        v = float(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"parameter {key!r} must be a number, got {raw!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise ValueError(f"parameter {key!r} must be finite, got {raw!r}")
-    if minimum is not None and v < minimum:
-        raise ValueError(f"parameter {key!r} must be >= {minimum:g}, got {v:g}")
-    return v
-
-
-def parse_int(key: str, raw: Any, minimum: int | None = None) -> int:
-    try:
-        v = int(str(raw).strip())
-    except (TypeError, ValueError):
-        raise ValueError(f"parameter {key!r} must be an integer, got {raw!r}") from None
-    if minimum is not None and v < minimum:
-        raise ValueError(f"parameter {key!r} must be >= {minimum}, got {v}")
-    return v
 
 
 @dataclass
