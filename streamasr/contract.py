@@ -32,7 +32,7 @@ from pathlib import Path
 CONTRACT_VERSION = "1"
 PREFIX = "streamasr."
 WORD_BOUNDARIES = ("space", "sentencepiece")
-FEATURE_TYPES = ("log_mel",)
+FEATURE_TYPES = ("log_mel", "waveform")
 
 
 class ContractError(ValueError):
@@ -41,8 +41,17 @@ class ContractError(ValueError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """Log-mel features computed frame by frame with no centre padding, so that a stream
-    cut anywhere yields the same frames as the whole recording."""
+    """Features computed frame by frame with no centre padding, so that a stream cut
+    anywhere yields the same frames as the whole recording.
+
+    ``type="log_mel"``: frame ``i`` is the normalised log-mel spectrum of samples
+    ``[i*hop_length, i*hop_length + n_fft)``.
+    ``type="waveform"`` (raw-audio models such as wav2vec2): frame ``i`` is the
+    ``hop_length`` samples ``[i*hop_length, (i+1)*hop_length)`` themselves, as float32 in
+    [-1, 1] (no FFT, no normalisation); ``n_fft`` and ``n_mels`` must both equal
+    ``hop_length`` (a window is ``[B, W, hop_length]`` and the model reshapes it to
+    ``W*hop_length`` samples); the mel fields are unused; padding is digital silence (0).
+    """
 
     type: str = "log_mel"
     sample_rate: int = 16000
@@ -67,6 +76,12 @@ class FeatureSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 p.append(f"features.{name} must be a positive integer, got {v!r}")
+        if not p and self.type == "waveform":
+            if not self.n_fft == self.n_mels == self.hop_length:
+                p.append("waveform features need n_fft == n_mels == hop_length (a frame is "
+                         f"hop_length samples), got n_fft={self.n_fft} n_mels={self.n_mels} "
+                         f"hop_length={self.hop_length}")
+            return p
         if not p and self.hop_length > self.n_fft:
             p.append("features.hop_length must not exceed features.n_fft")
         if not p and not (0 <= self.fmin < self.fmax <= self.sample_rate / 2):

@@ -1,8 +1,9 @@
-"""Streaming log-mel features and model windows.
+"""Streaming features (log-mel, or raw waveform frames) and model windows.
 
 ``StreamingFeatures`` turns audio arriving in pieces of any size into exactly the frames
 the whole recording would give (no centre padding: frame ``i`` covers samples
-``[i*hop, i*hop + n_fft)``).  ``WindowAssembler`` cuts those frames into the model's
+``[i*hop, i*hop + n_fft)``; for ``type="waveform"`` n_fft == hop, so frame ``i`` is just
+those ``hop`` samples).  ``WindowAssembler`` cuts those frames into the model's
 windows ``[left | chunk | right]``; the first window's missing left context is filled
 with the features of digital silence.  ``FeatureStream`` chains the two; the whole-file
 path runs the same object over the whole array, which is what makes streamed and offline
@@ -70,9 +71,16 @@ def log_mel_frames(frames: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     return ((logm + spec.offset) / spec.scale).astype(np.float32)
 
 
+def frame_features(frames: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """[N, n_fft] float64 audio frames -> [N, n_mels] float32 features of ``spec.type``."""
+    if spec.type == "waveform":       # n_fft == n_mels == hop: the samples themselves
+        return np.asarray(frames, dtype=np.float32).reshape(len(frames), spec.n_mels)
+    return log_mel_frames(frames, spec)
+
+
 def silence_frame(spec: FeatureSpec) -> np.ndarray:
-    """The feature vector of digital silence (used for padding)."""
-    return log_mel_frames(np.zeros((1, spec.n_fft)), spec)[0]
+    """The feature vector of digital silence (used for padding; zeros for waveform)."""
+    return frame_features(np.zeros((1, spec.n_fft)), spec)[0]
 
 
 class StreamingFeatures:
@@ -99,7 +107,7 @@ class StreamingFeatures:
             return np.zeros((0, self.spec.n_mels), np.float32)
         n = 1 + (len(self._buf) - n_fft) // hop
         idx = np.arange(n)[:, None] * hop + np.arange(n_fft)[None, :]
-        frames = log_mel_frames(self._buf[idx], self.spec)
+        frames = frame_features(self._buf[idx], self.spec)
         self._buf = self._buf[n * hop:]
         self.frames_emitted += n
         return frames
