@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from ..contract import ModelContract
 from ..state import StreamError, StreamStore, Sweeper
 from . import ctc_decoder, feature_extractor, offline
-from .common import (ConfigError, ModelConfig, StepInfo, parse_int, read_config,
+from .common import (ConfigError, ModelConfig, parse_int, read_config,
                      request_parameters)
 
 
@@ -71,9 +71,13 @@ def _validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
 class _StreamMetrics:
     """Our Prometheus metrics on Triton's metrics port, labelled by model:
     streamasr_open_streams (gauge), streamasr_reclaimed_streams_total and
-    streamasr_request_errors_total (counters)."""
+    streamasr_request_errors_total (counters).
+
+    Every metric call goes through ``_lock``: the request thread and the sweeper thread
+    both publish, and the stub's metric calls are not known to be thread-safe."""
 
     _families: dict = {}
+    _lock = threading.Lock()
 
     def __init__(self, model: str):
         fam = self._families
@@ -89,15 +93,31 @@ class _StreamMetrics:
         self.open = fam["open"].Metric(labels=labels)
         self.reclaimed = fam["reclaimed"].Metric(labels=labels)
         self.errors = fam["errors"].Metric(labels=labels)
+        self._reported = 0
+
+
+    def sync(self, store: StreamStore) -> None:
+        """Publish the store's figures.  ``reclaimed`` follows ``store.reclaimed``, which
+        counts sweeps on the request path as well as the timer's."""
+        with store.lock:
+            reclaimed, n_open = store.reclaimed, len(store)
+            delta = reclaimed - self._reported
+            self._reported = reclaimed
+        with self._lock:
+            if delta:
+                self.reclaimed.increment(delta)
+            self.open.set(n_open)
+
+    def error(self) -> None:
+        with self._lock:
+            self.errors.increment(1)
 
 
 def _start_sweeper(store: StreamStore, metrics: _StreamMetrics) -> Sweeper:
     """Sweep on a timer too: Triton never tells a model that a sequence timed out."""
 
-    def on_sweep(n: int) -> None:
-        if n:
-            metrics.reclaimed.increment(n)
-        metrics.open.set(len(store))
+    def on_sweep(_n: int) -> None:
+        metrics.sync(store)
 
     return Sweeper([store], max(store.ttl_s / 4, 0.05), on_sweep).start()
 
@@ -136,13 +156,13 @@ class FeatureExtractorModel:
                     _strings("STEP_INFO", [result.info.to_json()]),
                 ]))
             except (StreamError, ValueError) as exc:
-                self.metrics.errors.increment(1)
+                self.metrics.error()
                 responses.append(_error(str(exc)))
             except Exception as exc:  # never let one stream's bug take down the batch
-                self.metrics.errors.increment(1)
+                self.metrics.error()
                 self.log.exception("unexpected error")
                 responses.append(_error(f"internal error in feature_extractor: {exc}"))
-        self.metrics.open.set(len(self.step.store))
+        self.metrics.sync(self.step.store)
         return responses
 
     @staticmethod
@@ -190,19 +210,19 @@ class CtcDecoderModel:
         for request in requests:
             try:
                 info_t = pb_utils.get_input_tensor_by_name(request, "STEP_INFO")
-                info = StepInfo.from_json(info_t.as_numpy().reshape(-1)[0])
+                info = feature_extractor.parse_step_info(info_t.as_numpy().reshape(-1)[0])
                 lp = pb_utils.get_input_tensor_by_name(request, "LOG_PROBS").as_numpy()
                 msgs = self.step.process(ctc_decoder.DecoderRequest(lp, info))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs])]))
             except (StreamError, ValueError) as exc:
-                self.metrics.errors.increment(1)
+                self.metrics.error()
                 responses.append(_error(str(exc)))
             except Exception as exc:
-                self.metrics.errors.increment(1)
+                self.metrics.error()
                 self.log.exception("unexpected error")
                 responses.append(_error(f"internal error in ctc_decoder: {exc}"))
-        self.metrics.open.set(len(self.step.store))
+        self.metrics.sync(self.step.store)
         return responses
 
     def finalize(self):
