@@ -90,10 +90,11 @@ def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
     """The exported graphs: encoder matches CTranslate2, cached greedy decoding gives the
     same tokens as the torch model (and so the reference words)."""
     ctranslate2 = pytest.importorskip("ctranslate2")
+    from streamasr.rescore import WhisperRescorer
     from training import export_whisper
 
-    ep, dp = export_whisper.export(tmp_path)
-    ow = export_whisper.OnnxWhisper(ep, dp)
+    export_whisper.export(tmp_path)
+    ow = WhisperRescorer(tmp_path)
     ref = ctranslate2.models.Whisper(str(ct2.packaged_whisper_dir()), device="cpu",
                                      compute_type="float32", intra_threads=1)
     x = np.ascontiguousarray(clip_features.T[None])
@@ -114,3 +115,7 @@ def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
     step, _, _ = ow.dec.run(None, {"tokens": prefix[:, -1:], "cross_k": ck, "cross_v": cv,
                                    "past_k": pk, "past_v": pv})
     assert np.abs(full - step).max() < 1e-3
+    # the runtime entry point: the utterance's features, padded inside
+    audio, _ = sf.read(CLIP, dtype="float32")
+    text = ow.transcribe(whisper.log_mel(audio), silence_frame(FeatureSpec()))
+    assert _norm(text) == REFERENCE.split()

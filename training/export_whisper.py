@@ -8,13 +8,15 @@
 ``tokens`` [B, n] int64, ``cross_k``, ``cross_v``, ``past_k``/``past_v``
 [L, B, heads, P, 64] (P = 0 at the start) -> ``logits`` [B, V] of the last token and
 ``present_k``/``present_v`` [L, B, heads, P + n, 64].
+
+Greedy decoding with them: ``streamasr.rescore.WhisperRescorer``.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -86,46 +88,23 @@ def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Pa
     for p in (ep, dp):
         onnx.checker.check_model(str(p))
         log.info("exported %s (%.0f MB)", p, p.stat().st_size / 1e6)
+    src = Path(model_dir or ct2.packaged_whisper_dir())
+    for name in ("vocabulary.txt", "config.json"):   # what streamasr.rescore needs besides
+        shutil.copyfile(src / name, out_dir / name)
     return ep, dp
 
 
-class OnnxWhisper:
-    """Greedy decoding with the two exported graphs (onnxruntime)."""
+def main(argv=None) -> int:
+    import argparse
 
-    def __init__(self, encoder_path, decoder_path, model_dir=None, threads: int = 1):
-        import json
+    p = argparse.ArgumentParser(prog="python -m training.export_whisper", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("build/whisper_onnx"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    export(a.out)
+    return 0
 
-        import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        prov = ["CPUExecutionProvider"]
-        self.enc = ort.InferenceSession(str(encoder_path), so, providers=prov)
-        self.dec = ort.InferenceSession(str(decoder_path), so, providers=prov)
-        model_dir = Path(model_dir or ct2.packaged_whisper_dir())
-        cfg = json.loads((model_dir / "config.json").read_text())
-        self.suppress = cfg.get("suppress_ids", [])
-        self.suppress_begin = cfg.get("suppress_ids_begin", [])
-        self.tokens = whisper.Tokens(model_dir / "vocabulary.txt")
-
-    def greedy(self, mel: np.ndarray, max_tokens: int = 200) -> list[int]:
-        """mel [T, 80] (padded to 3000 frames by the caller, as Whisper was trained)."""
-        _, ck, cv = self.enc.run(None, {"mel": mel[None].astype(np.float32)})
-        L, _, h, _, dh = ck.shape
-        pk = pv = np.zeros((L, 1, h, 0, dh), np.float32)
-        toks = np.array([[whisper.SOT, whisper.NO_TIMESTAMPS]], np.int64)
-        out: list[int] = []
-        for step in range(max_tokens):
-            logits, pk, pv = self.dec.run(None, {"tokens": toks, "cross_k": ck, "cross_v": cv,
-                                                 "past_k": pk, "past_v": pv})
-            lg = logits[0]
-            lg[self.suppress] = -np.inf
-            lg[whisper.TIMESTAMP_BEGIN - 1:] = -np.inf
-            if step == 0:
-                lg[self.suppress_begin] = -np.inf
-            tok = int(lg.argmax())
-            if tok == whisper.EOT:
-                break
-            out.append(tok)
-            toks = np.array([[tok]], np.int64)
-        return out
+if __name__ == "__main__":
+    raise SystemExit(main())

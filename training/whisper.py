@@ -243,37 +243,8 @@ def decoder_from_ct2(m: ct2.CT2Model) -> WhisperDecoder:
     return dec.eval()
 
 
-# --- tokens -> text (GPT-2 byte-level BPE) -----------------------------------------------
-def _byte_unicode_table() -> dict[str, int]:
-    """The printable stand-in character GPT-2's tokenizer uses for each byte value."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + \
-        list(range(0xAE, 0x100))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
-
-
-class Tokens:
-    """Token id -> text for the Whisper vocabulary (``vocabulary.txt``, one token a line)."""
-
-    def __init__(self, vocabulary_file: str | Path):
-        self.pieces = Path(vocabulary_file).read_text(encoding="utf-8").split("\n")
-        if self.pieces and self.pieces[-1] == "":
-            self.pieces.pop()
-        self._bytes = _byte_unicode_table()
-
-    def decode(self, ids) -> str:
-        data = bytearray()
-        for i in ids:
-            if i >= EOT:
-                continue
-            data.extend(self._bytes[ch] for ch in self.pieces[i])
-        return data.decode("utf-8", errors="replace")
+# --- tokens -> text: shared with the runtime rescorer ----------------------------------
+from streamasr.rescore import WhisperTokens as Tokens  # noqa: E402
 
 
 # --- greedy decoding -----------------------------------------------------------------
