@@ -404,3 +404,17 @@ def test_ctc_onnx_served_by_triton_equals_the_original(ctc, tmp_path):
         pytest.skip("one server start: the NeMo-like variant (both share the wrapper)")
     served_equals_original(repo, c, synthetic_audio(),
                            lambda feats: original_chunk_log_probs(m, feats), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "ctc-onnx"])
+def test_every_importer_option_is_documented(kind, capsys):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "byo-model.md").read_text()
+    with pytest.raises(SystemExit):
+        import_main([kind, "--help"])
+    flags = {w.strip(",[]") for w in capsys.readouterr().out.split() if w.startswith("--")}
+    flags = {f.split("=")[0] for f in flags} - {"--help"}
+    assert flags, "no options parsed from --help"
+    missing = sorted(f for f in flags if f"`{f}`" not in doc)
+    assert missing == [], f"docs/byo-model.md does not document {missing}"
