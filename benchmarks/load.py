@@ -60,10 +60,11 @@ class Clip:
 
 
 def load_clips(sample_rate: int, paths: list[str] | None = None) -> list[Clip]:
-    """The recordings the speakers say: ``paths``, else assets/demo.wav, else the
-    LibriVox clips shipped with pocketsphinx."""
+    """The recordings the speakers say: ``paths``, else assets/demo.wav (30 s) and the
+    LibriVox clips shipped with pocketsphinx (3-7 s each): real speech, and sessions short
+    enough that every level sees many speech onsets and ends."""
     if not paths:
-        paths = [str(DEMO_WAV)] if DEMO_WAV.exists() else sorted(glob.glob(LIBRIVOX))
+        paths = ([str(DEMO_WAV)] if DEMO_WAV.exists() else []) + sorted(glob.glob(LIBRIVOX))
     if not paths:
         raise FileNotFoundError(f"no speech audio: neither {DEMO_WAV} nor {LIBRIVOX}")
     clips = []
@@ -151,7 +152,7 @@ class Speaker:
         a = clip.audio
         self._pieces = [a[i:i + self.chunk] for i in range(0, len(a), self.chunk)]
         ends = np.minimum(np.arange(1, len(self._pieces) + 1) * self.chunk, len(a))
-        self._dues = [t_capture0 + e / self.rate for e in ends]
+        self._dues = [float(t_capture0 + e / self.rate) for e in ends]
         self._i = 0
         return self._dues[0]
 
@@ -159,14 +160,16 @@ class Speaker:
     def last_due(self) -> float:
         return self._dues[-1]
 
-    def send_next(self, due: float | None) -> bool:
-        """Send the next chunk (END with the last one); True when the clip is done."""
+    def send_next(self, due: float | None, end: bool = False) -> bool:
+        """Send the next chunk (END with the last one, or with this one when ``end``);
+        True when the session is done."""
         s, i = self.session, self._i
-        last = i == len(self._pieces) - 1
+        last = end or i == len(self._pieces) - 1
         s.due_t.append(due if due is not None else time.perf_counter())
         s.send_t.append(time.perf_counter())
         if last:
             s.close(self._pieces[i])
+            self._dues = self._dues[:i + 1]
         else:
             s.send(self._pieces[i])
         self._i += 1
@@ -261,8 +264,8 @@ def _drain(sessions: list[TimedSession], timeout_s: float) -> None:
 def run_level(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
               sample_rate: int, duration_s: float, connections: int = 1,
               probe: Probe | None = None, drain_s: float = 30.0) -> dict:
-    """``streams`` paced speakers for ``duration_s`` (sessions already started finish
-    their clip); returns the level's figures."""
+    """``streams`` paced speakers for ``duration_s``: at the deadline each speaker's
+    next chunk ends its session (END); returns the level's figures."""
     _check_loopback(url)
     conns = _connections(url, max(1, min(connections, streams)))
     chunk_s = chunk_samples / sample_rate
@@ -282,7 +285,7 @@ def run_level(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
         if wait > 0:
             time.sleep(wait)
         sp = speakers[i]
-        if sp.send_next(due):
+        if sp.send_next(due, end=due >= deadline):
             if sp.last_due < deadline:
                 heapq.heappush(heap, (sp.begin(sp.last_due), i))
         else:

@@ -26,7 +26,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def summarize(values_s: Iterable[float]) -> dict:
     """Seconds in, milliseconds out: count, p50/p90/p99, mean and max."""
-    ms = [v * 1000.0 for v in values_s]
+    ms = [float(v) * 1000.0 for v in values_s]
     out: dict = {"n": len(ms)}
     for name, q in (("p50", 50), ("p90", 90), ("p99", 99)):
         v = percentile(ms, q)

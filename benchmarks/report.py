@@ -1,0 +1,231 @@
+"""Result files of a benchmark run: ``<host>-<date>.json`` (everything measured),
+``<host>-<date>.md`` (the tables), two PNG plots, and ``latest.md`` (a copy of the
+newest table)."""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def _f(x, nd: int = 1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+    return str(x)
+
+
+def _g(d: dict | None, *keys):
+    for k in keys:
+        if isinstance(d, dict):
+            d = d.get(k)
+        elif isinstance(d, (list, tuple)) and isinstance(k, int) and -len(d) <= k < len(d):
+            d = d[k]
+        else:
+            return None
+    return d
+
+
+def stem(result: dict) -> str:
+    started = result.get("started") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t = datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ")
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", result.get("host", "host"))
+    return f"{host}-{t.strftime('%Y%m%d-%H%M')}"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |"
+            for r in rows]
+    return out
+
+
+def markdown(result: dict) -> str:
+    r = result
+    L = [f"# streamasr benchmark — {r.get('host')} {r.get('started')}", ""]
+    L.append(f"Model `{r.get('model')}`, chunk {_f(r.get('chunk_ms'))} ms, "
+             f"{r.get('cpu_count')} CPU cores, onnxruntime intra-op threads "
+             f"{r.get('intra_op_threads', '–')} (0 = one per core), "
+             f"{'quick run' if r.get('quick') else 'full run'}, "
+             f"{r.get('connections', 1)} gRPC stream(s) per level. "
+             f"Load average (1 min) is shown beside every figure: the cores are shared with "
+             f"other work, and numbers taken under load are pessimistic.")
+    L += ["", "## Paced streams (real-time, open loop)", ""]
+    L.append(f"Budget: p99 chunk latency ≤ {_f(r.get('budget_ms'), 0)} ms, no errors, sender on "
+             f"schedule. **Streams held: {_f(r.get('held_streams'))}**"
+             + (f" (compute limit ≈ {_f(r.get('compute_limit_streams'))} streams, "
+                f"ratio {_f(r.get('held_vs_limit'), 2)})" if r.get('compute_limit_streams') else ""))
+    L.append("")
+    rows = []
+    for lv in r.get("levels", []):
+        lat = lv.get("chunk_latency_ms", {})
+        rows.append([lv["streams"], lat.get("p50"), lat.get("p90"), lat.get("p99"),
+                     _g(lv, "first_text_ms", "p50"), _g(lv, "onset_interim_ms", "p50"),
+                     _g(lv, "final_ms", "p50"), _g(lv, "final_ms", "p99"),
+                     lv.get("late_chunks"), lv.get("errors"),
+                     _g(lv, "server", "acoustic_model", "windows_per_s"),
+                     _g(lv, "server", "acoustic_model", "mean_batch"),
+                     _g(lv, "cpu", "cores_busy"),
+                     _g(lv, "loadavg_after", 0), "yes" if lv.get("within_budget") else "**no**"])
+    L += _table(["streams", "chunk p50 ms", "p90", "p99", "first text p50", "onset interim p50",
+                 "final p50", "final p99", "late chunks", "errors", "windows/s", "mean batch",
+                 "cores busy", "load avg", "in budget"], rows)
+    L += ["", "chunk latency: chunk sent → its interim back. first text: speech onset spoken → "
+          "first non-empty transcript. onset interim: onset spoken → interim of the chunk "
+          "holding it. final: last chunk (END) sent → final. late chunk: result arrived after "
+          "the next chunk was spoken. cores busy: CPU seconds of tritonserver, its Python "
+          "stubs and the client per wall second."]
+    sat = r.get("saturation")
+    if sat:
+        L += ["", "## Throughput limit (closed loop) vs raw onnxruntime", ""]
+        srv = _g(sat, "server", "acoustic_model") or {}
+        L.append(f"{sat['streams']} sessions, each sending its next chunk as soon as the "
+                 f"previous is answered, {_f(sat.get('wall_s'))} s: "
+                 f"**{_f(srv.get('windows_per_s'))} windows/s** "
+                 f"({_f(sat.get('realtime_factor'), 2)}× real time), batches formed "
+                 f"{srv.get('batch_hist')}, load avg {_f(_g(sat, 'loadavg_after', 0))}.")
+        ov = r.get("overhead") or {}
+        if ov:
+            L.append(f"Raw onnxruntime at the same batch mix: **{_f(ov.get('raw_windows_per_s'))} "
+                     f"windows/s** → server / raw = **{_f(ov.get('ratio'), 2)}** "
+                     f"(target ≥ 0.85). Best raw batch size: {ov.get('best_batch')} "
+                     f"({_f(ov.get('best_raw_windows_per_s'))} windows/s).")
+        L.append("")
+        rows = []
+        raw = r.get("raw", {})
+        by_b = srv.get("compute_infer_ms_by_batch", {})
+        for b in sorted({int(k) for k in raw} | {int(k) for k in by_b}):
+            rb = raw.get(str(b)) or raw.get(b) or {}
+            s_ms = by_b.get(str(b))
+            rows.append([b, rb.get("median_ms"), rb.get("windows_per_s"), s_ms,
+                         round(b / s_ms * 1000, 1) if s_ms else None,
+                         _g(srv, "batch_hist", str(b))])
+        L += _table(["batch", "raw ms/call", "raw windows/s", "server compute_infer ms",
+                     "server windows/s in call", "server batches"], rows)
+        steps = []
+        for m in ("feature_extractor", "acoustic_model", "ctc_decoder", "streaming_asr"):
+            e = _g(sat, "server", m) or {}
+            steps.append([m, e.get("requests"), e.get("queue_ms"), e.get("compute_infer_ms")])
+        L += ["", "Per-request cost in the server at the throughput limit (Triton statistics):", ""]
+        L += _table(["model", "requests", "queue ms", "compute_infer ms"], steps)
+        cpu = _g(sat, "cpu", "cpu_s") or {}
+        if cpu:
+            L += ["", "CPU seconds by process during it: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05)]
+    one = (r.get("levels") or [None])[0]
+    if one and one.get("server"):
+        L += ["", "Python steps at 1 stream (Triton statistics, per request): "
+              + ", ".join(f"{m} compute_infer {_f(_g(one, 'server', m, 'compute_infer_ms'), 2)} ms"
+                          for m in ("feature_extractor", "acoustic_model", "ctc_decoder"))]
+    pa = r.get("perf_analyzer")
+    if pa:
+        L += ["", "## perf_analyzer (Triton's tool, closed loop, real audio chunks)", ""]
+        if pa.get("rows"):
+            L += _table(["concurrency", "infer/s", "p50 ms", "p90 ms", "p99 ms"],
+                        [[int(x["Concurrency"]), x.get("Inferences/Second"), x.get("p50 latency"),
+                          x.get("p90 latency"), x.get("p99 latency")] for x in pa["rows"]])
+            L += ["", f"`{pa.get('command')}`"]
+        else:
+            L.append(f"did not complete: {str(pa.get('error', ''))[:300]}")
+    acc = r.get("accuracy")
+    if acc:
+        L += ["", "## Accuracy", ""]
+        if acc.get("error"):
+            L.append(f"not measured: {acc['error']}")
+        else:
+            L.append(f"Eval set: {acc.get('eval_set')} ({acc.get('utterances')} utterances, "
+                     f"{_f(acc.get('audio_s'))} s).")
+            L.append("")
+            L += _table(["decoding", "WER", "CER"],
+                        [[k, _g(acc, k, "wer"), _g(acc, k, "cer")]
+                         for k in ("streamed", "offline") if k in acc])
+            if acc.get("streamed_equals_offline") is not None:
+                L += ["", f"Streamed transcript identical to offline on "
+                      f"{acc['streamed_equals_offline']}/{acc.get('utterances')} utterances."]
+    nv = r.get("naive")
+    if nv:
+        L += ["", "## Peer: re-transcribe the growing buffer each chunk", ""]
+        L.append(nv.get("summary", ""))
+    t = r.get("targets")
+    if t:
+        L += ["", "## Targets", ""]
+        L += _table(["target", "measured", "met"], [[x["target"], x["measured"],
+                     "yes" if x["met"] else ("**no**" if x["met"] is False else "–")] for x in t])
+    prof = r.get("profile")
+    if prof:
+        L += ["", "## Where the time goes", ""]
+        L += [f"- {line}" for line in prof.get("summary", [])]
+    if r.get("notes"):
+        L += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    if r.get("plots"):
+        L += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in r["plots"]]
+    return "\n".join(L) + "\n"
+
+
+def plots(result: dict, out_dir: Path, base: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    levels = result.get("levels") or []
+    if levels:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        n = [lv["streams"] for lv in levels]
+        for key, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^-")):
+            ax.plot(n, [lv["chunk_latency_ms"].get(key) for lv in levels], style, label=key)
+        ax.axhline(result.get("budget_ms", 250), color="r", lw=0.8, label="budget")
+        ax.set_xlabel("concurrent streams (real-time pace)")
+        ax.set_ylabel("chunk latency, ms")
+        ax.set_yscale("log")
+        ax.set_title("chunk latency vs streams")
+        ax.legend()
+        p = out_dir / f"{base}-latency.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        made.append(p)
+    raw = result.get("raw") or {}
+    srv = _g(result, "saturation", "server", "acoustic_model", "compute_infer_ms_by_batch") or {}
+    if raw or srv:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if raw:
+            bs = sorted(int(b) for b in raw)
+            ax.plot(bs, [raw[str(b)]["windows_per_s"] for b in bs], "o-", label="raw onnxruntime")
+        if srv:
+            bs = sorted(int(b) for b in srv)
+            ax.plot(bs, [b / srv[str(b)] * 1000 for b in bs], "s", label="server (in compute_infer)")
+        sat = _g(result, "saturation", "server", "acoustic_model", "windows_per_s")
+        if sat:
+            ax.axhline(sat, color="g", lw=0.8, label="server end to end (closed loop)")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("windows / s")
+        ax.set_xscale("log", base=2)
+        ax.set_title("acoustic-model throughput vs batch size")
+        ax.legend()
+        p = out_dir / f"{base}-throughput.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+def write_results(result: dict, out_dir: Path, plots: bool = True) -> dict[str, Path]:
+    """Write JSON, Markdown (+ plots) and latest.md; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = stem(result)
+    if plots:
+        result["plots"] = [p.name for p in globals()["plots"](result, out_dir, base)]
+    paths = {"json": out_dir / f"{base}.json", "md": out_dir / f"{base}.md",
+             "latest": out_dir / "latest.md"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md = markdown(result)
+    paths["md"].write_text(md)
+    paths["latest"].write_text(md)
+    return paths
