@@ -146,7 +146,9 @@ def test_waveform_windows_are_the_samples_for_any_cut(seed):
 
 
 # -- wav2vec2 ------------------------------------------------------------------------
-def tiny_wav2vec2(folder, seed=0):
+def tiny_wav2vec2(folder, seed=0, base_style=False):
+    """A random Wav2Vec2ForCTC.  ``base_style``: wav2vec2-base's GroupNorm conv encoder
+    and post-norm transformer, else the "large" layout (LayerNorm convs, pre-norm)."""
     transformers = pytest.importorskip("transformers")
     vocab_file = folder.parent / "vocab.json"
     vocab_file.write_text(json.dumps({t: i for i, t in enumerate(W2V_VOCAB)}))
@@ -157,7 +159,8 @@ def tiny_wav2vec2(folder, seed=0):
         vocab_size=len(W2V_VOCAB), hidden_size=32, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7,
         num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, pad_token_id=0,
-        feat_extract_norm="layer", do_stable_layer_norm=True)
+        feat_extract_norm="group" if base_style else "layer",
+        do_stable_layer_norm=not base_style)
     torch.manual_seed(seed)
     model = transformers.Wav2Vec2ForCTC(cfg).eval()
     with torch.no_grad():      # spread the logits: clear argmaxes, some blanks
@@ -249,6 +252,19 @@ def test_wav2vec2_window_normalisation_and_look_ahead_check(w2v, tmp_path):
         chunk_output_range(model.config, replace(c, right_frames=0))
 
 
+def test_wav2vec2_base_style_model_imports_with_the_same_log_probs(tmp_path):
+    from streamasr.importers.wav2vec2 import reference_log_probs
+
+    model = tiny_wav2vec2(tmp_path / "source", seed=4, base_style=True)
+    out = tmp_path / "base.onnx"
+    assert run_import("wav2vec2", tmp_path / "source", "-o", out, "--chunk-frames", 10,
+                      "--left-frames", 10, "--right-frames", 1) == 0
+    c = ModelContract.from_onnx(out)
+    windows = whole_file_windows(c, synthetic_audio(1.5, seed=2)).features
+    got = ort.InferenceSession(str(out)).run(None, {"features": windows})[0]
+    np.testing.assert_allclose(got, reference_log_probs(model, windows, c), atol=1e-4)
+
+
 def test_wav2vec2_served_by_triton_equals_the_original(w2v, tmp_path):
     from streamasr.importers.wav2vec2 import reference_log_probs
 
@@ -327,15 +343,18 @@ def build_ctc_source(d, name):
     return m, path, tokens
 
 
-@pytest.fixture(scope="module", params=sorted(CTC_VARIANTS))
-def ctc(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(f"ctc-{request.param}")
-    m, path, tokens = build_ctc_source(d, request.param)
+def import_ctc(d, name):
+    m, path, tokens = build_ctc_source(d, name)
     out = d / "model.onnx"
     assert run_import("ctc-onnx", path, "--tokens", tokens, "--subsampling", SUB,
                       "--chunk-frames", CHUNK, "--left-frames", LEFT, "--right-frames", RIGHT,
                       "-o", out, "--repository", d / "repo") == 0
-    return request.param, m, out, ModelContract.from_onnx(out), d / "repo"
+    return name, m, out, ModelContract.from_onnx(out), d / "repo"
+
+
+@pytest.fixture(scope="module", params=sorted(CTC_VARIANTS))
+def ctc(request, tmp_path_factory):
+    return import_ctc(tmp_path_factory.mktemp(f"ctc-{request.param}"), request.param)
 
 
 def original_chunk_log_probs(m: TinyConvCtc, feats: np.ndarray) -> np.ndarray:
@@ -398,10 +417,26 @@ def test_ctc_onnx_import_refuses_what_it_cannot_serve(ctc, tmp_path, capsys):
     assert not (d / "x.onnx").exists() and not (d / "y.onnx").exists()
 
 
-def test_ctc_onnx_served_by_triton_equals_the_original(ctc, tmp_path):
-    name, m, _, c, repo = ctc
-    if name != "nemo":
-        pytest.skip("one server start: the NeMo-like variant (both share the wrapper)")
+def test_importer_runs_as_a_module(ctc, tmp_path):
+    name, _, _, _, _ = ctc
+    _, path, tokens = build_ctc_source(tmp_path, name)
+    r = subprocess.run([sys.executable, "-m", "streamasr.importers", "ctc-onnx", str(path),
+                        "--tokens", str(tokens), "--subsampling", str(SUB),
+                        "-o", str(tmp_path / "cli.onnx")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "acoustic_model/config.pbtxt needs" in r.stdout
+    assert "dims: 144 dims: 80" in r.stdout     # default window: 64 left + 64 + 16 right
+    validate_cli(tmp_path / "cli.onnx")
+    r = subprocess.run([sys.executable, "-m", "streamasr.importers"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "wav2vec2" in r.stderr
+
+
+def test_ctc_onnx_served_by_triton_equals_the_original(tmp_path):
+    """One server start, for the NeMo-like variant ([B,F,T] + lengths, logits); the
+    icefall-like one shares the wrapper and is checked in process above."""
+    _, m, _, c, repo = import_ctc(tmp_path, "nemo")
     served_equals_original(repo, c, synthetic_audio(),
                            lambda feats: original_chunk_log_probs(m, feats), tmp_path)
 

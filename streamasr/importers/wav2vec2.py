@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,10 @@ def export(model, contract: ModelContract, normalize: bool):
     first, count = chunk_output_range(model.config, contract)
     wrapper = window_model(model, first, count, normalize)
     dummy = torch.zeros(2, contract.window_frames, contract.features.n_mels)
-    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+    with tempfile.TemporaryDirectory() as d, torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of dynamo, which needs
+        # onnxscript (not installed); it still exports this graph exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
         tmp = Path(d) / "model.onnx"
         torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, opset_version=17,
                           input_names=[contract.input_name],
