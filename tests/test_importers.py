@@ -211,12 +211,11 @@ def test_wav2vec2_onnx_gives_the_original_log_probs(w2v):
                                atol=1e-4)
 
 
-def test_wav2vec2_chunk_frames_are_the_recordings_frames(w2v):
+def assert_conv_frames_align(model, c: ModelContract) -> None:
     """The alignment: the conv encoder's frames picked for each chunk equal the frames the
     whole recording gives at the chunk's position (the encoder is local in time)."""
     from streamasr.importers.wav2vec2 import chunk_output_range
 
-    model, _, c, _ = w2v
     audio = synthetic_audio(3.0, seed=5)
     windows = whole_file_windows(c, audio)
     first, count = chunk_output_range(model.config, c)
@@ -227,8 +226,28 @@ def test_wav2vec2_chunk_frames_are_the_recordings_frames(w2v):
     chunks = per_window.transpose(1, 2).numpy()[:, first:first + count]
     stream = valid_concat(chunks, windows)
     n = len(whole)                 # frames whose receptive field lies inside the audio
-    assert n > 100
+    assert n > 100 and len(stream) >= n
     np.testing.assert_allclose(stream[:n], whole, atol=1e-4)
+
+
+def test_wav2vec2_chunk_frames_are_the_recordings_frames(w2v):
+    model, _, c, _ = w2v
+    assert_conv_frames_align(model, c)
+
+
+def test_wav2vec2_with_subsampling_2_frames_of_10_ms(w2v, tmp_path):
+    from streamasr.importers.wav2vec2 import reference_log_probs
+
+    model, path, _, _ = w2v
+    out = tmp_path / "sub2.onnx"
+    assert run_import("wav2vec2", path.parent / "source", "-o", out, "--subsampling", 2,
+                      "--chunk-frames", 20, "--left-frames", 10, "--right-frames", 2) == 0
+    c = ModelContract.from_onnx(out)
+    assert (c.features.hop_length, c.subsampling, c.output_frames) == (160, 2, 10)
+    windows = whole_file_windows(c, synthetic_audio(2.0)).features
+    got = ort.InferenceSession(str(out)).run(None, {"features": windows})[0]
+    np.testing.assert_allclose(got, reference_log_probs(model, windows, c), atol=1e-4)
+    assert_conv_frames_align(model, c)
 
 
 def test_wav2vec2_window_normalisation_and_look_ahead_check(w2v, tmp_path):
