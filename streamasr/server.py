@@ -11,6 +11,7 @@ library path, polls readiness, and stops it.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -50,6 +51,25 @@ def _pytriton_dirs() -> tuple[Path, Path]:
     if not (server_dir / "bin" / "tritonserver").exists():
         raise ServerError(f"no tritonserver binary under {server_dir}")
     return server_dir, libs
+
+
+def child_processes(pid: int) -> dict[int, list[str]]:
+    """Live (not zombie) children of ``pid`` with their argv, read from /proc."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # after the parenthesised command (which may hold spaces): state, ppid, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            out[int(d)] = [a.decode(errors="replace") for a in argv if a]
+    return out
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -216,15 +236,23 @@ class TritonServer:
             return "(no server log)"
         return "\n".join(["--- tritonserver log tail ---", *text[-lines:]])
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s`` (default: Triton's exit timeout +
+        10 s).  Triton answers in-flight requests first; but measured on 2.51, while a
+        client holds a streaming RPC open it never exits by itself, even after its exit
+        timeout ("Exiting immediately"), so the kill is the normal end in that case."""
         if self.proc is None:
             return None
+        if timeout_s is None:
+            timeout_s = self.config.exit_timeout_s + 10.0
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver ignored SIGTERM for %.0fs; killing it", timeout_s)
+                log.warning("tritonserver still running %.0f s after SIGTERM (a client "
+                            "holding a stream open keeps it from exiting); killing it",
+                            timeout_s)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         # Python backend stubs are in the server's process group; one still finalizing
@@ -241,11 +269,64 @@ class TritonServer:
             self._tmp = None
         return code
 
+    # -- health ---------------------------------------------------------------------
+    def ready_models(self) -> list[str]:
+        """Names of the models the repository index reports READY."""
+        req = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            index = json.loads(r.read())
+        return sorted(m["name"] for m in index if m.get("state") == "READY")
+
+    def python_stubs(self) -> dict[int, str]:
+        """pid -> model name of every live python backend stub (one per model instance).
+        Triton 2.51 keeps reporting a model READY after its stub died (its requests
+        then fail with "Stub process ... is not healthy"), so the launcher watches them."""
+        if self.proc is None:
+            return {}
+        return {pid: Path(argv[1]).parent.parent.name
+                for pid, argv in child_processes(self.proc.pid).items()
+                if len(argv) > 1 and argv[0].endswith("triton_python_backend_stub")}
+
+    def unready_models(self, models: list[str]) -> list[str]:
+        """Those of ``models`` whose ``/v2/models/<m>/ready`` does not answer 200."""
+        bad = []
+        for m in models:
+            try:
+                with urllib.request.urlopen(
+                        f"http://{self.http_url}/v2/models/{m}/ready", timeout=5) as r:
+                    if r.status != 200:
+                        bad.append(m)
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                bad.append(m)
+        return bad
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _health_problem(server: TritonServer, models: list[str], stubs: dict[int, str],
+                    strikes: dict[str, int], polls: int) -> str | None:
+    """One health poll: what is wrong, or None.  A python stub that died is fatal at
+    once (Triton neither restarts it nor marks its model unready); a model that reports
+    not ready is fatal after ``polls`` polls in a row."""
+    alive = server.python_stubs()
+    dead = sorted(f"{name} (pid {pid})" for pid, name in stubs.items() if pid not in alive)
+    if dead:
+        return f"python backend stub(s) died: {', '.join(dead)}"
+    bad = server.unready_models(models)
+    for m in list(strikes):
+        if m not in bad:
+            del strikes[m]
+    for m in bad:
+        strikes[m] = strikes.get(m, 0) + 1
+        log.warning("model %s is not ready (%d/%d)", m, strikes[m], polls)
+    failed = sorted(m for m, n in strikes.items() if n >= polls)
+    if failed:
+        return f"model(s) {failed} not ready for {polls} polls in a row"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -262,6 +343,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-cert", type=Path, default=None)
     p.add_argument("--grpc-key", type=Path, default=None)
     p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("--health-interval", type=float, default=5.0,
+                   help="seconds between readiness polls of every model; a model that "
+                        "stays unready for --unready-polls polls stops the server with "
+                        "exit status 3 (0: no polling)")
+    p.add_argument("--unready-polls", type=int, default=2)
     p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
     return p.parse_args(argv)
 
@@ -288,8 +374,24 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         return 1
     log.info("ready: grpc %s, http %s", server.grpc_url, server.http_url)
+    watching = a.health_interval > 0
+    models = server.ready_models() if watching else []
+    stubs = server.python_stubs() if watching else {}
+    log.info("watching %d models and %d python stubs every %.1f s", len(models),
+             len(stubs), a.health_interval)
+    next_poll = time.monotonic() + a.health_interval
+    strikes: dict[str, int] = {}
     while stop["signal"] is None and server.proc.poll() is None:
         time.sleep(0.2)
+        if not watching or time.monotonic() < next_poll:
+            continue
+        next_poll = time.monotonic() + a.health_interval
+        problem = _health_problem(server, models, stubs, strikes, a.unready_polls)
+        if problem:
+            log.error("UNHEALTHY: %s; stopping tritonserver (exit status 3) so that a "
+                      "supervisor restarts it\n%s", problem, server.log_tail(30))
+            server.stop(timeout_s=10)
+            return 3
     if server.proc.poll() is not None:
         log.error("tritonserver exited on its own with code %s\n%s",
                   server.proc.returncode, server.log_tail())

@@ -7,6 +7,7 @@ without a server.  Importable only inside Triton (``triton_python_backend_utils`
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -113,11 +114,26 @@ class _StreamMetrics:
             self.errors.increment(1)
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise: thousands of
+    swept streams' small arrays would stay in the stub's RSS for good)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc
+        pass
+
+
 def _start_sweeper(store: StreamStore, metrics: _StreamMetrics) -> Sweeper:
     """Sweep on a timer too: Triton never tells a model that a sequence timed out."""
+    trimmed = {"at": 0}
 
     def on_sweep(_n: int) -> None:
         metrics.sync(store)
+        # after many streams went away (by TTL or END), at most once per sweep
+        if store.reclaimed - trimmed["at"] >= 256 or (len(store) == 0 and
+                                                      store.reclaimed != trimmed["at"]):
+            trimmed["at"] = store.reclaimed
+            _release_freed_memory()
 
     return Sweeper([store], max(store.ttl_s / 4, 0.05), on_sweep).start()
 

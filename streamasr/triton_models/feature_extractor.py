@@ -166,6 +166,11 @@ class FeatureStep:
         if len(audio) > self.max_stream_samples:
             raise self._too_long()
         if r.start:
+            if r.corrid in self.store:
+                # Another client (or a confused one) reusing a live id: refusing keeps the
+                # live stream intact; replacing it would silently mix two audio streams.
+                raise StreamError(f"stream {r.corrid} is already open: END it (or let it "
+                                  "expire) before starting it again, or use another id")
             st = self.store.create(r.corrid, _Stream(FeatureStream(self.contract)))
         else:
             st = self.store.get(r.corrid)
