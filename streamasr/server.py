@@ -21,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -141,8 +142,12 @@ class ServerConfig:
 class TritonServer:
     """A tritonserver child process; use as a context manager."""
 
-    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+    def __init__(self, config: ServerConfig, log_path: Path | None = None,
+                 forward_logs: bool = False):
+        """forward_logs: also copy Triton's log lines to our stderr as they come."""
         self.config = config
+        self.forward_logs = forward_logs
+        self._forwarder: threading.Thread | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         home_root = config.home
         if home_root is None:
@@ -205,10 +210,23 @@ class TritonServer:
         self._log_file = open(self.log_path, "ab")
         log.info("starting tritonserver (log: %s)", self.log_path)
         self.proc = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=self._log_file,
+            self.command(), env=self.environment(),
+            stdout=subprocess.PIPE if self.forward_logs else self._log_file,
             stderr=subprocess.STDOUT, start_new_session=True)
+        if self.forward_logs:
+            self._forwarder = threading.Thread(target=self._forward, name="triton-log",
+                                               daemon=True)
+            self._forwarder.start()
         self.wait_ready(timeout_s)
         return self
+
+    def _forward(self) -> None:
+        """Tee the server's output into the log file and our stderr."""
+        for line in iter(self.proc.stdout.readline, b""):
+            self._log_file.write(line)
+            self._log_file.flush()
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -261,6 +279,8 @@ class TritonServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self._forwarder is not None:
+            self._forwarder.join(timeout=5)
         if self._log_file:
             self._log_file.close()
         code = self.proc.returncode
@@ -343,6 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-cert", type=Path, default=None)
     p.add_argument("--grpc-key", type=Path, default=None)
     p.add_argument("--startup-timeout", type=float, default=120.0)
+    p.add_argument("--quiet", action="store_true",
+                   help="do not copy Triton's log to stderr (it is still written to a file)")
     p.add_argument("--health-interval", type=float, default=5.0,
                    help="seconds between readiness polls of every model; a model that "
                         "stays unready for --unready-polls polls stops the server with "
@@ -359,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                        grpc_port=a.grpc_port, metrics_port=a.metrics_port, home=a.home,
                        log_verbose=a.log_verbose, extra_args=a.extra,
                        grpc_cert=a.grpc_cert, grpc_key=a.grpc_key)
-    server = TritonServer(cfg, log_path=None)
+    server = TritonServer(cfg, log_path=None, forward_logs=not a.quiet)
     stop = {"signal": None}
 
     def _on_signal(signum, _frame):
