@@ -291,7 +291,11 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
     s = fconn.open_session()
     s.send(np.zeros(contract.chunk_samples * 2, np.float32))
     s.close()
-    s.wait()
+    bad = fconn.open_session()
+    raw_request(bad, [f32([np.nan])], start=True)
+    for x in (s, bad):
+        x.wait()
+    assert len(bad.errors) == 1
     text = metrics_text(fault_server)
     for model in ("streaming_asr", "feature_extractor", "acoustic_model", "ctc_decoder"):
         m = re.search(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)',
@@ -303,6 +307,13 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
         for model in ("feature_extractor", "ctc_decoder"):
             assert re.search(rf'^{name}{{model="{model}"}} ', text, re.M), (name, model)
     assert metric(fault_server, "streamasr_request_errors_total", "feature_extractor") > 0
+    # per-request time of each Python step, as a histogram
+    for model in ("feature_extractor", "ctc_decoder"):
+        count = re.search(rf'^streamasr_request_seconds_count{{model="{model}"}} (\d+)',
+                          text, re.M)
+        assert count and int(count.group(1)) > 0, f"no request-time histogram for {model}"
+        assert re.search(rf'^streamasr_request_seconds_bucket{{model="{model}",le="0.01"}} ',
+                         text, re.M)
 
 
 # -- 3. server faults --------------------------------------------------------------------
@@ -440,3 +451,22 @@ def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(launcher,
     text = launcher["log"].read_text()
     assert code == 3, text[-3000:]
     assert "UNHEALTHY" in text and "feature_extractor" in text
+
+
+# -- 1. abandoned streams at scale (make test-slow) --------------------------------------
+@pytest.mark.slow
+def test_soak_ten_thousand_abandoned_streams_are_reclaimed_and_rss_returns(tmp_path):
+    """benchmarks/soak.py: 10 000 streams with no END after a warm-up of as many; every
+    Python step's store is empty again and server RSS within 5 % of the baseline."""
+    from benchmarks import soak
+
+    fig = soak.run(streams=10_000, warmup=10_000, ttl_s=5.0, triton_idle_s=8.0,
+                   audio_ms=100, tolerance=0.05, workdir=tmp_path, timeout=900.0,
+                   path="steps", rounds=2)
+    (tmp_path / "soak.json").write_text(json.dumps(fig, indent=2))
+    for rnd in fig["rounds"]:
+        assert rnd["run"]["errors"] == 0, rnd["run"]["first_error"]
+        assert rnd["reclaimed"] == {"feature_extractor": 10_000, "ctc_decoder": 10_000}
+    assert fig["rss_after_kib"] <= 1.05 * fig["rss_before_kib"], fig
+    assert fig["fresh_stream_after_soak_errors"] == []
+    assert fig["ok"], fig["checks"]

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -90,11 +91,32 @@ class _StreamMetrics:
                                  M.COUNTER)
             fam["errors"] = M("streamasr_request_errors_total",
                               "Requests answered with an error", M.COUNTER)
+            try:   # histograms: Triton >= 2.49's python backend
+                fam["seconds"] = M("streamasr_request_seconds",
+                                   "Time this step spent on one request (one audio chunk)",
+                                   M.HISTOGRAM)
+            except Exception:  # noqa: BLE001 - an older Triton: no histogram, no failure
+                fam["seconds"] = None
         labels = {"model": model}
         self.open = fam["open"].Metric(labels=labels)
         self.reclaimed = fam["reclaimed"].Metric(labels=labels)
         self.errors = fam["errors"].Metric(labels=labels)
+        self.seconds = None
+        if fam["seconds"] is not None:
+            try:
+                self.seconds = fam["seconds"].Metric(labels=labels, buckets=self.BUCKETS)
+            except Exception:  # noqa: BLE001
+                self.seconds = None
         self._reported = 0
+
+    BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+    def observe(self, durations: list[float]) -> None:
+        if self.seconds is None or not durations:
+            return
+        with self._lock:
+            for d in durations:
+                self.seconds.observe(d)
 
 
     def sync(self, store: StreamStore) -> None:
@@ -162,8 +184,9 @@ class FeatureExtractorModel:
         return read_config(self.cfg.repository.parent / name)
 
     def execute(self, requests):
-        responses = []
+        responses, took = [], []
         for request in requests:
+            t0 = time.perf_counter()
             try:
                 r = self._read(request)
                 result = self.step.process(r)
@@ -178,7 +201,9 @@ class FeatureExtractorModel:
                 self.metrics.error()
                 self.log.exception("unexpected error")
                 responses.append(_error(f"internal error in feature_extractor: {exc}"))
+            took.append(time.perf_counter() - t0)
         self.metrics.sync(self.step.store)
+        self.metrics.observe(took)
         return responses
 
     @staticmethod
@@ -222,8 +247,9 @@ class CtcDecoderModel:
         self.log.info("ready: idle timeout %.1f s", self.step.store.ttl_s)
 
     def execute(self, requests):
-        responses = []
+        responses, took = [], []
         for request in requests:
+            t0 = time.perf_counter()
             try:
                 info_t = pb_utils.get_input_tensor_by_name(request, "STEP_INFO")
                 info = feature_extractor.parse_step_info(info_t.as_numpy().reshape(-1)[0])
@@ -238,7 +264,9 @@ class CtcDecoderModel:
                 self.metrics.error()
                 self.log.exception("unexpected error")
                 responses.append(_error(f"internal error in ctc_decoder: {exc}"))
+            took.append(time.perf_counter() - t0)
         self.metrics.sync(self.step.store)
+        self.metrics.observe(took)
         return responses
 
     def finalize(self):
