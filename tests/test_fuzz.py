@@ -317,3 +317,15 @@ def test_decoder_state_stays_bounded_over_an_hour(decoding, speech):
     assert max(sizes[len(sizes) // 2:]) <= max(sizes[: len(sizes) // 2]), "state grows"
     assert finals >= LONG_S / 25
     d.close()
+
+
+def test_a_second_start_for_a_live_stream_is_refused_and_changes_nothing():
+    step = new_feature_step()
+    step.process(FeatureRequest(5, FLAG_START, np.ones(3000, np.float32) * 0.1, None, {}))
+    before = stream_snapshot(step, 5)
+    with pytest.raises(StreamError, match="already open"):
+        step.process(FeatureRequest(5, FLAG_START, np.zeros(1600, np.float32), None, {}))
+    assert stream_snapshot(step, 5) == before
+    step.process(FeatureRequest(5, FLAG_END, None, None, {}))
+    # once ended, the id may start again
+    step.process(FeatureRequest(5, FLAG_START, np.zeros(1600, np.float32), None, {}))
