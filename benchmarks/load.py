@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from streamasr_client.audio import load_audio
-from streamasr_client.stream import AsrConnection, Session
+from streamasr_client.stream import AsrConnection, AsrError, Session
 
 from . import metrics
 from .server_stats import CpuMeter, StatsSnapshot, loadavg, stats_delta
@@ -279,25 +279,34 @@ def run_level(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
     if probe:
         probe.start()
     started = time.perf_counter()
-    while heap:
-        due, i = heapq.heappop(heap)
-        wait = due - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        sp = speakers[i]
-        if sp.send_next(due, end=due >= deadline):
-            if sp.last_due < deadline:
-                heapq.heappush(heap, (sp.begin(sp.last_due), i))
-        else:
-            heapq.heappush(heap, (sp.next_due(), i))
+    aborted = None
+    try:
+        while heap:
+            due, i = heapq.heappop(heap)
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            sp = speakers[i]
+            if sp.send_next(due, end=due >= deadline):
+                if sp.last_due < deadline:
+                    heapq.heappush(heap, (sp.begin(sp.last_due), i))
+            else:
+                heapq.heappush(heap, (sp.next_due(), i))
+        sessions = [s for sp in speakers for s in sp.sessions]
+        _drain(sessions, drain_s)
+    except AsrError as exc:          # the gRPC stream broke (server gone): say so
+        aborted = str(exc)
+        log.error("level with %d streams aborted: %s", streams, exc)
     sessions = [s for sp in speakers for s in sp.sessions]
-    _drain(sessions, drain_s)
     elapsed = time.perf_counter() - started
-    extra = probe.stop() if probe else {}
+    try:
+        extra = probe.stop() if probe else {}
+    except OSError as exc:           # statistics API unreachable
+        extra = {"probe_error": str(exc)}
     for c in conns:
         c.close()
     out = {"streams": streams, "connections": len(conns), "chunk_ms": round(chunk_s * 1000, 1),
-           "wall_s": round(elapsed, 2),
+           "wall_s": round(elapsed, 2), "aborted": aborted,
            "audio_s": round(sum(len(s.send_t) for s in sessions) * chunk_s, 1),
            **_collect(sessions, chunk_s, sample_rate), **extra}
     return out
@@ -307,8 +316,9 @@ def sweep(url: str, clips: list[Clip], levels: list[int], *, chunk_samples: int,
           sample_rate: int, duration_s: float, connections: int, budget_ms: float,
           probe: Probe | None = None, beyond: int = 1,
           progress: Callable[[str], None] = print) -> list[dict]:
-    """Run the levels upward; stop ``beyond`` levels after the first that misses the
-    budget (the overloaded side of the knee is measured, not extrapolated)."""
+    """Run the levels upward; stop at the ``beyond``-th level that misses the budget, or
+    at the first that misses it by more than 4x (the overloaded side of the knee is
+    measured, not extrapolated, but a hopeless level is not repeated larger)."""
     results, misses = [], 0
     for n in levels:
         progress(f"  load: {n} stream(s) for {duration_s:.0f} s ...")
@@ -321,9 +331,13 @@ def sweep(url: str, clips: list[Clip], levels: list[int], *, chunk_samples: int,
                  f"missing {r['missing']}  late chunks {r['late_chunks']}  "
                  f"load {r.get('loadavg_after', ['?'])[0]}  "
                  f"{'OK' if r['within_budget'] else 'OVER BUDGET'}")
+        if r.get("aborted"):
+            progress(f"    level aborted: {r['aborted']}")
+            break
         if not r["within_budget"]:
             misses += 1
-            if misses > beyond - 1:
+            p99 = lat["p99"]
+            if misses >= beyond or p99 is None or p99 > 4 * budget_ms:
                 break
     return results
 
@@ -346,35 +360,47 @@ def saturate(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
         probe.start()
     started = time.perf_counter()
     deadline = started + duration_s
-    for sp in speakers:
-        if sp.send_next(None):
-            sp.begin(time.perf_counter())
-    active = streams
-    while active:
-        try:
-            i = ready.get(timeout=30)
-        except queue.Empty:
-            break
-        sp = speakers[i]
-        if sp.session.pending:
-            continue                       # an answer for an older session
-        if time.perf_counter() >= deadline:
-            if sp.session.send_t and not sp.session._closed:
-                sp.session.close()         # END without audio: the server frees it now
-            active -= 1
-            continue
-        if sp.send_next(None):
-            sp.begin(time.perf_counter())
+    aborted = None
+    try:
+        for sp in speakers:
+            if sp.send_next(None):
+                sp.begin(time.perf_counter())
+        active = streams
+        while active:
+            try:
+                i = ready.get(timeout=30)
+            except queue.Empty:
+                break
+            sp = speakers[i]
+            if sp.session.pending:
+                continue                       # an answer for an older session
+            if time.perf_counter() >= deadline:
+                if sp.session.send_t and not sp.session._closed:
+                    sp.session.close()         # END without audio: the server frees it now
+                active -= 1
+                continue
+            if sp.send_next(None):
+                sp.begin(time.perf_counter())
+    except AsrError as exc:
+        aborted = str(exc)
+        log.error("closed-loop run aborted: %s", exc)
     elapsed = time.perf_counter() - started
-    extra = probe.stop() if probe else {}
+    try:
+        extra = probe.stop() if probe else {}
+    except OSError as exc:
+        extra = {"probe_error": str(exc)}
     sessions = [s for sp in speakers for s in sp.sessions]
-    _drain(sessions, 10)
+    try:
+        _drain(sessions, 10)
+    except AsrError:
+        pass
     for c in conns:
         c.close()
     chunk_s = chunk_samples / sample_rate
     lat = metrics.summarize(d - t for s in sessions for d, t in zip(s.done_t, s.send_t))
     audio_s = sum(len(s.send_t) for s in sessions) * chunk_s
-    return {"streams": streams, "wall_s": round(elapsed, 2), "audio_s": round(audio_s, 1),
+    return {"streams": streams, "wall_s": round(elapsed, 2), "aborted": aborted,
+            "audio_s": round(audio_s, 1),
             "realtime_factor": round(audio_s / elapsed, 2), "chunk_latency_ms": lat,
             "errors": sum(len(s.errors) for s in sessions), **extra}
 

@@ -99,6 +99,7 @@ def level_ok(level: dict, budget_ms: float) -> bool:
     p99 = lat.get("p99")
     send_late = level.get("send_lateness_ms", {}).get("p99") or 0.0
     return (p99 is not None and p99 <= budget_ms and level.get("errors", 0) == 0
+            and not level.get("aborted")
             and level.get("missing", 0) == 0 and send_late <= budget_ms)
 
 

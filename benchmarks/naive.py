@@ -22,6 +22,8 @@ def _speaker(url: str, clip: Clip, chunk: int, rate: int, t_start: float, deadli
             ends = list(range(chunk, len(clip.audio), chunk)) + [len(clip.audio)]
             for e in ends:
                 due = t_clip + e / rate
+                if due >= deadline:
+                    return
                 wait = due - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)

@@ -159,6 +159,11 @@ def markdown(result: dict) -> str:
     if prof:
         L += ["", "## Where the time goes", ""]
         L += [f"- {line}" for line in prof.get("summary", [])]
+    if r.get("server_crashes"):
+        L += ["", "## Server crashes during the run", ""]
+        for c in r["server_crashes"]:
+            L.append(f"- during {c['phase']}: tritonserver exited ({c.get('exit_code')}), load avg "
+                     f"{_g(c, 'loadavg', 0)}; log: `{' | '.join(c.get('log', [])[-3:])[:400]}`")
     if r.get("notes"):
         L += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     if r.get("plots"):
@@ -183,7 +188,10 @@ def plots(result: dict, out_dir: Path, base: str) -> list[Path]:
         ax.set_xlabel("concurrent streams (real-time pace)")
         ax.set_ylabel("chunk latency, ms")
         ax.set_yscale("log")
-        ax.set_title("chunk latency vs streams")
+        loads = [lv.get("loadavg_after", [None])[0] for lv in levels]
+        loads = [x for x in loads if x is not None]
+        ax.set_title("chunk latency vs streams"
+                     + (f" (load avg {min(loads):.1f}-{max(loads):.1f})" if loads else ""))
         ax.legend()
         p = out_dir / f"{base}-latency.png"
         fig.tight_layout()

@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import sys
@@ -42,11 +43,12 @@ from .server_stats import loadavg, process_tree
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO_ROOT / "model_repository"
 RESULTS = Path(__file__).resolve().parent / "results"
+LOG = REPO_ROOT / "build" / "bench-tritonserver.log"      # kept after the run (not committed)
 
 FULL = dict(levels=[1, 2, 3, 4, 6, 8, 12, 16, 24], duration=20.0, sat_streams=8, sat_s=15.0,
             raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10)
 QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=6, sat_s=8.0,
-             raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=0)
+             raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5)
 
 
 def say(msg: str) -> None:
@@ -79,6 +81,42 @@ def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> P
         g.count = instances
     path.write_text(text_format.MessageToString(cfg))
     return dst
+
+
+class Live:
+    """The server under test; restarted (and the crash recorded) when it dies."""
+
+    def __init__(self, repo: Path, res: dict):
+        self.repo, self.res = repo, res
+        self.server: TritonServer | None = None
+
+    def start(self) -> None:
+        self.server = TritonServer(ServerConfig(model_repository=self.repo, http_port=free_port(),
+                                                grpc_port=free_port(), metrics_port=free_port(),
+                                                exit_timeout_s=5), log_path=LOG)
+        self.server.start(timeout_s=180)
+        self.url, self.http = self.server.grpc_url, self.server.http_url
+        self.probe = load.Probe(self.http, self.server.proc.pid)
+
+    def check(self, phase: str) -> bool:
+        """True when the server survived ``phase``; otherwise record why and restart."""
+        if self.server.proc.poll() is None:
+            return True
+        lines = [ln.strip() for ln in LOG.read_text(errors="replace").splitlines()
+                 if re.search(r"terminate called|what\(\)|Signal \(|Stub process|error", ln)]
+        crash = {"phase": phase, "exit_code": self.server.proc.returncode,
+                 "log": lines[-6:], "loadavg": loadavg()}
+        self.res.setdefault("server_crashes", []).append(crash)
+        say(f"  !! tritonserver died during {phase} (exit {crash['exit_code']}): "
+            f"{' | '.join(lines[-3:])}")
+        self.server.stop()
+        say("  restarting tritonserver for the remaining steps ...")
+        self.start()
+        return False
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
 
 def acoustic_instances(server: TritonServer) -> int:
@@ -163,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [],
     }
     tmp = tempfile.TemporaryDirectory(prefix="streamasr-bench-")
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    LOG.write_text("")
     repo = REPOSITORY
     if a.intra_op_threads is not None or a.acoustic_instances is not None:
         repo = repository_copy(Path(tmp.name), a.intra_op_threads, a.acoustic_instances)
@@ -174,50 +214,53 @@ def main(argv: list[str] | None = None) -> int:
     res["model"] = f"{contract.name} {contract.version}"
     say(f"streamasr benchmark ({'quick' if a.quick else 'full'}) on {res['host']}, "
         f"load avg {res['loadavg_start']}")
-    server = TritonServer(ServerConfig(model_repository=repo, http_port=free_port(),
-                                       grpc_port=free_port(), metrics_port=free_port(),
-                                       exit_timeout_s=5),
-                          log_path=Path(tmp.name) / "tritonserver.log")
+    live = Live(repo, res)
     try:
         say("starting tritonserver ...")
-        server.start(timeout_s=180)
-        url, http = server.grpc_url, server.http_url
-        with AsrConnection(url) as c:
+        live.start()
+        with AsrConnection(live.url) as c:
             served = c.contract()
         chunk = (int(round(a.chunk_ms * served.sample_rate / 1000)) if a.chunk_ms
                  else served.chunk_samples)
         rate = served.sample_rate
         chunk_s = chunk / rate
         res["chunk_ms"] = round(chunk_s * 1000, 1)
-        res["acoustic_instances"] = acoustic_instances(server)
+        res["acoustic_instances"] = acoustic_instances(live.server)
         clips = load.load_clips(rate)
         res["audio"] = [{"name": c.name, "seconds": round(len(c.audio) / rate, 2),
                          "onset_s": None if c.onset is None else round(c.onset / rate, 3)}
                         for c in clips]
-        probe = load.Probe(http, server.proc.pid)
 
         say("warm-up (1 stream, 3 s) ...")
-        load.run_level(url, clips, 1, chunk_samples=chunk, sample_rate=rate, duration_s=3)
+        load.run_level(live.url, clips, 1, chunk_samples=chunk, sample_rate=rate, duration_s=3)
+        live.check("warm-up")
 
         say(f"[1/6] paced load, levels {levels}, {duration:.0f} s each, budget p99 ≤ "
             f"{a.budget_ms:g} ms")
-        res["levels"] = load.sweep(url, clips, levels, chunk_samples=chunk, sample_rate=rate,
-                                   duration_s=duration, connections=a.connections,
-                                   budget_ms=a.budget_ms, probe=probe, progress=say,
-                                   beyond=2)
+        res["levels"] = load.sweep(live.url, clips, levels, chunk_samples=chunk,
+                                   sample_rate=rate, duration_s=duration,
+                                   connections=a.connections, budget_ms=a.budget_ms,
+                                   probe=live.probe, progress=say, beyond=2)
+        live.check("the paced load sweep")
         held = metrics.held_level(res["levels"], a.budget_ms)
         res["held_streams"] = held["streams"] if held else 0
         say(f"  -> streams held within budget: {res['held_streams']}")
 
         say(f"[2/6] throughput limit: {cfg['sat_streams']} closed-loop streams for "
             f"{cfg['sat_s']:.0f} s, then raw onnxruntime")
-        res["saturation"] = load.saturate(url, clips, cfg["sat_streams"], chunk_samples=chunk,
-                                          sample_rate=rate, duration_s=cfg["sat_s"],
-                                          connections=a.connections, probe=probe)
-        am = res["saturation"]["server"]["acoustic_model"]
-        say(f"  server: {am['windows_per_s']} windows/s, batches {am['batch_hist']}, "
-            f"load {res['saturation']['loadavg_after'][0]}")
-        hist = {int(k): v for k, v in am["batch_hist"].items()}
+        res["saturation"] = load.saturate(live.url, clips, cfg["sat_streams"],
+                                          chunk_samples=chunk, sample_rate=rate,
+                                          duration_s=cfg["sat_s"], connections=a.connections,
+                                          probe=live.probe)
+        live.check("the closed-loop run")
+        am = (res["saturation"].get("server") or {}).get("acoustic_model") or {}
+        if res["saturation"].get("aborted") or not am:
+            say(f"  closed-loop run aborted: {res['saturation'].get('aborted')}")
+            am = {}
+        else:
+            say(f"  server: {am['windows_per_s']} windows/s, batches {am['batch_hist']}, "
+                f"load {res['saturation']['loadavg_after'][0]}")
+        hist = {int(k): v for k, v in am.get("batch_hist", {}).items()}
         sizes = sorted({1, 2, 4, 8, 16, 32} | set(hist))
         sess = raw.session(repo / "acoustic_model" / "1" / "model.onnx", res["intra_op_threads"])
         windows = raw.real_windows(contract, [c.audio for c in clips], 32)
@@ -238,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             # one window per chunk of each stream
             wins_per_chunk = 1.0
             one = next((lv for lv in res["levels"] if lv["streams"] == 1), None)
-            if one and one.get("chunks"):
+            if one and one.get("chunks") and one.get("server"):
                 wins_per_chunk = one["server"]["acoustic_model"]["windows"] / one["chunks"]
             res["windows_per_chunk"] = round(wins_per_chunk, 3)
             # the model alone, at the batch sizes the server formed when saturated
@@ -253,12 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             say(f"[3/6] perf_analyzer, concurrency {cfg['pa_concurrency']}")
             try:
                 res["perf_analyzer"] = perf_analyzer.run(
-                    url, [c.audio for c in clips], chunk, cfg["pa_concurrency"],
+                    live.url, [c.audio for c in clips], chunk, cfg["pa_concurrency"],
                     out_dir=perf_analyzer.WORK, measurement_ms=cfg["pa_ms"], progress=say)
                 res["perf_analyzer"]["loadavg_after"] = loadavg()
                 for row in res["perf_analyzer"].get("rows", []):
                     say(f"  concurrency {int(row['Concurrency'])}: "
                         f"{row['Inferences/Second']:.1f} infer/s, p99 {row['p99 latency']} ms")
+                live.check("perf_analyzer")
                 if res["perf_analyzer"].get("error"):
                     say(f"  perf_analyzer failed: {res['perf_analyzer']['error'][:300]}")
             except Exception as exc:  # recorded, not hidden: the rest still runs
@@ -267,16 +311,26 @@ def main(argv: list[str] | None = None) -> int:
 
         if "accuracy" not in skip:
             say("[4/6] accuracy: streamed vs offline")
-            res["accuracy"] = accuracy.run(url, chunk, rate, progress=say)
+            try:
+                res["accuracy"] = accuracy.run(live.url, chunk, rate, progress=say)
+            except Exception as exc:
+                res["accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
+                say(f"  accuracy failed: {exc}")
+            live.check("accuracy")
 
         if "naive" not in skip:
             n_naive = sorted({1, max(1, res["held_streams"])})
             say(f"[5/6] peer baseline (re-transcribe the growing buffer), streams {n_naive}")
-            runs = [naive.run(url, clips, n, chunk_samples=chunk, sample_rate=rate,
-                              duration_s=cfg["naive_s"], probe=probe) for n in n_naive]
+            runs = [naive.run(live.url, clips, n, chunk_samples=chunk, sample_rate=rate,
+                              duration_s=cfg["naive_s"], probe=live.probe) for n in n_naive]
+            live.check("the growing-buffer baseline")
             parts = []
             for nv in runs:
-                ours = next(lv for lv in res["levels"] if lv["streams"] == nv["streams"])
+                ours = next((lv for lv in res["levels"] if lv["streams"] == nv["streams"]
+                             and lv.get("server") and nv.get("server")), None)
+                if ours is None:
+                    parts.append(f"{nv['streams']} stream(s): no comparable streaming level.")
+                    continue
                 win_ours = ours["server"]["acoustic_model"]["windows"] / max(ours["audio_s"], 1e-9)
                 win_naive = nv["server"]["acoustic_model"]["windows"] / max(
                     nv["calls"] * chunk_s, 1e-9)
@@ -299,19 +353,25 @@ def main(argv: list[str] | None = None) -> int:
         if "profile" not in skip and cfg["profile_s"] and profile.py_spy():
             say(f"[6/6] py-spy profile under closed-loop load ({cfg['profile_s']} s)")
             pids = {pid: f"{label}-{pid}" if label == "acoustic_model" else label
-                    for pid, label in process_tree(server.proc.pid).items()
+                    for pid, label in process_tree(live.server.proc.pid).items()
                     if label in ("feature_extractor", "ctc_decoder", "acoustic_model")}
             running = profile.start(pids, cfg["profile_s"], Path(tmp.name) / "pyspy")
-            load.saturate(url, clips, cfg["sat_streams"], chunk_samples=chunk, sample_rate=rate,
-                          duration_s=cfg["profile_s"] + 2, connections=a.connections)
+            load.saturate(live.url, clips, cfg["sat_streams"], chunk_samples=chunk,
+                          sample_rate=rate, duration_s=cfg["profile_s"] + 2,
+                          connections=a.connections)
             res["profile"] = {"py_spy": profile.finish(running)}
+            live.check("the profile run")
         else:
             res.setdefault("profile", {})
         res["profile"]["summary"] = profile_summary(res)
         for line in res["profile"]["summary"]:
             say("  " + line)
+    except BaseException:
+        if live.server is not None:
+            say(live.server.log_tail(40))
+        raise
     finally:
-        server.stop()
+        live.stop()
         tmp.cleanup()
     res["targets"] = compute_targets(res, chunk_s)
     res["loadavg_end"] = loadavg()
