@@ -462,7 +462,7 @@ def test_soak_ten_thousand_abandoned_streams_are_reclaimed_and_rss_returns(tmp_p
 
     fig = soak.run(streams=10_000, warmup=10_000, ttl_s=5.0, triton_idle_s=8.0,
                    audio_ms=100, tolerance=0.05, workdir=tmp_path, timeout=900.0,
-                   path="steps", rounds=2)
+                   path="steps", rounds=2, warmup_rounds=2)
     (tmp_path / "soak.json").write_text(json.dumps(fig, indent=2))
     for rnd in fig["rounds"]:
         assert rnd["run"]["errors"] == 0, rnd["run"]["first_error"]
