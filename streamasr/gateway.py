@@ -1,0 +1,587 @@
+"""The process that owns SageMaker's port (8080) in the container, in front of Triton.
+
+Routes (SageMaker's container contract plus bidirectional streaming):
+
+``GET /ping``
+    200 when Triton is live and the streaming and offline models are ready, else 503
+    (SageMaker treats anything but 200 as unhealthy).
+
+``POST /invocations``
+    Whole recording -> ``offline_asr``.  Body: any file libsndfile reads (wav, flac,
+    ogg...; ``Content-Type: audio/wav`` etc. or ``application/octet-stream``), or raw
+    16-bit little-endian PCM with ``Content-Type: audio/l16;rate=16000`` (also
+    ``audio/pcm``, ``audio/x-raw``; ``rate=``/``channels=`` parameters).  Answer:
+    ``{"messages": [...], "transcript": "..."}``.
+    With the header ``X-Amzn-SageMaker-Session-Id`` the request is instead one chunk of a
+    *streaming* session kept in this process (SageMaker stateful sessions, the
+    request-response fallback for clients without HTTP/2): ``NEW_SESSION`` opens one
+    (answer header ``X-Amzn-SageMaker-New-Session-Id: <id>; Expires=<iso time>``), later
+    chunks name the id; the body is raw PCM as above; query ``?finalize=true`` flushes,
+    ``?close=true`` ends the session (answer header ``X-Amzn-SageMaker-Closed-Session-Id``).
+    Answer: ``{"messages": [...]}`` = the results of that chunk.
+
+``GET /invocations-bidirectional-stream`` (WebSocket; SageMaker's bidirectional route)
+    One WebSocket session = one Triton sequence on the gateway's single persistent gRPC
+    stream to Triton.  Binary frames: audio, 16-bit signed little-endian PCM, mono, at
+    the model's sample rate unless the query string says otherwise
+    (``?encoding=linear16|float32&sample_rate=N``; other query keys are per-stream
+    decoder options passed on the START request).  A first text message
+    ``{"type": "Configure", "encoding": ..., "sample_rate": ..., "options": {...}}`` sent
+    before any audio does the same.  Text frames are JSON control messages:
+    ``{"type": "Finalize"}``, ``{"type": "KeepAlive"}``, ``{"type": "CloseStream"}``.
+    Results go back as text frames (the model's JSON messages) as they arrive.  On
+    CloseStream (or the client's close) END is sent, the final results are delivered,
+    and the socket closes with 1000.  Errors: a text frame ``{"type": "Error", "code":
+    ..., "message": ...}`` then close 1008 (bad input / flooding) or 1011 (server).
+    WebSocket pings are answered by aiohttp (autoping).
+
+No audio and no transcript text is logged; only ids, counts, sizes and timings.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from aiohttp import WSMsgType, web
+from tritonclient.grpc import service_pb2
+
+from streamasr.contract import ModelContract
+from streamasr_client.audio import resample, to_mono
+from streamasr_client.stream import (CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL,
+                                     AsrConnection, AsrError, Session)
+
+log = logging.getLogger("streamasr.gateway")
+
+WS_PATH = "/invocations-bidirectional-stream"
+SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
+NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
+CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
+# Query keys the gateway itself reads; everything else is a per-stream decoder option.
+GATEWAY_KEYS = {"encoding", "sample_rate", "channels"}
+ENCODINGS = {"linear16": ("<i2", 32768.0), "float32": ("<f4", 1.0)}
+
+
+@dataclass
+class GatewayConfig:
+    triton_grpc: str = "127.0.0.1:8001"
+    grpc_ssl: bool = False
+    grpc_root_cert: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Requests sent to Triton and not yet answered, per WebSocket session.  Above this the
+    # gateway stops reading the socket (TCP backpressure to the client); if the model has
+    # not caught up after flood_timeout_s the client gets an error and is closed.
+    max_pending_requests: int = 50
+    flood_timeout_s: float = 10.0
+    # Result messages waiting to be written to a slow client.
+    max_outgoing_messages: int = 1000
+    # Largest binary frame accepted (bytes); 10 s of 16 kHz int16 is 320 kB.
+    max_frame_bytes: int = 1 << 20
+    max_body_bytes: int = 100 << 20
+    close_timeout_s: float = 30.0
+    # Stateful /invocations sessions expire after this idle time.
+    session_ttl_s: float = 300.0
+    heartbeat_s: float | None = None   # server-initiated pings (SageMaker pings us anyway)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "GatewayConfig":
+        e = os.environ if env is None else env
+        c = cls()
+        c.port = int(e.get("SAGEMAKER_BIND_TO_PORT", c.port))
+        c.triton_grpc = e.get("STREAMASR_TRITON_GRPC", c.triton_grpc)
+        c.grpc_ssl = e.get("STREAMASR_TRITON_GRPC_SSL", "false").lower() == "true"
+        c.grpc_root_cert = e.get("STREAMASR_TRITON_GRPC_ROOT_CERT") or None
+        for name, attr, conv in (("STREAMASR_GATEWAY_MAX_PENDING", "max_pending_requests", int),
+                                 ("STREAMASR_GATEWAY_MAX_OUTGOING", "max_outgoing_messages", int),
+                                 ("STREAMASR_GATEWAY_MAX_FRAME_BYTES", "max_frame_bytes", int),
+                                 ("STREAMASR_GATEWAY_FLOOD_TIMEOUT", "flood_timeout_s", float),
+                                 ("STREAMASR_GATEWAY_SESSION_TTL", "session_ttl_s", float)):
+            if name in e:
+                setattr(c, attr, conv(e[name]))
+        return c
+
+
+class BadAudio(ValueError):
+    pass
+
+
+def decode_pcm(data: bytes, encoding: str, channels: int = 1) -> np.ndarray:
+    """Raw PCM bytes -> mono float32 in [-1, 1].  Partial frames are an error (the
+    WebSocket path keeps remainders itself)."""
+    if encoding not in ENCODINGS:
+        raise BadAudio(f"unknown encoding {encoding!r} (use {sorted(ENCODINGS)})")
+    dtype, scale = ENCODINGS[encoding]
+    width = np.dtype(dtype).itemsize * channels
+    if len(data) % width:
+        raise BadAudio(f"{len(data)} bytes is not a whole number of {width}-byte frames")
+    a = np.frombuffer(data, dtype=dtype).astype(np.float32) / scale
+    return to_mono(a.reshape(-1, channels)) if channels > 1 else a
+
+
+def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
+    if not value:
+        return "application/octet-stream", {}
+    main, *params = [p.strip() for p in value.split(";")]
+    out = {}
+    for p in params:
+        if "=" in p:
+            k, v = p.split("=", 1)
+            out[k.strip().lower()] = v.strip().strip('"')
+    return main.lower(), out
+
+
+RAW_TYPES = {"audio/l16", "audio/pcm", "audio/x-raw", "audio/raw"}
+
+
+def decode_body(body: bytes, content_type: str | None, model_rate: int) -> np.ndarray:
+    """An /invocations body -> mono float32 at the model rate."""
+    if not body:
+        raise BadAudio("empty body")
+    ctype, params = parse_content_type(content_type)
+    if ctype in RAW_TYPES:
+        rate = int(params.get("rate", model_rate))
+        channels = int(params.get("channels", 1))
+        enc = "float32" if params.get("encoding") == "float32" else "linear16"
+        return resample(decode_pcm(body, enc, channels), rate, model_rate)
+    import io
+
+    import soundfile as sf
+
+    try:
+        audio, rate = sf.read(io.BytesIO(body), dtype="float32", always_2d=False)
+    except Exception as exc:  # libsndfile's errors vary by version
+        raise BadAudio(f"cannot decode the body as an audio file ({ctype}): {exc}") from None
+    return resample(to_mono(audio), rate, model_rate)
+
+
+class Backend:
+    """The gateway's view of Triton: one AsrConnection (one gRPC stream, many sessions),
+    re-created if the stream broke (e.g. Triton restarted)."""
+
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._conn: AsrConnection | None = None
+        self._contract: ModelContract | None = None
+
+    def connection(self) -> AsrConnection:
+        with self._lock:
+            if self._conn is not None and self._conn._broken is not None:
+                log.warning("gRPC stream to Triton broke; reconnecting")
+                self._conn.close()
+                self._conn = None
+            if self._conn is None:
+                root = None
+                if self.cfg.grpc_root_cert:
+                    with open(self.cfg.grpc_root_cert, "rb") as f:
+                        root = f.read()
+                self._conn = AsrConnection(self.cfg.triton_grpc, ssl=self.cfg.grpc_ssl,
+                                           root_certificates=root)
+            return self._conn
+
+    def contract(self) -> ModelContract:
+        if self._contract is None:
+            self._contract = self.connection().contract()
+        return self._contract
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, reason) from Triton's own health RPCs."""
+        conn = self.connection()
+        try:
+            if not conn._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2).ready:
+                return False, "triton server not ready"
+            for m in (STREAM_MODEL, OFFLINE_MODEL, CONTRACT_MODEL):
+                r = conn._stub.ModelReady(service_pb2.ModelReadyRequest(name=m), timeout=2)
+                if not r.ready:
+                    return False, f"model {m} not ready"
+        except grpc.RpcError as exc:
+            return False, f"triton unreachable: {exc.code().name}"
+        return True, "ready"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+@dataclass
+class HttpSession:
+    """A stateful /invocations streaming session."""
+    id: str
+    session: Session
+    expires: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"type": "Error", "code": code, "message": message},
+                             status=status)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, backend: Backend | None = None):
+        self.cfg = cfg
+        self.backend = backend or Backend(cfg)
+        self.http_sessions: dict[str, HttpSession] = {}
+        self.active_ws = 0
+        self._reaper: asyncio.Task | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_post("/invocations", self.invocations)
+        app.router.add_get(WS_PATH, self.websocket)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_startup(self, _app) -> None:
+        self._reaper = asyncio.create_task(self._reap_http_sessions())
+
+    async def _on_shutdown(self, _app) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        for hs in list(self.http_sessions.values()):
+            self._end_http_session(hs)
+        await asyncio.to_thread(self.backend.close)
+
+    async def _run(self, fn, *args, **kw):
+        return await asyncio.to_thread(fn, *args, **kw)
+
+    # -- /ping ---------------------------------------------------------------------------
+    async def ping(self, _request: web.Request) -> web.Response:
+        ok, reason = await self._run(self.backend.ready)
+        if not ok:
+            log.info("ping: not ready (%s)", reason)
+        return web.Response(status=200 if ok else 503, text=reason)
+
+    # -- /invocations --------------------------------------------------------------------
+    async def invocations(self, request: web.Request) -> web.Response:
+        if SESSION_HEADER in request.headers:
+            return await self._session_chunk(request)
+        body = await request.read()
+        try:
+            contract = await self._run(self.backend.contract)
+            audio = decode_body(body, request.headers.get("Content-Type"),
+                                contract.sample_rate)
+        except BadAudio as exc:
+            return _error(400, "bad_audio", str(exc))
+        except (AsrError, grpc.RpcError) as exc:
+            return _error(503, "backend", f"model unavailable: {exc}")
+        options = dict(request.query)
+        t0 = time.monotonic()
+        try:
+            messages = await self._run(self.backend.connection().transcribe_file, audio,
+                                       options=options)
+        except AsrError as exc:
+            log.warning("invocations: offline_asr refused %.1f s of audio: %s",
+                        len(audio) / contract.sample_rate, exc)
+            return _error(400, "model_error", str(exc))
+        log.info("invocations: %.1f s audio, %d messages, %.0f ms",
+                 len(audio) / contract.sample_rate, len(messages),
+                 1000 * (time.monotonic() - t0))
+        finals = [m["channel"]["alternatives"][0]["transcript"] for m in messages
+                  if m.get("type") == "Results" and m.get("is_final")]
+        return web.json_response({"messages": messages,
+                                  "transcript": " ".join(t for t in finals if t)})
+
+    async def _session_chunk(self, request: web.Request) -> web.Response:
+        sid = request.headers[SESSION_HEADER].strip()
+        q = request.query
+        finalize = q.get("finalize", "false").lower() == "true"
+        close = q.get("close", "false").lower() == "true"
+        contract = await self._run(self.backend.contract)
+        body = await request.read()
+        try:
+            audio = decode_body(body, request.headers.get("Content-Type") or "audio/l16",
+                                contract.sample_rate) if body else None
+        except BadAudio as exc:
+            return _error(400, "bad_audio", str(exc))
+        headers = {}
+        if sid == "NEW_SESSION":
+            options = {k: v for k, v in q.items() if k not in ("finalize", "close")}
+            session = self.backend.connection().open_session(options)
+            hs = HttpSession(uuid.uuid4().hex, session, time.monotonic() + self.cfg.session_ttl_s)
+            self.http_sessions[hs.id] = hs
+            expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.cfg.session_ttl_s)
+            headers[NEW_SESSION_HEADER] = f"{hs.id}; Expires={expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            log.info("http session %s opened", hs.id)
+        else:
+            hs = self.http_sessions.get(sid)
+            if hs is None:
+                return _error(404, "unknown_session", "no such session (expired or closed)")
+        async with hs.lock:
+            hs.expires = time.monotonic() + self.cfg.session_ttl_s
+            s = hs.session
+            before = len(s.messages)
+            try:
+                if close:
+                    s.close(audio)
+                elif audio is not None or finalize or s._sent == 0:
+                    s.send(audio, finalize=finalize, keepalive=audio is None and not finalize)
+                await self._run(s.wait, self.cfg.close_timeout_s)
+            except (AsrError, TimeoutError) as exc:
+                self._end_http_session(hs)
+                return _error(503, "backend", str(exc))
+            messages = s.messages[before:]
+        if close:
+            self._end_http_session(hs, send_end=False)
+            headers[CLOSED_SESSION_HEADER] = hs.id
+            log.info("http session %s closed", hs.id)
+        return web.json_response({"messages": messages}, headers=headers)
+
+    def _end_http_session(self, hs: HttpSession, send_end: bool = True) -> None:
+        self.http_sessions.pop(hs.id, None)
+        if send_end and not hs.session._closed and hs.session._sent > 0:
+            try:
+                hs.session.close()
+            except AsrError:
+                pass
+        hs.session.conn.forget(hs.session)
+
+    async def _reap_http_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.cfg.session_ttl_s / 2))
+            now = time.monotonic()
+            for hs in [h for h in self.http_sessions.values() if h.expires < now]:
+                log.info("http session %s expired", hs.id)
+                self._end_http_session(hs)
+
+    # -- WebSocket -----------------------------------------------------------------------
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True, heartbeat=self.cfg.heartbeat_s,
+                                   max_msg_size=self.cfg.max_frame_bytes)
+        await ws.prepare(request)       # accept first: SageMaker wants it within 250 ms
+        self.active_ws += 1
+        try:
+            await WsSession(self, ws, dict(request.query)).run()
+        finally:
+            self.active_ws -= 1
+        return ws
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: str, message: str, close_code: int = 1008):
+        super().__init__(message)
+        self.code, self.close_code = code, close_code
+
+
+class WsSession:
+    """One WebSocket = one Triton sequence."""
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, query: dict[str, str]):
+        self.gw, self.ws, self.cfg = gw, ws, gw.cfg
+        self.encoding = query.get("encoding", "linear16")
+        self.sample_rate = int(query["sample_rate"]) if "sample_rate" in query else None
+        self.channels = int(query.get("channels", 1))
+        self.options: dict[str, Any] = {k: v for k, v in query.items() if k not in GATEWAY_KEYS}
+        self.session: Session | None = None
+        self.loop = asyncio.get_running_loop()
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.overflow = False
+        self.remainder = b""
+        self.audio_bytes = 0
+        self.id = "-"
+
+    # results arrive on the connection's reader thread
+    def _on_message(self, m: dict) -> None:
+        self.loop.call_soon_threadsafe(self._enqueue, m)
+
+    def _enqueue(self, m: dict) -> None:
+        if self.out.qsize() >= self.cfg.max_outgoing_messages:
+            self.overflow = True
+            return
+        self.out.put_nowait(m)
+
+    async def _writer(self) -> None:
+        while True:
+            m = await self.out.get()
+            if m is None:
+                return
+            await self.ws.send_str(json.dumps(m, ensure_ascii=False))
+
+    def _configure(self, msg: dict) -> None:
+        if self.session is not None and self.session._sent:
+            raise ProtocolError("bad_request", "Configure must come before any audio")
+        self.encoding = msg.get("encoding", self.encoding)
+        if "sample_rate" in msg:
+            self.sample_rate = int(msg["sample_rate"])
+        self.channels = int(msg.get("channels", self.channels))
+        self.options.update(msg.get("options") or {})
+
+    async def _open(self) -> Session:
+        if self.session is None:
+            contract = await asyncio.to_thread(self.gw.backend.contract)
+            self.model_rate = contract.sample_rate
+            if self.sample_rate is None:
+                self.sample_rate = self.model_rate
+            if self.encoding not in ENCODINGS:
+                raise ProtocolError("bad_request", f"unknown encoding {self.encoding!r}")
+            conn = await asyncio.to_thread(self.gw.backend.connection)
+            self.session = conn.open_session(self.options, on_message=self._on_message)
+            self.id = str(self.session.sequence_id)
+            log.info("ws %s: opened (encoding %s, %d Hz, %d options)", self.id,
+                     self.encoding, self.sample_rate, len(self.options))
+        return self.session
+
+    async def _check_flood(self) -> None:
+        """Wait (not reading the socket) while too many chunks are in flight; a client
+        still ahead of the model after flood_timeout_s is flooding."""
+        deadline = time.monotonic() + self.cfg.flood_timeout_s
+        while self.session.pending >= self.cfg.max_pending_requests:
+            if time.monotonic() >= deadline:
+                raise ProtocolError(
+                    "backpressure",
+                    f"{self.session.pending} audio chunks still waiting for the model after "
+                    f"{self.cfg.flood_timeout_s:.0f} s (limit {self.cfg.max_pending_requests}):"
+                    f" send audio no faster than the model transcribes it")
+            await asyncio.sleep(0.005)
+        if self.overflow:
+            raise ProtocolError("backpressure", "client is not reading results fast enough")
+
+    async def _audio(self, data: bytes) -> None:
+        s = await self._open()
+        await self._check_flood()
+        width = np.dtype(ENCODINGS[self.encoding][0]).itemsize * self.channels
+        data = self.remainder + data
+        cut = len(data) - len(data) % width
+        self.remainder = data[cut:]
+        if not cut:
+            return
+        audio = resample(decode_pcm(data[:cut], self.encoding, self.channels),
+                         self.sample_rate, self.model_rate)
+        self.audio_bytes += cut
+        s.send(audio)
+
+    async def _control(self, text: str) -> bool:
+        """Handle a text frame; True when the client asked to close."""
+        try:
+            msg = json.loads(text)
+            kind = msg["type"]
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError("bad_request",
+                                'text frames must be JSON objects with a "type"') from None
+        if kind == "Configure":
+            self._configure(msg)
+        elif kind == "Finalize":
+            (await self._open()).finalize()
+        elif kind == "KeepAlive":
+            (await self._open()).keepalive()
+        elif kind == "CloseStream":
+            return True
+        else:
+            raise ProtocolError("bad_request", f"unknown message type {kind!r}")
+        return False
+
+    async def _finish(self) -> None:
+        """END the sequence and wait for its last responses."""
+        s = self.session
+        if s is None or s._closed:
+            return
+        if s._sent == 0:
+            # Nothing was ever sent: there is no sequence to end.
+            return
+        s.close()
+        await asyncio.to_thread(s.wait, self.cfg.close_timeout_s)
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        close_code, reason = 1000, ""
+        client_gone = False
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self._audio(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    if await self._control(msg.data):
+                        break
+                elif msg.type == WSMsgType.ERROR:
+                    log.warning("ws %s: transport error %s", self.id, self.ws.exception())
+                    client_gone = True
+                    break
+            else:
+                client_gone = True       # the client closed the socket
+            await self._finish()
+        except ProtocolError as exc:
+            log.warning("ws %s: closing, %s (%s)", self.id, exc.code, exc)
+            self._enqueue_error(exc.code, str(exc))
+            close_code, reason = exc.close_code, exc.code
+        except (AsrError, TimeoutError) as exc:
+            log.error("ws %s: backend failure: %s", self.id, exc)
+            self._enqueue_error("backend", str(exc))
+            close_code, reason = 1011, "backend"
+        finally:
+            if self.session is not None and not self.session._closed and self.session._sent:
+                try:
+                    self.session.close()     # frees the Triton sequence slot
+                except AsrError:
+                    pass
+            self.out.put_nowait(None)
+            try:
+                if not client_gone:
+                    await asyncio.wait_for(writer, self.cfg.close_timeout_s)
+                else:
+                    writer.cancel()
+            except (asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
+                writer.cancel()
+            if self.session is not None:
+                asyncio.create_task(self._forget_later(self.session))
+            if not self.ws.closed:
+                await self.ws.close(code=close_code, message=reason.encode())
+            log.info("ws %s: closed %d (%d audio bytes, %d responses)", self.id, close_code,
+                     self.audio_bytes, len(self.session.messages) if self.session else 0)
+
+    async def _forget_later(self, s: Session) -> None:
+        """Drop the session from the connection once its last responses are in (until
+        then they still find it instead of being logged as unknown)."""
+        try:
+            await asyncio.to_thread(s.wait, self.cfg.close_timeout_s)
+        except (AsrError, TimeoutError):
+            pass
+        s.conn.forget(s)
+
+    def _enqueue_error(self, code: str, message: str) -> None:
+        # Errors go out even when the result queue is full.
+        self.out.put_nowait({"type": "Error", "code": code, "message": message})
+
+
+def run(cfg: GatewayConfig) -> None:
+    gw = Gateway(cfg)
+    log.info("gateway on %s:%d -> triton gRPC %s%s", cfg.host, cfg.port, cfg.triton_grpc,
+             " (TLS)" if cfg.grpc_ssl else "")
+    web.run_app(gw.app(), host=cfg.host, port=cfg.port, print=None,
+                handle_signals=True, shutdown_timeout=cfg.close_timeout_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m streamasr.gateway", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = GatewayConfig.from_env()
+    p.add_argument("--host", default=cfg.host)
+    p.add_argument("--port", type=int, default=cfg.port)
+    p.add_argument("--triton-grpc", default=cfg.triton_grpc)
+    a = p.parse_args(argv)
+    cfg.host, cfg.port, cfg.triton_grpc = a.host, a.port, a.triton_grpc
+    # SIGTERM -> aiohttp's GracefulExit: stop accepting, close sockets, run on_shutdown.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""``docker/serve``: start tritonserver the way the stock SageMaker Triton ``serve``
+script does (same SAGEMAKER_* variables), then the gateway on SageMaker's port.
+
+Differences from the stock script: Triton's own SageMaker frontend stays off
+(``--allow-sagemaker`` is not passed; the gateway owns the port), all models in the
+repository are loaded (the ensemble needs every step), and HTTP always binds loopback
+(the gateway polls it).  Variables read:
+
+====================================  ==================================================
+SAGEMAKER_BIND_TO_PORT                gateway port (8080)
+SAGEMAKER_SAFE_PORT_RANGE             ``lo-hi``: Triton's internal http/grpc/metrics
+                                      ports are taken from the top of this range
+SAGEMAKER_TRITON_ALLOW_GRPC           ``true``: gRPC listens on 0.0.0.0 for in-VPC
+                                      clients (else loopback, for the gateway only)
+SAGEMAKER_TRITON_GRPC_PORT            gRPC port (8001)
+SAGEMAKER_TRITON_ALLOW_METRICS        ``false`` turns metrics off (default on, loopback)
+SAGEMAKER_TRITON_METRICS_PORT         metrics port (8002)
+SAGEMAKER_TRITON_LOG_VERBOSE          ``true``/``false`` or a level (default 0)
+SAGEMAKER_TRITON_LOG_INFO/_WARNING/_ERROR  ``false`` silences that level
+SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE  python backend shm (default 16 MiB)
+SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE   python backend shm growth (default 1 MiB)
+SAGEMAKER_TRITON_ADDITIONAL_ARGS      further tritonserver flags (shell-split)
+STREAMASR_MODEL_REPOSITORY            default /opt/ml/model, else ./model_repository
+STREAMASR_GRPC_TLS_CERT/_KEY          PEM paths: gRPC only over TLS (gateway included)
+STREAMASR_GRPC_TLS_ROOT_CERT          CA the gateway trusts (default: the cert itself)
+STREAMASR_TRITON_BINARY               tritonserver to run (default
+                                      /opt/tritonserver/bin/tritonserver when present,
+                                      else the nvidia-pytriton wheel's, via
+                                      streamasr.server.TritonServer)
+====================================  ==================================================
+
+SIGTERM/SIGINT: the gateway stops accepting, closes its sockets, then tritonserver gets
+SIGTERM (and SIGKILL after its exit timeout).  If tritonserver dies, the gateway stops
+too and the exit status is non-zero, so SageMaker replaces the container.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from streamasr.gateway import Gateway, GatewayConfig
+from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
+
+log = logging.getLogger("streamasr.serve")
+
+IMAGE_TRITON = Path("/opt/tritonserver/bin/tritonserver")
+IMAGE_BACKENDS = Path("/opt/tritonserver/backends")
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    v = env.get(name)
+    return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _ports(env) -> tuple[int, int, int]:
+    """(http, grpc, metrics) for Triton."""
+    http, grpc_, metrics = 8000, int(env.get("SAGEMAKER_TRITON_GRPC_PORT", 8001)), \
+        int(env.get("SAGEMAKER_TRITON_METRICS_PORT", 8002))
+    rng = env.get("SAGEMAKER_SAFE_PORT_RANGE")
+    if rng:
+        lo, hi = (int(x) for x in rng.split("-"))
+        if hi - lo < 2:
+            raise ValueError(f"SAGEMAKER_SAFE_PORT_RANGE {rng} has fewer than 3 ports")
+        http, grpc_, metrics = hi - 2, hi - 1, hi
+    return http, grpc_, metrics
+
+
+def server_config(env=None) -> ServerConfig:
+    """The ServerConfig (incl. extra tritonserver flags) a SageMaker container gets."""
+    env = os.environ if env is None else env
+    http, grpc_port, metrics = _ports(env)
+    repo = env.get("STREAMASR_MODEL_REPOSITORY")
+    if not repo:
+        repo = "/opt/ml/model" if Path("/opt/ml/model").is_dir() else \
+            str(REPO_ROOT / "model_repository")
+    extra: list[str] = []
+    if _flag(env, "SAGEMAKER_TRITON_ALLOW_GRPC", False):
+        extra.append("--grpc-address=0.0.0.0")      # later flags override earlier ones
+    if not _flag(env, "SAGEMAKER_TRITON_ALLOW_METRICS", True):
+        extra.append("--allow-metrics=false")
+    verbose = env.get("SAGEMAKER_TRITON_LOG_VERBOSE", "0").strip().lower()
+    level = {"true": 1, "false": 0}.get(verbose)
+    level = int(verbose) if level is None else level
+    for lvl in ("INFO", "WARNING", "ERROR"):
+        if not _flag(env, f"SAGEMAKER_TRITON_LOG_{lvl}", True):
+            extra.append(f"--log-{lvl.lower()}=false")
+    shm = env.get("SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE", str(16 * 1024 * 1024))
+    growth = env.get("SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE", str(1024 * 1024))
+    extra += [f"--backend-config=python,shm-default-byte-size={int(shm)}",
+              f"--backend-config=python,shm-growth-byte-size={int(growth)}"]
+    extra += shlex.split(env.get("SAGEMAKER_TRITON_ADDITIONAL_ARGS", ""))
+    cert, key = env.get("STREAMASR_GRPC_TLS_CERT"), env.get("STREAMASR_GRPC_TLS_KEY")
+    return ServerConfig(model_repository=Path(repo), http_port=http, grpc_port=grpc_port,
+                        metrics_port=metrics, log_verbose=level, extra_args=extra,
+                        grpc_cert=Path(cert) if cert else None,
+                        grpc_key=Path(key) if key else None)
+
+
+class ImageTritonServer(TritonServer):
+    """TritonServer for the SageMaker Triton image: its own binary and backend directory
+    (native onnxruntime backend, GPU), no pytriton wheel involved."""
+
+    def __init__(self, config: ServerConfig, binary: Path = IMAGE_TRITON,
+                 backend_dir: Path = IMAGE_BACKENDS, forward_logs: bool = True):
+        self.config = config
+        self.binary, self.backend_dir = binary, backend_dir
+        self.forward_logs = forward_logs
+        self._forwarder = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="streamasr-triton-")
+        self.log_path = Path(self._tmp.name) / "tritonserver.log"
+        self.proc = None
+        self._log_file = None
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[0] = str(self.binary)
+        return [c for c in cmd if not c.startswith(("--backend-directory=",
+                                                    "--cache-directory="))] + \
+            [f"--backend-directory={self.backend_dir}"]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.config.malloc_arena_max:
+            env.setdefault("MALLOC_ARENA_MAX", str(self.config.malloc_arena_max))
+        return env
+
+
+def make_server(cfg: ServerConfig, env=None) -> TritonServer:
+    env = os.environ if env is None else env
+    binary = env.get("STREAMASR_TRITON_BINARY")
+    if binary or IMAGE_TRITON.exists():
+        return ImageTritonServer(cfg, Path(binary) if binary else IMAGE_TRITON)
+    return TritonServer(cfg, forward_logs=True)
+
+
+def gateway_config(cfg: ServerConfig, env=None) -> GatewayConfig:
+    env = os.environ if env is None else env
+    g = GatewayConfig.from_env(env)
+    g.triton_grpc = f"127.0.0.1:{cfg.grpc_port}"
+    if cfg.grpc_cert:
+        g.grpc_ssl = True
+        g.grpc_root_cert = env.get("STREAMASR_GRPC_TLS_ROOT_CERT") or str(cfg.grpc_cert)
+    return g
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from aiohttp import web
+
+    cfg = server_config()
+    server = make_server(cfg)
+    gcfg = gateway_config(cfg)
+    outcome: dict[str, object] = {"code": 0}
+    main_pid = os.getpid()
+
+    def _stop_gateway(code: int) -> None:
+        outcome["code"] = code
+        os.kill(main_pid, signal.SIGTERM)   # aiohttp turns it into a graceful exit
+
+    def _start_and_watch() -> None:
+        try:
+            server.start(timeout_s=float(os.environ.get("STREAMASR_STARTUP_TIMEOUT", 600)))
+        except ServerError as exc:
+            log.error("tritonserver failed to start: %s", exc)
+            _stop_gateway(1)
+            return
+        log.info("tritonserver ready (grpc %s)", server.grpc_url)
+        code = server.proc.wait()
+        if not stopping.is_set():
+            log.error("tritonserver exited with code %s; stopping the gateway", code)
+            _stop_gateway(1)
+
+    stopping = threading.Event()
+    # Triton starts in the background so that /ping answers (503) while models load.
+    watcher = threading.Thread(target=_start_and_watch, name="triton", daemon=True)
+    watcher.start()
+    gw = Gateway(gcfg)
+    log.info("gateway on %s:%d", gcfg.host, gcfg.port)
+    try:
+        web.run_app(gw.app(), host=gcfg.host, port=gcfg.port, print=None,
+                    shutdown_timeout=5.0)
+    finally:
+        stopping.set()
+        log.info("stopping tritonserver")
+        try:
+            server.stop(timeout_s=cfg.exit_timeout_s + 5)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log.warning("stopping tritonserver: %s", exc)
+    return int(outcome["code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
