@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from streamasr.contract import ModelContract
-from streamasr.server import ServerConfig, TritonServer, free_port
+from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
 
 from . import accuracy, load, metrics, naive, perf_analyzer, profile, raw, report
@@ -90,11 +90,26 @@ class Live:
         self.repo, self.res = repo, res
         self.server: TritonServer | None = None
 
-    def start(self) -> None:
-        self.server = TritonServer(ServerConfig(model_repository=self.repo, http_port=free_port(),
-                                                grpc_port=free_port(), metrics_port=free_port(),
-                                                exit_timeout_s=5), log_path=LOG)
-        self.server.start(timeout_s=180)
+    def start(self, attempts: int = 3) -> None:
+        for attempt in range(1, attempts + 1):
+            self.server = TritonServer(ServerConfig(
+                model_repository=self.repo, http_port=free_port(), grpc_port=free_port(),
+                metrics_port=free_port(), exit_timeout_s=5), log_path=LOG)
+            try:
+                self.server.start(timeout_s=180)
+                break
+            except ServerError as exc:
+                self.server.stop()
+                lines = [ln for ln in str(exc).splitlines()
+                         if re.search(r"terminate called|what\(\)|exited", ln)]
+                self.res.setdefault("server_crashes", []).append(
+                    {"phase": f"startup (attempt {attempt})", "log": lines[-4:],
+                     "loadavg": loadavg()})
+                say(f"  !! tritonserver failed to start (attempt {attempt}): "
+                    f"{' | '.join(lines[-2:])}")
+                if attempt == attempts:
+                    raise
+                time.sleep(3)
         self.url, self.http = self.server.grpc_url, self.server.http_url
         self.probe = load.Probe(self.http, self.server.proc.pid)
 
