@@ -224,7 +224,7 @@ def open_abandoned_ensemble(conn, n: int, samples: int, timeout: float) -> dict:
 
 def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms: int,
         tolerance: float, workdir: Path, timeout: float = 900.0, path: str = "steps",
-        rounds: int = 1) -> dict:
+        rounds: int = 1, warmup_rounds: int = 2) -> dict:
     sys.path.insert(0, str(REPO_ROOT))
     from streamasr.server import ServerConfig, TritonServer, free_port
     from streamasr_client.stream import AsrConnection
