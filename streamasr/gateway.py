@@ -303,6 +303,8 @@ class Gateway:
         q = request.query
         finalize = q.get("finalize", "false").lower() == "true"
         close = q.get("close", "false").lower() == "true"
+        if sid != "NEW_SESSION" and sid not in self.http_sessions:
+            return _error(404, "unknown_session", "no such session (expired or closed)")
         contract = await self._run(self.backend.contract)
         body = await request.read()
         try:

@@ -1,0 +1,426 @@
+"""The SageMaker gateway end to end: ``docker/serve`` runs here as SageMaker would run it
+(SAGEMAKER_* environment, a real tritonserver started by it, the gateway on
+SAGEMAKER_BIND_TO_PORT), and the tests talk HTTP and WebSocket to it like SageMaker's
+front end does.  Variants of the gateway's limits run in-process against the same
+Triton over gRPC."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+aiohttp = pytest.importorskip("aiohttp")
+import aiohttp.test_utils  # noqa: E402
+
+from streamasr.gateway import (CLOSED_SESSION_HEADER, NEW_SESSION_HEADER, SESSION_HEADER,  # noqa: E402
+                               WS_PATH, Gateway, GatewayConfig, decode_body, parse_content_type)
+from streamasr.server import free_port  # noqa: E402
+from streamasr_client.stream import AsrConnection  # noqa: E402
+
+from .conftest import DEMO_WAV, ROOT  # noqa: E402
+
+SERVE = ROOT / "docker" / "serve"
+needs_demo = pytest.mark.skipif(not DEMO_WAV.exists(),
+                                reason=f"{DEMO_WAV} not there yet (data helper adds it)")
+
+
+def free_port_range(n: int = 3) -> tuple[int, int]:
+    """lo..lo+n-1, all free right now."""
+    for _ in range(200):
+        lo = free_port()
+        socks = []
+        try:
+            for p in range(lo, lo + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return lo, lo + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
+    lo, hi = free_port_range()
+    env = dict(os.environ)
+    env.update({
+        "SAGEMAKER_BIND_TO_PORT": str(free_port()),
+        "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
+        "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
+        "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class Serve:
+    """docker/serve as a child process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.port = int(env["SAGEMAKER_BIND_TO_PORT"])
+        hi = int(env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
+        self.grpc_port = hi - 1
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=ROOT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ping(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/ping", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return 0
+
+    def wait_ready(self, timeout: float = 180) -> list[int]:
+        """Poll /ping; returns the statuses seen (SageMaker's view of startup)."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"docker/serve exited {self.proc.returncode}\n{self.log()}")
+            code = self.ping()
+            if not seen or seen[-1] != code:
+                seen.append(code)
+            if code == 200:
+                return seen
+            time.sleep(0.3)
+        pytest.fail(f"/ping never answered 200 (seen {seen})\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def triton_children(pid: int) -> list[int]:
+    from streamasr.server import child_processes
+
+    return [p for p, argv in child_processes(pid).items()
+            if argv and argv[0].endswith("tritonserver")]
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    s = Serve(sagemaker_env(tmp), tmp / "serve.log")
+    s.startup_pings = s.wait_ready()
+    yield s
+    s.stop()
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def finals_text(messages: list[dict]) -> str:
+    return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in messages
+                    if m.get("type") == "Results" and m.get("is_final")
+                    and m["channel"]["alternatives"][0]["transcript"])
+
+
+def demo_int16() -> tuple[np.ndarray, int]:
+    a, sr = sf.read(str(DEMO_WAV), dtype="int16", always_2d=False)
+    return (a if a.ndim == 1 else a[:, 0]), sr
+
+
+# -- units ---------------------------------------------------------------------------------
+
+def test_content_type_parsing_and_raw_pcm():
+    assert parse_content_type("audio/L16; rate=8000; channels=2") == \
+        ("audio/l16", {"rate": "8000", "channels": "2"})
+    pcm = (np.array([0, 16384, -32768, 32767], "<i2")).tobytes()
+    out = decode_body(pcm, "audio/l16;rate=16000", 16000)
+    np.testing.assert_allclose(out, [0, 0.5, -1, 32767 / 32768], atol=1e-6)
+    stereo = np.array([[16384, 0], [0, -16384]], "<i2").tobytes()
+    np.testing.assert_allclose(decode_body(stereo, "audio/l16;channels=2", 16000), [0.25, -0.25])
+    with pytest.raises(ValueError, match="whole number"):
+        decode_body(b"\x00\x01\x02", "audio/l16", 16000)
+    with pytest.raises(ValueError, match="cannot decode"):
+        decode_body(b"not audio at all", "audio/wav", 16000)
+    with pytest.raises(ValueError, match="empty"):
+        decode_body(b"", "audio/wav", 16000)
+
+
+def test_config_from_sagemaker_env():
+    c = GatewayConfig.from_env({"SAGEMAKER_BIND_TO_PORT": "9090",
+                                "STREAMASR_GATEWAY_MAX_PENDING": "7"})
+    assert (c.port, c.max_pending_requests, c.host) == (9090, 7, "0.0.0.0")
+    assert GatewayConfig.from_env({}).port == 8080
+
+
+def test_ping_is_503_when_triton_is_down():
+    async def go():
+        gw = Gateway(GatewayConfig(triton_grpc=f"127.0.0.1:{free_port()}"))
+        async with aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(gw.app())) as c:
+            r = await c.get("/ping")
+            return r.status, await r.text()
+    status, text = asyncio.run(go())
+    assert status == 503 and "unreachable" in text
+
+
+# -- docker/serve, HTTP --------------------------------------------------------------------
+
+def test_ping_goes_from_not_ready_to_200(serve):
+    assert serve.startup_pings[-1] == 200
+    assert serve.ping() == 200
+    # docker/serve started tritonserver itself, as a child, with our flags
+    kids = triton_children(serve.proc.pid)
+    assert len(kids) == 1
+    argv = Path(f"/proc/{kids[0]}/cmdline").read_bytes().split(b"\0")
+    assert b"--model-control-mode=explicit" in argv
+    assert not any(a.startswith(b"--allow-sagemaker=true") for a in argv)
+    assert f"--grpc-port={serve.grpc_port}".encode() in argv
+
+
+@needs_demo
+def test_invocations_wav_equals_offline_asr(serve):
+    status, _, body = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
+                           {"Content-Type": "audio/wav"})
+    assert status == 200, body
+    assert body["messages"] and body["messages"][0]["type"] == "Results"
+    # the same answer as calling offline_asr directly over gRPC
+    with AsrConnection(f"127.0.0.1:{serve.grpc_port}") as conn:
+        from streamasr_client.audio import load_audio
+
+        direct = conn.transcribe_file(load_audio(DEMO_WAV, conn.contract().sample_rate))
+    assert body["messages"] == direct
+    assert body["transcript"] == finals_text(direct) and body["transcript"]
+
+
+@needs_demo
+def test_invocations_raw_pcm_equals_wav(serve):
+    a, sr = demo_int16()
+    _, _, from_wav = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
+                          {"Content-Type": "audio/wav"})
+    status, _, raw = post(serve.url + "/invocations", a.astype("<i2").tobytes(),
+                          {"Content-Type": f"audio/l16; rate={sr}"})
+    assert status == 200, raw
+    assert raw["transcript"] == from_wav["transcript"]
+
+
+def test_invocations_rejects_garbage(serve):
+    status, _, body = post(serve.url + "/invocations", b"RIFF....garbage",
+                           {"Content-Type": "audio/wav"})
+    assert status == 400 and body["code"] == "bad_audio"
+
+
+@needs_demo
+def test_stateful_session_chunks_match_whole_file(serve):
+    """Request-response fallback: NEW_SESSION, chunk by chunk, close."""
+    a, sr = demo_int16()
+    url = serve.url + "/invocations"
+    status, headers, first = post(url, a[:sr].tobytes(), {
+        SESSION_HEADER: "NEW_SESSION", "Content-Type": f"audio/l16;rate={sr}"})
+    assert status == 200, first
+    sid, expires = headers[NEW_SESSION_HEADER].split("; Expires=")
+    assert len(sid) == 32 and expires.endswith("Z")
+    messages = list(first["messages"])
+    step = 2 * sr
+    for i in range(sr, len(a), step):
+        status, _, b = post(url, a[i:i + step].tobytes(),
+                            {SESSION_HEADER: sid, "Content-Type": f"audio/l16;rate={sr}"})
+        assert status == 200, b
+        messages += b["messages"]
+    status, headers, last = post(url + "?close=true", b"", {SESSION_HEADER: sid})
+    assert status == 200 and headers[CLOSED_SESSION_HEADER] == sid
+    messages += last["messages"]
+    _, _, whole = post(url, DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"})
+    assert finals_text(messages) == whole["transcript"]
+    status, _, gone = post(url, a[:100].tobytes(), {SESSION_HEADER: sid})
+    assert status == 404 and gone["code"] == "unknown_session"
+
+
+# -- docker/serve, WebSocket ---------------------------------------------------------------
+
+async def ws_stream(url: str, pcm: bytes, chunk: int, *, controls=(), close_msg=True,
+                    query: str = "") -> tuple[list[dict], int | None]:
+    """Stream like SageMaker's platform does: binary frames of audio, text frames of
+    control messages; collect every text frame until the server closes."""
+    messages: list[dict] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(url + WS_PATH + query) as ws:
+            async def reader():
+                async for m in ws:
+                    if m.type == aiohttp.WSMsgType.TEXT:
+                        messages.append(json.loads(m.data))
+
+            r = asyncio.create_task(reader())
+            for i in range(0, len(pcm), chunk):
+                await ws.send_bytes(pcm[i:i + chunk])
+                for at, ctl in controls:
+                    if at == i:
+                        await ws.send_str(json.dumps(ctl))
+            if close_msg:
+                await ws.send_str(json.dumps({"type": "CloseStream"}))
+            await asyncio.wait_for(r, 120)
+            return messages, ws.close_code
+
+
+@needs_demo
+def test_websocket_stream_equals_invocations(serve):
+    a, sr = demo_int16()
+    # odd-sized frames: samples split across frames must be reassembled
+    msgs, code = asyncio.run(ws_stream(serve.url, a.tobytes(), 3201))
+    assert code == 1000
+    assert any(m["type"] == "Results" and not m["is_final"] for m in msgs), "no interims"
+    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
+                       {"Content-Type": "audio/wav"})
+    assert finals_text(msgs) == whole["transcript"]
+
+
+@needs_demo
+def test_websocket_other_rate_and_finalize(serve):
+    """8 kHz client audio (query string), Finalize mid-stream -> a from_finalize final."""
+    a, sr = demo_int16()
+    from streamasr_client.audio import resample
+
+    a8 = (resample(a[: 6 * sr].astype(np.float32) / 32768, sr, 8000) * 32767).astype("<i2")
+    pcm = a8.tobytes()
+    chunk = 1600
+    mid = (len(pcm) // 2) // chunk * chunk
+    msgs, code = asyncio.run(ws_stream(serve.url, pcm, chunk,
+                                       controls=[(mid, {"type": "Finalize"}),
+                                                 (0, {"type": "KeepAlive"})],
+                                       query="?sample_rate=8000"))
+    assert code == 1000
+    assert any(m.get("from_finalize") for m in msgs if m["type"] == "Results")
+    assert not [m for m in msgs if m["type"] == "Error"]
+
+
+def test_websocket_bad_control_message_closes_1008(serve):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(serve.url + WS_PATH) as ws:
+                await ws.send_str("not json")
+                m = await ws.receive(timeout=10)
+                closing = await ws.receive(timeout=10)
+                return json.loads(m.data), closing.type, ws.close_code
+    msg, kind, code = asyncio.run(go())
+    assert msg["type"] == "Error" and msg["code"] == "bad_request"
+    assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 1008
+
+
+def test_websocket_answers_ping_with_pong(serve):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(serve.url + WS_PATH, autoping=False) as ws:
+                t0 = time.monotonic()
+                await ws.ping(b"sagemaker")
+                m = await ws.receive(timeout=5)
+                accepted = time.monotonic() - t0
+                await ws.send_str(json.dumps({"type": "CloseStream"}))
+                return m, accepted
+    m, dt = asyncio.run(go())
+    assert m.type == aiohttp.WSMsgType.PONG and m.data == b"sagemaker"
+    assert dt < 1.0
+
+
+def test_websocket_accepted_within_250ms(serve):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            async with s.ws_connect(serve.url + WS_PATH) as ws:
+                took = time.monotonic() - t0
+                await ws.send_str(json.dumps({"type": "CloseStream"}))
+                await ws.receive(timeout=5)
+                return took, ws.close_code
+    took, code = asyncio.run(go())
+    assert took < 0.25 and code == 1000
+
+
+@needs_demo
+def test_flooding_client_gets_error_and_close(serve):
+    """In-process gateway with tight limits on the same Triton: a client that sends far
+    faster than the model keeps up is told so and closed with 1008; the stream to
+    Triton stays usable for the next session."""
+    a, sr = demo_int16()
+    cfg = GatewayConfig(triton_grpc=f"127.0.0.1:{serve.grpc_port}", max_pending_requests=2,
+                        flood_timeout_s=0.0)
+
+    async def go():
+        gw = Gateway(cfg)
+        server = aiohttp.test_utils.TestServer(gw.app())
+        await server.start_server()
+        url = str(server.make_url("")).rstrip("/")
+        try:
+            flood = await ws_stream(url, a.tobytes(), 320)
+            ok = await ws_stream(url, a[: 2 * sr].tobytes(), 2 * sr * 2)
+        finally:
+            await server.close()
+        return flood, ok
+
+    (flood, code), (ok, ok_code) = asyncio.run(go())
+    errors = [m for m in flood if m["type"] == "Error"]
+    assert code == 1008 and errors and errors[0]["code"] == "backpressure"
+    assert ok_code == 1000 and not [m for m in ok if m["type"] == "Error"]
+
+
+@needs_demo
+def test_client_vanishing_mid_stream_is_survived(serve):
+    """A socket dropped without CloseStream: the gateway ends the sequence itself and
+    keeps serving."""
+    a, sr = demo_int16()
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            ws = await s.ws_connect(serve.url + WS_PATH)
+            await ws.send_bytes(a[:sr].tobytes())
+            await ws.close()
+    asyncio.run(go())
+    msgs, code = asyncio.run(ws_stream(serve.url, a[: 2 * sr].tobytes(), 8000))
+    assert code == 1000 and not [m for m in msgs if m["type"] == "Error"]
+    assert serve.ping() == 200
+
+
+@needs_demo
+def test_no_transcript_or_audio_in_logs(serve):
+    """Run last in this module: after all the traffic above, the container log holds no
+    transcript text."""
+    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
+                       {"Content-Type": "audio/wav"})
+    texts = [m["channel"]["alternatives"][0]["transcript"] for m in whole["messages"]
+             if m.get("type") == "Results"]
+    texts = [t for t in texts if len(t) >= 12]
+    assert texts
+    log = serve.log_path.read_text(errors="replace")
+    assert '"transcript"' not in log
+    leaked = [t for t in texts if t in log or t[:12] in log]
+    assert not leaked, f"transcripts in the log: {leaked[:3]}"
