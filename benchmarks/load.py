@@ -64,7 +64,9 @@ def load_clips(sample_rate: int, paths: list[str] | None = None) -> list[Clip]:
     LibriVox clips shipped with pocketsphinx (3-7 s each): real speech, and sessions short
     enough that every level sees many speech onsets and ends."""
     if not paths:
-        paths = ([str(DEMO_WAV)] if DEMO_WAV.exists() else []) + sorted(glob.glob(LIBRIVOX))
+        # short clips first: a speaker starts on them, so even a 1-stream level of 20 s
+        # holds several sessions (onsets, finals)
+        paths = sorted(glob.glob(LIBRIVOX)) + ([str(DEMO_WAV)] if DEMO_WAV.exists() else [])
     if not paths:
         raise FileNotFoundError(f"no speech audio: neither {DEMO_WAV} nor {LIBRIVOX}")
     clips = []

@@ -118,8 +118,10 @@ def run(url: str, clips: list[np.ndarray], chunk: int, concurrency: list[int], *
     cmd = [str(binary), "-m", "streaming_asr", "-u", url, "-i", "grpc", "--streaming",
            "--input-data", str(data), "--concurrency-range", f"{lo}:{hi}:{step}",
            "--sequence-id-range", "1000000:2000000",
-           "--measurement-interval", str(measurement_ms), "--max-trials", "5",
-           "--stability-percentage", "50", "-f", str(csv_path)]
+           # a shared 2-core machine is never "stable" by the default 10 %: accept what
+           # is measured (the load average is recorded beside it)
+           "--measurement-interval", str(measurement_ms), "--max-trials", "4",
+           "--stability-percentage", "999", "-f", str(csv_path)]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(libdir), str(_pytriton_libs()), env.get("LD_LIBRARY_PATH", "")) if p)

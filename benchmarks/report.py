@@ -89,11 +89,20 @@ def markdown(result: dict) -> str:
                  f"({_f(sat.get('realtime_factor'), 2)}× real time), batches formed "
                  f"{srv.get('batch_hist')}, load avg {_f(_g(sat, 'loadavg_after', 0))}.")
         ov = r.get("overhead") or {}
+        for key in ("overhead_closed_loop", "overhead_paced_peak"):
+            o = r.get(key)
+            if o and o.get("measured_in") != (ov or {}).get("measured_in"):
+                L.append(f"{o['measured_in']}: server {_f(o.get('server_windows_per_s'))} "
+                         f"windows/s, raw onnxruntime at its batch mix "
+                         f"{_f(o.get('raw_windows_per_s'))} → {_f(o.get('ratio'), 2)}.")
         if ov:
-            L.append(f"Raw onnxruntime at the same batch mix: **{_f(ov.get('raw_windows_per_s'))} "
+            L.append(f"Target basis ({ov.get('measured_in')}, the server's highest throughput): "
+                     f"server **{_f(ov.get('server_windows_per_s'))} windows/s**, raw onnxruntime "
+                     f"at the same batch mix **{_f(ov.get('raw_windows_per_s'))} "
                      f"windows/s** → server / raw = **{_f(ov.get('ratio'), 2)}** "
                      f"(target ≥ 0.85). Best raw batch size: {ov.get('best_batch')} "
-                     f"({_f(ov.get('best_raw_windows_per_s'))} windows/s).")
+                     f"({_f(ov.get('best_raw_windows_per_s'))} windows/s). Raw timed at load avg "
+                     f"{_f(_g(r, 'raw_loadavg_before', 0))}–{_f(_g(r, 'raw_loadavg_after', 0))}.")
         L.append("")
         rows = []
         raw = r.get("raw", {})

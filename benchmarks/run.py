@@ -45,9 +45,9 @@ REPOSITORY = REPO_ROOT / "model_repository"
 RESULTS = Path(__file__).resolve().parent / "results"
 LOG = REPO_ROOT / "build" / "bench-tritonserver.log"      # kept after the run (not committed)
 
-FULL = dict(levels=[1, 2, 3, 4, 6, 8, 12, 16, 24], duration=20.0, sat_streams=8, sat_s=15.0,
+FULL = dict(levels=[1, 2, 3, 4, 6, 8, 12, 16, 24], duration=20.0, sat_streams=16, sat_s=15.0,
             raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10)
-QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=6, sat_s=8.0,
+QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=12, sat_s=8.0,
              raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5)
 
 
@@ -132,6 +132,10 @@ class Live:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+def _acoustic(level: dict | None) -> dict:
+    return ((level or {}).get("server") or {}).get("acoustic_model") or {}
 
 
 def acoustic_instances(server: TritonServer) -> int:
@@ -276,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  server: {am['windows_per_s']} windows/s, batches {am['batch_hist']}, "
                 f"load {res['saturation']['loadavg_after'][0]}")
         hist = {int(k): v for k, v in am.get("batch_hist", {}).items()}
-        sizes = sorted({1, 2, 4, 8, 16, 32} | set(hist))
+        # the busiest paced level (an overloaded one runs the server flat out too)
+        paced = [lv for lv in res["levels"] if _acoustic(lv).get("batch_hist")]
+        peak = max(paced, key=lambda lv: _acoustic(lv)["windows_per_s"], default=None)
+        peak_hist = ({int(k): v for k, v in _acoustic(peak)["batch_hist"].items()}
+                     if peak else {})
+        sizes = sorted({1, 2, 4, 8, 16, 32} | set(hist) | set(peak_hist))
         sess = raw.session(repo / "acoustic_model" / "1" / "model.onnx", res["intra_op_threads"])
         windows = raw.real_windows(contract, [c.audio for c in clips], 32)
         res["raw_loadavg_before"] = loadavg()
@@ -289,10 +298,30 @@ def main(argv: list[str] | None = None) -> int:
             raw_mix = metrics.mixed_throughput(hist, {b: timed[b]["median_ms"] / 1000 for b in hist})
             best = max(timed, key=lambda b: timed[b]["windows_per_s"])
             res["overhead"] = {
+                "measured_in": "closed loop",
                 "server_windows_per_s": am["windows_per_s"],
                 "raw_windows_per_s": round(raw_mix, 2),
                 "ratio": round(am["windows_per_s"] / raw_mix, 3),
                 "best_batch": best, "best_raw_windows_per_s": timed[best]["windows_per_s"]}
+            if peak_hist:
+                pk = _acoustic(peak)
+                raw_pk = metrics.mixed_throughput(
+                    peak_hist, {b: timed[b]["median_ms"] / 1000 for b in peak_hist})
+                res["overhead_paced_peak"] = {
+                    "measured_in": f"paced level {peak['streams']} streams",
+                    "server_windows_per_s": pk["windows_per_s"], "batch_hist": pk["batch_hist"],
+                    "raw_windows_per_s": round(raw_pk, 2),
+                    "ratio": round(pk["windows_per_s"] / raw_pk, 3)}
+                say(f"  busiest paced level ({peak['streams']} streams): {pk['windows_per_s']} "
+                    f"windows/s vs raw {raw_pk:.1f} at its batch mix -> "
+                    f"{pk['windows_per_s'] / raw_pk:.2f}")
+                if pk["windows_per_s"] > am["windows_per_s"]:
+                    raw_mix = raw_pk     # the compute limit at the batches of the busier run
+                    res["overhead"], res["overhead_closed_loop"] = (
+                        res["overhead_paced_peak"] | {"best_batch": best,
+                                                      "best_raw_windows_per_s":
+                                                      timed[best]["windows_per_s"]},
+                        res["overhead"])
             # one window per chunk of each stream
             wins_per_chunk = 1.0
             one = next((lv for lv in res["levels"] if lv["streams"] == 1), None)
