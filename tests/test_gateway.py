@@ -110,7 +110,8 @@ class Serve:
         pytest.fail(f"/ping never answered 200 (seen {seen})\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
     def stop(self, timeout: float = 60) -> int:
