@@ -27,6 +27,8 @@ STREAMASR_TRITON_BINARY               tritonserver to run (default
                                       /opt/tritonserver/bin/tritonserver when present,
                                       else the nvidia-pytriton wheel's, via
                                       streamasr.server.TritonServer)
+STREAMASR_TRITON_BACKENDS             backend directory for that binary
+                                      (default /opt/tritonserver/backends)
 ====================================  ==================================================
 
 SIGTERM/SIGINT: the gateway stops accepting, closes its sockets, then tritonserver gets
@@ -119,11 +121,24 @@ class ImageTritonServer(TritonServer):
         self._log_file = None
 
     def command(self) -> list[str]:
-        cmd = super().command()
-        cmd[0] = str(self.binary)
-        return [c for c in cmd if not c.startswith(("--backend-directory=",
-                                                    "--cache-directory="))] + \
-            [f"--backend-directory={self.backend_dir}"]
+        # Not TritonServer.command(): that one locates the pytriton wheel, absent here.
+        c = self.config
+        cmd = [str(self.binary),
+               f"--model-repository={Path(c.model_repository).resolve()}",
+               f"--backend-directory={self.backend_dir}",
+               "--model-control-mode=explicit", "--load-model=*",
+               "--allow-sagemaker=false", "--allow-http=true",
+               f"--http-address={c.host}", f"--http-port={c.http_port}",
+               f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
+               f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
+               f"--log-verbose={c.log_verbose}",
+               f"--exit-timeout-secs={c.exit_timeout_s}"]
+        if c.grpc_cert or c.grpc_key:
+            if not (c.grpc_cert and c.grpc_key):
+                raise ServerError("gRPC TLS needs both a certificate and a key")
+            cmd += ["--grpc-use-ssl=true",
+                    f"--grpc-server-cert={c.grpc_cert}", f"--grpc-server-key={c.grpc_key}"]
+        return cmd + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -136,7 +151,8 @@ def make_server(cfg: ServerConfig, env=None) -> TritonServer:
     env = os.environ if env is None else env
     binary = env.get("STREAMASR_TRITON_BINARY")
     if binary or IMAGE_TRITON.exists():
-        return ImageTritonServer(cfg, Path(binary) if binary else IMAGE_TRITON)
+        return ImageTritonServer(cfg, Path(binary) if binary else IMAGE_TRITON,
+                                 Path(env.get("STREAMASR_TRITON_BACKENDS", IMAGE_BACKENDS)))
     return TritonServer(cfg, forward_logs=True)
 
 
@@ -151,6 +167,9 @@ def gateway_config(cfg: ServerConfig, env=None) -> GatewayConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """argv: SageMaker starts the image as `<image> serve`; no arguments are used."""
+    if argv and argv != ["serve"]:
+        log.warning("ignoring arguments %s (configuration is by environment)", argv)
     logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from aiohttp import web

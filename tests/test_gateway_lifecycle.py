@@ -113,3 +113,31 @@ def test_dead_tritonserver_stops_the_container(tmp_path):
         code = s.stop()
     assert code not in (0, None), s.log()
     assert "tritonserver exited" in s.log()
+
+
+def test_image_code_path_with_a_real_tritonserver(tmp_path):
+    """The path the SageMaker image takes (ImageTritonServer: a given tritonserver binary
+    and backend directory, --allow-sagemaker=false, no pytriton helpers), run here with
+    the wheel's binary and a backend directory laid out like /opt/tritonserver/backends."""
+    from streamasr.server import ServerConfig, TritonHome, TritonServer, _pytriton_dirs
+
+    server_dir, _ = _pytriton_dirs()
+    home = TritonHome(tmp_path / "home").prepare()
+    # the library path / python the wheel's binary needs on this machine (the image's
+    # binary needs none of this)
+    helper_env = TritonServer.__new__(TritonServer)
+    helper_env.config = ServerConfig()
+    env = sagemaker_env(tmp_path, STREAMASR_TRITON_BINARY=str(server_dir / "bin" / "tritonserver"),
+                        STREAMASR_TRITON_BACKENDS=str(home.backend_dir))
+    base = helper_env.environment()
+    for k in ("LD_LIBRARY_PATH", "PATH", "PYTHONPATH"):
+        env[k] = base[k]
+    s = Serve(env, tmp_path / "serve.log")
+    try:
+        s.wait_ready()
+        (kid,) = triton_children(s.proc.pid)
+        argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+        assert b"--allow-sagemaker=false" in argv
+        assert f"--backend-directory={home.backend_dir}".encode() in argv
+    finally:
+        assert s.stop() == 0, s.log()

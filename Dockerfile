@@ -1,0 +1,56 @@
+# streamasr on a SageMaker real-time endpoint (issue 6).
+#
+#   docker build --build-arg REGION=us-east-1 --build-arg TRITON_TAG=25.09-py3 -t streamasr .
+#
+# REGION      region of AWS's Deep Learning Containers registry (763104351884); pull with
+#             `aws ecr get-login-password --region $REGION | docker login --username AWS
+#             --password-stdin 763104351884.dkr.ecr.$REGION.amazonaws.com`
+# TRITON_TAG  sagemaker-tritonserver tag, <YY.MM>-py3 (25.09-py3 = Triton 2.61; the tags
+#             are listed in sagemaker-python-sdk image_uri_config/sagemaker-tritonserver.json)
+# GPU         1: acoustic model on the GPU (KIND_GPU, default); 0: CPU instances
+ARG REGION=us-east-1
+ARG TRITON_TAG=25.09-py3
+FROM 763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG}
+
+ARG GPU=1
+
+# SageMaker only opens /invocations-bidirectional-stream on images that declare it.
+LABEL com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    STREAMASR_MODEL_REPOSITORY=/opt/ml/model
+
+WORKDIR /opt/streamasr
+
+# Dependencies first (a layer that survives code changes), into the image's Python.
+COPY docker/requirements-image.txt docker/requirements-image.txt
+RUN python3 -m pip install --no-cache-dir -r docker/requirements-image.txt
+
+COPY pyproject.toml ./
+COPY streamasr streamasr
+COPY client client
+RUN python3 -m pip install --no-cache-dir --no-deps . \
+    && python3 -c "import streamasr.gateway, streamasr_client.stream"
+
+# Our Python-based Triton backends.  NOT backends/onnxruntime: that is the CPU stand-in
+# used on machines without Triton's native onnxruntime backend, which this image has.
+COPY backends/streamasr_contract /opt/tritonserver/backends/streamasr_contract
+COPY backends/streamasr_decoder /opt/tritonserver/backends/streamasr_decoder
+COPY backends/streamasr_features /opt/tritonserver/backends/streamasr_features
+COPY backends/streamasr_offline /opt/tritonserver/backends/streamasr_offline
+
+# The model repository, with the production overlay (acoustic model on the GPU).
+COPY model_repository /tmp/model_repository
+RUN if [ "$GPU" = "1" ]; then FLAG=""; else FLAG="--cpu"; fi \
+    && python3 -m streamasr.repository /tmp/model_repository /opt/ml/model $FLAG \
+    && rm -rf /tmp/model_repository
+
+COPY docker/serve /usr/bin/serve
+RUN chmod 0755 /usr/bin/serve
+
+EXPOSE 8080
+# SageMaker runs `docker run <image> serve`; serve ignores that argument.
+ENTRYPOINT ["/usr/bin/serve"]

@@ -1,0 +1,85 @@
+"""The production variant of the model repository (SageMaker image).
+
+Locally every model runs on the CPU, the acoustic model through our Python stand-in
+for Triton's onnxruntime backend.  In the image Triton's NATIVE onnxruntime backend
+serves it, and on a GPU instance it should run there: ``production_overlay`` copies the
+repository and rewrites a parsed copy of each onnxruntime model's config (protobuf,
+no text substitution) with a GPU instance group.  The Python steps stay on the CPU.
+
+    python -m streamasr.repository model_repository /opt/ml/model [--cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+log = logging.getLogger("streamasr.repository")
+
+NATIVE_GPU_BACKENDS = {"onnxruntime"}
+
+
+def _parse(path: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def overlay_config(cfg, gpu: bool = True, gpu_count: int = 1):
+    """Rewrite one parsed ModelConfig in place for production; returns whether it changed."""
+    from tritonclient.grpc import model_config_pb2
+
+    if cfg.backend not in NATIVE_GPU_BACKENDS:
+        return False
+    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if gpu else \
+        model_config_pb2.ModelInstanceGroup.KIND_CPU
+    del cfg.instance_group[:]
+    cfg.instance_group.add(kind=kind, count=gpu_count)
+    return True
+
+
+def production_overlay(src_repo: Path, dst_repo: Path, gpu: bool = True,
+                       gpu_count: int = 1) -> list[str]:
+    """Copy ``src_repo`` to ``dst_repo`` (which must not exist or be empty) with the
+    production configs; returns the names of the models whose config changed."""
+    from google.protobuf import text_format
+
+    src_repo, dst_repo = Path(src_repo), Path(dst_repo)
+    if dst_repo.exists() and any(dst_repo.iterdir()):
+        raise FileExistsError(f"{dst_repo} is not empty")
+    shutil.copytree(src_repo, dst_repo, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    changed = []
+    for cfg_path in sorted(dst_repo.glob("*/config.pbtxt")):
+        cfg = _parse(cfg_path)
+        if overlay_config(cfg, gpu=gpu, gpu_count=gpu_count):
+            cfg_path.write_text("# production overlay (streamasr.repository)\n"
+                                + text_format.MessageToString(cfg))
+            changed.append(cfg.name or cfg_path.parent.name)
+            log.info("%s: instance_group -> %s x%d", cfg_path.parent.name,
+                     "KIND_GPU" if gpu else "KIND_CPU", gpu_count)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m streamasr.repository", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--cpu", action="store_true", help="CPU instance groups (CPU instances)")
+    p.add_argument("--gpu-count", type=int, default=1, help="instances per GPU")
+    a = p.parse_args(argv)
+    changed = production_overlay(a.src, a.dst, gpu=not a.cpu, gpu_count=a.gpu_count)
+    if not changed:
+        log.error("no model uses a native GPU backend (%s); nothing to place on the GPU",
+                  ", ".join(sorted(NATIVE_GPU_BACKENDS)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

