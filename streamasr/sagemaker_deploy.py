@@ -1,0 +1,241 @@
+"""``docker/deploy``: create or tear down the SageMaker endpoint for the streamasr image.
+
+    docker/deploy create --name streamasr --image <ecr uri> --role <execution role arn> \\
+        [--region us-east-1] [--instance-type ml.g5.xlarge] [--count 1] [--kms-key <arn>] \\
+        [--subnets subnet-a,subnet-b --security-groups sg-1] [--grpc] \\
+        [--autoscale-min 1 --autoscale-max 4 --target-concurrency 20] [--wait] [--dry-run]
+    docker/deploy delete --name streamasr [--dry-run]
+
+Each step is one AWS API call: ``plan_create``/``plan_delete`` return them as data
+(service, operation, arguments); ``execute`` runs them with boto3 clients, or with
+``--dry-run`` only prints them.  Names: model ``<name>``, endpoint config ``<name>``,
+endpoint ``<name>``, variant ``AllTraffic``.  Data capture stays off unless
+``--data-capture-s3`` is given (it would store audio and transcripts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, TextIO
+
+log = logging.getLogger("streamasr.deploy")
+
+VARIANT = "AllTraffic"
+SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+# Concurrent requests per model container, sampled every 10 s; an open bidirectional
+# stream counts as a request in flight until it closes.
+CONCURRENCY_METRIC = "SageMakerVariantConcurrentRequestsPerModelHighResolution"
+INVOCATIONS_METRIC = "SageMakerVariantInvocationsPerInstance"
+
+
+@dataclass
+class Call:
+    service: str                  # boto3 client name
+    operation: str                # snake_case method
+    params: dict[str, Any]
+    # error codes that mean "already in the wanted state" (teardown of absent things)
+    tolerate: tuple[str, ...] = field(default=())
+
+    def render(self) -> str:
+        return f"{self.service}.{self.operation}({json.dumps(self.params, indent=2, sort_keys=True)})"
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for p in pairs:
+        if "=" not in p:
+            raise ValueError(f"--env takes KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        env[k] = v
+    return env
+
+
+def container_environment(a: argparse.Namespace) -> dict[str, str]:
+    env = {"SAGEMAKER_TRITON_LOG_VERBOSE": "false",
+           "STREAMASR_LOG_LEVEL": "INFO"}
+    if a.grpc:
+        env["SAGEMAKER_TRITON_ALLOW_GRPC"] = "true"
+        env["SAGEMAKER_TRITON_GRPC_PORT"] = str(a.grpc_port)
+    env.update(_env_pairs(a.env or []))
+    return env
+
+
+def resource_id(name: str) -> str:
+    return f"endpoint/{name}/variant/{VARIANT}"
+
+
+def plan_create(a: argparse.Namespace) -> list[Call]:
+    container: dict[str, Any] = {"Image": a.image, "Environment": container_environment(a)}
+    if a.model_data_url:
+        container["ModelDataUrl"] = a.model_data_url
+    model: dict[str, Any] = {"ModelName": a.name, "ExecutionRoleArn": a.role,
+                             "PrimaryContainer": container}
+    if a.subnets or a.security_groups:
+        if not (a.subnets and a.security_groups):
+            raise ValueError("VPC mode needs both --subnets and --security-groups")
+        model["VpcConfig"] = {"Subnets": a.subnets.split(","),
+                              "SecurityGroupIds": a.security_groups.split(",")}
+    if a.network_isolation:
+        model["EnableNetworkIsolation"] = True
+    variant = {"VariantName": VARIANT, "ModelName": a.name, "InstanceType": a.instance_type,
+               "InitialInstanceCount": a.count, "InitialVariantWeight": 1.0,
+               "ContainerStartupHealthCheckTimeoutInSeconds": a.startup_timeout}
+    epc: dict[str, Any] = {"EndpointConfigName": a.name, "ProductionVariants": [variant]}
+    if a.kms_key:
+        epc["KmsKeyId"] = a.kms_key
+    if a.data_capture_s3:
+        epc["DataCaptureConfig"] = {
+            "EnableCapture": True, "InitialSamplingPercentage": a.data_capture_percent,
+            "DestinationS3Uri": a.data_capture_s3,
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]}
+        if a.kms_key:
+            epc["DataCaptureConfig"]["KmsKeyId"] = a.kms_key
+    calls = [Call("sagemaker", "create_model", model),
+             Call("sagemaker", "create_endpoint_config", epc),
+             Call("sagemaker", "create_endpoint",
+                  {"EndpointName": a.name, "EndpointConfigName": a.name})]
+    if a.autoscale_max:
+        calls += plan_autoscaling(a)
+    return calls
+
+
+def plan_autoscaling(a: argparse.Namespace) -> list[Call]:
+    if a.autoscale_max < a.autoscale_min:
+        raise ValueError("--autoscale-max must be >= --autoscale-min")
+    metric = CONCURRENCY_METRIC if a.scale_on == "concurrency" else INVOCATIONS_METRIC
+    target = a.target_concurrency if a.scale_on == "concurrency" else a.target_invocations
+    rid = resource_id(a.name)
+    return [
+        Call("application-autoscaling", "register_scalable_target",
+             {"ServiceNamespace": "sagemaker", "ResourceId": rid,
+              "ScalableDimension": SCALABLE_DIMENSION,
+              "MinCapacity": a.autoscale_min, "MaxCapacity": a.autoscale_max}),
+        Call("application-autoscaling", "put_scaling_policy",
+             {"PolicyName": f"{a.name}-{a.scale_on}", "ServiceNamespace": "sagemaker",
+              "ResourceId": rid, "ScalableDimension": SCALABLE_DIMENSION,
+              "PolicyType": "TargetTrackingScaling",
+              "TargetTrackingScalingPolicyConfiguration": {
+                  "TargetValue": float(target),
+                  "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
+                  # streams are long: scale out fast, in slowly
+                  "ScaleOutCooldown": 60, "ScaleInCooldown": 600}}),
+    ]
+
+
+def plan_delete(a: argparse.Namespace) -> list[Call]:
+    gone = ("ValidationException", "ObjectNotFoundException", "ResourceNotFound")
+    return [
+        Call("application-autoscaling", "deregister_scalable_target",
+             {"ServiceNamespace": "sagemaker", "ResourceId": resource_id(a.name),
+              "ScalableDimension": SCALABLE_DIMENSION}, tolerate=gone),
+        Call("sagemaker", "delete_endpoint", {"EndpointName": a.name}, tolerate=gone),
+        Call("sagemaker", "delete_endpoint_config", {"EndpointConfigName": a.name},
+             tolerate=gone),
+        Call("sagemaker", "delete_model", {"ModelName": a.name}, tolerate=gone),
+    ]
+
+
+def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run: bool,
+            out: TextIO, wait: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run (or with dry_run only print) the calls in order; returns the responses."""
+    from botocore.exceptions import ClientError
+
+    results = []
+    for c in calls:
+        out.write(("DRY RUN " if dry_run else "") + c.render() + "\n")
+        if dry_run:
+            continue
+        client = client_for(c.service)
+        try:
+            results.append(getattr(client, c.operation)(**c.params))
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in c.tolerate:
+                log.info("%s.%s: %s (nothing to do)", c.service, c.operation, code)
+                results.append(None)
+                continue
+            raise
+        if c.operation == "create_endpoint" and wait is not None:
+            wait(client)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="docker/deploy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--region", default=None, help="AWS region (default: boto3's)")
+    common.add_argument("--dry-run", action="store_true",
+                        help="print every API call and its arguments; call nothing")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("create", parents=[common],
+                       help="model + endpoint config + endpoint (+ autoscaling)")
+    c.add_argument("--name", required=True)
+    c.add_argument("--image", required=True, help="ECR URI of the image built from Dockerfile")
+    c.add_argument("--role", required=True, help="SageMaker execution role ARN")
+    c.add_argument("--instance-type", default="ml.g5.xlarge")
+    c.add_argument("--count", type=int, default=1)
+    c.add_argument("--model-data-url", default=None,
+                   help="s3://.../model.tar.gz to replace the baked-in /opt/ml/model")
+    c.add_argument("--kms-key", default=None, help="KMS key for the instance storage volume")
+    c.add_argument("--subnets", default=None, help="comma-separated subnet ids (VPC mode)")
+    c.add_argument("--security-groups", default=None, help="comma-separated SG ids")
+    c.add_argument("--network-isolation", action="store_true")
+    c.add_argument("--grpc", action="store_true",
+                   help="open Triton's gRPC port to the VPC (SAGEMAKER_TRITON_ALLOW_GRPC)")
+    c.add_argument("--grpc-port", type=int, default=8001)
+    c.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="extra container environment (repeatable)")
+    c.add_argument("--startup-timeout", type=int, default=900,
+                   help="ContainerStartupHealthCheckTimeoutInSeconds")
+    c.add_argument("--data-capture-s3", default=None,
+                   help="turn data capture ON to this S3 prefix (stores audio + transcripts)")
+    c.add_argument("--data-capture-percent", type=int, default=100)
+    c.add_argument("--autoscale-min", type=int, default=1)
+    c.add_argument("--autoscale-max", type=int, default=0, help="0: no autoscaling")
+    c.add_argument("--scale-on", choices=("concurrency", "invocations"), default="concurrency")
+    c.add_argument("--target-concurrency", type=float, default=20.0,
+                   help="concurrent sessions per instance to aim for")
+    c.add_argument("--target-invocations", type=float, default=600.0,
+                   help="invocations per instance per minute to aim for")
+    c.add_argument("--wait", action="store_true", help="wait until the endpoint is InService")
+    d = sub.add_parser("delete", parents=[common],
+                       help="autoscaling target, endpoint, endpoint config, model")
+    d.add_argument("--name", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    a = parse_args(argv)
+    try:
+        calls = plan_create(a) if a.command == "create" else plan_delete(a)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    client_for = None
+    if not a.dry_run:
+        import boto3
+
+        session = boto3.session.Session(region_name=a.region)
+        clients: dict[str, Any] = {}
+
+        def client_for(service: str):
+            if service not in clients:
+                clients[service] = session.client(service)
+            return clients[service]
+
+    def wait(client) -> None:
+        log.info("waiting for endpoint %s to be InService", a.name)
+        client.get_waiter("endpoint_in_service").wait(EndpointName=a.name)
+
+    execute(calls, client_for, a.dry_run, out,
+            wait if getattr(a, "wait", False) else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
