@@ -313,7 +313,7 @@ def torch_runner(model: acoustic.AcousticModel):
 # --- command line ----------------------------------------------------------------------
 def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float = 1e-3,
                dev_fraction: float = 0.03, out: Path = HEAD_FILE,
-               max_utterances: int | None = None):
+               max_utterances: int | None = None, init: Path | None = None):
     """The whole recipe: precompute -> train -> evaluate on real speech -> save the head."""
     contract = acoustic.default_contract()
     cfg = acoustic.HeadConfig()
@@ -332,7 +332,14 @@ def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float
              len(tr.targets), len(tr.frames), len(dev.targets), pre_min)
 
     head = acoustic.CTCHead(cfg, contract.output_frames)
+    before = {}
+    if init is not None:   # continue from an earlier head (same cache, more epochs)
+        old, before = acoustic.load_head(init)
+        head.load_state_dict(old.state_dict())
+        log.info("continuing from %s", init)
     info = train(head, tr, dev, minutes, lr=lr)
+    if before:
+        info["continued_from"] = before.get("train")
     model = acoustic.AcousticModel(encoder, head, contract).eval()
     res = evaluate(torch_runner(model), contract)
     for r in res["rows"]:
@@ -360,11 +367,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HEAD_FILE)
     p.add_argument("--max-utterances", type=int, help="use only this many of the manifest")
+    p.add_argument("--init", type=Path, help="continue training this head (.npz)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     train_head(a.manifest, a.minutes, a.copies, a.lr, a.dev_fraction, a.out,
-               a.max_utterances)
+               a.max_utterances, a.init)
     return 0
 
 
