@@ -69,3 +69,23 @@ def test_head_save_load_roundtrip(tmp_path):
     x = torch.randn(2, 35, 384)
     with torch.no_grad():
         assert torch.allclose(head(x), back(x))
+
+
+def test_bundled_model_transcribes_real_speech():
+    """The committed model.onnx, streaming windows + greedy CTC, on real speech it never
+    saw. Bounds sit a little above the recorded numbers (training/README.md): a broken
+    export, wrong windows or an untrained head land far outside them."""
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from training import train_ctc
+
+    path = Path(__file__).resolve().parent.parent / "model_repository/acoustic_model/1/model.onnx"
+    clips = train_ctc.real_speech_set()
+    if not clips:
+        pytest.skip("Debian pocketsphinx-testdata is not installed")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    c = ModelContract.from_session(sess)
+    res = train_ctc.evaluate(lambda f: sess.run(None, {c.input_name: f})[0], c, clips)
+    assert res["cer"] < 0.35 and res["wer"] < 0.80, res
