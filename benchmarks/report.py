@@ -55,8 +55,12 @@ def markdown(result: dict) -> str:
              f"Load average (1 min) is shown beside every figure: the cores are shared with "
              f"other work, and numbers taken under load are pessimistic.")
     L += ["", "## Paced streams (real-time, open loop)", ""]
+    lv_all = r.get("levels") or []
+    top_ok = bool(lv_all) and lv_all[-1].get("within_budget") and \
+        lv_all[-1]["streams"] == r.get("held_streams")
     L.append(f"Budget: p99 chunk latency ≤ {_f(r.get('budget_ms'), 0)} ms, no errors, sender on "
-             f"schedule. **Streams held: {_f(r.get('held_streams'))}**"
+             f"schedule. **Streams held: {'≥ ' if top_ok else ''}{_f(r.get('held_streams'))}**"
+             + (" (every level tried was within budget)" if top_ok else "")
              + (f" (compute limit ≈ {_f(r.get('compute_limit_streams'))} streams, "
                 f"ratio {_f(r.get('held_vs_limit'), 2)})" if r.get('compute_limit_streams') else ""))
     L.append("")
