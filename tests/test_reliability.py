@@ -317,6 +317,27 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
                          text, re.M)
 
 
+def test_launcher_health_poll_flags_a_model_that_goes_unready(fault_server):
+    """The launcher's poll (streamasr.server._health_problem) on a model unloaded through
+    the repository API: its stub goes away and /v2/models/<m>/ready stops answering 200."""
+    from streamasr.server import _health_problem
+
+    models, stubs = fault_server.ready_models(), fault_server.python_stubs()
+    assert "model_contract" in models
+    assert _health_problem(fault_server, models, stubs, {}, 2) is None
+    base = f"http://{fault_server.http_url}/v2/repository/models/model_contract"
+    urllib.request.urlopen(urllib.request.Request(base + "/unload", data=b"{}"), timeout=30)
+    try:
+        poll(lambda: fault_server.unready_models(["model_contract"]) == ["model_contract"],
+             30, "model_contract to report not ready")
+        strikes: dict = {}
+        problems = [_health_problem(fault_server, models, stubs, strikes, 2) for _ in range(2)]
+        assert problems[-1] and "model_contract" in problems[-1], problems
+    finally:
+        urllib.request.urlopen(urllib.request.Request(base + "/load", data=b"{}"), timeout=120)
+    assert fault_server.unready_models(models) == []
+
+
 # -- 3. server faults --------------------------------------------------------------------
 def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_clients(
         tmp_path, contract, audio, expected):
