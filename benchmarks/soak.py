@@ -9,8 +9,8 @@ It starts its own tritonserver on a copy of the model repository with a short
 ``max_streams`` raised above ``--streams``.  Phases:
 
 1. warm-up (``--warmup-rounds``, 2): ``--warmup`` streams (default: as many as the soak),
-   one short chunk each, no END; wait until both Python steps report ``streamasr_open_streams == 0`` and Triton's
-   own sequence idle timeout has passed; RSS of tritonserver + its python stubs (from
+   one short chunk each, no END; wait until both Python steps report
+   ``streamasr_open_streams == 0`` and Triton's own sequence idle timeout has passed; RSS of tritonserver + its python stubs (from
    /proc) is the baseline.  RSS is a high-water mark of peak concurrency (allocators keep
    freed pages), so the warm-up reaches the same peak: a leak then shows as growth.
 2. soak (``--rounds`` times): ``--streams`` streams the same way.  ``--path steps``
