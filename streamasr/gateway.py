@@ -16,8 +16,10 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     *streaming* session kept in this process (SageMaker stateful sessions, the
     request-response fallback for clients without HTTP/2): ``NEW_SESSION`` opens one
     (answer header ``X-Amzn-SageMaker-New-Session-Id: <id>; Expires=<iso time>``), later
-    chunks name the id; the body is raw PCM as above; query ``?finalize=true`` flushes,
-    ``?close=true`` ends the session (answer header ``X-Amzn-SageMaker-Closed-Session-Id``).
+    chunks name the id; the body is raw PCM as above; ``finalize=true`` flushes,
+    ``close=true`` ends the session (answer header ``X-Amzn-SageMaker-Closed-Session-Id``).
+    Options come from the query string or, through InvokeEndpoint (which has none), from
+    ``X-Amzn-SageMaker-Custom-Attributes: finalize=true;close=true``.
     Answer: ``{"messages": [...]}`` = the results of that chunk.
 
 ``GET /invocations-bidirectional-stream`` (WebSocket; SageMaker's bidirectional route)
@@ -68,6 +70,7 @@ WS_PATH = "/invocations-bidirectional-stream"
 SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
 NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
 CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 # Query keys the gateway itself reads; everything else is a per-stream decoder option.
 GATEWAY_KEYS = {"encoding", "sample_rate", "channels"}
 ENCODINGS = {"linear16": ("<i2", 32768.0), "float32": ("<f4", 1.0)}
@@ -226,6 +229,17 @@ class HttpSession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+def request_options(request: web.Request) -> dict[str, str]:
+    """Query string plus ``X-Amzn-SageMaker-Custom-Attributes`` (``k=v;k2=v2``): through
+    InvokeEndpoint the custom attributes are the only way to pass options (no query)."""
+    out = dict(request.query)
+    for part in request.headers.get(CUSTOM_ATTRIBUTES_HEADER, "").split(";"):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"type": "Error", "code": code, "message": message},
                              status=status)
@@ -281,7 +295,7 @@ class Gateway:
             return _error(400, "bad_audio", str(exc))
         except (AsrError, grpc.RpcError) as exc:
             return _error(503, "backend", f"model unavailable: {exc}")
-        options = dict(request.query)
+        options = request_options(request)
         t0 = time.monotonic()
         try:
             messages = await self._run(self.backend.connection().transcribe_file, audio,
@@ -300,7 +314,7 @@ class Gateway:
 
     async def _session_chunk(self, request: web.Request) -> web.Response:
         sid = request.headers[SESSION_HEADER].strip()
-        q = request.query
+        q = request_options(request)
         finalize = q.get("finalize", "false").lower() == "true"
         close = q.get("close", "false").lower() == "true"
         if sid != "NEW_SESSION" and sid not in self.http_sessions:
@@ -395,6 +409,7 @@ class WsSession:
         self.out: asyncio.Queue = asyncio.Queue()
         self.overflow = False
         self.remainder = b""
+        self.received = 0          # messages handed to us by the reader thread
         self.audio_bytes = 0
         self.id = "-"
 
@@ -403,6 +418,7 @@ class WsSession:
         self.loop.call_soon_threadsafe(self._enqueue, m)
 
     def _enqueue(self, m: dict) -> None:
+        self.received += 1
         if self.out.qsize() >= self.cfg.max_outgoing_messages:
             self.overflow = True
             return
@@ -498,6 +514,11 @@ class WsSession:
             return
         s.close()
         await asyncio.to_thread(s.wait, self.cfg.close_timeout_s)
+        # Session.wait returns once the last response is counted, which is just before
+        # its messages reach on_message (and this loop): let them arrive first.
+        deadline = time.monotonic() + 5.0
+        while self.received < len(s.messages) and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
