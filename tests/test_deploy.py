@@ -147,3 +147,30 @@ def test_docker_deploy_script_runs():
                         "--name", "asr"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("DRY RUN") == 4
+
+
+def test_docs_commands_and_policies_are_current():
+    """docs/sagemaker.md: every docker/deploy command parses with today's flags, every
+    JSON policy block is valid JSON, and the caller policy allows the bidi action."""
+    import json
+    import re
+    import shlex
+
+    doc = (ROOT / "docs" / "sagemaker.md").read_text()
+    cmds = [line.strip() for line in doc.splitlines() if line.strip().startswith("docker/deploy ")]
+    assert any(" create " in c for c in cmds) and any(" delete " in c for c in cmds)
+    subst = {"$AWS_REGION": "us-east-1", "$NAME": "asr", "$IMAGE": IMAGE, "$ROLE": ROLE}
+    for c in cmds:
+        for k, v in subst.items():
+            c = c.replace(k, v)
+        a = dep.parse_args(shlex.split(c)[1:])
+        (dep.plan_create if a.command == "create" else dep.plan_delete)(a)
+    blocks = re.findall(r"```json\n(.*?)```", doc, re.S)
+    policies = [json.loads(b) for b in blocks]
+    assert len(policies) == 3
+    actions = {a for p in policies for st in p["Statement"]
+               for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert "sagemaker:InvokeEndpointWithBidirectionalStream" in actions
+    for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "DeleteEndpoint"):
+        assert f"sagemaker:{op}" in actions
+    assert "iam:PassRole" in actions
