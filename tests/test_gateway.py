@@ -425,3 +425,25 @@ def test_no_transcript_or_audio_in_logs(serve):
     assert '"transcript"' not in log
     leaked = [t for t in texts if t in log or t[:12] in log]
     assert not leaked, f"transcripts in the log: {leaked[:3]}"
+
+
+@needs_demo
+def test_concurrent_sessions_share_one_grpc_stream(serve):
+    """Several WebSocket sessions at once, multiplexed on the gateway's one gRPC stream:
+    each gets exactly its own transcript."""
+    a, sr = demo_int16()
+    pieces = [a[: 8 * sr], a[8 * sr: 16 * sr], a[16 * sr: 24 * sr]]
+    expected = []
+    for p in pieces:
+        _, _, whole = post(serve.url + "/invocations", p.astype("<i2").tobytes(),
+                           {"Content-Type": f"audio/l16;rate={sr}"})
+        expected.append(whole["transcript"])
+    assert len(set(expected)) == 3, "pieces should transcribe differently"
+
+    async def go():
+        return await asyncio.gather(*(ws_stream(serve.url, p.tobytes(), c)
+                                      for p, c in zip(pieces, (3200, 8000, 1234))))
+    results = asyncio.run(go())
+    for (msgs, code), want in zip(results, expected):
+        assert code == 1000
+        assert finals_text(msgs) == want
