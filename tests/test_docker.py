@@ -133,3 +133,15 @@ def test_docker_serve_is_executable():
     serve = ROOT / "docker" / "serve"
     assert serve.stat().st_mode & 0o111
     assert serve.read_text().startswith("#!/usr/bin/env python3")
+
+
+def test_dockerignore_lets_exactly_the_copied_sources_through():
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert lines[0] == "*", "allow-list style: ignore everything, then re-include"
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    sources = {r.split()[0] for w, r in dockerfile_instructions() if w == "COPY"}
+    for src in sources:
+        assert any(src == a or src.startswith(a + "/") for a in allowed), \
+            f"COPY {src} is excluded by .dockerignore"
+    assert ".venv" not in allowed and "build" not in allowed
