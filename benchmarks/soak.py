@@ -245,11 +245,21 @@ def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms:
         murl = f"http://{cfg.host}:{cfg.metrics_port}/metrics"
         pid = server.proc.pid
 
+        def publish() -> None:
+            """The steps publish metrics from execute() only: run both once with a
+            one-request stream (START and END together) that leaves nothing open."""
+            with AsrConnection(server.grpc_url) as c:
+                s = c.open_session()
+                s.close(np.zeros(1600, np.float32))
+                s.wait()
+
         def reclaimed() -> dict[str, float]:
+            publish()
             text = scrape(murl)
             return {m: metric(text, "streamasr_reclaimed_streams_total", m) for m in STEPS}
 
         def open_now() -> dict[str, float]:
+            publish()
             text = scrape(murl)
             return {m: metric(text, "streamasr_open_streams", m) for m in STEPS}
 

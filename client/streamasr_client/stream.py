@@ -156,16 +156,18 @@ class Session:
 
     # -- receiving -------------------------------------------------------------------
     def _deliver(self, msgs: list[dict], error: str | None) -> None:
-        with self._cv:
-            self._answered += 1
-            if error is not None:
-                self.errors.append(error)
-                msgs = [{"type": "Error", "message": error}]
-            self.messages.extend(msgs)
-            self._cv.notify_all()
+        if error is not None:
+            msgs = [{"type": "Error", "message": error}]
+        # Callbacks first: once wait() returns, on_message has seen every message.
         if self.on_message:
             for m in msgs:
                 self.on_message(m)
+        with self._cv:
+            if error is not None:
+                self.errors.append(error)
+            self.messages.extend(msgs)
+            self._answered += 1
+            self._cv.notify_all()
 
     def wait(self, timeout: float | None = 60.0) -> None:
         """Block until every request sent so far has its response."""

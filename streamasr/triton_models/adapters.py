@@ -75,8 +75,9 @@ class _StreamMetrics:
     streamasr_open_streams (gauge), streamasr_reclaimed_streams_total and
     streamasr_request_errors_total (counters).
 
-    Every metric call goes through ``_lock``: the request thread and the sweeper thread
-    both publish, and the stub's metric calls are not known to be thread-safe."""
+    Published from execute() only, i.e. as of the model's last request: a pb_utils call
+    from another thread races the stub's own IPC (tritonserver aborted with
+    boost::interprocess::lock_exception under load while the sweeper thread published)."""
 
     _families: dict = {}
     _lock = threading.Lock()
@@ -150,7 +151,7 @@ def _start_sweeper(store: StreamStore, metrics: _StreamMetrics) -> Sweeper:
     trimmed = {"at": 0}
 
     def on_sweep(_n: int) -> None:
-        metrics.sync(store)
+        # No pb_utils here (see _StreamMetrics); execute() publishes the counts.
         # after many streams went away (by TTL or END), at most once per sweep
         if store.reclaimed - trimmed["at"] >= 256 or (len(store) == 0 and
                                                       store.reclaimed != trimmed["at"]):
