@@ -64,9 +64,11 @@ def log_mel_frames(frames: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     """[N, n_fft] float64 audio frames -> [N, n_mels] float32 normalised log-mel."""
     mel_t = mel_filterbank(spec.sample_rate, spec.n_fft, spec.n_mels, spec.fmin, spec.fmax).T
     power = np.abs(np.fft.rfft(frames * _hann(spec.n_fft), axis=-1)) ** 2
-    # Row by row: a BLAS matmul may sum in a different order for different row counts,
-    # and streamed frames must equal whole-file frames bit for bit.
-    mel = np.stack([row @ mel_t for row in power]) if len(power) else np.zeros((0, spec.n_mels))
+    # Not a BLAS matmul: BLAS may sum in a different order for different row counts, and
+    # streamed frames must equal whole-file frames bit for bit. einsum without
+    # optimisation runs its own loop per output element: the same sums for any number of
+    # rows (tests/test_features.py), ~45x faster than a Python loop of row products.
+    mel = np.einsum("fb,bm->fm", power, mel_t, optimize=False)
     logm = np.maximum(np.log10(np.maximum(mel, 1e-10)), spec.log_floor)
     return ((logm + spec.offset) / spec.scale).astype(np.float32)
 
