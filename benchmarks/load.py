@@ -407,10 +407,17 @@ def saturate(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
             "errors": sum(len(s.errors) for s in sessions), **extra}
 
 
+MAX_STREAMS = 1024      # one level never opens more sessions at once than this
+
+
 def parse_levels(text: str) -> list[int]:
-    levels = sorted({int(x) for x in text.split(",") if x.strip()})
-    if not levels or levels[0] < 1:
-        raise argparse.ArgumentTypeError("levels are positive integers, e.g. 1,2,4,8")
+    try:
+        levels = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        levels = []
+    if not levels or levels[0] < 1 or levels[-1] > MAX_STREAMS:
+        raise argparse.ArgumentTypeError(
+            f"levels are integers 1..{MAX_STREAMS}, comma separated, e.g. 1,2,4,8")
     return levels
 
 

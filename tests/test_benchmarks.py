@@ -103,3 +103,25 @@ def test_result_files_are_written_with_table_and_latest(tmp_path):
     assert "| 1 |" in md and "40.0" in md and "1.5" in md
     assert paths["md"].name.startswith("box-") and paths["json"].stem == paths["md"].stem
     assert (tmp_path / "latest.md").read_text() == md
+
+
+def test_parse_levels_sorted_unique_and_bounded():
+    import argparse
+
+    from benchmarks.load import MAX_STREAMS, parse_levels
+
+    assert parse_levels("4,1,2,2") == [1, 2, 4]
+    for bad in ("", "0,1", "x", f"1,{MAX_STREAMS + 1}"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_levels(bad)
+
+
+def test_markdown_says_at_least_when_every_level_passed():
+    from benchmarks import report
+
+    ok = dict(_level(8, 100), within_budget=True, chunk_latency_ms={"p50": 1.0, "p99": 100})
+    md = report.markdown({"levels": [ok], "held_streams": 8, "budget_ms": 250.0})
+    assert "Streams held: ≥ 8" in md
+    over = dict(_level(16, 900), within_budget=False, chunk_latency_ms={"p50": 1.0, "p99": 900})
+    md = report.markdown({"levels": [ok, over], "held_streams": 8, "budget_ms": 250.0})
+    assert "Streams held: 8" in md and "≥" not in md.split("Streams held")[1][:5]
