@@ -83,8 +83,7 @@ def test_bundled_model_transcribes_real_speech():
 
     path = Path(__file__).resolve().parent.parent / "model_repository/acoustic_model/1/model.onnx"
     clips = train_ctc.real_speech_set()
-    if not clips:
-        pytest.skip("Debian pocketsphinx-testdata is not installed")
+    assert len(clips) >= 10
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     c = ModelContract.from_session(sess)
     res = train_ctc.evaluate(lambda f: sess.run(None, {c.input_name: f})[0], c, clips)

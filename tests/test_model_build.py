@@ -15,8 +15,8 @@ from streamasr.contract import FeatureSpec
 from streamasr.features import silence_frame
 from training import ct2, whisper
 
-LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
-CLIP = LIBRIVOX / "sense_and_sensibility_01_austen_64kb-0870.wav"
+CLIP = (Path(__file__).resolve().parent.parent / "assets" / "eval"
+        / "librivox-sense_and_sensibility_01_austen_64kb-0870.wav")
 REFERENCE = ("and mister john dashwood had then leisure to consider how much there might be "
              "prudently in his power to do for them")
 ENCODER_TOLERANCE = 1e-3   # max |ours - reference| on outputs of magnitude ~10
@@ -34,8 +34,6 @@ def model():
 
 @pytest.fixture(scope="module")
 def clip_features():
-    if not CLIP.exists():
-        pytest.skip("Debian pocketsphinx-testdata is not installed")
     audio, sr = sf.read(CLIP, dtype="float32")
     assert sr == 16000
     f = whisper.log_mel(audio)

@@ -36,7 +36,6 @@ log = logging.getLogger("training.train_ctc")
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "ctc_cache"
 HEAD_FILE = Path(__file__).resolve().parent / "head.npz"
-POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 
 
 # --- data ------------------------------------------------------------------------------
@@ -253,22 +252,11 @@ def train(head, cache: Cache, dev: Cache | None, minutes: float, lr: float = 1e-
 
 # --- evaluation on real speech ---------------------------------------------------------
 def real_speech_set() -> list[tuple[Path, str]]:
-    """(wav, reference) for the real recordings shipped by Debian pocketsphinx-testdata."""
-    out = []
-    for sub, ref_file in (("librivox", "transcription"), ("cards", "cards.transcription")):
-        ref = POCKETSPHINX / sub / ref_file
-        if not ref.exists():
-            continue
-        for line in ref.read_text().splitlines():
-            if "(" not in line:
-                continue
-            text, fid = line.rsplit("(", 1)
-            fid = fid.strip().rstrip(")")
-            text = text.replace("<s>", "").replace("</s>", "").strip()
-            wav = POCKETSPHINX / sub / f"{fid}.wav"
-            if wav.exists():
-                out.append((wav, text))
-    return out
+    """(wav, reference) of the bundled real-speech evaluation set (assets/eval: the
+    pocketsphinx-testdata clips + JFK), so evaluation needs no Debian package."""
+    from streamasr.evaluation import load_eval_set
+
+    return [(item.audio_path, item.reference) for item in load_eval_set()]
 
 
 def ctc_greedy(log_probs: np.ndarray) -> str:
