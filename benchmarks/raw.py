@@ -81,6 +81,37 @@ def time_batches(sess, windows: np.ndarray, batches: list[int], *, min_seconds: 
     return out
 
 
+def parallel_throughput(model: Path, windows: np.ndarray, batch: int, sessions: int, *,
+                        intra_op_threads: int = 1, seconds: float = 3.0) -> dict:
+    """Windows/s of ``sessions`` independent sessions (``intra_op_threads`` each) running
+    batch-``batch`` calls at the same time from as many threads (onnxruntime releases
+    the GIL): what N model instances could do on this machine if nothing else ran."""
+    import threading
+
+    sess = [session(model, intra_op_threads) for _ in range(sessions)]
+    name = sess[0].get_inputs()[0].name
+    x = np.ascontiguousarray(np.resize(windows, (batch,) + windows.shape[1:]))
+    for s in sess:
+        s.run(None, {name: x})
+    counts = [0] * sessions
+    stop = time.perf_counter() + seconds
+
+    def work(i):
+        while time.perf_counter() < stop:
+            sess[i].run(None, {name: x})
+            counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"sessions": sessions, "intra_op_threads": intra_op_threads, "batch": batch,
+            "calls": sum(counts), "windows_per_s": round(sum(counts) * batch / wall, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .load import load_clips
 

@@ -107,6 +107,12 @@ def markdown(result: dict) -> str:
                      f"(target ≥ 0.85). Best raw batch size: {ov.get('best_batch')} "
                      f"({_f(ov.get('best_raw_windows_per_s'))} windows/s). Raw timed at load avg "
                      f"{_f(_g(r, 'raw_loadavg_before', 0))}–{_f(_g(r, 'raw_loadavg_after', 0))}.")
+        rac = r.get("raw_all_cores")
+        if rac:
+            L.append(f"Raw onnxruntime with every core busy ({rac['sessions']} sessions × "
+                     f"{rac['intra_op_threads']} thread, batch {rac['batch']}, in parallel): "
+                     f"{_f(rac.get('windows_per_s'))} windows/s → "
+                     f"{_f(r.get('compute_limit_streams_all_cores'))} streams.")
         L.append("")
         rows = []
         raw = r.get("raw", {})

@@ -45,7 +45,8 @@ REPOSITORY = REPO_ROOT / "model_repository"
 RESULTS = Path(__file__).resolve().parent / "results"
 LOG = REPO_ROOT / "build" / "bench-tritonserver.log"      # kept after the run (not committed)
 
-FULL = dict(levels=[1, 2, 3, 4, 6, 8, 12, 16, 24], duration=20.0, sat_streams=16, sat_s=15.0,
+FULL = dict(levels=[1, 2, 4, 8, 12, 16, 18, 20, 22, 24, 28, 32], duration=20.0,
+            sat_streams=16, sat_s=15.0,
             raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10)
 QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=12, sat_s=8.0,
              raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5)
@@ -153,8 +154,15 @@ def compute_targets(res: dict, chunk_s: float) -> list[dict]:
     if limit:
         r = (held or 0) / limit
         res["held_vs_limit"] = round(r, 3)
-        out.append({"target": "streams held ≥ 0.8 × compute-limited maximum",
+        out.append({"target": "streams held ≥ 0.8 × compute-limited maximum (the model alone, "
+                              "server's threads, server's batch sizes)",
                     "measured": f"{held or 0} of {limit:.1f} ({r:.2f})", "met": bool(r >= 0.8)})
+        allc = res.get("compute_limit_streams_all_cores")
+        if allc:
+            out.append({"target": "streams held ≥ 0.8 × compute-limited maximum with every "
+                                  "core running the model (one 1-thread session per core)",
+                        "measured": f"{held or 0} of {allc:.1f} ({(held or 0) / allc:.2f})",
+                        "met": bool((held or 0) / allc >= 0.8)})
     one = next((lv for lv in res.get("levels", []) if lv["streams"] == 1), None)
     if one:
         mx = one["onset_interim_ms"].get("max")
@@ -293,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                                  progress=say)
         del sess
         res["raw"] = {str(b): v for b, v in timed.items()}
+        # every core busy with the model and nothing else: one 1-thread session per core
+        res["raw_all_cores"] = raw.parallel_throughput(
+            repo / "acoustic_model" / "1" / "model.onnx", windows, 8, os.cpu_count() or 1,
+            seconds=2 * cfg["raw_seconds"] + 1)
+        say(f"  raw onnxruntime, {os.cpu_count()} 1-thread sessions in parallel, batch 8: "
+            f"{res['raw_all_cores']['windows_per_s']} windows/s")
         res["raw_loadavg_after"] = loadavg()
         if hist:
             raw_mix = metrics.mixed_throughput(hist, {b: timed[b]["median_ms"] / 1000 for b in hist})
@@ -332,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             res["compute_limit_streams"] = round(raw_mix * chunk_s / wins_per_chunk, 2)
             res["compute_limit_streams_best_batch"] = round(
                 timed[best]["windows_per_s"] * chunk_s / wins_per_chunk, 2)
+            res["compute_limit_streams_all_cores"] = round(
+                res["raw_all_cores"]["windows_per_s"] * chunk_s / wins_per_chunk, 2)
             say(f"  raw at the same batch mix {raw_mix:.1f} windows/s -> server/raw "
                 f"{res['overhead']['ratio']:.2f}; compute limit ≈ "
                 f"{res['compute_limit_streams']:.1f} streams")
