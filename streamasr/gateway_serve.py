@@ -120,25 +120,11 @@ class ImageTritonServer(TritonServer):
         self.proc = None
         self._log_file = None
 
-    def command(self) -> list[str]:
-        # Not TritonServer.command(): that one locates the pytriton wheel, absent here.
-        c = self.config
-        cmd = [str(self.binary),
-               f"--model-repository={Path(c.model_repository).resolve()}",
-               f"--backend-directory={self.backend_dir}",
-               "--model-control-mode=explicit", "--load-model=*",
-               "--allow-sagemaker=false", "--allow-http=true",
-               f"--http-address={c.host}", f"--http-port={c.http_port}",
-               f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
-               f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
-               f"--log-verbose={c.log_verbose}",
-               f"--exit-timeout-secs={c.exit_timeout_s}"]
-        if c.grpc_cert or c.grpc_key:
-            if not (c.grpc_cert and c.grpc_key):
-                raise ServerError("gRPC TLS needs both a certificate and a key")
-            cmd += ["--grpc-use-ssl=true",
-                    f"--grpc-server-cert={c.grpc_cert}", f"--grpc-server-key={c.grpc_key}"]
-        return cmd + list(c.extra_args)
+    def launch_args(self) -> list[str]:
+        # The image's own binary and backends (not the pytriton wheel's); the gateway, not
+        # Triton, serves SageMaker's routes on 8080.
+        return [str(self.binary), f"--backend-directory={self.backend_dir}",
+                "--allow-sagemaker=false", "--allow-http=true"]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)

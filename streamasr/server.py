@@ -166,25 +166,31 @@ class TritonServer:
 
     # -- command line -------------------------------------------------------
     def command(self) -> list[str]:
+        return self.launch_args() + self.common_args()
+
+    def launch_args(self) -> list[str]:
+        """Binary and backend location: what differs between the PyPI wheel used here and
+        an installed Triton (the SageMaker image overrides this)."""
         server_dir, _ = _pytriton_dirs()
+        return [str(server_dir / "bin" / "tritonserver"),
+                f"--backend-directory={self.home.backend_dir}",
+                f"--cache-directory={self.home.root / 'cache'}",
+                "--allow-gpu-metrics=false"]
+
+    def common_args(self) -> list[str]:
         c = self.config
         cmd = [
-            str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={Path(c.model_repository).resolve()}",
-            f"--backend-directory={self.home.backend_dir}",
-            f"--cache-directory={self.home.root / 'cache'}",
             "--model-control-mode=explicit",
             "--load-model=*",
-            "--allow-gpu-metrics=false",
             "--allow-metrics=true",
             f"--http-address={c.host}", f"--http-port={c.http_port}",
             f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
             f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
             f"--log-verbose={c.log_verbose}",
             f"--exit-timeout-secs={c.exit_timeout_s}",
-            # The python backend names its shared-memory regions by this prefix; two
-            # servers on one machine with the same prefix crash each other
-            # (boost::interprocess::lock_exception, seen here).
+            # The python backend names its shared-memory regions by this prefix; keep
+            # each server's apart from any other's on the machine.
             f"--backend-config=python,shm-region-prefix-name=streamasr_{os.getpid()}_"
             f"{c.grpc_port}_",
         ]
