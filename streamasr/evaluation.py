@@ -39,18 +39,19 @@ def load_eval_set(folder: Path = EVAL_DIR) -> list[EvalItem]:
     return items
 
 
-def _number_words(n: int) -> str:
+def number_words(n: int) -> str:
+    """A number as spoken, the way the training text spells it ("one hundred and five")."""
     if n < 20:
         return _ONES[n]
     if n < 100:
         return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
     if n < 1000:
         rest = n % 100
-        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + _number_words(rest))
-    if n < 10000:
+        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + number_words(rest))
+    if n < 1_000_000:
         rest = n % 1000
-        return _number_words(n // 1000) + " thousand" + ("" if rest == 0 else " "
-                                                          + _number_words(rest))
+        return number_words(n // 1000) + " thousand" + (
+            "" if rest == 0 else (" and " if rest < 100 else " ") + number_words(rest))
     return " ".join(_ONES[int(d)] for d in str(n))
 
 
@@ -58,7 +59,7 @@ def normalize(text: str) -> str:
     """Lower case, digits spelled out, punctuation other than word-internal apostrophes
     removed, whitespace collapsed: the form the character models emit."""
     t = text.lower().replace("\u2019", "'")
-    t = re.sub(r"\d+", lambda m: " " + _number_words(int(m.group())) + " ", t)
+    t = re.sub(r"\d+", lambda m: " " + number_words(int(m.group())) + " ", t)
     t = re.sub(r"[^a-z' ]+", " ", t)
     t = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", t)
     return " ".join(t.split())

@@ -21,7 +21,7 @@ def test_eval_set_is_real_audio_with_references():
 
 def test_normalize_spells_numbers_and_drops_punctuation():
     assert normalize("Ask not, what 2 do -- 'tis 1961!") == \
-        "ask not what two do tis one thousand nine hundred sixty one"
+        "ask not what two do tis one thousand nine hundred and sixty one"
     assert normalize("Don't   STOP") == "don't stop"
 
 

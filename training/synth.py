@@ -21,6 +21,8 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from streamasr.evaluation import number_words
+
 log = logging.getLogger("training.synth")
 
 TEXT_SOURCES = ["/usr/share/games/fortunes/*", "/usr/share/perl/5.*/pod/perl*.pod"]
@@ -30,24 +32,6 @@ ESPEAK_VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "
                    "+f4", "+f5", "+klatt", "+klatt2", "+klatt3", "+croak", "+whisper"]
 FLITE_VOICES = ["slt", "rms", "awb", "kal16", "kal"]
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen " \
-        "fourteen fifteen sixteen seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_words(n: int) -> str:
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        return _TENS[n // 10] + ("" if n % 10 == 0 else " " + _ONES[n % 10])
-    if n < 1000:
-        rest = n % 100
-        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + number_words(rest))
-    if n < 1_000_000:
-        rest = n % 1000
-        return number_words(n // 1000) + " thousand" + (
-            "" if rest == 0 else (" and " if rest < 100 else " ") + number_words(rest))
-    return " ".join(_ONES[int(d)] for d in str(n))
 
 
 def spell_numbers(text: str) -> str:
