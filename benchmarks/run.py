@@ -147,7 +147,16 @@ def compute_targets(res: dict, chunk_s: float) -> list[dict]:
     out = []
     ov = res.get("overhead") or {}
     ratio = ov.get("ratio")
-    out.append({"target": "server throughput ≥ 0.85 × raw onnxruntime (same batch sizes)",
+    basis = "same batch sizes"
+    rac = res.get("raw_all_cores") or {}
+    n_inst = res.get("acoustic_instances") or 1
+    if n_inst > 1 and ratio is not None and rac.get("windows_per_s"):
+        # several model instances run in parallel: one raw session is the wrong yardstick
+        ratio = ov["server_windows_per_s"] / rac["windows_per_s"]
+        ov["ratio_vs_parallel_raw"] = round(ratio, 3)
+        basis = (f"{n_inst} instances vs {rac['sessions']} parallel 1-thread raw sessions, "
+                 f"batch {rac['batch']}")
+    out.append({"target": f"server throughput ≥ 0.85 × raw onnxruntime ({basis})",
                 "measured": f"{ratio:.2f}" if ratio is not None else "not measured",
                 "met": None if ratio is None else bool(ratio >= 0.85)})
     held, limit = res.get("held_streams"), res.get("compute_limit_streams")
