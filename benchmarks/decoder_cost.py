@@ -31,7 +31,7 @@ def stream_log_probs(model: Path, audio: np.ndarray) -> tuple[ModelContract, np.
     c = ModelContract.from_session(sess)
     w = whole_file_windows(c, audio)
     lp = sess.run([c.output_name], {c.input_name: w.features})[0]
-    return c, np.concatenate([lp[i, :n] for i, n in enumerate(w.valid_outputs)])
+    return c, w.stream_log_probs(lp)
 
 
 def measure(contract, frames, options: dict, repeats: int = 3) -> dict:

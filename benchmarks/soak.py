@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import tempfile
@@ -43,28 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
+from streamasr.server import child_processes
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("feature_extractor", "ctc_decoder")
 
 
 # -- process figures ---------------------------------------------------------------------
-def _children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # field 4 (ppid) follows the parenthesised command, which may hold spaces
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append(int(d))
-    return out
-
-
 def _rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -79,14 +63,9 @@ def _rss_kib(pid: int) -> int:
 def server_rss(pid: int) -> dict[str, int]:
     """RSS in KiB of tritonserver and each of its child processes (the python stubs)."""
     out = {"tritonserver": _rss_kib(pid)}
-    for c in _children(pid):
-        try:
-            cmd = Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
+    for c, argv in child_processes(pid).items():
         # the stub's argv: <stub> <model path> <shm region> ... ; name it by model folder
-        name = Path(cmd[1].decode(errors="replace")).parent.parent.name if len(cmd) > 1 \
-            else str(c)
+        name = Path(argv[1]).parent.parent.name if len(argv) > 1 else str(c)
         out[f"stub:{name}:{c}"] = _rss_kib(c)
     return out
 

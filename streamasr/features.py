@@ -145,6 +145,19 @@ class Windows:
     def count(self) -> int:
         return len(self.features)
 
+    def stream_log_probs(self, log_probs: np.ndarray) -> np.ndarray:
+        """The model's [N, T, V] output for these windows -> the stream's [frames, V]
+        (each window's padding frames dropped)."""
+        return real_output_frames(log_probs, self.valid_outputs)
+
+
+def real_output_frames(log_probs: np.ndarray, valid_outputs) -> np.ndarray:
+    """[N, T, V] per-window log-probs -> [sum(valid), V]: window i keeps its first
+    valid_outputs[i] frames (the rest are padding past the end of the audio)."""
+    if len(log_probs) == 0:
+        return np.zeros((0, log_probs.shape[-1]), np.float32)
+    return np.concatenate([log_probs[i, :n] for i, n in enumerate(valid_outputs)])
+
 
 class WindowAssembler:
     """Feature frames in, ``[left | chunk | right]`` windows out."""

@@ -21,6 +21,7 @@ from streamasr.triton_models.common import read_config
 from streamasr_client.stream import AsrConnection
 
 from .conftest import start_server
+from .test_streaming import finals
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -49,18 +50,7 @@ def synthetic_audio(seconds: float = 7.0, seed: int = 3) -> np.ndarray:
 
 
 def valid_concat(lp: np.ndarray, windows) -> np.ndarray:
-    """[N, T, V] per-window log-probs -> the stream's [frames, V] (padding dropped)."""
-    return np.concatenate([lp[i, :n] for i, n in enumerate(windows.valid_outputs)])
-
-
-def finals(messages) -> list[tuple[str, list]]:
-    out = []
-    for m in messages:
-        if m.get("type") == "Results" and m["is_final"]:
-            alt = m["channel"]["alternatives"][0]
-            out.append((alt["transcript"], [(w["word"], w["start"], w["end"])
-                                            for w in alt["words"]]))
-    return out
+    return windows.stream_log_probs(lp)
 
 
 def run_import(*args) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 from ..contract import ModelContract
 from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from ..decoding.config import SERVER_ONLY_PARAMETERS
+from ..features import real_output_frames
 from ..state import StreamError, StreamStore
 from .common import ModelConfig, StepInfo, stream_idle_timeout
 
@@ -95,7 +96,7 @@ class DecoderStep:
             return np.zeros((0, len(self.contract.vocabulary)), np.float32)
         if r.log_probs.ndim != 3 or r.log_probs.shape[0] != info.windows:
             raise StreamError(f"internal: {r.log_probs.shape} log-probs for {info.windows} windows")
-        return np.concatenate([r.log_probs[i, :n] for i, n in enumerate(info.valid_outputs)])
+        return real_output_frames(r.log_probs, info.valid_outputs)
 
     def _apply(self, st: _Stream, r: DecoderRequest) -> list[dict]:
         info = r.info

@@ -21,8 +21,7 @@ def log_probs_for(contract: ModelContract, audio: np.ndarray, run_model: RunMode
             for i in range(0, windows.count, max_batch)]
     if not outs:
         return np.zeros((0, len(contract.vocabulary)), np.float32)
-    lp = np.concatenate(outs)
-    return np.concatenate([lp[i, :n] for i, n in enumerate(windows.valid_outputs)])
+    return windows.stream_log_probs(np.concatenate(outs))
 
 
 def checked_audio(contract: ModelContract, audio: np.ndarray, sample_rate: int | None,
