@@ -10,36 +10,39 @@ import numpy as np
 
 def forced_align(log_probs: np.ndarray, tokens: list[int], blank: int) -> list[tuple[int, int]]:
     """Best CTC path of ``tokens`` through ``log_probs`` [T, V]: for each token, the
-    (first, last) frame it occupies.  Raises ValueError if the tokens cannot fit."""
+    (first, last) frame it occupies.  Raises ValueError if the tokens cannot fit.
+    On equal scores the path that stays in its state wins (vectorised over states)."""
     T = len(log_probs)
     ext = [blank]
     for tok in tokens:
         ext += [tok, blank]
+    ext_a = np.asarray(ext)
     S = len(ext)
     neg = -np.inf
-    score = np.full((T, S), neg)
-    back = np.zeros((T, S), np.int64)
-    score[0, 0] = log_probs[0, ext[0]]
+    emit = np.asarray(log_probs, np.float64)[:, ext_a]          # [T, S]
+    # A skip over a blank is allowed into a token that differs from the one before it.
+    skip_ok = np.zeros(S, bool)
+    skip_ok[2:] = (ext_a[2:] != blank) & (ext_a[2:] != ext_a[:-2])
+    score = np.full(S, neg)
+    back = np.zeros((T, S), np.int8)                             # 0 stay, 1 step, 2 skip
+    score[0] = emit[0, 0]
     if S > 1:
-        score[0, 1] = log_probs[0, ext[1]]
+        score[1] = emit[0, 1]
     for t in range(1, T):
-        prev = score[t - 1]
-        for s in range(S):
-            cands = [(prev[s], s)]
-            if s >= 1:
-                cands.append((prev[s - 1], s - 1))
-            if s >= 2 and ext[s] != blank and ext[s] != ext[s - 2]:
-                cands.append((prev[s - 2], s - 2))
-            best, arg = max(cands)
-            score[t, s] = best + log_probs[t, ext[s]]
-            back[t, s] = arg
+        step = np.concatenate([[neg], score])[:S]
+        skip = np.where(skip_ok, np.concatenate([[neg, neg], score])[:S], neg)
+        choice = np.where(score >= step, 0, 1)
+        best = np.where(choice == 0, score, step)
+        use_skip = skip > best
+        back[t] = np.where(use_skip, 2, choice)
+        score = np.where(use_skip, skip, best) + emit[t]
     ends = [S - 1] + ([S - 2] if S > 1 else [])
-    s = max(ends, key=lambda e: score[T - 1, e])
-    if score[T - 1, s] == neg:
+    s = max(ends, key=lambda e: score[e])
+    if score[s] == neg:
         raise ValueError("token sequence does not fit in the frames")
     path = [s]
     for t in range(T - 1, 0, -1):
-        s = back[t, s]
+        s -= int(back[t, s])
         path.append(s)
     path.reverse()
     spans: dict[int, list[int]] = {}
