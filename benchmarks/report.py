@@ -151,20 +151,34 @@ def markdown(result: dict) -> str:
         else:
             L.append(f"did not complete: {str(pa.get('error', ''))[:300]}")
     acc = r.get("accuracy")
-    if acc:
+    ps = r.get("peer_pocketsphinx")
+    if acc or ps:
+        acc = acc or {"error": "skipped (--skip accuracy)"}
         L += ["", "## Accuracy", ""]
+        rows = []
         if acc.get("error"):
             L.append(f"not measured: {acc['error']}")
         else:
             L.append(f"Eval set: {acc.get('eval_set')} ({acc.get('utterances')} utterances, "
                      f"{_f(acc.get('audio_s'))} s).")
-            L.append("")
-            L += _table(["decoding", "WER", "CER"],
-                        [[k, _g(acc, k, "wer"), _g(acc, k, "cer")]
-                         for k in ("streamed", "offline") if k in acc])
-            if acc.get("streamed_equals_offline") is not None:
-                L += ["", f"Streamed transcript identical to offline on "
-                      f"{acc['streamed_equals_offline']}/{acc.get('utterances')} utterances."]
+            rows = [[k, _f(_g(acc, k, "wer"), 3), _f(_g(acc, k, "cer"), 3)]
+                    for k in ("streamed", "offline") if k in acc]
+        if ps and ps.get("wer") is not None:
+            rows.append([f"peer: {ps.get('system')} (whole file, RTF {_f(ps.get('rtf'), 2)})",
+                         _f(ps["wer"], 3), _f(ps.get("cer"), 3)])
+        if rows:
+            L += [""] + _table(["decoding", "WER", "CER"], rows)
+        if acc.get("streamed_equals_offline") is not None:
+            L += ["", f"Streamed transcript identical to offline on "
+                  f"{acc['streamed_equals_offline']}/{acc.get('utterances')} utterances."]
+        if ps and ps.get("wer") is not None:
+            L += ["", f"Peer (benchmarks/peer_pocketsphinx.py): {ps['clips']} clips, "
+                  f"{ps.get('words')} words, {_f(ps.get('audio_s'))} s decoded in "
+                  f"{_f(ps.get('decode_s'))} s wall ({_f(ps.get('decode_cpu_s'))} s CPU, RTF "
+                  f"{_f(ps.get('rtf_cpu'), 2)}), load avg {_f(_g(ps, 'loadavg_after', 0))}."]
+        elif ps:
+            L += ["", f"Peer pocketsphinx {'skipped' if ps.get('skipped') else 'failed'}: "
+                  f"{ps.get('skipped') or ps.get('error')}"]
     nv = r.get("naive")
     if nv:
         L += ["", "## Peer: re-transcribe the growing buffer each chunk", ""]

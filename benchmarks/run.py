@@ -10,7 +10,8 @@ Steps (progress is printed as they run):
    model run directly with onnxruntime at those batch sizes (benchmarks/raw.py) -> ratio;
    per-request cost of the Python steps from Triton's statistics API;
 3. perf_analyzer on `streaming_asr` with real audio chunks (benchmarks/perf_analyzer.py);
-4. WER/CER streamed vs offline (benchmarks/accuracy.py);
+4. WER/CER streamed vs offline (benchmarks/accuracy.py), and the accuracy peer: PocketSphinx
+   on the same eval set (benchmarks/peer_pocketsphinx.py; recorded as skipped if missing);
 5. peer baseline: re-transcribe the growing buffer every chunk (benchmarks/naive.py);
 6. py-spy profile of the server's Python processes under closed-loop load.
 
@@ -37,7 +38,8 @@ from streamasr.contract import ModelContract
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
 
-from . import accuracy, load, metrics, naive, perf_analyzer, profile, raw, report
+from . import (accuracy, load, metrics, naive, peer_pocketsphinx, perf_analyzer, profile, raw,
+               report)
 from .server_stats import loadavg, process_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run acoustic_model with this intra_op_thread_count (repository copy)")
     p.add_argument("--acoustic-instances", type=int, default=None,
                    help="run acoustic_model with this many CPU instances (repository copy)")
-    p.add_argument("--skip", default="", help="comma list of: perf_analyzer,accuracy,naive,profile")
+    p.add_argument("--skip", default="",
+                   help="comma list of: perf_analyzer,accuracy,pocketsphinx,naive,profile")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -386,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
                 res["accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
                 say(f"  accuracy failed: {exc}")
             live.check("accuracy")
+
+        if "pocketsphinx" not in skip:
+            say("      accuracy peer: pocketsphinx on the same eval set (no server involved)")
+            res["peer_pocketsphinx"] = peer_pocketsphinx.run_step(progress=say)
 
         if "naive" not in skip:
             n_naive = sorted({1, max(1, res["held_streams"])})
