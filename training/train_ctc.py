@@ -140,7 +140,7 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
     else:
         d.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
-        chunks, meta = [], []
+        chunks, meta, seen = [], [], set()
         t0, total_w = time.time(), 0
         f = open(d / "frames.bin", "wb")
         for copy in range(copies):
@@ -149,8 +149,9 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
                 if not tgt:
                     continue
                 audio = load_audio_16k(path)
-                if copy > 0 or rng.random() < 0.3:
+                if copy > 0 or path in seen or rng.random() < 0.3:   # repeats: new variants
                     audio = augment(audio, rng)
+                seen.add(path)
                 w = whole_file_windows(contract, audio)
                 enc = encoder(w.features)[:, sl].astype(np.float16)
                 f.write(enc.tobytes())
@@ -299,10 +300,33 @@ def torch_runner(model: acoustic.AcousticModel):
 
 
 # --- command line ----------------------------------------------------------------------
+def evaluate_heldout(run_windows, contract: ModelContract, manifest: Path) -> dict:
+    """Greedy-CTC WER/CER on held-out synthetic utterances, overall and per engine."""
+    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    by_engine: dict[str, list] = {}
+    for r in rows:
+        by_engine.setdefault(r["voice"].split(":")[0], []).append(
+            (manifest.parent / r["audio"], r["text"]))
+    out = {eng: {k: v for k, v in evaluate(run_windows, contract, items).items() if k != "rows"}
+           for eng, items in sorted(by_engine.items())}
+    out["all"] = {k: v for k, v in evaluate(run_windows, contract, [
+        it for items in by_engine.values() for it in items]).items() if k != "rows"}
+    return out
+
+
+def audio_hours(items) -> float:
+    return sum(sf.info(str(p)).duration for p, _ in items) / 3600
+
+
 def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float = 1e-3,
                dev_fraction: float = 0.03, out: Path = HEAD_FILE,
-               max_utterances: int | None = None, init: Path | None = None):
-    """The whole recipe: precompute -> train -> evaluate on real speech -> save the head."""
+               max_utterances: int | None = None, init: Path | None = None,
+               real_manifest: Path | None = None, real_repeat: int = 20,
+               heldout: Path | None = None):
+    """The whole recipe: precompute -> train -> evaluate on real speech (and held-out
+    synthetic speech) -> save the head.  ``real_manifest`` (pseudo-labelled real speech) is
+    trained on ``real_repeat`` times, every repeat after the first augmented; the dev set is
+    synthetic only so no real piece is both trained on and used for model selection."""
     contract = acoustic.default_contract()
     cfg = acoustic.HeadConfig()
     encoder = whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir()))
@@ -312,9 +336,22 @@ def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float
         items = items[:max_utterances]
     run_encoder = onnx_encoder(encoder, contract)
     n_dev = max(1, int(len(items) * dev_fraction))
+    train_items = items[n_dev:]
+    rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+    voices = {r["audio"]: r["voice"].split(":")[0] for r in rows}   # engine per file
+    hours: dict[str, float] = {}
+    for eng in sorted(set(voices.values())):
+        hours[eng] = audio_hours([it for it in train_items if voices.get(it[0].name) == eng])
+    if real_manifest is not None:
+        real = read_manifest(real_manifest)
+        hours["real_pseudo_labelled"] = audio_hours(real)
+        hours["real_repeat"] = real_repeat
+        train_items = train_items + real * real_repeat
+        random.Random(1).shuffle(train_items)
+    log.info("training audio hours per source (before repeats): %s", hours)
     t0 = time.time()
     dev = precompute(items[:n_dev], contract, run_encoder, cfg, copies=1, seed=1)
-    tr = precompute(items[n_dev:], contract, run_encoder, cfg, copies=copies, seed=0)
+    tr = precompute(train_items, contract, run_encoder, cfg, copies=copies, seed=0)
     pre_min = (time.time() - t0) / 60
     log.info("train: %d utterances / %d windows; dev %d; precompute %.1f min",
              len(tr.targets), len(tr.frames), len(dev.targets), pre_min)
@@ -336,9 +373,14 @@ def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float
              res["words"], 100 * res["wer"], 100 * res["cer"])
     meta = {"train": {**info, "precompute_minutes": pre_min, "utterances": len(tr.targets),
                       "windows": int(len(tr.frames)), "manifest": str(manifest),
-                      "max_utterances": max_utterances,
+                      "max_utterances": max_utterances, "hours": hours,
                       "copies": copies},
             "real_speech": {k: res[k] for k in ("wer", "cer", "clips", "words")}}
+    if heldout is not None and heldout.exists():
+        meta["heldout_synthetic"] = evaluate_heldout(torch_runner(model), contract, heldout)
+        for eng, r in meta["heldout_synthetic"].items():
+            log.info("HELD-OUT SYNTHETIC %s (%d utts, %d words): WER %.1f %%  CER %.1f %%",
+                     eng, r["clips"], r["words"], 100 * r["wer"], 100 * r["cer"])
     acoustic.save_head(head, out, **meta)
     log.info("saved %s", out)
     return head, meta
@@ -356,11 +398,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HEAD_FILE)
     p.add_argument("--max-utterances", type=int, help="use only this many of the manifest")
     p.add_argument("--init", type=Path, help="continue training this head (.npz)")
+    p.add_argument("--real", type=Path, help="pseudo-labelled real speech manifest")
+    p.add_argument("--real-repeat", type=int, default=20, help="times the real set is seen")
+    p.add_argument("--heldout", type=Path, help="held-out synthetic manifest (WER only)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     train_head(a.manifest, a.minutes, a.copies, a.lr, a.dev_fraction, a.out,
-               a.max_utterances, a.init)
+               a.max_utterances, a.init, a.real, a.real_repeat, a.heldout)
     return 0
 
 
