@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv demo test test-slow bench model serve clean
+.PHONY: venv demo test test-slow bench model whisper serve clean
+
+# Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
+WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
 
 venv: $(STAMP)
 
@@ -18,22 +21,27 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
-demo: venv
+whisper: $(WHISPER)
+
+$(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2.py
+	$(PY) -m training.export_whisper --out $(dir $@)
+
+demo: venv whisper
 	$(PY) -m streamasr.demo
 
-serve: venv
+serve: venv whisper
 	$(PY) -m streamasr.server
 
-test: venv
+test: venv whisper
 	$(PY) -m pytest -q tests
 
-test-slow: venv
+test-slow: venv whisper
 	$(PY) -m pytest -q -m slow tests
 
-bench: venv
+bench: venv whisper
 	$(PY) -m benchmarks.run
 
-model: venv
+model: venv whisper
 	$(PY) -m training.build_model
 
 clean:

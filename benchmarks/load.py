@@ -88,8 +88,9 @@ class TimedSession(Session):
     """A Session that records when each result arrives.
 
     Every request that carries audio is answered by messages ending with exactly one
-    interim (docs/results.md), in the stream's order even when Triton delivers the
-    responses out of order, so the k-th interim received completes the k-th chunk."""
+    interim (docs/results.md), and the Session releases responses in send order, so the
+    k-th interim released completes the k-th chunk; times are arrival times (a two-pass
+    final's response arrives after later chunks' responses, which wait for it)."""
 
     clip: Clip | None = None
     t_capture0: float = 0.0                      # wall time sample 0 was "spoken"
@@ -101,8 +102,8 @@ class TimedSession(Session):
     final_text: str = ""
     on_done: Callable[["TimedSession"], None] | None = None
 
-    def _deliver(self, msgs, error):
-        t = time.perf_counter()
+    def _release(self, msgs, error, arrived):
+        t = arrived
         for m in msgs:
             if m.get("type") != "Results":
                 continue
@@ -113,7 +114,7 @@ class TimedSession(Session):
                 self.final_text = (self.final_text + " " + text).strip() if text else self.final_text
             else:
                 self.done_t.append(t)
-        super()._deliver(msgs, error)
+        super()._release(msgs, error, arrived)
         if self._closed and self._answered >= self._sent:
             self.all_answered_t = t
         if self.on_done is not None:

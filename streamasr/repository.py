@@ -19,6 +19,9 @@ from pathlib import Path
 log = logging.getLogger("streamasr.repository")
 
 NATIVE_GPU_BACKENDS = {"onnxruntime"}
+#: The models of two-pass finals: they need the built Whisper files and a Whisper-style
+#: log-mel acoustic model, so copies for other purposes may leave them out.
+TWO_PASS_MODELS = ("final_pass", "streaming_asr_two_pass")
 
 
 def _parse(path: Path):

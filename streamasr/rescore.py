@@ -56,13 +56,15 @@ class WhisperTokens:
 
 
 class WhisperRescorer:
-    def __init__(self, directory: str | Path, threads: int = 1):
+    def __init__(self, directory: str | Path, threads: int = 1, gpu: bool = False):
         import onnxruntime as ort
 
         d = Path(directory)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         prov = ["CPUExecutionProvider"]
+        if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+            prov.insert(0, "CUDAExecutionProvider")
         self.enc = ort.InferenceSession(str(d / "whisper_encoder.onnx"), so, providers=prov)
         self.dec = ort.InferenceSession(str(d / "whisper_decoder.onnx"), so, providers=prov)
         cfg = json.loads((d / "config.json").read_text())

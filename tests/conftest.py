@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from streamasr.contract import ModelContract
+from streamasr.repository import TWO_PASS_MODELS
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
@@ -83,11 +84,14 @@ def onnx_session():
 def copy_repository(dst: Path, parameter_overrides: dict[str, dict[str, str]],
                     idle_us: dict[str, int] | None = None) -> Path:
     """A copy of the model repository with some config values changed, edited as
-    protobuf (no text substitution)."""
+    protobuf (no text substitution); without the two-pass models (230 MB of Whisper
+    that these servers do not need)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    shutil.copytree(REPOSITORY, dst, symlinks=True)
+    shutil.copytree(REPOSITORY, dst, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n in TWO_PASS_MODELS]
+                    if Path(d) == REPOSITORY else [])
     for model in set(parameter_overrides) | set(idle_us or {}):
         path = dst / model / "config.pbtxt"
         cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())

@@ -15,7 +15,7 @@ from streamasr_client.stream import AsrConnection
 from .conftest import REPOSITORY
 
 MODELS = ("streaming_asr", "feature_extractor", "acoustic_model", "ctc_decoder",
-          "model_contract", "offline_asr")
+          "model_contract", "offline_asr", "streaming_asr_two_pass", "final_pass")
 
 
 def reference_messages(contract, onnx_session, audio, options=None) -> list[dict]:

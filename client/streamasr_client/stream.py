@@ -20,6 +20,7 @@ import queue
 import random
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ from streamasr.contract import ModelContract
 log = logging.getLogger("streamasr_client")
 
 STREAM_MODEL = "streaming_asr"
+#: The same stream protocol with finals re-decoded by Whisper (two-pass finals).
+TWO_PASS_MODEL = "streaming_asr_two_pass"
 CONTRACT_MODEL = "model_contract"
 OFFLINE_MODEL = "offline_asr"
 # gRPC's 4 MB default is too small for a long recording sent to offline_asr.
@@ -94,6 +97,15 @@ def _add_audio(req, audio: np.ndarray | None, sample_rate: int | None) -> None:
         req.raw_input_contents.append(np.array([sample_rate], np.int32).tobytes())
 
 
+def _parse_request_id(rid: str) -> tuple[int | None, int]:
+    """Our request ids are "<sequence id>:<index in the session>"."""
+    sid, _, index = rid.partition(":")
+    try:
+        return int(sid), int(index)
+    except ValueError:
+        return None, -1
+
+
 def _results(response) -> list[dict]:
     for i, out in enumerate(response.outputs):
         if out.name == "RESULTS":
@@ -110,10 +122,12 @@ class Session:
     sequence_id: int
     options: dict[str, Any]
     on_message: Callable[[dict], None] | None = None
+    model: str | None = None    # the streaming model; None: the connection's
     messages: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _sent: int = 0
-    _answered: int = 0
+    _answered: int = 0          # responses passed on (in send order)
+    _early: dict[int, tuple[list[dict], str | None, float]] = field(default_factory=dict)
     _closed: bool = False
     _cv: threading.Condition = field(default_factory=threading.Condition)
 
@@ -123,7 +137,7 @@ class Session:
              sample_rate: int | None = None) -> None:
         if self._closed:
             raise AsrError(f"session {self.sequence_id} is closed")
-        req = service_pb2.ModelInferRequest(model_name=self.conn.model,
+        req = service_pb2.ModelInferRequest(model_name=self.model or self.conn.model,
                                             id=f"{self.sequence_id}:{self._sent}")
         _add_audio(req, audio, sample_rate)
         start = self._sent == 0
@@ -155,9 +169,24 @@ class Session:
         self.send(audio, end=True)
 
     # -- receiving -------------------------------------------------------------------
-    def _deliver(self, msgs: list[dict], error: str | None) -> None:
+    def _deliver(self, index: int, msgs: list[dict], error: str | None) -> None:
+        """Response ``index`` (its request's place in the session) arrived.  Responses
+        are passed on in send order: with two-pass finals a final's response comes back
+        after the re-decode, later than the next chunks' interims."""
         if error is not None:
             msgs = [{"type": "Error", "message": error}]
+        arrived = time.perf_counter()
+        with self._cv:
+            self._early[index] = (msgs, error, arrived)
+            ready = []
+            while self._answered + len(ready) in self._early:
+                ready.append(self._early.pop(self._answered + len(ready)))
+        # Only the reader thread delivers, so callbacks keep the order popped in.
+        for batch, err, t in ready:
+            self._release(batch, err, t)
+
+    def _release(self, msgs: list[dict], error: str | None, arrived: float) -> None:
+        """One response, in send order (``arrived``: its perf_counter arrival time)."""
         # Callbacks first: once wait() returns, on_message has seen every message.
         if self.on_message:
             for m in msgs:
@@ -246,10 +275,12 @@ class AsrConnection:
     # -- streaming ---------------------------------------------------------------------
     def open_session(self, options: dict[str, Any] | None = None,
                      on_message: Callable[[dict], None] | None = None,
-                     sequence_id: int | None = None) -> Session:
+                     sequence_id: int | None = None, model: str | None = None) -> Session:
+        """A new stream on this connection; ``model`` picks the streaming model for it
+        (e.g. TWO_PASS_MODEL), default the connection's."""
         self._ensure_stream()
         sid = sequence_id if sequence_id is not None else next(self._ids)
-        s = Session(self, sid, dict(options or {}), on_message)
+        s = Session(self, sid, dict(options or {}), on_message, model)
         with self._lock:
             self._sessions[sid] = s
         return s
@@ -270,19 +301,19 @@ class AsrConnection:
         try:
             for resp in self._stream:
                 rid = resp.infer_response.id
-                sid = int(rid.split(":", 1)[0]) if ":" in rid else None
+                sid, index = _parse_request_id(rid)
                 with self._lock:
                     session = self._sessions.get(sid)
                 if session is None:
                     log.warning("response for unknown request id %r", rid)
                     continue
                 if resp.error_message:
-                    session._deliver([], resp.error_message)
+                    session._deliver(index, [], resp.error_message)
                 else:
                     try:
-                        session._deliver(_results(resp.infer_response), None)
+                        session._deliver(index, _results(resp.infer_response), None)
                     except (AsrError, ValueError) as exc:
-                        session._deliver([], f"malformed response: {exc}")
+                        session._deliver(index, [], f"malformed response: {exc}")
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self._broken = exc

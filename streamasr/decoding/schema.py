@@ -38,6 +38,22 @@ rounded to 1 ms; they are multiples of the model's output frame length.
 | `words[].end` | float s | end of the last frame of the word's last token (the frame after it) |
 | `words[].confidence` | float 0..1 | mean over the word's tokens of each token's peak posterior (the highest probability of that token over the frames aligned to it) |
 
+### Two-pass finals (model `streaming_asr_two_pass`)
+
+Interims and every other message are the same as `streaming_asr`'s; each final with words
+is re-decoded by Whisper tiny.en from the utterance's audio features and gets:
+
+| field | type | meaning |
+| --- | --- | --- |
+| `rescored` | bool | `true`: transcript, words and confidence come from the re-decode; `false`: the re-decoded text could not be aligned to the utterance's frames and the first pass is kept |
+| `first_pass_transcript` | string | the streaming CTC transcript the final would have had (when `rescored`) |
+| `words[]` | list | the re-decoded words (lower case, numbers spelled out, the model's alphabet), timed by CTC forced alignment on the utterance's log-probs; `confidence`: mean over the word's characters of their peak posterior on their aligned frames |
+
+A final that had no words, or whose utterance is longer than 30 s (Whisper's window), is
+not re-decoded and has neither field.  The response carrying a re-decoded final arrives
+after the re-decode, possibly after the responses to the stream's later chunks: read a
+stream's responses in request order (the bundled client does, by request id).
+
 ## `UtteranceEnd`
 
 ```json

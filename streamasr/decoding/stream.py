@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -41,7 +41,14 @@ class StreamDecoder:
     ``finalize()`` -> a final with ``from_finalize=true`` (stream stays open);
     ``close()`` -> the open utterance's final (if it has words) and a due UtteranceEnd;
     ``keepalive()`` -> [] (no audio means nothing changes).
+
+    ``on_final(message, first_frame, end_frame)``, if set, is called with every final as
+    it is built: the output frames ``[first_frame, end_frame)`` its utterance spans (the
+    two-pass decoder step keeps those frames' audio features for the re-decode).
     """
+
+    #: Called with (final message, first frame, end frame) of each final; see above.
+    on_final: Optional[Callable[[dict, int, int], None]] = None
 
     def __init__(self, contract: ModelContract, config: Optional[DecoderConfig] = None,
                  endpoint: Optional[EndpointConfig] = None):
@@ -96,6 +103,11 @@ class StreamDecoder:
     def frames_decoded(self) -> int:
         """Output frames consumed so far (time = frame index * output_frame_seconds)."""
         return self._frames
+
+    @property
+    def utterance_start_frame(self) -> int:
+        """First output frame of the open utterance (earlier frames are settled)."""
+        return self._utt_start
 
     @property
     def closed(self) -> bool:
@@ -195,6 +207,8 @@ class StreamDecoder:
         words = msg["channel"]["alternatives"][0]["words"]
         if words:
             self._pending_end = self._last_word_end_frame
+        if self.on_final is not None:
+            self.on_final(msg, self._utt_start, self._frames)
         self._new_utterance()
         return msg
 

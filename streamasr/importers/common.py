@@ -9,9 +9,20 @@ from pathlib import Path
 import onnx
 
 from ..contract import PREFIX, FeatureSpec, ModelContract
+from ..repository import TWO_PASS_MODELS
 
 PROJECT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 ACOUSTIC = "acoustic_model"
+
+
+def _not_copied(folder: Path, names: list[str]) -> list[str]:
+    """What a new repository does not take from the project's: the bundled model file
+    and the two-pass models."""
+    if folder == PROJECT_REPOSITORY:
+        return [n for n in names if n in TWO_PASS_MODELS]
+    if folder.name == "1" and folder.parent.name == ACOUSTIC:
+        return ["model.onnx"]
+    return []
 
 
 class ImporterError(ValueError):
@@ -96,10 +107,12 @@ def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> l
         if not PROJECT_REPOSITORY.is_dir():
             raise ImporterError(f"{repo} does not exist and there is no {PROJECT_REPOSITORY} "
                                "to copy it from; pass an existing model repository")
+        # Two-pass finals re-decode with Whisper, which needs Whisper's own features:
+        # an imported model's repository serves one-pass streaming only.
         shutil.copytree(PROJECT_REPOSITORY, repo, symlinks=True,
-                        ignore=lambda d, names: ["model.onnx"] if Path(d).name == "1"
-                        and Path(d).parent.name == ACOUSTIC else [])
-        notes.append(f"created {repo} from {PROJECT_REPOSITORY}")
+                        ignore=lambda d, names: _not_copied(Path(d), names))
+        notes.append(f"created {repo} from {PROJECT_REPOSITORY} "
+                     f"(without the two-pass models {list(TWO_PASS_MODELS)})")
     am = repo / ACOUSTIC
     if not (am / "config.pbtxt").exists():
         raise ImporterError(f"{repo} has no {ACOUSTIC}/config.pbtxt")

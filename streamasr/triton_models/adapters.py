@@ -19,8 +19,8 @@ import triton_python_backend_utils as pb_utils
 
 from ..contract import ModelContract
 from ..state import StreamError, StreamStore, Sweeper
-from . import ctc_decoder, feature_extractor, offline
-from .common import (ConfigError, ModelConfig, parse_int, read_config,
+from . import ctc_decoder, feature_extractor, final_pass, offline
+from .common import (ConfigError, ModelConfig, parse_bool, parse_int, read_config,
                      request_parameters)
 
 
@@ -241,7 +241,7 @@ class CtcDecoderModel:
     def initialize(self, args):
         self.cfg = ModelConfig.from_args(args)
         self.log = _setup_logging(self.cfg.name)
-        _validate_io(self.cfg, {"LOG_PROBS", "STEP_INFO"}, {"RESULTS"})
+        _validate_io(self.cfg, {"LOG_PROBS", "STEP_INFO", "FEATURES"}, {"RESULTS", "UTTERANCES"})
         self.step = ctc_decoder.build_step(self.cfg)
         self.metrics = _StreamMetrics(self.cfg.name)
         self.sweeper = _start_sweeper(self.step.store, self.metrics)
@@ -255,9 +255,13 @@ class CtcDecoderModel:
                 info_t = pb_utils.get_input_tensor_by_name(request, "STEP_INFO")
                 info = feature_extractor.parse_step_info(info_t.as_numpy().reshape(-1)[0])
                 lp = pb_utils.get_input_tensor_by_name(request, "LOG_PROBS").as_numpy()
-                msgs = self.step.process(ctc_decoder.DecoderRequest(lp, info))
+                feats = pb_utils.get_input_tensor_by_name(request, "FEATURES")   # two-pass
+                msgs, utts = self.step.process_full(ctc_decoder.DecoderRequest(
+                    lp, info, feats.as_numpy() if feats is not None else None))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs])]))
+                    _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs]),
+                    pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utts],
+                                                           dtype=np.object_))]))
             except (StreamError, ValueError) as exc:
                 self.metrics.error()
                 responses.append(_error(str(exc)))
@@ -273,6 +277,44 @@ class CtcDecoderModel:
     def finalize(self):
         self.sweeper.stop()
         self.log.info("unloading with %d open streams", len(self.step.store))
+
+
+# ---------------------------------------------------------------------------------------
+class FinalPassModel:
+    """Backend `streamasr_final_pass` — the last step of `streaming_asr_two_pass`: finals
+    re-decoded by Whisper (streamasr.two_pass); every other message passes unchanged."""
+
+    def initialize(self, args):
+        self.cfg = ModelConfig.from_args(args)
+        self.log = _setup_logging(self.cfg.name)
+        _validate_io(self.cfg, {"RESULTS_IN", "UTTERANCES"}, {"RESULTS"})
+        self.step = final_pass.build_step(self.cfg, args.get("model_instance_kind") == "GPU")
+        self.metrics = _StreamMetrics(self.cfg.name)
+        self.log.info("ready: Whisper re-decoder from %s", self.step.whisper_dir)
+
+    def execute(self, requests):
+        responses, took = [], []
+        for request in requests:
+            t0, blobs = time.perf_counter(), []
+            try:
+                msgs = [json.loads(m) for m in pb_utils.get_input_tensor_by_name(
+                    request, "RESULTS_IN").as_numpy().reshape(-1)]
+                utts = pb_utils.get_input_tensor_by_name(request, "UTTERANCES")
+                blobs = list(utts.as_numpy().reshape(-1)) if utts is not None else []
+                out = self.step.process(msgs, blobs)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in out])]))
+            except ValueError as exc:
+                self.metrics.error()
+                responses.append(_error(str(exc)))
+            except Exception as exc:
+                self.metrics.error()
+                self.log.exception("unexpected error")
+                responses.append(_error(f"internal error in final_pass: {exc}"))
+            if blobs:       # the histogram times re-decodes, not pass-throughs
+                took.append(time.perf_counter() - t0)
+        self.metrics.observe(took)
+        return responses
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,7 +402,8 @@ class ContractModel:
 class OfflineAsrModel:
     """Backend `streamasr_offline` — a whole recording in one request, the same messages
     a stream of it would produce (SageMaker `/invocations` calls this).  Runs the served
-    acoustic model through BLS, in batches it accepts."""
+    acoustic model through BLS, in batches it accepts; with the request parameter
+    ``two_pass=true`` the finals go through the served `final_pass` model too."""
 
     def initialize(self, args):
         self.cfg = ModelConfig.from_args(args)
@@ -372,6 +415,19 @@ class OfflineAsrModel:
         self.max_seconds = float(self.cfg.param("max_audio_seconds", "600"))
         self.defaults = ctc_decoder.build_defaults(read_config(
             self.cfg.repository.parent / self.cfg.param("decoder_model", "ctc_decoder")))
+        self.final_pass_model = self.cfg.param("final_pass_model", "final_pass")
+
+    def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:
+        req = pb_utils.InferenceRequest(
+            model_name=self.final_pass_model, requested_output_names=["RESULTS"],
+            inputs=[_strings("RESULTS_IN", [json.dumps(m, ensure_ascii=False) for m in msgs]),
+                    pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utterances],
+                                                           dtype=np.object_))])
+        resp = req.exec()
+        if resp.has_error():
+            raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
+        out = pb_utils.get_output_tensor_by_name(resp, "RESULTS").as_numpy().reshape(-1)
+        return [json.loads(m) for m in out]
 
     def _run_model(self, features: np.ndarray) -> np.ndarray:
         req = pb_utils.InferenceRequest(
@@ -391,9 +447,12 @@ class OfflineAsrModel:
                 sr_t = pb_utils.get_input_tensor_by_name(request, "SAMPLE_RATE")
                 sr = int(sr_t.as_numpy().reshape(-1)[0]) if sr_t is not None else None
                 options = request_parameters(request)
-                msgs = offline.transcribe(self.contract, audio, sr, self._run_model,
-                                          self.defaults, options, self.max_batch,
-                                          self.max_seconds)
+                two_pass = parse_bool("two_pass", options.pop("two_pass", False))
+                msgs, utts = offline.transcribe_with_utterances(
+                    self.contract, audio, sr, self._run_model, self.defaults, options,
+                    self.max_batch, self.max_seconds, two_pass)
+                if utts:
+                    msgs = self._final_pass(msgs, utts)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs])]))
             except (StreamError, ValueError) as exc:

@@ -3,6 +3,10 @@
 Per stream it keeps a ``StreamDecoder`` (streamasr.decoding).  Requests are processed in
 stream order (``StepInfo.seq``): should an earlier request of the same stream still be on
 its way through the acoustic model, a later one waits in a small reorder buffer.
+
+Streams that come through the two-pass ensemble also send their feature windows
+(FEATURES); the step then records each utterance and attaches it to the final for the
+``final_pass`` step to re-decode (:mod:`streamasr.two_pass`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
+from ..two_pass import Utterance, UtteranceRecorder, chunk_features
 from .common import ModelConfig, StepInfo, stream_idle_timeout
 
 log = logging.getLogger("streamasr.ctc_decoder")
@@ -66,6 +71,7 @@ class DecoderDefaults:
 class DecoderRequest:
     log_probs: np.ndarray          # [N, T, V]
     info: StepInfo
+    features: np.ndarray | None = None   # [N, window, F]: two-pass streams only
 
 
 @dataclass
@@ -74,6 +80,8 @@ class _Stream:
     next_seq: int = 0
     pending: dict[int, DecoderRequest] = field(default_factory=dict)
     closed: bool = False
+    recorder: UtteranceRecorder | None = None           # two-pass streams only
+    finals: list[tuple[dict, int, int]] = field(default_factory=list)  # (msg, first, end)
 
 
 class DecoderStep:
@@ -103,7 +111,16 @@ class DecoderStep:
         if info.start:
             dec_cfg, end_cfg = self.defaults.configs(info.options)
             st.decoder = StreamDecoder(self.contract, config=dec_cfg, endpoint=end_cfg)
-        msgs = st.decoder.accept(self._frames(r))
+            if r.features is not None:
+                st.recorder = UtteranceRecorder(self.contract)
+                st.decoder.on_final = lambda msg, a, b: st.finals.append((msg, a, b))
+        frames = self._frames(r)
+        if st.recorder is not None:
+            if r.features is None:
+                raise StreamError("internal: a two-pass stream's request without FEATURES")
+            st.recorder.append(frames, chunk_features(r.features, info.valid_outputs[:info.windows],
+                                                      self.contract))
+        msgs = st.decoder.accept(frames)
         if info.finalize:
             msgs += st.decoder.finalize()
         if info.end:
@@ -111,7 +128,28 @@ class DecoderStep:
             st.closed = True
         return msgs
 
+    def _utterances(self, st: _Stream, msgs: list[dict]) -> list[Utterance]:
+        """The recorded utterances of this response's finals that have words."""
+        out = []
+        for msg, first, end in st.finals:
+            if not msg["channel"]["alternatives"][0]["transcript"]:
+                continue
+            cut = st.recorder.cut(first, end)
+            if cut is None:
+                log.info("utterance over the two-pass limit: first-pass final kept")
+                continue
+            index = next(i for i, m in enumerate(msgs) if m is msg)
+            out.append(Utterance(index, *cut))
+        st.finals.clear()
+        if not st.closed:
+            st.recorder.trim(st.decoder.utterance_start_frame)
+        return out
+
     def process(self, r: DecoderRequest) -> list[dict]:
+        """This request's messages (see ``process_full`` for the two-pass utterances)."""
+        return self.process_full(r)[0]
+
+    def process_full(self, r: DecoderRequest) -> tuple[list[dict], list[Utterance]]:
         info = r.info
         with self.store.lock:
             if info.start:
@@ -136,15 +174,16 @@ class DecoderStep:
                 if len(st.pending) >= self.max_pending:
                     raise StreamError("too many requests of this stream out of order")
                 st.pending[info.seq] = r
-                return []
+                return [], []
             msgs = self._apply(st, r)
             st.next_seq += 1
             while st.next_seq in st.pending:
                 msgs += self._apply(st, st.pending.pop(st.next_seq))
                 st.next_seq += 1
+            utterances = self._utterances(st, msgs) if st.recorder is not None else []
             if st.closed:
                 self.store.pop(info.stream)
-            return msgs
+            return msgs, utterances
 
 
 def build_defaults(cfg: ModelConfig) -> DecoderDefaults:

@@ -9,6 +9,7 @@ from ..contract import ModelContract
 from ..decoding import StreamDecoder
 from ..features import whole_file_windows
 from ..state import StreamError
+from ..two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features
 
 RunModel = Callable[[np.ndarray], np.ndarray]   # [N, W, F] features -> [N, T, V] log-probs
 
@@ -16,12 +17,17 @@ RunModel = Callable[[np.ndarray], np.ndarray]   # [N, W, F] features -> [N, T, V
 def log_probs_for(contract: ModelContract, audio: np.ndarray, run_model: RunModel,
                   max_batch: int) -> np.ndarray:
     """[frames, V] log-probs of a whole recording, window by window as a stream gets them."""
+    return _windows_and_log_probs(contract, audio, run_model, max_batch)[1]
+
+
+def _windows_and_log_probs(contract: ModelContract, audio: np.ndarray, run_model: RunModel,
+                           max_batch: int):
     windows = whole_file_windows(contract, audio)
     outs = [run_model(windows.features[i:i + max_batch])
             for i in range(0, windows.count, max_batch)]
     if not outs:
-        return np.zeros((0, len(contract.vocabulary)), np.float32)
-    return windows.stream_log_probs(np.concatenate(outs))
+        return windows, np.zeros((0, len(contract.vocabulary)), np.float32)
+    return windows, windows.stream_log_probs(np.concatenate(outs))
 
 
 def checked_audio(contract: ModelContract, audio: np.ndarray, sample_rate: int | None,
@@ -48,8 +54,31 @@ def transcribe(contract: ModelContract, audio: np.ndarray, sample_rate: int | No
                run_model: RunModel, defaults, options: dict[str, Any], max_batch: int,
                max_seconds: float) -> list[dict]:
     """All messages for a recording, as a stream of it with END would produce them."""
+    return transcribe_with_utterances(contract, audio, sample_rate, run_model, defaults,
+                                      options, max_batch, max_seconds, False)[0]
+
+
+def transcribe_with_utterances(contract: ModelContract, audio: np.ndarray,
+                               sample_rate: int | None, run_model: RunModel, defaults,
+                               options: dict[str, Any], max_batch: int, max_seconds: float,
+                               keep_utterances: bool) -> tuple[list[dict], list[Utterance]]:
+    """``transcribe`` plus, with ``keep_utterances``, the utterance of each final with
+    words, as the decoder step attaches them for the two-pass re-decode."""
     a = checked_audio(contract, audio, sample_rate, max_seconds)
     dec_cfg, end_cfg = defaults.configs(options)
     decoder = StreamDecoder(contract, config=dec_cfg, endpoint=end_cfg)
-    msgs = decoder.accept(log_probs_for(contract, a, run_model, max_batch))
-    return msgs + decoder.close()
+    spans: list[tuple[dict, int, int]] = []
+    if keep_utterances:
+        decoder.on_final = lambda msg, first, end: spans.append((msg, first, end))
+    windows, lp = _windows_and_log_probs(contract, a, run_model, max_batch)
+    msgs = decoder.accept(lp)
+    msgs += decoder.close()
+    if not spans:
+        return msgs, []
+    feats = chunk_features(windows.features, windows.valid_outputs, contract)
+    sub, limit = contract.subsampling, MAX_UTTERANCE_SECONDS / contract.output_frame_seconds
+    utts = [Utterance(next(i for i, m in enumerate(msgs) if m is msg),
+                      feats[first * sub:end * sub], lp[first:end])
+            for msg, first, end in spans
+            if msg["channel"]["alternatives"][0]["transcript"] and end - first <= limit]
+    return msgs, utts
