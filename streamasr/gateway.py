@@ -26,7 +26,8 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     One WebSocket session = one Triton sequence on the gateway's single persistent gRPC
     stream to Triton.  Binary frames: audio, 16-bit signed little-endian PCM, mono, at
     the model's sample rate unless the query string says otherwise
-    (``?encoding=linear16|float32&sample_rate=N``; other query keys are per-stream
+    (``?encoding=linear16|float32&sample_rate=N``; ``two_pass=true|false``: finals
+    re-decoded by Whisper, default env STREAMASR_TWO_PASS; other query keys are per-stream
     decoder options passed on the START request).  A first text message
     ``{"type": "Configure", "encoding": ..., "sample_rate": ..., "options": {...}}`` sent
     before any audio does the same.  Text frames are JSON control messages:
@@ -61,8 +62,9 @@ from tritonclient.grpc import service_pb2
 
 from streamasr.contract import ModelContract
 from streamasr_client.audio import resample, to_mono
+from streamasr.decoding.config import parse_bool
 from streamasr_client.stream import (CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL,
-                                     AsrConnection, AsrError, Session)
+                                     TWO_PASS_MODEL, AsrConnection, AsrError, Session)
 
 log = logging.getLogger("streamasr.gateway")
 
@@ -72,7 +74,7 @@ NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
 CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 # Query keys the gateway itself reads; everything else is a per-stream decoder option.
-GATEWAY_KEYS = {"encoding", "sample_rate", "channels"}
+GATEWAY_KEYS = {"encoding", "sample_rate", "channels", "two_pass"}
 ENCODINGS = {"linear16": ("<i2", 32768.0), "float32": ("<f4", 1.0)}
 
 
@@ -97,6 +99,13 @@ class GatewayConfig:
     # Stateful /invocations sessions expire after this idle time.
     session_ttl_s: float = 300.0
     heartbeat_s: float | None = None   # server-initiated pings (SageMaker pings us anyway)
+    # Streams get two-pass finals (Whisper re-decode) unless they say two_pass=false.
+    two_pass: bool = False
+
+    def stream_model(self, two_pass: Any = None) -> str:
+        """The streaming model for a session's ``two_pass`` setting (None: the default)."""
+        on = self.two_pass if two_pass is None else parse_bool("two_pass", two_pass)
+        return TWO_PASS_MODEL if on else STREAM_MODEL
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "GatewayConfig":
@@ -106,6 +115,7 @@ class GatewayConfig:
         c.triton_grpc = e.get("STREAMASR_TRITON_GRPC", c.triton_grpc)
         c.grpc_ssl = e.get("STREAMASR_TRITON_GRPC_SSL", "false").lower() == "true"
         c.grpc_root_cert = e.get("STREAMASR_TRITON_GRPC_ROOT_CERT") or None
+        c.two_pass = parse_bool("STREAMASR_TWO_PASS", e.get("STREAMASR_TWO_PASS", "false"))
         for name, attr, conv in (("STREAMASR_GATEWAY_MAX_PENDING", "max_pending_requests", int),
                                  ("STREAMASR_GATEWAY_MAX_OUTGOING", "max_outgoing_messages", int),
                                  ("STREAMASR_GATEWAY_MAX_FRAME_BYTES", "max_frame_bytes", int),
@@ -328,8 +338,12 @@ class Gateway:
             return _error(400, "bad_audio", str(exc))
         headers = {}
         if sid == "NEW_SESSION":
-            options = {k: v for k, v in q.items() if k not in ("finalize", "close")}
-            session = self.backend.connection().open_session(options)
+            options = {k: v for k, v in q.items() if k not in ("finalize", "close", "two_pass")}
+            try:
+                model = self.cfg.stream_model(q.get("two_pass"))
+            except ValueError as exc:
+                return _error(400, "bad_request", str(exc))
+            session = self.backend.connection().open_session(options, model=model)
             hs = HttpSession(uuid.uuid4().hex, session, time.monotonic() + self.cfg.session_ttl_s)
             self.http_sessions[hs.id] = hs
             expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.cfg.session_ttl_s)
@@ -403,6 +417,7 @@ class WsSession:
         self.encoding = query.get("encoding", "linear16")
         self.sample_rate = int(query["sample_rate"]) if "sample_rate" in query else None
         self.channels = int(query.get("channels", 1))
+        self.two_pass = query.get("two_pass")       # None: the gateway's default
         self.options: dict[str, Any] = {k: v for k, v in query.items() if k not in GATEWAY_KEYS}
         self.session: Session | None = None
         self.loop = asyncio.get_running_loop()
@@ -438,6 +453,7 @@ class WsSession:
         if "sample_rate" in msg:
             self.sample_rate = int(msg["sample_rate"])
         self.channels = int(msg.get("channels", self.channels))
+        self.two_pass = msg.get("two_pass", self.two_pass)
         self.options.update(msg.get("options") or {})
 
     async def _open(self) -> Session:
@@ -448,8 +464,13 @@ class WsSession:
                 self.sample_rate = self.model_rate
             if self.encoding not in ENCODINGS:
                 raise ProtocolError("bad_request", f"unknown encoding {self.encoding!r}")
+            try:
+                model = self.cfg.stream_model(self.two_pass)
+            except ValueError as exc:
+                raise ProtocolError("bad_request", str(exc)) from None
             conn = await asyncio.to_thread(self.gw.backend.connection)
-            self.session = conn.open_session(self.options, on_message=self._on_message)
+            self.session = conn.open_session(self.options, on_message=self._on_message,
+                                             model=model)
             self.id = str(self.session.sequence_id)
             log.info("ws %s: opened (encoding %s, %d Hz, %d options)", self.id,
                      self.encoding, self.sample_rate, len(self.options))

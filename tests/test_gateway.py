@@ -326,6 +326,36 @@ def test_websocket_other_rate_and_finalize(serve):
     assert not [m for m in msgs if m["type"] == "Error"]
 
 
+@needs_demo
+def test_websocket_two_pass_finals_keep_the_interims(serve):
+    """?two_pass=true: finals re-decoded by Whisper, interims as the one-pass stream's;
+    a value that is not a boolean is refused by name."""
+    a, sr = demo_int16()
+    pcm = a[: 12 * sr].tobytes()
+    one, code1 = asyncio.run(ws_stream(serve.url, pcm, 6400))
+    two, code2 = asyncio.run(ws_stream(serve.url, pcm, 6400, query="?two_pass=true"))
+    assert code1 == code2 == 1000
+    interims = [[m for m in msgs if m["type"] == "Results" and not m["is_final"]]
+                for msgs in (one, two)]
+    assert interims[0] == interims[1] and interims[0]
+    finals = [m for m in two if m["type"] == "Results" and m["is_final"]]
+    assert finals and all(m["rescored"] for m in finals)
+    assert [m["first_pass_transcript"] for m in finals] == \
+        [m["channel"]["alternatives"][0]["transcript"] for m in one
+         if m["type"] == "Results" and m["is_final"]]
+    bad, code = asyncio.run(ws_stream(serve.url, pcm[:6400], 6400, query="?two_pass=maybe"))
+    assert code == 1008 and bad[0]["code"] == "bad_request" and "two_pass" in bad[0]["message"]
+
+
+def test_two_pass_default_from_env():
+    assert GatewayConfig.from_env({}).stream_model() == "streaming_asr"
+    c = GatewayConfig.from_env({"STREAMASR_TWO_PASS": "true"})
+    assert c.stream_model() == "streaming_asr_two_pass"
+    assert c.stream_model("false") == "streaming_asr"
+    with pytest.raises(ValueError, match="STREAMASR_TWO_PASS"):
+        GatewayConfig.from_env({"STREAMASR_TWO_PASS": "yes please"})
+
+
 def test_websocket_bad_control_message_closes_1008(serve):
     async def go():
         async with aiohttp.ClientSession() as s:
