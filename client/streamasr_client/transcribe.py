@@ -21,7 +21,7 @@ from typing import Iterable, TextIO
 import numpy as np
 
 from .audio import load_audio, pcm_chunks, stdin_binary
-from .stream import AsrConnection, AsrError, Session
+from .stream import TWO_PASS_MODEL, AsrConnection, AsrError, Session
 
 
 def _fmt_final(m: dict) -> str:
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--option rule2_min_trailing_silence=0.8 --option decoding=beam")
     p.add_argument("--hotwords", default=None,
                    help="comma-separated words to boost, each optionally word:boost")
+    p.add_argument("--two-pass", action="store_true",
+                   help=f"finals re-decoded by Whisper (model {TWO_PASS_MODEL}); interims "
+                        "stay streaming CTC")
     return p
 
 
@@ -166,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 chunks = chunks_of(load_audio(a.audio, rate), chunk)
                 realtime = a.realtime
-            session = conn.open_session(parse_options(a.option, a.hotwords), on_message=display)
+            session = conn.open_session(parse_options(a.option, a.hotwords), on_message=display,
+                                        model=TWO_PASS_MODEL if a.two_pass else None)
             stream_chunks(session, chunks, rate, realtime=realtime,
                           finalize_every=a.finalize_every, keepalive_every=a.keepalive,
                           max_in_flight=0 if realtime else 8)
