@@ -119,12 +119,17 @@ class UtteranceRecorder:
         return feat, lp
 
 
+#: Whisper writes titles abbreviated; the character model (and its training text) spells
+#: what is said.
+SPOKEN_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+
+
 def to_vocabulary(text: str, contract: ModelContract) -> str:
-    """Whisper's text -> the character model's form: lower case, numbers spelled out,
-    characters outside the vocabulary dropped."""
+    """Whisper's text -> the character model's form: lower case, numbers and titles
+    spelled out, characters outside the vocabulary dropped."""
     allowed = set(contract.vocabulary)
     t = "".join(c if c in allowed else " " for c in normalize(text))
-    return " ".join(t.split())
+    return " ".join(SPOKEN_ABBREVIATIONS.get(w, w) for w in t.split())
 
 
 def aligned_words(log_probs: np.ndarray, text: str, contract: ModelContract

@@ -82,7 +82,7 @@ def test_recorder_drops_an_utterance_longer_than_its_limit():
 
 def test_whisper_text_is_put_in_the_models_alphabet():
     assert to_vocabulary("Mr. Smith paid $25, didn't he?", TINY) == \
-        "mr smith paid twenty five didn't he"
+        "mister smith paid twenty five didn't he"
 
 
 def test_aligned_words_follow_the_frames():
