@@ -179,6 +179,21 @@ def markdown(result: dict) -> str:
         elif ps:
             L += ["", f"Peer pocketsphinx {'skipped' if ps.get('skipped') else 'failed'}: "
                   f"{ps.get('skipped') or ps.get('error')}"]
+    tp = r.get("two_pass")
+    if tp:
+        L += ["", "## Two-pass finals (benchmarks/two_pass.py)", ""]
+        if tp.get("error"):
+            L.append(f"not measured: {tp['error']}")
+        else:
+            L.append(f"{tp['clips']} clips ({_f(tp.get('audio_s'))} s), one stream at a time, "
+                     f"{'paced at real time' if tp.get('paced') else 'unpaced'}; final latency "
+                     "= END sent after the last chunk -> last response.")
+            L += [""] + _table(
+                ["finals", "WER", "CER", "final latency p50 / p90 / max ms"],
+                [[f"{k.replace('_', '-')} (`{tp[k]['model']}`)", _f(tp[k]["wer"], 3),
+                  _f(tp[k]["cer"], 3), " / ".join(_f(_g(tp[k], "final_latency_ms", q))
+                                                 for q in ("p50", "p90", "max"))]
+                 for k in ("one_pass", "two_pass") if k in tp])
     nv = r.get("naive")
     if nv:
         L += ["", "## Peer: re-transcribe the growing buffer each chunk", ""]

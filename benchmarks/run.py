@@ -10,8 +10,9 @@ Steps (progress is printed as they run):
    model run directly with onnxruntime at those batch sizes (benchmarks/raw.py) -> ratio;
    per-request cost of the Python steps from Triton's statistics API;
 3. perf_analyzer on `streaming_asr` with real audio chunks (benchmarks/perf_analyzer.py);
-4. WER/CER streamed vs offline (benchmarks/accuracy.py), and the accuracy peer: PocketSphinx
-   on the same eval set (benchmarks/peer_pocketsphinx.py; recorded as skipped if missing);
+4. WER/CER streamed vs offline (benchmarks/accuracy.py); two-pass finals vs one-pass, WER
+   and final latency (benchmarks/two_pass.py); and the accuracy peer: PocketSphinx on the
+   same eval set (benchmarks/peer_pocketsphinx.py; recorded as skipped if missing);
 5. peer baseline: re-transcribe the growing buffer every chunk (benchmarks/naive.py);
 6. py-spy profile of the server's Python processes under closed-loop load.
 
@@ -39,7 +40,7 @@ from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
 
 from . import (accuracy, load, metrics, naive, peer_pocketsphinx, perf_analyzer, profile, raw,
-               report)
+               report, two_pass)
 from .server_stats import loadavg, process_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--acoustic-instances", type=int, default=None,
                    help="run acoustic_model with this many CPU instances (repository copy)")
     p.add_argument("--skip", default="",
-                   help="comma list of: perf_analyzer,accuracy,pocketsphinx,naive,profile")
+                   help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -389,6 +390,15 @@ def main(argv: list[str] | None = None) -> int:
                 res["accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
                 say(f"  accuracy failed: {exc}")
             live.check("accuracy")
+
+        if "two_pass" not in skip:
+            say("      two-pass finals vs one-pass: WER and final latency, paced, 1 stream")
+            try:
+                res["two_pass"] = two_pass.run(live.url, progress=say)
+            except Exception as exc:
+                res["two_pass"] = {"error": f"{type(exc).__name__}: {exc}"}
+                say(f"  two-pass failed: {exc}")
+            live.check("two-pass finals")
 
         if "pocketsphinx" not in skip:
             say("      accuracy peer: pocketsphinx on the same eval set (no server involved)")
