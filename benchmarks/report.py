@@ -194,6 +194,14 @@ def markdown(result: dict) -> str:
                   _f(tp[k]["cer"], 3), " / ".join(_f(_g(tp[k], "final_latency_ms", q))
                                                  for q in ("p50", "p90", "max"))]
                  for k in ("one_pass", "two_pass") if k in tp])
+            conc = [lv for lv in tp.get("two_pass_concurrent", []) if lv.get("final_latency_ms")]
+            if conc:
+                L += ["", "Two-pass with several paced streams at once (one `final_pass` "
+                      "instance):", ""]
+                L += _table(["streams", "finals", "final latency p50 / p90 / max ms", "errors"],
+                            [[lv["streams"], lv["finals"],
+                              " / ".join(_f(lv["final_latency_ms"][q]) for q in ("p50", "p90", "max")),
+                              len(lv["errors"])] for lv in conc])
     nv = r.get("naive")
     if nv:
         L += ["", "## Peer: re-transcribe the growing buffer each chunk", ""]

@@ -50,9 +50,11 @@ LOG = REPO_ROOT / "build" / "bench-tritonserver.log"      # kept after the run (
 
 FULL = dict(levels=[1, 2, 4, 8, 12, 16, 18, 20, 22, 24, 28, 32], duration=20.0,
             sat_streams=16, sat_s=15.0,
-            raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10)
+            raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10,
+            two_pass_concurrency=(4, 8))
 QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=12, sat_s=8.0,
-             raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5)
+             raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5,
+             two_pass_concurrency=())
 
 
 def say(msg: str) -> None:
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         if "two_pass" not in skip:
             say("      two-pass finals vs one-pass: WER and final latency, paced, 1 stream")
             try:
-                res["two_pass"] = two_pass.run(live.url, progress=say)
+                res["two_pass"] = two_pass.run(live.url, progress=say,
+                                               concurrency=cfg["two_pass_concurrency"])
             except Exception as exc:
                 res["two_pass"] = {"error": f"{type(exc).__name__}: {exc}"}
                 say(f"  two-pass failed: {exc}")

@@ -10,7 +10,8 @@ Whisper tiny.en), one stream at a time.  "Final latency" is the time from sendin
 right after the clip's last chunk to the arrival of the last response: what a caller
 waits for the final transcript once the speaker has stopped.  Interims are the same in
 both modes (tests/test_two_pass.py asserts it), so their latency is measured by the
-paced load sweep, not here.
+paced load sweep, not here.  Then two-pass final latency with several paced streams at
+once (``--concurrency``): one ``final_pass`` instance serves their re-decodes in turn.
 """
 from __future__ import annotations
 
@@ -58,7 +59,40 @@ def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, m
     return s.transcript, latency, sum(1 for m in s.finals if m.get("rescored"))
 
 
-def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = None) -> dict:
+def concurrent_final_latency(conn: AsrConnection, audios: list[np.ndarray], chunk: int,
+                             rate: int, model: str, streams: int) -> dict:
+    """``streams`` paced streams at once, each going through every clip (starting at a
+    different one): END -> last response of each clip, while the others keep streaming."""
+    import threading
+
+    lats: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for j in range(len(audios)):
+            try:
+                _, lat, _ = stream_clip(conn, audios[(k + j) % len(audios)], chunk, rate, model)
+            except Exception as exc:  # noqa: BLE001 - recorded in the result
+                with lock:
+                    errors.append(str(exc)[:200])
+                return
+            with lock:
+                lats.append(lat)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = {"streams": streams, "finals": len(lats), "errors": errors}
+    if lats:
+        out["final_latency_ms"] = _percentiles(lats)
+    return out
+
+
+def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = None,
+        concurrency: tuple[int, ...] = ()) -> dict:
     items = load_eval_set()[:limit] if limit else load_eval_set()
     refs = [it.reference for it in items]
     out: dict = {"clips": len(items), "paced": paced}
@@ -84,6 +118,13 @@ def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = 
             progress(f"  {mode} ({model}): WER {score['wer']:.3f}, CER {score['cer']:.3f}, "
                      f"END -> final p50 {out[mode]['final_latency_ms']['p50']} ms, "
                      f"max {out[mode]['final_latency_ms']['max']} ms")
+        out["two_pass_concurrent"] = []
+        for n in concurrency:
+            level = concurrent_final_latency(conn, audios, chunk, rate, TWO_PASS_MODEL, n)
+            out["two_pass_concurrent"].append(level)
+            lat = level.get("final_latency_ms", {})
+            progress(f"  two_pass, {n} streams at once: END -> final p50 {lat.get('p50')} ms, "
+                     f"max {lat.get('max')} ms, errors {len(level['errors'])}")
     return out
 
 
@@ -93,10 +134,14 @@ def main(argv=None) -> int:
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
     p.add_argument("--limit", type=int, help="only the first N clips")
+    p.add_argument("--concurrency", default="4,8",
+                   help="also: two-pass final latency with this many paced streams at once "
+                        "(comma list; empty: skip)")
     p.add_argument("--json", type=str, help="write the result here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = run(a.url, paced=not a.fast, limit=a.limit)
+    res = run(a.url, paced=not a.fast, limit=a.limit,
+              concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)
