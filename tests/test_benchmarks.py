@@ -3,6 +3,7 @@ files.  No server needed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,17 @@ def test_markdown_says_at_least_when_every_level_passed():
     over = dict(_level(16, 900), within_budget=False, chunk_latency_ms={"p50": 1.0, "p99": 900})
     md = report.markdown({"levels": [ok, over], "held_streams": 8, "budget_ms": 250.0})
     assert "Streams held: 8" in md and "≥" not in md.split("Streams held")[1][:5]
+
+
+def test_markdown_has_the_two_pass_rows_from_a_committed_result():
+    from benchmarks import report
+
+    res = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
+                      "two_pass-vm-20261202.json").read_text())
+    md = report.markdown({"levels": [], "held_streams": 0, "budget_ms": 250.0,
+                          "two_pass": res})
+    assert "## Two-pass finals" in md
+    rows = [line for line in md.splitlines() if line.startswith("| two-pass") or
+            line.startswith("| one-pass")]
+    assert len(rows) == 2 and f"{res['two_pass']['wer']:.3f}" in rows[1]
+    assert any(line.startswith("| 8 | 88 |") for line in md.splitlines())
