@@ -60,8 +60,14 @@ class Utterance:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Utterance":
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(int(z["index"]), z["features"], z["log_probs"])
+        """Raises ValueError for anything but what ``to_bytes`` writes (no pickles)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                return cls(int(z["index"]), np.asarray(z["features"], np.float32),
+                           np.asarray(z["log_probs"], np.float32))
+        except Exception as exc:  # noqa: BLE001 - zip, npy and key errors alike
+            raise ValueError(f"UTTERANCES: not an utterance ({type(exc).__name__}: "
+                             f"{str(exc)[:100]})") from None
 
 
 class UtteranceRecorder:
@@ -209,11 +215,27 @@ class FinalPass:
                     "confidence": round(conf, CONFIDENCE_DECIMALS),
                     "words": out_words}]}}
 
+    def check(self, utt: Utterance) -> None:
+        """An utterance the decoder step could have sent: bounded (a caller of this model
+        must not buy unbounded Whisper time), shapes that agree, finite values."""
+        c, lp, f = self.contract, utt.log_probs, utt.features
+        max_frames = int(MAX_UTTERANCE_SECONDS / c.output_frame_seconds)
+        if lp.ndim != 2 or lp.shape[1] != len(c.vocabulary) or not 0 < len(lp) <= max_frames:
+            raise ValueError(f"UTTERANCES: log_probs must be [1..{max_frames}, "
+                             f"{len(c.vocabulary)}], got {list(lp.shape)}")
+        if f.shape != (len(lp) * c.subsampling, c.features.n_mels):
+            raise ValueError(f"UTTERANCES: features must be [{len(lp) * c.subsampling}, "
+                             f"{c.features.n_mels}], got {list(f.shape)}")
+        if not (np.isfinite(f).all() and (np.isfinite(lp) | (lp == -np.inf)).all()):
+            raise ValueError("UTTERANCES: NaN or infinite values")
+
     def process(self, messages: list[dict], utterances: list[Utterance]) -> list[dict]:
         out = list(messages)
         for utt in utterances:
+            self.check(utt)
+        for utt in utterances:
             if not 0 <= utt.index < len(out) or not out[utt.index].get("is_final"):
-                raise ValueError(f"internal: utterance for message {utt.index}, which is "
+                raise ValueError(f"UTTERANCES: utterance for message {utt.index}, which is "
                                  "not a final")
             out[utt.index] = self.rewrite(out[utt.index], utt)
         return out

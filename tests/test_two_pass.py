@@ -134,6 +134,26 @@ def test_an_utterance_must_point_at_a_final():
                                                 [utt])
 
 
+@pytest.mark.parametrize("utt, problem", [
+    (Utterance(0, np.zeros((6, 80), np.float32), np.zeros((3, 5), np.float32)), "log_probs"),
+    (Utterance(0, np.zeros((5, 80), np.float32), one_hot("_a_")), "features"),
+    (Utterance(0, np.zeros((3000, 80), np.float32), np.zeros((1501, V), np.float32)),
+     "log_probs"),                                          # over Whisper's 30 s
+    (Utterance(0, np.full((6, 80), np.nan, np.float32), one_hot("_a_")), "NaN"),
+])
+def test_a_direct_caller_cannot_send_a_bad_or_unbounded_utterance(utt, problem):
+    fixed = FixedText("a")
+    with pytest.raises(ValueError, match=problem):
+        FinalPass(TINY, fixed).process([final_message()], [utt])
+    assert fixed.calls == []                                # nothing was re-decoded
+
+
+@pytest.mark.parametrize("blob", [b"", b"not a zip", b"PK\x03\x04garbage"])
+def test_bytes_that_are_not_an_utterance_are_refused_by_name(blob):
+    with pytest.raises(ValueError, match="UTTERANCES"):
+        Utterance.from_bytes(blob)
+
+
 def test_utterances_survive_serialisation():
     u = Utterance(3, np.random.default_rng(0).random((8, 80), dtype=np.float32),
                   one_hot("_ab_"))
