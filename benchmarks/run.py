@@ -61,6 +61,15 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def recorded(step: str, fn, *args, **kw) -> dict:
+    """A step's result, or its failure recorded (not hidden): the rest of the run goes on."""
+    try:
+        return fn(*args, **kw)
+    except Exception as exc:  # noqa: BLE001
+        say(f"  {step} failed: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> Path:
     """The model repository with acoustic_model's threads / instance count changed
     (edited as protobuf; the ONNX file is linked, not copied)."""
@@ -386,21 +395,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if "accuracy" not in skip:
             say("[4/6] accuracy: streamed vs offline")
-            try:
-                res["accuracy"] = accuracy.run(live.url, chunk, rate, progress=say)
-            except Exception as exc:
-                res["accuracy"] = {"error": f"{type(exc).__name__}: {exc}"}
-                say(f"  accuracy failed: {exc}")
+            res["accuracy"] = recorded("accuracy", accuracy.run, live.url, chunk, rate,
+                                       progress=say)
             live.check("accuracy")
 
         if "two_pass" not in skip:
             say("      two-pass finals vs one-pass: WER and final latency, paced, 1 stream")
-            try:
-                res["two_pass"] = two_pass.run(live.url, progress=say,
-                                               concurrency=cfg["two_pass_concurrency"])
-            except Exception as exc:
-                res["two_pass"] = {"error": f"{type(exc).__name__}: {exc}"}
-                say(f"  two-pass failed: {exc}")
+            res["two_pass"] = recorded("two-pass", two_pass.run, live.url, progress=say,
+                                       concurrency=cfg["two_pass_concurrency"])
             live.check("two-pass finals")
 
         if "pocketsphinx" not in skip:

@@ -110,34 +110,32 @@ def test_dockerfile_structure():
                 assert (ROOT / src).exists(), src
 
 
-def test_image_requirements_are_pinned_and_match_the_venv_pins():
+def _pins(*files: str) -> dict[str, str]:
+    """name (lower case, no extras) -> version of the ``name==version`` lines."""
     pins = {}
-    for f in ("requirements.txt",):
+    for f in files:
         for line in (ROOT / f).read_text().splitlines():
             if "==" in line and not line.startswith("#"):
                 name, ver = line.split("==")
                 pins[name.split("[")[0].strip().lower()] = ver.strip()
-    for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, ver = line.split("==")
-            name = name.split("[")[0].lower()
-            assert pins.get(name) == ver, f"{name}: image {ver}, venv {pins.get(name)}"
-    reqs = [line for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
-            if not line.startswith("#")]
-    assert not [line for line in reqs if "pytriton" in line]
+    return pins
+
+
+def test_image_requirements_are_pinned_and_match_the_venv_pins():
+    venv = _pins("requirements.txt")
+    image = _pins("docker/requirements-image.txt")
+    lines = [line for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(image) == len(lines), "every image requirement must be pinned with =="
+    for name, ver in image.items():
+        assert venv.get(name) == ver, f"{name}: image {ver}, venv {venv.get(name)}"
+    assert not [name for name in image if "pytriton" in name]
 
 
 def test_whisper_stage_requirements_match_the_venv_pins():
-    pins = {}
-    for f in ("requirements.txt", "requirements-build.txt"):
-        for line in (ROOT / f).read_text().splitlines():
-            if "==" in line and not line.startswith("#"):
-                name, ver = line.split("==")
-                pins[name.split("[")[0].strip().lower()] = ver.strip()
-    for line in (ROOT / "docker/requirements-whisper.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, ver = line.split("==")
-            assert pins.get(name.lower()) == ver, f"{name}: image {ver}, venv {pins.get(name)}"
+    venv = _pins("requirements.txt", "requirements-build.txt")
+    for name, ver in _pins("docker/requirements-whisper.txt").items():
+        assert venv.get(name) == ver, f"{name}: image {ver}, venv {venv.get(name)}"
 
 
 def test_hadolint():
