@@ -200,6 +200,33 @@ def test_decoder_step_attaches_each_worded_final_its_frames():
         assert step.process_full(ctc_decoder.DecoderRequest(lp, info))[1] == []
 
 
+def test_a_refused_request_leaves_the_recording_in_step_with_the_decoder():
+    c = TINY
+    step = ctc_decoder.DecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
+    rng = np.random.default_rng(2)
+
+    def request(seq, piece, lp_fill=None, end=False):
+        info = StepInfo(stream=9, seq=seq, start=seq == 0, end=end, windows=1,
+                        valid_outputs=[len(piece)])
+        lp = np.zeros((1, c.output_frames, V), np.float32)
+        lp[0, :len(piece)] = one_hot(piece)
+        if lp_fill is not None:
+            lp[0, 0, 0] = lp_fill
+        feats = rng.random((1, c.window_frames, c.features.n_mels), dtype=np.float32)
+        return ctc_decoder.DecoderRequest(lp, info, feats), feats
+
+    r0, f0 = request(0, "_h_i_")
+    step.process_full(r0)
+    bad, _ = request(1, "_____", lp_fill=np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        step.process_full(bad)
+    r1, f1 = request(1, "_____", end=True)
+    msgs, utts = step.process_full(r1)
+    (u,) = utts
+    want = chunk_features(np.concatenate([f0, f1]), [5, 5], c)
+    np.testing.assert_array_equal(u.features, want)      # the refused chunk left no trace
+
+
 def test_final_pass_refuses_to_load_without_the_whisper_files(tmp_path):
     cfg = ModelConfig(raw={"parameters": {}}, repository=tmp_path / "final_pass",
                       name="final_pass")

@@ -115,12 +115,12 @@ class DecoderStep:
                 st.recorder = UtteranceRecorder(self.contract)
                 st.decoder.on_final = lambda msg, a, b: st.finals.append((msg, a, b))
         frames = self._frames(r)
-        if st.recorder is not None:
-            if r.features is None:
-                raise StreamError("internal: a two-pass stream's request without FEATURES")
+        if st.recorder is not None and r.features is None:
+            raise StreamError("internal: a two-pass stream's request without FEATURES")
+        msgs = st.decoder.accept(frames)
+        if st.recorder is not None:      # after accept: a refused request records nothing
             st.recorder.append(frames, chunk_features(r.features, info.valid_outputs[:info.windows],
                                                       self.contract))
-        msgs = st.decoder.accept(frames)
         if info.finalize:
             msgs += st.decoder.finalize()
         if info.end:
@@ -131,15 +131,15 @@ class DecoderStep:
     def _utterances(self, st: _Stream, msgs: list[dict]) -> list[Utterance]:
         """The recorded utterances of this response's finals that have words."""
         out = []
+        position = {id(m): i for i, m in enumerate(msgs)}
         for msg, first, end in st.finals:
-            if not msg["channel"]["alternatives"][0]["transcript"]:
-                continue
+            if id(msg) not in position or not msg["channel"]["alternatives"][0]["transcript"]:
+                continue            # (not in msgs: an earlier request of it failed)
             cut = st.recorder.cut(first, end)
             if cut is None:
                 log.info("utterance over the two-pass limit: first-pass final kept")
                 continue
-            index = next(i for i, m in enumerate(msgs) if m is msg)
-            out.append(Utterance(index, *cut))
+            out.append(Utterance(position[id(msg)], *cut))
         st.finals.clear()
         if not st.closed:
             st.recorder.trim(st.decoder.utterance_start_frame)
