@@ -55,13 +55,22 @@ def forced_align(log_probs: np.ndarray, tokens: list[int], blank: int) -> list[t
 def word_spans(log_probs: np.ndarray, text: str, vocabulary: tuple[str, ...],
                blank: int) -> list[tuple[str, int, int]]:
     """(word, first frame, last frame + 1) for a space-separated character transcript."""
+    return [(w, first, end) for w, first, end, _ in aligned_words(log_probs, text, vocabulary,
+                                                                  blank)]
+
+
+def aligned_words(log_probs: np.ndarray, text: str, vocabulary: tuple[str, ...],
+                  blank: int) -> list[tuple[str, int, int, float]]:
+    """``word_spans`` plus each word's confidence: the mean over its characters of their
+    peak posterior on the frames aligned to them."""
     index = {t: i for i, t in enumerate(vocabulary)}
     tokens = [index[ch] for ch in text]
     spans = forced_align(log_probs, tokens, blank)
+    peaks = [float(np.exp(log_probs[a:b + 1, tok].max())) for tok, (a, b) in zip(tokens, spans)]
     out, i = [], 0
     for word in text.split(" "):
         if word:
             first, last = spans[i][0], spans[i + len(word) - 1][1]
-            out.append((word, first, last + 1))
+            out.append((word, first, last + 1, sum(peaks[i:i + len(word)]) / len(word)))
         i += len(word) + 1
     return out

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .alignment import forced_align
+from .alignment import aligned_words
 from .contract import ModelContract
+from .decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
 from .evaluation import normalize
 
 log = logging.getLogger("streamasr.two_pass")
@@ -29,8 +30,6 @@ log = logging.getLogger("streamasr.two_pass")
 #: The Whisper encoder sees at most 30 s (3000 frames of 10 ms); an utterance longer than
 #: that keeps its first-pass final (the endpoint rule 3 default, 20 s, prevents it).
 MAX_UTTERANCE_SECONDS = 30.0
-#: Decimals of times and confidences in messages (as streamasr.decoding.stream).
-TIME_DECIMALS, CONFIDENCE_DECIMALS = 3, 4
 
 
 def chunk_features(windows: np.ndarray, valid_outputs: list[int],
@@ -138,23 +137,14 @@ def to_vocabulary(text: str, contract: ModelContract) -> str:
     return " ".join(SPOKEN_ABBREVIATIONS.get(w, w) for w in t.split())
 
 
-def aligned_words(log_probs: np.ndarray, text: str, contract: ModelContract
-                  ) -> list[tuple[str, int, int, float]]:
-    """(word, first frame, end frame, confidence) for ``text`` forced-aligned on
-    ``log_probs``; confidence = mean over the word's characters of their peak posterior
-    on their aligned frames.  ValueError if the text does not fit the frames."""
-    index = {t: i for i, t in enumerate(contract.vocabulary)}
-    tokens = [index[ch] for ch in text]
-    spans = forced_align(log_probs, tokens, contract.blank_id)
-    peaks = [float(np.exp(log_probs[a:b + 1, tok].max())) for tok, (a, b) in zip(tokens, spans)]
-    out, i = [], 0
-    for word in text.split(" "):
-        if word:
-            first, last = spans[i][0], spans[i + len(word) - 1][1]
-            conf = sum(peaks[i:i + len(word)]) / len(word)
-            out.append((word, first, last + 1, conf))
-        i += len(word) + 1
-    return out
+def worded_finals(finals: list[tuple[dict, int, int]], messages: list[dict]
+                  ) -> list[tuple[int, int, int]]:
+    """(position in ``messages``, first frame, end frame) of each final reported by
+    ``StreamDecoder.on_final`` that is among ``messages`` and has words: the finals to
+    re-decode."""
+    position = {id(m): i for i, m in enumerate(messages)}
+    return [(position[id(msg)], first, end) for msg, first, end in finals
+            if id(msg) in position and msg["channel"]["alternatives"][0]["transcript"]]
 
 
 def check_contract(contract: ModelContract) -> None:
@@ -199,7 +189,8 @@ class FinalPass:
         alt = message["channel"]["alternatives"][0]
         text = self.text(utt)
         try:
-            words = aligned_words(utt.log_probs, text, self.contract) if text else []
+            words = aligned_words(utt.log_probs, text, self.contract.vocabulary,
+                                  self.contract.blank_id) if text else []
         except ValueError as exc:
             log.warning("re-decoded final kept its first pass: %s", exc)
             return {**message, "rescored": False}

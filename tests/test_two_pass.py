@@ -13,8 +13,9 @@ from streamasr.evaluation import wer_cer
 from streamasr.tiny_model import tiny_contract
 from streamasr.triton_models import ctc_decoder, final_pass, offline
 from streamasr.triton_models.common import ConfigError, ModelConfig, StepInfo, read_config
-from streamasr.two_pass import (FinalPass, Utterance, UtteranceRecorder, aligned_words,
-                                chunk_features, to_vocabulary)
+from streamasr.alignment import aligned_words
+from streamasr.two_pass import (FinalPass, Utterance, UtteranceRecorder, chunk_features,
+                                to_vocabulary)
 from streamasr_client.stream import TWO_PASS_MODEL, AsrConnection, Session
 
 from .conftest import REPOSITORY, ROOT
@@ -87,7 +88,7 @@ def test_whisper_text_is_put_in_the_models_alphabet():
 
 def test_aligned_words_follow_the_frames():
     lp = one_hot("__hh_i___yy_oo_u__")
-    words = aligned_words(lp, "hi you", TINY)
+    words = aligned_words(lp, "hi you", TINY.vocabulary, TINY.blank_id)
     assert [(w, a, b) for w, a, b, _ in words] == [("hi", 2, 6), ("you", 9, 16)]
     assert all(abs(c - 1.0) < 1e-6 for *_, c in words)
 

@@ -22,7 +22,7 @@ from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
-from ..two_pass import Utterance, UtteranceRecorder, chunk_features
+from ..two_pass import Utterance, UtteranceRecorder, chunk_features, worded_finals
 from .common import ModelConfig, StepInfo, stream_idle_timeout
 
 log = logging.getLogger("streamasr.ctc_decoder")
@@ -131,15 +131,12 @@ class DecoderStep:
     def _utterances(self, st: _Stream, msgs: list[dict]) -> list[Utterance]:
         """The recorded utterances of this response's finals that have words."""
         out = []
-        position = {id(m): i for i, m in enumerate(msgs)}
-        for msg, first, end in st.finals:
-            if id(msg) not in position or not msg["channel"]["alternatives"][0]["transcript"]:
-                continue            # (not in msgs: an earlier request of it failed)
+        for index, first, end in worded_finals(st.finals, msgs):
             cut = st.recorder.cut(first, end)
             if cut is None:
                 log.info("utterance over the two-pass limit: first-pass final kept")
                 continue
-            out.append(Utterance(position[id(msg)], *cut))
+            out.append(Utterance(index, *cut))
         st.finals.clear()
         if not st.closed:
             st.recorder.trim(st.decoder.utterance_start_frame)

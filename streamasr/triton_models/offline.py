@@ -9,7 +9,7 @@ from ..contract import ModelContract
 from ..decoding import StreamDecoder
 from ..features import whole_file_windows
 from ..state import StreamError
-from ..two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features
+from ..two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features, worded_finals
 
 RunModel = Callable[[np.ndarray], np.ndarray]   # [N, W, F] features -> [N, T, V] log-probs
 
@@ -77,8 +77,6 @@ def transcribe_with_utterances(contract: ModelContract, audio: np.ndarray,
         return msgs, []
     feats = chunk_features(windows.features, windows.valid_outputs, contract)
     sub, limit = contract.subsampling, MAX_UTTERANCE_SECONDS / contract.output_frame_seconds
-    utts = [Utterance(next(i for i, m in enumerate(msgs) if m is msg),
-                      feats[first * sub:end * sub], lp[first:end])
-            for msg, first, end in spans
-            if msg["channel"]["alternatives"][0]["transcript"] and end - first <= limit]
+    utts = [Utterance(index, feats[first * sub:end * sub], lp[first:end])
+            for index, first, end in worded_finals(spans, msgs) if end - first <= limit]
     return msgs, utts
