@@ -61,6 +61,21 @@ def _strings(name: str, items: list[str]):
     return pb_utils.Tensor(name, np.array([s.encode("utf-8") for s in items], dtype=np.object_))
 
 
+def _messages(name: str, msgs: list[dict]):
+    """Result messages as a BYTES tensor, one JSON message per element."""
+    return _strings(name, [json.dumps(m, ensure_ascii=False) for m in msgs])
+
+
+def _read_messages(tensor) -> list[dict]:
+    return [json.loads(m) for m in tensor.as_numpy().reshape(-1)]
+
+
+def _utterances(utterances) -> "pb_utils.Tensor":
+    """Two-pass utterances (streamasr.two_pass.Utterance) as the UTTERANCES tensor."""
+    return pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utterances],
+                                                  dtype=np.object_))
+
+
 def _validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
     have_in = {i["name"] for i in cfg.raw.get("input", [])}
     have_out = {o["name"] for o in cfg.raw.get("output", [])}
@@ -264,9 +279,8 @@ class CtcDecoderModel:
                 msgs, utts = self.step.process_full(ctc_decoder.DecoderRequest(
                     lp, info, feats.as_numpy() if feats is not None else None))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs]),
-                    pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utts],
-                                                           dtype=np.object_))]))
+                    _messages("RESULTS", msgs),
+                    _utterances(utts)]))
             except (StreamError, ValueError) as exc:
                 self.metrics.error()
                 responses.append(_error(str(exc)))
@@ -302,13 +316,12 @@ class FinalPassModel:
         for request in requests:
             t0, blobs = time.perf_counter(), []
             try:
-                msgs = [json.loads(m) for m in pb_utils.get_input_tensor_by_name(
-                    request, "RESULTS_IN").as_numpy().reshape(-1)]
+                msgs = _read_messages(pb_utils.get_input_tensor_by_name(request, "RESULTS_IN"))
                 utts = pb_utils.get_input_tensor_by_name(request, "UTTERANCES")
                 blobs = list(utts.as_numpy().reshape(-1)) if utts is not None else []
                 out = self.step.process(msgs, blobs)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in out])]))
+                    _messages("RESULTS", out)]))
             except ValueError as exc:
                 self.metrics.error()
                 responses.append(_error(str(exc)))
@@ -425,14 +438,12 @@ class OfflineAsrModel:
     def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:
         req = pb_utils.InferenceRequest(
             model_name=self.final_pass_model, requested_output_names=["RESULTS"],
-            inputs=[_strings("RESULTS_IN", [json.dumps(m, ensure_ascii=False) for m in msgs]),
-                    pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utterances],
-                                                           dtype=np.object_))])
+            inputs=[_messages("RESULTS_IN", msgs),
+                    _utterances(utterances)])
         resp = req.exec()
         if resp.has_error():
             raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
-        out = pb_utils.get_output_tensor_by_name(resp, "RESULTS").as_numpy().reshape(-1)
-        return [json.loads(m) for m in out]
+        return _read_messages(pb_utils.get_output_tensor_by_name(resp, "RESULTS"))
 
     def _run_model(self, features: np.ndarray) -> np.ndarray:
         req = pb_utils.InferenceRequest(
@@ -459,7 +470,7 @@ class OfflineAsrModel:
                 if utts:
                     msgs = self._final_pass(msgs, utts)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _strings("RESULTS", [json.dumps(m, ensure_ascii=False) for m in msgs])]))
+                    _messages("RESULTS", msgs)]))
             except (StreamError, ValueError) as exc:
                 responses.append(_error(str(exc)))
             except Exception as exc:
