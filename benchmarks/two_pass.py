@@ -26,16 +26,11 @@ from streamasr.evaluation import load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
+from .metrics import summarize
+
 log = logging.getLogger("benchmarks.two_pass")
 
 MODES = {"one_pass": STREAM_MODEL, "two_pass": TWO_PASS_MODEL}
-
-
-def _percentiles(values: list[float]) -> dict:
-    v = np.asarray(values) * 1000
-    return {"p50": round(float(np.percentile(v, 50)), 1),
-            "p90": round(float(np.percentile(v, 90)), 1),
-            "max": round(float(v.max()), 1), "mean": round(float(v.mean()), 1)}
 
 
 def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, model: str,
@@ -87,7 +82,7 @@ def concurrent_final_latency(conn: AsrConnection, audios: list[np.ndarray], chun
         t.join()
     out = {"streams": streams, "finals": len(lats), "errors": errors}
     if lats:
-        out["final_latency_ms"] = _percentiles(lats)
+        out["final_latency_ms"] = summarize(lats)
     return out
 
 
@@ -111,7 +106,7 @@ def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = 
                 log.debug("%s %s: %s", mode, it.name, text)
             score = wer_cer(refs, hyps)
             out[mode] = {"model": model, "wer": round(score["wer"], 4),
-                         "cer": round(score["cer"], 4), "final_latency_ms": _percentiles(lats),
+                         "cer": round(score["cer"], 4), "final_latency_ms": summarize(lats),
                          "rescored_finals": rescored,
                          "examples": [{"id": items[i].name, "ref": refs[i], "hyp": hyps[i]}
                                       for i in range(min(2, len(items)))]}
