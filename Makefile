@@ -6,10 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv demo test test-slow bench model whisper serve clean
+.PHONY: venv demo test test-slow bench model whisper lm serve clean
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
+
+# Word LM the CTC beam search fuses (make lm): ~100 MB ARPA read from the pocketsphinx
+# wheel's CMU en-us trigram + <unk>; built in seconds, not in git.
+LM := model_repository/ctc_decoder/1/en-us.arpa
 
 venv: $(STAMP)
 
@@ -23,25 +27,30 @@ $(STAMP): $(REQS)
 
 whisper: $(WHISPER)
 
+lm: $(LM)
+
+$(LM): $(STAMP) training/build_lm.py training/sphinx_lm.py
+	$(PY) -m training.build_lm --out $@
+
 $(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2.py
 	$(PY) -m training.export_whisper --out $(dir $@)
 
-demo: venv whisper
+demo: venv whisper lm
 	$(PY) -m streamasr.demo
 
-serve: venv whisper
+serve: venv whisper lm
 	$(PY) -m streamasr.server
 
-test: venv whisper
+test: venv whisper lm
 	$(PY) -m pytest -q tests
 
-test-slow: venv whisper
+test-slow: venv whisper lm
 	$(PY) -m pytest -q -m slow tests
 
-bench: venv whisper
+bench: venv whisper lm
 	$(PY) -m benchmarks.run
 
-model: venv whisper
+model: venv whisper lm
 	$(PY) -m training.build_model
 
 clean:
