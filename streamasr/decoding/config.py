@@ -29,6 +29,11 @@ DEFAULT_HOTWORD_BOOST = 1.5
 DEFAULT_LM_ALPHA = 0.5
 #: Bonus per word scored by the LM (counteracts the LM's preference for short outputs).
 DEFAULT_LM_BETA = 1.0
+#: Charge an open word the LM look-ahead of its letters (see ``decoding.lm``).
+DEFAULT_LM_PARTIAL_WORDS = True
+#: log10 spelling cost per letter of a word the LM does not know, on top of P(<unk>):
+#: makes one glued-together "word" cost more than the real words it swallows.
+DEFAULT_LM_OOV_LETTER_LOG10 = -0.5
 
 # -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
 #: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.
@@ -73,6 +78,14 @@ def parse_float(key: str, raw: Any, minimum: float = 0.0) -> float:
         raise ValueError(f"{key}: must be finite, got {raw!r}")
     if value < minimum:
         raise ValueError(f"{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def parse_log_cost(key: str, raw: Any) -> float:
+    """A log-probability cost: a finite number <= 0."""
+    value = parse_float(key, raw, minimum=-math.inf)
+    if value > 0:
+        raise ValueError(f"{key}: must be <= 0 (a log10 cost), got {value}")
     return value
 
 
@@ -163,6 +176,8 @@ class DecoderConfig:
     lm_path           word n-gram LM (ARPA or KenLM binary) for shallow fusion (beam only;
                       needs the ``kenlm`` module); "" = none
     lm_alpha, lm_beta LM weight and per-word bonus
+    lm_partial_words  charge unfinished words the LM look-ahead of their letters (ARPA LMs)
+    lm_oov_letter_log10  log10 cost per letter of a word the LM does not know (<= 0)
     time_offset       seconds added to every time in the messages
     """
 
@@ -174,6 +189,8 @@ class DecoderConfig:
     lm_path: str = ""
     lm_alpha: float = DEFAULT_LM_ALPHA
     lm_beta: float = DEFAULT_LM_BETA
+    lm_partial_words: bool = DEFAULT_LM_PARTIAL_WORDS
+    lm_oov_letter_log10: float = DEFAULT_LM_OOV_LETTER_LOG10
     time_offset: float = 0.0
 
     def __post_init__(self) -> None:
@@ -194,6 +211,9 @@ class DecoderConfig:
             "lm_path": str(p["lm_path"] or "").strip(),
             "lm_alpha": parse_float("lm_alpha", p["lm_alpha"]),
             "lm_beta": parse_float("lm_beta", p["lm_beta"], minimum=-math.inf),
+            "lm_partial_words": parse_bool("lm_partial_words", p["lm_partial_words"]),
+            "lm_oov_letter_log10": parse_log_cost("lm_oov_letter_log10",
+                                                  p["lm_oov_letter_log10"]),
             "time_offset": parse_float("time_offset", p["time_offset"]),
         }
         if out["lm_path"]:

@@ -155,11 +155,12 @@ class ContextGraph:
 
 class _Hyp:
     __slots__ = ("pid", "parent", "last", "p_b", "p_nb", "node", "best", "n_text",
-                 "ctx", "ctx_partial", "ctx_locked", "lm_state", "lm_word", "lm_score")
+                 "ctx", "ctx_partial", "ctx_locked", "lm_state", "lm_word", "lm_score",
+                 "lm_partial")
 
     def score(self) -> float:
         return (logaddexp(self.p_b, self.p_nb) + self.ctx_partial + self.ctx_locked
-                + self.lm_score)
+                + self.lm_score + self.lm_partial)
 
 
 @dataclass
@@ -196,7 +197,7 @@ class BeamSearch:
         h.p_b, h.p_nb, h.node, h.best, h.n_text = p_b, p_nb, None, NEG_INF, 0
         h.ctx, h.ctx_partial, h.ctx_locked = ContextGraph.ROOT, 0.0, 0.0
         h.lm_state = self.lm.begin() if self.lm is not None else None
-        h.lm_word, h.lm_score = "", 0.0
+        h.lm_word, h.lm_score, h.lm_partial = "", 0.0, 0.0
         return h
 
     @staticmethod
@@ -207,6 +208,7 @@ class BeamSearch:
         n.node, n.n_text = h.node, h.n_text
         n.ctx, n.ctx_partial, n.ctx_locked = h.ctx, h.ctx_partial, h.ctx_locked
         n.lm_state, n.lm_word, n.lm_score = h.lm_state, h.lm_word, h.lm_score
+        n.lm_partial = h.lm_partial
         return n
 
     def _extended(self, h: _Hyp, tok: int, pid: int) -> _Hyp:
@@ -223,8 +225,9 @@ class BeamSearch:
         if self.lm is not None:
             n.lm_state, n.lm_word, n.lm_score = self.lm.advance(
                 self.text, h.lm_state, h.lm_word, h.lm_score, tok)
+            n.lm_partial = self.lm.lookahead(n.lm_word)
         else:
-            n.lm_state, n.lm_word, n.lm_score = None, "", 0.0
+            n.lm_state, n.lm_word, n.lm_score, n.lm_partial = None, "", 0.0, 0.0
         return n
 
     # -- search ----------------------------------------------------------------------------
@@ -300,7 +303,7 @@ class BeamSearch:
 
     def _final_score(self, h: _Hyp) -> float:
         s = logaddexp(h.p_b, h.p_nb) + h.ctx_locked       # unfinished hotword: no bonus
-        if self.lm is not None:
+        if self.lm is not None:   # the open word's real score replaces its look-ahead
             s += self.lm.finish(h.lm_state, h.lm_word, h.lm_score)
         return s
 

@@ -95,7 +95,10 @@ class StreamDecoder:
         if cfg.lm_path:
             from .lm import WordLM
 
-            lm = WordLM(cfg.lm_path, cfg.lm_alpha, cfg.lm_beta)
+            spellable = frozenset(c for i, piece in enumerate(self.text.piece)
+                                  if not self.text.is_separator[i] for c in piece)
+            lm = WordLM(cfg.lm_path, cfg.lm_alpha, cfg.lm_beta, cfg.lm_partial_words,
+                        spellable, cfg.lm_oov_letter_log10)
         return BeamSearch(self.text, BeamOptions(cfg.beam_size, cfg.beam_top_k), context, lm)
 
     # -- public API ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -186,6 +187,9 @@ class DecoderStep:
 def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
     """Decoder/endpoint defaults from config.pbtxt parameters (all but STEP_PARAMETERS)."""
     params = {k: v for k, v in cfg.parameters().items() if k not in STEP_PARAMETERS}
+    if params.get("lm_path") and not Path(params["lm_path"]).is_absolute():
+        # a repository is relocatable: a relative LM path names a file in the model's folder
+        params["lm_path"] = str(cfg.repository / params["lm_path"])
     try:
         dec, end = split_options(params, server_side=True)
         defaults = DecoderDefaults(dec, end)
