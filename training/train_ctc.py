@@ -101,10 +101,20 @@ class Cache:
     texts: list[str]
 
 
-def _cache_key(items, contract: ModelContract, cfg: acoustic.HeadConfig, copies: int) -> str:
+FRAME_MODES = ("window", "full")
+# Full-context mode pads short utterances to 10 s: the Whisper encoder gives its 30-s-window
+# result from 10 s of input on (measured for the re-decoder, ../shared notes), at a third
+# of the cost.
+FULL_CONTEXT_MIN_FRAMES = 1000
+
+
+def _cache_key(items, contract: ModelContract, cfg: acoustic.HeadConfig, copies: int,
+               frames: str = "window") -> str:
     h = hashlib.sha1()
     h.update(contract.to_json().encode())
     h.update(str((cfg.head_left, copies)).encode())
+    if frames != "window":
+        h.update(frames.encode())
     for p, t in items:
         h.update(f"{p}\t{t}\n".encode())
     return h.hexdigest()[:16]
@@ -129,10 +139,49 @@ def onnx_encoder(encoder, contract: ModelContract, threads: int = 2):
     return lambda feats: sess.run(["enc"], {"features": feats.astype(np.float32)})[0]
 
 
+def full_sequence(contract: ModelContract, window_features: np.ndarray) -> np.ndarray:
+    """The feature frames the windows were cut from (window 0 from its first frame, then
+    each later window's chunk, then the last window's look-ahead)."""
+    lc = contract.left_frames + contract.chunk_frames
+    parts = [window_features[0, :lc]]
+    parts += [w[contract.left_frames: lc] for w in window_features[1:]]
+    parts.append(window_features[-1, lc:])
+    return np.concatenate(parts)
+
+
+def full_context_frames(encode_full, contract: ModelContract, cfg: acoustic.HeadConfig,
+                        window_features: np.ndarray) -> np.ndarray:
+    """For each window, the frames the head reads, taken from ONE encoder pass over the
+    whole utterance (non-streaming: every frame sees the whole utterance)."""
+    seq = full_sequence(contract, window_features)
+    n = len(seq)
+    if n < FULL_CONTEXT_MIN_FRAMES:   # pad with the stream-start padding frame
+        seq = np.concatenate([seq, np.repeat(window_features[:1, 0], FULL_CONTEXT_MIN_FRAMES - n,
+                                             axis=0)])
+    enc = encode_full(seq[None].astype(np.float32))[0]
+    sl = acoustic.head_slice(contract, cfg)
+    width = contract.window_frames // contract.subsampling - sl.start
+    step = contract.chunk_frames // contract.subsampling
+    return np.stack([enc[sl.start + i * step: sl.start + i * step + width]
+                     for i in range(len(window_features))])
+
+
+def torch_full_encoder(encoder):
+    def run(feats: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return encoder(torch.from_numpy(feats)).numpy()
+    return run
+
+
 def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig,
-               copies: int = 1, seed: int = 0) -> Cache:
-    """Encoder outputs of every window of every (augmented copy of an) utterance."""
-    key = _cache_key(items, contract, cfg, copies)
+               copies: int = 1, seed: int = 0, frames: str = "window",
+               encode_full=None) -> Cache:
+    """Encoder outputs of every window of every (augmented copy of an) utterance:
+    ``frames="window"`` as served (each window encoded on its own), ``"full"`` from one
+    whole-utterance encode (``encode_full``), the non-streaming upper bound."""
+    if frames not in FRAME_MODES:
+        raise ValueError(f"frames must be one of {FRAME_MODES}, not {frames!r}")
+    key = _cache_key(items, contract, cfg, copies, frames)
     d = CACHE / key
     sl = acoustic.head_slice(contract, cfg)
     if (d / "done").exists():
@@ -153,7 +202,11 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
                     audio = augment(audio, rng)
                 seen.add(path)
                 w = whole_file_windows(contract, audio)
-                enc = encoder(w.features)[:, sl].astype(np.float16)
+                if frames == "full":
+                    enc = full_context_frames(encode_full, contract, cfg,
+                                              w.features).astype(np.float16)
+                else:
+                    enc = encoder(w.features)[:, sl].astype(np.float16)
                 f.write(enc.tobytes())
                 meta.append({"start": total_w, "count": len(enc),
                              "out": int(w.valid_outputs.sum()), "text": text, "target": tgt})
@@ -174,11 +227,29 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
                  [x["text"] for x in u])
 
 
+class Corpus:
+    """The utterances of several caches (one per data source) as one indexed list."""
+
+    def __init__(self, caches: list[Cache]):
+        self.caches = caches
+        self.index = [(c, i) for c in caches for i in range(len(c.targets))]
+        self.win_count = np.array([c.win_count[i] for c, i in self.index])
+        self.out_frames = np.array([c.out_frames[i] for c, i in self.index])
+        self.targets = [c.targets[i] for c, i in self.index]
+
+    def windows(self, j: int) -> np.ndarray:
+        c, i = self.index[j]
+        return c.frames[c.win_start[i]: c.win_start[i] + c.win_count[i]]
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.win_count.sum())
+
+
 # --- training --------------------------------------------------------------------------
-def _batch_loss(head, cache: Cache, idx, time_mask: bool) -> torch.Tensor:
-    wins = np.concatenate([np.arange(cache.win_start[i], cache.win_start[i] + cache.win_count[i])
-                           for i in idx])
-    x = torch.from_numpy(np.asarray(cache.frames[wins], dtype=np.float32))
+def _batch_loss(head, cache: Corpus, idx, time_mask: bool) -> torch.Tensor:
+    x = torch.from_numpy(np.concatenate([np.asarray(cache.windows(i), dtype=np.float32)
+                                         for i in idx]))
     if time_mask:   # SpecAugment-like masking on encoder frames + channel dropout
         x = F.dropout(x, 0.1)
         for j in range(len(x)):
@@ -199,17 +270,31 @@ def _batch_loss(head, cache: Cache, idx, time_mask: bool) -> torch.Tensor:
                       zero_infinity=True)
 
 
-def train(head, cache: Cache, dev: Cache | None, minutes: float, lr: float = 1e-3,
-          batch_windows: int = 160, seed: int = 0) -> dict:
+def train(head, cache: Corpus, dev: Corpus | None, minutes: float | None = None,
+          lr: float = 1e-3, batch_windows: int = 160, seed: int = 0,
+          steps: int | None = None) -> dict:
+    """AdamW with warm-up and cosine decay over the budget: ``steps`` optimiser steps
+    (reproducible, what the ablation uses) or else ``minutes`` of wall-clock time."""
+    if (steps is None) == (minutes is None):
+        raise ValueError("give exactly one budget: steps or minutes")
     random.seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     order = list(range(len(cache.targets)))
     t0 = time.time()
-    deadline = t0 + minutes * 60
+    deadline = t0 + minutes * 60 if minutes is not None else math.inf
     step, epoch, hist = 0, 0, []
     warm = 200
-    while time.time() < deadline:
+
+    def done() -> bool:
+        return step >= steps if steps is not None else time.time() >= deadline
+
+    def progress() -> float:
+        if steps is not None:
+            return min(1.0, step / steps)
+        return min(1.0, (time.time() - t0) / (minutes * 60))
+
+    while not done():
         random.shuffle(order)
         batches, cur, nw = [], [], 0
         for i in order:
@@ -218,12 +303,14 @@ def train(head, cache: Cache, dev: Cache | None, minutes: float, lr: float = 1e-
             if nw >= batch_windows:
                 batches.append(cur)
                 cur, nw = [], 0
+        if cur and not batches:   # a corpus smaller than one batch still trains
+            batches.append(cur)
         head.train()
         losses = []
         for b in batches:
-            if time.time() >= deadline:
+            if done():
                 break
-            frac = min(1.0, (time.time() - t0) / (minutes * 60))
+            frac = progress()
             for g in opt.param_groups:   # warm-up then cosine decay over the time budget
                 g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 *
                                                                (1 + math.cos(math.pi * frac)))
@@ -299,9 +386,20 @@ def torch_runner(model: acoustic.AcousticModel):
     return run
 
 
+def full_context_runner(encoder, head: acoustic.CTCHead, contract: ModelContract):
+    """Windows [N, W, F] -> log-probs from full-context encoder frames (ablation only)."""
+    encode_full = torch_full_encoder(encoder)
+
+    def run(feats: np.ndarray) -> np.ndarray:
+        x = full_context_frames(encode_full, contract, head.cfg, feats)
+        with torch.no_grad():
+            return head(torch.from_numpy(x.astype(np.float32))).numpy()
+    return run
+
+
 # --- command line ----------------------------------------------------------------------
 def evaluate_heldout(run_windows, contract: ModelContract, manifest: Path) -> dict:
-    """Greedy-CTC WER/CER on held-out synthetic utterances, overall and per engine."""
+    """Greedy-CTC WER/CER on held-out utterances, overall and per engine / voice."""
     rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
     by_engine: dict[str, list] = {}
     for r in rows:
@@ -309,8 +407,21 @@ def evaluate_heldout(run_windows, contract: ModelContract, manifest: Path) -> di
             (manifest.parent / r["audio"], r["text"]))
     out = {eng: {k: v for k, v in evaluate(run_windows, contract, items).items() if k != "rows"}
            for eng, items in sorted(by_engine.items())}
-    out["all"] = {k: v for k, v in evaluate(run_windows, contract, [
-        it for items in by_engine.values() for it in items]).items() if k != "rows"}
+    if len(by_engine) > 1:
+        out["all"] = {k: v for k, v in evaluate(run_windows, contract, [
+            it for items in by_engine.values() for it in items]).items() if k != "rows"}
+    return out
+
+
+def evaluate_real(run_windows, contract: ModelContract) -> dict:
+    """assets/eval without JFK (its sentence is in the CMU LM's text) and JFK alone."""
+    items = real_speech_set()
+    plain = [it for it in items if it[0].stem != "jfk"]
+    jfk = [it for it in items if it[0].stem == "jfk"]
+    out = {"eval": evaluate(run_windows, contract, plain),
+           "all": evaluate(run_windows, contract, items)}
+    if jfk:
+        out["jfk"] = evaluate(run_windows, contract, jfk)
     return out
 
 
@@ -318,15 +429,23 @@ def audio_hours(items) -> float:
     return sum(sf.info(str(p)).duration for p, _ in items) / 3600
 
 
-def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float = 1e-3,
-               dev_fraction: float = 0.03, out: Path = HEAD_FILE,
+def parse_real(spec: str) -> tuple[Path, int]:
+    """``PATH[:REPEAT]`` -> (manifest, times it is trained on)."""
+    path, _, rep = spec.partition(":")
+    return Path(path), int(rep) if rep else 1
+
+
+def train_head(manifest: Path, minutes: float | None = 25.0, copies: int = 1,
+               lr: float = 1e-3, dev_fraction: float = 0.03, out: Path = HEAD_FILE,
                max_utterances: int | None = None, init: Path | None = None,
-               real_manifest: Path | None = None, real_repeat: int = 20,
-               heldout: Path | None = None):
+               real: list[tuple[Path, int]] = (), heldout: list[Path] = (),
+               steps: int | None = None, frames: str = "window"):
     """The whole recipe: precompute -> train -> evaluate on real speech (and held-out
-    synthetic speech) -> save the head.  ``real_manifest`` (pseudo-labelled real speech) is
-    trained on ``real_repeat`` times, every repeat after the first augmented; the dev set is
-    synthetic only so no real piece is both trained on and used for model selection."""
+    sets) -> save the head.  Each ``real`` manifest (real speech: Whisper-pseudo-labelled,
+    or transcribed prompts) is trained on REPEAT times, every repeat after the first
+    augmented; the dev set is synthetic only so no real piece is both trained on and used
+    for model selection.  Each source is cached on its own, so adding a source re-encodes
+    only that source."""
     contract = acoustic.default_contract()
     cfg = acoustic.HeadConfig()
     encoder = whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir()))
@@ -335,6 +454,7 @@ def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float
     if max_utterances:
         items = items[:max_utterances]
     run_encoder = onnx_encoder(encoder, contract)
+    encode_full = torch_full_encoder(encoder) if frames == "full" else None
     n_dev = max(1, int(len(items) * dev_fraction))
     train_items = items[n_dev:]
     rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
@@ -342,19 +462,24 @@ def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float
     hours: dict[str, float] = {}
     for eng in sorted(set(voices.values())):
         hours[eng] = audio_hours([it for it in train_items if voices.get(it[0].name) == eng])
-    if real_manifest is not None:
-        real = read_manifest(real_manifest)
-        hours["real_pseudo_labelled"] = audio_hours(real)
-        hours["real_repeat"] = real_repeat
-        train_items = train_items + real * real_repeat
-        random.Random(1).shuffle(train_items)
-    log.info("training audio hours per source (before repeats): %s", hours)
     t0 = time.time()
-    dev = precompute(items[:n_dev], contract, run_encoder, cfg, copies=1, seed=1)
-    tr = precompute(train_items, contract, run_encoder, cfg, copies=copies, seed=0)
+
+    def cached(its, copies_, seed):
+        return precompute(its, contract, run_encoder, cfg, copies=copies_, seed=seed,
+                          frames=frames, encode_full=encode_full)
+
+    dev = Corpus([cached(items[:n_dev], 1, 1)])
+    caches = [cached(train_items, copies, 0)]
+    for path, repeat in real:
+        its = read_manifest(path)
+        hours[f"real:{path.parent.name}/{path.stem}"] = audio_hours(its)
+        hours[f"real:{path.parent.name}/{path.stem}:repeat"] = repeat
+        caches.append(cached(its * repeat, 1, 0))
+    log.info("training audio hours per source (before repeats): %s", hours)
+    tr = Corpus(caches)
     pre_min = (time.time() - t0) / 60
     log.info("train: %d utterances / %d windows; dev %d; precompute %.1f min",
-             len(tr.targets), len(tr.frames), len(dev.targets), pre_min)
+             len(tr.targets), tr.n_windows, len(dev.targets), pre_min)
 
     head = acoustic.CTCHead(cfg, contract.output_frames)
     before = {}
@@ -362,25 +487,33 @@ def train_head(manifest: Path, minutes: float = 25.0, copies: int = 1, lr: float
         old, before = acoustic.load_head(init)
         head.load_state_dict(old.state_dict())
         log.info("continuing from %s", init)
-    info = train(head, tr, dev, minutes, lr=lr)
+    info = train(head, tr, dev, minutes, lr=lr, steps=steps)
     if before:
         info["continued_from"] = before.get("train")
-    model = acoustic.AcousticModel(encoder, head, contract).eval()
-    res = evaluate(torch_runner(model), contract)
-    for r in res["rows"]:
+    if frames == "full":
+        runner = full_context_runner(encoder, head, contract)
+    else:
+        runner = torch_runner(acoustic.AcousticModel(encoder, head, contract).eval())
+    res = evaluate_real(runner, contract)
+    for r in res["all"]["rows"]:
         log.info("%s\n  REF: %s\n  HYP: %s", r["file"], r["ref"], r["hyp"])
-    log.info("REAL SPEECH (%d clips, %d words): WER %.1f %%  CER %.1f %%", res["clips"],
-             res["words"], 100 * res["wer"], 100 * res["cer"])
+    for name, r in res.items():
+        log.info("REAL SPEECH %s (%d clips, %d words): WER %.1f %%  CER %.1f %%", name,
+                 r["clips"], r["words"], 100 * r["wer"], 100 * r["cer"])
     meta = {"train": {**info, "precompute_minutes": pre_min, "utterances": len(tr.targets),
-                      "windows": int(len(tr.frames)), "manifest": str(manifest),
+                      "windows": tr.n_windows, "manifest": str(manifest),
                       "max_utterances": max_utterances, "hours": hours,
-                      "copies": copies},
-            "real_speech": {k: res[k] for k in ("wer", "cer", "clips", "words")}}
-    if heldout is not None and heldout.exists():
-        meta["heldout_synthetic"] = evaluate_heldout(torch_runner(model), contract, heldout)
-        for eng, r in meta["heldout_synthetic"].items():
-            log.info("HELD-OUT SYNTHETIC %s (%d utts, %d words): WER %.1f %%  CER %.1f %%",
-                     eng, r["clips"], r["words"], 100 * r["wer"], 100 * r["cer"])
+                      "copies": copies, "frames": frames, "budget_steps": steps},
+            "real_speech": {k: res["all"][k] for k in ("wer", "cer", "clips", "words")},
+            "real_speech_sets": {n: {k: r[k] for k in ("wer", "cer", "clips", "words")}
+                                 for n, r in res.items()}}
+    for path in heldout:
+        if path.exists():
+            name = f"heldout:{path.parent.name}/{path.stem}"
+            meta.setdefault("heldout", {})[name] = evaluate_heldout(runner, contract, path)
+            for eng, r in meta["heldout"][name].items():
+                log.info("HELD-OUT %s %s (%d utts, %d words): WER %.1f %%  CER %.1f %%", name,
+                         eng, r["clips"], r["words"], 100 * r["wer"], 100 * r["cer"])
     acoustic.save_head(head, out, **meta)
     log.info("saved %s", out)
     return head, meta
@@ -390,7 +523,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.train_ctc", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--minutes", type=float, default=25.0, help="training wall-clock budget")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="training wall-clock budget")
+    budget.add_argument("--steps", type=int, help="training budget in optimiser steps")
     p.add_argument("--copies", type=int, default=1, help="augmented copies of the data")
     p.add_argument("--dev-fraction", type=float, default=0.03)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -398,14 +533,20 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HEAD_FILE)
     p.add_argument("--max-utterances", type=int, help="use only this many of the manifest")
     p.add_argument("--init", type=Path, help="continue training this head (.npz)")
-    p.add_argument("--real", type=Path, help="pseudo-labelled real speech manifest")
-    p.add_argument("--real-repeat", type=int, default=20, help="times the real set is seen")
-    p.add_argument("--heldout", type=Path, help="held-out synthetic manifest (WER only)")
+    p.add_argument("--real", type=parse_real, action="append", default=[],
+                   metavar="PATH[:REPEAT]",
+                   help="real-speech manifest and how often it is trained on (repeatable)")
+    p.add_argument("--heldout", type=Path, action="append", default=[],
+                   help="held-out manifest, scored after training (repeatable)")
+    p.add_argument("--frames", choices=FRAME_MODES, default="window",
+                   help="encoder frames the head reads: as served, or full-context (ablation)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
-    train_head(a.manifest, a.minutes, a.copies, a.lr, a.dev_fraction, a.out,
-               a.max_utterances, a.init, a.real, a.real_repeat, a.heldout)
+    minutes = a.minutes if a.minutes is not None or a.steps is not None else 25.0
+    train_head(a.manifest, minutes if a.steps is None else None, a.copies, a.lr,
+               a.dev_fraction, a.out, a.max_utterances, a.init, a.real, a.heldout, a.steps,
+               a.frames)
     return 0
 
 
