@@ -184,11 +184,14 @@ def test_word_lm_prefers_the_likely_word(tmp_path):
 
 
 @pytest.mark.skipif(not kenlm_available(), reason="the optional kenlm module is not installed")
-def test_word_lm_needs_beam_search(tmp_path):
+def test_greedy_streams_opt_out_of_the_servers_lm(tmp_path):
+    """The server's default LM belongs to the beam search: a stream that picks greedy
+    decodes exactly as greedy without any LM (it used to be refused)."""
     arpa = tmp_path / "tiny.arpa"
     arpa.write_text(ARPA)
-    with pytest.raises(ValueError, match="^lm_path:"):
-        StreamDecoder(CONTRACT, config=DecoderConfig(lm_path=str(arpa)))
+    lp = path_matrix("hh_i")
+    with_lm = decode_whole(CONTRACT, lp, DecoderConfig(lm_path=str(arpa)))
+    assert with_lm == decode_whole(CONTRACT, lp, DecoderConfig())
 
 
 def test_impossible_tokens_are_never_chosen():

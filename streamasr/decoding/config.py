@@ -25,15 +25,17 @@ DEFAULT_BEAM_TOP_K = 8
 #: Log-domain bonus per matched hotword token when a hotword is given without a boost
 #: (the per-token convention of sherpa-onnx's ``hotwords_score``).
 DEFAULT_HOTWORD_BOOST = 1.5
+# LM weights: chosen for the bundled model + the CMU LM (`make lm`) on the Asterisk dev
+# prompts, never on a test set (`python -m training.eval_decoding --tune`).
 #: Shallow-fusion weight of the word n-gram LM (natural-log LM score times alpha).
-DEFAULT_LM_ALPHA = 0.5
+DEFAULT_LM_ALPHA = 0.8
 #: Bonus per word scored by the LM (counteracts the LM's preference for short outputs).
-DEFAULT_LM_BETA = 1.0
+DEFAULT_LM_BETA = 0.5
 #: Charge an open word the LM look-ahead of its letters (see ``decoding.lm``).
 DEFAULT_LM_PARTIAL_WORDS = True
 #: log10 spelling cost per letter of a word the LM does not know, on top of P(<unk>):
 #: makes one glued-together "word" cost more than the real words it swallows.
-DEFAULT_LM_OOV_LETTER_LOG10 = -0.5
+DEFAULT_LM_OOV_LETTER_LOG10 = -1.0
 
 # -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
 #: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..alignment import aligned_words
 from ..contract import ModelContract
 from .config import DecoderConfig, EndpointConfig
 from .search import BeamOptions, BeamSearch, ContextGraph, GreedySearch, Token, alignment
@@ -58,6 +59,9 @@ class StreamDecoder:
         self.text = TokenText(contract)
         self.vocab_size = len(contract.vocabulary)
         self.frame_seconds = contract.output_frame_seconds
+        # the open utterance's frames, kept to re-align beam finals (see _realign)
+        self._utt_rows: Optional[list[np.ndarray]] = (
+            [] if self.config.decoding == "beam" and self.text.boundary == "space" else None)
         self.search = self._build_search()
         ep, fs = self.endpoint, self.frame_seconds
         self._rule1 = seconds_to_frames(ep.rule1_min_trailing_silence, fs)
@@ -75,8 +79,8 @@ class StreamDecoder:
         if cfg.decoding == "greedy":
             if cfg.hotwords:
                 raise ValueError("hotwords: need decoding=beam")
-            if cfg.lm_path:
-                raise ValueError("lm_path: needs decoding=beam")
+            # lm_path is fused by the beam search only: a stream that picks greedy (the
+            # cheapest path) opts out of the server's default LM.
             return GreedySearch(self.text)
         context = None
         if cfg.hotwords:
@@ -123,6 +127,8 @@ class StreamDecoder:
         msgs: list[dict] = []
         self.search.begin_block(lp)
         for i in range(lp.shape[0]):
+            if self._utt_rows is not None:
+                self._utt_rows.append(lp[i])
             self.search.step(i, self._frames)
             self._frames += 1
             self._check_endpoint(msgs)
@@ -207,6 +213,8 @@ class StreamDecoder:
     def _final(self, speech_final: bool, from_finalize: bool) -> dict:
         msg = self._results(self.search.finish(), is_final=True, speech_final=speech_final,
                             from_finalize=from_finalize)
+        if self._utt_rows is not None:
+            self._realign(msg)
         words = msg["channel"]["alternatives"][0]["words"]
         if words:
             self._pending_end = self._last_word_end_frame
@@ -218,6 +226,31 @@ class StreamDecoder:
     def _new_utterance(self) -> None:
         self.search.reset()
         self._utt_start = self._frames
+        if self._utt_rows is not None:
+            self._utt_rows = []
+
+    def _realign(self, msg: dict) -> None:
+        """Beam finals: word times and confidences from a forced alignment of the final
+        text on the utterance's frames (the single best path), because the beam keeps
+        per prefix only the alignment of its best contribution frame by frame, which
+        can be frames off once the LM reorders prefixes.  Interims keep the beam's."""
+        alt = msg["channel"]["alternatives"][0]
+        if not alt["words"] or not self._utt_rows:
+            return
+        try:
+            spans = aligned_words(np.stack(self._utt_rows), alt["transcript"],
+                                  self.text.vocabulary, self.text.blank_id)
+        except ValueError:   # not alignable (a token carried over a boundary): keep beam's
+            return
+        words = []
+        for word, first, end, conf in spans:
+            words.append({"word": word, "start": self._time(self._utt_start + first),
+                          "end": self._time(self._utt_start + end),
+                          "confidence": round(conf, CONFIDENCE_DECIMALS)})
+        self._last_word_end_frame = self._utt_start + spans[-1][2]
+        alt["words"] = words
+        alt["confidence"] = round(sum(w["confidence"] for w in words) / len(words),
+                                  CONFIDENCE_DECIMALS)
 
     def _time(self, frame: int) -> float:
         return round(self.config.time_offset + frame * self.frame_seconds, TIME_DECIMALS)
