@@ -411,7 +411,11 @@ def http_invoker(base_url: str):
                 payload, h = json.loads(r.read()), r.headers
         except urllib.error.HTTPError as e:
             raise StreamFailed(f"HTTP {e.code}: {e.read()[:500]!r}") from None
-        return Reply(payload.get("messages", []), h.get("X-Amzn-SageMaker-New-Session-Id"),
+        # SageMaker takes the new session's id from X-Amzn-SageMaker-Session-Id; the
+        # container also answers it as X-Amzn-SageMaker-New-Session-Id (older images).
+        new = h.get("X-Amzn-SageMaker-Session-Id") if session_id == "NEW_SESSION" else None
+        return Reply(payload.get("messages", []),
+                     new or h.get("X-Amzn-SageMaker-New-Session-Id"),
                      h.get("X-Amzn-SageMaker-Closed-Session-Id"))
     return invoke
 
