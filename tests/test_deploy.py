@@ -300,3 +300,22 @@ def test_base_image_account_per_region(caplog):
         f"--build-arg=TRITON_TAG={images.DEFAULT_TRITON_TAG}"]
     assert dep.main(["base-image", "--region", "mars-1"], out=io.StringIO()) == 2
     assert "mars-1" in caplog.text
+
+
+def test_execution_role_policy_covers_model_data_and_data_capture():
+    """--model-data-url is downloaded and data capture written with the execution role:
+    its documented policy must allow both."""
+    import json
+    import re
+
+    doc = (ROOT / "docs" / "sagemaker.md").read_text()
+    head, _, rest = doc.partition("*Execution role*")
+    execution = json.loads(re.search(r"```json\n(.*?)```", rest, re.S)[1])
+    allowed = {}
+    for st in execution["Statement"]:
+        for action in [st["Action"]] if isinstance(st["Action"], str) else st["Action"]:
+            allowed.setdefault(action, []).append(st["Resource"])
+    assert any(r.startswith("arn:aws:s3:::") for r in allowed.get("s3:GetObject", []))
+    assert any(r.startswith("arn:aws:s3:::") and r.endswith("/*")
+               for r in allowed.get("s3:PutObject", []))
+    assert "kms:GenerateDataKey" in allowed
