@@ -15,7 +15,8 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     With the header ``X-Amzn-SageMaker-Session-Id`` the request is instead one chunk of a
     *streaming* session kept in this process (SageMaker stateful sessions, the
     request-response fallback for clients without HTTP/2): ``NEW_SESSION`` opens one
-    (answer header ``X-Amzn-SageMaker-New-Session-Id: <id>; Expires=<iso time>``), later
+    (answer header ``X-Amzn-SageMaker-Session-Id: <id>; Expires=<iso time>``, also as
+    ``X-Amzn-SageMaker-New-Session-Id``), later
     chunks name the id; the body is raw PCM as above; ``finalize=true`` flushes,
     ``close=true`` ends the session (answer header ``X-Amzn-SageMaker-Closed-Session-Id``).
     Options come from the query string or, through InvokeEndpoint (which has none), from
