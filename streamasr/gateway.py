@@ -15,7 +15,8 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     With the header ``X-Amzn-SageMaker-Session-Id`` the request is instead one chunk of a
     *streaming* session kept in this process (SageMaker stateful sessions, the
     request-response fallback for clients without HTTP/2): ``NEW_SESSION`` opens one
-    (answer header ``X-Amzn-SageMaker-New-Session-Id: <id>; Expires=<iso time>``), later
+    (answer header ``X-Amzn-SageMaker-Session-Id: <id>; Expires=<iso time>``, also as
+    ``X-Amzn-SageMaker-New-Session-Id``), later
     chunks name the id; the body is raw PCM as above; ``finalize=true`` flushes,
     ``close=true`` ends the session (answer header ``X-Amzn-SageMaker-Closed-Session-Id``).
     Options come from the query string or, through InvokeEndpoint (which has none), from
@@ -60,6 +61,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 from tritonclient.grpc import service_pb2
 
+from streamasr import sagemaker_platform
 from streamasr.contract import ModelContract
 from streamasr_client.audio import resample, to_mono
 from streamasr.decoding.config import parse_bool
@@ -261,6 +263,7 @@ class Gateway:
         self.backend = backend or Backend(cfg)
         self.http_sessions: dict[str, HttpSession] = {}
         self.active_ws = 0
+        self.ws_sessions: set[WsSession] = set()     # open streams, for the shutdown drain
         self._reaper: asyncio.Task | None = None
 
     def app(self) -> web.Application:
@@ -270,6 +273,8 @@ class Gateway:
         app.router.add_get(WS_PATH, self.websocket)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
+        # InvokeEndpoint's 6 MB / 60 s limits, and draining streams on SIGTERM
+        sagemaker_platform.install(app, self)
         return app
 
     async def _on_startup(self, _app) -> None:
@@ -347,7 +352,10 @@ class Gateway:
             hs = HttpSession(uuid.uuid4().hex, session, time.monotonic() + self.cfg.session_ttl_s)
             self.http_sessions[hs.id] = hs
             expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.cfg.session_ttl_s)
-            headers[NEW_SESSION_HEADER] = f"{hs.id}; Expires={expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            # SageMaker reads X-Amzn-SageMaker-Session-Id from the container's answer (as
+            # AWS's own containers send it); the New-Session-Id name stays for older clients.
+            headers[SESSION_HEADER] = headers[NEW_SESSION_HEADER] = \
+                f"{hs.id}; Expires={expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
             log.info("http session %s opened", hs.id)
         else:
             hs = self.http_sessions.get(sid)
@@ -396,9 +404,12 @@ class Gateway:
                                    max_msg_size=self.cfg.max_frame_bytes)
         await ws.prepare(request)       # accept first: SageMaker wants it within 250 ms
         self.active_ws += 1
+        session = WsSession(self, ws, dict(request.query))
+        self.ws_sessions.add(session)
         try:
-            await WsSession(self, ws, dict(request.query)).run()
+            await session.run()
         finally:
+            self.ws_sessions.discard(session)
             self.active_ws -= 1
         return ws
 
@@ -427,6 +438,7 @@ class WsSession:
         self.received = 0          # messages handed to us by the reader thread
         self.audio_bytes = 0
         self.id = "-"
+        self.draining = False      # set by the shutdown drain: further input is ignored
 
     # results arrive on the connection's reader thread
     def _on_message(self, m: dict) -> None:
@@ -492,8 +504,12 @@ class WsSession:
             raise ProtocolError("backpressure", "client is not reading results fast enough")
 
     async def _audio(self, data: bytes) -> None:
+        if self.draining:
+            return
         s = await self._open()
         await self._check_flood()
+        if self.draining:          # the drain ENDed the sequence while this waited
+            return
         width = np.dtype(ENCODINGS[self.encoding][0]).itemsize * self.channels
         data = self.remainder + data
         cut = len(data) - len(data) % width
@@ -507,6 +523,8 @@ class WsSession:
 
     async def _control(self, text: str) -> bool:
         """Handle a text frame; True when the client asked to close."""
+        if self.draining:
+            return False
         try:
             msg = json.loads(text)
             kind = msg["type"]

@@ -20,7 +20,13 @@ SAGEMAKER_TRITON_LOG_INFO/_WARNING/_ERROR  ``false`` silences that level
 SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE  python backend shm (default 16 MiB)
 SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE   python backend shm growth (default 1 MiB)
 SAGEMAKER_TRITON_ADDITIONAL_ARGS      further tritonserver flags (shell-split)
-STREAMASR_MODEL_REPOSITORY            default /opt/ml/model, else ./model_repository
+STREAMASR_MODEL_REPOSITORY            model repository; default: /opt/ml/model when it
+                                      holds one (ModelDataUrl), else the baked one
+STREAMASR_BAKED_REPOSITORY            the image's own repository
+                                      (/opt/streamasr/model_repository; else
+                                      ./model_repository when run from a checkout)
+STREAMASR_SAGEMAKER_MODEL_DIR         where SageMaker unpacks ModelDataUrl
+                                      (/opt/ml/model; set only by tests)
 STREAMASR_GRPC_TLS_CERT/_KEY          PEM paths: gRPC only over TLS (gateway included)
 STREAMASR_GRPC_TLS_ROOT_CERT          CA the gateway trusts (default: the cert itself)
 STREAMASR_TRITON_BINARY               tritonserver to run (default
@@ -31,9 +37,11 @@ STREAMASR_TRITON_BACKENDS             backend directory for that binary
                                       (default /opt/tritonserver/backends)
 ====================================  ==================================================
 
-SIGTERM/SIGINT: the gateway stops accepting, closes its sockets, then tritonserver gets
-SIGTERM (and SIGKILL after its exit timeout).  If tritonserver dies, the gateway stops
-too and the exit status is non-zero, so SageMaker replaces the container.
+SIGTERM/SIGINT: the gateway stops accepting, drains open streams (END to Triton, last
+results sent, close 1001) within 10 s, gives running requests 5 s more, then tritonserver
+gets SIGTERM and 8 s to exit (then SIGKILL): all within the 30 s SageMaker allows between
+SIGTERM and SIGKILL (streamasr/sagemaker_platform.py).  If tritonserver dies, the gateway
+stops too and the exit status is non-zero, so SageMaker replaces the container.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from streamasr import sagemaker_platform as platform
 from streamasr.gateway import Gateway, GatewayConfig
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
 
@@ -54,6 +63,35 @@ log = logging.getLogger("streamasr.serve")
 
 IMAGE_TRITON = Path("/opt/tritonserver/bin/tritonserver")
 IMAGE_BACKENDS = Path("/opt/tritonserver/backends")
+# SageMaker unpacks ModelDataUrl here, and mounts volumes under /opt/ml: the image's own
+# repository lives elsewhere so that a mount cannot hide it.
+SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
+BAKED_REPOSITORY = Path("/opt/streamasr/model_repository")
+
+
+def holds_repository(path: Path) -> bool:
+    """A Triton model repository: a folder with at least one ``<model>/config.pbtxt``."""
+    return path.is_dir() and any(p.is_file() for p in path.glob("*/config.pbtxt"))
+
+
+def model_repository(env=None) -> Path:
+    """STREAMASR_MODEL_REPOSITORY; else /opt/ml/model when it holds a repository (bring
+    your own model via ModelDataUrl); else the repository baked into the image; else the
+    checkout's (docker/serve run outside Docker)."""
+    env = os.environ if env is None else env
+    if env.get("STREAMASR_MODEL_REPOSITORY"):
+        return Path(env["STREAMASR_MODEL_REPOSITORY"])
+    model_dir = Path(env.get("STREAMASR_SAGEMAKER_MODEL_DIR") or SAGEMAKER_MODEL_DIR)
+    if holds_repository(model_dir):
+        log.info("model repository: %s (model data)", model_dir)
+        return model_dir
+    if model_dir.is_dir() and any(model_dir.iterdir()):
+        log.warning("%s has files but no <model>/config.pbtxt at its top level: not a model "
+                    "repository, using the image's own", model_dir)
+    baked = Path(env.get("STREAMASR_BAKED_REPOSITORY") or BAKED_REPOSITORY)
+    repo = baked if holds_repository(baked) else REPO_ROOT / "model_repository"
+    log.info("model repository: %s", repo)
+    return repo
 
 
 def _flag(env, name: str, default: bool) -> bool:
@@ -78,10 +116,7 @@ def server_config(env=None) -> ServerConfig:
     """The ServerConfig (incl. extra tritonserver flags) a SageMaker container gets."""
     env = os.environ if env is None else env
     http, grpc_port, metrics = _ports(env)
-    repo = env.get("STREAMASR_MODEL_REPOSITORY")
-    if not repo:
-        repo = "/opt/ml/model" if Path("/opt/ml/model").is_dir() else \
-            str(REPO_ROOT / "model_repository")
+    repo = model_repository(env)
     extra: list[str] = []
     if _flag(env, "SAGEMAKER_TRITON_ALLOW_GRPC", False):
         extra.append("--grpc-address=0.0.0.0")      # later flags override earlier ones
@@ -99,8 +134,9 @@ def server_config(env=None) -> ServerConfig:
               f"--backend-config=python,shm-growth-byte-size={int(growth)}"]
     extra += shlex.split(env.get("SAGEMAKER_TRITON_ADDITIONAL_ARGS", ""))
     cert, key = env.get("STREAMASR_GRPC_TLS_CERT"), env.get("STREAMASR_GRPC_TLS_KEY")
-    return ServerConfig(model_repository=Path(repo), http_port=http, grpc_port=grpc_port,
+    return ServerConfig(model_repository=repo, http_port=http, grpc_port=grpc_port,
                         metrics_port=metrics, log_verbose=level, extra_args=extra,
+                        exit_timeout_s=platform.TRITON_EXIT_S,
                         grpc_cert=Path(cert) if cert else None,
                         grpc_key=Path(key) if key else None)
 
@@ -190,13 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     gw = Gateway(gcfg)
     log.info("gateway on %s:%d", gcfg.host, gcfg.port)
     try:
+        # on_shutdown drains the streams (DRAIN_S), then requests get HANDLER_SHUTDOWN_S
         web.run_app(gw.app(), host=gcfg.host, port=gcfg.port, print=None,
-                    shutdown_timeout=5.0)
+                    shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
     finally:
         stopping.set()
         log.info("stopping tritonserver")
         try:
-            server.stop(timeout_s=cfg.exit_timeout_s + 5)
+            server.stop(timeout_s=cfg.exit_timeout_s + 2)
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning("stopping tritonserver: %s", exc)
     return int(outcome["code"])

@@ -5,18 +5,24 @@
         [--subnets subnet-a,subnet-b --security-groups sg-1] [--grpc] \\
         [--autoscale-min 1 --autoscale-max 4 --target-concurrency 20] [--wait] [--dry-run]
     docker/deploy delete --name streamasr [--dry-run]
+    docker/deploy base-image --region eu-south-2 [--triton-tag 25.09-py3] [--build-args]
 
 Each step is one AWS API call: ``plan_create``/``plan_delete`` return them as data
 (service, operation, arguments); ``execute`` runs them with boto3 clients, or with
 ``--dry-run`` only prints them.  Names: model ``<name>``, endpoint config ``<name>``,
 endpoint ``<name>``, variant ``AllTraffic``.  Data capture stays off unless
-``--data-capture-s3`` is given (it would store audio and transcripts).
+``--data-capture-s3`` is given (it would store audio and transcripts).  Autoscaling is
+registered only once the endpoint is InService (``RegisterScalableTarget`` fails on an
+endpoint that is still Creating), with or without ``--wait``.  ``base-image`` prints the
+SageMaker Triton base image (or ``docker build`` arguments) for a region: the registry
+account differs between regions (streamasr/sagemaker_images.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
@@ -29,6 +35,16 @@ SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 # stream counts as a request in flight until it closes.
 CONCURRENCY_METRIC = "SageMakerVariantConcurrentRequestsPerModelHighResolution"
 INVOCATIONS_METRIC = "SageMakerVariantInvocationsPerInstance"
+# CreateEndpointConfig fails when KmsKeyId is given for an instance type with local
+# (NVMe instance store) storage: Nitro encrypts those volumes in hardware (AWS API
+# reference, CreateEndpointConfig, KmsKeyId; the families are those whose EC2 twins have
+# instance store volumes).  Families with a "d" attribute (m5d, c6id, g4dn, p4de, ...) have
+# it by naming convention; these have it without the letter.
+LOCAL_STORAGE_FAMILIES = {"g5", "g6", "g6e", "gr6", "p5", "p5e", "p5en", "p6-b200", "p6e-gb200",
+                          "trn1", "trn1n", "trn2", "x2iedn"}
+# AWS's default waiter polls DescribeEndpoint every 30 s (up to 120 times).
+WAITER_DELAY_S = 30
+WAITER_MAX_ATTEMPTS = 120
 
 
 @dataclass
@@ -38,6 +54,8 @@ class Call:
     params: dict[str, Any]
     # error codes that mean "already in the wanted state" (teardown of absent things)
     tolerate: tuple[str, ...] = field(default=())
+    # the endpoint must be InService before this call (autoscaling registration)
+    needs_in_service: bool = False
 
     def render(self) -> str:
         return f"{self.service}.{self.operation}({json.dumps(self.params, indent=2, sort_keys=True)})"
@@ -63,11 +81,26 @@ def container_environment(a: argparse.Namespace) -> dict[str, str]:
     return env
 
 
+def has_local_instance_storage(instance_type: str) -> bool:
+    """True for SageMaker instance types with NVMe instance store (``ml.g5.xlarge``...)."""
+    family = instance_type.removeprefix("ml.").split(".")[0]
+    if family in LOCAL_STORAGE_FAMILIES:
+        return True
+    m = re.fullmatch(r"[a-z]+\d+([a-z]*)", family)
+    return bool(m and "d" in m[1])
+
+
 def resource_id(name: str) -> str:
     return f"endpoint/{name}/variant/{VARIANT}"
 
 
 def plan_create(a: argparse.Namespace) -> list[Call]:
+    if a.kms_key and has_local_instance_storage(a.instance_type):
+        raise ValueError(
+            f"--kms-key cannot be used with {a.instance_type}: it has local NVMe instance "
+            "storage, which Nitro encrypts in hardware, and CreateEndpointConfig rejects a "
+            "KmsKeyId for such instance types; drop --kms-key (use --data-capture-kms-key "
+            "to encrypt captured data) or choose an instance type without local storage")
     container: dict[str, Any] = {"Image": a.image, "Environment": container_environment(a)}
     if a.model_data_url:
         container["ModelDataUrl"] = a.model_data_url
@@ -91,8 +124,9 @@ def plan_create(a: argparse.Namespace) -> list[Call]:
             "EnableCapture": True, "InitialSamplingPercentage": a.data_capture_percent,
             "DestinationS3Uri": a.data_capture_s3,
             "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]}
-        if a.kms_key:
-            epc["DataCaptureConfig"]["KmsKeyId"] = a.kms_key
+        capture_key = a.data_capture_kms_key or a.kms_key
+        if capture_key:
+            epc["DataCaptureConfig"]["KmsKeyId"] = capture_key
     calls = [Call("sagemaker", "create_model", model),
              Call("sagemaker", "create_endpoint_config", epc),
              Call("sagemaker", "create_endpoint",
@@ -112,7 +146,8 @@ def plan_autoscaling(a: argparse.Namespace) -> list[Call]:
         Call("application-autoscaling", "register_scalable_target",
              {"ServiceNamespace": "sagemaker", "ResourceId": rid,
               "ScalableDimension": SCALABLE_DIMENSION,
-              "MinCapacity": a.autoscale_min, "MaxCapacity": a.autoscale_max}),
+              "MinCapacity": a.autoscale_min, "MaxCapacity": a.autoscale_max},
+             needs_in_service=True),
         Call("application-autoscaling", "put_scaling_policy",
              {"PolicyName": f"{a.name}-{a.scale_on}", "ServiceNamespace": "sagemaker",
               "ResourceId": rid, "ScalableDimension": SCALABLE_DIMENSION,
@@ -138,13 +173,31 @@ def plan_delete(a: argparse.Namespace) -> list[Call]:
     ]
 
 
+def wait_in_service(client, name: str, delay_s: float = WAITER_DELAY_S,
+                    max_attempts: int = WAITER_MAX_ATTEMPTS) -> None:
+    """boto3's ``endpoint_in_service`` waiter (DescribeEndpoint until InService; fails
+    at once on Failed)."""
+    log.info("waiting for endpoint %s to be InService", name)
+    client.get_waiter("endpoint_in_service").wait(
+        EndpointName=name, WaiterConfig={"Delay": delay_s, "MaxAttempts": max_attempts})
+
+
 def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run: bool,
-            out: TextIO, wait: Callable[[Any], None] | None = None) -> list[Any]:
-    """Run (or with dry_run only print) the calls in order; returns the responses."""
+            out: TextIO, wait: Callable[[Any], None] | None = None,
+            wait_before: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run (or with dry_run only print) the calls in order; returns the responses.
+    ``wait_before(sagemaker_client)`` runs once before the first call that needs the
+    endpoint InService; ``wait(sagemaker_client)`` after create_endpoint (``--wait``)."""
     from botocore.exceptions import ClientError
 
     results = []
+    in_service = False
     for c in calls:
+        if c.needs_in_service and not in_service:
+            out.write(("DRY RUN " if dry_run else "") + "wait until the endpoint is InService\n")
+            if not dry_run and wait_before is not None:
+                wait_before(client_for("sagemaker"))
+            in_service = True
         out.write(("DRY RUN " if dry_run else "") + c.render() + "\n")
         if dry_run:
             continue
@@ -160,6 +213,7 @@ def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run:
             raise
         if c.operation == "create_endpoint" and wait is not None:
             wait(client)
+            in_service = True
     return results
 
 
@@ -180,7 +234,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--count", type=int, default=1)
     c.add_argument("--model-data-url", default=None,
                    help="s3://.../model.tar.gz to replace the baked-in /opt/ml/model")
-    c.add_argument("--kms-key", default=None, help="KMS key for the instance storage volume")
+    c.add_argument("--kms-key", default=None,
+                   help="KMS key for the instance's EBS storage volume (refused for instance "
+                        "types with local NVMe storage, e.g. ml.g5/ml.g6)")
+    c.add_argument("--data-capture-kms-key", default=None,
+                   help="KMS key for captured data in S3 (default: --kms-key)")
     c.add_argument("--subnets", default=None, help="comma-separated subnet ids (VPC mode)")
     c.add_argument("--security-groups", default=None, help="comma-separated SG ids")
     c.add_argument("--network-isolation", action="store_true")
@@ -205,12 +263,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = sub.add_parser("delete", parents=[common],
                        help="autoscaling target, endpoint, endpoint config, model")
     d.add_argument("--name", required=True)
+    b = sub.add_parser("base-image", parents=[common],
+                       help="the SageMaker Triton base image for a region (or build args)")
+    b.add_argument("--triton-tag", default=None,
+                   help="sagemaker-tritonserver tag (default: the Dockerfile's)")
+    b.add_argument("--build-args", action="store_true",
+                   help="print `docker build` --build-arg flags instead of the URI")
     return p.parse_args(argv)
+
+
+def base_image_command(a: argparse.Namespace, out: TextIO) -> int:
+    from streamasr import sagemaker_images as images
+
+    region = a.region
+    if region is None:
+        import boto3
+
+        region = boto3.session.Session().region_name
+    if not region:
+        log.error("no region: pass --region or set AWS_REGION")
+        return 2
+    try:
+        img = images.base_image(region, a.triton_tag or images.DEFAULT_TRITON_TAG)
+    except images.UnknownImage as exc:
+        log.error("%s", exc)
+        return 2
+    out.write((" ".join(img.build_args()) if a.build_args else img.uri) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     a = parse_args(argv)
+    if a.command == "base-image":
+        return base_image_command(a, out)
     try:
         calls = plan_create(a) if a.command == "create" else plan_delete(a)
     except ValueError as exc:
@@ -229,11 +315,10 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
             return clients[service]
 
     def wait(client) -> None:
-        log.info("waiting for endpoint %s to be InService", a.name)
-        client.get_waiter("endpoint_in_service").wait(EndpointName=a.name)
+        wait_in_service(client, a.name)
 
     execute(calls, client_for, a.dry_run, out,
-            wait if getattr(a, "wait", False) else None)
+            wait if getattr(a, "wait", False) else None, wait_before=wait)
     return 0
 
 

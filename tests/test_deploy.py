@@ -27,11 +27,21 @@ def clients():
             "application-autoscaling": s.client("application-autoscaling")}
 
 
-def run_stubbed(calls, responses=None, errors=None):
-    """Execute ``calls`` with stubbed clients; each call expects exactly its params."""
+def run_stubbed(calls, responses=None, errors=None, in_service=False, order=None):
+    """Execute ``calls`` with stubbed clients; each call expects exactly its params.
+    ``in_service``: the endpoint is Creating, then InService when the autoscaling calls
+    need it (DescribeEndpoint answers for boto3's real waiter).  ``order`` collects the
+    operations as they are sent, across clients."""
     cs = clients()
+    if order is not None:
+        for c in cs.values():
+            c.meta.events.register("before-call.*.*", lambda model, **_: order.append(model.name))
     stubs = {k: Stubber(c) for k, c in cs.items()}
     for i, c in enumerate(calls):
+        if c.needs_in_service and in_service:
+            for status in ("Creating", "InService"):
+                stubs["sagemaker"].add_response("describe_endpoint", describe_endpoint(status),
+                                                expected_params={"EndpointName": "asr"})
         if errors and i in errors:
             stubs[c.service].add_client_error(c.operation, service_error_code=errors[i],
                                               expected_params=c.params)
@@ -41,10 +51,20 @@ def run_stubbed(calls, responses=None, errors=None):
     for s in stubs.values():
         s.activate()
     out = io.StringIO()
-    result = dep.execute(calls, cs.__getitem__, dry_run=False, out=out)
+    result = dep.execute(calls, cs.__getitem__, dry_run=False, out=out,
+                         wait_before=lambda c: dep.wait_in_service(c, "asr", delay_s=0))
     for s in stubs.values():
         s.assert_no_pending_responses()
     return result, out.getvalue()
+
+
+def describe_endpoint(status: str) -> dict:
+    import datetime as dt
+
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.timezone.utc)
+    return {"EndpointName": "asr", "EndpointConfigName": "asr", "EndpointStatus": status,
+            "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/asr",
+            "CreationTime": now, "LastModifiedTime": now}
 
 
 RESPONSES = {
@@ -75,7 +95,7 @@ def test_create_defaults():
 
 def test_create_everything():
     a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                        "--instance-type", "ml.g6.2xlarge", "--count", "2", "--kms-key", KMS,
+                        "--instance-type", "ml.m5.2xlarge", "--count", "2", "--kms-key", KMS,
                         "--subnets", "subnet-1,subnet-2", "--security-groups", "sg-1",
                         "--grpc", "--env", "STREAMASR_GATEWAY_MAX_PENDING=80",
                         "--autoscale-min", "2", "--autoscale-max", "6",
@@ -97,7 +117,8 @@ def test_create_everything():
     tt = pol["TargetTrackingScalingPolicyConfiguration"]
     assert tt["PredefinedMetricSpecification"]["PredefinedMetricType"] == dep.CONCURRENCY_METRIC
     assert tt["TargetValue"] == 25.0
-    run_stubbed(calls, RESPONSES)      # Stubber validates every request against the API model
+    # autoscaling waits for InService: DescribeEndpoint (the waiter) comes first
+    run_stubbed(calls, RESPONSES, in_service=True)   # Stubber validates every request
 
 
 def test_metric_names_exist_in_the_api_model():
@@ -174,3 +195,127 @@ def test_docs_commands_and_policies_are_current():
     for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "DeleteEndpoint"):
         assert f"sagemaker:{op}" in actions
     assert "iam:PassRole" in actions
+
+
+def test_kms_key_is_refused_on_instances_with_local_nvme_before_any_call(monkeypatch, caplog):
+    """CreateEndpointConfig rejects KmsKeyId on Nitro instances with instance store (the
+    default ml.g5.xlarge among them): refused up front, naming why, with no AWS call."""
+    def no_aws(*a, **kw):
+        raise AssertionError("an AWS client was created")
+
+    monkeypatch.setattr(boto3.session, "Session", no_aws)
+    for itype in ("ml.g5.xlarge", "ml.g6.2xlarge", "ml.g4dn.xlarge", "ml.p4d.24xlarge",
+                  "ml.m5d.large"):
+        args = ["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
+                "--instance-type", itype, "--kms-key", KMS]
+        with pytest.raises(ValueError, match="local NVMe"):
+            dep.plan_create(dep.parse_args(args))
+        caplog.clear()
+        assert dep.main(args, out=io.StringIO()) == 2
+        assert itype in caplog.text and "KmsKeyId" in caplog.text
+    # the default instance type is one of them
+    assert dep.has_local_instance_storage(dep.parse_args(
+        ["create", "--name", "a", "--image", IMAGE, "--role", ROLE]).instance_type)
+    for itype in ("ml.m5.xlarge", "ml.c5.2xlarge", "ml.p3.2xlarge", "ml.inf2.xlarge"):
+        assert not dep.has_local_instance_storage(itype), itype
+
+
+def test_data_capture_can_be_encrypted_on_local_nvme_instances():
+    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
+                        "--data-capture-s3", "s3://bucket/capture",
+                        "--data-capture-kms-key", KMS])
+    calls = dep.plan_create(a)
+    epc = calls[1].params
+    assert "KmsKeyId" not in epc and epc["DataCaptureConfig"]["KmsKeyId"] == KMS
+    run_stubbed(calls, RESPONSES)
+
+
+def test_autoscaling_is_registered_only_once_the_endpoint_is_in_service():
+    """Without --wait too: DescribeEndpoint is polled (boto3's waiter) until InService,
+    and only then RegisterScalableTarget is sent."""
+    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
+                        "--autoscale-max", "3"])
+    assert not a.wait
+    order: list[str] = []
+    run_stubbed(dep.plan_create(a), RESPONSES, in_service=True, order=order)
+    assert order == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint",
+                     "DescribeEndpoint", "DescribeEndpoint",
+                     "RegisterScalableTarget", "PutScalingPolicy"]
+
+
+def test_autoscaling_is_not_registered_on_a_failed_endpoint():
+    from botocore.exceptions import WaiterError
+
+    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
+                        "--autoscale-max", "3"])
+    calls = dep.plan_create(a)
+    cs = clients()
+    sm, aas = Stubber(cs["sagemaker"]), Stubber(cs["application-autoscaling"])
+    for c in calls[:3]:
+        sm.add_response(c.operation, RESPONSES[c.operation], expected_params=c.params)
+    sm.add_response("describe_endpoint", dict(describe_endpoint("Failed"),
+                                              FailureReason="image not found"),
+                    expected_params={"EndpointName": "asr"})
+    sm.activate()
+    aas.activate()                          # nothing queued: any call would fail
+    with pytest.raises(WaiterError, match="Failed|failure"):
+        dep.execute(calls, cs.__getitem__, dry_run=False, out=io.StringIO(),
+                    wait_before=lambda c: dep.wait_in_service(c, "asr", delay_s=0))
+    aas.assert_no_pending_responses()
+
+
+def test_dry_run_shows_the_wait_before_autoscaling():
+    out = io.StringIO()
+    assert dep.main(["create", "--dry-run", "--name", "asr", "--image", IMAGE, "--role", ROLE,
+                     "--autoscale-max", "3"], out=out) == 0
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("DRY RUN ")]
+    wait = [i for i, line in enumerate(lines) if "InService" in line]
+    reg = [i for i, line in enumerate(lines) if "register_scalable_target(" in line]
+    assert wait and reg and wait[0] < reg[0]
+
+
+def test_base_image_account_per_region(caplog):
+    from streamasr import sagemaker_images as images
+
+    for region, account in (("us-east-1", "763104351884"), ("eu-west-1", "763104351884"),
+                            ("af-south-1", "626614931356"), ("eu-south-1", "692866216735"),
+                            ("me-south-1", "217643126080"), ("ap-east-1", "871362719292"),
+                            ("ap-south-2", "772153158452"), ("ca-west-1", "204538143572")):
+        img = images.base_image(region, "25.09-py3")
+        assert img.uri == (f"{account}.dkr.ecr.{region}.amazonaws.com/"
+                           "sagemaker-tritonserver:25.09-py3")
+    accounts = images.load_table()["accounts"]
+    assert len({r for r, a in accounts.items() if a != "763104351884"}) >= 10
+    cn = images.base_image("cn-north-1", "24.09-py3")
+    assert cn.registry == "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn"
+    with pytest.raises(images.UnknownImage, match="not published in ap-south-2"):
+        images.base_image("ap-south-2", "23.12-py3")
+    with pytest.raises(images.UnknownImage, match="region 'mars-1'"):
+        images.base_image("mars-1")
+    out = io.StringIO()
+    assert dep.main(["base-image", "--region", "eu-south-2", "--build-args"], out=out) == 0
+    assert out.getvalue().split() == [
+        "--build-arg=REGION=eu-south-2", "--build-arg=BASE_ACCOUNT=503227376785",
+        "--build-arg=ECR_DOMAIN=amazonaws.com",
+        f"--build-arg=TRITON_TAG={images.DEFAULT_TRITON_TAG}"]
+    assert dep.main(["base-image", "--region", "mars-1"], out=io.StringIO()) == 2
+    assert "mars-1" in caplog.text
+
+
+def test_execution_role_policy_covers_model_data_and_data_capture():
+    """--model-data-url is downloaded and data capture written with the execution role:
+    its documented policy must allow both."""
+    import json
+    import re
+
+    doc = (ROOT / "docs" / "sagemaker.md").read_text()
+    head, _, rest = doc.partition("*Execution role*")
+    execution = json.loads(re.search(r"```json\n(.*?)```", rest, re.S)[1])
+    allowed = {}
+    for st in execution["Statement"]:
+        for action in [st["Action"]] if isinstance(st["Action"], str) else st["Action"]:
+            allowed.setdefault(action, []).append(st["Resource"])
+    assert any(r.startswith("arn:aws:s3:::") for r in allowed.get("s3:GetObject", []))
+    assert any(r.startswith("arn:aws:s3:::") and r.endswith("/*")
+               for r in allowed.get("s3:PutObject", []))
+    assert "kms:GenerateDataKey" in allowed

@@ -78,11 +78,20 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_structure():
     ins = dockerfile_instructions()
     froms = [r for w, r in ins if w == "FROM"]
-    dlc = "763104351884.dkr.ecr.${REGION}.amazonaws.com/sagemaker-tritonserver:${TRITON_TAG}"
+    # the registry account and domain are build args: they differ between regions
+    dlc = ("${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:"
+           "${TRITON_TAG}")
     # a build stage exports Whisper (torch stays out of the serving image), then the image
     assert froms == [f"{dlc} AS whisper", dlc]
     args = {r.split("=")[0]: r.split("=")[1] for w, r in ins if w == "ARG" and "=" in r}
     assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
+    # the defaults are the table's entry for the default region and tag
+    from streamasr.sagemaker_images import DEFAULT_TRITON_TAG, base_image
+    assert args["TRITON_TAG"] == DEFAULT_TRITON_TAG
+    default = base_image(args["REGION"], args["TRITON_TAG"])
+    assert (args["BASE_ACCOUNT"], args["ECR_DOMAIN"]) == (default.account, default.domain)
+    assert "763104351884" not in " ".join(r for w, r in ins if w != "ARG"), \
+        "the registry account must come from the BASE_ACCOUNT build arg"
     labels = " ".join(r for w, r in ins if w == "LABEL")
     assert "com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true" in labels
     all_copies = [r.split() for w, r in ins if w == "COPY"]
@@ -96,10 +105,17 @@ def test_dockerfile_structure():
     for src, dst in backend_copies.items():
         assert dst == "/opt/tritonserver/backends/" + src.split("/", 1)[1]
     runs = " ".join(r for w, r in ins if w == "RUN")
-    assert "streamasr.repository /tmp/model_repository /opt/ml/model" in runs
+    # the baked repository stays out of /opt/ml, where SageMaker mounts its volumes
+    assert "streamasr.repository /tmp/model_repository /opt/streamasr/model_repository" in runs
+    envs = " ".join(r for w, r in ins if w == "ENV")
+    assert "STREAMASR_BAKED_REPOSITORY=/opt/streamasr/model_repository" in envs
+    assert "STREAMASR_MODEL_REPOSITORY" not in envs, \
+        "an explicit repository would override a ModelDataUrl repository in /opt/ml/model"
+    assert not [c for c in all_copies if c[-1].startswith("/opt/ml")]
     assert "-r docker/requirements-image.txt" in runs
     assert "python3 -m training.export_whisper --out /whisper" in runs
-    assert ["--from=whisper", "/whisper", "/opt/ml/model/final_pass/1"] in all_copies
+    assert ["--from=whisper", "/whisper", "/opt/streamasr/model_repository/final_pass/1"] \
+        in all_copies
     assert ["docker/serve", "/usr/bin/serve"] in copies
     assert [r for w, r in ins if w == "ENTRYPOINT"] == ['["/usr/bin/serve"]']
     assert "8080" in [r for w, r in ins if w == "EXPOSE"]

@@ -1,19 +1,77 @@
 """client/streamasr_client/sagemaker_stream.py: its framing against the real gateway
-(docker/serve on this machine), the InvokeEndpoint stateful-session fallback through the
-same headers SageMaker forwards, and the boto3 mapping under Stubber."""
+(docker/serve on this machine), the bidirectional stream through AWS's own HTTP/2 SDK (in
+.venv-http2) and a local stand-in for SageMaker's runtime endpoint, the InvokeEndpoint
+stateful-session fallback through the same headers SageMaker forwards, and the boto3
+mapping under Stubber."""
 from __future__ import annotations
 
 import asyncio
+import glob
 import io
 import json
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import parse_qs
 
 import pytest
 
 from streamasr_client import sagemaker_stream as sms
 
+from .conftest import ROOT
+from .sagemaker_runtime_standin import RuntimeStandIn, make_certificates
 from .test_gateway import DEMO_WAV, needs_demo, post, serve  # noqa: F401  (fixture)
+
+HTTP2_PYTHON = ROOT / ".venv-http2" / "bin" / "python"
+# Test credentials, known to the stand-in, which checks every signature with them.
+ACCESS_KEY, SECRET_KEY, REGION = "AKIDSTREAMASRTEST", "streamasr-test-secret", "us-west-2"
+
+
+def python_312() -> str | None:
+    """A Python >= 3.12 on this machine (the Makefile's search for venv-http2), or None."""
+    home = os.path.expanduser("~")
+    for c in ["python3.12", "python3.13",
+              *sorted(glob.glob(f"{home}/.pyenv/versions/3.1[23]*/bin/python3.1[23]"))]:
+        try:
+            r = subprocess.run([c, "-c", "import sys; sys.exit(sys.version_info < (3, 12))"],
+                               capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0:
+            return c
+    return None
+
+
+def http2_python() -> Path:
+    if HTTP2_PYTHON.exists():
+        return HTTP2_PYTHON
+    if python_312() is None:
+        pytest.skip("no Python >= 3.12 on this machine, so AWS's HTTP/2 SDK "
+                    "(aws-sdk-sagemaker-runtime-http2) cannot be installed")
+    pytest.fail("a Python >= 3.12 exists but .venv-http2 does not: run `make venv-http2`")
+
+
+def aws_profile(tmp: Path, secret: str = SECRET_KEY) -> dict[str, str]:
+    """An environment whose only credentials are a named profile in shared files (the
+    standard chain, not AWS_ACCESS_KEY_ID), with its region; no instance metadata."""
+    (tmp / "credentials").write_text(f"[streamasr-test]\naws_access_key_id = {ACCESS_KEY}\n"
+                                     f"aws_secret_access_key = {secret}\n")
+    (tmp / "config").write_text(f"[profile streamasr-test]\nregion = {REGION}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp / "credentials"),
+               AWS_CONFIG_FILE=str(tmp / "config"), AWS_PROFILE="streamasr-test",
+               AWS_EC2_METADATA_DISABLED="true")
+    return env
+
+
+def run_bidi_cli(py: Path, standin: RuntimeStandIn, ca: Path, env: dict[str, str],
+                 audio: Path = DEMO_WAV) -> subprocess.CompletedProcess:
+    return subprocess.run([str(py), "-m", "streamasr_client.sagemaker_stream", str(audio),
+                           "--endpoint", "streamasr", "--endpoint-url", standin.url,
+                           "--ca-bundle", str(ca), "--chunk-ms", "250"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_framing():
@@ -32,6 +90,46 @@ def test_framing():
 def test_bidi_mode_says_why_it_cannot_run_here():
     with pytest.raises(sms.StreamFailed, match="3.12"):
         asyncio.run(sms.stream_sagemaker("ep", b"", sms.Framing(16000), region="us-east-1"))
+
+
+@needs_demo
+def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):  # noqa: F811
+    """The real SDK client (0.12, CRT HTTP/2, credentials and region from a profile) ->
+    HTTP/2 + signed event stream -> stand-in -> WebSocket -> the real gateway -> Triton:
+    the transcript equals /invocations on the same file."""
+    py = http2_python()
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed (the stand-in's TLS certificates)")
+    ca, cert, key = make_certificates(tmp_path)
+    with RuntimeStandIn(serve.url, {ACCESS_KEY: SECRET_KEY}, REGION, cert, key) as standin:
+        r = run_bidi_cli(py, standin, ca, aws_profile(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
+                       {"Content-Type": "audio/wav"})
+    assert r.stdout.strip() == whole["transcript"] and whole["transcript"]
+    (rec,) = standin.records
+    assert rec.error is None and rec.endpoint == "streamasr" and rec.ws_close_code == 1000
+    pcm, rate = sms.read_pcm16(DEMO_WAV)
+    assert parse_qs(rec.container_url.split("?", 1)[1])["sample_rate"] == [str(rate)]
+    kinds = [k for k, _ in rec.parts_in]
+    assert kinds == ["BINARY"] * (len(kinds) - 1) + ["UTF8"]      # audio, then CloseStream
+    assert sum(n for k, n in rec.parts_in if k == "BINARY") == len(pcm)
+    assert rec.signed_events >= len(rec.parts_in) and rec.events_out > 0
+
+
+@needs_demo
+def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):  # noqa: F811
+    """The stand-in really checks SigV4: a profile with the wrong secret is refused, and
+    the client exits 1 naming the refusal (no transcript, no traceback)."""
+    py = http2_python()
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed (the stand-in's TLS certificates)")
+    ca, cert, key = make_certificates(tmp_path)
+    with RuntimeStandIn(serve.url, {ACCESS_KEY: SECRET_KEY}, REGION, cert, key) as standin:
+        r = run_bidi_cli(py, standin, ca, aws_profile(tmp_path, secret="not-the-secret"))
+    assert r.returncode == 1 and not r.stdout.strip()
+    assert "AccessDenied" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "signature" in standin.records[0].error
 
 
 @needs_demo

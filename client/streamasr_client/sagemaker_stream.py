@@ -3,8 +3,11 @@
 Three ways, one framing (the gateway's, streamasr/gateway.py):
 
 * ``bidi`` — ``InvokeEndpointWithBidirectionalStream`` (HTTP/2) through AWS's Python SDK
-  ``aws-sdk-sagemaker-runtime-http2`` (``pip install aws-sdk-sagemaker-runtime-http2``).
+  ``aws-sdk-sagemaker-runtime-http2`` 0.12 with its ``[awscrt]`` HTTP/2 transport
+  (``make venv-http2`` builds ``.venv-http2`` from client/requirements-http2.txt).
   That package needs Python >= 3.12, so it is imported only when this mode runs.
+  Credentials come from the SDK's default chain (environment, ``--profile``/``AWS_PROFILE``
+  in the shared files, container and instance roles).
   SageMaker turns each BINARY PayloadPart into a binary WebSocket frame to the
   container and each UTF8 part into a text frame; the query string (sample rate,
   options) travels in ``ModelQueryString``.
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,41 +146,134 @@ async def stream_websocket(base_url: str, pcm: bytes, framing: Framing, *,
 
 # -- bidi: InvokeEndpointWithBidirectionalStream ---------------------------------------------
 
+# The release this client is written and tested against (client/requirements-http2.txt pins
+# it with its dependencies).  The SDK is pre-1.0 and breaks its API between minor releases
+# (0.10 dropped ``config.Config``); an untested release is refused rather than half-working.
+SDK_PACKAGE = "aws-sdk-sagemaker-runtime-http2"
+SDK_VERSION = "0.12"
+SDK_REQUIREMENT = f"{SDK_PACKAGE}[awscrt]=={SDK_VERSION}.0"
+# The bidirectional-stream API listens on 8443, not 443 (AWS API reference,
+# InvokeEndpointWithBidirectionalStream: runtime.sagemaker.<region>.amazonaws.com:8443).
+HTTP2_PORT = 8443
+
+
+def default_endpoint_url(region: str) -> str:
+    return f"https://runtime.sagemaker.{region}.amazonaws.com:{HTTP2_PORT}"
+
+
 def _http2_sdk():
     """Import AWS's HTTP/2 SageMaker runtime SDK (Python >= 3.12) or say why not."""
     if sys.version_info < (3, 12):
-        raise StreamFailed("InvokeEndpointWithBidirectionalStream needs the "
-                           "aws-sdk-sagemaker-runtime-http2 package, which requires Python "
-                           f">= 3.12 (this is {sys.version.split()[0]}); use --mode "
-                           "invocations, or --url against a container")
+        raise StreamFailed(f"InvokeEndpointWithBidirectionalStream needs {SDK_PACKAGE}, which "
+                           f"requires Python >= 3.12 (this is {sys.version.split()[0]}); use "
+                           "`make venv-http2` (.venv-http2), --mode invocations, or --url "
+                           "against a container")
+    from importlib import metadata
+
+    try:
+        version = metadata.version(SDK_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise StreamFailed(f"pip install '{SDK_REQUIREMENT}'") from None
+    if not (version == SDK_VERSION or version.startswith(SDK_VERSION + ".")):
+        raise StreamFailed(f"{SDK_PACKAGE} {version} is installed; this client is written for "
+                           f"{SDK_VERSION}.x (its API changes between minor releases): "
+                           f"pip install '{SDK_REQUIREMENT}'")
     try:
         from aws_sdk_sagemaker_runtime_http2 import client as sm_client
         from aws_sdk_sagemaker_runtime_http2 import config as sm_config
         from aws_sdk_sagemaker_runtime_http2 import models as sm_models
+        from smithy_http.aio.crt import AWSCRTHTTPClient
     except ImportError as exc:
-        raise StreamFailed("pip install aws-sdk-sagemaker-runtime-http2 (Python >= 3.12)") \
-            from exc
-    return sm_client, sm_config, sm_models
+        # AWSCRTHTTPClient is the only transport that can stream both ways at once; the
+        # default aiohttp one raises UnsupportedTransportError on a duplex stream.
+        raise StreamFailed(f"{exc}: pip install '{SDK_REQUIREMENT}' (the [awscrt] extra "
+                           "provides the HTTP/2 transport duplex streams need)") from None
+    return sm_client, sm_config, sm_models, AWSCRTHTTPClient
 
 
-async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *, region: str,
-                           realtime: bool = False, target_variant: str | None = None,
+def crt_transport(crt_client_cls, ca_bundle: str | None = None):
+    """The CRT HTTP/2 transport, trusting ``ca_bundle`` (a PEM file) instead of the system
+    store when given (``--ca-bundle`` / ``AWS_CA_BUNDLE``, as the AWS CLI names it: a TLS
+    inspecting proxy, or a local stand-in endpoint)."""
+    if not ca_bundle:
+        return crt_client_cls()
+    if not Path(ca_bundle).is_file():
+        raise StreamFailed(f"CA bundle {ca_bundle} does not exist")
+    from awscrt import io as crt_io
+
+    class CABundleCRTClient(crt_client_cls):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            opts = crt_io.TlsContextOptions()
+            opts.override_default_trust_store_from_path(ca_filepath=ca_bundle)
+            self._tls_ctx = crt_io.ClientTlsContext(opts)
+
+        def __deepcopy__(self, memo):
+            # The SDK deep-copies its config (transport included) per client; keep the CA.
+            return CABundleCRTClient(eventloop=self._eventloop, client_config=self._config)
+
+    return CABundleCRTClient()
+
+
+async def sagemaker_http2_client(*, region: str | None = None, endpoint_url: str | None = None,
+                                 profile: str | None = None, ca_bundle: str | None = None):
+    """An ``AsyncSageMakerRuntimeHTTP2Client`` for SDK 0.12: config resolved from the
+    environment and the shared config files like any AWS SDK (region: argument,
+    ``AWS_REGION``, the profile's ``region``), credentials from the SDK's default chain
+    (environment, shared credentials/config files and ``AWS_PROFILE``, SSO/process,
+    container and instance roles), and the CRT transport (HTTP/2 duplex)."""
+    sm_client, sm_config, _, crt_client = _http2_sdk()
+    overrides: dict[str, Any] = {
+        "transport": crt_transport(crt_client, ca_bundle or os.environ.get("AWS_CA_BUNDLE"))}
+    if region:
+        overrides["region"] = region
+    cfg = await sm_config.AsyncSageMakerRuntimeHTTP2Config.resolve(profile=profile, **overrides)
+    if not cfg.region:
+        raise StreamFailed("no AWS region: pass --region, set AWS_REGION, or give the profile "
+                           "a region")
+    if endpoint_url:
+        cfg.endpoint_uri = endpoint_url
+    elif cfg.endpoint_uri is None:          # AWS_ENDPOINT_URL[_SAGEMAKER_RUNTIME_HTTP2] wins
+        cfg.endpoint_uri = default_endpoint_url(cfg.region)
+    # aws_credentials_identity_resolver stays None: the client builds the default chain.
+    return sm_client.AsyncSageMakerRuntimeHTTP2Client(config=cfg)
+
+
+def _quiet_completed_stream_writes(loop: asyncio.AbstractEventLoop) -> None:
+    """awscrt 0.32 writes the request's END_STREAM from a background task; when the
+    endpoint has already ended the stream (normal at the end of a session, and on any
+    refusal) that write fails with AWS_ERROR_HTTP_STREAM_HAS_COMPLETED and asyncio prints
+    the unretrieved exception as a traceback.  Log that one case at debug level."""
+    previous = loop.get_exception_handler()
+
+    def handler(lp, context):
+        exc = context.get("exception")
+        if isinstance(exc, RuntimeError) and "AWS_ERROR_HTTP_STREAM_HAS_COMPLETED" in str(exc):
+            log.debug("request stream already completed by the endpoint: %s", exc)
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *,
+                           region: str | None = None, realtime: bool = False,
+                           target_variant: str | None = None, endpoint_url: str | None = None,
+                           profile: str | None = None, ca_bundle: str | None = None,
                            on_message: Callable[[dict], None] | None = None) -> list[dict]:
-    """One bidirectional stream to a SageMaker endpoint.  NOT exercised here (needs
-    Python >= 3.12 and an AWS endpoint); the framing it sends is the one the ``ws``
-    mode sends, which the tests check against a real gateway."""
-    sm_client, sm_config, m = _http2_sdk()
-    from smithy_aws_core.identity import EnvironmentCredentialsResolver
+    """One bidirectional stream to a SageMaker endpoint: audio as BINARY payload parts,
+    CloseStream as a UTF8 part, results from the response stream until SageMaker ends
+    it (the container closed its WebSocket), then the input side is closed."""
+    _, _, m, _ = _http2_sdk()
+    from awscrt.exceptions import AwsCrtError
+    from smithy_core.exceptions import SmithyError
 
-    cfg = sm_config.Config(endpoint_uri=f"https://runtime.sagemaker.{region}.amazonaws.com:8443",
-                           region=region,
-                           aws_credentials_identity_resolver=EnvironmentCredentialsResolver())
-    client = sm_client.SageMakerRuntimeHTTP2Client(config=cfg)
     kw = {"endpoint_name": endpoint, "model_query_string": framing.query_string()}
     if target_variant:
         kw["target_variant"] = target_variant
-    stream = await client.invoke_endpoint_with_bidirectional_stream(
-        m.InvokeEndpointWithBidirectionalStreamInput(**kw))
 
     def part(data: bytes, kind: str):
         return m.RequestStreamEventPayloadPart(
@@ -184,24 +281,45 @@ async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *, regio
 
     messages: list[dict] = []
 
-    async def reader():
+    async def reader(stream) -> None:
         _, output = await stream.await_output()
         async for event in output:
-            value = getattr(event, "value", None)
             if isinstance(event, m.ResponseStreamEventPayloadPart):
-                msg = framing.parse(value.bytes_)
+                msg = framing.parse(event.value.bytes_)
                 messages.append(msg)
                 if on_message:
                     on_message(msg)
-            else:                   # ModelStreamError / InternalStreamFailure
-                raise StreamFailed(f"{type(event).__name__}: {value}")
+            else:                   # ModelStreamError / InternalStreamFailure / unknown
+                raise StreamFailed(f"{type(event).__name__}: {getattr(event, 'value', event)}")
 
-    r = asyncio.create_task(reader())
-    async for frame in _paced(framing.audio_frames(pcm), framing, realtime):
-        await stream.input_stream.send(part(frame, "BINARY"))
-    await stream.input_stream.send(part(framing.control("CloseStream").encode(), "UTF8"))
-    await r
-    await stream.input_stream.close()
+    _quiet_completed_stream_writes(asyncio.get_running_loop())
+    client = None
+    try:
+        client = await sagemaker_http2_client(region=region, endpoint_url=endpoint_url,
+                                              profile=profile, ca_bundle=ca_bundle)
+        stream = await client.invoke_endpoint_with_bidirectional_stream(
+            m.InvokeEndpointWithBidirectionalStreamInput(**kw))
+        async with stream:          # closes both directions, also on errors
+            r = asyncio.create_task(reader(stream))
+            try:
+                async for frame in _paced(framing.audio_frames(pcm), framing, realtime):
+                    if r.done():    # the endpoint ended the stream early: say why
+                        break
+                    await stream.input_stream.send(part(frame, "BINARY"))
+                if not r.done():
+                    await stream.input_stream.send(
+                        part(framing.control("CloseStream").encode(), "UTF8"))
+                await r
+            finally:
+                if not r.done():
+                    r.cancel()
+    except (SmithyError, AwsCrtError) as exc:
+        # refusals (AccessDenied, validation, model errors), missing credentials, TLS and
+        # connection failures: one line, not a traceback
+        raise StreamFailed(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if client is not None:
+            await client.close()
     return messages
 
 
@@ -293,7 +411,11 @@ def http_invoker(base_url: str):
                 payload, h = json.loads(r.read()), r.headers
         except urllib.error.HTTPError as e:
             raise StreamFailed(f"HTTP {e.code}: {e.read()[:500]!r}") from None
-        return Reply(payload.get("messages", []), h.get("X-Amzn-SageMaker-New-Session-Id"),
+        # SageMaker takes the new session's id from X-Amzn-SageMaker-Session-Id; the
+        # container also answers it as X-Amzn-SageMaker-New-Session-Id (older images).
+        new = h.get("X-Amzn-SageMaker-Session-Id") if session_id == "NEW_SESSION" else None
+        return Reply(payload.get("messages", []),
+                     new or h.get("X-Amzn-SageMaker-New-Session-Id"),
                      h.get("X-Amzn-SageMaker-Closed-Session-Id"))
     return invoke
 
@@ -310,7 +432,18 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--endpoint", help="SageMaker endpoint name")
     where.add_argument("--url", help="a container's base URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--mode", choices=("bidi", "invocations"), default="bidi")
-    p.add_argument("--region", default=None)
+    p.add_argument("--region", default=None,
+                   help="AWS region (default: AWS_REGION, else the profile's region)")
+    p.add_argument("--profile", default=None,
+                   help="shared-config profile for credentials and region (default: "
+                        "AWS_PROFILE, else the SDK's default chain)")
+    p.add_argument("--target-variant", default=None)
+    p.add_argument("--endpoint-url", default=None,
+                   help="bidi mode: the runtime endpoint (default https://runtime.sagemaker."
+                        f"<region>.amazonaws.com:{HTTP2_PORT})")
+    p.add_argument("--ca-bundle", default=None,
+                   help="bidi mode: PEM file of CAs to trust instead of the system store "
+                        "(default: AWS_CA_BUNDLE)")
     p.add_argument("--chunk-ms", type=int, default=100)
     p.add_argument("--realtime", action="store_true")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -328,11 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             messages = asyncio.run(stream_websocket(a.url, pcm, framing, realtime=a.realtime,
                                                     on_message=show))
         else:
-            import boto3
-
-            region = a.region or boto3.session.Session().region_name
-            messages = asyncio.run(stream_sagemaker(a.endpoint, pcm, framing, region=region,
-                                                    realtime=a.realtime, on_message=show))
+            messages = asyncio.run(stream_sagemaker(
+                a.endpoint, pcm, framing, region=a.region, realtime=a.realtime,
+                target_variant=a.target_variant, endpoint_url=a.endpoint_url,
+                profile=a.profile, ca_bundle=a.ca_bundle, on_message=show))
     except StreamFailed as exc:
         log.error("%s", exc)
         return 1
