@@ -63,14 +63,14 @@ def build(out: Path = OUTPUT, retrain: bool = False, steps: int = TRAIN_STEPS,
           manifest: Path | None = None, evaluate: bool = True, copies: int = 1,
           max_utterances: int | None = None, head_out: Path = train_ctc.HEAD_FILE,
           real_repeat: int = PSEUDO_LABELLED_REPEAT,
-          asterisk_repeat: int = ASTERISK_REPEAT) -> dict:
+          asterisk_repeat: int = ASTERISK_REPEAT, head_in: Path = train_ctc.HEAD_FILE) -> dict:
     t0 = time.time()
     weights = ct2.load(ct2.packaged_whisper_dir())
     log.info("read %s rev %d (%d variables)", weights.spec_name, weights.revision,
              len(weights.variables))
     encoder = whisper.encoder_from_ct2(weights)
     contract = acoustic.default_contract()
-    if retrain or not train_ctc.HEAD_FILE.exists():
+    if retrain or not head_in.exists():
         if manifest is None:
             manifest = make_training_data(ROOT / "build" / "synth")
         real, heldout = [], [manifest.parent / "heldout.jsonl"]
@@ -84,8 +84,8 @@ def build(out: Path = OUTPUT, retrain: bool = False, steps: int = TRAIN_STEPS,
                                           max_utterances=max_utterances, out=head_out,
                                           real=real, heldout=heldout)
     else:
-        head, meta = acoustic.load_head(train_ctc.HEAD_FILE)
-        log.info("using the committed head %s", train_ctc.HEAD_FILE)
+        head, meta = acoustic.load_head(head_in)
+        log.info("using the head %s", head_in)
     hours = meta.get("train", {}).get("hours", {})
     if "piper" in hours or "real_pseudo_labelled" in hours:   # say what this head saw
         contract = acoustic.default_contract(description=contract.description.replace(
@@ -153,6 +153,8 @@ def main(argv=None) -> int:
                    help="times the pseudo-labelled real speech is trained on (0: none)")
     p.add_argument("--asterisk-repeat", type=int, default=ASTERISK_REPEAT,
                    help="times the Asterisk prompts' train split is trained on (0: none)")
+    p.add_argument("--head", type=Path, default=train_ctc.HEAD_FILE,
+                   help="head to export without --retrain (default: the committed one)")
     p.add_argument("--head-out", type=Path, default=train_ctc.HEAD_FILE,
                    help="where a retrained head is saved")
     p.add_argument("--copies", type=int, default=1, help="augmented copies when training")
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
     build(a.out, a.retrain, a.steps, a.manifest, not a.no_eval, a.copies, a.max_utterances,
-          a.head_out, a.real_repeat, a.asterisk_repeat)
+          a.head_out, a.real_repeat, a.asterisk_repeat, a.head)
     return 0
 
 
