@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..contract import ModelContract
+from ..decoding import StreamDecoder
 from ..state import StreamError, StreamStore, Sweeper
 from . import ctc_decoder, feature_extractor, final_pass, offline
 from .common import (ConfigError, ModelConfig, parse_bool, parse_int, read_config,
@@ -433,6 +434,7 @@ class OfflineAsrModel:
         self.max_seconds = float(self.cfg.param("max_audio_seconds", "600"))
         self.defaults = ctc_decoder.build_defaults(read_config(
             self.cfg.repository.parent / self.cfg.param("decoder_model", "ctc_decoder")))
+        StreamDecoder(self.contract, *self.defaults.configs({}))   # load the LM now
         self.final_pass_model = self.cfg.param("final_pass_model", "final_pass")
 
     def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:

@@ -201,5 +201,8 @@ def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
 
 def build_step(cfg: ModelConfig) -> DecoderStep:
     max_streams = int(cfg.param("max_streams", "0")) or None
-    return DecoderStep(cfg.contract(), build_defaults(cfg), stream_idle_timeout(cfg),
-                       max_streams)
+    contract, defaults = cfg.contract(), build_defaults(cfg)
+    # Load the default word LM now (shared, cached by path): the first stream must not wait
+    # seconds for it, and a bad LM file must fail the model load, not a stream.
+    StreamDecoder(contract, *defaults.configs({}))
+    return DecoderStep(contract, defaults, stream_idle_timeout(cfg), max_streams)
