@@ -62,6 +62,7 @@ class StreamDecoder:
         # the open utterance's frames, kept to re-align beam finals (see _realign)
         self._utt_rows: Optional[list[np.ndarray]] = (
             [] if self.config.decoding == "beam" and self.text.boundary == "space" else None)
+        self._char_tokens = frozenset(t for t in contract.vocabulary if len(t) == 1)
         self.search = self._build_search()
         ep, fs = self.endpoint, self.frame_seconds
         self._rule1 = seconds_to_frames(ep.rule1_min_trailing_silence, fs)
@@ -237,6 +238,8 @@ class StreamDecoder:
         alt = msg["channel"]["alternatives"][0]
         if not alt["words"] or not self._utt_rows:
             return
+        if not set(alt["transcript"]) <= self._char_tokens:
+            return   # e.g. an imported vocabulary with multi-character tokens ("<unk>")
         try:
             spans = aligned_words(np.stack(self._utt_rows), alt["transcript"],
                                   self.text.vocabulary, self.text.blank_id)
