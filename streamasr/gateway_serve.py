@@ -47,7 +47,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from streamasr.gateway import Gateway, GatewayConfig
+from streamasr.gateway import Gateway, GatewayConfig, serve_app
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
 
 log = logging.getLogger("streamasr.serve")
@@ -158,8 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("ignoring arguments %s (configuration is by environment)", argv)
     logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from aiohttp import web
-
     cfg = server_config()
     server = make_server(cfg)
     gcfg = gateway_config(cfg)
@@ -190,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     gw = Gateway(gcfg)
     log.info("gateway on %s:%d", gcfg.host, gcfg.port)
     try:
-        web.run_app(gw.app(), host=gcfg.host, port=gcfg.port, print=None,
-                    shutdown_timeout=5.0)
+        serve_app(gw.app(), gcfg.host, gcfg.port, shutdown_timeout=5.0)
     finally:
         stopping.set()
         log.info("stopping tritonserver")
