@@ -47,17 +47,17 @@ def normalize_stream_id(corrid: Any) -> int:
     the integer 5 are two sequences to Triton but one stream to us (the decoder keys by
     integer), so a string id is accepted only as the decimal form of a valid integer id:
     it then meets the integer stream's duplicate-START check instead of replacing it."""
-    if isinstance(corrid, bool):
-        raise StreamError(f"sequence id {corrid!r} is not a valid stream id")
-    if isinstance(corrid, str):
-        if not (corrid.isascii() and corrid.isdigit()) or len(corrid) > len(str(MAX_STREAM_ID)):
-            raise StreamError(f"sequence id {corrid!r} is not a valid stream id: use an "
-                              f"integer 1..{MAX_STREAM_ID} (or its decimal string)")
-        corrid = int(corrid)
-    if not isinstance(corrid, int) or not 0 < corrid <= MAX_STREAM_ID:
-        raise StreamError(f"sequence id {corrid!r} is not a valid stream id: use an "
+    refused = StreamError(f"sequence id {corrid!r} is not a valid stream id: use an "
                           f"integer 1..{MAX_STREAM_ID} (or its decimal string)")
-    return corrid
+    value = corrid
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise refused
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 0 < value <= MAX_STREAM_ID:
+        raise refused
+    return value
 
 
 def check_option_limits(options: dict[str, Any]) -> None:
