@@ -299,18 +299,15 @@ class Backend:
 
 
 async def wait_session(s: Session, timeout: float) -> None:
-    """``Session.wait`` without a thread: wake on each answer (``on_answer``) instead of
-    parking one of a few pool threads per session until its last answer."""
+    """``Session.wait`` without a thread: wake on each answer (a session listener)
+    instead of parking one of a few pool threads per session until its last answer."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
-    previous = s.on_answer
 
-    def on_answer() -> None:
-        if previous is not None:
-            previous()
+    def listener() -> None:
         loop.call_soon_threadsafe(changed.set)
 
-    s.on_answer = on_answer
+    s.add_listener(listener)
     deadline = loop.time() + timeout
     try:
         while s.pending > 0 and s.failed is None:
@@ -326,7 +323,7 @@ async def wait_session(s: Session, timeout: float) -> None:
             except asyncio.TimeoutError:
                 pass
     finally:
-        s.on_answer = previous
+        s.remove_listener(listener)
     if s.failed is not None:
         raise AsrError(s.failed)
 
@@ -697,6 +694,8 @@ class WsSession:
         except asyncio.TimeoutError:
             raise TimeoutError(f"no answer to the START request after "
                                f"{self.cfg.close_timeout_s:g} s") from None
+        if s.failed is not None:
+            raise AsrError(s.failed)        # lost with a broken stream, not refused
         if error is not None:
             raise ProtocolError("start_refused", error, notified=True)
 
@@ -774,7 +773,7 @@ class WsSession:
         await self._accepted()
         s.close()
         await wait_session(s, self.cfg.close_timeout_s)
-        # on_answer comes after on_message, both through call_soon_threadsafe: every
+        # listeners are called after on_message, both through call_soon_threadsafe: every
         # message has been enqueued by now.
 
     async def run(self) -> None:

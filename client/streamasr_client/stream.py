@@ -138,8 +138,8 @@ class Session:
     #: called once with the START request's error (None: accepted), on the reader thread
     on_start: Callable[[str | None], None] | None = None
     #: called after every answer (and on failure), on the reader thread: lets an event
-    #: loop wait for answers without parking a thread in wait()
-    on_answer: Callable[[], None] | None = None
+    #: loop wait for answers without parking a thread in wait() (add_listener)
+    _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     # -- sending ---------------------------------------------------------------------
     def send(self, audio: np.ndarray | None = None, *, finalize: bool = False,
@@ -215,8 +215,8 @@ class Session:
             self.messages.extend(msgs)
             self._answered += 1
             self._cv.notify_all()
-        if self.on_answer is not None:
-            self.on_answer()
+        for listener in list(self._listeners):
+            listener()
 
     def _fail(self, reason: str) -> None:
         """No more answers will come (requests of this session were lost with a broken
@@ -236,8 +236,16 @@ class Session:
             self.on_message(msg)
         if unstarted and self.on_start is not None:
             self.on_start(reason)
-        if self.on_answer is not None:
-            self.on_answer()
+        for listener in list(self._listeners):
+            listener()
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (on the reader thread) after every answer and on failure."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
 
     @property
     def failed(self) -> str | None:
