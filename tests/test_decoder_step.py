@@ -151,3 +151,20 @@ def test_in_order_streams_are_unaffected_by_the_limits():
     for r in requests(5, PIECES):
         msgs += step.process(r)
     assert transcript(msgs) == "hello world"
+
+
+def test_a_stream_swept_with_requests_parked_frees_them_and_its_id_can_start_again():
+    clock = Clock()
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=2, reorder_timeout_s=5,
+                       clock=clock)
+    old = requests(4, PIECES)
+    step.process(old[0])
+    step.process(old[2])                          # parked behind request 1
+    clock.t = 3.0
+    step.store.sweep()                            # the TTL goes first
+    new = requests(4, PIECES)
+    step.process(new[0])                          # the id starts again
+    step.process(new[2])
+    assert step.parked_bytes == new[2].log_probs.nbytes   # the swept stream's bytes freed
+    step.process(new[1])
+    assert step.parked_bytes == 0

@@ -123,8 +123,10 @@ class DecoderStep:
         self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, clock=clock,
                                                        max_streams=max_streams)
         self.max_pending = max_pending
-        # a gap cannot outlive its stream's state (build_step refuses such a config)
-        self.reorder_timeout_s = min(reorder_timeout_s, idle_timeout_s)
+        # Independent of the TTL: a stream with a gap keeps being touched by the requests
+        # that park, so the TTL alone never frees it; one swept by the TTL first still
+        # leaves its parked requests here until the gap expires.
+        self.reorder_timeout_s = reorder_timeout_s
         self.max_parked_bytes_per_stream = max_parked_bytes_per_stream
         self.max_parked_bytes = max_parked_bytes
         self.parked_bytes = 0          # all streams' parked requests
@@ -236,6 +238,9 @@ class DecoderStep:
         st.pending[seq] = r
         st.parked_bytes += size
         self.parked_bytes += size
+        stale = self._gaps.get(stream)
+        if stale is not None and stale is not st:     # swept by the TTL, id started again
+            self._unpark(stream, stale)
         if st.gap_since is None:
             st.gap_since = self.clock()
             self._gaps[stream] = st
@@ -322,9 +327,6 @@ def build_step(cfg: ModelConfig) -> DecoderStep:
             "max_parked_bytes", str(DEFAULT_MAX_PARKED_BYTES)), 1)
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
-    if reorder >= ttl:
-        raise ValueError(f"model {cfg.name!r}: reorder_timeout_s ({reorder:g}) must be "
-                         f"shorter than stream_idle_timeout_s ({ttl:g})")
     return DecoderStep(cfg.contract(), build_defaults(cfg), ttl, max_streams,
                        reorder_timeout_s=reorder, max_parked_bytes_per_stream=per_stream,
                        max_parked_bytes=total)
