@@ -56,7 +56,7 @@ import threading
 from pathlib import Path
 
 from streamasr import sagemaker_platform as platform
-from streamasr.gateway import Gateway, GatewayConfig
+from streamasr.gateway import Gateway, GatewayConfig, serve_app
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
 
 log = logging.getLogger("streamasr.serve")
@@ -194,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("ignoring arguments %s (configuration is by environment)", argv)
     logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from aiohttp import web
-
     cfg = server_config()
     server = make_server(cfg)
     gcfg = gateway_config(cfg)
@@ -227,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("gateway on %s:%d", gcfg.host, gcfg.port)
     try:
         # on_shutdown drains the streams (DRAIN_S), then requests get HANDLER_SHUTDOWN_S
-        web.run_app(gw.app(), host=gcfg.host, port=gcfg.port, print=None,
-                    shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
+        serve_app(gw.app(), gcfg.host, gcfg.port,
+                  shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
     finally:
         stopping.set()
         log.info("stopping tritonserver")

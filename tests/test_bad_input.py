@@ -18,8 +18,11 @@ def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=N
         t = req.inputs.add(name=name, datatype=dtype)
         t.shape.extend(shape)
         req.raw_input_contents.append(data)
-    req.parameters["sequence_id"].int64_param = (session.sequence_id if sequence_id is None
-                                                 else sequence_id)
+    sid = session.sequence_id if sequence_id is None else sequence_id
+    if isinstance(sid, str):          # Triton also takes string sequence ids
+        req.parameters["sequence_id"].string_param = sid
+    else:
+        req.parameters["sequence_id"].int64_param = sid
     req.parameters["sequence_start"].bool_param = start
     req.parameters["sequence_end"].bool_param = end
     for k, v in (params or {}).items():

@@ -85,3 +85,86 @@ def test_server_only_options_are_refused_per_stream():
     req.info.options = {"lm_path": "/etc/passwd"}
     with pytest.raises(ValueError, match="config.pbtxt"):
         step.process(req)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_request_that_never_comes_fails_its_stream_after_the_reorder_timeout():
+    clock = Clock()
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5,
+                       clock=clock)
+    reqs = requests(9, PIECES)
+    step.process(reqs[0])
+    assert step.process(reqs[2]) == []            # request 1 is late: 2 waits
+    clock.t = 4.0
+    assert step.process(reqs[3]) == []            # still within the timeout
+    clock.t = 5.5
+    with pytest.raises(StreamError, match="request 1 of stream 9 never reached"):
+        step.process(reqs[4])                     # END: an error, never "OK, empty"
+    assert step.parked_bytes == 0 and len(step.store) == 0
+
+
+def test_the_timer_frees_a_stalled_streams_parked_requests():
+    clock = Clock()
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5,
+                       clock=clock)
+    reqs = requests(9, PIECES)
+    step.process(reqs[0])
+    step.process(reqs[2])
+    assert step.parked_bytes > 0
+    clock.t = 6.0
+    assert step.expire_gaps() == 1 and step.parked_bytes == 0
+    with pytest.raises(StreamError, match="request 1 "):
+        step.process(reqs[3])
+
+
+def test_parking_is_bounded_in_bytes_per_stream_and_in_total():
+    size = requests(1, PIECES)[0].log_probs.nbytes
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30,
+                       max_parked_bytes_per_stream=2 * size, max_parked_bytes=3 * size)
+    a = requests(1, PIECES)
+    step.process(a[0])
+    step.process(a[2])
+    step.process(a[3])
+    with pytest.raises(StreamError, match="per stream"):
+        step.process(a[4])
+    assert step.parked_bytes == 0                 # the failed stream let go of its requests
+    b, c = requests(2, PIECES), requests(3, PIECES)
+    for r in (b[0], b[2], b[3], c[0], c[2]):
+        step.process(r)
+    with pytest.raises(StreamError, match="all streams"):
+        step.process(c[3])
+    step.process(b[1])                            # the gap fills: b's parked ones are applied
+    assert step.parked_bytes == 0
+
+
+def test_in_order_streams_are_unaffected_by_the_limits():
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, max_parked_bytes=1,
+                       max_parked_bytes_per_stream=1)
+    msgs = []
+    for r in requests(5, PIECES):
+        msgs += step.process(r)
+    assert transcript(msgs) == "hello world"
+
+
+def test_a_stream_swept_with_requests_parked_frees_them_and_its_id_can_start_again():
+    clock = Clock()
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=2, reorder_timeout_s=5,
+                       clock=clock)
+    old = requests(4, PIECES)
+    step.process(old[0])
+    step.process(old[2])                          # parked behind request 1
+    clock.t = 3.0
+    step.store.sweep()                            # the TTL goes first
+    new = requests(4, PIECES)
+    step.process(new[0])                          # the id starts again
+    step.process(new[2])
+    assert step.parked_bytes == new[2].log_probs.nbytes   # the swept stream's bytes freed
+    step.process(new[1])
+    assert step.parked_bytes == 0

@@ -106,3 +106,37 @@ def test_server_only_parameters_are_decoder_fields():
 
     assert SERVER_ONLY_PARAMETERS == {"lm_path"}
     assert SERVER_ONLY_PARAMETERS <= {f.name for f in dataclasses.fields(DecoderConfig)}
+
+
+@pytest.mark.parametrize("key, bad", [("time_offset", "1e308"), ("lm_alpha", "1e308"),
+                                      ("lm_beta", "-1e6"), ("beam_size", "100000"),
+                                      ("hotword_boost", "1e9"),
+                                      ("hotwords", "triton:1e300"),
+                                      ("lm_oov_letter_log10", "-1e300"),
+                                      ("rule3_min_utterance_length", "1e12"),
+                                      ("utterance_end", "1e12")])
+def test_absurd_option_values_are_refused_by_name(key, bad):
+    from streamasr.decoding.config import OPTION_RANGES
+
+    cls = EndpointConfig if key in {f.name for f in dataclasses.fields(EndpointConfig)} \
+        else DecoderConfig
+    with pytest.raises(ValueError, match=f"^{'hotword_boost' if key == 'hotwords' else key}"
+                                         ": must be between"):
+        cls.from_parameters({key: bad})
+    # every bound is itself accepted
+    if key in OPTION_RANGES:
+        for edge in OPTION_RANGES[key]:
+            value = int(edge) if key in ("beam_size", "beam_top_k") else edge
+            assert getattr(cls.from_parameters({key: value}), key) == value
+
+
+def test_every_option_range_is_in_the_readme():
+    from pathlib import Path
+
+    from streamasr.decoding.config import OPTION_RANGES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for key, (lo, hi) in OPTION_RANGES.items():
+        rows = [line for line in readme.splitlines()
+                if line.startswith("|") and f"`{key}`" in line.split("|")[1]]
+        assert rows and f"{lo:g} to " in rows[0].split("|")[4], (key, rows)

@@ -24,7 +24,8 @@ import soundfile as sf
 aiohttp = pytest.importorskip("aiohttp")
 import aiohttp.test_utils  # noqa: E402
 
-from streamasr.gateway import (CLOSED_SESSION_HEADER, NEW_SESSION_HEADER, SESSION_HEADER,  # noqa: E402
+from streamasr.gateway import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,  # noqa: E402
+                               NEW_SESSION_HEADER, SESSION_HEADER,
                                WS_PATH, Gateway, GatewayConfig, decode_body, parse_content_type)
 from streamasr.server import free_port  # noqa: E402
 from streamasr_client.stream import AsrConnection  # noqa: E402
@@ -477,3 +478,238 @@ def test_concurrent_sessions_share_one_grpc_stream(serve):
     for (msgs, code), want in zip(results, expected):
         assert code == 1000
         assert finals_text(msgs) == want
+
+
+# -- issue 12: one client must never hurt another --------------------------------------------
+async def ws_session(url: str, query: str = "", frames=(), texts=(), close_msg=True,
+                     timeout: float = 120) -> tuple[list[dict], int | None]:
+    """Text frames first (e.g. Configure), then binary frames, then CloseStream; every
+    text frame the server sends until it closes."""
+    messages: list[dict] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(url + WS_PATH + query) as ws:
+            try:
+                for t in texts:
+                    await ws.send_str(json.dumps(t))
+                for f in frames:
+                    await ws.send_bytes(f)
+                if close_msg:
+                    await ws.send_str(json.dumps({"type": "CloseStream"}))
+            except ConnectionError:
+                pass                      # the server closed first: read what it sent
+            async for m in ws:
+                if m.type == aiohttp.WSMsgType.TEXT:
+                    messages.append(json.loads(m.data))
+            return messages, ws.close_code
+
+
+def whole_transcript(serve, pcm: np.ndarray, sr: int) -> str:
+    _, _, whole = post(serve.url + "/invocations", pcm.astype("<i2").tobytes(),
+                       {"Content-Type": f"audio/l16;rate={sr}"})
+    return whole["transcript"]
+
+
+@needs_demo
+def test_low_sample_rate_client_cannot_close_the_other_sessions(serve):
+    """?sample_rate=50 and one 440 kB frame became a 281.6 MB gRPC request, which broke
+    the gateway's shared stream and closed every session with 1011."""
+    a, sr = demo_int16()
+    pieces = [a[: 8 * sr], a[8 * sr: 16 * sr]]
+    expected = [whole_transcript(serve, p, sr) for p in pieces]
+
+    async def good(p, bad_done: asyncio.Event):
+        messages: list[dict] = []
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(serve.url + WS_PATH) as ws:
+                async def reader():
+                    async for m in ws:
+                        if m.type == aiohttp.WSMsgType.TEXT:
+                            messages.append(json.loads(m.data))
+                r = asyncio.create_task(reader())
+                half = len(p) // 2
+                for i in range(0, half, 3200):
+                    await ws.send_bytes(p[i:min(i + 3200, half)].tobytes())
+                await bad_done.wait()          # the attack happens mid-stream
+                for i in range(half, len(p), 3200):
+                    await ws.send_bytes(p[i:min(i + 3200, len(p))].tobytes())
+                await ws.send_str(json.dumps({"type": "CloseStream"}))
+                await asyncio.wait_for(r, 120)
+                return messages, ws.close_code
+
+    async def go():
+        done = asyncio.Event()
+        goods = [asyncio.create_task(good(p, done)) for p in pieces]
+        await asyncio.sleep(0.5)              # the good sessions are streaming
+        bad = await ws_session(serve.url, "?sample_rate=50", frames=[bytes(440_000)])
+        done.set()
+        return bad, await asyncio.gather(*goods)
+
+    (bad_msgs, bad_code), results = asyncio.run(go())
+    assert bad_code == 1008 and bad_msgs[-1]["type"] == "Error", (bad_code, bad_msgs)
+    assert "sample_rate" in bad_msgs[-1]["message"]
+    for (msgs, code), want in zip(results, expected):
+        assert code == 1000 and not [m for m in msgs if m["type"] == "Error"], msgs[-3:]
+        assert finals_text(msgs) == want
+
+
+def test_frame_too_long_after_resampling_is_refused(serve):
+    """800 kB at 8 kHz is 50 s of audio: more than one request may carry."""
+    msgs, code = asyncio.run(ws_session(serve.url, "?sample_rate=8000",
+                                        frames=[bytes(800_000)]))
+    assert code == 1008 and msgs[-1]["type"] == "Error", (code, msgs)
+    assert msgs[-1]["code"] == "frame_too_large" and "s of audio" in msgs[-1]["message"]
+
+
+BAD_STREAM_PARAMETERS = {
+    "sample_rate=abc": ("?sample_rate=abc", [], "sample_rate"),
+    "sample_rate=0": ("?sample_rate=0", [], "sample_rate"),
+    "sample_rate=-16000": ("?sample_rate=-16000", [], "sample_rate"),
+    "channels=0": ("?channels=0", [], "channels"),
+    "channels=x": ("?channels=x", [], "channels"),
+    "Configure sample_rate": ("", [{"type": "Configure", "sample_rate": "abc"}], "sample_rate"),
+    "Configure channels": ("", [{"type": "Configure", "channels": -1}], "channels"),
+    "Configure options": ("", [{"type": "Configure", "options": ["x"]}], "options"),
+    "Configure encoding": ("", [{"type": "Configure", "encoding": "mp3"}], "encoding"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STREAM_PARAMETERS))
+def test_bad_stream_parameters_get_an_error_and_close_1008(serve, case):
+    query, texts, word = BAD_STREAM_PARAMETERS[case]
+    msgs, code = asyncio.run(ws_session(serve.url, query, texts=texts,
+                                        frames=[bytes(3200)] * 2))
+    assert code == 1008, (code, msgs)
+    assert msgs and msgs[-1]["type"] == "Error" and msgs[-1]["code"] == "bad_request", msgs
+    assert word in msgs[-1]["message"]
+    assert not [m for m in msgs if m["type"] == "Results"]
+
+
+@pytest.mark.parametrize("ctype", ["audio/l16; rate=abc", "audio/l16; rate=0",
+                                   "audio/l16; channels=0", "audio/l16; rate=50"])
+def test_invocations_bad_pcm_parameters_are_400(serve, ctype):
+    status, _, body = post(serve.url + "/invocations", bytes(3200), {"Content-Type": ctype})
+    assert status == 400 and body["code"] == "bad_audio", (status, body)
+
+
+@pytest.mark.parametrize("query, word", [("?beam_size=100000", "beam_size"),
+                                         ("?time_offset=1e308", "time_offset"),
+                                         ("?lm_alpha=1e308", "lm_alpha"),
+                                         ("?no_such_option=1", "no_such_option")])
+def test_refused_start_ends_the_session_with_that_error(serve, query, word):
+    """Triton refuses the START: the session ends with its error (1008), no carrying on
+    with requests for a stream that does not exist."""
+    msgs, code = asyncio.run(ws_session(serve.url, query, frames=[bytes(6400)] * 5))
+    errors = [m for m in msgs if m["type"] == "Error"]
+    assert code == 1008, (code, msgs)
+    assert errors and word in errors[0]["message"], (errors, msgs)
+    assert not [e for e in errors if "START" in e["message"]], errors   # no follow-ups
+    assert not [m for m in msgs if m["type"] == "Results"]
+
+
+def test_access_log_redacts_query_values(serve):
+    secret = "zebracornfluff"
+    msgs, code = asyncio.run(ws_session(serve.url, f"?hotwords={secret}&sample_rate=16000",
+                                        frames=[bytes(3200)]))
+    assert code == 1000, msgs
+    post(serve.url + f"/invocations?hotwords={secret}", bytes(3200),
+         {"Content-Type": "audio/l16", CUSTOM_ATTRIBUTES_HEADER: f"hotwords={secret}"})
+    log = serve.log()
+    assert WS_PATH in log, "the access log should still name the path"
+    assert secret not in log
+
+
+def ping_latencies(url: str, stop: "threading.Event", out: list[float]) -> None:
+    import http.client
+
+    host, port = url.split("//")[1].split(":")
+    while not stop.is_set():
+        t0 = time.monotonic()
+        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        c.request("GET", "/ping")
+        status = c.getresponse().status
+        c.close()
+        out.append(time.monotonic() - t0)
+        assert status == 200
+        stop.wait(0.2)
+
+
+PING_LIMIT_S = 2.0    # SageMaker's /ping timeout
+
+
+@needs_demo
+def test_ping_stays_fast_while_40_websocket_sessions_stream(serve):
+    import threading
+
+    a, sr = demo_int16()
+    pcm = a[: 6 * sr].tobytes()
+    stop, lat = threading.Event(), []
+    pinger = threading.Thread(target=ping_latencies, args=(serve.url, stop, lat))
+    pinger.start()
+
+    async def go():
+        return await asyncio.gather(*(ws_session(serve.url, "?decoding=greedy",
+                                                 frames=[pcm[i:i + 6400] for i in
+                                                         range(0, len(pcm), 6400)],
+                                                 timeout=300)
+                                      for _ in range(40)))
+    try:
+        results = asyncio.run(go())
+    finally:
+        stop.set()
+        pinger.join()
+    assert all(code == 1000 for _, code in results)
+    assert len(lat) >= 3 and max(lat) < PING_LIMIT_S, sorted(lat)[-5:]
+
+
+@needs_demo
+def test_ping_stays_fast_during_concurrent_long_invocations(serve):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = DEMO_WAV.read_bytes()
+    stop, lat = threading.Event(), []
+    pinger = threading.Thread(target=ping_latencies, args=(serve.url, stop, lat))
+    pinger.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(serve.url + "/invocations", body,
+                                                   {"Content-Type": "audio/wav"}), range(8)))
+    finally:
+        stop.set()
+        pinger.join()
+    assert all(status == 200 for status, _, _ in answers)
+    assert len(lat) >= 3 and max(lat) < PING_LIMIT_S, sorted(lat)[-5:]
+
+
+def test_oversize_body_is_refused_by_content_length_before_reading(serve):
+    """The body is never sent: the gateway must answer from the header alone."""
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=15) as s:
+        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                  b"Content-Length: 209715200\r\n\r\n" + bytes(65536))
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert b"too_large" in head or b"Content-Length" in head
+
+
+def test_oversize_chunked_body_is_refused_at_the_limit(serve):
+    cfg = GatewayConfig(triton_grpc=f"127.0.0.1:{serve.grpc_port}", max_body_bytes=1 << 20)
+    sent = {"n": 0}
+
+    async def body():
+        for _ in range(64):
+            sent["n"] += 65536
+            yield bytes(65536)
+
+    async def go():
+        gw = Gateway(cfg)
+        server = aiohttp.test_utils.TestServer(gw.app())
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(server.make_url("/invocations"), data=body(),
+                                  headers={"Content-Type": "audio/wav"}) as r:
+                    return r.status, await r.json()
+        finally:
+            await server.close()
+    status, answer = asyncio.run(go())
+    assert status == 413 and answer["code"] == "too_large", answer

@@ -39,15 +39,19 @@ CONTRACT_MODEL = "model_contract"
 OFFLINE_MODEL = "offline_asr"
 # gRPC's 4 MB default is too small for a long recording sent to offline_asr.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# The shared stream is re-opened after it broke; give up on a request after this many
+# re-opens in a row that broke before answering anything (Triton down, say).
+MAX_REOPENS_WITHOUT_ANSWER = 3
 
 
 class AsrError(RuntimeError):
     """The server rejected a request; the message is the server's."""
 
 
-def _channel(url: str, ssl: bool, root_certificates: bytes | None) -> grpc.Channel:
-    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+def _channel(url: str, ssl: bool, root_certificates: bytes | None,
+             max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.keepalive_time_ms", 30_000)]
     if ssl:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -129,12 +133,20 @@ class Session:
     _answered: int = 0          # responses passed on (in send order)
     _early: dict[int, tuple[list[dict], str | None, float]] = field(default_factory=dict)
     _closed: bool = False
+    _failed: str | None = None   # the session cannot go on (its requests were lost)
     _cv: threading.Condition = field(default_factory=threading.Condition)
+    #: called once with the START request's error (None: accepted), on the reader thread
+    on_start: Callable[[str | None], None] | None = None
+    #: called after every answer (and on failure), on the reader thread: lets an event
+    #: loop wait for answers without parking a thread in wait() (add_listener)
+    _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     # -- sending ---------------------------------------------------------------------
     def send(self, audio: np.ndarray | None = None, *, finalize: bool = False,
              keepalive: bool = False, end: bool = False,
              sample_rate: int | None = None) -> None:
+        if self._failed is not None:
+            raise AsrError(self._failed)
         if self._closed:
             raise AsrError(f"session {self.sequence_id} is closed")
         req = service_pb2.ModelInferRequest(model_name=self.model or self.conn.model,
@@ -151,6 +163,7 @@ class Session:
         if start:
             for k, v in self.options.items():
                 _set_param(req.parameters, k, v)
+        self.conn._check_size(req)      # before counting it: a refused request never existed
         with self._cv:
             self._sent += 1
             if end:
@@ -177,6 +190,8 @@ class Session:
             msgs = [{"type": "Error", "message": error}]
         arrived = time.perf_counter()
         with self._cv:
+            if self._failed is not None:
+                return          # answered for good already (see _fail)
             self._early[index] = (msgs, error, arrived)
             ready = []
             while self._answered + len(ready) in self._early:
@@ -187,26 +202,66 @@ class Session:
 
     def _release(self, msgs: list[dict], error: str | None, arrived: float) -> None:
         """One response, in send order (``arrived``: its perf_counter arrival time)."""
-        # Callbacks first: once wait() returns, on_message has seen every message.
+        # Callbacks first: once wait() returns, on_message has seen every message; and
+        # on_start after on_message, so its listener finds the START's error delivered.
         if self.on_message:
             for m in msgs:
                 self.on_message(m)
+        if self._answered == 0 and self.on_start is not None:
+            self.on_start(error)
         with self._cv:
             if error is not None:
                 self.errors.append(error)
             self.messages.extend(msgs)
             self._answered += 1
             self._cv.notify_all()
+        for listener in list(self._listeners):
+            listener()
+
+    def _fail(self, reason: str) -> None:
+        """No more answers will come (requests of this session were lost with a broken
+        gRPC stream): one Error for the session, every later send refused."""
+        msg = {"type": "Error", "code": "stream_broken", "message": reason}
+        with self._cv:
+            if self._failed is not None:
+                return
+            self._failed = reason
+            unstarted = self._answered == 0
+            self._early.clear()
+            self.errors.append(reason)
+            self.messages.append(msg)
+            self._answered = self._sent
+            self._cv.notify_all()
+        if self.on_message:
+            self.on_message(msg)
+        if unstarted and self.on_start is not None:
+            self.on_start(reason)
+        for listener in list(self._listeners):
+            listener()
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` (on the reader thread) after every answer and on failure."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    @property
+    def failed(self) -> str | None:
+        return self._failed
 
     def wait(self, timeout: float | None = 60.0) -> None:
-        """Block until every request sent so far has its response."""
+        """Block until every request sent so far has its response; AsrError when they
+        were lost (the session failed)."""
         with self._cv:
             if not self._cv.wait_for(
-                    lambda: self._answered >= self._sent or self.conn._broken is not None,
+                    lambda: self._answered >= self._sent or self._failed is not None,
                     timeout):
                 raise TimeoutError(f"session {self.sequence_id}: {self._sent - self._answered} "
                                    f"responses missing after {timeout} s")
-        self.conn._raise_if_broken()
+        if self._failed is not None:
+            raise AsrError(self._failed)
 
     @property
     def pending(self) -> int:
@@ -230,23 +285,63 @@ class Session:
         return ""
 
 
+class _Stream:
+    """One ModelStreamInfer call: its request queue, and which requests it has taken
+    from the queue and not yet answered (those die with it if it breaks)."""
+
+    def __init__(self):
+        self.requests: "queue.Queue[Any]" = queue.Queue()
+        self.in_flight: dict[int, set[int]] = {}
+        self.answered = 0
+        self.lock = threading.Lock()
+        self.call = None
+        self.reader: threading.Thread | None = None
+
+    def iterate(self):
+        while True:
+            req = self.requests.get()
+            if req is None:
+                return                      # half-close
+            sid, index = _parse_request_id(req.id)
+            with self.lock:
+                self.in_flight.setdefault(sid, set()).add(index)
+            yield req
+
+    def answered_one(self, sid, index: int) -> None:
+        with self.lock:
+            self.answered += 1
+            taken = self.in_flight.get(sid)
+            if taken is not None:
+                taken.discard(index)
+                if not taken:
+                    del self.in_flight[sid]
+
+
 class AsrConnection:
-    """One gRPC channel and one bidirectional stream, shared by any number of sessions."""
+    """One gRPC channel and one bidirectional stream, shared by any number of sessions.
+
+    Should the stream break (Triton restarted, a network fault), only the sessions with a
+    request on it that was not yet answered fail (their results are lost); the stream is
+    re-opened for the others, which carry on: a Triton sequence is not bound to a stream.
+    """
 
     def __init__(self, url: str = "127.0.0.1:8001", *, model: str = STREAM_MODEL,
-                 ssl: bool = False, root_certificates: bytes | None = None):
+                 ssl: bool = False, root_certificates: bytes | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.url = url
         self.model = model
-        self._channel = _channel(url, ssl, root_certificates)
+        self.max_message_bytes = max_message_bytes
+        self._channel = _channel(url, ssl, root_certificates, max_message_bytes)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._requests: "queue.Queue[Any]" = queue.Queue()
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(random.randrange(1, 2**40))
         self._contract: ModelContract | None = None
-        self._broken: BaseException | None = None
-        self._stream = None
-        self._reader: threading.Thread | None = None
+        self._current: _Stream | None = None
+        self._closing = False
+        self._reopens = 0               # re-opens in a row that answered nothing
+        self.breaks = 0                 # streams that broke (for logs and tests)
+        self.last_error: str | None = None
 
     # -- unary calls -------------------------------------------------------------------
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -266,11 +361,20 @@ class AsrConnection:
         _add_audio(req, np.asarray(audio, np.float32), sample_rate)
         for k, v in (options or {}).items():
             _set_param(req.parameters, k, v)
+        self._check_size(req)
         try:
             resp = self._stub.ModelInfer(req, timeout=timeout)
         except grpc.RpcError as exc:
             raise AsrError(exc.details()) from None
         return _results(resp)
+
+    def _check_size(self, req) -> None:
+        """Refuse a request gRPC would refuse: sent on the shared stream, it would break
+        the stream for every session on it."""
+        size = req.ByteSize()
+        if size > self.max_message_bytes:
+            raise AsrError(f"request of {size} bytes is larger than the gRPC message limit "
+                           f"of {self.max_message_bytes} bytes: send shorter audio chunks")
 
     # -- streaming ---------------------------------------------------------------------
     def open_session(self, options: dict[str, Any] | None = None,
@@ -278,30 +382,48 @@ class AsrConnection:
                      sequence_id: int | None = None, model: str | None = None) -> Session:
         """A new stream on this connection; ``model`` picks the streaming model for it
         (e.g. TWO_PASS_MODEL), default the connection's."""
-        self._ensure_stream()
         sid = sequence_id if sequence_id is not None else next(self._ids)
         s = Session(self, sid, dict(options or {}), on_message, model)
         with self._lock:
             self._sessions[sid] = s
+            self._stream_locked()
         return s
 
-    def _ensure_stream(self) -> None:
+    def _stream_locked(self) -> _Stream:
+        """The live stream, opened if there is none (caller holds ``_lock``)."""
+        if self._closing:
+            raise AsrError(f"connection to {self.url} is closed")
+        if self._current is None:
+            st = _Stream()
+            st.call = self._stub.ModelStreamInfer(st.iterate())
+            st.reader = threading.Thread(target=self._read, args=(st,), name="asr-stream",
+                                         daemon=True)
+            self._current = st
+            st.reader.start()
+        return self._current
+
+    @property
+    def _stream(self):
+        """The current gRPC call (tests cancel it to simulate a broken stream)."""
         with self._lock:
-            if self._stream is not None:
-                return
-            self._stream = self._stub.ModelStreamInfer(iter(self._requests.get, None))
-            self._reader = threading.Thread(target=self._read, name="asr-stream", daemon=True)
-            self._reader.start()
+            return self._stream_locked().call
+
+    @property
+    def _requests(self) -> "queue.Queue[Any]":
+        with self._lock:
+            return self._stream_locked().requests
 
     def _submit(self, req) -> None:
-        self._raise_if_broken()
-        self._requests.put(req)
+        with self._lock:
+            self._stream_locked().requests.put(req)
 
-    def _read(self) -> None:
+    def _read(self, st: _Stream) -> None:
+        error: str | None = None
         try:
-            for resp in self._stream:
+            for resp in st.call:
                 rid = resp.infer_response.id
                 sid, index = _parse_request_id(rid)
+                st.answered_one(sid, index)
                 with self._lock:
                     session = self._sessions.get(sid)
                 if session is None:
@@ -315,32 +437,65 @@ class AsrConnection:
                     except (AsrError, ValueError) as exc:
                         session._deliver(index, [], f"malformed response: {exc}")
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self._broken = exc
-                log.error("stream broken: %s", exc.details())
-        finally:
-            # Wake every waiter: no more responses will come on this stream.
-            with self._lock:
-                sessions = list(self._sessions.values())
-            for s in sessions:
-                with s._cv:
-                    s._cv.notify_all()
+            error = f"{exc.code().name}: {exc.details()}"
+        except Exception as exc:  # noqa: BLE001 - whatever ends the reader ends the stream
+            error = f"{type(exc).__name__}: {exc}"
+        if not self._closing:
+            self._broke(st, error or "the server ended the stream")
 
-    def _raise_if_broken(self) -> None:
-        if self._broken is not None:
-            raise AsrError(f"gRPC stream to {self.url} broke: "
-                           f"{getattr(self._broken, 'details', lambda: self._broken)()}")
+    def _broke(self, st: _Stream, why: str) -> None:
+        """The stream ``st`` is gone: fail the sessions it held requests of, move the
+        requests it never took to a new stream."""
+        with self._lock:
+            if self._current is st:
+                self._current = None
+            self.breaks += 1
+            self.last_error = why
+            self._reopens = 0 if st.answered else self._reopens + 1
+            with st.lock:
+                lost = {sid: sorted(ix) for sid, ix in st.in_flight.items() if ix}
+                st.in_flight.clear()
+            untaken = []
+            while True:
+                try:
+                    req = st.requests.get_nowait()
+                except queue.Empty:
+                    break
+                if req is not None:
+                    untaken.append(req)
+            if self._reopens >= MAX_REOPENS_WITHOUT_ANSWER:
+                for req in untaken:     # the server keeps refusing: these die too
+                    sid, index = _parse_request_id(req.id)
+                    lost.setdefault(sid, []).append(index)
+                untaken = []
+            keep = [r for r in untaken if _parse_request_id(r.id)[0] not in lost]
+            if keep and not self._closing:
+                new = self._stream_locked()
+                for req in keep:
+                    new.requests.put(req)
+            failed = [(self._sessions[sid], ix) for sid, ix in lost.items()
+                      if sid in self._sessions]
+        if lost or keep:
+            log.error("gRPC stream to %s broke (%s): %d session(s) lost requests in flight, "
+                      "%d request(s) moved to a new stream", self.url, why, len(failed),
+                      len(keep))
+        for session, indexes in failed:
+            session._fail(f"gRPC stream to {self.url} broke ({why}) with request(s) "
+                          f"{indexes} of this session in flight: their results are lost; "
+                          "start a new session")
 
     def forget(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.sequence_id, None)
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._requests.put(None)        # ends the request iterator: half-close
-            if self._reader is not None:
-                self._reader.join(timeout=10)
-            self._stream = None
+        with self._lock:
+            self._closing = True
+            st, self._current = self._current, None
+        if st is not None:
+            st.requests.put(None)           # ends the request iterator: half-close
+            if st.reader is not None:
+                st.reader.join(timeout=10)
         self._channel.close()
 
     def __enter__(self) -> "AsrConnection":

@@ -52,6 +52,35 @@ DEFAULT_UTTERANCE_END = 1.0
 #: them as per-stream options from clients (a client must not make the server open paths).
 SERVER_ONLY_PARAMETERS = frozenset({"lm_path"})
 
+#: Accepted range (inclusive) of each numeric option, wherever it is set: values outside
+#: it are refused by name (1e308 as a weight or an offset is no setting, it is an attack
+#: on the arithmetic).  Stream options have tighter per-stream caps on top
+#: (``triton_models.feature_extractor.STREAM_OPTION_LIMITS``).
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "beam_size": (1, 1024),
+    "beam_top_k": (1, 1024),
+    "hotword_boost": (0.0, 100.0),           # also each hotword's own boost
+    "lm_alpha": (0.0, 10.0),
+    "lm_beta": (-20.0, 20.0),
+    "lm_oov_letter_log10": (-20.0, 0.0),
+    "time_offset": (0.0, 366 * 86400.0),     # a year of seconds
+    "rule1_min_trailing_silence": (0.0, 3600.0),
+    "rule2_min_trailing_silence": (0.0, 3600.0),
+    "rule3_min_utterance_length": (0.0, 3600.0),
+    "utterance_end": (0.0, 3600.0),
+}
+
+
+def check_ranges(values: Mapping[str, Any]) -> None:
+    """Refuse parsed option values outside ``OPTION_RANGES``."""
+    checks = [(k, v) for k, v in values.items() if k in OPTION_RANGES]
+    checks += [("hotword_boost", boost) for _, boost in values.get("hotwords", ())]
+    for key, value in checks:
+        lo, hi = OPTION_RANGES[key]
+        if not lo <= value <= hi:
+            raise ValueError(f"{key}: must be between {lo:g} and {hi:g}, got {value:g}")
+
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -218,6 +247,7 @@ class DecoderConfig:
                                                   p["lm_oov_letter_log10"]),
             "time_offset": parse_float("time_offset", p["time_offset"]),
         }
+        check_ranges(out)
         if out["lm_path"]:
             from .lm import check_lm_path  # kenlm is optional: imported only when asked for
             check_lm_path("lm_path", out["lm_path"])
@@ -264,6 +294,7 @@ class EndpointConfig:
                 out[f.name] = parse_bool(f.name, p[f.name])
             else:
                 out[f.name] = parse_float(f.name, p[f.name])
+        check_ranges(out)
         return out
 
     @classmethod

@@ -167,11 +167,15 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _start_sweeper(store: StreamStore, metrics: _StreamMetrics) -> Sweeper:
-    """Sweep on a timer too: Triton never tells a model that a sequence timed out."""
+def _start_sweeper(store: StreamStore, metrics: _StreamMetrics,
+                   also=None) -> Sweeper:
+    """Sweep on a timer too: Triton never tells a model that a sequence timed out.
+    ``also``: a further pure-Python sweep to run each time (no pb_utils calls)."""
     trimmed = {"at": 0}
 
     def on_sweep(_n: int) -> None:
+        if also is not None:
+            also()
         # No pb_utils here (see _StreamMetrics); execute() publishes the counts.
         # after many streams went away (by TTL or END), at most once per sweep
         if store.reclaimed - trimmed["at"] >= 256 or (len(store) == 0 and
@@ -265,7 +269,9 @@ class CtcDecoderModel:
         _validate_io(self.cfg, {"LOG_PROBS", "STEP_INFO", "FEATURES"}, {"RESULTS", "UTTERANCES"})
         self.step = ctc_decoder.build_step(self.cfg)
         self.metrics = _StreamMetrics(self.cfg.name)
-        self.sweeper = _start_sweeper(self.step.store, self.metrics)
+        # lost requests are noticed (and what their streams parked freed) on the timer too
+        self.sweeper = _start_sweeper(self.step.store, self.metrics,
+                                      also=self.step.expire_gaps)
         self.log.info("ready: idle timeout %.1f s", self.step.store.ttl_s)
 
     def execute(self, requests):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,28 @@ from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
 from ..two_pass import Utterance, UtteranceRecorder, chunk_features, worded_finals
-from .common import ModelConfig, StepInfo, stream_idle_timeout
+from .common import ModelConfig, StepInfo, parse_float, parse_int, stream_idle_timeout
 
 log = logging.getLogger("streamasr.ctc_decoder")
 
 # config.pbtxt parameters of the decoder model that are not decoder options.
-STEP_PARAMETERS = ("acoustic_model", "stream_idle_timeout_s", "max_streams")
+STEP_PARAMETERS = ("acoustic_model", "stream_idle_timeout_s", "max_streams",
+                   "reorder_timeout_s", "max_parked_bytes_per_stream", "max_parked_bytes")
+
+# How long a stream's later requests wait for an earlier one that has not reached the
+# decoder (config `reorder_timeout_s`).  Inside the ensemble a request overtakes another
+# by about one acoustic-model batch (milliseconds; seconds on an overloaded host); a
+# request cancelled between steps never comes, and without a deadline its stream would
+# answer "OK, empty" to everything until the TTL.
+DEFAULT_REORDER_TIMEOUT_S = 10.0
+# Out-of-order requests one stream may hold (config `max_parked_bytes_per_stream`): room
+# for ~10 of the largest requests the feature step sends (32 windows: 74 kB of log-probs
+# plus 1.5 MB of two-pass features); direct callers can send far larger ones.
+DEFAULT_MAX_PARKED_BYTES_PER_STREAM = 16 << 20
+# ... and all streams together (config `max_parked_bytes`): what reordering may cost the
+# decoder process at most, whoever sends.
+DEFAULT_MAX_PARKED_BYTES = 64 << 20
+MB = 1 << 20
 
 
 def _field_names(cls) -> set[str]:
@@ -81,6 +99,9 @@ class _Stream:
     next_seq: int = 0
     pending: dict[int, DecoderRequest] = field(default_factory=dict)
     closed: bool = False
+    parked_bytes: int = 0                               # size of `pending`
+    gap_since: float | None = None                      # when `pending` began waiting
+    failed: str | None = None                           # why this stream cannot go on
     recorder: UtteranceRecorder | None = None           # two-pass streams only
     finals: list[tuple[dict, int, int]] = field(default_factory=list)  # (msg, first, end)
 
@@ -92,12 +113,26 @@ class DecoderStep:
 
     def __init__(self, contract: ModelContract, defaults: DecoderDefaults,
                  idle_timeout_s: float, max_streams: int | None = None,
-                 max_pending: int = 64):
+                 max_pending: int = 64,
+                 reorder_timeout_s: float = DEFAULT_REORDER_TIMEOUT_S,
+                 max_parked_bytes_per_stream: int = DEFAULT_MAX_PARKED_BYTES_PER_STREAM,
+                 max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES, clock=time.monotonic):
         self.contract = contract
         self.defaults = defaults
         defaults.validate({})          # fail at load time on a bad config.pbtxt value
-        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, max_streams=max_streams)
+        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, clock=clock,
+                                                       max_streams=max_streams)
         self.max_pending = max_pending
+        # Independent of the TTL: a stream with a gap keeps being touched by the requests
+        # that park, so the TTL alone never frees it; one swept by the TTL first still
+        # leaves its parked requests here until the gap expires.
+        self.reorder_timeout_s = reorder_timeout_s
+        self.max_parked_bytes_per_stream = max_parked_bytes_per_stream
+        self.max_parked_bytes = max_parked_bytes
+        self.parked_bytes = 0          # all streams' parked requests
+        # streams waiting for a missing request, oldest gap first
+        self._gaps: "OrderedDict[int, _Stream]" = OrderedDict()
+        self.clock = clock
 
     def _frames(self, r: DecoderRequest) -> np.ndarray:
         info = r.info
@@ -147,16 +182,83 @@ class DecoderStep:
         """This request's messages (see ``process_full`` for the two-pass utterances)."""
         return self.process_full(r)[0]
 
+    # -- reordering ------------------------------------------------------------------
+    def _unpark(self, stream: int, st: _Stream) -> None:
+        """Forget a stream's parked requests (and its gap)."""
+        self.parked_bytes -= st.parked_bytes
+        st.parked_bytes = 0
+        st.pending.clear()
+        st.gap_since = None
+        if self._gaps.get(stream) is st:
+            del self._gaps[stream]
+
+    def _fail(self, stream: int, st: _Stream, why: str) -> StreamError:
+        """The stream cannot go on (a request of it is lost): every later request of it,
+        END included, gets ``why`` instead of an empty answer."""
+        self._unpark(stream, st)
+        st.failed = why
+        log.warning("stream %d failed: %s", stream, why)
+        return StreamError(why)
+
+    def expire_gaps(self) -> int:
+        """Fail the streams whose missing request is older than the reorder timeout
+        (and free what they parked).  Runs on every request and on the sweeper's timer."""
+        with self.store.lock:
+            now, n = self.clock(), 0
+            while self._gaps:
+                stream, st = next(iter(self._gaps.items()))
+                if now - st.gap_since <= self.reorder_timeout_s:
+                    break
+                self._fail(stream, st, (
+                    f"request {st.next_seq} of stream {stream} never reached the decoder "
+                    f"within {self.reorder_timeout_s:g} s (lost in flight, e.g. its gRPC "
+                    f"stream was cancelled); the {len(st.pending)} request(s) after it "
+                    "were dropped: end this stream and start a new one"))
+                n += 1
+            return n
+
+    def _park(self, stream: int, st: _Stream, r: DecoderRequest) -> None:
+        seq = r.info.seq
+        size = r.log_probs.nbytes + (r.features.nbytes if r.features is not None else 0)
+        if len(st.pending) >= self.max_pending:
+            raise self._fail(stream, st, f"request {seq} of stream {stream} refused: "
+                             f"{len(st.pending)} requests already parked waiting for request "
+                             f"{st.next_seq} (limit {self.max_pending}); the stream is closed")
+        if st.parked_bytes + size > self.max_parked_bytes_per_stream:
+            raise self._fail(stream, st, (
+                f"request {seq} of stream {stream} refused: {st.parked_bytes / MB:.1f} MB "
+                f"of this stream's requests are already parked waiting for request "
+                f"{st.next_seq} (limit {self.max_parked_bytes_per_stream / MB:g} MB per "
+                "stream); the stream is closed"))
+        if self.parked_bytes + size > self.max_parked_bytes:
+            raise self._fail(stream, st, (
+                f"request {seq} of stream {stream} refused: the decoder's reorder buffers "
+                f"hold {self.parked_bytes / MB:.1f} MB parked by all streams (limit "
+                f"{self.max_parked_bytes / MB:g} MB); the stream is closed"))
+        st.pending[seq] = r
+        st.parked_bytes += size
+        self.parked_bytes += size
+        stale = self._gaps.get(stream)
+        if stale is not None and stale is not st:     # swept by the TTL, id started again
+            self._unpark(stream, stale)
+        if st.gap_since is None:
+            st.gap_since = self.clock()
+            self._gaps[stream] = st
+
     def process_full(self, r: DecoderRequest) -> tuple[list[dict], list[Utterance]]:
         info = r.info
         with self.store.lock:
+            self.expire_gaps()
             if info.start:
                 if info.seq != 0:
                     raise StreamError("internal: a START request must be its stream's first")
                 held = self.store.pop(info.stream)
-                # Keep requests that overtook this START; a live stream is replaced.
-                st = self.store.create(info.stream, held if held is not None
-                                       and held.decoder is None else _Stream())
+                if held is not None and held.decoder is None:
+                    st = self.store.create(info.stream, held)   # requests that overtook it
+                else:
+                    if held is not None:             # a live stream is replaced
+                        self._unpark(info.stream, held)
+                    st = self.store.create(info.stream, _Stream())
             elif info.stream in self.store:
                 st = self.store.get(info.stream)
             else:
@@ -165,21 +267,35 @@ class DecoderStep:
                 if info.stream in self.store.expired:
                     self.store.get(info.stream)          # raises "expired"
                 st = self.store.create(info.stream, _Stream())
+            if st.failed is not None:
+                if info.end:
+                    self.store.pop(info.stream)
+                raise StreamError(st.failed)
             if info.seq != st.next_seq:
                 if info.seq < st.next_seq or info.seq in st.pending:
                     raise StreamError(f"internal: request {info.seq} of stream "
                                       f"{info.stream} arrived twice")
-                if len(st.pending) >= self.max_pending:
-                    raise StreamError("too many requests of this stream out of order")
-                st.pending[info.seq] = r
+                self._park(info.stream, st, r)
                 return [], []
             msgs = self._apply(st, r)
             st.next_seq += 1
             while st.next_seq in st.pending:
-                msgs += self._apply(st, st.pending.pop(st.next_seq))
+                parked = st.pending.pop(st.next_seq)
+                size = parked.log_probs.nbytes + (parked.features.nbytes
+                                                  if parked.features is not None else 0)
+                st.parked_bytes -= size
+                self.parked_bytes -= size
+                msgs += self._apply(st, parked)
                 st.next_seq += 1
+            if st.gap_since is not None:
+                self._gaps.pop(info.stream, None)
+                # still waiting for another request: that gap starts now
+                st.gap_since = self.clock() if st.pending else None
+                if st.pending:
+                    self._gaps[info.stream] = st
             utterances = self._utterances(st, msgs) if st.recorder is not None else []
             if st.closed:
+                self._unpark(info.stream, st)
                 self.store.pop(info.stream)
             return msgs, utterances
 
@@ -201,8 +317,20 @@ def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
 
 def build_step(cfg: ModelConfig) -> DecoderStep:
     max_streams = int(cfg.param("max_streams", "0")) or None
+    ttl = stream_idle_timeout(cfg)
+    try:
+        reorder = parse_float("reorder_timeout_s", cfg.param(
+            "reorder_timeout_s", str(DEFAULT_REORDER_TIMEOUT_S)), 0.001)
+        per_stream = parse_int("max_parked_bytes_per_stream", cfg.param(
+            "max_parked_bytes_per_stream", str(DEFAULT_MAX_PARKED_BYTES_PER_STREAM)), 1)
+        total = parse_int("max_parked_bytes", cfg.param(
+            "max_parked_bytes", str(DEFAULT_MAX_PARKED_BYTES)), 1)
+    except ValueError as exc:
+        raise ValueError(f"model {cfg.name!r}: {exc}") from None
     contract, defaults = cfg.contract(), build_defaults(cfg)
     # Load the default word LM now (shared, cached by path): the first stream must not wait
     # seconds for it, and a bad LM file must fail the model load, not a stream.
     StreamDecoder(contract, *defaults.configs({}))
-    return DecoderStep(contract, defaults, stream_idle_timeout(cfg), max_streams)
+    return DecoderStep(contract, defaults, ttl, max_streams,
+                       reorder_timeout_s=reorder, max_parked_bytes_per_stream=per_stream,
+                       max_parked_bytes=total)

@@ -36,6 +36,28 @@ STREAM_OPTION_LIMITS = {"beam_size": 64, "beam_top_k": 64,
                         "rule1_min_trailing_silence": 600.0,
                         "rule2_min_trailing_silence": 600.0}
 MAX_HOTWORDS_CHARS = 4096
+# Stream ids are Triton sequence ids: non-zero unsigned 64-bit (0 means "no sequence").
+MAX_STREAM_ID = 2**64 - 1
+
+
+def normalize_stream_id(corrid: Any) -> int:
+    """A request's sequence id as the one integer every step keys its state by.
+
+    Triton passes uint64 ids as ``int`` and string ids as ``str``; the string ``"5"`` and
+    the integer 5 are two sequences to Triton but one stream to us (the decoder keys by
+    integer), so a string id is accepted only as the decimal form of a valid integer id:
+    it then meets the integer stream's duplicate-START check instead of replacing it."""
+    refused = StreamError(f"sequence id {corrid!r} is not a valid stream id: use an "
+                          f"integer 1..{MAX_STREAM_ID} (or its decimal string)")
+    value = corrid
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise refused
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not 0 < value <= MAX_STREAM_ID:
+        raise refused
+    return value
 
 
 def check_option_limits(options: dict[str, Any]) -> None:
@@ -155,6 +177,7 @@ class FeatureStep:
 
     # -- processing ----------------------------------------------------------------
     def process(self, r: FeatureRequest) -> FeatureResult:
+        corrid = normalize_stream_id(r.corrid)      # before any state is touched
         audio = self._checked_audio(r)
         finalize, keepalive, options = self._control(r)
         if r.audio is not None and len(audio) == 0 and not keepalive:
@@ -166,17 +189,17 @@ class FeatureStep:
         if len(audio) > self.max_stream_samples:
             raise self._too_long()
         if r.start:
-            if r.corrid in self.store:
+            if corrid in self.store:
                 # Another client (or a confused one) reusing a live id: refusing keeps the
                 # live stream intact; replacing it would silently mix two audio streams.
-                raise StreamError(f"stream {r.corrid} is already open: END it (or let it "
+                raise StreamError(f"stream {corrid} is already open: END it (or let it "
                                   "expire) before starting it again, or use another id")
-            st = self.store.create(r.corrid, _Stream(FeatureStream(self.contract)))
+            st = self.store.create(corrid, _Stream(FeatureStream(self.contract)))
         else:
-            st = self.store.get(r.corrid)
+            st = self.store.get(corrid)
             if st.features.features.samples_seen + len(audio) > self.max_stream_samples:
                 raise self._too_long()
-        info = StepInfo(stream=int(r.corrid), seq=st.requests, start=r.start, end=r.end,
+        info = StepInfo(stream=corrid, seq=st.requests, start=r.start, end=r.end,
                         finalize=finalize, keepalive=keepalive, options=options)
         st.requests += 1
         windows = st.features.accept(audio)
@@ -185,7 +208,7 @@ class FeatureStep:
             tail = st.features.finish()
             feats.append(tail.features)
             valid.append(tail.valid_outputs)
-            self.store.pop(r.corrid)
+            self.store.pop(corrid)
         features = np.concatenate(feats)
         info.windows = len(features)
         info.valid_outputs = [int(v) for v in np.concatenate(valid)]
