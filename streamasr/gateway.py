@@ -457,6 +457,11 @@ class Gateway:
         if request.content_length is not None and request.content_length > limit:
             raise BodyTooLarge(f"body of {request.content_length} bytes (Content-Length) is "
                                f"over the limit of {limit} bytes")
+        if sagemaker_platform.READ_BODY_KEY in request:   # read (bounded) by the middleware
+            body = request[sagemaker_platform.READ_BODY_KEY]
+            if len(body) > limit:
+                raise BodyTooLarge(f"body over the limit of {limit} bytes")
+            return body
         parts, size = [], 0
         async for part in request.content.iter_chunked(BODY_READ_BYTES):
             size += len(part)

@@ -56,6 +56,12 @@ def invoke_timeout_s(env=None) -> float:
     return t
 
 
+#: Where the middleware leaves a chunked body it had to read to measure (the gateway's
+#: body reader takes it from there instead of the exhausted stream).
+READ_BODY_KEY = "streamasr.read_body"
+BODY_READ_BYTES = 64 * 1024
+
+
 def _too_large(size: int, limit: int) -> web.Response:
     return web.json_response(
         {"type": "Error", "code": "payload_too_large",
@@ -76,13 +82,17 @@ def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES,
             log.info("invocations: refused a %d-byte body (limit %d)", request.content_length,
                      max_body_bytes)
             return _too_large(request.content_length, max_body_bytes)
-        try:
-            body = await request.read()       # chunked bodies: read (and cached) here
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _too_large(getattr(exc, "actual_size", max_body_bytes + 1), max_body_bytes)
-        if len(body) > max_body_bytes:
-            log.info("invocations: refused a %d-byte body (limit %d)", len(body), max_body_bytes)
-            return _too_large(len(body), max_body_bytes)
+        if request.content_length is None:   # chunked: read in pieces, stop at the limit
+            parts, size = [], 0
+            async for part in request.content.iter_chunked(BODY_READ_BYTES):
+                size += len(part)
+                if size > max_body_bytes:
+                    log.info("invocations: refused a chunked body over %d bytes", max_body_bytes)
+                    resp = _too_large(size, max_body_bytes)
+                    resp.force_close()   # do not read the rest
+                    return resp
+                parts.append(part)
+            request[READ_BODY_KEY] = b"".join(parts)   # the handler takes it from here
         try:
             return await asyncio.wait_for(handler(request), timeout_s)
         except asyncio.TimeoutError:

@@ -216,8 +216,12 @@ def test_sigterm_drains_open_streams_within_30s(byom):
                 step = rate // 10 * 2
                 for i in range(0, len(half), step):
                     await ws.send_bytes(half[i:i + step])
-                first = await ws.receive(timeout=60)      # the model is working on it
-                assert first.type == aiohttp.WSMsgType.TEXT
+                while True:   # mid-utterance: an interim already shows some of the speech
+                    m = await ws.receive(timeout=60)
+                    assert m.type == aiohttp.WSMsgType.TEXT, m
+                    alts = json.loads(m.data).get("channel", {}).get("alternatives", [{}])
+                    if alts[0].get("transcript"):
+                        break
                 t0 = time.monotonic()
                 byom.proc.send_signal(15)
                 async for m in ws:

@@ -29,6 +29,7 @@ from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, fina
 from streamasr.evaluation import load_eval_set, wer_cer
 from streamasr.features import whole_file_windows
 
+from .build_model import OUTPUT as BUNDLED_MODEL
 from .train_ctc import load_audio_16k, read_manifest
 
 log = logging.getLogger("training.eval_decoding")
@@ -213,8 +214,7 @@ def run(model: Path, lm: Path | None, weights: dict, do_tune: bool,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.eval_decoding", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path,
-                   default=ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx")
+    p.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     p.add_argument("--lm", type=Path, help="ARPA word LM (make lm)")
     p.add_argument("--alpha", type=float, default=DecoderConfig.lm_alpha)
     p.add_argument("--beta", type=float, default=DecoderConfig.lm_beta)
