@@ -112,14 +112,6 @@ def parse_float(key: str, raw: Any, minimum: float = 0.0) -> float:
     return value
 
 
-def parse_log_cost(key: str, raw: Any) -> float:
-    """A log-probability cost: a finite number <= 0."""
-    value = parse_float(key, raw, minimum=-math.inf)
-    if value > 0:
-        raise ValueError(f"{key}: must be <= 0 (a log10 cost), got {value}")
-    return value
-
-
 def parse_int(key: str, raw: Any, minimum: int = 1) -> int:
     if isinstance(raw, bool):
         raise ValueError(f"{key}: must be an integer, got {raw!r}")
@@ -243,8 +235,9 @@ class DecoderConfig:
             "lm_alpha": parse_float("lm_alpha", p["lm_alpha"]),
             "lm_beta": parse_float("lm_beta", p["lm_beta"], minimum=-math.inf),
             "lm_partial_words": parse_bool("lm_partial_words", p["lm_partial_words"]),
-            "lm_oov_letter_log10": parse_log_cost("lm_oov_letter_log10",
-                                                  p["lm_oov_letter_log10"]),
+            # <= 0 (a cost) is enforced with every other range by check_ranges
+            "lm_oov_letter_log10": parse_float("lm_oov_letter_log10",
+                                               p["lm_oov_letter_log10"], minimum=-math.inf),
             "time_offset": parse_float("time_offset", p["time_offset"]),
         }
         check_ranges(out)
