@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 demo test test-slow bench model whisper lm serve clean
+.PHONY: venv venv-http2 demo test test-slow lint bench model whisper lm serve clean
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -67,6 +67,11 @@ demo: venv whisper lm
 
 serve: venv whisper lm
 	$(PY) -m streamasr.server
+
+# Lint and type check (configured in pyproject.toml); CI runs it before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: venv venv-http2 whisper lm
 	$(PY) -m pytest -q tests

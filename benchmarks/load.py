@@ -28,9 +28,7 @@ import glob
 import heapq
 import json
 import logging
-import os
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

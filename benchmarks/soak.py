@@ -281,7 +281,7 @@ def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms:
                 all_closed()                  # samples the open-stream gauges
                 rnd["rss_peak_kib"] = sum(server_rss(pid).values())
                 t0 = time.monotonic()
-                poll(lambda: all_closed() and all(
+                poll(lambda base=base: all_closed() and all(
                     v - base[m] >= streams for m, v in reclaimed().items()),
                     3 * ttl_s + 120, "every soak stream to be reclaimed")
                 rnd["peak_open_streams_seen"] = dict(peak_open)

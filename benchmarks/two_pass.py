@@ -38,8 +38,8 @@ def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, m
     """(final transcript, END -> last response seconds, re-decoded finals) of one clip."""
     s = conn.open_session(model=model)
     t0 = time.perf_counter()
-    for k, i in enumerate(range(0, len(audio), chunk)):
-        if paced:   # chunk k is "spoken" by t0 + its end time
+    for i in range(0, len(audio), chunk):
+        if paced:   # a chunk is "spoken" by t0 + its end time
             delay = t0 + (i + len(audio[i:i + chunk])) / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)

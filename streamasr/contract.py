@@ -186,7 +186,7 @@ class ModelContract:
         def integer(key: str, minimum: int) -> int:
             raw = m.get(key)
             try:
-                v = int(raw)
+                v = int(raw)  # type: ignore[arg-type]  # None and junk are reported below
             except (TypeError, ValueError):
                 problems.append(f"streamasr.{key} must be an integer, got {raw!r}")
                 return minimum

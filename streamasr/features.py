@@ -20,7 +20,7 @@ import numpy as np
 from .contract import FeatureSpec, ModelContract
 
 
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+def _hz_to_mel(f: float | np.ndarray) -> np.ndarray:
     """Slaney mel scale (linear below 1 kHz, logarithmic above), as librosa's default."""
     f = np.asarray(f, dtype=np.float64)
     f_sp = 200.0 / 3

@@ -422,6 +422,8 @@ class Gateway:
     # -- /ping ---------------------------------------------------------------------------
     async def _health_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        first_health = self._first_health
+        assert first_health is not None         # made by _on_startup, which starts us
         while True:
             try:
                 ok, reason = await loop.run_in_executor(self._health_pool, self.backend.ready)
@@ -430,7 +432,7 @@ class Gateway:
             if self.health is None or self.health[:2] != (ok, reason):
                 log.info("health: %s", reason)
             self.health = (ok, reason, time.monotonic())
-            self._first_health.set()
+            first_health.set()
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     async def ping(self, _request: web.Request) -> web.Response:
@@ -546,9 +548,10 @@ class Gateway:
                 f"{hs.id}; Expires={expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
             log.info("http session %s opened", hs.id)
         else:
-            hs = self.http_sessions.get(sid)
-            if hs is None:
+            known = self.http_sessions.get(sid)
+            if known is None:
                 return _error(404, "unknown_session", "no such session (expired or closed)")
+            hs = known
         async with hs.lock:
             hs.expires = time.monotonic() + self.cfg.session_ttl_s
             s = hs.session
@@ -651,8 +654,11 @@ class WsSession:
         self.loop.call_soon_threadsafe(self._enqueue, m)
 
     def _on_start(self, error: str | None) -> None:
-        self.loop.call_soon_threadsafe(
-            lambda: self.started.done() or self.started.set_result(error))
+        def settle() -> None:
+            if not self.started.done():
+                self.started.set_result(error)
+
+        self.loop.call_soon_threadsafe(settle)
 
     def _enqueue(self, m: dict) -> None:
         self.received += 1
@@ -719,12 +725,14 @@ class WsSession:
     async def _check_flood(self) -> None:
         """Wait (not reading the socket) while too many chunks are in flight; a client
         still ahead of the model after flood_timeout_s is flooding."""
+        s = self.session
+        assert s is not None                    # opened before any audio
         deadline = time.monotonic() + self.cfg.flood_timeout_s
-        while self.session.pending >= self.cfg.max_pending_requests:
+        while s.pending >= self.cfg.max_pending_requests:
             if time.monotonic() >= deadline:
                 raise ProtocolError(
                     "backpressure",
-                    f"{self.session.pending} audio chunks still waiting for the model after "
+                    f"{s.pending} audio chunks still waiting for the model after "
                     f"{self.cfg.flood_timeout_s:.0f} s (limit {self.cfg.max_pending_requests}):"
                     f" send audio no faster than the model transcribes it")
             await asyncio.sleep(0.005)
@@ -747,7 +755,9 @@ class WsSession:
             return
         # The size that matters is what goes to Triton, after resampling: bounded by
         # duration, checked before resampling allocates it.
-        seconds = cut // width / self.sample_rate
+        rate = self.sample_rate
+        assert rate is not None                 # _open settled the format
+        seconds = cut // width / rate
         if seconds > self.cfg.max_frame_seconds:
             raise ProtocolError(
                 "frame_too_large",
@@ -755,7 +765,7 @@ class WsSession:
                 f"{self.sample_rate} Hz ({self.encoding}, {self.channels} channel(s)); "
                 f"the limit is {self.cfg.max_frame_seconds:g} s of audio per frame")
         audio = resample(decode_pcm(data[:cut], self.encoding, self.channels),
-                         self.sample_rate, self.model_rate)
+                         rate, self.model_rate)
         self.audio_bytes += cut
         s.send(audio)
 

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = server_config()
     server = make_server(cfg)
     gcfg = gateway_config(cfg)
-    outcome: dict[str, object] = {"code": 0}
+    outcome: dict[str, int] = {"code": 0}
     main_pid = os.getpid()
 
     def _stop_gateway(code: int) -> None:
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             _stop_gateway(1)
             return
         log.info("tritonserver ready (grpc %s)", server.grpc_url)
+        assert server.proc is not None
         code = server.proc.wait()
         if not stopping.is_set():
             log.error("tritonserver exited with code %s; stopping the gateway", code)

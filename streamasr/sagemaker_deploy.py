@@ -196,11 +196,13 @@ def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run:
         if c.needs_in_service and not in_service:
             out.write(("DRY RUN " if dry_run else "") + "wait until the endpoint is InService\n")
             if not dry_run and wait_before is not None:
+                assert client_for is not None
                 wait_before(client_for("sagemaker"))
             in_service = True
         out.write(("DRY RUN " if dry_run else "") + c.render() + "\n")
         if dry_run:
             continue
+        assert client_for is not None       # only a dry run goes without clients
         client = client_for(c.service)
         try:
             results.append(getattr(client, c.operation)(**c.params))

@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger("streamasr.server")
 
@@ -162,7 +163,7 @@ class TritonServer:
         self.home = TritonHome(Path(home_root)).prepare()
         self.log_path = log_path or (self.home.root / "tritonserver.log")
         self.proc: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     # -- command line -------------------------------------------------------
     def command(self) -> list[str]:
@@ -241,6 +242,8 @@ class TritonServer:
 
     def _forward(self) -> None:
         """Tee the server's output into the log file and our stderr."""
+        assert self.proc is not None and self.proc.stdout is not None
+        assert self._log_file is not None
         for line in iter(self.proc.stdout.readline, b""):
             self._log_file.write(line)
             self._log_file.flush()
@@ -425,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
              len(stubs), a.health_interval)
     next_poll = time.monotonic() + a.health_interval
     strikes: dict[str, int] = {}
-    while stop["signal"] is None and server.proc.poll() is None:
+    proc = server.proc
+    assert proc is not None     # started above
+    while stop["signal"] is None and proc.poll() is None:
         time.sleep(0.2)
         if not watching or time.monotonic() < next_poll:
             continue
@@ -436,9 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                       "supervisor restarts it\n%s", problem, server.log_tail(30))
             server.stop(timeout_s=10)
             return 3
-    if server.proc.poll() is not None:
+    if proc.poll() is not None:
         log.error("tritonserver exited on its own with code %s\n%s",
-                  server.proc.returncode, server.log_tail())
+                  proc.returncode, server.log_tail())
         server.stop()
         return 1
     log.info("stopping tritonserver")

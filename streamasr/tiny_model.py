@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,7 +20,7 @@ CHAR_VOCABULARY = ("<blank>", " ", *string.ascii_lowercase, "'")
 
 
 def tiny_contract(**overrides) -> ModelContract:
-    fields = dict(features=FeatureSpec(), chunk_frames=40, left_frames=20, right_frames=10,
+    fields: dict[str, Any] = dict(features=FeatureSpec(), chunk_frames=40, left_frames=20, right_frames=10,
                   subsampling=2, vocabulary=CHAR_VOCABULARY, blank_id=0, word_boundary="space",
                   name="tiny-random", version="1", license="MIT",
                   description="random weights, for tests only")

@@ -136,7 +136,7 @@ def test_every_option_range_is_in_the_readme():
     from streamasr.decoding.config import OPTION_RANGES
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for key, (lo, hi) in OPTION_RANGES.items():
+    for key, (lo, _hi) in OPTION_RANGES.items():
         rows = [line for line in readme.splitlines()
                 if line.startswith("|") and f"`{key}`" in line.split("|")[1]]
         assert rows and f"{lo:g} to " in rows[0].split("|")[4], (key, rows)

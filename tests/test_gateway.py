@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,16 +22,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-aiohttp = pytest.importorskip("aiohttp")
-import aiohttp.test_utils  # noqa: E402
+import aiohttp
+import aiohttp.test_utils
 
-from streamasr.gateway import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,  # noqa: E402
+from streamasr.gateway import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,
                                NEW_SESSION_HEADER, SESSION_HEADER,
                                WS_PATH, Gateway, GatewayConfig, decode_body, parse_content_type)
-from streamasr.server import free_port  # noqa: E402
-from streamasr_client.stream import AsrConnection  # noqa: E402
+from streamasr.server import free_port
+from streamasr_client.stream import AsrConnection
 
-from .conftest import DEMO_WAV, ROOT  # noqa: E402
+from .conftest import DEMO_WAV, ROOT
 
 SERVE = ROOT / "docker" / "serve"
 needs_demo = pytest.mark.skipif(not DEMO_WAV.exists(),

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-aiohttp = pytest.importorskip("aiohttp")
-import aiohttp.test_utils  # noqa: E402
+import aiohttp
+import aiohttp.test_utils
 
-from streamasr import sagemaker_platform as platform  # noqa: E402
-from streamasr.gateway import (NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, Gateway,  # noqa: E402
+from streamasr import sagemaker_platform as platform
+from streamasr.gateway import (NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, Gateway,
                                GatewayConfig)
-from streamasr.gateway_serve import model_repository  # noqa: E402
-from streamasr_client import sagemaker_stream as sms  # noqa: E402
+from streamasr.gateway_serve import model_repository
+from streamasr_client import sagemaker_stream as sms
 
-from .conftest import DEMO_WAV, ROOT, copy_repository  # noqa: E402
-from .test_gateway import Serve, finals_text, needs_demo, post, sagemaker_env  # noqa: E402
+from .conftest import DEMO_WAV, ROOT, copy_repository
+from .test_gateway import Serve, finals_text, needs_demo, post, sagemaker_env
 
 EXPIRES = re.compile(r"^([0-9a-f]{32}); Expires=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 

@@ -121,11 +121,11 @@ def interim_stability(contract: ModelContract, matrices: list[np.ndarray], refs:
         t_end = dec.frames_decoded * contract.output_frame_seconds + lookahead_s
         events += [(t_end, m) for m in dec.close() if m.get("type") == "Results"]
         finals: dict[float, list[dict]] = {}
-        for t, m in events:
+        for _, m in events:
             if m["is_final"]:
                 finals[m["start"]] = m["channel"]["alternatives"][0]["words"]
         final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
-        for t, m in events:
+        for _, m in events:
             if m["is_final"]:
                 continue
             fw = finals.get(m["start"], [])

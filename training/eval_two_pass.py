@@ -49,7 +49,7 @@ def run(model_path: Path, whisper_dir: Path, threads: int = 1) -> dict:
         audio = train_ctc.load_audio_16k(wav)
         audio_s += len(audio) / c.sample_rate
         fs = FeatureStream(c)
-        lps, feats = [], []
+        lps = []
         for s in range(0, len(audio), c.chunk_samples):   # the stream, chunk by chunk
             w = fs.accept(audio[s:s + c.chunk_samples])
             if w.count:

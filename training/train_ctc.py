@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,11 +189,11 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
     else:
         d.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
-        chunks, meta, seen = [], [], set()
+        meta, seen = [], set()
         t0, total_w = time.time(), 0
         f = open(d / "frames.bin", "wb")
         for copy in range(copies):
-            for i, (path, text) in enumerate(items):
+            for path, text in items:
                 tgt = acoustic.encode_text(text)
                 if not tgt:
                     continue

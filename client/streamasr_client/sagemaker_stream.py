@@ -452,7 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     pcm, rate = read_pcm16(a.audio)
     framing = Framing(rate, a.chunk_ms, dict(o.split("=", 1) for o in a.option))
-    show = (lambda m: sys.stdout.write(json.dumps(m) + "\n")) if a.json else None
+    def print_json(m: dict) -> None:
+        sys.stdout.write(json.dumps(m) + "\n")
+
+    show = print_json if a.json else None
     try:
         if a.mode == "invocations":
             invoke = http_invoker(a.url) if a.url else boto3_invoker(a.endpoint, a.region)

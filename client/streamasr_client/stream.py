@@ -193,7 +193,7 @@ class Session:
             if self._failed is not None:
                 return          # answered for good already (see _fail)
             self._early[index] = (msgs, error, arrived)
-            ready = []
+            ready: list[tuple[list[dict], str | None, float]] = []
             while self._answered + len(ready) in self._early:
                 ready.append(self._early.pop(self._answered + len(ready)))
         # Only the reader thread delivers, so callbacks keep the order popped in.
@@ -291,7 +291,7 @@ class _Stream:
 
     def __init__(self):
         self.requests: "queue.Queue[Any]" = queue.Queue()
-        self.in_flight: dict[int, set[int]] = {}
+        self.in_flight: dict[int | None, set[int]] = {}  # None: an id not ours
         self.answered = 0
         self.lock = threading.Lock()
         self.call = None
@@ -307,7 +307,7 @@ class _Stream:
                 self.in_flight.setdefault(sid, set()).add(index)
             yield req
 
-    def answered_one(self, sid, index: int) -> None:
+    def answered_one(self, sid: int | None, index: int) -> None:
         with self.lock:
             self.answered += 1
             taken = self.in_flight.get(sid)
@@ -425,7 +425,7 @@ class AsrConnection:
                 sid, index = _parse_request_id(rid)
                 st.answered_one(sid, index)
                 with self._lock:
-                    session = self._sessions.get(sid)
+                    session = self._sessions.get(sid) if sid is not None else None
                 if session is None:
                     log.warning("response for unknown request id %r", rid)
                     continue

@@ -104,7 +104,7 @@ def stream_chunks(session: Session, chunks: Iterable[np.ndarray], sample_rate: i
         sent_s += len(chunk) / sample_rate
         if next_finalize is not None and sent_s >= next_finalize:
             session.finalize()
-            next_finalize += finalize_every
+            next_finalize += finalize_every or 0.0    # both set, or neither
     session.close()
 
 

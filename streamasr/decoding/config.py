@@ -157,8 +157,8 @@ def parse_hotwords(key: str, raw: Any, default_boost: float) -> tuple[tuple[str,
             for part in text.split(","):
                 if not part.strip():
                     continue
-                phrase, sep, boost = part.rpartition(":")
-                items.append((phrase, boost) if sep else part)
+                phrase, sep, given = part.rpartition(":")
+                items.append((phrase, given) if sep else part)
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{key}: must be a list of phrases or (phrase, boost) pairs, "
                          f"got {raw!r}")
@@ -243,7 +243,7 @@ class DecoderConfig:
         check_ranges(out)
         if out["lm_path"]:
             from .lm import check_lm_path  # kenlm is optional: imported only when asked for
-            check_lm_path("lm_path", out["lm_path"])
+            check_lm_path("lm_path", str(out["lm_path"]))
         return out
 
     @classmethod

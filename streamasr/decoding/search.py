@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -157,6 +157,22 @@ class _Hyp:
     __slots__ = ("pid", "parent", "last", "p_b", "p_nb", "node", "best", "n_text",
                  "ctx", "ctx_partial", "ctx_locked", "lm_state", "lm_word", "lm_score",
                  "lm_partial")
+    # Declared for the type checker only (no values: __slots__ holds the storage).
+    pid: int
+    parent: int
+    last: int
+    p_b: float
+    p_nb: float
+    node: Any
+    best: float
+    n_text: int
+    ctx: int
+    ctx_partial: float
+    ctx_locked: float
+    lm_state: Any
+    lm_word: str
+    lm_score: float
+    lm_partial: float
 
     def score(self) -> float:
         return (logaddexp(self.p_b, self.p_nb) + self.ctx_partial + self.ctx_locked

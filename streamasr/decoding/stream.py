@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -207,6 +207,7 @@ class StreamDecoder:
             msgs.append(self._utterance_end())
 
     def _utterance_end(self) -> dict:
+        assert self._pending_end is not None    # callers check
         msg = {"type": "UtteranceEnd", "last_word_end": self._time(self._pending_end)}
         self._pending_end = None
         return msg
@@ -245,7 +246,7 @@ class StreamDecoder:
                                   self.text.vocabulary, self.text.blank_id)
         except ValueError:   # not alignable (a token carried over a boundary): keep beam's
             return
-        words = []
+        words: list[dict[str, Any]] = []
         for word, first, end, conf in spans:
             words.append({"word": word, "start": self._time(self._utt_start + first),
                           "end": self._time(self._utt_start + end),
@@ -261,7 +262,7 @@ class StreamDecoder:
     def _results(self, tail: Optional[Token], is_final: bool, speech_final: bool = False,
                  from_finalize: bool = False) -> dict:
         toks = alignment(tail)
-        words = []
+        words: list[dict[str, Any]] = []
         confidences = []
         self._last_word_end_frame = None
         for w in self.text.words([x.tok for x in toks]):
