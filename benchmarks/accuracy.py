@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streamasr.protocol import final_text
+
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
 
@@ -87,12 +89,6 @@ def wer_cer(refs: list[str], hyps: list[str]) -> dict:
     return {"wer": round(jiwer.wer(refs_n, hyps_n), 4), "cer": round(jiwer.cer(refs_n, hyps_n), 4)}
 
 
-def _final_text(msgs: list[dict]) -> str:
-    parts = [m["channel"]["alternatives"][0]["transcript"] for m in msgs
-             if m.get("type") == "Results" and m.get("is_final")]
-    return " ".join(p for p in parts if p)
-
-
 def run(url: str, chunk_samples: int, sample_rate: int, *, progress=print,
         limit: int | None = None) -> dict:
     name, items = eval_set(sample_rate)
@@ -115,7 +111,7 @@ def run(url: str, chunk_samples: int, sample_rate: int, *, progress=print,
             conn.forget(s)
             refs.append(text)
             streamed.append(s.transcript)
-            offline.append(_final_text(conn.transcribe_file(audio)))
+            offline.append(final_text(conn.transcribe_file(audio)))
     out = {"eval_set": name, "utterances": len(items),
            "audio_s": round(sum(len(a) for _, a, _ in items) / sample_rate, 1),
            "streamed": wer_cer(refs, streamed), "offline": wer_cer(refs, offline),

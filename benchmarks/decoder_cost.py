@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from streamasr.contract import ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, final_transcript
+from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole
+from streamasr.protocol import final_text
 from streamasr.features import whole_file_windows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ def measure(contract, frames, options: dict, repeats: int = 3) -> dict:
         best = min(best, time.process_time() - t0)
     seconds = len(frames) * contract.output_frame_seconds
     return {"options": options, "cpu_s": round(best, 4), "rtf": round(best / seconds, 5),
-            "transcript": final_transcript(msgs)}
+            "transcript": final_text(msgs)}
 
 
 def run(audio_path: Path = DEMO, lm: Path | None = None, hotwords: str = "") -> list[dict]:

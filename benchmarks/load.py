@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from streamasr import protocol
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection, AsrError, Session
 
@@ -103,17 +104,17 @@ class TimedSession(Session):
     def _release(self, msgs, error, arrived):
         t = arrived
         for m in msgs:
-            if m.get("type") != "Results":
+            if not protocol.is_results(m):
                 continue
-            text = m["channel"]["alternatives"][0]["transcript"]
+            text = protocol.transcript(m)
             if text and self.first_text_t is None:
                 self.first_text_t = t
-            if m.get("is_final"):
+            if protocol.is_final(m):
                 self.final_text = (self.final_text + " " + text).strip() if text else self.final_text
             else:
                 self.done_t.append(t)
         super()._release(msgs, error, arrived)
-        if self._closed and self._answered >= self._sent:
+        if self.closed and self.pending <= 0:
             self.all_answered_t = t
         if self.on_done is not None:
             self.on_done(self)
@@ -376,7 +377,7 @@ def saturate(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
             if sp.session.pending:
                 continue                       # an answer for an older session
             if time.perf_counter() >= deadline:
-                if sp.session.send_t and not sp.session._closed:
+                if sp.session.send_t and not sp.session.closed:
                     sp.session.close()         # END without audio: the server frees it now
                 active -= 1
                 continue

@@ -69,25 +69,21 @@ import grpc
 import numpy as np
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
-from tritonclient.grpc import service_pb2
 
-from streamasr import sagemaker_platform
-from streamasr.contract import ModelContract
-from streamasr_client.audio import resample, to_mono
+from streamasr import protocol, sagemaker_platform
 from streamasr.decoding.config import parse_bool, parse_int
-from streamasr_client.stream import (CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL,
-                                     TWO_PASS_MODEL, AsrConnection, AsrError, Session)
+from streamasr.protocol import (CLOSED_SESSION_HEADER, CONTRACT_MODEL,
+                                CUSTOM_ATTRIBUTES_HEADER, NEW_SESSION, NEW_SESSION_HEADER,
+                                OFFLINE_MODEL, PCM16_FULL_SCALE, SESSION_HEADER, STREAM_MODEL,
+                                TWO_PASS_MODEL, WS_PATH, ModelContract)
+from streamasr_client.audio import resample, to_mono
+from streamasr_client.stream import AsrConnection, AsrError, Session
 
 log = logging.getLogger("streamasr.gateway")
 
-WS_PATH = "/invocations-bidirectional-stream"
-SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
-NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
-CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
-CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 # Query keys the gateway itself reads; everything else is a per-stream decoder option.
 GATEWAY_KEYS = {"encoding", "sample_rate", "channels", "two_pass"}
-ENCODINGS = {"linear16": ("<i2", 32768.0), "float32": ("<f4", 1.0)}
+ENCODINGS = {"linear16": ("<i2", PCM16_FULL_SCALE), "float32": ("<f4", 1.0)}
 # Client sample rates the gateway resamples from: 8 kHz (telephony) to 192 kHz (studio).
 # Resampling multiplies a frame's size by model rate / client rate (x320 at 50 Hz).
 MIN_SAMPLE_RATE = 8_000
@@ -283,11 +279,10 @@ class Backend:
         """(ready, reason) from Triton's own health RPCs."""
         conn = self.connection()
         try:
-            if not conn._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2).ready:
+            if not conn.server_ready():
                 return False, "triton server not ready"
             for m in (STREAM_MODEL, OFFLINE_MODEL, CONTRACT_MODEL):
-                r = conn._stub.ModelReady(service_pb2.ModelReadyRequest(name=m), timeout=2)
-                if not r.ready:
+                if not conn.model_ready(m):
                     return False, f"model {m} not ready"
         except grpc.RpcError as exc:
             return False, f"triton unreachable: {exc.code().name}"
@@ -506,17 +501,15 @@ class Gateway:
         log.info("invocations: %.1f s audio, %d messages, %.0f ms",
                  len(audio) / contract.sample_rate, len(messages),
                  1000 * (time.monotonic() - t0))
-        finals = [m["channel"]["alternatives"][0]["transcript"] for m in messages
-                  if m.get("type") == "Results" and m.get("is_final")]
         return web.json_response({"messages": messages,
-                                  "transcript": " ".join(t for t in finals if t)})
+                                  "transcript": protocol.final_text(messages)})
 
     async def _session_chunk(self, request: web.Request) -> web.Response:
         sid = request.headers[SESSION_HEADER].strip()
         q = request_options(request)
         finalize = q.get("finalize", "false").lower() == "true"
         close = q.get("close", "false").lower() == "true"
-        if sid != "NEW_SESSION" and sid not in self.http_sessions:
+        if sid != NEW_SESSION and sid not in self.http_sessions:
             return _error(404, "unknown_session", "no such session (expired or closed)")
         try:
             body = await self._read_body(request)
@@ -531,7 +524,7 @@ class Gateway:
         except (AsrError, grpc.RpcError) as exc:
             return _error(503, "backend", f"model unavailable: {exc}")
         headers = {}
-        if sid == "NEW_SESSION":
+        if sid == NEW_SESSION:
             options = {k: v for k, v in q.items() if k not in ("finalize", "close", "two_pass")}
             try:
                 model = self.cfg.stream_model(q.get("two_pass"))
@@ -559,7 +552,7 @@ class Gateway:
             try:
                 if close:
                     s.close(audio)
-                elif audio is not None or finalize or s._sent == 0:
+                elif audio is not None or finalize or not s.started:
                     s.send(audio, finalize=finalize, keepalive=audio is None and not finalize)
                 await wait_session(s, self.cfg.close_timeout_s)
             except (AsrError, TimeoutError) as exc:
@@ -574,7 +567,7 @@ class Gateway:
 
     def _end_http_session(self, hs: HttpSession, send_end: bool = True) -> None:
         self.http_sessions.pop(hs.id, None)
-        if send_end and not hs.session._closed and hs.session._sent > 0:
+        if send_end and not hs.session.closed and hs.session.started:
             try:
                 hs.session.close()
             except AsrError:
@@ -675,7 +668,7 @@ class WsSession:
             await self.ws.send_str(json.dumps(m, ensure_ascii=False))
 
     def _configure(self, msg: dict) -> None:
-        if self.session is not None and self.session._sent:
+        if self.session is not None and self.session.started:
             raise ProtocolError("bad_request", "Configure must come before any audio")
         self._set_format(msg, "Configure")
         self.two_pass = msg.get("two_pass", self.two_pass)
@@ -709,7 +702,7 @@ class WsSession:
         the session with that error (the client has it already) instead of carrying on
         with requests for a stream that does not exist."""
         s = self.session
-        if s is None or s._sent == 0:
+        if s is None or not s.started:
             return
         try:
             error = await asyncio.wait_for(asyncio.shield(self.started),
@@ -798,9 +791,9 @@ class WsSession:
     async def _finish(self) -> None:
         """END the sequence and wait for its last responses."""
         s = self.session
-        if s is None or s._closed:
+        if s is None or s.closed:
             return
-        if s._sent == 0:
+        if not s.started:
             # Nothing was ever sent: there is no sequence to end.
             return
         await self._accepted()
@@ -839,7 +832,7 @@ class WsSession:
             close_code, reason = 1011, "backend"
         finally:
             s = self.session
-            if (s is not None and not s._closed and s._sent and s.failed is None
+            if (s is not None and not s.closed and s.started and s.failed is None
                     and self.started.done() and self.started.result() is None):
                 try:
                     s.close()     # frees the Triton sequence slot

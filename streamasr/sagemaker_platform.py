@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from streamasr.protocol import INVOCATIONS_PATH
+
 if TYPE_CHECKING:
     from streamasr.gateway import Gateway, WsSession
 
 log = logging.getLogger("streamasr.platform")
 
-INVOCATIONS_PATH = "/invocations"
 # InvokeEndpoint's payload limit (6 MB = 6 * 1024 * 1024 bytes).
 INVOKE_MAX_BODY_BYTES = 6 * 1024 * 1024
 # SageMaker's InvokeEndpoint limit; our own must stay below it.
@@ -110,7 +111,7 @@ async def _drain_stream(ws_session: "WsSession", deadline: float) -> None:
     ws_session.draining = True            # audio still queued in the socket is dropped
     s = ws_session.session
     try:
-        if s is not None and not s._closed and s._sent:
+        if s is not None and not s.closed and s.started:
             s.close()                     # END: the open utterance comes back as a final
             await asyncio.to_thread(s.wait, max(0.0, deadline - time.monotonic()))
             # the last results are on their way to the socket: let the writer send them

@@ -12,7 +12,8 @@ import pytest
 
 from streamasr.contract import FeatureSpec, ModelContract
 from streamasr.decoding import (DecoderConfig, EndpointConfig, StreamDecoder, decode_whole,
-                                final_transcript, results_schema_doc)
+                                results_schema_doc)
+from streamasr.protocol import final_text
 
 BLANK = "_"                      # path symbol for the blank token
 VOCAB = ("<blank>", " ", *string.ascii_lowercase, "'")
@@ -107,14 +108,14 @@ def random_path(rng: random.Random, n_words: int) -> str:
 # -- greedy decoding -------------------------------------------------------------------------
 def test_repeats_collapse_and_blanks_separate():
     msgs = decode_whole(CONTRACT, path_matrix("cc_aaa_tt _aa_a"))
-    assert final_transcript(msgs) == "cat aa"
+    assert final_text(msgs) == "cat aa"
 
 
 @pytest.mark.parametrize("cut", range(1, 15))
 def test_collapse_across_request_boundaries(cut):
     lp = path_matrix("cc_aaa_tt _aa_a")
     msgs = stream_pieces(lp, [0, cut, lp.shape[0]])
-    assert final_transcript(msgs) == "cat aa"
+    assert final_text(msgs) == "cat aa"
 
 
 def test_streamed_in_pieces_of_any_size_equals_whole():
@@ -295,7 +296,7 @@ def test_finals_are_never_revised():
                 assert w["start"] >= finalized_until - 1e-9
             if m["is_final"]:
                 finalized_until = m["start"] + m["duration"]
-        assert final_transcript(msgs) == final_transcript(decode_whole(CONTRACT, lp))
+        assert final_text(msgs) == final_text(decode_whole(CONTRACT, lp))
 
 
 def test_interim_after_final_holds_only_the_new_utterance():

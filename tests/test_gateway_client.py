@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from streamasr.protocol import final_text
 from streamasr_client import sagemaker_stream as sms
 
 from .conftest import ROOT
@@ -138,7 +139,7 @@ def test_ws_mode_against_the_gateway(serve):  # noqa: F811
     msgs = asyncio.run(sms.stream_websocket(serve.url, pcm, sms.Framing(rate, chunk_ms=250)))
     _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
                        {"Content-Type": "audio/wav"})
-    assert sms.transcript(msgs) == whole["transcript"] and whole["transcript"]
+    assert final_text(msgs) == whole["transcript"] and whole["transcript"]
 
 
 @needs_demo
@@ -149,7 +150,7 @@ def test_invocations_fallback_against_the_gateway(serve):  # noqa: F811
     assert s.session_id is None          # closed, and the container confirmed it
     _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
                        {"Content-Type": "audio/wav"})
-    assert sms.transcript(msgs) == whole["transcript"]
+    assert final_text(msgs) == whole["transcript"]
 
 
 @needs_demo
@@ -191,4 +192,4 @@ def test_boto3_invoker_maps_the_session_api():
     assert s.session_id == "abc"
     s.send(b"\x01\x00", close=True)
     stub.assert_no_pending_responses()
-    assert sms.transcript(s.messages) == "hello" and s.session_id is None
+    assert final_text(s.messages) == "hello" and s.session_id is None

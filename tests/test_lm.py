@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("kenlm")
 import kenlm  # noqa: E402
 
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, final_transcript  # noqa: E402
+from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole  # noqa: E402
+from streamasr.protocol import final_text  # noqa: E402
 from streamasr.decoding.lm import PrefixTable, read_arpa_unigrams  # noqa: E402
 from training import build_lm, sphinx_lm  # noqa: E402
 from training.acoustic import VOCABULARY, default_contract  # noqa: E402
@@ -148,9 +149,9 @@ def test_partial_words_stop_run_on_words(tmp_path):
     def decode(partial: bool) -> str:
         cfg = DecoderConfig(decoding="beam", beam_size=4, lm_path=str(lm), lm_alpha=1.0,
                             lm_beta=0.0, lm_partial_words=partial)
-        return final_transcript(decode_whole(contract, log_probs, cfg, no_endpoints))
+        return final_text(decode_whole(contract, log_probs, cfg, no_endpoints))
 
-    assert final_transcript(decode_whole(contract, log_probs, DecoderConfig(),
+    assert final_text(decode_whole(contract, log_probs, DecoderConfig(),
                                          no_endpoints)) == "thecatsatonthemat"
     assert decode(partial=True) == "the cat sat on the mat"
     whole_words_only = decode(partial=False)
@@ -174,4 +175,4 @@ def test_partial_words_do_not_change_lm_free_decoding(tmp_path):
     contract = default_contract()
     log_probs = spelled("the cat sat", p_space=0.6)
     beam = DecoderConfig(decoding="beam", beam_size=4)
-    assert final_transcript(decode_whole(contract, log_probs, beam)) == "the cat sat"
+    assert final_text(decode_whole(contract, log_probs, beam)) == "the cat sat"

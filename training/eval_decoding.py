@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from streamasr.contract import ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, final_transcript
+from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole
+from streamasr.protocol import final_text
 from streamasr.evaluation import load_eval_set, wer_cer
 from streamasr.features import whole_file_windows
 
@@ -80,7 +81,7 @@ def onnx_log_probs(model: Path, threads: int = 2):
 def score(contract: ModelContract, matrices: list[np.ndarray], refs: list[str],
           config: DecoderConfig) -> dict:
     t0 = time.process_time()
-    hyps = [final_transcript(decode_whole(contract, lp, config, NO_ENDPOINTS))
+    hyps = [final_text(decode_whole(contract, lp, config, NO_ENDPOINTS))
             for lp in matrices]
     cpu = time.process_time() - t0
     seconds = sum(len(lp) for lp in matrices) * contract.output_frame_seconds

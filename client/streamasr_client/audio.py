@@ -9,6 +9,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from streamasr.protocol import pcm16_to_float
+
 
 def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
@@ -51,7 +53,7 @@ def pcm_chunks(stream: BinaryIO, rate: int, target_rate: int, chunk_samples: int
             continue
         pcm = np.frombuffer(pending[:usable], dtype="<i2").reshape(-1, channels)
         pending = pending[usable:]
-        yield resample(to_mono(pcm.astype(np.float32) / 32768.0), rate, target_rate)
+        yield resample(to_mono(pcm16_to_float(pcm)), rate, target_rate)
 
 
 def stdin_binary() -> BinaryIO:

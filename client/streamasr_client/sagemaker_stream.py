@@ -42,9 +42,11 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-log = logging.getLogger("streamasr_client.sagemaker")
+from streamasr.protocol import (CLOSED_SESSION_HEADER, CONTROL_MESSAGES, CUSTOM_ATTRIBUTES_HEADER,
+                                INVOCATIONS_PATH, NEW_SESSION, NEW_SESSION_HEADER,
+                                SESSION_HEADER, WS_PATH, final_text)
 
-WS_PATH = "/invocations-bidirectional-stream"
+log = logging.getLogger("streamasr_client.sagemaker")
 
 
 # -- framing (shared by every transport) --------------------------------------------------
@@ -72,7 +74,7 @@ class Framing:
 
     @staticmethod
     def control(kind: str) -> str:
-        if kind not in ("Finalize", "KeepAlive", "CloseStream"):
+        if kind not in CONTROL_MESSAGES:
             raise ValueError(f"unknown control message {kind!r}")
         return json.dumps({"type": kind})
 
@@ -89,12 +91,6 @@ def read_pcm16(path: str | Path) -> tuple[bytes, int]:
     mono = audio[:, 0] if audio.shape[1] == 1 else \
         audio.astype(np.int32).mean(axis=1).astype(np.int16)
     return mono.astype("<i2").tobytes(), int(rate)
-
-
-def transcript(messages: list[dict]) -> str:
-    return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in messages
-                    if m.get("type") == "Results" and m.get("is_final")
-                    and m["channel"]["alternatives"][0]["transcript"])
 
 
 class StreamFailed(RuntimeError):
@@ -352,7 +348,7 @@ class InvocationsSession:
         if self.session_id is None:
             opts = ";".join(f"{k}={v}" for k, v in self.framing.options.items())
             attrs = ";".join(a for a in (attrs, opts) if a)
-            reply = self.invoke(pcm, self.content_type, "NEW_SESSION", attrs or None)
+            reply = self.invoke(pcm, self.content_type, NEW_SESSION, attrs or None)
             if not reply.new_session_id:
                 raise StreamFailed("the endpoint did not open a session (no NewSessionId)")
             self.session_id = reply.new_session_id.split(";")[0].strip()
@@ -401,10 +397,10 @@ def http_invoker(base_url: str):
     def invoke(body: bytes, content_type: str, session_id: str,
                custom_attributes: str | None) -> Reply:
         headers = {"Content-Type": content_type, "Accept": "application/json",
-                   "X-Amzn-SageMaker-Session-Id": session_id}
+                   SESSION_HEADER: session_id}
         if custom_attributes:
-            headers["X-Amzn-SageMaker-Custom-Attributes"] = custom_attributes
-        req = urllib.request.Request(base_url.rstrip("/") + "/invocations", data=body,
+            headers[CUSTOM_ATTRIBUTES_HEADER] = custom_attributes
+        req = urllib.request.Request(base_url.rstrip("/") + INVOCATIONS_PATH, data=body,
                                      headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
@@ -413,10 +409,9 @@ def http_invoker(base_url: str):
             raise StreamFailed(f"HTTP {e.code}: {e.read()[:500]!r}") from None
         # SageMaker takes the new session's id from X-Amzn-SageMaker-Session-Id; the
         # container also answers it as X-Amzn-SageMaker-New-Session-Id (older images).
-        new = h.get("X-Amzn-SageMaker-Session-Id") if session_id == "NEW_SESSION" else None
-        return Reply(payload.get("messages", []),
-                     new or h.get("X-Amzn-SageMaker-New-Session-Id"),
-                     h.get("X-Amzn-SageMaker-Closed-Session-Id"))
+        new = h.get(SESSION_HEADER) if session_id == NEW_SESSION else None
+        return Reply(payload.get("messages", []), new or h.get(NEW_SESSION_HEADER),
+                     h.get(CLOSED_SESSION_HEADER))
     return invoke
 
 
@@ -472,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 1
     if not a.json:
-        sys.stdout.write(transcript(messages) + "\n")
+        sys.stdout.write(final_text(messages) + "\n")
     return 0
 
 

@@ -28,15 +28,14 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from streamasr.contract import ModelContract
+from streamasr import protocol
+from streamasr.protocol import (CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL, TWO_PASS_MODEL,
+                                ModelContract)
 
 log = logging.getLogger("streamasr_client")
 
-STREAM_MODEL = "streaming_asr"
-#: The same stream protocol with finals re-decoded by Whisper (two-pass finals).
-TWO_PASS_MODEL = "streaming_asr_two_pass"
-CONTRACT_MODEL = "model_contract"
-OFFLINE_MODEL = "offline_asr"
+__all__ = ["AsrConnection", "AsrError", "Session", "STREAM_MODEL", "TWO_PASS_MODEL",
+           "CONTRACT_MODEL", "OFFLINE_MODEL"]
 # gRPC's 4 MB default is too small for a long recording sent to offline_asr.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The shared stream is re-opened after it broke; give up on a request after this many
@@ -268,20 +267,34 @@ class Session:
         return self._sent - self._answered
 
     @property
+    def sent(self) -> int:
+        """Requests sent so far (the START included)."""
+        return self._sent
+
+    @property
+    def started(self) -> bool:
+        """The START request went out (the session exists on the server)."""
+        return self._sent > 0
+
+    @property
+    def closed(self) -> bool:
+        """END went out: nothing more can be sent."""
+        return self._closed
+
+    @property
     def finals(self) -> list[dict]:
-        return [m for m in self.messages if m.get("type") == "Results" and m.get("is_final")]
+        return protocol.finals(self.messages)
 
     @property
     def transcript(self) -> str:
         """The text of every final so far, joined."""
-        parts = [m["channel"]["alternatives"][0]["transcript"] for m in self.finals]
-        return " ".join(p for p in parts if p)
+        return protocol.final_text(self.messages)
 
     @property
     def interim(self) -> str:
         for m in reversed(self.messages):
-            if m.get("type") == "Results":
-                return "" if m.get("is_final") else m["channel"]["alternatives"][0]["transcript"]
+            if protocol.is_results(m):
+                return "" if protocol.is_final(m) else protocol.transcript(m)
         return ""
 
 
@@ -346,6 +359,20 @@ class AsrConnection:
     # -- unary calls -------------------------------------------------------------------
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def server_ready(self, timeout: float = 2.0) -> bool:
+        """Triton's own readiness (gRPC ServerReady); RpcError when unreachable."""
+        return self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready
+
+    def model_ready(self, name: str, timeout: float = 2.0) -> bool:
+        """Whether model ``name`` is loaded and ready; RpcError when unreachable."""
+        return self._stub.ModelReady(service_pb2.ModelReadyRequest(name=name),
+                                     timeout=timeout).ready
+
+    @property
+    def closed(self) -> bool:
+        """close() was called: no new sessions."""
+        return self._closing
 
     def contract(self) -> ModelContract:
         if self._contract is None:

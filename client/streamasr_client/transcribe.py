@@ -20,12 +20,15 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
+from streamasr import protocol
+from streamasr.protocol import TWO_PASS_MODEL
+
 from .audio import load_audio, pcm_chunks, stdin_binary
-from .stream import TWO_PASS_MODEL, AsrConnection, AsrError, Session
+from .stream import AsrConnection, AsrError, Session
 
 
 def _fmt_final(m: dict) -> str:
-    alt = m["channel"]["alternatives"][0]
+    alt = protocol.alternative(m)
     start, end = m["start"], m["start"] + m["duration"]
     tag = "final" + (", endpoint" if m.get("speech_final") else "") + \
         (", finalize" if m.get("from_finalize") else "")
@@ -51,9 +54,9 @@ class Display:
             elif m.get("type") == "Error":
                 self._clear()
                 self.out.write(f"error: {m['message']}\n")
-            elif m.get("type") == "Results":
-                text = m["channel"]["alternatives"][0]["transcript"]
-                if m.get("is_final"):
+            elif protocol.is_results(m):
+                text = protocol.transcript(m)
+                if protocol.is_final(m):
                     self._clear()
                     if text:
                         self.out.write(_fmt_final(m) + "\n")
@@ -100,7 +103,7 @@ def stream_chunks(session: Session, chunks: Iterable[np.ndarray], sample_rate: i
         elif max_in_flight:
             while session.pending >= max_in_flight:
                 time.sleep(0.001)
-        session.send(chunk, sample_rate=sample_rate if session._sent == 0 else None)
+        session.send(chunk, sample_rate=None if session.started else sample_rate)
         sent_s += len(chunk) / sample_rate
         if next_finalize is not None and sent_s >= next_finalize:
             session.finalize()

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import protocol
 from ..alignment import aligned_words
 from ..contract import ModelContract
 from .config import DecoderConfig, EndpointConfig
@@ -217,7 +218,7 @@ class StreamDecoder:
                             from_finalize=from_finalize)
         if self._utt_rows is not None:
             self._realign(msg)
-        words = msg["channel"]["alternatives"][0]["words"]
+        words = protocol.words(msg)
         if words:
             self._pending_end = self._last_word_end_frame
         if self.on_final is not None:
@@ -236,7 +237,7 @@ class StreamDecoder:
         text on the utterance's frames (the single best path), because the beam keeps
         per prefix only the alignment of its best contribution frame by frame, which
         can be frames off once the LM reorders prefixes.  Interims keep the beam's."""
-        alt = msg["channel"]["alternatives"][0]
+        alt = protocol.alternative(msg)
         if not alt["words"] or not self._utt_rows:
             return
         if not set(alt["transcript"]) <= self._char_tokens:
@@ -296,10 +297,3 @@ def decode_whole(contract: ModelContract, log_probs: np.ndarray,
     """Every message a stream would get for the whole matrix sent at once, then closed."""
     dec = StreamDecoder(contract, config=config, endpoint=endpoint)
     return dec.accept(log_probs) + dec.close()
-
-
-def final_transcript(messages: list[dict]) -> str:
-    """The finals' transcripts joined by spaces (empty finals skipped)."""
-    parts = [m["channel"]["alternatives"][0]["transcript"] for m in messages
-             if m.get("type") == "Results" and m.get("is_final")]
-    return " ".join(p for p in parts if p)

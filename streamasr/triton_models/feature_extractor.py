@@ -17,6 +17,7 @@ import numpy as np
 
 from ..contract import ModelContract
 from ..features import FeatureStream, silence_frame
+from ..protocol import pcm16_to_float
 from ..state import StreamError, StreamStore
 from .common import (FLAG_END, FLAG_START, ModelConfig, StepInfo, parse_bool, parse_float,
                      parse_int, stream_idle_timeout)
@@ -150,7 +151,7 @@ class FeatureStep:
                 f"audio chunk of {len(a) / self.contract.sample_rate:.2f} s exceeds the "
                 f"limit of {self.max_chunk_samples / self.contract.sample_rate:.2f} s per request")
         if a.dtype == np.int16:
-            return a.astype(np.float64) / 32768.0
+            return pcm16_to_float(a, "float64")
         if a.dtype != np.float32:
             raise StreamError(f"audio dtype {a.dtype} is not float32 (AUDIO) or int16 (AUDIO_INT16)")
         if not np.all(np.isfinite(a)):

@@ -8,6 +8,7 @@ import numpy as np
 from ..contract import ModelContract
 from ..decoding import StreamDecoder
 from ..features import whole_file_windows
+from ..protocol import pcm16_to_float
 from ..state import StreamError
 from ..two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features, worded_finals
 
@@ -44,7 +45,7 @@ def checked_audio(contract: ModelContract, audio: np.ndarray, sample_rate: int |
         raise StreamError(f"audio of {len(a) / contract.sample_rate:.1f} s exceeds the "
                           f"limit of {max_seconds:g} s")
     if a.dtype == np.int16:
-        return a.astype(np.float64) / 32768.0
+        return pcm16_to_float(a, "float64")
     if not np.all(np.isfinite(a)):
         raise StreamError("audio contains NaN or infinite samples")
     return a.astype(np.float64)
