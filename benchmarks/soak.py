@@ -136,7 +136,7 @@ class StepStreams:
             self.answered[f"?{len(self.answered)}"] = time.monotonic()
 
     def open(self, n: int, samples: int) -> None:
-        from streamasr.triton_models.common import StepInfo
+        from streamasr.triton_models.step_info import StepInfo
 
         audio = (np.random.default_rng(0).standard_normal(samples) * 0.01).astype(np.float32)
         lp = np.zeros((1, 20, self.vocab), np.float32)

@@ -9,7 +9,7 @@ import pytest
 
 from streamasr.state import StreamError
 from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models.common import StepInfo
+from streamasr.triton_models.step_info import StepInfo
 from streamasr.triton_models.ctc_decoder import DecoderDefaults, DecoderRequest, DecoderStep
 
 C = tiny_contract()

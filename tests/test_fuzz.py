@@ -21,11 +21,11 @@ from streamasr.decoding.search import alignment
 from streamasr.features import FeatureStream
 from streamasr.state import StreamError
 from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models.common import FLAG_END, FLAG_START, ModelConfig, StepInfo
+from streamasr.triton_models.common import FLAG_END, FLAG_START, ModelConfig
 from streamasr.triton_models.ctc_decoder import DecoderDefaults, DecoderRequest, DecoderStep
 from streamasr.triton_models.feature_extractor import (DEFAULT_MAX_STREAM_SECONDS,
-                                                       FeatureRequest, FeatureStep,
-                                                       build_step, parse_step_info)
+                                                       FeatureRequest, FeatureStep, build_step)
+from streamasr.triton_models.step_info import StepInfo, parse_step_info
 
 C = tiny_contract()
 RATE = C.sample_rate

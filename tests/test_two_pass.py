@@ -12,7 +12,8 @@ import pytest
 from streamasr.evaluation import wer_cer
 from streamasr.tiny_model import tiny_contract
 from streamasr.triton_models import ctc_decoder, final_pass, offline
-from streamasr.triton_models.common import ConfigError, ModelConfig, StepInfo, read_config
+from streamasr.triton_models.common import ConfigError, ModelConfig, read_config
+from streamasr.triton_models.step_info import StepInfo
 from streamasr.alignment import aligned_words
 from streamasr.two_pass import (FinalPass, Utterance, UtteranceRecorder, chunk_features,
                                 to_vocabulary)

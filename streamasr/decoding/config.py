@@ -55,7 +55,7 @@ SERVER_ONLY_PARAMETERS = frozenset({"lm_path"})
 #: Accepted range (inclusive) of each numeric option, wherever it is set: values outside
 #: it are refused by name (1e308 as a weight or an offset is no setting, it is an attack
 #: on the arithmetic).  Stream options have tighter per-stream caps on top
-#: (``triton_models.feature_extractor.STREAM_OPTION_LIMITS``).
+#: (``triton_models.step_info.STREAM_OPTION_LIMITS``).
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "beam_size": (1, 1024),
     "beam_top_k": (1, 1024),

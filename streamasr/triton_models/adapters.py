@@ -23,6 +23,7 @@ from ..state import StreamError, StreamStore, Sweeper
 from . import ctc_decoder, feature_extractor, final_pass, offline
 from .common import (ConfigError, ModelConfig, parse_bool, parse_int, read_config,
                      request_parameters)
+from .step_info import parse_step_info
 
 
 class _TritonLogHandler(logging.Handler):
@@ -280,7 +281,7 @@ class CtcDecoderModel:
             t0 = time.perf_counter()
             try:
                 info_t = pb_utils.get_input_tensor_by_name(request, "STEP_INFO")
-                info = feature_extractor.parse_step_info(info_t.as_numpy().reshape(-1)[0])
+                info = parse_step_info(info_t.as_numpy().reshape(-1)[0])
                 lp = pb_utils.get_input_tensor_by_name(request, "LOG_PROBS").as_numpy()
                 feats = pb_utils.get_input_tensor_by_name(request, "FEATURES")   # two-pass
                 msgs, utts = self.step.process_full(ctc_decoder.DecoderRequest(

@@ -1,6 +1,6 @@
 """What every streamasr Triton model shares: typed config parameters, request
-parameters, the location of the acoustic model, and the step-info message that the
-feature step hands to the decoder step.
+parameters and the location of the acoustic model (the step-info message the feature
+step hands to the decoder step is in ``step_info``).
 
 Nothing here imports ``triton_python_backend_utils``: the adapters pass it in, so this
 module (and all logic behind it) runs in plain pytest.
@@ -8,7 +8,7 @@ module (and all logic behind it) runs in plain pytest.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,35 +113,3 @@ def request_parameters(request) -> dict[str, Any]:
     return d
 
 
-@dataclass
-class StepInfo:
-    """Feature step -> decoder step, one per request (JSON in the STEP_INFO tensor).
-
-    ``stream``/``start``/``end`` identify the request's stream and its place in it: the
-    decoder is not a Triton sequence model, because Triton's ensemble does not keep a
-    stream's requests in order between steps (measured: with two requests in flight an
-    END could overtake the request before it, and a sequence batcher then rejects the
-    late one).  ``windows`` real windows in this request's FEATURES (0: the acoustic model ran on one
-    placeholder window because a batch of zero cannot be sent to it), ``valid_outputs``
-    real output frames per window, ``seq`` the request's index in its stream (the decoder
-    uses it to restore order), ``options`` per-stream decoder options (START only).
-    """
-
-    stream: int
-    seq: int
-    start: bool = False
-    end: bool = False
-    windows: int = 0
-    valid_outputs: list[int] = field(default_factory=list)
-    finalize: bool = False
-    keepalive: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "StepInfo":
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        return cls(**json.loads(text))

@@ -26,7 +26,8 @@ from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
 from ..two_pass import Utterance, UtteranceRecorder, chunk_features, worded_finals
-from .common import ModelConfig, StepInfo, parse_float, parse_int, stream_idle_timeout
+from .common import ModelConfig, parse_float, parse_int, stream_idle_timeout
+from .step_info import StepInfo
 
 log = logging.getLogger("streamasr.ctc_decoder")
 
