@@ -26,10 +26,9 @@ CONFIG = REPO_ROOT / "model_repository" / "acoustic_model" / "config.pbtxt"
 
 def server_intra_op_threads(config: Path = CONFIG) -> int:
     """The ``intra_op_thread_count`` the server's backend uses (0 when not set)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    from streamasr.repository import parse_config
 
-    cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    cfg = parse_config(config)
     if "intra_op_thread_count" in cfg.parameters:
         return int(cfg.parameters["intra_op_thread_count"].string_value)
     return 0

@@ -27,7 +27,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from streamasr import repository
 from streamasr.contract import ModelContract
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
@@ -73,28 +73,21 @@ def recorded(step: str, fn, *args, **kw) -> dict:
 def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> Path:
     """The model repository with acoustic_model's threads / instance count changed
     (edited as protobuf; the ONNX file is linked, not copied)."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    dst = tmp / "model_repository"
+    dst = repository.copy_repository(REPOSITORY, tmp / "model_repository",
+                                     link_suffixes=(".onnx",))
 
-    def link_big(src, dst_path):
-        if src.endswith(".onnx"):
-            os.symlink(src, dst_path)
-        else:
-            shutil.copy2(src, dst_path)
+    def threads_and_instances(cfg) -> None:
+        if intra_op is not None:
+            cfg.parameters["intra_op_thread_count"].string_value = str(intra_op)
+        if instances is not None:
+            del cfg.instance_group[:]
+            g = cfg.instance_group.add()
+            g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+            g.count = instances
 
-    shutil.copytree(REPOSITORY, dst, copy_function=link_big)
-    path = dst / "acoustic_model" / "config.pbtxt"
-    cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    if intra_op is not None:
-        cfg.parameters["intra_op_thread_count"].string_value = str(intra_op)
-    if instances is not None:
-        del cfg.instance_group[:]
-        g = cfg.instance_group.add()
-        g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-        g.count = instances
-    path.write_text(text_format.MessageToString(cfg))
+    repository.edit_config(dst / "acoustic_model" / "config.pbtxt", threads_and_instances)
     return dst
 
 

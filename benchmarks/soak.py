@@ -204,16 +204,15 @@ def open_abandoned_ensemble(conn, n: int, samples: int, timeout: float) -> dict:
 def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms: int,
         tolerance: float, workdir: Path, timeout: float = 900.0, path: str = "steps",
         rounds: int = 1, warmup_rounds: int = 2) -> dict:
-    sys.path.insert(0, str(REPO_ROOT))
+    from streamasr.repository import TWO_PASS_MODELS, copy_repository
     from streamasr.server import ServerConfig, TritonServer, free_port
     from streamasr_client.stream import AsrConnection
-    from tests.conftest import copy_repository
 
     limit = str(max(streams, warmup) * 2)
     repo = copy_repository(
-        workdir / "repo",
+        REPO_ROOT / "model_repository", workdir / "repo",
         {m: {"stream_idle_timeout_s": str(ttl_s), "max_streams": limit} for m in STEPS},
-        idle_us={"feature_extractor": int(triton_idle_s * 1e6)})
+        idle_us={"feature_extractor": int(triton_idle_s * 1e6)}, leave_out=TWO_PASS_MODELS)
     cfg = ServerConfig(model_repository=repo, http_port=free_port(), grpc_port=free_port(),
                        metrics_port=free_port(), exit_timeout_s=3)
     figures: dict = {"path": path, "streams": streams, "warmup": warmup, "rounds_run": rounds,

@@ -3,12 +3,12 @@ shown on failure, always stopped), clients, and the audio the tests stream."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from streamasr import repository
 from streamasr.contract import ModelContract
 from streamasr.repository import TWO_PASS_MODELS
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
@@ -83,21 +83,7 @@ def onnx_session():
 
 def copy_repository(dst: Path, parameter_overrides: dict[str, dict[str, str]],
                     idle_us: dict[str, int] | None = None) -> Path:
-    """A copy of the model repository with some config values changed, edited as
-    protobuf (no text substitution); without the two-pass models (230 MB of Whisper
-    that these servers do not need)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    shutil.copytree(REPOSITORY, dst, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if n in TWO_PASS_MODELS]
-                    if Path(d) == REPOSITORY else [])
-    for model in set(parameter_overrides) | set(idle_us or {}):
-        path = dst / model / "config.pbtxt"
-        cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-        for k, v in parameter_overrides.get(model, {}).items():
-            cfg.parameters[k].string_value = v
-        if idle_us and model in idle_us:
-            cfg.sequence_batching.max_sequence_idle_microseconds = idle_us[model]
-        path.write_text(text_format.MessageToString(cfg))
-    return dst
+    """A copy of the model repository with some config values changed, without the
+    two-pass models (230 MB of Whisper that these servers do not need)."""
+    return repository.copy_repository(REPOSITORY, dst, parameter_overrides, idle_us=idle_us,
+                                      leave_out=TWO_PASS_MODELS)

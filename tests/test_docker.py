@@ -9,20 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from streamasr.repository import main as overlay_main
+from streamasr.repository import parse_config as parse
 from streamasr.repository import production_overlay
 
 from .conftest import REPOSITORY, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 KIND = model_config_pb2.ModelInstanceGroup
-
-
-def parse(path: Path):
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
 @pytest.mark.parametrize("gpu", [True, False])

@@ -60,3 +60,20 @@ def test_decoder_keeps_every_stream_in_one_instance(configs):
 def test_stateful_steps_agree_on_the_idle_timeout(configs):
     assert stream_idle_timeout(configs["feature_extractor"]) == \
         stream_idle_timeout(configs["ctc_decoder"])
+
+
+def test_copy_repository_edits_configs_as_protobuf(tmp_path):
+    from streamasr.repository import TWO_PASS_MODELS, copy_repository, parse_config
+
+    dst = copy_repository(REPOSITORY, tmp_path / "repo",
+                          {"ctc_decoder": {"stream_idle_timeout_s": "2.5"}},
+                          idle_us={"feature_extractor": 7_000_000}, leave_out=TWO_PASS_MODELS,
+                          link_suffixes=(".onnx",))
+    assert not any((dst / m).exists() for m in TWO_PASS_MODELS)
+    assert (dst / "acoustic_model" / "1" / "model.onnx").is_symlink()
+    dec = parse_config(dst / "ctc_decoder" / "config.pbtxt")
+    assert dec.parameters["stream_idle_timeout_s"].string_value == "2.5"
+    assert dec.parameters["beam_size"].string_value == \
+        parse_config(REPOSITORY / "ctc_decoder" / "config.pbtxt").parameters["beam_size"].string_value
+    fe = parse_config(dst / "feature_extractor" / "config.pbtxt")
+    assert fe.sequence_batching.max_sequence_idle_microseconds == 7_000_000

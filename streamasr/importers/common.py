@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 
 from ..contract import PREFIX, FeatureSpec, ModelContract
-from ..repository import TWO_PASS_MODELS
+from ..repository import TWO_PASS_MODELS, parse_config, write_config
 
 PROJECT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 ACOUSTIC = "acoustic_model"
@@ -72,11 +72,10 @@ def set_contract_metadata(model: onnx.ModelProto, contract: ModelContract) -> No
 def acoustic_model_config(contract: ModelContract, template: Path | None = None):
     """acoustic_model's ModelConfig (protobuf) for ``contract``: the template's config
     (batching, backend...) with the input/output names and dims replaced."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     template = template or PROJECT_REPOSITORY / ACOUSTIC / "config.pbtxt"
-    cfg = text_format.Parse(template.read_text(), model_config_pb2.ModelConfig())
+    cfg = parse_config(template)
     if len(cfg.input) != 1 or len(cfg.output) != 1:
         raise ImporterError(f"{template}: expected one input and one output")
     inp, out = cfg.input[0], cfg.output[0]
@@ -99,8 +98,6 @@ def windows_per_request(contract: ModelContract, max_chunk_seconds: float) -> in
 def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> list[str]:
     """Put the model into ``repo`` (created from this project's model_repository/ if
     missing) and make the configs agree with its contract.  Returns what was changed."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
     notes = []
     if not repo.exists():
@@ -120,14 +117,14 @@ def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> l
     if model_path.resolve() != (am / "1" / "model.onnx").resolve():
         shutil.copyfile(model_path, am / "1" / "model.onnx")
     cfg = acoustic_model_config(contract, am / "config.pbtxt")
-    (am / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    write_config(am / "config.pbtxt", cfg)
     notes.append(f"wrote {am / '1' / 'model.onnx'} and {am / 'config.pbtxt'} "
                  f"(input dims {list(cfg.input[0].dims)}, output dims {list(cfg.output[0].dims)})")
     # The feature step refuses to load if one request could yield more windows than it
     # may send: lower max_chunk_seconds to what fits.
     fe_path = repo / "feature_extractor" / "config.pbtxt"
     if fe_path.exists():
-        fe = text_format.Parse(fe_path.read_text(), model_config_pb2.ModelConfig())
+        fe = parse_config(fe_path)
         max_w = int(fe.parameters["max_windows_per_request"].string_value or 32)
         secs = float(fe.parameters["max_chunk_seconds"].string_value or 10)
         if windows_per_request(contract, secs) > max_w:
@@ -138,7 +135,7 @@ def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> l
                 raise ImporterError(f"chunk_frames {contract.chunk_frames} is too small for "
                                    f"max_windows_per_request {max_w}")
             fe.parameters["max_chunk_seconds"].string_value = f"{fit:g}"
-            fe_path.write_text(text_format.MessageToString(fe))
+            write_config(fe_path, fe)
             notes.append(f"lowered feature_extractor max_chunk_seconds {secs:g} -> {fit:g} "
                          f"(at most {max_w} windows per request)")
     return notes

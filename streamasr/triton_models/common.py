@@ -75,11 +75,11 @@ class ModelConfig:
 
 def read_config(model_dir: Path) -> ModelConfig:
     """A model folder's config.pbtxt, parsed as Triton would hand it to initialize()."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    from google.protobuf import json_format
 
-    msg = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(),
-                            model_config_pb2.ModelConfig())
+    from ..repository import parse_config
+
+    msg = parse_config(Path(model_dir) / "config.pbtxt")
     raw = json_format.MessageToDict(msg, preserving_proto_field_name=True)
     return ModelConfig(raw=raw, repository=Path(model_dir), name=raw.get("name", "?"))
 
