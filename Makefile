@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 demo test test-slow lint bench model whisper lm serve clean
+.PHONY: venv venv-http2 demo test test-unit test-slow lint bench model whisper lm serve clean
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -75,6 +75,10 @@ lint: venv
 
 test: venv venv-http2 whisper lm
 	$(PY) -m pytest -q tests
+
+# The tests that start no server (seconds): for work on the logic between full runs.
+test-unit: venv
+	$(PY) -m pytest -q -m "not server and not slow" tests
 
 test-slow: venv venv-http2 whisper lm
 	$(PY) -m pytest -q -m slow tests

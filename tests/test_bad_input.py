@@ -5,36 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2
 
-from .test_streaming import finals, reference_messages
+from .helpers import f32, finals_with_words, raw_request, reference_messages
 
-
-def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=None):
-    """Send a hand-built request through a session's slot on the shared stream."""
-    req = service_pb2.ModelInferRequest(model_name=session.conn.model,
-                                        id=f"{session.sequence_id}:{session._sent}")
-    for name, dtype, shape, data in inputs:
-        t = req.inputs.add(name=name, datatype=dtype)
-        t.shape.extend(shape)
-        req.raw_input_contents.append(data)
-    sid = session.sequence_id if sequence_id is None else sequence_id
-    if isinstance(sid, str):          # Triton also takes string sequence ids
-        req.parameters["sequence_id"].string_param = sid
-    else:
-        req.parameters["sequence_id"].int64_param = sid
-    req.parameters["sequence_start"].bool_param = start
-    req.parameters["sequence_end"].bool_param = end
-    for k, v in (params or {}).items():
-        req.parameters[k].string_param = v
-    with session._cv:
-        session._sent += 1
-    session.conn._submit(req)
-
-
-def f32(a):
-    a = np.asarray(a, np.float32)
-    return ("AUDIO", "FP32", [len(a)], a.tobytes())
 
 
 BAD_FIRST_REQUESTS = {
@@ -61,7 +34,7 @@ def bystander(conn, contract, onnx_session, demo_audio):
     half = (len(demo_audio) // 2) // chunk * chunk
     for i in range(0, half, chunk):
         s.send(demo_audio[i:i + chunk])
-    expected = finals(reference_messages(contract, onnx_session, demo_audio))
+    expected = finals_with_words(reference_messages(contract, onnx_session, demo_audio))
 
     def finish():
         for i in range(half, len(demo_audio), chunk):
@@ -69,7 +42,7 @@ def bystander(conn, contract, onnx_session, demo_audio):
         s.close()
         s.wait(timeout=120)
         assert s.errors == []
-        assert finals(s.messages) == expected
+        assert finals_with_words(s.messages) == expected
     return finish
 
 
@@ -97,7 +70,7 @@ def test_bad_chunk_mid_stream_keeps_the_stream_state(conn, contract, onnx_sessio
     s.close()
     s.wait(timeout=120)
     assert len(s.errors) == 2
-    assert finals(s.messages) == finals(reference_messages(contract, onnx_session, demo_audio))
+    assert finals_with_words(s.messages) == finals_with_words(reference_messages(contract, onnx_session, demo_audio))
     bystander()
 
 

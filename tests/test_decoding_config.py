@@ -11,7 +11,7 @@ from streamasr.decoding.config import (DEFAULT_HOTWORD_BOOST,
                                        DEFAULT_RULE2_MIN_TRAILING_SILENCE,
                                        DEFAULT_RULE3_MIN_UTTERANCE_LENGTH)
 
-from .test_decoding import CONTRACT
+from .helpers import CONTRACT
 
 
 def test_defaults_are_sherpa_rules_and_greedy():

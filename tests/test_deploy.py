@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-boto3 = pytest.importorskip("boto3")
-from botocore.stub import Stubber  # noqa: E402
+import boto3
+from botocore.stub import Stubber
 
-from streamasr import sagemaker_deploy as dep  # noqa: E402
+from streamasr import sagemaker_deploy as dep
 
-from .conftest import ROOT  # noqa: E402
+from .helpers import ROOT
 
 ROLE = "arn:aws:iam::123456789012:role/streamasr-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/streamasr:1"

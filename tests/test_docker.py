@@ -15,7 +15,7 @@ from streamasr.repository import main as overlay_main
 from streamasr.repository import parse_config as parse
 from streamasr.repository import production_overlay
 
-from .conftest import REPOSITORY, ROOT
+from .helpers import REPOSITORY, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 KIND = model_config_pb2.ModelInstanceGroup

@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,138 +19,15 @@ import soundfile as sf
 import aiohttp
 import aiohttp.test_utils
 
-from streamasr.gateway import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,
-                               NEW_SESSION_HEADER, SESSION_HEADER,
-                               WS_PATH, Gateway, GatewayConfig, decode_body, parse_content_type)
+from streamasr.gateway import Gateway, GatewayConfig, decode_body, parse_content_type
+from streamasr.protocol import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,
+                                NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH,
+                                final_text)
 from streamasr.server import free_port
 from streamasr_client.stream import AsrConnection
 
-from .conftest import DEMO_WAV, ROOT
+from .helpers import DEMO_WAV, needs_demo, post, triton_children
 
-SERVE = ROOT / "docker" / "serve"
-needs_demo = pytest.mark.skipif(not DEMO_WAV.exists(),
-                                reason=f"{DEMO_WAV} not there yet (data helper adds it)")
-
-
-def free_port_range(n: int = 3) -> tuple[int, int]:
-    """lo..lo+n-1, all free right now."""
-    for _ in range(200):
-        lo = free_port()
-        socks = []
-        try:
-            for p in range(lo, lo + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return lo, lo + n - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
-    lo, hi = free_port_range()
-    env = dict(os.environ)
-    env.update({
-        "SAGEMAKER_BIND_TO_PORT": str(free_port()),
-        "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
-        "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
-        "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(extra)
-    return env
-
-
-class Serve:
-    """docker/serve as a child process."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
-        self.port = int(env["SAGEMAKER_BIND_TO_PORT"])
-        hi = int(env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
-        self.grpc_port = hi - 1
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def ping(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/ping", timeout=5) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return 0
-
-    def wait_ready(self, timeout: float = 180) -> list[int]:
-        """Poll /ping; returns the statuses seen (SageMaker's view of startup)."""
-        seen = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"docker/serve exited {self.proc.returncode}\n{self.log()}")
-            code = self.ping()
-            if not seen or seen[-1] != code:
-                seen.append(code)
-            if code == 200:
-                return seen
-            time.sleep(0.3)
-        pytest.fail(f"/ping never answered 200 (seen {seen})\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-def triton_children(pid: int) -> list[int]:
-    from streamasr.server import child_processes
-
-    return [p for p, argv in child_processes(pid).items()
-            if argv and argv[0].endswith("tritonserver")]
-
-
-@pytest.fixture(scope="module")
-def serve(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    s = Serve(sagemaker_env(tmp), tmp / "serve.log")
-    s.startup_pings = s.wait_ready()
-    yield s
-    s.stop()
-
-
-def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
-
-
-def finals_text(messages: list[dict]) -> str:
-    return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in messages
-                    if m.get("type") == "Results" and m.get("is_final")
-                    and m["channel"]["alternatives"][0]["transcript"])
 
 
 def demo_int16() -> tuple[np.ndarray, int]:
@@ -225,7 +96,7 @@ def test_invocations_wav_equals_offline_asr(serve):
 
         direct = conn.transcribe_file(load_audio(DEMO_WAV, conn.contract().sample_rate))
     assert body["messages"] == direct
-    assert body["transcript"] == finals_text(direct) and body["transcript"]
+    assert body["transcript"] == final_text(direct) and body["transcript"]
 
 
 @needs_demo
@@ -266,7 +137,7 @@ def test_stateful_session_chunks_match_whole_file(serve):
     assert status == 200 and headers[CLOSED_SESSION_HEADER] == sid
     messages += last["messages"]
     _, _, whole = post(url, DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"})
-    assert finals_text(messages) == whole["transcript"]
+    assert final_text(messages) == whole["transcript"]
     status, _, gone = post(url, a[:100].tobytes(), {SESSION_HEADER: sid})
     assert status == 404 and gone["code"] == "unknown_session"
 
@@ -306,7 +177,7 @@ def test_websocket_stream_equals_invocations(serve):
     assert any(m["type"] == "Results" and not m["is_final"] for m in msgs), "no interims"
     _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
                        {"Content-Type": "audio/wav"})
-    assert finals_text(msgs) == whole["transcript"]
+    assert final_text(msgs) == whole["transcript"]
 
 
 @needs_demo
@@ -478,7 +349,7 @@ def test_concurrent_sessions_share_one_grpc_stream(serve):
     results = asyncio.run(go())
     for (msgs, code), want in zip(results, expected):
         assert code == 1000
-        assert finals_text(msgs) == want
+        assert final_text(msgs) == want
 
 
 # -- issue 12: one client must never hurt another --------------------------------------------
@@ -550,7 +421,7 @@ def test_low_sample_rate_client_cannot_close_the_other_sessions(serve):
     assert "sample_rate" in bad_msgs[-1]["message"]
     for (msgs, code), want in zip(results, expected):
         assert code == 1000 and not [m for m in msgs if m["type"] == "Error"], msgs[-3:]
-        assert finals_text(msgs) == want
+        assert final_text(msgs) == want
 
 
 def test_frame_too_long_after_resampling_is_refused(serve):

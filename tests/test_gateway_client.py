@@ -21,9 +21,8 @@ import pytest
 from streamasr.protocol import final_text
 from streamasr_client import sagemaker_stream as sms
 
-from .conftest import ROOT
+from .helpers import DEMO_WAV, ROOT, needs_demo, post
 from .sagemaker_runtime_standin import RuntimeStandIn, make_certificates
-from .test_gateway import DEMO_WAV, needs_demo, post, serve  # noqa: F401  (fixture)
 
 HTTP2_PYTHON = ROOT / ".venv-http2" / "bin" / "python"
 # Test credentials, known to the stand-in, which checks every signature with them.
@@ -94,7 +93,7 @@ def test_bidi_mode_says_why_it_cannot_run_here():
 
 
 @needs_demo
-def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):  # noqa: F811
+def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):
     """The real SDK client (0.12, CRT HTTP/2, credentials and region from a profile) ->
     HTTP/2 + signed event stream -> stand-in -> WebSocket -> the real gateway -> Triton:
     the transcript equals /invocations on the same file."""
@@ -119,7 +118,7 @@ def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):  # 
 
 
 @needs_demo
-def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):  # noqa: F811
+def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):
     """The stand-in really checks SigV4: a profile with the wrong secret is refused, and
     the client exits 1 naming the refusal (no transcript, no traceback)."""
     py = http2_python()
@@ -134,7 +133,7 @@ def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):  # noqa: F81
 
 
 @needs_demo
-def test_ws_mode_against_the_gateway(serve):  # noqa: F811
+def test_ws_mode_against_the_gateway(serve):
     pcm, rate = sms.read_pcm16(DEMO_WAV)
     msgs = asyncio.run(sms.stream_websocket(serve.url, pcm, sms.Framing(rate, chunk_ms=250)))
     _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
@@ -143,7 +142,7 @@ def test_ws_mode_against_the_gateway(serve):  # noqa: F811
 
 
 @needs_demo
-def test_invocations_fallback_against_the_gateway(serve):  # noqa: F811
+def test_invocations_fallback_against_the_gateway(serve):
     pcm, rate = sms.read_pcm16(DEMO_WAV)
     s = sms.InvocationsSession(sms.http_invoker(serve.url), sms.Framing(rate))
     msgs = s.stream(pcm, chunk_ms=3000)
@@ -154,7 +153,7 @@ def test_invocations_fallback_against_the_gateway(serve):  # noqa: F811
 
 
 @needs_demo
-def test_cli_against_the_gateway(serve, capsys):  # noqa: F811
+def test_cli_against_the_gateway(serve, capsys):
     assert sms.main([str(DEMO_WAV), "--url", serve.url]) == 0
     out = capsys.readouterr().out.strip()
     _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),

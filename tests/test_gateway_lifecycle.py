@@ -15,7 +15,10 @@ import pytest
 from streamasr.gateway_serve import server_config
 from streamasr_client.stream import AsrConnection, AsrError
 
-from .test_gateway import Serve, sagemaker_env, triton_children
+from .helpers import Serve, sagemaker_env, triton_children
+
+# Every test here starts docker/serve of its own (TLS, restarts, a dying Triton).
+pytestmark = pytest.mark.server
 
 
 def make_cert(tmp: Path) -> tuple[Path, Path]:

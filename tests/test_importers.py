@@ -20,8 +20,7 @@ from streamasr.triton_models import ctc_decoder
 from streamasr.triton_models.common import read_config
 from streamasr_client.stream import AsrConnection
 
-from .conftest import start_server
-from .test_streaming import finals
+from .helpers import finals_with_words, start_server
 
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
@@ -71,7 +70,7 @@ def served_equals_original(repo, contract: ModelContract, audio: np.ndarray,
     windows = whole_file_windows(contract, audio)
     lp = valid_concat(original_log_probs(windows.features), windows)
     dec, end = ctc_decoder.build_defaults(read_config(repo / "ctc_decoder")).configs({})
-    want = finals(decode_whole(contract, lp, dec, end))
+    want = finals_with_words(decode_whole(contract, lp, dec, end))
     assert any(words for _, words in want), "the reference decode has no words"
     server = start_server(repo, tmp_path / "tritonserver.log")
     try:
@@ -85,8 +84,8 @@ def served_equals_original(repo, contract: ModelContract, audio: np.ndarray,
             s.close()
             s.wait(timeout=300)
             assert s.errors == []
-            assert finals(s.messages) == want
-            assert finals(conn.transcribe_file(audio)) == want
+            assert finals_with_words(s.messages) == want
+            assert finals_with_words(conn.transcribe_file(audio)) == want
         finally:
             conn.close()
     except BaseException:
@@ -274,6 +273,7 @@ def test_wav2vec2_base_style_model_imports_with_the_same_log_probs(tmp_path):
     np.testing.assert_allclose(got, reference_log_probs(model, windows, c), atol=1e-4)
 
 
+@pytest.mark.server
 def test_wav2vec2_served_by_triton_equals_the_original(w2v, tmp_path):
     from streamasr.importers.wav2vec2 import reference_log_probs
 
@@ -442,6 +442,7 @@ def test_importer_runs_as_a_module(ctc, tmp_path):
     assert r.returncode == 2 and "wav2vec2" in r.stderr
 
 
+@pytest.mark.server
 def test_ctc_onnx_served_by_triton_equals_the_original(tmp_path):
     """One server start, for the NeMo-like variant ([B,F,T] + lengths, logits); the
     icefall-like one shares the wrapper and is checked in process above."""

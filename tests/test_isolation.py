@@ -13,10 +13,7 @@ import tritonclient.grpc as grpcclient
 
 from streamasr_client.stream import AsrConnection, AsrError
 
-from .conftest import copy_repository, start_server
-from .test_bad_input import f32, raw_request
-from .test_reliability import Bystander, metric, publish_metrics
-from .test_streaming import finals, reference_messages
+from .helpers import Bystander, copy_repository, f32, finals_with_words, metric, publish_metrics, raw_request, reference_messages, start_server
 
 # The decoder's reorder timeout in this server: short, so that a lost request is noticed
 # within the test; well above an overtake's length on a loaded 2-core machine.
@@ -52,7 +49,7 @@ def audio(demo_audio, contract):
 
 @pytest.fixture(scope="module")
 def expected(contract, onnx_session, audio):
-    return finals(reference_messages(contract, onnx_session, audio))
+    return finals_with_words(reference_messages(contract, onnx_session, audio))
 
 
 # -- 2. stream ids -----------------------------------------------------------------------

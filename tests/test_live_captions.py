@@ -9,7 +9,7 @@ import pytest
 from streamasr.alignment import word_spans
 from streamasr.features import whole_file_windows
 
-from .test_streaming import stream
+from .helpers import stream
 
 
 def results(msgs):

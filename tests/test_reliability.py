@@ -29,13 +29,8 @@ from streamasr.server import (ServerConfig, ServerError, TritonServer, child_pro
                               free_port)
 from streamasr_client.stream import AsrConnection
 
-from .conftest import DEMO_WAV, ROOT, copy_repository, start_server
-from .test_bad_input import f32, raw_request
-from .test_streaming import finals, reference_messages
+from .helpers import DEMO_WAV, MAX_STREAM_S, ROOT, TTL_S, Bystander, all_reclaimed, f32, finals_with_words, metric, metrics_text, poll, raw_request, reclaimed_now, reference_messages
 
-TTL_S = 2.0
-TRITON_IDLE_US = 6_000_000
-MAX_STREAM_S = 30.0      # above the bystander's audio (at most 25 s)
 PY = sys.executable
 
 
@@ -58,49 +53,15 @@ def audio(contract) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def expected(contract, onnx_session, audio):
-    return finals(reference_messages(contract, onnx_session, audio))
-
-
-@pytest.fixture(scope="module")
-def fault_server(tmp_path_factory):
-    """Short TTLs (reclaim within seconds) and a 30 s per-stream limit."""
-    root = tmp_path_factory.mktemp("faults")
-    repo = copy_repository(
-        root / "repo",
-        {"feature_extractor": {"stream_idle_timeout_s": str(TTL_S),
-                               "max_stream_seconds": str(MAX_STREAM_S)},
-         "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)}},
-        idle_us={"feature_extractor": TRITON_IDLE_US})
-    srv = start_server(repo, root / "tritonserver.log")
-    yield srv
-    srv.stop()
+    return finals_with_words(reference_messages(contract, onnx_session, audio))
 
 
 @pytest.fixture
-def fconn(fault_server):
-    c = AsrConnection(fault_server.grpc_url)
+def fconn(short_ttl_server):
+    c = AsrConnection(short_ttl_server.grpc_url)
     yield c
     c.close()
 
-
-class Bystander:
-    """A good stream sent in two halves around a fault; ``finish`` checks its finals."""
-
-    def __init__(self, conn, contract, audio, expected):
-        self.s = conn.open_session()
-        self.audio, self.expected = audio, expected
-        self.chunk = contract.chunk_samples
-        self.half = (len(audio) // 2) // self.chunk * self.chunk
-        for i in range(0, self.half, self.chunk):
-            self.s.send(audio[i:i + self.chunk])
-
-    def finish(self):
-        for i in range(self.half, len(self.audio), self.chunk):
-            self.s.send(self.audio[i:i + self.chunk])
-        self.s.close()
-        self.s.wait(timeout=180)
-        assert self.s.errors == []
-        assert finals(self.s.messages) == self.expected
 
 
 @pytest.fixture
@@ -108,48 +69,6 @@ def bystander(fconn, contract, audio, expected):
     return Bystander(fconn, contract, audio, expected)
 
 
-def metrics_text(server) -> str:
-    url = f"http://{server.config.host}:{server.config.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read().decode()
-
-
-def metric(server, name: str, model: str) -> float:
-    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+-]+)$', metrics_text(server), re.M)
-    assert m, f"{name}{{model={model!r}}} not in the metrics"
-    return float(m.group(1))
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def publish_metrics(server) -> None:
-    """The steps publish their metrics from execute(), so make both run once: a
-    one-request stream (START and END together) that leaves nothing open."""
-    with AsrConnection(server.grpc_url) as c:
-        s = c.open_session()
-        s.close(np.zeros(1600, np.float32))
-        s.wait()
-        assert s.errors == [], s.errors
-
-
-def all_reclaimed(server, since: dict[str, float], n: int) -> bool:
-    publish_metrics(server)
-    return all(metric(server, "streamasr_open_streams", m) == 0 and
-               metric(server, "streamasr_reclaimed_streams_total", m) - since[m] >= n
-               for m in ("feature_extractor", "ctc_decoder"))
-
-
-def reclaimed_now(server) -> dict[str, float]:
-    publish_metrics(server)
-    return {m: metric(server, "streamasr_reclaimed_streams_total", m)
-            for m in ("feature_extractor", "ctc_decoder")}
 
 
 # -- 2. client faults --------------------------------------------------------------------
@@ -173,10 +92,10 @@ sys.stdin.read()
 
 
 def test_sigkilled_client_streams_are_reclaimed_and_others_keep_their_transcript(
-        fault_server, fconn, contract, audio, expected):
+        short_ttl_server, fconn, contract, audio, expected):
     n = 5
-    since = reclaimed_now(fault_server)
-    proc = subprocess.Popen([PY, "-c", KILLED_CLIENT, fault_server.grpc_url, str(n)],
+    since = reclaimed_now(short_ttl_server)
+    proc = subprocess.Popen([PY, "-c", KILLED_CLIENT, short_ttl_server.grpc_url, str(n)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
@@ -187,14 +106,14 @@ def test_sigkilled_client_streams_are_reclaimed_and_others_keep_their_transcript
         proc.send_signal(signal.SIGKILL)          # no END, no half-close: the socket dies
         proc.wait(30)
     bystander.finish()
-    poll(lambda: all_reclaimed(fault_server, since, n), 10 * TTL_S + 10,
+    poll(lambda: all_reclaimed(short_ttl_server, since, n), 10 * TTL_S + 10,
          "the dead client's streams to be reclaimed")
 
 
 def test_half_closed_connection_still_gets_its_answers_and_streams_are_reclaimed(
-        fault_server, contract, bystander):
-    since = reclaimed_now(fault_server)
-    conn = AsrConnection(fault_server.grpc_url)
+        short_ttl_server, contract, bystander):
+    since = reclaimed_now(short_ttl_server)
+    conn = AsrConnection(short_ttl_server.grpc_url)
     sessions = [conn.open_session() for _ in range(3)]
     for s in sessions:
         for _ in range(4):
@@ -205,15 +124,15 @@ def test_half_closed_connection_still_gets_its_answers_and_streams_are_reclaimed
         assert s.errors == [] and s.pending == 0
     conn.close()
     bystander.finish()
-    poll(lambda: all_reclaimed(fault_server, since, 3), 10 * TTL_S + 10,
+    poll(lambda: all_reclaimed(short_ttl_server, since, 3), 10 * TTL_S + 10,
          "half-open streams to be reclaimed")
 
 
 def test_duplicate_start_for_a_live_id_is_refused_and_the_live_stream_is_intact(
-        fault_server, fconn, contract, audio, expected):
+        short_ttl_server, fconn, contract, audio, expected):
     live = Bystander(fconn, contract, audio, expected)
     live.s.wait()              # its START has been served: the id is live
-    with AsrConnection(fault_server.grpc_url) as other:      # a second client, same id
+    with AsrConnection(short_ttl_server.grpc_url) as other:      # a second client, same id
         dup = other.open_session(sequence_id=live.s.sequence_id)
         dup.send(np.zeros(contract.chunk_samples, np.float32))
         dup.wait()
@@ -258,7 +177,7 @@ hostile_params = st.dictionaries(
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(inputs=hostile_inputs, params=hostile_params, start=st.booleans(), end=st.booleans())
-def test_hostile_requests_get_an_answer_and_never_kill_the_server(fault_server, fconn,
+def test_hostile_requests_get_an_answer_and_never_kill_the_server(short_ttl_server, fconn,
                                                                  inputs, params, start, end):
     s = fconn.open_session()
     raw_request(s, [(n, d, shape, data) for n, d, shape, data in inputs],
@@ -270,19 +189,19 @@ def test_hostile_requests_get_an_answer_and_never_kill_the_server(fault_server, 
             assert m["message"].strip()
         else:
             assert m["type"] in ("Results", "UtteranceEnd")
-    assert fault_server.proc.poll() is None
+    assert short_ttl_server.proc.poll() is None
 
 
-def test_after_hostile_requests_the_server_is_whole(fault_server, bystander):
+def test_after_hostile_requests_the_server_is_whole(short_ttl_server, bystander):
     """Runs after the fuzz above: the same stubs are alive and a stream is exact."""
-    stubs = fault_server.python_stubs()
+    stubs = short_ttl_server.python_stubs()
     assert "feature_extractor" in stubs.values() and "ctc_decoder" in stubs.values()
     bystander.finish()
-    assert fault_server.python_stubs() == stubs
+    assert short_ttl_server.python_stubs() == stubs
 
 
 # -- 5. no content in logs; 6. metrics ---------------------------------------------------
-def test_logs_hold_no_audio_and_no_transcript(fault_server, fconn, contract, audio, expected):
+def test_logs_hold_no_audio_and_no_transcript(short_ttl_server, fconn, contract, audio, expected):
     s = fconn.open_session()
     for i in range(0, len(audio), contract.chunk_samples):
         s.send(audio[i:i + contract.chunk_samples])
@@ -291,7 +210,7 @@ def test_logs_hold_no_audio_and_no_transcript(fault_server, fconn, contract, aud
     bad = fconn.open_session()
     raw_request(bad, [f32([0.123456789, np.nan])], start=True)    # an error path too
     bad.wait()
-    log = Path(fault_server.log_path).read_text(errors="replace")
+    log = Path(short_ttl_server.log_path).read_text(errors="replace")
     assert "ready: chunk" in log, "the steps' own INFO lines must reach this log"
     words = {w for text, _ in expected for w in text.split() if len(w) >= 4}
     loud = np.argsort(-np.abs(audio))[:20]
@@ -303,7 +222,7 @@ def test_logs_hold_no_audio_and_no_transcript(fault_server, fconn, contract, aud
     assert leaked == [], f"audio or transcript content in the server log: {leaked[:5]}"
 
 
-def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract):
+def test_metrics_port_has_tritons_and_our_metrics(short_ttl_server, fconn, contract):
     s = fconn.open_session()
     s.send(np.zeros(contract.chunk_samples * 2, np.float32))
     s.close()
@@ -312,7 +231,7 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
     for x in (s, bad):
         x.wait()
     assert len(bad.errors) == 1
-    text = metrics_text(fault_server)
+    text = metrics_text(short_ttl_server)
     for model in ("streaming_asr", "feature_extractor", "acoustic_model", "ctc_decoder"):
         m = re.search(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)',
                       text, re.M)
@@ -322,7 +241,7 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
                  "streamasr_request_errors_total"):
         for model in ("feature_extractor", "ctc_decoder"):
             assert re.search(rf'^{name}{{model="{model}"}} ', text, re.M), (name, model)
-    assert metric(fault_server, "streamasr_request_errors_total", "feature_extractor") > 0
+    assert metric(short_ttl_server, "streamasr_request_errors_total", "feature_extractor") > 0
     # per-request time of each Python step, as a histogram
     for model in ("feature_extractor", "ctc_decoder"):
         count = re.search(rf'^streamasr_request_seconds_count{{model="{model}"}} (\d+)',
@@ -332,28 +251,29 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
                          text, re.M)
 
 
-def test_launcher_health_poll_flags_a_model_that_goes_unready(fault_server):
+def test_launcher_health_poll_flags_a_model_that_goes_unready(short_ttl_server):
     """The launcher's poll (streamasr.server._health_problem) on a model unloaded through
     the repository API: its stub goes away and /v2/models/<m>/ready stops answering 200."""
     from streamasr.server import _health_problem
 
-    models, stubs = fault_server.ready_models(), fault_server.python_stubs()
+    models, stubs = short_ttl_server.ready_models(), short_ttl_server.python_stubs()
     assert "model_contract" in models
-    assert _health_problem(fault_server, models, stubs, {}, 2) is None
-    base = f"http://{fault_server.http_url}/v2/repository/models/model_contract"
+    assert _health_problem(short_ttl_server, models, stubs, {}, 2) is None
+    base = f"http://{short_ttl_server.http_url}/v2/repository/models/model_contract"
     urllib.request.urlopen(urllib.request.Request(base + "/unload", data=b"{}"), timeout=30)
     try:
-        poll(lambda: fault_server.unready_models(["model_contract"]) == ["model_contract"],
+        poll(lambda: short_ttl_server.unready_models(["model_contract"]) == ["model_contract"],
              30, "model_contract to report not ready")
         strikes: dict = {}
-        problems = [_health_problem(fault_server, models, stubs, strikes, 2) for _ in range(2)]
+        problems = [_health_problem(short_ttl_server, models, stubs, strikes, 2) for _ in range(2)]
         assert problems[-1] and "model_contract" in problems[-1], problems
     finally:
         urllib.request.urlopen(urllib.request.Request(base + "/load", data=b"{}"), timeout=120)
-    assert fault_server.unready_models(models) == []
+    assert short_ttl_server.unready_models(models) == []
 
 
 # -- 3. server faults --------------------------------------------------------------------
+@pytest.mark.server
 def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_clients(
         tmp_path, contract, audio, expected):
     ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
@@ -404,7 +324,7 @@ def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_
                 s.send(audio[i:i + chunk])
             s.close()
             s.wait(timeout=180)
-            assert s.errors == [] and finals(s.messages) == expected
+            assert s.errors == [] and finals_with_words(s.messages) == expected
     finally:
         srv2.stop()
 

@@ -6,7 +6,7 @@ import pytest
 
 from streamasr.triton_models.common import read_config, stream_idle_timeout
 
-from .conftest import REPOSITORY
+from .helpers import REPOSITORY
 
 
 @pytest.fixture(scope="module")

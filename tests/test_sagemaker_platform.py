@@ -20,13 +20,12 @@ import aiohttp
 import aiohttp.test_utils
 
 from streamasr import sagemaker_platform as platform
-from streamasr.gateway import (NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, Gateway,
-                               GatewayConfig)
+from streamasr.gateway import Gateway, GatewayConfig
+from streamasr.protocol import NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, final_text
 from streamasr.gateway_serve import model_repository
 from streamasr_client import sagemaker_stream as sms
 
-from .conftest import DEMO_WAV, ROOT, copy_repository
-from .test_gateway import Serve, finals_text, needs_demo, post, sagemaker_env
+from .helpers import DEMO_WAV, ROOT, Serve, copy_repository, needs_demo, post, sagemaker_env
 
 EXPIRES = re.compile(r"^([0-9a-f]{32}); Expires=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
@@ -70,6 +69,7 @@ def test_model_repository_choice(tmp_path, caplog):
         ROOT / "model_repository"                            # a checkout, outside Docker
 
 
+@pytest.mark.server
 def test_serve_uses_the_baked_repository_when_model_data_is_empty(tmp_path):
     model_dir = tmp_path / "opt-ml-model"
     model_dir.mkdir()                                        # mounted, nothing in it
@@ -232,5 +232,5 @@ def test_sigterm_drains_open_streams_within_30s(byom):
     rc = byom.proc.wait(timeout=platform.SAGEMAKER_KILL_AFTER_S)
     elapsed = time.monotonic() - t0
     assert code == platform.GOING_AWAY
-    assert finals_text(after), f"no final after SIGTERM: {after[-3:]}"
+    assert final_text(after), f"no final after SIGTERM: {after[-3:]}"
     assert rc == 0 and elapsed < platform.SAGEMAKER_KILL_AFTER_S, (rc, elapsed, byom.log())

@@ -19,7 +19,7 @@ from streamasr.two_pass import (FinalPass, Utterance, UtteranceRecorder, chunk_f
                                 to_vocabulary)
 from streamasr_client.stream import TWO_PASS_MODEL, AsrConnection, Session
 
-from .conftest import REPOSITORY, ROOT
+from .helpers import REPOSITORY, ROOT
 
 TINY = tiny_contract()
 V = len(TINY.vocabulary)
