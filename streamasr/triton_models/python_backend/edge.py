@@ -1,10 +1,7 @@
-"""Thin Triton python-backend adapters over the streamasr package.
-
-Each ``backends/<name>/model.py`` re-exports one class from here as
-``TritonPythonModel``.  The adapters only move tensors between ``pb_utils`` and the
-plain-Python steps (``FeatureStep``, ``DecoderStep``, ...), so all behaviour is testable
-without a server.  Importable only inside Triton (``triton_python_backend_utils``).
-"""
+"""What every streamasr python-backend model shares at its edge with Triton: logging
+into Triton's log, tensors in and out, the streams metrics, the state sweeper, and the
+execute loop (``serve_each``).  Importable only inside Triton
+(``triton_python_backend_utils``)."""
 from __future__ import annotations
 
 import ctypes
@@ -13,17 +10,13 @@ import logging
 import os
 import threading
 import time
+from typing import Any, Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..contract import ModelContract
-from ..decoding import StreamDecoder
-from ..state import StreamError, StreamStore, Sweeper
-from . import ctc_decoder, feature_extractor, final_pass, offline
-from .common import (ConfigError, ModelConfig, parse_bool, parse_int, read_config,
-                     request_parameters)
-from .step_info import parse_step_info
+from ...state import StreamError, StreamStore, Sweeper
+from ..common import ConfigError, ModelConfig
 
 
 class _TritonLogHandler(logging.Handler):
@@ -36,7 +29,7 @@ class _TritonLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = f"[{self.prefix}] {record.getMessage()}"
         if record.levelno >= logging.ERROR:
-            pb_utils.Logger.log_error(msg)
+            pb_utils.Logger.logerror_response(msg)
         elif record.levelno >= logging.WARNING:
             pb_utils.Logger.log_warn(msg)
         elif record.levelno >= logging.INFO:
@@ -45,7 +38,7 @@ class _TritonLogHandler(logging.Handler):
             pb_utils.Logger.log_verbose(msg)
 
 
-def _setup_logging(prefix: str) -> logging.Logger:
+def setup_logging(prefix: str) -> logging.Logger:
     root = logging.getLogger("streamasr")
     if not any(isinstance(h, _TritonLogHandler) for h in root.handlers):
         root.addHandler(_TritonLogHandler(prefix))
@@ -55,30 +48,40 @@ def _setup_logging(prefix: str) -> logging.Logger:
     return logging.getLogger(f"streamasr.{prefix}")
 
 
-def _error(message: str):
+def error_response(message: str):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
 
-def _strings(name: str, items: list[str]):
+def strings_tensor(name: str, items: list[str]):
     return pb_utils.Tensor(name, np.array([s.encode("utf-8") for s in items], dtype=np.object_))
 
 
-def _messages(name: str, msgs: list[dict]):
+def messages_tensor(name: str, msgs: list[dict]):
     """Result messages as a BYTES tensor, one JSON message per element."""
-    return _strings(name, [json.dumps(m, ensure_ascii=False) for m in msgs])
+    return strings_tensor(name, [json.dumps(m, ensure_ascii=False) for m in msgs])
 
 
-def _read_messages(tensor) -> list[dict]:
+def read_messages(tensor) -> list[dict]:
     return [json.loads(m) for m in tensor.as_numpy().reshape(-1)]
 
 
-def _utterances(utterances) -> "pb_utils.Tensor":
+def utterances_tensor(utterances) -> "pb_utils.Tensor":
     """Two-pass utterances (streamasr.two_pass.Utterance) as the UTTERANCES tensor."""
     return pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utterances],
                                                   dtype=np.object_))
 
 
-def _validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
+def loaded(args: dict, inputs: set[str] | None = None,
+           outputs: set[str] | None = None) -> tuple[ModelConfig, logging.Logger]:
+    """initialize()'s first step: the model's parsed config and its logger (into Triton's
+    log), after checking that the config declares ``inputs`` and ``outputs``."""
+    cfg = ModelConfig.from_args(args)
+    log = setup_logging(cfg.name)
+    validate_io(cfg, inputs or set(), outputs or set())
+    return cfg, log
+
+
+def validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
     have_in = {i["name"] for i in cfg.raw.get("input", [])}
     have_out = {o["name"] for o in cfg.raw.get("output", [])}
     if not inputs <= have_in or not outputs <= have_out:
@@ -87,7 +90,7 @@ def _validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
                           f"{sorted(have_out)}")
 
 
-class _StreamMetrics:
+class StreamMetrics:
     """Our Prometheus metrics on Triton's metrics port, labelled by model:
     streamasr_open_streams (gauge), streamasr_reclaimed_streams_total and
     streamasr_request_errors_total (counters).
@@ -168,8 +171,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _start_sweeper(store: StreamStore, metrics: _StreamMetrics,
-                   also=None) -> Sweeper:
+def start_sweeper(store: StreamStore, metrics: StreamMetrics, also=None) -> Sweeper:
     """Sweep on a timer too: Triton never tells a model that a sequence timed out.
     ``also``: a further pure-Python sweep to run each time (no pb_utils calls)."""
     trimmed = {"at": 0}
@@ -177,7 +179,7 @@ def _start_sweeper(store: StreamStore, metrics: _StreamMetrics,
     def on_sweep(_n: int) -> None:
         if also is not None:
             also()
-        # No pb_utils here (see _StreamMetrics); execute() publishes the counts.
+        # No pb_utils here (see StreamMetrics); execute() publishes the counts.
         # after many streams went away (by TTL or END), at most once per sweep
         if store.reclaimed - trimmed["at"] >= 256 or (len(store) == 0 and
                                                       store.reclaimed != trimmed["at"]):
@@ -187,302 +189,32 @@ def _start_sweeper(store: StreamStore, metrics: _StreamMetrics,
     return Sweeper([store], max(store.ttl_s / 4, 0.05), on_sweep).start()
 
 
-# ---------------------------------------------------------------------------------------
-class FeatureExtractorModel:
-    """Backend `streamasr_features` — the feature step of `streaming_asr`."""
-
-    def initialize(self, args):
-        self.cfg = ModelConfig.from_args(args)
-        self.log = _setup_logging(self.cfg.name)
-        _validate_io(self.cfg, {"AUDIO", "AUDIO_INT16", "SAMPLE_RATE"},
-                     {"FEATURES", "STEP_INFO"})
-        defaults = ctc_decoder.build_defaults(self._decoder_config())
-        self.step = feature_extractor.build_step(self.cfg, validate_options=defaults.validate)
-        self.metrics = _StreamMetrics(self.cfg.name)
-        self.sweeper = _start_sweeper(self.step.store, self.metrics)
-        self.log.info("ready: chunk %.0f ms, window %d frames, idle timeout %.1f s",
-                      self.step.contract.chunk_seconds * 1000,
-                      self.step.contract.window_frames, self.step.store.ttl_s)
-
-    def _decoder_config(self) -> ModelConfig:
-        """The decoder model's config, to validate stream options at the START request
-        (a stream rejected there has state in neither step)."""
-        name = self.cfg.param("decoder_model", "ctc_decoder")
-        return read_config(self.cfg.repository.parent / name)
-
-    def execute(self, requests):
-        responses, took = [], []
-        for request in requests:
-            t0 = time.perf_counter()
-            try:
-                r = self._read(request)
-                result = self.step.process(r)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("FEATURES", result.features),
-                    _strings("STEP_INFO", [result.info.to_json()]),
-                ]))
-            except (StreamError, ValueError) as exc:
-                self.metrics.error()
-                responses.append(_error(str(exc)))
-            except Exception as exc:  # never let one stream's bug take down the batch
-                self.metrics.error()
-                self.log.exception("unexpected error")
-                responses.append(_error(f"internal error in feature_extractor: {exc}"))
-            took.append(time.perf_counter() - t0)
-        self.metrics.sync(self.step.store)
-        self.metrics.observe(took)
-        return responses
-
-    @staticmethod
-    def _read(request) -> feature_extractor.FeatureRequest:
-        f32 = pb_utils.get_input_tensor_by_name(request, "AUDIO")
-        i16 = pb_utils.get_input_tensor_by_name(request, "AUDIO_INT16")
-        if f32 is not None and i16 is not None:
-            raise StreamError("send AUDIO (float32) or AUDIO_INT16, not both")
-        audio = None
-        if f32 is not None:
-            audio = f32.as_numpy()
-        elif i16 is not None:
-            audio = i16.as_numpy()
-        sr = pb_utils.get_input_tensor_by_name(request, "SAMPLE_RATE")
-        sample_rate = None
-        if sr is not None:
-            v = sr.as_numpy().reshape(-1)
-            if v.size != 1:
-                raise StreamError("SAMPLE_RATE must hold exactly one value")
-            sample_rate = int(v[0])
-        return feature_extractor.FeatureRequest(
-            corrid=request.correlation_id(), flags=request.flags(), audio=audio,
-            sample_rate=sample_rate, parameters=request_parameters(request))
-
-    def finalize(self):
-        self.sweeper.stop()
-        self.log.info("unloading with %d open streams", len(self.step.store))
-
-
-# ---------------------------------------------------------------------------------------
-class CtcDecoderModel:
-    """Backend `streamasr_decoder` — the decoder step of `streaming_asr`."""
-
-    def initialize(self, args):
-        self.cfg = ModelConfig.from_args(args)
-        self.log = _setup_logging(self.cfg.name)
-        _validate_io(self.cfg, {"LOG_PROBS", "STEP_INFO", "FEATURES"}, {"RESULTS", "UTTERANCES"})
-        self.step = ctc_decoder.build_step(self.cfg)
-        self.metrics = _StreamMetrics(self.cfg.name)
-        # lost requests are noticed (and what their streams parked freed) on the timer too
-        self.sweeper = _start_sweeper(self.step.store, self.metrics,
-                                      also=self.step.expire_gaps)
-        self.log.info("ready: idle timeout %.1f s", self.step.store.ttl_s)
-
-    def execute(self, requests):
-        responses, took = [], []
-        for request in requests:
-            t0 = time.perf_counter()
-            try:
-                info_t = pb_utils.get_input_tensor_by_name(request, "STEP_INFO")
-                info = parse_step_info(info_t.as_numpy().reshape(-1)[0])
-                lp = pb_utils.get_input_tensor_by_name(request, "LOG_PROBS").as_numpy()
-                feats = pb_utils.get_input_tensor_by_name(request, "FEATURES")   # two-pass
-                msgs, utts = self.step.process_full(ctc_decoder.DecoderRequest(
-                    lp, info, feats.as_numpy() if feats is not None else None))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _messages("RESULTS", msgs),
-                    _utterances(utts)]))
-            except (StreamError, ValueError) as exc:
-                self.metrics.error()
-                responses.append(_error(str(exc)))
-            except Exception as exc:
-                self.metrics.error()
-                self.log.exception("unexpected error")
-                responses.append(_error(f"internal error in ctc_decoder: {exc}"))
-            took.append(time.perf_counter() - t0)
-        self.metrics.sync(self.step.store)
-        self.metrics.observe(took)
-        return responses
-
-    def finalize(self):
-        self.sweeper.stop()
-        self.log.info("unloading with %d open streams", len(self.step.store))
-
-
-# ---------------------------------------------------------------------------------------
-class FinalPassModel:
-    """Backend `streamasr_final_pass` — the last step of `streaming_asr_two_pass`: finals
-    re-decoded by Whisper (streamasr.two_pass); every other message passes unchanged."""
-
-    def initialize(self, args):
-        self.cfg = ModelConfig.from_args(args)
-        self.log = _setup_logging(self.cfg.name)
-        _validate_io(self.cfg, {"RESULTS_IN", "UTTERANCES"}, {"RESULTS"})
-        self.step = final_pass.build_step(self.cfg, args.get("model_instance_kind") == "GPU")
-        self.metrics = _StreamMetrics(self.cfg.name)
-        self.log.info("ready: Whisper re-decoder from %s", self.step.whisper_dir)
-
-    def execute(self, requests):
-        responses, took = [], []
-        for request in requests:
-            t0, blobs = time.perf_counter(), []
-            try:
-                msgs = _read_messages(pb_utils.get_input_tensor_by_name(request, "RESULTS_IN"))
-                utts = pb_utils.get_input_tensor_by_name(request, "UTTERANCES")
-                blobs = list(utts.as_numpy().reshape(-1)) if utts is not None else []
-                out = self.step.process(msgs, blobs)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _messages("RESULTS", out)]))
-            except ValueError as exc:
-                self.metrics.error()
-                responses.append(_error(str(exc)))
-            except Exception as exc:
-                self.metrics.error()
-                self.log.exception("unexpected error")
-                responses.append(_error(f"internal error in final_pass: {exc}"))
-            if blobs:       # the histogram times re-decodes, not pass-throughs
-                took.append(time.perf_counter() - t0)
-        self.metrics.observe(took)
-        return responses
-
-
-# ---------------------------------------------------------------------------------------
-class OnnxRuntimeModel:
-    """Backend `onnxruntime` — a local stand-in for Triton's native ONNX Runtime backend.
-
-    Serves an unchanged ``config.pbtxt`` (model file ``<version>/model.onnx``) and runs
-    each batch Triton forms as ONE session call.  Uses the CUDA provider when the instance
-    group asks for a GPU and onnxruntime-gpu offers it; otherwise the CPU.
-    """
-
-    def initialize(self, args):
-        import onnxruntime as ort
-
-        self.cfg = ModelConfig.from_args(args)
-        self.log = _setup_logging(self.cfg.name)
-        version = args.get("model_version") or "1"
-        filename = self.cfg.raw.get("default_model_filename") or "model.onnx"
-        path = self.cfg.repository / str(version) / filename
-        if not path.exists():
-            raise ConfigError(f"model {self.cfg.name!r}: no ONNX file at {path}")
-        self.batching = int(self.cfg.raw.get("max_batch_size", 0)) > 0
-        self.inputs = [i["name"] for i in self.cfg.raw.get("input", [])]
-        self.outputs = [o["name"] for o in self.cfg.raw.get("output", [])]
-        opts = ort.SessionOptions()
-        threads = parse_int("intra_op_thread_count",
-                            self.cfg.param("intra_op_thread_count", "0"), 0)
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        want_gpu = args.get("model_instance_kind") == "GPU"
-        providers = ["CPUExecutionProvider"]
-        if want_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider",
-                                 {"device_id": int(args.get("model_instance_device_id", 0))}))
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        names_in = [i.name for i in self.session.get_inputs()]
-        names_out = [o.name for o in self.session.get_outputs()]
-        if sorted(names_in) != sorted(self.inputs) or not set(self.outputs) <= set(names_out):
-            raise ConfigError(f"model {self.cfg.name!r}: config I/O {self.inputs}/{self.outputs}"
-                              f" does not match the ONNX graph's {names_in}/{names_out}")
-        self.log.info("loaded %s on %s", path.name, self.session.get_providers()[0])
-        self._lock = threading.Lock()
-
-    def execute(self, requests):
-        if not self.batching:
-            return [self._run([r])[0] for r in requests]
-        return self._run(requests)
-
-    def _run(self, requests):
+def serve_each(requests: list, respond: Callable[[Any], list], log: logging.Logger, what: str,
+               metrics: StreamMetrics | None = None, store: StreamStore | None = None,
+               timed: Callable[[Any], bool] | None = None) -> list:
+    """One response per request: ``respond(request)`` gives the output tensors; a
+    StreamError or ValueError is the client's (its message is the answer), anything else
+    is ours (logged, answered as an internal error) and never takes down the batch.
+    With ``metrics``: errors counted, the stream ``store``'s figures published, each
+    request's time observed (only where ``timed(request)`` says so, when given)."""
+    responses, took = [], []
+    for request in requests:
+        t0 = time.perf_counter()
         try:
-            feeds, sizes = {}, []
-            for name in self.inputs:
-                arrays = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-                feeds[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-                sizes = [len(a) for a in arrays]
-            outs = self.session.run(self.outputs, feeds)
-        except Exception as exc:
-            self.log.exception("onnxruntime failed")
-            return [_error(f"acoustic model failed: {exc}") for _ in requests]
-        responses, offset = [], 0
-        for n in sizes:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(o[offset:offset + n]))
-                       for name, o in zip(self.outputs, outs)]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            offset += n
-        return responses
-
-
-# ---------------------------------------------------------------------------------------
-class ContractModel:
-    """Backend `streamasr_contract` — serves the acoustic model's contract as JSON, so a
-    client derives chunk size and sample rate from the model itself."""
-
-    def initialize(self, args):
-        self.cfg = ModelConfig.from_args(args)
-        self.log = _setup_logging(self.cfg.name)
-        self.contract_json = self.cfg.contract().to_json()
-
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse(output_tensors=[
-            _strings("CONTRACT", [self.contract_json])]) for _ in requests]
-
-
-# ---------------------------------------------------------------------------------------
-class OfflineAsrModel:
-    """Backend `streamasr_offline` — a whole recording in one request, the same messages
-    a stream of it would produce (SageMaker `/invocations` calls this).  Runs the served
-    acoustic model through BLS, in batches it accepts; with the request parameter
-    ``two_pass=true`` the finals go through the served `final_pass` model too."""
-
-    def initialize(self, args):
-        self.cfg = ModelConfig.from_args(args)
-        self.log = _setup_logging(self.cfg.name)
-        _validate_io(self.cfg, {"AUDIO", "SAMPLE_RATE"}, {"RESULTS"})
-        self.contract: ModelContract = self.cfg.contract()
-        self.acoustic_model = self.cfg.param("acoustic_model", "acoustic_model")
-        self.max_batch = parse_int("max_batch", self.cfg.param("max_batch", "8"), 1)
-        self.max_seconds = float(self.cfg.param("max_audio_seconds", "600"))
-        self.defaults = ctc_decoder.build_defaults(read_config(
-            self.cfg.repository.parent / self.cfg.param("decoder_model", "ctc_decoder")))
-        StreamDecoder(self.contract, *self.defaults.configs({}))   # load the LM now
-        self.final_pass_model = self.cfg.param("final_pass_model", "final_pass")
-
-    def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:
-        req = pb_utils.InferenceRequest(
-            model_name=self.final_pass_model, requested_output_names=["RESULTS"],
-            inputs=[_messages("RESULTS_IN", msgs),
-                    _utterances(utterances)])
-        resp = req.exec()
-        if resp.has_error():
-            raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
-        return _read_messages(pb_utils.get_output_tensor_by_name(resp, "RESULTS"))
-
-    def _run_model(self, features: np.ndarray) -> np.ndarray:
-        req = pb_utils.InferenceRequest(
-            model_name=self.acoustic_model,
-            requested_output_names=[self.contract.output_name],
-            inputs=[pb_utils.Tensor(self.contract.input_name, features)])
-        resp = req.exec()
-        if resp.has_error():
-            raise RuntimeError(resp.error().message())
-        return pb_utils.get_output_tensor_by_name(resp, self.contract.output_name).as_numpy()
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                audio = pb_utils.get_input_tensor_by_name(request, "AUDIO").as_numpy()
-                sr_t = pb_utils.get_input_tensor_by_name(request, "SAMPLE_RATE")
-                sr = int(sr_t.as_numpy().reshape(-1)[0]) if sr_t is not None else None
-                options = request_parameters(request)
-                two_pass = parse_bool("two_pass", options.pop("two_pass", False))
-                msgs, utts = offline.transcribe_with_utterances(
-                    self.contract, audio, sr, self._run_model, self.defaults, options,
-                    self.max_batch, self.max_seconds, two_pass)
-                if utts:
-                    msgs = self._final_pass(msgs, utts)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _messages("RESULTS", msgs)]))
-            except (StreamError, ValueError) as exc:
-                responses.append(_error(str(exc)))
-            except Exception as exc:
-                self.log.exception("unexpected error")
-                responses.append(_error(f"internal error in offline_asr: {exc}"))
-        return responses
+            responses.append(pb_utils.InferenceResponse(output_tensors=respond(request)))
+        except (StreamError, ValueError) as exc:
+            if metrics is not None:
+                metrics.error()
+            responses.append(error_response(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one stream's bug must not fail the batch
+            if metrics is not None:
+                metrics.error()
+            log.exception("unexpected error")
+            responses.append(error_response(f"internal error in {what}: {exc}"))
+        if timed is None or timed(request):
+            took.append(time.perf_counter() - t0)
+    if metrics is not None:
+        if store is not None:
+            metrics.sync(store)
+        metrics.observe(took)
+    return responses
