@@ -11,7 +11,7 @@ import pytest
 import boto3
 from botocore.stub import Stubber
 
-from streamasr import sagemaker_deploy as dep
+from streamasr.sagemaker import deploy as dep
 
 from .helpers import ROOT
 
@@ -275,7 +275,7 @@ def test_dry_run_shows_the_wait_before_autoscaling():
 
 
 def test_base_image_account_per_region(caplog):
-    from streamasr import sagemaker_images as images
+    from streamasr.sagemaker import images
 
     for region, account in (("us-east-1", "763104351884"), ("eu-west-1", "763104351884"),
                             ("af-south-1", "626614931356"), ("eu-south-1", "692866216735"),

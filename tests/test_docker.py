@@ -82,7 +82,7 @@ def test_dockerfile_structure():
     args = {r.split("=")[0]: r.split("=")[1] for w, r in ins if w == "ARG" and "=" in r}
     assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
     # the defaults are the table's entry for the default region and tag
-    from streamasr.sagemaker_images import DEFAULT_TRITON_TAG, base_image
+    from streamasr.sagemaker.images import DEFAULT_TRITON_TAG, base_image
     assert args["TRITON_TAG"] == DEFAULT_TRITON_TAG
     default = base_image(args["REGION"], args["TRITON_TAG"])
     assert (args["BASE_ACCOUNT"], args["ECR_DOMAIN"]) == (default.account, default.domain)

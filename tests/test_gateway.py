@@ -19,7 +19,9 @@ import soundfile as sf
 import aiohttp
 import aiohttp.test_utils
 
-from streamasr.gateway import Gateway, GatewayConfig, decode_body, parse_content_type
+from streamasr.sagemaker.audio import decode_body, parse_content_type
+from streamasr.sagemaker.config import GatewayConfig
+from streamasr.sagemaker.http import Gateway
 from streamasr.protocol import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,
                                 NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH,
                                 final_text)

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from streamasr.gateway_serve import server_config
+from streamasr.sagemaker.serve import server_config
 from streamasr_client.stream import AsrConnection, AsrError
 
 from .helpers import Serve, sagemaker_env, triton_children

@@ -19,10 +19,11 @@ import pytest
 import aiohttp
 import aiohttp.test_utils
 
-from streamasr import sagemaker_platform as platform
-from streamasr.gateway import Gateway, GatewayConfig
+from streamasr.sagemaker import platform
+from streamasr.sagemaker.config import GatewayConfig
+from streamasr.sagemaker.http import Gateway
 from streamasr.protocol import NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, final_text
-from streamasr.gateway_serve import model_repository
+from streamasr.sagemaker.serve import model_repository
 from streamasr_client import sagemaker_stream as sms
 
 from .helpers import DEMO_WAV, ROOT, Serve, copy_repository, needs_demo, post, sagemaker_env

@@ -1,6 +1,6 @@
 """Stream a recording to the streamasr SageMaker endpoint.
 
-Three ways, one framing (the gateway's, streamasr/gateway.py):
+Three ways, one framing (the gateway's, streamasr/sagemaker/):
 
 * ``bidi`` — ``InvokeEndpointWithBidirectionalStream`` (HTTP/2) through AWS's Python SDK
   ``aws-sdk-sagemaker-runtime-http2`` 0.12 with its ``[awscrt]`` HTTP/2 transport

@@ -15,7 +15,7 @@ endpoint ``<name>``, variant ``AllTraffic``.  Data capture stays off unless
 registered only once the endpoint is InService (``RegisterScalableTarget`` fails on an
 endpoint that is still Creating), with or without ``--wait``.  ``base-image`` prints the
 SageMaker Triton base image (or ``docker build`` arguments) for a region: the registry
-account differs between regions (streamasr/sagemaker_images.py).
+account differs between regions (streamasr/sagemaker/images.py).
 """
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def base_image_command(a: argparse.Namespace, out: TextIO) -> int:
-    from streamasr import sagemaker_images as images
+    from . import images
 
     region = a.region
     if region is None:

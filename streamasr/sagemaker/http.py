@@ -54,275 +54,46 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import json
 import logging
 import os
 import signal
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from streamasr import protocol, sagemaker_platform
-from streamasr.decoding.config import parse_bool, parse_int
-from streamasr.protocol import (CLOSED_SESSION_HEADER, CONTRACT_MODEL,
-                                CUSTOM_ATTRIBUTES_HEADER, NEW_SESSION, NEW_SESSION_HEADER,
-                                OFFLINE_MODEL, PCM16_FULL_SCALE, SESSION_HEADER, STREAM_MODEL,
-                                TWO_PASS_MODEL, WS_PATH, ModelContract)
-from streamasr_client.audio import resample, to_mono
-from streamasr_client.stream import AsrConnection, AsrError, Session
+from streamasr import protocol
+from streamasr.protocol import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER, NEW_SESSION,
+                                NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, ModelContract)
+from streamasr_client.stream import AsrError, Session
+
+from . import platform as sagemaker_platform
+from .audio import BadAudio, decode_body
+from .config import GatewayConfig
+from .health import FIRST_HEALTH_WAIT_S, HEALTH_INTERVAL_S, HEALTH_STALE_S, Backend
+from .ws import WsSession, wait_session
 
 log = logging.getLogger("streamasr.gateway")
 
-# Query keys the gateway itself reads; everything else is a per-stream decoder option.
-GATEWAY_KEYS = {"encoding", "sample_rate", "channels", "two_pass"}
-ENCODINGS = {"linear16": ("<i2", PCM16_FULL_SCALE), "float32": ("<f4", 1.0)}
-# Client sample rates the gateway resamples from: 8 kHz (telephony) to 192 kHz (studio).
-# Resampling multiplies a frame's size by model rate / client rate (x320 at 50 Hz).
-MIN_SAMPLE_RATE = 8_000
-MAX_SAMPLE_RATE = 192_000
-# Interleaved channels a client may send (averaged to mono): up to 7.1 surround.
-MAX_CHANNELS = 8
-# /ping answers from the state of a background health check: how often it asks Triton
-# (three cheap RPCs), and how old a state may be before /ping stops trusting it.
-HEALTH_INTERVAL_S = 1.0
-HEALTH_STALE_S = 15.0
-# How long a /ping waits for the very first health check after startup.
-FIRST_HEALTH_WAIT_S = 1.5
 # Bodies are read in pieces of this size, counting against max_body_bytes.
 BODY_READ_BYTES = 1 << 16
-
-
-@dataclass
-class GatewayConfig:
-    triton_grpc: str = "127.0.0.1:8001"
-    grpc_ssl: bool = False
-    grpc_root_cert: str | None = None
-    host: str = "0.0.0.0"
-    port: int = 8080
-    # Requests sent to Triton and not yet answered, per WebSocket session.  Above this the
-    # gateway stops reading the socket (TCP backpressure to the client); if the model has
-    # not caught up after flood_timeout_s the client gets an error and is closed.
-    max_pending_requests: int = 50
-    flood_timeout_s: float = 10.0
-    # Result messages waiting to be written to a slow client.
-    max_outgoing_messages: int = 1000
-    # Largest binary frame accepted (bytes); 10 s of 16 kHz int16 is 320 kB.
-    max_frame_bytes: int = 1 << 20
-    # Longest audio one frame may hold, checked on what goes to Triton (after resampling):
-    # feature_extractor refuses chunks over its max_chunk_seconds (10 s) anyway, and this
-    # bounds one request to 640 kB of float32 whatever the client's sample rate.
-    max_frame_seconds: float = 10.0
-    # Largest /invocations body; refused by Content-Length before it is read, or as soon
-    # as a streamed (chunked) body passes it.
-    max_body_bytes: int = 100 << 20
-    # Threads for blocking work (file decoding, whole-file transcription): its own pool,
-    # so that long /invocations never delay /ping or WebSocket sessions.
-    blocking_threads: int = 8
-    close_timeout_s: float = 30.0
-    # Stateful /invocations sessions expire after this idle time.
-    session_ttl_s: float = 300.0
-    heartbeat_s: float | None = None   # server-initiated pings (SageMaker pings us anyway)
-    # Streams get two-pass finals (Whisper re-decode) unless they say two_pass=false.
-    two_pass: bool = False
-
-    def stream_model(self, two_pass: Any = None) -> str:
-        """The streaming model for a session's ``two_pass`` setting (None: the default)."""
-        on = self.two_pass if two_pass is None else parse_bool("two_pass", two_pass)
-        return TWO_PASS_MODEL if on else STREAM_MODEL
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "GatewayConfig":
-        e = os.environ if env is None else env
-        c = cls()
-        c.port = int(e.get("SAGEMAKER_BIND_TO_PORT", c.port))
-        c.triton_grpc = e.get("STREAMASR_TRITON_GRPC", c.triton_grpc)
-        c.grpc_ssl = e.get("STREAMASR_TRITON_GRPC_SSL", "false").lower() == "true"
-        c.grpc_root_cert = e.get("STREAMASR_TRITON_GRPC_ROOT_CERT") or None
-        c.two_pass = parse_bool("STREAMASR_TWO_PASS", e.get("STREAMASR_TWO_PASS", "false"))
-        for name, attr, conv in (("STREAMASR_GATEWAY_MAX_PENDING", "max_pending_requests", int),
-                                 ("STREAMASR_GATEWAY_MAX_OUTGOING", "max_outgoing_messages", int),
-                                 ("STREAMASR_GATEWAY_MAX_FRAME_BYTES", "max_frame_bytes", int),
-                                 ("STREAMASR_GATEWAY_MAX_FRAME_SECONDS", "max_frame_seconds",
-                                  float),
-                                 ("STREAMASR_GATEWAY_MAX_BODY_BYTES", "max_body_bytes", int),
-                                 ("STREAMASR_GATEWAY_BLOCKING_THREADS", "blocking_threads",
-                                  int),
-                                 ("STREAMASR_GATEWAY_FLOOD_TIMEOUT", "flood_timeout_s", float),
-                                 ("STREAMASR_GATEWAY_SESSION_TTL", "session_ttl_s", float)):
-            if name in e:
-                setattr(c, attr, conv(e[name]))
-        return c
-
-
-class BadAudio(ValueError):
-    pass
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-def parse_sample_rate(value: Any, key: str = "sample_rate") -> int:
-    """A client's sample rate: an integer within [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]."""
-    rate = parse_int(key, value, 1)      # ValueError names the key
-    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise ValueError(f"{key}: must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} "
-                         f"Hz, got {rate}")
-    return rate
+class Refused(Exception):
+    """A request answered with ``response`` before it reached the model."""
 
-
-def parse_channels(value: Any, key: str = "channels") -> int:
-    channels = parse_int(key, value, 1)
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"{key}: must be between 1 and {MAX_CHANNELS}, got {channels}")
-    return channels
-
-
-def parse_encoding(value: Any) -> str:
-    if value not in ENCODINGS:
-        raise ValueError(f"encoding: unknown encoding {value!r} (use {sorted(ENCODINGS)})")
-    return value
-
-
-def decode_pcm(data: bytes, encoding: str, channels: int = 1) -> np.ndarray:
-    """Raw PCM bytes -> mono float32 in [-1, 1].  Partial frames are an error (the
-    WebSocket path keeps remainders itself)."""
-    if encoding not in ENCODINGS:
-        raise BadAudio(f"unknown encoding {encoding!r} (use {sorted(ENCODINGS)})")
-    dtype, scale = ENCODINGS[encoding]
-    width = np.dtype(dtype).itemsize * channels
-    if len(data) % width:
-        raise BadAudio(f"{len(data)} bytes is not a whole number of {width}-byte frames")
-    a = np.frombuffer(data, dtype=dtype).astype(np.float32) / scale
-    return to_mono(a.reshape(-1, channels)) if channels > 1 else a
-
-
-def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
-    if not value:
-        return "application/octet-stream", {}
-    main, *params = [p.strip() for p in value.split(";")]
-    out = {}
-    for p in params:
-        if "=" in p:
-            k, v = p.split("=", 1)
-            out[k.strip().lower()] = v.strip().strip('"')
-    return main.lower(), out
-
-
-RAW_TYPES = {"audio/l16", "audio/pcm", "audio/x-raw", "audio/raw"}
-
-
-def decode_body(body: bytes, content_type: str | None, model_rate: int) -> np.ndarray:
-    """An /invocations body -> mono float32 at the model rate."""
-    if not body:
-        raise BadAudio("empty body")
-    ctype, params = parse_content_type(content_type)
-    if ctype in RAW_TYPES:
-        try:
-            rate = parse_sample_rate(params.get("rate", model_rate), "rate")
-            channels = parse_channels(params.get("channels", 1))
-        except ValueError as exc:
-            raise BadAudio(f"Content-Type {ctype}: {exc}") from None
-        enc = "float32" if params.get("encoding") == "float32" else "linear16"
-        return resample(decode_pcm(body, enc, channels), rate, model_rate)
-    import io
-
-    import soundfile as sf
-
-    try:
-        audio, rate = sf.read(io.BytesIO(body), dtype="float32", always_2d=False)
-    except Exception as exc:  # libsndfile's errors vary by version
-        raise BadAudio(f"cannot decode the body as an audio file ({ctype}): {exc}") from None
-    return resample(to_mono(audio), rate, model_rate)
-
-
-class Backend:
-    """The gateway's view of Triton: one AsrConnection (one gRPC stream, many sessions),
-    which re-opens its stream itself should it break (e.g. Triton restarted)."""
-
-    def __init__(self, cfg: GatewayConfig):
-        self.cfg = cfg
-        self._lock = threading.Lock()
-        self._conn: AsrConnection | None = None
-        self._contract: ModelContract | None = None
-
-    def connection(self) -> AsrConnection:
-        with self._lock:
-            if self._conn is None:
-                root = None
-                if self.cfg.grpc_root_cert:
-                    with open(self.cfg.grpc_root_cert, "rb") as f:
-                        root = f.read()
-                self._conn = AsrConnection(self.cfg.triton_grpc, ssl=self.cfg.grpc_ssl,
-                                           root_certificates=root)
-            return self._conn
-
-    def contract(self) -> ModelContract:
-        if self._contract is None:
-            self._contract = self.connection().contract()
-        return self._contract
-
-    @property
-    def known_contract(self) -> ModelContract | None:
-        """The contract when it has been fetched already (no I/O)."""
-        return self._contract
-
-    def ready(self) -> tuple[bool, str]:
-        """(ready, reason) from Triton's own health RPCs."""
-        conn = self.connection()
-        try:
-            if not conn.server_ready():
-                return False, "triton server not ready"
-            for m in (STREAM_MODEL, OFFLINE_MODEL, CONTRACT_MODEL):
-                if not conn.model_ready(m):
-                    return False, f"model {m} not ready"
-        except grpc.RpcError as exc:
-            return False, f"triton unreachable: {exc.code().name}"
-        return True, "ready"
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-
-async def wait_session(s: Session, timeout: float) -> None:
-    """``Session.wait`` without a thread: wake on each answer (a session listener)
-    instead of parking one of a few pool threads per session until its last answer."""
-    loop = asyncio.get_running_loop()
-    changed = asyncio.Event()
-
-    def listener() -> None:
-        loop.call_soon_threadsafe(changed.set)
-
-    s.add_listener(listener)
-    deadline = loop.time() + timeout
-    try:
-        while s.pending > 0 and s.failed is None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError(f"session {s.sequence_id}: {s.pending} responses missing "
-                                   f"after {timeout} s")
-            changed.clear()
-            if s.pending <= 0 or s.failed is not None:
-                break
-            try:
-                await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                pass
-    finally:
-        s.remove_listener(listener)
-    if s.failed is not None:
-        raise AsrError(s.failed)
+    def __init__(self, response: web.Response):
+        super().__init__(response.status)
+        self.response = response
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
@@ -411,7 +182,7 @@ class Gateway:
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, functools.partial(fn, *args, **kw))
 
-    async def _contract(self) -> ModelContract:
+    async def contract(self) -> ModelContract:
         return self.backend.known_contract or await self._run(self.backend.contract)
 
     # -- /ping ---------------------------------------------------------------------------
@@ -473,22 +244,37 @@ class Gateway:
         resp.force_close()          # do not read (or linger on) the rest of the body
         return resp
 
+    async def _body_audio(self, request: web.Request, session_chunk: bool = False
+                          ) -> tuple[np.ndarray | None, ModelContract]:
+        """The body as audio at the model's rate, and the contract; a refusal is raised as
+        ``Refused`` with its answer.  A session chunk's body may be empty (None: no audio)
+        and is raw PCM unless its Content-Type says otherwise."""
+        try:
+            body = await self._read_body(request)
+        except BodyTooLarge as exc:
+            raise Refused(self._too_large(exc)) from None
+        ctype = request.headers.get("Content-Type")
+        try:
+            contract = await self.contract()
+            if session_chunk:
+                if not body:
+                    return None, contract
+                ctype = ctype or "audio/l16"
+            audio = await self._run(decode_body, body, ctype, contract.sample_rate)
+        except BadAudio as exc:
+            raise Refused(_error(400, "bad_audio", str(exc))) from None
+        except (AsrError, grpc.RpcError) as exc:
+            raise Refused(_error(503, "backend", f"model unavailable: {exc}")) from None
+        return audio, contract
+
     async def invocations(self, request: web.Request) -> web.Response:
         if SESSION_HEADER in request.headers:
             return await self._session_chunk(request)
         try:
-            body = await self._read_body(request)
-        except BodyTooLarge as exc:
-            return self._too_large(exc)
-        try:
-            contract = await self._contract()
-            audio = await self._run(decode_body, body, request.headers.get("Content-Type"),
-                                    contract.sample_rate)
-        except BadAudio as exc:
-            return _error(400, "bad_audio", str(exc))
-        except (AsrError, grpc.RpcError) as exc:
-            return _error(503, "backend", f"model unavailable: {exc}")
-        del body
+            audio, contract = await self._body_audio(request)
+        except Refused as refused:
+            return refused.response
+        assert audio is not None
         options = request_options(request)
         t0 = time.monotonic()
         try:
@@ -512,17 +298,9 @@ class Gateway:
         if sid != NEW_SESSION and sid not in self.http_sessions:
             return _error(404, "unknown_session", "no such session (expired or closed)")
         try:
-            body = await self._read_body(request)
-        except BodyTooLarge as exc:
-            return self._too_large(exc)
-        try:
-            contract = await self._contract()
-            audio = await self._run(decode_body, body, request.headers.get("Content-Type")
-                                    or "audio/l16", contract.sample_rate) if body else None
-        except BadAudio as exc:
-            return _error(400, "bad_audio", str(exc))
-        except (AsrError, grpc.RpcError) as exc:
-            return _error(503, "backend", f"model unavailable: {exc}")
+            audio, _ = await self._body_audio(request, session_chunk=True)
+        except Refused as refused:
+            return refused.response
         headers = {}
         if sid == NEW_SESSION:
             options = {k: v for k, v in q.items() if k not in ("finalize", "close", "two_pass")}
@@ -598,275 +376,6 @@ class Gateway:
         return ws
 
 
-class ProtocolError(Exception):
-    """Ends a WebSocket session: an Error frame (unless ``notified``: the client has the
-    error already) and a close code."""
-
-    def __init__(self, code: str, message: str, close_code: int = 1008,
-                 notified: bool = False):
-        super().__init__(message)
-        self.code, self.close_code, self.notified = code, close_code, notified
-
-
-class WsSession:
-    """One WebSocket = one Triton sequence."""
-
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, query: dict[str, str]):
-        self.gw, self.ws, self.cfg = gw, ws, gw.cfg
-        self.query = query
-        self.encoding = "linear16"
-        self.sample_rate: int | None = None
-        self.channels = 1
-        self.two_pass = query.get("two_pass")       # None: the gateway's default
-        self.options: dict[str, Any] = {k: v for k, v in query.items() if k not in GATEWAY_KEYS}
-        self.session: Session | None = None
-        self.loop = asyncio.get_running_loop()
-        self.out: asyncio.Queue = asyncio.Queue()
-        self.started: asyncio.Future = self.loop.create_future()   # the START's answer
-        self.overflow = False
-        self.remainder = b""
-        self.received = 0          # messages handed to us by the reader thread
-        self.audio_bytes = 0
-        self.id = "-"
-        self.draining = False      # set by the shutdown drain: further input is ignored
-
-    def _set_format(self, source: dict, where: str) -> None:
-        """encoding / sample_rate / channels from the query or a Configure message."""
-        try:
-            if "encoding" in source:
-                self.encoding = parse_encoding(source["encoding"])
-            if "sample_rate" in source:
-                self.sample_rate = parse_sample_rate(source["sample_rate"])
-            if "channels" in source:
-                self.channels = parse_channels(source["channels"])
-        except ValueError as exc:
-            raise ProtocolError("bad_request", f"{where}: {exc}") from None
-
-    # results arrive on the connection's reader thread
-    def _on_message(self, m: dict) -> None:
-        self.loop.call_soon_threadsafe(self._enqueue, m)
-
-    def _on_start(self, error: str | None) -> None:
-        def settle() -> None:
-            if not self.started.done():
-                self.started.set_result(error)
-
-        self.loop.call_soon_threadsafe(settle)
-
-    def _enqueue(self, m: dict) -> None:
-        self.received += 1
-        if self.out.qsize() >= self.cfg.max_outgoing_messages:
-            self.overflow = True
-            return
-        self.out.put_nowait(m)
-
-    async def _writer(self) -> None:
-        while True:
-            m = await self.out.get()
-            if m is None:
-                return
-            await self.ws.send_str(json.dumps(m, ensure_ascii=False))
-
-    def _configure(self, msg: dict) -> None:
-        if self.session is not None and self.session.started:
-            raise ProtocolError("bad_request", "Configure must come before any audio")
-        self._set_format(msg, "Configure")
-        self.two_pass = msg.get("two_pass", self.two_pass)
-        options = msg.get("options") or {}
-        if not isinstance(options, dict):
-            raise ProtocolError("bad_request", "Configure: options must be a JSON object "
-                                f"of decoder options, got {type(options).__name__}")
-        self.options.update(options)
-
-    async def _open(self) -> Session:
-        if self.session is None:
-            contract = await self.gw._contract()
-            self.model_rate = contract.sample_rate
-            if self.sample_rate is None:
-                self.sample_rate = self.model_rate
-            try:
-                model = self.cfg.stream_model(self.two_pass)
-            except ValueError as exc:
-                raise ProtocolError("bad_request", str(exc)) from None
-            conn = self.gw.backend.connection()     # made once, no I/O
-            self.session = conn.open_session(self.options, on_message=self._on_message,
-                                             model=model)
-            self.session.on_start = self._on_start
-            self.id = str(self.session.sequence_id)
-            log.info("ws %s: opened (encoding %s, %d Hz, %d options)", self.id,
-                     self.encoding, self.sample_rate, len(self.options))
-        return self.session
-
-    async def _accepted(self) -> None:
-        """Once START has been sent: wait for Triton's answer to it; a refused START ends
-        the session with that error (the client has it already) instead of carrying on
-        with requests for a stream that does not exist."""
-        s = self.session
-        if s is None or not s.started:
-            return
-        try:
-            error = await asyncio.wait_for(asyncio.shield(self.started),
-                                           self.cfg.close_timeout_s)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer to the START request after "
-                               f"{self.cfg.close_timeout_s:g} s") from None
-        if s.failed is not None:
-            raise AsrError(s.failed)        # lost with a broken stream, not refused
-        if error is not None:
-            raise ProtocolError("start_refused", error, notified=True)
-
-    async def _check_flood(self) -> None:
-        """Wait (not reading the socket) while too many chunks are in flight; a client
-        still ahead of the model after flood_timeout_s is flooding."""
-        s = self.session
-        assert s is not None                    # opened before any audio
-        deadline = time.monotonic() + self.cfg.flood_timeout_s
-        while s.pending >= self.cfg.max_pending_requests:
-            if time.monotonic() >= deadline:
-                raise ProtocolError(
-                    "backpressure",
-                    f"{s.pending} audio chunks still waiting for the model after "
-                    f"{self.cfg.flood_timeout_s:.0f} s (limit {self.cfg.max_pending_requests}):"
-                    f" send audio no faster than the model transcribes it")
-            await asyncio.sleep(0.005)
-        if self.overflow:
-            raise ProtocolError("backpressure", "client is not reading results fast enough")
-
-    async def _audio(self, data: bytes) -> None:
-        if self.draining:
-            return
-        s = await self._open()
-        await self._accepted()
-        await self._check_flood()
-        if self.draining:          # the drain ENDed the sequence while this waited
-            return
-        width = np.dtype(ENCODINGS[self.encoding][0]).itemsize * self.channels
-        data = self.remainder + data
-        cut = len(data) - len(data) % width
-        self.remainder = data[cut:]
-        if not cut:
-            return
-        # The size that matters is what goes to Triton, after resampling: bounded by
-        # duration, checked before resampling allocates it.
-        rate = self.sample_rate
-        assert rate is not None                 # _open settled the format
-        seconds = cut // width / rate
-        if seconds > self.cfg.max_frame_seconds:
-            raise ProtocolError(
-                "frame_too_large",
-                f"a frame of {cut} bytes holds {seconds:.1f} s of audio at "
-                f"{self.sample_rate} Hz ({self.encoding}, {self.channels} channel(s)); "
-                f"the limit is {self.cfg.max_frame_seconds:g} s of audio per frame")
-        audio = resample(decode_pcm(data[:cut], self.encoding, self.channels),
-                         rate, self.model_rate)
-        self.audio_bytes += cut
-        s.send(audio)
-
-    async def _control(self, text: str) -> bool:
-        """Handle a text frame; True when the client asked to close."""
-        if self.draining:
-            return False
-        try:
-            msg = json.loads(text)
-            kind = msg["type"]
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolError("bad_request",
-                                'text frames must be JSON objects with a "type"') from None
-        if kind == "Configure":
-            self._configure(msg)
-        elif kind == "Finalize":
-            s = await self._open()
-            await self._accepted()
-            s.finalize()
-        elif kind == "KeepAlive":
-            s = await self._open()
-            await self._accepted()
-            s.keepalive()
-        elif kind == "CloseStream":
-            return True
-        else:
-            raise ProtocolError("bad_request", f"unknown message type {kind!r}")
-        return False
-
-    async def _finish(self) -> None:
-        """END the sequence and wait for its last responses."""
-        s = self.session
-        if s is None or s.closed:
-            return
-        if not s.started:
-            # Nothing was ever sent: there is no sequence to end.
-            return
-        await self._accepted()
-        s.close()
-        await wait_session(s, self.cfg.close_timeout_s)
-        # listeners are called after on_message, both through call_soon_threadsafe: every
-        # message has been enqueued by now.
-
-    async def run(self) -> None:
-        writer = asyncio.create_task(self._writer())
-        close_code, reason = 1000, ""
-        client_gone = False
-        try:
-            self._set_format(self.query, "query string")
-            async for msg in self.ws:
-                if msg.type == WSMsgType.BINARY:
-                    await self._audio(msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    if await self._control(msg.data):
-                        break
-                elif msg.type == WSMsgType.ERROR:
-                    log.warning("ws %s: transport error %s", self.id, self.ws.exception())
-                    client_gone = True
-                    break
-            else:
-                client_gone = True       # the client closed the socket
-            await self._finish()
-        except ProtocolError as exc:
-            log.warning("ws %s: closing, %s", self.id, exc.code)
-            if not exc.notified:
-                self._enqueue_error(exc.code, str(exc))
-            close_code, reason = exc.close_code, exc.code
-        except (AsrError, TimeoutError) as exc:
-            log.error("ws %s: backend failure: %s", self.id, exc)
-            self._enqueue_error("backend", str(exc))
-            close_code, reason = 1011, "backend"
-        finally:
-            s = self.session
-            if (s is not None and not s.closed and s.started and s.failed is None
-                    and self.started.done() and self.started.result() is None):
-                try:
-                    s.close()     # frees the Triton sequence slot
-                except AsrError:
-                    pass
-            self.out.put_nowait(None)
-            try:
-                if not client_gone:
-                    await asyncio.wait_for(writer, self.cfg.close_timeout_s)
-                else:
-                    writer.cancel()
-            except (asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
-                writer.cancel()
-            if s is not None:
-                asyncio.create_task(self._forget_later(s))
-            if not self.ws.closed:
-                await self.ws.close(code=close_code, message=reason.encode())
-            log.info("ws %s: closed %d (%d audio bytes, %d responses)", self.id, close_code,
-                     self.audio_bytes, len(s.messages) if s else 0)
-
-    async def _forget_later(self, s: Session) -> None:
-        """Drop the session from the connection once its last responses are in (until
-        then they still find it instead of being logged as unknown)."""
-        try:
-            await wait_session(s, self.cfg.close_timeout_s)
-        except (AsrError, TimeoutError):
-            pass
-        s.conn.forget(s)
-
-    def _enqueue_error(self, code: str, message: str) -> None:
-        # Errors go out even when the result queue is full.
-        self.out.put_nowait({"type": "Error", "code": code, "message": message})
-
-
 def serve_app(app: web.Application, host: str, port: int, **kw) -> None:
     """``web.run_app`` with the redacting access log (both entry points use it)."""
     web.run_app(app, host=host, port=port, print=None,
@@ -883,7 +392,7 @@ def run(cfg: GatewayConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr.gateway", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m streamasr.sagemaker.http", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg = GatewayConfig.from_env()
     p.add_argument("--host", default=cfg.host)

@@ -3,12 +3,12 @@
 The Deep Learning Containers registry is account 763104351884 in most regions but not in
 all: about ten regions (af-south-1, ap-east-1, eu-south-1, me-south-1, ap-south-2, ...) use
 accounts of their own, and the China regions a different domain.  The table,
-``docker/tritonserver-registries.json``, is the one the SageMaker Python SDK resolves image
+``tritonserver-registries.json`` (beside this module), is the one the SageMaker Python SDK resolves image
 URIs from (``image_uri_config/sagemaker-tritonserver.json``), reduced to region -> account
-and tag -> regions; ``python -m streamasr.sagemaker_images --update <sdk json>`` rebuilds it.
+and tag -> regions; ``python -m streamasr.sagemaker.images --update <sdk json>`` rebuilds it.
 
-    python -m streamasr.sagemaker_images --region eu-south-2 --triton-tag 25.09-py3
-    docker build $(python -m streamasr.sagemaker_images --region $AWS_REGION --build-args) ...
+    python -m streamasr.sagemaker.images --region eu-south-2 --triton-tag 25.09-py3
+    docker build $(python -m streamasr.sagemaker.images --region $AWS_REGION --build-args) ...
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("streamasr.images")
 
-TABLE = Path(__file__).resolve().parent.parent / "docker" / "tritonserver-registries.json"
+TABLE = Path(__file__).with_name("tritonserver-registries.json")     # package data
 # The Dockerfile's default TRITON_TAG (test_docker checks the two agree).
 DEFAULT_TRITON_TAG = "25.09-py3"
 
@@ -94,7 +94,7 @@ def table_from_sdk(sdk_json: dict, source: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr.sagemaker_images", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m streamasr.sagemaker.images", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--region")
     p.add_argument("--triton-tag", default=DEFAULT_TRITON_TAG)

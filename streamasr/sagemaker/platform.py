@@ -25,7 +25,8 @@ from aiohttp import web
 from streamasr.protocol import INVOCATIONS_PATH
 
 if TYPE_CHECKING:
-    from streamasr.gateway import Gateway, WsSession
+    from .http import Gateway
+    from .ws import WsSession
 
 log = logging.getLogger("streamasr.platform")
 

@@ -40,7 +40,7 @@ STREAMASR_TRITON_BACKENDS             backend directory for that binary
 SIGTERM/SIGINT: the gateway stops accepting, drains open streams (END to Triton, last
 results sent, close 1001) within 10 s, gives running requests 5 s more, then tritonserver
 gets SIGTERM and 8 s to exit (then SIGKILL): all within the 30 s SageMaker allows between
-SIGTERM and SIGKILL (streamasr/sagemaker_platform.py).  If tritonserver dies, the gateway
+SIGTERM and SIGKILL (streamasr/sagemaker/platform.py).  If tritonserver dies, the gateway
 stops too and the exit status is non-zero, so SageMaker replaces the container.
 """
 from __future__ import annotations
@@ -55,8 +55,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from streamasr import sagemaker_platform as platform
-from streamasr.gateway import Gateway, GatewayConfig, serve_app
+from . import platform
+from .config import GatewayConfig
+from .http import Gateway, serve_app
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
 
 log = logging.getLogger("streamasr.serve")
