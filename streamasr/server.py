@@ -220,11 +220,15 @@ class TritonServer:
     # -- lifecycle ----------------------------------------------------------
     @property
     def http_url(self) -> str:
-        return f"{self.config.host}:{self.config.http_port}"
+        """host:port of Triton's HTTP endpoint (health and repository APIs)."""
+        cfg = self.config
+        return f"{cfg.host}:{cfg.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.config.host}:{self.config.grpc_port}"
+        """host:port of Triton's gRPC endpoint, for AsrConnection."""
+        cfg = self.config
+        return f"{cfg.host}:{cfg.grpc_port}"
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         self._log_file = open(self.log_path, "ab")

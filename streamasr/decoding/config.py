@@ -186,6 +186,12 @@ def _check_unknown(cls, params: Mapping[str, Any]) -> None:
                          f"(unknown: {unknown}; known: {sorted(known)})")
 
 
+def _parsed_over_defaults(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` (known keys only) over ``cls``'s defaults, parsed by ``cls._parsed``."""
+    _check_unknown(cls, params)
+    return cls._parsed({**dataclasses.asdict(cls()), **params})
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     """How log-probabilities become tokens.
@@ -249,9 +255,7 @@ class DecoderConfig:
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any]) -> "DecoderConfig":
         """Parse Triton parameters / stream options (strings or typed values)."""
-        _check_unknown(cls, params)
-        merged = {**dataclasses.asdict(cls()), **params}
-        return cls(**cls._parsed(merged))
+        return cls(**_parsed_over_defaults(cls, params))
 
 
 @dataclass(frozen=True)
@@ -293,9 +297,7 @@ class EndpointConfig:
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any]) -> "EndpointConfig":
         """Parse Triton parameters / stream options (strings or typed values)."""
-        _check_unknown(cls, params)
-        merged = {**dataclasses.asdict(cls()), **params}
-        return cls(**cls._parsed(merged))
+        return cls(**_parsed_over_defaults(cls, params))
 
 
 __all__ = ["DecoderConfig", "EndpointConfig", "DECODING_METHODS", "SERVER_ONLY_PARAMETERS"]

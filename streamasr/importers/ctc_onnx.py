@@ -108,22 +108,20 @@ def source_io(model: onnx.ModelProto, a: argparse.Namespace):
     ints = [i for i in ins if i.type.tensor_type.elem_type in (TensorProto.INT32,
                                                               TensorProto.INT64)]
     byname = {i.name: i for i in ins}
-    if a.input:
-        if a.input not in byname:
-            raise ImporterError(f"no input {a.input!r} (inputs: {list(byname)})")
-        feat = byname[a.input]
-    elif len(floats) == 1:
-        feat = floats[0]
-    else:
+
+    def named_or_only(name: str | None, candidates: list):
+        """The input called ``name`` if given, else the only candidate (None if not one)."""
+        if name:
+            if name not in byname:
+                raise ImporterError(f"no input {name!r} (inputs: {list(byname)})")
+            return byname[name]
+        return candidates[0] if len(candidates) == 1 else None
+
+    feat = named_or_only(a.input, floats)
+    if feat is None:
         raise ImporterError(f"cannot tell the features input among {[i.name for i in floats]}"
                             "; pass --input")
-    lengths = None
-    if a.lengths:
-        if a.lengths not in byname:
-            raise ImporterError(f"no input {a.lengths!r} (inputs: {list(byname)})")
-        lengths = byname[a.lengths]
-    elif len(ints) == 1:
-        lengths = ints[0]
+    lengths = named_or_only(a.lengths, ints)
     others = [i.name for i in ins if i is not feat and i is not lengths]
     if others:
         raise ImporterError(f"inputs {others} are not supported (only features and lengths; "
