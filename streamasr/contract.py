@@ -315,11 +315,11 @@ def check_onnx_io(path: str | Path, contract: ModelContract) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    p = argparse.ArgumentParser(prog="python -m streamasr.contract",
-                                description="Validate an acoustic model against the contract.",
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import argument_parser
+
+    p = argument_parser("python -m streamasr.contract", __doc__,
+                        "Validate an acoustic model against the contract.")
     p.add_argument("model", type=Path, help="ONNX file")
     a = p.parse_args(argv)
     try:

@@ -12,13 +12,14 @@ no text substitution) with a GPU instance group.  The Python steps stay on the C
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from .cli import argument_parser
 
 log = logging.getLogger("streamasr.repository")
 
@@ -115,8 +116,7 @@ def production_overlay(src_repo: Path, dst_repo: Path, gpu: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr.repository", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.repository", __doc__)
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--cpu", action="store_true", help="CPU instance groups (CPU instances)")

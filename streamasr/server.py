@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from .cli import argument_parser
+
 log = logging.getLogger("streamasr.server")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -376,8 +378,7 @@ def _health_problem(server: TritonServer, models: list[str], stubs: dict[int, st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m streamasr.server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.server", __doc__)
     p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     p.add_argument("--host", default=LOOPBACK, help="address for all endpoints (default loopback)")
     p.add_argument("--http-port", type=int, default=8000)

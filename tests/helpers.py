@@ -76,8 +76,9 @@ def reference_messages(contract, onnx_session, audio, options=None) -> list[dict
     def run(features):
         return onnx_session.run([contract.output_name], {contract.input_name: features})[0]
 
-    return offline.transcribe(contract, audio, None, run, defaults, options or {},
-                              max_batch=16, max_seconds=3600)
+    return offline.transcribe_with_utterances(contract, audio, None, run, defaults,
+                                              options or {}, max_batch=16, max_seconds=3600,
+                                              keep_utterances=False)[0]
 
 
 def finals_with_words(messages) -> list[tuple[str, list]]:

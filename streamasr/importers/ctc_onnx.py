@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..cli import argument_parser
 from ..contract import FeatureSpec, ModelContract
 from .common import ImporterError, add_contract_arguments, contract_from_args, finish
 
@@ -235,10 +236,8 @@ def wrap(model: onnx.ModelProto, contract: ModelContract, feat, lengths, out, la
 
 def main(argv: list[str] | None = None) -> int:
     d = FeatureSpec()
-    p = argparse.ArgumentParser(
-        prog="python -m streamasr.importers ctc-onnx",
-        description="Import a log-mel CTC ONNX model (NeMo/icefall style) + tokens file.",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.importers ctc-onnx", __doc__,
+                        "Import a log-mel CTC ONNX model (NeMo/icefall style) + tokens file.")
     p.add_argument("model", type=Path, help="the source ONNX")
     p.add_argument("--tokens", type=Path, required=True, help="tokens.txt: 'token id' per line")
     p.add_argument("--subsampling", type=int, required=True,

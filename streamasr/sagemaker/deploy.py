@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
+from ..cli import argument_parser
+
 log = logging.getLogger("streamasr.deploy")
 
 VARIANT = "AllTraffic"
@@ -220,8 +222,7 @@ def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="docker/deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("docker/deploy", __doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--region", default=None, help="AWS region (default: boto3's)")
     common.add_argument("--dry-run", action="store_true",
@@ -257,10 +258,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--autoscale-min", type=int, default=1)
     c.add_argument("--autoscale-max", type=int, default=0, help="0: no autoscaling")
     c.add_argument("--scale-on", choices=("concurrency", "invocations"), default="concurrency")
-    c.add_argument("--target-concurrency", type=float, default=20.0,
-                   help="concurrent sessions per instance to aim for")
-    c.add_argument("--target-invocations", type=float, default=600.0,
-                   help="invocations per instance per minute to aim for")
+    # the scaling target of each --scale-on metric
+    for flag, default, what in (
+            ("--target-concurrency", 20.0, "concurrent sessions per instance to aim for"),
+            ("--target-invocations", 600.0, "invocations per instance per minute to aim for")):
+        c.add_argument(flag, type=float, default=default, help=what)
     c.add_argument("--wait", action="store_true", help="wait until the endpoint is InService")
     d = sub.add_parser("delete", parents=[common],
                        help="autoscaling target, endpoint, endpoint config, model")

@@ -50,7 +50,6 @@ a background task keeps fresh; blocking work runs on the gateway's own bounded p
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import functools
@@ -72,6 +71,7 @@ from streamasr.protocol import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,
                                 NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, ModelContract)
 from streamasr_client.stream import AsrError, Session
 
+from ..cli import argument_parser
 from . import platform as sagemaker_platform
 from .audio import BadAudio, decode_body
 from .config import GatewayConfig
@@ -392,8 +392,7 @@ def run(cfg: GatewayConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr.sagemaker.http", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.sagemaker.http", __doc__)
     cfg = GatewayConfig.from_env()
     p.add_argument("--host", default=cfg.host)
     p.add_argument("--port", type=int, default=cfg.port)

@@ -12,12 +12,13 @@ and tag -> regions; ``python -m streamasr.sagemaker.images --update <sdk json>``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..cli import argument_parser
 
 log = logging.getLogger("streamasr.images")
 
@@ -94,8 +95,7 @@ def table_from_sdk(sdk_json: dict, source: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr.sagemaker.images", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.sagemaker.images", __doc__)
     p.add_argument("--region")
     p.add_argument("--triton-tag", default=DEFAULT_TRITON_TAG)
     p.add_argument("--build-args", action="store_true",

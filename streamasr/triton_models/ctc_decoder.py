@@ -221,21 +221,20 @@ class DecoderStep:
     def _park(self, stream: int, st: _Stream, r: DecoderRequest) -> None:
         seq = r.info.seq
         size = r.log_probs.nbytes + (r.features.nbytes if r.features is not None else 0)
+        why = None
         if len(st.pending) >= self.max_pending:
-            raise self._fail(stream, st, f"request {seq} of stream {stream} refused: "
-                             f"{len(st.pending)} requests already parked waiting for request "
-                             f"{st.next_seq} (limit {self.max_pending}); the stream is closed")
-        if st.parked_bytes + size > self.max_parked_bytes_per_stream:
-            raise self._fail(stream, st, (
-                f"request {seq} of stream {stream} refused: {st.parked_bytes / MB:.1f} MB "
-                f"of this stream's requests are already parked waiting for request "
-                f"{st.next_seq} (limit {self.max_parked_bytes_per_stream / MB:g} MB per "
-                "stream); the stream is closed"))
-        if self.parked_bytes + size > self.max_parked_bytes:
-            raise self._fail(stream, st, (
-                f"request {seq} of stream {stream} refused: the decoder's reorder buffers "
-                f"hold {self.parked_bytes / MB:.1f} MB parked by all streams (limit "
-                f"{self.max_parked_bytes / MB:g} MB); the stream is closed"))
+            why = (f"{len(st.pending)} requests already parked waiting for request "
+                   f"{st.next_seq} (limit {self.max_pending})")
+        elif st.parked_bytes + size > self.max_parked_bytes_per_stream:
+            why = (f"{st.parked_bytes / MB:.1f} MB of this stream's requests are already "
+                   f"parked waiting for request {st.next_seq} (limit "
+                   f"{self.max_parked_bytes_per_stream / MB:g} MB per stream)")
+        elif self.parked_bytes + size > self.max_parked_bytes:
+            why = (f"the decoder's reorder buffers hold {self.parked_bytes / MB:.1f} MB parked "
+                   f"by all streams (limit {self.max_parked_bytes / MB:g} MB)")
+        if why is not None:
+            raise self._fail(stream, st, f"request {seq} of stream {stream} refused: {why}; "
+                                         "the stream is closed")
         st.pending[seq] = r
         st.parked_bytes += size
         self.parked_bytes += size

@@ -51,20 +51,13 @@ def checked_audio(contract: ModelContract, audio: np.ndarray, sample_rate: int |
     return a.astype(np.float64)
 
 
-def transcribe(contract: ModelContract, audio: np.ndarray, sample_rate: int | None,
-               run_model: RunModel, defaults, options: dict[str, Any], max_batch: int,
-               max_seconds: float) -> list[dict]:
-    """All messages for a recording, as a stream of it with END would produce them."""
-    return transcribe_with_utterances(contract, audio, sample_rate, run_model, defaults,
-                                      options, max_batch, max_seconds, False)[0]
-
-
 def transcribe_with_utterances(contract: ModelContract, audio: np.ndarray,
                                sample_rate: int | None, run_model: RunModel, defaults,
                                options: dict[str, Any], max_batch: int, max_seconds: float,
                                keep_utterances: bool) -> tuple[list[dict], list[Utterance]]:
-    """``transcribe`` plus, with ``keep_utterances``, the utterance of each final with
-    words, as the decoder step attaches them for the two-pass re-decode."""
+    """All messages for a recording, as a stream of it with END would produce them, and,
+    with ``keep_utterances``, the utterance of each final with words, as the decoder step
+    attaches them for the two-pass re-decode."""
     a = checked_audio(contract, audio, sample_rate, max_seconds)
     dec_cfg, end_cfg = defaults.configs(options)
     decoder = StreamDecoder(contract, config=dec_cfg, endpoint=end_cfg)
