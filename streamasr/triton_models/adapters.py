@@ -319,26 +319,35 @@ class FinalPassModel:
         self.log.info("ready: Whisper re-decoder from %s", self.step.whisper_dir)
 
     def execute(self, requests):
-        responses, took = [], []
-        for request in requests:
-            t0, blobs = time.perf_counter(), []
+        # Triton's dynamic batcher hands over many streams' requests: read each, re-decode
+        # all their utterances together, answer each (a bad request fails alone).
+        t0 = time.perf_counter()
+        batch, errors = [], {}
+        for i, request in enumerate(requests):
             try:
                 msgs = _read_messages(pb_utils.get_input_tensor_by_name(request, "RESULTS_IN"))
                 utts = pb_utils.get_input_tensor_by_name(request, "UTTERANCES")
-                blobs = list(utts.as_numpy().reshape(-1)) if utts is not None else []
-                out = self.step.process(msgs, blobs)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _messages("RESULTS", out)]))
+                batch.append((msgs, list(utts.as_numpy().reshape(-1)) if utts is not None
+                              else []))
             except ValueError as exc:
+                errors[i] = str(exc)
+                batch.append(([], []))
+        try:
+            results = self.step.process_many(batch)
+        except Exception as exc:
+            self.log.exception("unexpected error")
+            results = [ValueError(f"internal error in final_pass: {exc}")] * len(requests)
+        responses = []
+        for i, out in enumerate(results):
+            if i in errors or isinstance(out, ValueError):
                 self.metrics.error()
-                responses.append(_error(str(exc)))
-            except Exception as exc:
-                self.metrics.error()
-                self.log.exception("unexpected error")
-                responses.append(_error(f"internal error in final_pass: {exc}"))
-            if blobs:       # the histogram times re-decodes, not pass-throughs
-                took.append(time.perf_counter() - t0)
-        self.metrics.observe(took)
+                responses.append(_error(errors.get(i) or str(out)))
+            else:          # max_batch_size > 0: each response is a batch of one
+                tensor = _messages("RESULTS", out)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+                    "RESULTS", tensor.as_numpy()[None])]))
+        if any(blobs for _, blobs in batch):     # the histogram times re-decodes only
+            self.metrics.observe([time.perf_counter() - t0])
         return responses
 
 
@@ -446,8 +455,9 @@ class OfflineAsrModel:
     def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:
         req = pb_utils.InferenceRequest(
             model_name=self.final_pass_model, requested_output_names=["RESULTS"],
-            inputs=[_messages("RESULTS_IN", msgs),
-                    _utterances(utterances)])
+            # final_pass batches requests: each is a batch of one
+            inputs=[pb_utils.Tensor("RESULTS_IN", _messages("RESULTS_IN", msgs).as_numpy()[None]),
+                    pb_utils.Tensor("UTTERANCES", _utterances(utterances).as_numpy()[None])])
         resp = req.exec()
         if resp.has_error():
             raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
