@@ -60,8 +60,7 @@ class Utterance:
     kind: str = FINAL
     stream: int = 0            # stream id (interims: whose agreement state)
     seq: int = 0               # the request's index in its stream
-    start_frame: int = 0       # the utterance's first output frame in its stream (-1:
-                               # an interim the same response supersedes)
+    start_frame: int = 0       # the utterance's first output frame in its stream
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

@@ -281,3 +281,16 @@ def test_interims_between_re_decodes_show_the_last_one_then_newer_ctc_words():
     words = out["channel"]["alternatives"][0]["words"]
     assert [w["word"] for w in words] == ["a", "b", "cd"] and out["rescored"] is True
     assert out["channel"]["alternatives"][0]["transcript"] == "a b cd"
+
+
+def test_the_cli_shows_the_unstable_tail_in_brackets():
+    from streamasr_client.transcribe import _interim_text
+
+    def msg(words):
+        return {"type": "Results", "is_final": False, "channel": {"alternatives": [{
+            "transcript": " ".join(w["word"] for w in words), "words": words}]}}
+
+    stable = [{"word": "he", "stable": True}, {"word": "was", "stable": True},
+              {"word": "not", "stable": False}]
+    assert _interim_text(msg(stable)) == "he was [not]"
+    assert _interim_text(msg([{"word": "he"}])) == "he"          # CTC interims as before

@@ -189,8 +189,8 @@ class DecoderStep:
         """For an ``interims=whisper`` stream, what each interim of the response needs:
         the last one gets the open utterance to re-decode when it has words and
         ``interim_refresh_s`` of audio went by since the last re-decode (or the
-        utterance's start); every other interim a CARRY (shown as the last re-decode plus
-        newer CTC words; interims a response supersedes get CTC words only)."""
+        utterance's start); every other interim a CARRY (shown as the last re-decode of its
+        utterance plus newer CTC words)."""
         dec = st.decoder
         if dec.config.interims != "whisper":
             return []
@@ -198,8 +198,9 @@ class DecoderStep:
         first, end, seq = dec.utterance_start_frame, dec.frames_decoded, st.next_seq - 1
         interims = [i for i, m in enumerate(msgs)
                     if m.get("type") == "Results" and not m.get("is_final")]
+        frame_s, offset = self.contract.output_frame_seconds, dec.config.time_offset
         out = [Utterance(i, nothing, nothing, kind=CARRY, stream=stream, seq=seq,
-                         start_frame=first if i == len(msgs) - 1 else -1)
+                         start_frame=round((msgs[i]["start"] - offset) / frame_s))
                for i in interims]
         if not out or interims[-1] != len(msgs) - 1:
             return out

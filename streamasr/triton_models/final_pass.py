@@ -2,11 +2,10 @@
 
 Each request carries the decoder step's messages and, for each final with words (and
 each due Whisper interim), its utterance (:class:`streamasr.two_pass.Utterance`).
-Requests without utterances pass straight through.  Triton's dynamic batcher hands the
-step many streams' requests at once; their utterances are re-decoded together
-(:meth:`streamasr.two_pass.FinalPass.process_many`).  The only state is the Whisper
-interims' agreement per stream, so the model runs as ONE instance (batching, not
-instances, is how it scales).
+Requests without utterances pass straight through.  The Triton adapter is decoupled: it
+answers requests with nothing to re-decode at once and re-decodes the rest in batches (:meth:`streamasr.two_pass.FinalPass.process_many`).
+The only state is the Whisper interims' agreement per stream, so the model runs as ONE
+instance (batching, not instances, is how it scales).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..two_pass import FinalPass, Utterance
+from ..two_pass import CARRY, FinalPass, Utterance
 from .common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
 
 if TYPE_CHECKING:
@@ -31,6 +30,15 @@ class FinalPassStep:
     def __init__(self, final_pass: FinalPass, whisper_dir: Path):
         self.final_pass = final_pass
         self.whisper_dir = whisper_dir
+
+    @staticmethod
+    def parse(blobs: list[bytes]) -> list[Utterance]:
+        return [Utterance.from_bytes(b) for b in blobs]
+
+    @staticmethod
+    def needs_decode(utterances: list[Utterance]) -> bool:
+        """Whether answering takes a Whisper re-decode (anything but carried interims)."""
+        return any(u.kind != CARRY for u in utterances)
 
     def process(self, messages: list[dict], blobs: list[bytes]) -> list[dict]:
         return self.final_pass.process(messages, [Utterance.from_bytes(b) for b in blobs])
