@@ -71,6 +71,11 @@ def utterances_tensor(utterances) -> "pb_utils.Tensor":
                                                   dtype=np.object_))
 
 
+def batch_of_one(tensor) -> "pb_utils.Tensor":
+    """The tensor with a leading batch dimension of 1 (for models with max_batch_size > 0)."""
+    return pb_utils.Tensor(tensor.name(), tensor.as_numpy()[None])
+
+
 def loaded(args: dict, inputs: set[str] | None = None,
            outputs: set[str] | None = None) -> tuple[ModelConfig, logging.Logger]:
     """initialize()'s first step: the model's parsed config and its logger (into Triton's

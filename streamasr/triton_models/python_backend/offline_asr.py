@@ -32,11 +32,17 @@ class OfflineAsrModel:
     def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:
         req = pb_utils.InferenceRequest(
             model_name=self.final_pass_model, requested_output_names=["RESULTS"],
-            inputs=[edge.messages_tensor("RESULTS_IN", msgs), edge.utterances_tensor(utterances)])
-        resp = req.exec()
-        if resp.hasedge.error_response():
-            raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
-        return edge.read_messages(pb_utils.get_output_tensor_by_name(resp, "RESULTS"))
+            # final_pass batches requests: each is a batch of one
+            inputs=[edge.batch_of_one(edge.messages_tensor("RESULTS_IN", msgs)),
+                    edge.batch_of_one(edge.utterances_tensor(utterances))])
+        # final_pass is decoupled: one response (flagged final) per request
+        for resp in req.exec(decoupled=True):
+            if resp.has_error():
+                raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
+            out = pb_utils.get_output_tensor_by_name(resp, "RESULTS")
+            if out is not None:
+                return edge.read_messages(out)
+        raise RuntimeError(f"{self.final_pass_model}: no response")
 
     def _run_model(self, features: np.ndarray) -> np.ndarray:
         req = pb_utils.InferenceRequest(
@@ -44,7 +50,7 @@ class OfflineAsrModel:
             requested_output_names=[self.contract.output_name],
             inputs=[pb_utils.Tensor(self.contract.input_name, features)])
         resp = req.exec()
-        if resp.hasedge.error_response():
+        if resp.has_error():
             raise RuntimeError(resp.error().message())
         return pb_utils.get_output_tensor_by_name(resp, self.contract.output_name).as_numpy()
 
