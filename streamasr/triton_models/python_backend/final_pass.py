@@ -1,6 +1,7 @@
 """Triton python backend ``streamasr_final_pass``: finals (and Whisper interims)
 re-decoded by Whisper, the last step of ``streaming_asr_two_pass``, over
 ``triton_models.final_pass``."""
+
 from __future__ import annotations
 
 import queue
@@ -9,8 +10,8 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from ..common import ConfigError, parse_int
 from .. import final_pass
+from ..common import ConfigError, parse_int
 from . import edge
 
 
@@ -27,20 +28,26 @@ class FinalPassModel:
     def initialize(self, args):
         self.cfg, self.log = edge.loaded(args, {"RESULTS_IN", "UTTERANCES"}, {"RESULTS"})
         if not pb_utils.using_decoupled_model_transaction_policy(self.cfg.raw):
-            raise ConfigError(f"model {self.cfg.name!r} must be decoupled "
-                              "(model_transaction_policy { decoupled: true }): re-decodes "
-                              "must not hold up other streams' responses")
+            raise ConfigError(
+                f"model {self.cfg.name!r} must be decoupled "
+                "(model_transaction_policy { decoupled: true }): re-decodes "
+                "must not hold up other streams' responses"
+            )
         self.step = final_pass.build_step(self.cfg, args.get("model_instance_kind") == "GPU")
-        self.max_requests = parse_int("max_requests_per_batch", self.cfg.param(
-            "max_requests_per_batch", str(int(self.cfg.raw.get("max_batch_size") or 1))), 1)
+        self.max_requests = parse_int(
+            "max_requests_per_batch",
+            self.cfg.param(
+                "max_requests_per_batch", str(int(self.cfg.raw.get("max_batch_size") or 1))
+            ),
+            1,
+        )
         self.metrics = edge.StreamMetrics(self.cfg.name)
         self._queue: "queue.Queue[tuple | None]" = queue.Queue()
         # streams with requests at the worker: their later requests queue behind them, so
         # an interim never shows an older agreement than the response before it
         self._queued: dict[int, int] = {}
         self._queued_lock = threading.Lock()
-        self._worker = threading.Thread(target=self._work, name="final-pass-worker",
-                                        daemon=True)
+        self._worker = threading.Thread(target=self._work, name="final-pass-worker", daemon=True)
         self._worker.start()
         self.log.info("ready: Whisper re-decoder from %s", self.step.whisper_dir)
 
@@ -48,20 +55,21 @@ class FinalPassModel:
         if isinstance(out, Exception):
             self.metrics.error()
             resp = edge.error_response(str(out))
-        else:          # max_batch_size > 0: each response is a batch of one
-            resp = pb_utils.InferenceResponse(output_tensors=[
-                edge.batch_of_one(edge.messages_tensor("RESULTS", out))])
+        else:  # max_batch_size > 0: each response is a batch of one
+            resp = pb_utils.InferenceResponse(
+                output_tensors=[edge.batch_of_one(edge.messages_tensor("RESULTS", out))]
+            )
         sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                msgs = edge.read_messages(
-                    pb_utils.get_input_tensor_by_name(request, "RESULTS_IN"))
+                msgs = edge.read_messages(pb_utils.get_input_tensor_by_name(request, "RESULTS_IN"))
                 utts = pb_utils.get_input_tensor_by_name(request, "UTTERANCES")
-                utterances = self.step.parse(list(utts.as_numpy().reshape(-1))
-                                             if utts is not None else [])
+                utterances = self.step.parse(
+                    list(utts.as_numpy().reshape(-1)) if utts is not None else []
+                )
                 streams = {u.stream for u in utterances}
                 with self._queued_lock:
                     behind = any(st in self._queued for st in streams)
@@ -91,7 +99,7 @@ class FinalPassModel:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._queue.put(None)       # stop after this batch
+                    self._queue.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
             t0 = time.perf_counter()
