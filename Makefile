@@ -68,9 +68,11 @@ demo: venv whisper lm
 serve: venv whisper lm
 	$(PY) -m streamasr.server
 
-# Lint and type check (configured in pyproject.toml); CI runs it before the tests.
+# Lint, format and import order, type check (configured in pyproject.toml); CI runs it
+# before the tests.  To fix what it reports: ruff check --fix . && ruff format .
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 test: venv venv-http2 whisper lm

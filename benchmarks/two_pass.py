@@ -13,6 +13,7 @@ both modes (tests/test_two_pass.py asserts it), so their latency is measured by 
 paced load sweep, not here.  Then two-pass final latency with several paced streams at
 once (``--concurrency``): one ``final_pass`` instance serves their re-decodes in turn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,17 +34,18 @@ log = logging.getLogger("benchmarks.two_pass")
 MODES = {"one_pass": STREAM_MODEL, "two_pass": TWO_PASS_MODEL}
 
 
-def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, model: str,
-                paced: bool = True) -> tuple[str, float, int]:
+def stream_clip(
+    conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, model: str, paced: bool = True
+) -> tuple[str, float, int]:
     """(final transcript, END -> last response seconds, re-decoded finals) of one clip."""
     s = conn.open_session(model=model)
     t0 = time.perf_counter()
     for i in range(0, len(audio), chunk):
-        if paced:   # a chunk is "spoken" by t0 + its end time
-            delay = t0 + (i + len(audio[i:i + chunk])) / rate - time.perf_counter()
+        if paced:  # a chunk is "spoken" by t0 + its end time
+            delay = t0 + (i + len(audio[i : i + chunk])) / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        s.send(audio[i:i + chunk])
+        s.send(audio[i : i + chunk])
     t_end = time.perf_counter()
     s.close()
     s.wait(timeout=300)
@@ -54,8 +56,9 @@ def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, m
     return s.transcript, latency, sum(1 for m in s.finals if m.get("rescored"))
 
 
-def concurrent_final_latency(conn: AsrConnection, audios: list[np.ndarray], chunk: int,
-                             rate: int, model: str, streams: int) -> dict:
+def concurrent_final_latency(
+    conn: AsrConnection, audios: list[np.ndarray], chunk: int, rate: int, model: str, streams: int
+) -> dict:
     """``streams`` paced streams at once, each going through every clip (starting at a
     different one): END -> last response of each clip, while the others keep streaming."""
     import threading
@@ -86,8 +89,14 @@ def concurrent_final_latency(conn: AsrConnection, audios: list[np.ndarray], chun
     return out
 
 
-def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = None,
-        concurrency: tuple[int, ...] = ()) -> dict:
+def run(
+    url: str,
+    *,
+    paced: bool = True,
+    progress=log.info,
+    limit: int | None = None,
+    concurrency: tuple[int, ...] = (),
+) -> dict:
     items = load_eval_set()[:limit] if limit else load_eval_set()
     refs = [it.reference for it in items]
     out: dict = {"clips": len(items), "paced": paced}
@@ -105,38 +114,58 @@ def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = 
                 rescored += n
                 log.debug("%s %s: %s", mode, it.name, text)
             score = wer_cer(refs, hyps)
-            out[mode] = {"model": model, "wer": round(score["wer"], 4),
-                         "cer": round(score["cer"], 4), "final_latency_ms": summarize(lats),
-                         "rescored_finals": rescored,
-                         "examples": [{"id": items[i].name, "ref": refs[i], "hyp": hyps[i]}
-                                      for i in range(min(2, len(items)))]}
-            progress(f"  {mode} ({model}): WER {score['wer']:.3f}, CER {score['cer']:.3f}, "
-                     f"END -> final p50 {out[mode]['final_latency_ms']['p50']} ms, "
-                     f"max {out[mode]['final_latency_ms']['max']} ms")
+            out[mode] = {
+                "model": model,
+                "wer": round(score["wer"], 4),
+                "cer": round(score["cer"], 4),
+                "final_latency_ms": summarize(lats),
+                "rescored_finals": rescored,
+                "examples": [
+                    {"id": items[i].name, "ref": refs[i], "hyp": hyps[i]}
+                    for i in range(min(2, len(items)))
+                ],
+            }
+            progress(
+                f"  {mode} ({model}): WER {score['wer']:.3f}, CER {score['cer']:.3f}, "
+                f"END -> final p50 {out[mode]['final_latency_ms']['p50']} ms, "
+                f"max {out[mode]['final_latency_ms']['max']} ms"
+            )
         out["two_pass_concurrent"] = []
         for n in concurrency:
             level = concurrent_final_latency(conn, audios, chunk, rate, TWO_PASS_MODEL, n)
             out["two_pass_concurrent"].append(level)
             lat = level.get("final_latency_ms", {})
-            progress(f"  two_pass, {n} streams at once: END -> final p50 {lat.get('p50')} ms, "
-                     f"max {lat.get('max')} ms, errors {len(level['errors'])}")
+            progress(
+                f"  two_pass, {n} streams at once: END -> final p50 {lat.get('p50')} ms, "
+                f"max {lat.get('max')} ms, errors {len(level['errors'])}"
+            )
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.two_pass", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.two_pass",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
     p.add_argument("--limit", type=int, help="only the first N clips")
-    p.add_argument("--concurrency", default="4,8",
-                   help="also: two-pass final latency with this many paced streams at once "
-                        "(comma list; empty: skip)")
+    p.add_argument(
+        "--concurrency",
+        default="4,8",
+        help="also: two-pass final latency with this many paced streams at once "
+        "(comma list; empty: skip)",
+    )
     p.add_argument("--json", type=str, help="write the result here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = run(a.url, paced=not a.fast, limit=a.limit,
-              concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()))
+    res = run(
+        a.url,
+        paced=not a.fast,
+        limit=a.limit,
+        concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()),
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

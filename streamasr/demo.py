@@ -3,6 +3,7 @@ real time, print interim and final transcripts, stop the server.
 
 Interims come from the streaming CTC model; finals are re-decoded by Whisper (two-pass,
 model streaming_asr_two_pass) unless --one-pass."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m streamasr.demo", description=__doc__)
     p.add_argument("--audio", type=Path, default=DEMO_AUDIO)
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
-    p.add_argument("--one-pass", action="store_true",
-                   help="finals from the streaming CTC model too (model streaming_asr)")
+    p.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="finals from the streaming CTC model too (model streaming_asr)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from streamasr_client import transcribe
@@ -36,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         reference = DEMO_AUDIO.with_suffix(".txt")
-        print(f"Streaming {a.audio.name}"
-              + ("" if a.fast else " in real time") + ": interims as '…', finals with times"
-              + ("" if a.one_pass else " (finals re-decoded by Whisper)") + "\n", flush=True)
-        code = transcribe.main([str(a.audio), "--url", server.grpc_url]
-                               + ([] if a.fast else ["--realtime"])
-                               + ([] if a.one_pass else ["--two-pass"]))
+        print(
+            f"Streaming {a.audio.name}"
+            + ("" if a.fast else " in real time")
+            + ": interims as '…', finals with times"
+            + ("" if a.one_pass else " (finals re-decoded by Whisper)")
+            + "\n",
+            flush=True,
+        )
+        code = transcribe.main(
+            [str(a.audio), "--url", server.grpc_url]
+            + ([] if a.fast else ["--realtime"])
+            + ([] if a.one_pass else ["--two-pass"])
+        )
         if a.audio == DEMO_AUDIO and reference.exists():
             print("\nReference:\n" + reference.read_text().strip())
         return code

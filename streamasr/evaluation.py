@@ -5,6 +5,7 @@
     items = load_eval_set()                       # [EvalItem(name, audio_path, reference)]
     print(wer_cer([i.reference for i in items], hypotheses))
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,10 @@ from pathlib import Path
 EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
 REFERENCES = "references.tsv"
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -50,8 +53,11 @@ def number_words(n: int) -> str:
         return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + number_words(rest))
     if n < 1_000_000:
         rest = n % 1000
-        return number_words(n // 1000) + " thousand" + (
-            "" if rest == 0 else (" and " if rest < 100 else " ") + number_words(rest))
+        return (
+            number_words(n // 1000)
+            + " thousand"
+            + ("" if rest == 0 else (" and " if rest < 100 else " ") + number_words(rest))
+        )
     return " ".join(_ONES[int(d)] for d in str(n))
 
 
@@ -74,6 +80,11 @@ def wer_cer(references: list[str], hypotheses: list[str]) -> dict[str, float]:
     # jiwer refuses empty references; none of ours is empty, an empty hypothesis is fine.
     words = jiwer.process_words(refs, hyps)
     chars = jiwer.process_characters(refs, hyps)
-    return {"wer": words.wer, "cer": chars.cer, "words": sum(len(r.split()) for r in refs),
-            "substitutions": words.substitutions, "deletions": words.deletions,
-            "insertions": words.insertions}
+    return {
+        "wer": words.wer,
+        "cer": chars.cer,
+        "words": sum(len(r.split()) for r in refs),
+        "substitutions": words.substitutions,
+        "deletions": words.deletions,
+        "insertions": words.insertions,
+    }

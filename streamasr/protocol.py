@@ -18,11 +18,30 @@ from typing import Any, TypeVar
 from streamasr.contract import ContractError, FeatureSpec, ModelContract
 
 __all__ = [
-    "CLOSED_SESSION_HEADER", "CONTRACT_MODEL", "CONTROL_MESSAGES", "CUSTOM_ATTRIBUTES_HEADER",
-    "ContractError", "FeatureSpec", "INVOCATIONS_PATH", "ModelContract", "NEW_SESSION",
-    "NEW_SESSION_HEADER", "OFFLINE_MODEL", "PCM16_FULL_SCALE", "SESSION_HEADER",
-    "STREAM_MODEL", "TWO_PASS_MODEL", "WS_PATH", "alternative", "final_text", "finals",
-    "is_final", "is_results", "pcm16_to_float", "transcript", "words",
+    "CLOSED_SESSION_HEADER",
+    "CONTRACT_MODEL",
+    "CONTROL_MESSAGES",
+    "CUSTOM_ATTRIBUTES_HEADER",
+    "ContractError",
+    "FeatureSpec",
+    "INVOCATIONS_PATH",
+    "ModelContract",
+    "NEW_SESSION",
+    "NEW_SESSION_HEADER",
+    "OFFLINE_MODEL",
+    "PCM16_FULL_SCALE",
+    "SESSION_HEADER",
+    "STREAM_MODEL",
+    "TWO_PASS_MODEL",
+    "WS_PATH",
+    "alternative",
+    "final_text",
+    "finals",
+    "is_final",
+    "is_results",
+    "pcm16_to_float",
+    "transcript",
+    "words",
 ]
 
 # -- Triton models a client calls ------------------------------------------------------

@@ -10,6 +10,7 @@ no text substitution) with a GPU instance group.  The Python steps stay on the C
 
     python -m streamasr.repository model_repository /opt/ml/model [--cpu]
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,10 +53,15 @@ def edit_config(path: Path, edit: Callable[[Any], None]) -> None:
     write_config(path, cfg)
 
 
-def copy_repository(src: Path, dst: Path,
-                    parameters: dict[str, dict[str, str]] | None = None, *,
-                    idle_us: dict[str, int] | None = None, leave_out: tuple[str, ...] = (),
-                    link_suffixes: tuple[str, ...] = ()) -> Path:
+def copy_repository(
+    src: Path,
+    dst: Path,
+    parameters: dict[str, dict[str, str]] | None = None,
+    *,
+    idle_us: dict[str, int] | None = None,
+    leave_out: tuple[str, ...] = (),
+    link_suffixes: tuple[str, ...] = (),
+) -> Path:
     """Copy the repository ``src`` to ``dst`` with config values changed: ``parameters``
     (model -> key -> string value), ``idle_us`` (model -> sequence batcher idle time);
     models in ``leave_out`` are not copied; files ending in ``link_suffixes`` are
@@ -68,15 +74,21 @@ def copy_repository(src: Path, dst: Path,
         else:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, dst, symlinks=True, copy_function=copy,
-                    ignore=lambda d, names: [n for n in names if n in leave_out]
-                    if Path(d) == src else [])
+    shutil.copytree(
+        src,
+        dst,
+        symlinks=True,
+        copy_function=copy,
+        ignore=lambda d, names: [n for n in names if n in leave_out] if Path(d) == src else [],
+    )
     for model in set(parameters or {}) | set(idle_us or {}):
+
         def change(cfg: Any, model: str = model) -> None:
             for k, v in (parameters or {}).get(model, {}).items():
                 cfg.parameters[k].string_value = v
             if idle_us and model in idle_us:
                 cfg.sequence_batching.max_sequence_idle_microseconds = idle_us[model]
+
         edit_config(dst / model / "config.pbtxt", change)
     return dst
 
@@ -87,30 +99,42 @@ def overlay_config(cfg, gpu: bool = True, gpu_count: int = 1):
 
     if cfg.backend not in NATIVE_GPU_BACKENDS:
         return False
-    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if gpu else \
-        model_config_pb2.ModelInstanceGroup.KIND_CPU
+    kind = (
+        model_config_pb2.ModelInstanceGroup.KIND_GPU
+        if gpu
+        else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    )
     del cfg.instance_group[:]
     cfg.instance_group.add(kind=kind, count=gpu_count)
     return True
 
 
-def production_overlay(src_repo: Path, dst_repo: Path, gpu: bool = True,
-                       gpu_count: int = 1) -> list[str]:
+def production_overlay(
+    src_repo: Path, dst_repo: Path, gpu: bool = True, gpu_count: int = 1
+) -> list[str]:
     """Copy ``src_repo`` to ``dst_repo`` (which must not exist or be empty) with the
     production configs; returns the names of the models whose config changed."""
     src_repo, dst_repo = Path(src_repo), Path(dst_repo)
     if dst_repo.exists() and any(dst_repo.iterdir()):
         raise FileExistsError(f"{dst_repo} is not empty")
-    shutil.copytree(src_repo, dst_repo, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        src_repo,
+        dst_repo,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     changed = []
     for cfg_path in sorted(dst_repo.glob("*/config.pbtxt")):
         cfg = parse_config(cfg_path)
         if overlay_config(cfg, gpu=gpu, gpu_count=gpu_count):
             write_config(cfg_path, cfg, "# production overlay (streamasr.repository)\n")
             changed.append(cfg.name or cfg_path.parent.name)
-            log.info("%s: instance_group -> %s x%d", cfg_path.parent.name,
-                     "KIND_GPU" if gpu else "KIND_CPU", gpu_count)
+            log.info(
+                "%s: instance_group -> %s x%d",
+                cfg_path.parent.name,
+                "KIND_GPU" if gpu else "KIND_CPU",
+                gpu_count,
+            )
     return changed
 
 
@@ -124,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     changed = production_overlay(a.src, a.dst, gpu=not a.cpu, gpu_count=a.gpu_count)
     if not changed:
-        log.error("no model uses a native GPU backend (%s); nothing to place on the GPU",
-                  ", ".join(sorted(NATIVE_GPU_BACKENDS)))
+        log.error(
+            "no model uses a native GPU backend (%s); nothing to place on the GPU",
+            ", ".join(sorted(NATIVE_GPU_BACKENDS)),
+        )
         return 1
     return 0
 

@@ -11,6 +11,7 @@ Runtime code (numpy + onnxruntime only).  The graphs come from
 (the same features the streaming model saw), pads them with silence to Whisper's 30 s
 window and decodes greedily.  Utterances longer than 30 s are decoded in 30 s pieces.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,11 +81,12 @@ class WhisperRescorer:
         toks = np.array([[SOT, NO_TIMESTAMPS]], np.int64)
         out: list[int] = []
         for step in range(max_tokens):
-            logits, pk, pv = self.dec.run(None, {"tokens": toks, "cross_k": ck, "cross_v": cv,
-                                                 "past_k": pk, "past_v": pv})
+            logits, pk, pv = self.dec.run(
+                None, {"tokens": toks, "cross_k": ck, "cross_v": cv, "past_k": pk, "past_v": pv}
+            )
             lg = logits[0]
             lg[self.suppress] = -np.inf
-            lg[TIMESTAMP_BEGIN - 1:] = -np.inf
+            lg[TIMESTAMP_BEGIN - 1 :] = -np.inf
             if step == 0:
                 lg[self.suppress_begin] = -np.inf
             tok = int(lg.argmax())
@@ -99,7 +101,7 @@ class WhisperRescorer:
         vector of digital silence, ``streamasr.features.silence_frame``)."""
         texts = []
         for start in range(0, max(len(features), 1), WINDOW_FRAMES):
-            piece = features[start:start + WINDOW_FRAMES]
+            piece = features[start : start + WINDOW_FRAMES]
             pad = np.tile(silence, (WINDOW_FRAMES - len(piece), 1))
             texts.append(self.tokens.decode(self.greedy(np.concatenate([piece, pad]))).strip())
         return " ".join(t for t in texts if t)

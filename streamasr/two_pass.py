@@ -12,6 +12,7 @@ captions keep CTC latency; only finals wait for the re-decode.
 
 Pure numpy (+ onnxruntime through the rescorer); no Triton imports.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,12 +33,13 @@ log = logging.getLogger("streamasr.two_pass")
 MAX_UTTERANCE_SECONDS = 30.0
 
 
-def chunk_features(windows: np.ndarray, valid_outputs: list[int],
-                   contract: ModelContract) -> np.ndarray:
+def chunk_features(
+    windows: np.ndarray, valid_outputs: list[int], contract: ModelContract
+) -> np.ndarray:
     """[N, left+chunk+right, F] model windows -> the chunks' own feature frames,
     ``subsampling`` per real output frame: [sum(valid) * subsampling, F]."""
     left, sub = contract.left_frames, contract.subsampling
-    parts = [windows[i, left:left + n * sub] for i, n in enumerate(valid_outputs)]
+    parts = [windows[i, left : left + n * sub] for i, n in enumerate(valid_outputs)]
     if not parts:
         return np.zeros((0, windows.shape[-1]), np.float32)
     return np.concatenate(parts).astype(np.float32, copy=False)
@@ -47,14 +49,13 @@ def chunk_features(windows: np.ndarray, valid_outputs: list[int],
 class Utterance:
     """One final's utterance, sent from the decoder step to the final pass."""
 
-    index: int                 # position of the final in the response's RESULTS
-    features: np.ndarray       # [T * subsampling, F] audio features
-    log_probs: np.ndarray      # [T, V] CTC log-probs of the same output frames
+    index: int  # position of the final in the response's RESULTS
+    features: np.ndarray  # [T * subsampling, F] audio features
+    log_probs: np.ndarray  # [T, V] CTC log-probs of the same output frames
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, index=np.int64(self.index), features=self.features,
-                 log_probs=self.log_probs)
+        np.savez(buf, index=np.int64(self.index), features=self.features, log_probs=self.log_probs)
         return buf.getvalue()
 
     @classmethod
@@ -62,11 +63,15 @@ class Utterance:
         """Raises ValueError for anything but what ``to_bytes`` writes (no pickles)."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                return cls(int(z["index"]), np.asarray(z["features"], np.float32),
-                           np.asarray(z["log_probs"], np.float32))
+                return cls(
+                    int(z["index"]),
+                    np.asarray(z["features"], np.float32),
+                    np.asarray(z["log_probs"], np.float32),
+                )
         except Exception as exc:  # noqa: BLE001 - zip, npy and key errors alike
-            raise ValueError(f"UTTERANCES: not an utterance ({type(exc).__name__}: "
-                             f"{str(exc)[:100]})") from None
+            raise ValueError(
+                f"UTTERANCES: not an utterance ({type(exc).__name__}: {str(exc)[:100]})"
+            ) from None
 
 
 class UtteranceRecorder:
@@ -77,12 +82,11 @@ class UtteranceRecorder:
     the oldest are dropped and an utterance that needed them is not re-decoded.
     """
 
-    def __init__(self, contract: ModelContract,
-                 max_seconds: float = MAX_UTTERANCE_SECONDS):
+    def __init__(self, contract: ModelContract, max_seconds: float = MAX_UTTERANCE_SECONDS):
         self.sub = contract.subsampling
         self.max_frames = int(max_seconds / contract.output_frame_seconds)
-        self.base = 0            # absolute output frame of the first kept frame
-        self.lost_before = 0     # frames before this were dropped unrecorded
+        self.base = 0  # absolute output frame of the first kept frame
+        self.lost_before = 0  # frames before this were dropped unrecorded
         self._lp: list[np.ndarray] = []
         self._feat: list[np.ndarray] = []
 
@@ -92,8 +96,9 @@ class UtteranceRecorder:
 
     def append(self, log_probs: np.ndarray, features: np.ndarray) -> None:
         if len(features) != len(log_probs) * self.sub:
-            raise ValueError(f"internal: {len(features)} feature frames for "
-                             f"{len(log_probs)} output frames")
+            raise ValueError(
+                f"internal: {len(features)} feature frames for {len(log_probs)} output frames"
+            )
         if len(log_probs):
             self._lp.append(log_probs)
             self._feat.append(features)
@@ -110,7 +115,7 @@ class UtteranceRecorder:
         lp = np.concatenate(self._lp) if self._lp else np.zeros((0, 0), np.float32)
         feat = np.concatenate(self._feat) if self._feat else None
         self._lp = [lp[drop:]] if len(lp) > drop else []
-        self._feat = [feat[drop * self.sub:]] if self._lp else []
+        self._feat = [feat[drop * self.sub :]] if self._lp else []
         self.base = first
 
     def cut(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -118,9 +123,10 @@ class UtteranceRecorder:
         were dropped (utterance longer than ``max_frames``)."""
         if first < self.lost_before or first < self.base or end > self.base + self.frames:
             return None
-        lp = np.concatenate(self._lp)[first - self.base:end - self.base]
-        feat = np.concatenate(self._feat)[(first - self.base) * self.sub:
-                                          (end - self.base) * self.sub]
+        lp = np.concatenate(self._lp)[first - self.base : end - self.base]
+        feat = np.concatenate(self._feat)[
+            (first - self.base) * self.sub : (end - self.base) * self.sub
+        ]
         return feat, lp
 
 
@@ -137,14 +143,18 @@ def to_vocabulary(text: str, contract: ModelContract) -> str:
     return " ".join(SPOKEN_ABBREVIATIONS.get(w, w) for w in t.split())
 
 
-def worded_finals(finals: list[tuple[dict, int, int]], messages: list[dict]
-                  ) -> list[tuple[int, int, int]]:
+def worded_finals(
+    finals: list[tuple[dict, int, int]], messages: list[dict]
+) -> list[tuple[int, int, int]]:
     """(position in ``messages``, first frame, end frame) of each final reported by
     ``StreamDecoder.on_final`` that is among ``messages`` and has words: the finals to
     re-decode."""
     position = {id(m): i for i, m in enumerate(messages)}
-    return [(position[id(msg)], first, end) for msg, first, end in finals
-            if id(msg) in position and msg["channel"]["alternatives"][0]["transcript"]]
+    return [
+        (position[id(msg)], first, end)
+        for msg, first, end in finals
+        if id(msg) in position and msg["channel"]["alternatives"][0]["transcript"]
+    ]
 
 
 def check_contract(contract: ModelContract) -> None:
@@ -152,14 +162,17 @@ def check_contract(contract: ModelContract) -> None:
     f = contract.features
     problems = []
     if f.type != "log_mel" or f.n_mels != 80 or f.sample_rate != 16000 or f.hop_length != 160:
-        problems.append("features must be 80-bin log-mel at 16 kHz with a 10 ms shift "
-                        f"(Whisper's), got {f.type}/{f.n_mels} bins/{f.sample_rate} Hz/"
-                        f"hop {f.hop_length}")
+        problems.append(
+            "features must be 80-bin log-mel at 16 kHz with a 10 ms shift "
+            f"(Whisper's), got {f.type}/{f.n_mels} bins/{f.sample_rate} Hz/"
+            f"hop {f.hop_length}"
+        )
     if contract.word_boundary != "space" or " " not in contract.vocabulary:
         problems.append("the vocabulary must be characters with ' ' between words")
     if problems:
-        raise ValueError("two-pass finals need a Whisper-compatible acoustic model: "
-                         + "; ".join(problems))
+        raise ValueError(
+            "two-pass finals need a Whisper-compatible acoustic model: " + "; ".join(problems)
+        )
 
 
 class FinalPass:
@@ -179,8 +192,7 @@ class FinalPass:
         self.frame_seconds = contract.output_frame_seconds
 
     def text(self, utt: Utterance) -> str:
-        return to_vocabulary(self.rescorer.transcribe(utt.features, self.silence),
-                             self.contract)
+        return to_vocabulary(self.rescorer.transcribe(utt.features, self.silence), self.contract)
 
     def rewrite(self, message: dict, utt: Utterance) -> dict:
         """The final ``message`` with its transcript, words and confidence re-decoded;
@@ -189,22 +201,39 @@ class FinalPass:
         alt = message["channel"]["alternatives"][0]
         text = self.text(utt)
         try:
-            words = aligned_words(utt.log_probs, text, self.contract.vocabulary,
-                                  self.contract.blank_id) if text else []
+            words = (
+                aligned_words(utt.log_probs, text, self.contract.vocabulary, self.contract.blank_id)
+                if text
+                else []
+            )
         except ValueError as exc:
             log.warning("re-decoded final kept its first pass: %s", exc)
             return {**message, "rescored": False}
         start = message["start"]
-        out_words = [{"word": w, "start": round(start + a * self.frame_seconds, TIME_DECIMALS),
-                      "end": round(start + b * self.frame_seconds, TIME_DECIMALS),
-                      "confidence": round(c, CONFIDENCE_DECIMALS)} for w, a, b, c in words]
+        out_words = [
+            {
+                "word": w,
+                "start": round(start + a * self.frame_seconds, TIME_DECIMALS),
+                "end": round(start + b * self.frame_seconds, TIME_DECIMALS),
+                "confidence": round(c, CONFIDENCE_DECIMALS),
+            }
+            for w, a, b, c in words
+        ]
         conf = sum(c for *_, c in words) / len(words) if words else 0.0
-        return {**message, "rescored": True,
-                "first_pass_transcript": alt["transcript"],
-                "channel": {"alternatives": [{
-                    "transcript": " ".join(w["word"] for w in out_words),
-                    "confidence": round(conf, CONFIDENCE_DECIMALS),
-                    "words": out_words}]}}
+        return {
+            **message,
+            "rescored": True,
+            "first_pass_transcript": alt["transcript"],
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": " ".join(w["word"] for w in out_words),
+                        "confidence": round(conf, CONFIDENCE_DECIMALS),
+                        "words": out_words,
+                    }
+                ]
+            },
+        }
 
     def check(self, utt: Utterance) -> None:
         """An utterance the decoder step could have sent: bounded (a caller of this model
@@ -212,11 +241,15 @@ class FinalPass:
         c, lp, f = self.contract, utt.log_probs, utt.features
         max_frames = int(MAX_UTTERANCE_SECONDS / c.output_frame_seconds)
         if lp.ndim != 2 or lp.shape[1] != len(c.vocabulary) or not 0 < len(lp) <= max_frames:
-            raise ValueError(f"UTTERANCES: log_probs must be [1..{max_frames}, "
-                             f"{len(c.vocabulary)}], got {list(lp.shape)}")
+            raise ValueError(
+                f"UTTERANCES: log_probs must be [1..{max_frames}, "
+                f"{len(c.vocabulary)}], got {list(lp.shape)}"
+            )
         if f.shape != (len(lp) * c.subsampling, c.features.n_mels):
-            raise ValueError(f"UTTERANCES: features must be [{len(lp) * c.subsampling}, "
-                             f"{c.features.n_mels}], got {list(f.shape)}")
+            raise ValueError(
+                f"UTTERANCES: features must be [{len(lp) * c.subsampling}, "
+                f"{c.features.n_mels}], got {list(f.shape)}"
+            )
         if not (np.isfinite(f).all() and (np.isfinite(lp) | (lp == -np.inf)).all()):
             raise ValueError("UTTERANCES: NaN or infinite values")
 
@@ -226,8 +259,8 @@ class FinalPass:
             self.check(utt)
         for utt in utterances:
             if not 0 <= utt.index < len(out) or not out[utt.index].get("is_final"):
-                raise ValueError(f"UTTERANCES: utterance for message {utt.index}, which is "
-                                 "not a final")
+                raise ValueError(
+                    f"UTTERANCES: utterance for message {utt.index}, which is not a final"
+                )
             out[utt.index] = self.rewrite(out[utt.index], utt)
         return out
-

@@ -1,6 +1,7 @@
 """Shared fixtures: ONE real tritonserver for the session (readiness polled, log tail
 shown on failure, always stopped), ONE docker/serve for the container's routes, clients,
 and the audio the tests stream.  Helpers are in helpers.py."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,18 @@ from streamasr.server import TritonServer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
 
-from .helpers import (ACOUSTIC_MODEL, DEMO_WAV, MAX_STREAM_S, REPOSITORY, TRITON_IDLE_US, TTL_S,
-                      Serve, copy_repository, sagemaker_env, start_server)
-
+from .helpers import (
+    ACOUSTIC_MODEL,
+    DEMO_WAV,
+    MAX_STREAM_S,
+    REPOSITORY,
+    TRITON_IDLE_US,
+    TTL_S,
+    Serve,
+    copy_repository,
+    sagemaker_env,
+    start_server,
+)
 
 # Fixtures that start a real tritonserver (themselves or through docker/serve).  A test
 # using one (directly or through another fixture), or marked `server` because it starts
@@ -42,10 +52,15 @@ def short_ttl_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("short_ttl")
     repo = copy_repository(
         root / "repo",
-        {"feature_extractor": {"stream_idle_timeout_s": str(TTL_S),
-                               "max_stream_seconds": str(MAX_STREAM_S)},
-         "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)}},
-        idle_us={"feature_extractor": TRITON_IDLE_US})
+        {
+            "feature_extractor": {
+                "stream_idle_timeout_s": str(TTL_S),
+                "max_stream_seconds": str(MAX_STREAM_S),
+            },
+            "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)},
+        },
+        idle_us={"feature_extractor": TRITON_IDLE_US},
+    )
     srv = start_server(repo, root / "tritonserver.log")
     yield srv
     srv.stop()

@@ -1,8 +1,10 @@
 """Helpers the test modules share (fixtures live in conftest.py): paths, servers started
 for a test, streaming and hand-built requests, metrics, docker/serve, and synthetic
 decoder inputs.  Tests import from here, never from one another."""
+
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -14,22 +16,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
+from streamasr import repository
 from streamasr.contract import FeatureSpec, ModelContract
 from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
-from streamasr import repository
 from streamasr.repository import TWO_PASS_MODELS
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr.triton_models import ctc_decoder, offline
 from streamasr.triton_models.common import read_config
 from streamasr_client.stream import AsrConnection
-
 
 # -- the repository, its files, and real servers -----------------------------------------
 
@@ -48,8 +48,13 @@ DEMO_WAV = Path(os.environ.get("STREAMASR_TEST_AUDIO", ROOT / "assets" / "demo.w
 
 def start_server(repository: Path, log_path: Path) -> TritonServer:
     # Tests leave streams open on purpose; don't wait 30 s for them at shutdown.
-    cfg = ServerConfig(model_repository=repository, http_port=free_port(),
-                       grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=3)
+    cfg = ServerConfig(
+        model_repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        exit_timeout_s=3,
+    )
     server = TritonServer(cfg, log_path=log_path)
     try:
         server.start(timeout_s=180)
@@ -59,15 +64,18 @@ def start_server(repository: Path, log_path: Path) -> TritonServer:
     return server
 
 
-def copy_repository(dst: Path, parameter_overrides: dict[str, dict[str, str]],
-                    idle_us: dict[str, int] | None = None) -> Path:
+def copy_repository(
+    dst: Path, parameter_overrides: dict[str, dict[str, str]], idle_us: dict[str, int] | None = None
+) -> Path:
     """A copy of the model repository with some config values changed, without the
     two-pass models (230 MB of Whisper that these servers do not need)."""
-    return repository.copy_repository(REPOSITORY, dst, parameter_overrides, idle_us=idle_us,
-                                      leave_out=TWO_PASS_MODELS)
+    return repository.copy_repository(
+        REPOSITORY, dst, parameter_overrides, idle_us=idle_us, leave_out=TWO_PASS_MODELS
+    )
 
 
 # -- streaming through a real server -----------------------------------------------------
+
 
 def reference_messages(contract, onnx_session, audio, options=None) -> list[dict]:
     """Whole-file decode in this process: the same ONNX file, no server."""
@@ -76,9 +84,17 @@ def reference_messages(contract, onnx_session, audio, options=None) -> list[dict
     def run(features):
         return onnx_session.run([contract.output_name], {contract.input_name: features})[0]
 
-    return offline.transcribe_with_utterances(contract, audio, None, run, defaults,
-                                              options or {}, max_batch=16, max_seconds=3600,
-                                              keep_utterances=False)[0]
+    return offline.transcribe_with_utterances(
+        contract,
+        audio,
+        None,
+        run,
+        defaults,
+        options or {},
+        max_batch=16,
+        max_seconds=3600,
+        keep_utterances=False,
+    )[0]
 
 
 def finals_with_words(messages) -> list[tuple[str, list]]:
@@ -87,31 +103,34 @@ def finals_with_words(messages) -> list[tuple[str, list]]:
     for m in messages:
         if m.get("type") == "Results" and m["is_final"]:
             alt = m["channel"]["alternatives"][0]
-            out.append((alt["transcript"], [(w["word"], w["start"], w["end"])
-                                            for w in alt["words"]]))
+            out.append(
+                (alt["transcript"], [(w["word"], w["start"], w["end"]) for w in alt["words"]])
+            )
     return out
 
 
 def stream(conn: AsrConnection, audio: np.ndarray, chunk: int, options=None):
     s = conn.open_session(options)
     for i in range(0, len(audio), chunk):
-        s.send(audio[i:i + chunk])
+        s.send(audio[i : i + chunk])
     s.close()
     return s
 
 
 # -- hand-built requests -----------------------------------------------------------------
 
+
 def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=None):
     """Send a hand-built request through a session's slot on the shared stream."""
-    req = service_pb2.ModelInferRequest(model_name=session.conn.model,
-                                        id=f"{session.sequence_id}:{session._sent}")
+    req = service_pb2.ModelInferRequest(
+        model_name=session.conn.model, id=f"{session.sequence_id}:{session._sent}"
+    )
     for name, dtype, shape, data in inputs:
         t = req.inputs.add(name=name, datatype=dtype)
         t.shape.extend(shape)
         req.raw_input_contents.append(data)
     sid = session.sequence_id if sequence_id is None else sequence_id
-    if isinstance(sid, str):          # Triton also takes string sequence ids
+    if isinstance(sid, str):  # Triton also takes string sequence ids
         req.parameters["sequence_id"].string_param = sid
     else:
         req.parameters["sequence_id"].int64_param = sid
@@ -131,6 +150,7 @@ def f32(a):
 
 # -- metrics and polling -----------------------------------------------------------------
 
+
 class Bystander:
     """A good stream sent in two halves around a fault; ``finish`` checks its finals."""
 
@@ -140,11 +160,11 @@ class Bystander:
         self.chunk = contract.chunk_samples
         self.half = (len(audio) // 2) // self.chunk * self.chunk
         for i in range(0, self.half, self.chunk):
-            self.s.send(audio[i:i + self.chunk])
+            self.s.send(audio[i : i + self.chunk])
 
     def finish(self):
         for i in range(self.half, len(self.audio), self.chunk):
-            self.s.send(self.audio[i:i + self.chunk])
+            self.s.send(self.audio[i : i + self.chunk])
         self.s.close()
         self.s.wait(timeout=180)
         assert self.s.errors == []
@@ -181,6 +201,7 @@ def publish_metrics(server) -> None:
         s.wait()
         assert s.errors == [], s.errors
 
+
 # The short-TTL server (conftest.short_ttl_server): streams reclaimed within seconds, a
 # late request still inside Triton's own idle window (so our step answers "expired"), and
 # a per-stream audio limit above the bystander's audio (at most 25 s).
@@ -192,17 +213,19 @@ STEPS = ("feature_extractor", "ctc_decoder")
 
 def all_reclaimed(server, since: dict[str, float], n: int) -> bool:
     publish_metrics(server)
-    return all(metric(server, "streamasr_open_streams", m) == 0 and
-               metric(server, "streamasr_reclaimed_streams_total", m) - since[m] >= n
-               for m in ("feature_extractor", "ctc_decoder"))
-
+    return all(
+        metric(server, "streamasr_open_streams", m) == 0
+        and metric(server, "streamasr_reclaimed_streams_total", m) - since[m] >= n
+        for m in ("feature_extractor", "ctc_decoder")
+    )
 
 
 def reclaimed_now(server) -> dict[str, float]:
     publish_metrics(server)
-    return {m: metric(server, "streamasr_reclaimed_streams_total", m)
-            for m in ("feature_extractor", "ctc_decoder")}
-
+    return {
+        m: metric(server, "streamasr_reclaimed_streams_total", m)
+        for m in ("feature_extractor", "ctc_decoder")
+    }
 
 
 # -- docker/serve as SageMaker runs it ---------------------------------------------------
@@ -210,8 +233,9 @@ def reclaimed_now(server) -> dict[str, float]:
 SERVE = ROOT / "docker" / "serve"
 
 
-needs_demo = pytest.mark.skipif(not DEMO_WAV.exists(),
-                                reason=f"{DEMO_WAV} not there yet (data helper adds it)")
+needs_demo = pytest.mark.skipif(
+    not DEMO_WAV.exists(), reason=f"{DEMO_WAV} not there yet (data helper adds it)"
+)
 
 
 def free_port_range(n: int = 3) -> tuple[int, int]:
@@ -236,13 +260,15 @@ def free_port_range(n: int = 3) -> tuple[int, int]:
 def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
     lo, hi = free_port_range()
     env = dict(os.environ)
-    env.update({
-        "SAGEMAKER_BIND_TO_PORT": str(free_port()),
-        "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
-        "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
-        "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "SAGEMAKER_BIND_TO_PORT": str(free_port()),
+            "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
+            "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
+            "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -256,8 +282,13 @@ class Serve:
         hi = int(env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
         self.grpc_port = hi - 1
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVE)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
 
     @property
     def url(self) -> str:
@@ -307,8 +338,9 @@ class Serve:
 def triton_children(pid: int) -> list[int]:
     from streamasr.server import child_processes
 
-    return [p for p, argv in child_processes(pid).items()
-            if argv and argv[0].endswith("tritonserver")]
+    return [
+        p for p, argv in child_processes(pid).items() if argv and argv[0].endswith("tritonserver")
+    ]
 
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
@@ -320,35 +352,40 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dic
         return e.code, dict(e.headers), json.loads(e.read())
 
 
-
-
 # -- synthetic log-prob matrices for the decoder -----------------------------------------
 
-BLANK = "_"                      # path symbol for the blank token
+BLANK = "_"  # path symbol for the blank token
 
 
 VOCAB = ("<blank>", " ", *string.ascii_lowercase, "'")
 
 
-SUBSAMPLING = 4                  # 10 ms feature frames -> 40 ms output frames
+SUBSAMPLING = 4  # 10 ms feature frames -> 40 ms output frames
 
 
 FRAME_S = 0.04
 
 
-PEAK = 0.9                       # posterior of each frame's path token in synthetic matrices
+PEAK = 0.9  # posterior of each frame's path token in synthetic matrices
 
 
-RULE2_FRAMES = 30                # 1.2 s default rule 2 / 40 ms
+RULE2_FRAMES = 30  # 1.2 s default rule 2 / 40 ms
 
 
-RULE1_FRAMES = 60                # 2.4 s default rule 1 / 40 ms
+RULE1_FRAMES = 60  # 2.4 s default rule 1 / 40 ms
 
 
 def make_contract(vocabulary=VOCAB, word_boundary="space") -> ModelContract:
-    return ModelContract(features=FeatureSpec(), chunk_frames=32, left_frames=16,
-                         right_frames=8, subsampling=SUBSAMPLING, vocabulary=tuple(vocabulary),
-                         blank_id=0, word_boundary=word_boundary).validate()
+    return ModelContract(
+        features=FeatureSpec(),
+        chunk_frames=32,
+        left_frames=16,
+        right_frames=8,
+        subsampling=SUBSAMPLING,
+        vocabulary=tuple(vocabulary),
+        blank_id=0,
+        word_boundary=word_boundary,
+    ).validate()
 
 
 CONTRACT = make_contract()
@@ -372,10 +409,16 @@ def decoded_finals(msgs: list[dict]) -> list[tuple]:
     for m in msgs:
         if m["type"] == "Results" and m["is_final"]:
             alt = m["channel"]["alternatives"][0]
-            out.append((alt["transcript"], m["speech_final"], m["start"], m["duration"],
-                        alt["confidence"],
-                        [(w["word"], w["start"], w["end"], w["confidence"])
-                         for w in alt["words"]]))
+            out.append(
+                (
+                    alt["transcript"],
+                    m["speech_final"],
+                    m["start"],
+                    m["duration"],
+                    alt["confidence"],
+                    [(w["word"], w["start"], w["end"], w["confidence"]) for w in alt["words"]],
+                )
+            )
         elif m["type"] == "UtteranceEnd":
             out.append(("UtteranceEnd", m["last_word_end"]))
     return out
@@ -392,9 +435,15 @@ def random_path(rng: random.Random, n_words: int) -> str:
             frames.append(ch * rng.randint(1, 3))
             frames.append(BLANK * rng.randint(0, 2))
         parts.append("".join(frames))
-        gap = rng.choice([" ", "_ _", BLANK * rng.randint(1, 10),
-                          BLANK * rng.randint(RULE2_FRAMES - 2, RULE2_FRAMES + 5),
-                          BLANK * rng.randint(RULE1_FRAMES, RULE1_FRAMES + 20)])
+        gap = rng.choice(
+            [
+                " ",
+                "_ _",
+                BLANK * rng.randint(1, 10),
+                BLANK * rng.randint(RULE2_FRAMES - 2, RULE2_FRAMES + 5),
+                BLANK * rng.randint(RULE1_FRAMES, RULE1_FRAMES + 20),
+            ]
+        )
         parts.append(gap)
     return "".join(parts)
 
@@ -402,18 +451,19 @@ def random_path(rng: random.Random, n_words: int) -> str:
 def split_points(T: int, rng: random.Random, max_piece: int) -> list[int]:
     cuts, pos = [0], 0
     while pos < T:
-        pos = min(T, pos + rng.randint(0, max_piece))   # 0: empty requests too
+        pos = min(T, pos + rng.randint(0, max_piece))  # 0: empty requests too
         cuts.append(pos)
     return cuts
 
 
-def stream_pieces(lp: np.ndarray, cuts: list[int], config=None, endpoint=None,
-                  contract=CONTRACT) -> list[dict]:
-    dec = StreamDecoder(contract, config=config or DecoderConfig(),
-                        endpoint=endpoint or EndpointConfig())
+def stream_pieces(
+    lp: np.ndarray, cuts: list[int], config=None, endpoint=None, contract=CONTRACT
+) -> list[dict]:
+    dec = StreamDecoder(
+        contract, config=config or DecoderConfig(), endpoint=endpoint or EndpointConfig()
+    )
     msgs = []
     for a, b in zip(cuts, cuts[1:]):
         msgs += dec.accept(lp[a:b])
     assert dec.frames_decoded == lp.shape[0]
     return msgs + dec.close()
-

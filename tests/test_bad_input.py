@@ -1,6 +1,7 @@
 """Bad input gets a clear error for that stream only: a bystander stream streaming at the
 same time over the same gRPC stream keeps its exact transcript, and a stream that sent
 one bad chunk keeps its state."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,20 +9,20 @@ import pytest
 
 from .helpers import f32, finals_with_words, raw_request, reference_messages
 
-
-
 BAD_FIRST_REQUESTS = {
     "wrong dtype": ([("AUDIO", "FP64", [4], np.zeros(4).tobytes())], "data-type"),
     "wrong rank": ([("AUDIO", "FP32", [2, 4], np.zeros(8, np.float32).tobytes())], "shape"),
     "NaN": ([f32([0.0, np.nan, 0.1])], "NaN"),
     "inf": ([f32([0.0, np.inf])], "NaN or infinite"),
     "empty chunk": ([f32([])], "empty audio chunk"),
-    "sample-rate mismatch": ([f32(np.zeros(160)),
-                              ("SAMPLE_RATE", "INT32", [1], np.array([8000], np.int32).tobytes())],
-                             "does not match the model's 16000 Hz"),
-    "both audio inputs": ([f32(np.zeros(160)),
-                           ("AUDIO_INT16", "INT16", [160], np.zeros(160, np.int16).tobytes())],
-                          "not both"),
+    "sample-rate mismatch": (
+        [f32(np.zeros(160)), ("SAMPLE_RATE", "INT32", [1], np.array([8000], np.int32).tobytes())],
+        "does not match the model's 16000 Hz",
+    ),
+    "both audio inputs": (
+        [f32(np.zeros(160)), ("AUDIO_INT16", "INT16", [160], np.zeros(160, np.int16).tobytes())],
+        "not both",
+    ),
     "giant chunk": ([f32(np.zeros(16000 * 11))], "exceeds the limit"),
 }
 
@@ -33,16 +34,17 @@ def bystander(conn, contract, onnx_session, demo_audio):
     chunk = contract.chunk_samples
     half = (len(demo_audio) // 2) // chunk * chunk
     for i in range(0, half, chunk):
-        s.send(demo_audio[i:i + chunk])
+        s.send(demo_audio[i : i + chunk])
     expected = finals_with_words(reference_messages(contract, onnx_session, demo_audio))
 
     def finish():
         for i in range(half, len(demo_audio), chunk):
-            s.send(demo_audio[i:i + chunk])
+            s.send(demo_audio[i : i + chunk])
         s.close()
         s.wait(timeout=120)
         assert s.errors == []
         assert finals_with_words(s.messages) == expected
+
     return finish
 
 
@@ -57,20 +59,24 @@ def test_bad_first_request_is_rejected_clearly_and_harms_no_one(conn, bystander,
     bystander()
 
 
-def test_bad_chunk_mid_stream_keeps_the_stream_state(conn, contract, onnx_session,
-                                                    demo_audio, bystander):
+def test_bad_chunk_mid_stream_keeps_the_stream_state(
+    conn, contract, onnx_session, demo_audio, bystander
+):
     s = conn.open_session()
     chunk = contract.chunk_samples
     for n, i in enumerate(range(0, len(demo_audio), chunk)):
         if n == 3:
             raw_request(s, [f32([np.nan] * 10)], start=False)
-            raw_request(s, [("AUDIO", "FP32", [2, 2], np.zeros(4, np.float32).tobytes())],
-                        start=False)
-        s.send(demo_audio[i:i + chunk])
+            raw_request(
+                s, [("AUDIO", "FP32", [2, 2], np.zeros(4, np.float32).tobytes())], start=False
+            )
+        s.send(demo_audio[i : i + chunk])
     s.close()
     s.wait(timeout=120)
     assert len(s.errors) == 2
-    assert finals_with_words(s.messages) == finals_with_words(reference_messages(contract, onnx_session, demo_audio))
+    assert finals_with_words(s.messages) == finals_with_words(
+        reference_messages(contract, onnx_session, demo_audio)
+    )
     bystander()
 
 

@@ -2,6 +2,7 @@
 
 No server: synthetic log-prob matrices whose argmax path is known frame by frame.
 """
+
 from __future__ import annotations
 
 import random
@@ -10,12 +11,30 @@ import numpy as np
 import pytest
 
 from streamasr import protocol
-from streamasr.decoding import (DecoderConfig, EndpointConfig, StreamDecoder, decode_whole,
-                                results_schema_doc)
+from streamasr.decoding import (
+    DecoderConfig,
+    EndpointConfig,
+    StreamDecoder,
+    decode_whole,
+    results_schema_doc,
+)
 from streamasr.protocol import final_text
 
-from .helpers import BLANK, CONTRACT, FRAME_S, PEAK, RULE1_FRAMES, RULE2_FRAMES, VOCAB, decoded_finals, make_contract, path_matrix, random_path, split_points, stream_pieces
-
+from .helpers import (
+    BLANK,
+    CONTRACT,
+    FRAME_S,
+    PEAK,
+    RULE1_FRAMES,
+    RULE2_FRAMES,
+    VOCAB,
+    decoded_finals,
+    make_contract,
+    path_matrix,
+    random_path,
+    split_points,
+    stream_pieces,
+)
 
 
 # -- greedy decoding -------------------------------------------------------------------------
@@ -33,14 +52,13 @@ def test_collapse_across_request_boundaries(cut):
 
 def test_streamed_in_pieces_of_any_size_equals_whole():
     rng = random.Random(7)
-    endpoint = EndpointConfig(rule3_min_utterance_length=3.0)     # rule 3 fires too
+    endpoint = EndpointConfig(rule3_min_utterance_length=3.0)  # rule 3 fires too
     for trial in range(12):
         lp = path_matrix(random_path(rng, 12))
         whole = decode_whole(CONTRACT, lp, endpoint=endpoint)
         assert sum(m["type"] == "Results" and m["is_final"] for m in whole) >= 2
         for max_piece in (1, 2, 5, 17, 64):
-            msgs = stream_pieces(lp, split_points(lp.shape[0], rng, max_piece),
-                                 endpoint=endpoint)
+            msgs = stream_pieces(lp, split_points(lp.shape[0], rng, max_piece), endpoint=endpoint)
             assert decoded_finals(msgs) == decoded_finals(whole), (trial, max_piece)
 
 
@@ -114,15 +132,17 @@ def test_word_confidence_is_mean_of_token_peaks_and_utterance_mean_of_words():
 
 
 def test_sentencepiece_words():
-    sp = make_contract(("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x"),
-                       word_boundary="sentencepiece")
+    sp = make_contract(
+        ("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x"), word_boundary="sentencepiece"
+    )
     path = ["\u2581he", "llo", BLANK, "\u2581wor", "\u2581wor", "ld", BLANK, "\u2581", "x"]
     msgs = decode_whole(sp, path_matrix(path, sp))
     final = [m for m in msgs if m.get("is_final")][0]
     assert protocol.transcript(final) == "hello world x"
     times = [t for w in protocol.words(final) for t in (w["start"], w["end"])]
-    assert times == pytest.approx([0.0, 2 * FRAME_S, 3 * FRAME_S, 6 * FRAME_S,
-                                   7 * FRAME_S, 9 * FRAME_S])
+    assert times == pytest.approx(
+        [0.0, 2 * FRAME_S, 3 * FRAME_S, 6 * FRAME_S, 7 * FRAME_S, 9 * FRAME_S]
+    )
 
 
 # -- endpointing ---------------------------------------------------------------------------
@@ -139,7 +159,7 @@ def test_endpoint_fires_after_rule2_silence():
     # the final covers the word and exactly 1.2 s of silence after it
     assert fin[0]["duration"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
     assert fin[1]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
-    assert fin[1]["speech_final"] is False            # flushed by close(), not a pause
+    assert fin[1]["speech_final"] is False  # flushed by close(), not a pause
     assert protocol.words(fin[1])[0]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
 
 
@@ -152,11 +172,14 @@ def test_no_endpoint_within_shorter_gaps(gap):
 def test_endpoint_fires_in_the_request_that_completes_the_silence():
     lp = path_matrix("hi" + BLANK * (RULE2_FRAMES + 10))
     dec = StreamDecoder(CONTRACT)
-    first = dec.accept(lp[:2 + RULE2_FRAMES - 1])
+    first = dec.accept(lp[: 2 + RULE2_FRAMES - 1])
     assert [m["is_final"] for m in first] == [False]
-    second = dec.accept(lp[2 + RULE2_FRAMES - 1:])
+    second = dec.accept(lp[2 + RULE2_FRAMES - 1 :])
     assert [(m["type"], m.get("is_final")) for m in second] == [
-        ("Results", True), ("UtteranceEnd", None), ("Results", False)]
+        ("Results", True),
+        ("UtteranceEnd", None),
+        ("Results", False),
+    ]
     assert second[0]["speech_final"] is True
     assert protocol.transcript(second[2]) == ""
     assert second[2]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
@@ -185,7 +208,7 @@ def test_rule1_resets_silently_and_times_keep_counting():
 
 
 def test_rule3_cuts_long_utterances_without_duplicating_a_straddling_token():
-    endpoint = EndpointConfig(rule3_min_utterance_length=0.2)          # 5 frames
+    endpoint = EndpointConfig(rule3_min_utterance_length=0.2)  # 5 frames
     msgs = decode_whole(CONTRACT, path_matrix("abcdeeefg"), endpoint=endpoint)
     fin = [m for m in msgs if m["type"] == "Results" and m["is_final"]]
     # cut after frame 4 (inside the held "eee"): e belongs to the first utterance only
@@ -228,7 +251,7 @@ def test_finalize_flushes_the_open_utterance():
     assert fin["is_final"] and fin["from_finalize"] and not fin["speech_final"]
     assert protocol.transcript(fin) == "hel"
     nxt = dec.accept(path_matrix("_lo"))
-    assert protocol.transcript(nxt[-1]) == "lo"            # "hel" is not repeated
+    assert protocol.transcript(nxt[-1]) == "lo"  # "hel" is not repeated
     assert nxt[-1]["start"] == pytest.approx(3 * FRAME_S)
     (again,) = dec.finalize()
     assert protocol.transcript(again) == "lo"
@@ -251,14 +274,14 @@ def test_close_flushes_then_stops():
 def test_close_with_nothing_open_sends_no_empty_final():
     dec = StreamDecoder(CONTRACT)
     dec.accept(path_matrix("hi" + BLANK * RULE2_FRAMES))
-    assert dec.close() == []          # final and UtteranceEnd were already sent
+    assert dec.close() == []  # final and UtteranceEnd were already sent
 
 
 def test_utterance_end_after_silence_and_not_when_speech_resumes():
-    endpoint = EndpointConfig(utterance_end=2.0)                    # 50 frames
+    endpoint = EndpointConfig(utterance_end=2.0)  # 50 frames
     dec = StreamDecoder(CONTRACT, endpoint=endpoint)
     msgs = dec.accept(path_matrix("hi" + BLANK * 49))
-    assert [m["type"] for m in msgs] == ["Results", "Results"]      # final + interim
+    assert [m["type"] for m in msgs] == ["Results", "Results"]  # final + interim
     msgs = dec.accept(path_matrix(BLANK))
     assert msgs[0] == {"type": "UtteranceEnd", "last_word_end": pytest.approx(2 * FRAME_S)}
     # speech resumes before the gap: the owed UtteranceEnd is dropped

@@ -1,4 +1,5 @@
 """Prefix beam search: prefix sums, streaming state, hotword boosting, word n-gram LM."""
+
 from __future__ import annotations
 
 import random
@@ -10,7 +11,17 @@ from streamasr import protocol
 from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder, decode_whole
 from streamasr.decoding.lm import kenlm_available
 
-from .helpers import BLANK, CONTRACT, FRAME_S, VOCAB, decoded_finals, path_matrix, random_path, split_points, stream_pieces
+from .helpers import (
+    BLANK,
+    CONTRACT,
+    FRAME_S,
+    VOCAB,
+    decoded_finals,
+    path_matrix,
+    random_path,
+    split_points,
+    stream_pieces,
+)
 
 BEAM = DecoderConfig(decoding="beam", beam_size=8, beam_top_k=4)
 #: Posteriors of the ambiguous frame in the crafted cases: the acoustics slightly
@@ -57,20 +68,25 @@ def test_beam_matches_greedy_on_clear_paths():
     rng = random.Random(3)
     for _ in range(6):
         lp = path_matrix(random_path(rng, 10))
-        assert decoded_finals(decode_whole(CONTRACT, lp, BEAM)) == decoded_finals(decode_whole(CONTRACT, lp))
+        assert decoded_finals(decode_whole(CONTRACT, lp, BEAM)) == decoded_finals(
+            decode_whole(CONTRACT, lp)
+        )
 
 
 def test_beam_streamed_in_pieces_equals_whole():
     rng = random.Random(5)
     endpoint = EndpointConfig(rule3_min_utterance_length=2.0)
-    config = DecoderConfig(decoding="beam", beam_size=4, beam_top_k=3,
-                           hotwords=[("abc", 1.0), ("hij", 2.0)])
+    config = DecoderConfig(
+        decoding="beam", beam_size=4, beam_top_k=3, hotwords=[("abc", 1.0), ("hij", 2.0)]
+    )
     for _ in range(4):
-        lp = path_matrix(random_path(rng, 10), peak=0.6)    # less peaky: beams differ
+        lp = path_matrix(random_path(rng, 10), peak=0.6)  # less peaky: beams differ
         whole = decode_whole(CONTRACT, lp, config, endpoint)
         for max_piece in (1, 4, 13):
             cuts = split_points(lp.shape[0], rng, max_piece)
-            assert decoded_finals(stream_pieces(lp, cuts, config, endpoint)) == decoded_finals(whole)
+            assert decoded_finals(stream_pieces(lp, cuts, config, endpoint)) == decoded_finals(
+                whole
+            )
 
 
 def test_beam_collapses_across_boundaries_and_rule3_cuts():
@@ -123,8 +139,10 @@ def test_unrelated_or_uncompleted_hotwords_change_nothing():
     assert with_hotwords(lp, [("cab", 5.0)]) == "cot"
     # ... and the interims show the bonus being applied, then removed (a boost whose
     # partial bonus, 2 x 1.0, beats the acoustic margin but not a missing clear "t")
-    dec = StreamDecoder(CONTRACT, config=DecoderConfig(decoding="beam", beam_size=8,
-                                                       beam_top_k=4, hotwords=[("cab", 1.0)]))
+    dec = StreamDecoder(
+        CONTRACT,
+        config=DecoderConfig(decoding="beam", beam_size=8, beam_top_k=4, hotwords=[("cab", 1.0)]),
+    )
     assert protocol.transcript(dec.accept(lp[:4])[-1]) == "ca"
     assert protocol.transcript(dec.accept(lp[4:])[-1]) == "cot"
 
@@ -136,9 +154,21 @@ def test_hotwords_do_not_change_clear_speech():
     for _ in range(4):
         lp = path_matrix(random_path(rng, 8))
         plain = decoded_finals(decode_whole(CONTRACT, lp, BEAM))
-        assert decoded_finals(decode_whole(CONTRACT, lp, DecoderConfig(
-            decoding="beam", beam_size=8, beam_top_k=4,
-            hotwords=[("abc", 1.0), ("jihg", 1.0)]))) == plain
+        assert (
+            decoded_finals(
+                decode_whole(
+                    CONTRACT,
+                    lp,
+                    DecoderConfig(
+                        decoding="beam",
+                        beam_size=8,
+                        beam_top_k=4,
+                        hotwords=[("abc", 1.0), ("jihg", 1.0)],
+                    ),
+                )
+            )
+            == plain
+        )
 
 
 def test_hotword_option_from_stream_parameters():
@@ -173,8 +203,9 @@ def test_word_lm_prefers_the_likely_word(tmp_path):
     arpa.write_text(ARPA)
     lp = cot_or_cat("the ")
     assert final_text(decode_whole(CONTRACT, lp, BEAM)) == "the cot"
-    cfg = DecoderConfig.from_parameters({"decoding": "beam", "lm_path": str(arpa),
-                                         "lm_alpha": "1.0", "lm_beta": "0"})
+    cfg = DecoderConfig.from_parameters(
+        {"decoding": "beam", "lm_path": str(arpa), "lm_alpha": "1.0", "lm_beta": "0"}
+    )
     assert final_text(decode_whole(CONTRACT, lp, cfg)) == "the cat"
     # the LM also runs when the stream arrives in pieces
     assert final_text(stream_pieces(lp, [0, 3, 5, 9, lp.shape[0]], cfg)) == "the cat"
@@ -196,7 +227,7 @@ def test_greedy_streams_opt_out_of_the_servers_lm(tmp_path):
 
 def test_impossible_tokens_are_never_chosen():
     lp = path_matrix("hh_i")
-    lp[:, VOCAB.index("z")] = -np.inf            # e.g. a masked token
+    lp[:, VOCAB.index("z")] = -np.inf  # e.g. a masked token
     for cfg in (DecoderConfig(), BEAM):
         assert final_text(decode_whole(CONTRACT, lp, cfg)) == "hi"
 
@@ -206,14 +237,18 @@ def test_sentencepiece_beam_and_hotword_tokenisation():
 
     from .helpers import make_contract
 
-    sp = make_contract(("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x", "o"),
-                       word_boundary="sentencepiece")
+    sp = make_contract(
+        ("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x", "o"),
+        word_boundary="sentencepiece",
+    )
     text = TokenText(sp)
     v = list(sp.vocabulary)
-    assert text.encode("hello world") == tuple(v.index(t) for t in
-                                                ("\u2581he", "llo", "\u2581wor", "ld"))
+    assert text.encode("hello world") == tuple(
+        v.index(t) for t in ("\u2581he", "llo", "\u2581wor", "ld")
+    )
     assert text.encode("x") == (v.index("\u2581"), v.index("x"))
     path = ["\u2581he", "llo", BLANK, "\u2581wor", "ld", BLANK, "\u2581", "x"]
-    msgs = decode_whole(sp, path_matrix(path, sp), DecoderConfig(
-        decoding="beam", hotwords=[("world", 1.0)]))
+    msgs = decode_whole(
+        sp, path_matrix(path, sp), DecoderConfig(decoding="beam", hotwords=[("world", 1.0)])
+    )
     assert final_text(msgs) == "hello world x"

@@ -1,6 +1,7 @@
 """Golden decoding: the served decoder step, fed a log-prob matrix written out by hand,
 answers the transcript and word times worked out by hand below.  No server code computes
 the expectation (every other end-to-end test compares against an in-process decode)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import tritonclient.grpc as grpcclient
 # the server announces, so a new model fails here loudly instead of decoding nonsense).
 VOCABULARY = ("<blank>", " ", *"abcdefghijklmnopqrstuvwxyz", "'")
 FRAME_S = 0.02
-PEAK = 0.9      # posterior of each frame's path token; the rest share 0.1
+PEAK = 0.9  # posterior of each frame's path token; the rest share 0.1
 
 #       frame: 0         1         2
 #              01234567890123456789012
@@ -34,29 +35,42 @@ def matrix(path: str) -> np.ndarray:
 
 def test_the_served_decoder_answers_the_hand_worked_transcript(server, conn):
     served = conn.contract()
-    assert (served.vocabulary, served.blank_id, served.output_frame_seconds) == \
-        (VOCABULARY, 0, FRAME_S)
+    assert (served.vocabulary, served.blank_id, served.output_frame_seconds) == (
+        VOCABULARY,
+        0,
+        FRAME_S,
+    )
     lp = matrix(PATH)
     # STEP_INFO as the feature step writes it: one window, every frame real, START and
     # END in one request; greedy decoding, so no LM or beam can move a word.
-    step_info = {"stream": 987_654_321, "seq": 0, "start": True, "end": True, "windows": 1,
-                 "valid_outputs": [len(PATH)], "finalize": False, "keepalive": False,
-                 "options": {"decoding": "greedy"}}
+    step_info = {
+        "stream": 987_654_321,
+        "seq": 0,
+        "start": True,
+        "end": True,
+        "windows": 1,
+        "valid_outputs": [len(PATH)],
+        "finalize": False,
+        "keepalive": False,
+        "options": {"decoding": "greedy"},
+    }
     x = grpcclient.InferInput("LOG_PROBS", list(lp.shape), "FP32")
     x.set_data_from_numpy(lp)
     info = grpcclient.InferInput("STEP_INFO", [1], "BYTES")
     info.set_data_from_numpy(np.array([json.dumps(step_info).encode()], dtype=object))
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        out = client.infer("ctc_decoder", [x, info],
-                           outputs=[grpcclient.InferRequestedOutput("RESULTS")])
+        out = client.infer(
+            "ctc_decoder", [x, info], outputs=[grpcclient.InferRequestedOutput("RESULTS")]
+        )
     messages = [json.loads(m) for m in out.as_numpy("RESULTS")]
     finals = [m for m in messages if m["type"] == "Results" and m["is_final"]]
     assert len(finals) == 1, messages
     (final,) = finals
     alt = final["channel"]["alternatives"][0]
     assert alt["transcript"] == "hi there"
-    assert [(w["word"], w["start"], w["end"]) for w in alt["words"]] == \
-        [(w, pytest.approx(s), pytest.approx(e)) for w, s, e in EXPECTED_WORDS]
+    assert [(w["word"], w["start"], w["end"]) for w in alt["words"]] == [
+        (w, pytest.approx(s), pytest.approx(e)) for w, s, e in EXPECTED_WORDS
+    ]
     assert final["start"] == 0.0
     assert final["duration"] == pytest.approx(len(PATH) * FRAME_S)
     assert alt["confidence"] == pytest.approx(PEAK, abs=1e-3)

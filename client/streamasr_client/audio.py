@@ -1,5 +1,6 @@
 """Reading audio for the clients: any file soundfile (libsndfile) reads, or raw PCM,
 converted to mono float32 at the model's sample rate."""
+
 from __future__ import annotations
 
 import sys
@@ -36,8 +37,9 @@ def load_audio(path: str | Path, target_rate: int) -> np.ndarray:
     return resample(to_mono(audio), rate, target_rate)
 
 
-def pcm_chunks(stream: BinaryIO, rate: int, target_rate: int, chunk_samples: int,
-               channels: int = 1):
+def pcm_chunks(
+    stream: BinaryIO, rate: int, target_rate: int, chunk_samples: int, channels: int = 1
+):
     """Raw signed 16-bit little-endian PCM from a byte stream (e.g. stdin), yielded as
     float32 chunks at target_rate as it arrives."""
     frame_bytes = 2 * channels

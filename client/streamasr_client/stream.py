@@ -11,6 +11,7 @@ so an error reaches the session that caused it and no other.
     s.close(); s.wait()                          # END: the final result arrives
     print(s.transcript)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,13 +30,25 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from streamasr import protocol
-from streamasr.protocol import (CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL, TWO_PASS_MODEL,
-                                ModelContract)
+from streamasr.protocol import (
+    CONTRACT_MODEL,
+    OFFLINE_MODEL,
+    STREAM_MODEL,
+    TWO_PASS_MODEL,
+    ModelContract,
+)
 
 log = logging.getLogger("streamasr_client")
 
-__all__ = ["AsrConnection", "AsrError", "Session", "STREAM_MODEL", "TWO_PASS_MODEL",
-           "CONTRACT_MODEL", "OFFLINE_MODEL"]
+__all__ = [
+    "AsrConnection",
+    "AsrError",
+    "Session",
+    "STREAM_MODEL",
+    "TWO_PASS_MODEL",
+    "CONTRACT_MODEL",
+    "OFFLINE_MODEL",
+]
 # gRPC's 4 MB default is too small for a long recording sent to offline_asr.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The shared stream is re-opened after it broke; give up on a request after this many
@@ -47,11 +60,14 @@ class AsrError(RuntimeError):
     """The server rejected a request; the message is the server's."""
 
 
-def _channel(url: str, ssl: bool, root_certificates: bytes | None,
-             max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.keepalive_time_ms", 30_000)]
+def _channel(
+    url: str, ssl: bool, root_certificates: bytes | None, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
     if ssl:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         return grpc.secure_channel(url, creds, options=options)
@@ -75,7 +91,7 @@ def _strings(raw: bytes) -> list[str]:
     out, i = [], 0
     while i < len(raw):
         (n,) = struct.unpack_from("<I", raw, i)
-        out.append(raw[i + 4:i + 4 + n].decode("utf-8"))
+        out.append(raw[i + 4 : i + 4 + n].decode("utf-8"))
         i += 4 + n
     return out
 
@@ -125,14 +141,14 @@ class Session:
     sequence_id: int
     options: dict[str, Any]
     on_message: Callable[[dict], None] | None = None
-    model: str | None = None    # the streaming model; None: the connection's
+    model: str | None = None  # the streaming model; None: the connection's
     messages: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _sent: int = 0
-    _answered: int = 0          # responses passed on (in send order)
+    _answered: int = 0  # responses passed on (in send order)
     _early: dict[int, tuple[list[dict], str | None, float]] = field(default_factory=dict)
     _closed: bool = False
-    _failed: str | None = None   # the session cannot go on (its requests were lost)
+    _failed: str | None = None  # the session cannot go on (its requests were lost)
     _cv: threading.Condition = field(default_factory=threading.Condition)
     #: called once with the START request's error (None: accepted), on the reader thread
     on_start: Callable[[str | None], None] | None = None
@@ -141,15 +157,22 @@ class Session:
     _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     # -- sending ---------------------------------------------------------------------
-    def send(self, audio: np.ndarray | None = None, *, finalize: bool = False,
-             keepalive: bool = False, end: bool = False,
-             sample_rate: int | None = None) -> None:
+    def send(
+        self,
+        audio: np.ndarray | None = None,
+        *,
+        finalize: bool = False,
+        keepalive: bool = False,
+        end: bool = False,
+        sample_rate: int | None = None,
+    ) -> None:
         if self._failed is not None:
             raise AsrError(self._failed)
         if self._closed:
             raise AsrError(f"session {self.sequence_id} is closed")
-        req = service_pb2.ModelInferRequest(model_name=self.model or self.conn.model,
-                                            id=f"{self.sequence_id}:{self._sent}")
+        req = service_pb2.ModelInferRequest(
+            model_name=self.model or self.conn.model, id=f"{self.sequence_id}:{self._sent}"
+        )
         _add_audio(req, audio, sample_rate)
         start = self._sent == 0
         _set_param(req.parameters, "sequence_id", self.sequence_id)
@@ -162,7 +185,7 @@ class Session:
         if start:
             for k, v in self.options.items():
                 _set_param(req.parameters, k, v)
-        self.conn._check_size(req)      # before counting it: a refused request never existed
+        self.conn._check_size(req)  # before counting it: a refused request never existed
         with self._cv:
             self._sent += 1
             if end:
@@ -190,7 +213,7 @@ class Session:
         arrived = time.perf_counter()
         with self._cv:
             if self._failed is not None:
-                return          # answered for good already (see _fail)
+                return  # answered for good already (see _fail)
             self._early[index] = (msgs, error, arrived)
             ready: list[tuple[list[dict], str | None, float]] = []
             while self._answered + len(ready) in self._early:
@@ -255,10 +278,12 @@ class Session:
         were lost (the session failed)."""
         with self._cv:
             if not self._cv.wait_for(
-                    lambda: self._answered >= self._sent or self._failed is not None,
-                    timeout):
-                raise TimeoutError(f"session {self.sequence_id}: {self._sent - self._answered} "
-                                   f"responses missing after {timeout} s")
+                lambda: self._answered >= self._sent or self._failed is not None, timeout
+            ):
+                raise TimeoutError(
+                    f"session {self.sequence_id}: {self._sent - self._answered} "
+                    f"responses missing after {timeout} s"
+                )
         if self._failed is not None:
             raise AsrError(self._failed)
 
@@ -314,7 +339,7 @@ class _Stream:
         while True:
             req = self.requests.get()
             if req is None:
-                return                      # half-close
+                return  # half-close
             sid, index = _parse_request_id(req.id)
             with self.lock:
                 self.in_flight.setdefault(sid, set()).add(index)
@@ -338,9 +363,15 @@ class AsrConnection:
     re-opened for the others, which carry on: a Triton sequence is not bound to a stream.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, model: str = STREAM_MODEL,
-                 ssl: bool = False, root_certificates: bytes | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        model: str = STREAM_MODEL,
+        ssl: bool = False,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.url = url
         self.model = model
         self.max_message_bytes = max_message_bytes
@@ -352,8 +383,8 @@ class AsrConnection:
         self._contract: ModelContract | None = None
         self._current: _Stream | None = None
         self._closing = False
-        self._reopens = 0               # re-opens in a row that answered nothing
-        self.breaks = 0                 # streams that broke (for logs and tests)
+        self._reopens = 0  # re-opens in a row that answered nothing
+        self.breaks = 0  # streams that broke (for logs and tests)
         self.last_error: str | None = None
 
     # -- unary calls -------------------------------------------------------------------
@@ -366,8 +397,9 @@ class AsrConnection:
 
     def model_ready(self, name: str, timeout: float = 2.0) -> bool:
         """Whether model ``name`` is loaded and ready; RpcError when unreachable."""
-        return self._stub.ModelReady(service_pb2.ModelReadyRequest(name=name),
-                                     timeout=timeout).ready
+        return self._stub.ModelReady(
+            service_pb2.ModelReadyRequest(name=name), timeout=timeout
+        ).ready
 
     @property
     def closed(self) -> bool:
@@ -380,9 +412,14 @@ class AsrConnection:
             self._contract = ModelContract.from_json(_strings(resp.raw_output_contents[0])[0])
         return self._contract
 
-    def transcribe_file(self, audio: np.ndarray, *, sample_rate: int | None = None,
-                        options: dict[str, Any] | None = None,
-                        timeout: float = 600.0) -> list[dict]:
+    def transcribe_file(
+        self,
+        audio: np.ndarray,
+        *,
+        sample_rate: int | None = None,
+        options: dict[str, Any] | None = None,
+        timeout: float = 600.0,
+    ) -> list[dict]:
         """Whole recording in one request to `offline_asr`."""
         req = service_pb2.ModelInferRequest(model_name=OFFLINE_MODEL)
         _add_audio(req, np.asarray(audio, np.float32), sample_rate)
@@ -400,13 +437,19 @@ class AsrConnection:
         the stream for every session on it."""
         size = req.ByteSize()
         if size > self.max_message_bytes:
-            raise AsrError(f"request of {size} bytes is larger than the gRPC message limit "
-                           f"of {self.max_message_bytes} bytes: send shorter audio chunks")
+            raise AsrError(
+                f"request of {size} bytes is larger than the gRPC message limit "
+                f"of {self.max_message_bytes} bytes: send shorter audio chunks"
+            )
 
     # -- streaming ---------------------------------------------------------------------
-    def open_session(self, options: dict[str, Any] | None = None,
-                     on_message: Callable[[dict], None] | None = None,
-                     sequence_id: int | None = None, model: str | None = None) -> Session:
+    def open_session(
+        self,
+        options: dict[str, Any] | None = None,
+        on_message: Callable[[dict], None] | None = None,
+        sequence_id: int | None = None,
+        model: str | None = None,
+    ) -> Session:
         """A new stream on this connection; ``model`` picks the streaming model for it
         (e.g. TWO_PASS_MODEL), default the connection's."""
         sid = sequence_id if sequence_id is not None else next(self._ids)
@@ -423,8 +466,9 @@ class AsrConnection:
         if self._current is None:
             st = _Stream()
             st.call = self._stub.ModelStreamInfer(st.iterate())
-            st.reader = threading.Thread(target=self._read, args=(st,), name="asr-stream",
-                                         daemon=True)
+            st.reader = threading.Thread(
+                target=self._read, args=(st,), name="asr-stream", daemon=True
+            )
             self._current = st
             st.reader.start()
         return self._current
@@ -491,7 +535,7 @@ class AsrConnection:
                 if req is not None:
                     untaken.append(req)
             if self._reopens >= MAX_REOPENS_WITHOUT_ANSWER:
-                for req in untaken:     # the server keeps refusing: these die too
+                for req in untaken:  # the server keeps refusing: these die too
                     sid, index = _parse_request_id(req.id)
                     lost.setdefault(sid, []).append(index)
                 untaken = []
@@ -500,16 +544,24 @@ class AsrConnection:
                 new = self._stream_locked()
                 for req in keep:
                     new.requests.put(req)
-            failed = [(self._sessions[sid], ix) for sid, ix in lost.items()
-                      if sid in self._sessions]
+            failed = [
+                (self._sessions[sid], ix) for sid, ix in lost.items() if sid in self._sessions
+            ]
         if lost or keep:
-            log.error("gRPC stream to %s broke (%s): %d session(s) lost requests in flight, "
-                      "%d request(s) moved to a new stream", self.url, why, len(failed),
-                      len(keep))
+            log.error(
+                "gRPC stream to %s broke (%s): %d session(s) lost requests in flight, "
+                "%d request(s) moved to a new stream",
+                self.url,
+                why,
+                len(failed),
+                len(keep),
+            )
         for session, indexes in failed:
-            session._fail(f"gRPC stream to {self.url} broke ({why}) with request(s) "
-                          f"{indexes} of this session in flight: their results are lost; "
-                          "start a new session")
+            session._fail(
+                f"gRPC stream to {self.url} broke ({why}) with request(s) "
+                f"{indexes} of this session in flight: their results are lost; "
+                "start a new session"
+            )
 
     def forget(self, session: Session) -> None:
         with self._lock:
@@ -520,7 +572,7 @@ class AsrConnection:
             self._closing = True
             st, self._current = self._current, None
         if st is not None:
-            st.requests.put(None)           # ends the request iterator: half-close
+            st.requests.put(None)  # ends the request iterator: half-close
             if st.reader is not None:
                 st.reader.join(timeout=10)
         self._channel.close()

@@ -7,6 +7,7 @@ rejects unknown keys and raises ``ValueError`` whose message starts with the bad
 The two dataclasses have disjoint field names, so one flat dict of stream options can be
 split between them by field name (the Triton adapter does exactly that).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,11 +60,11 @@ SERVER_ONLY_PARAMETERS = frozenset({"lm_path"})
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "beam_size": (1, 1024),
     "beam_top_k": (1, 1024),
-    "hotword_boost": (0.0, 100.0),           # also each hotword's own boost
+    "hotword_boost": (0.0, 100.0),  # also each hotword's own boost
     "lm_alpha": (0.0, 10.0),
     "lm_beta": (-20.0, 20.0),
     "lm_oov_letter_log10": (-20.0, 0.0),
-    "time_offset": (0.0, 366 * 86400.0),     # a year of seconds
+    "time_offset": (0.0, 366 * 86400.0),  # a year of seconds
     "rule1_min_trailing_silence": (0.0, 3600.0),
     "rule2_min_trailing_silence": (0.0, 3600.0),
     "rule3_min_utterance_length": (0.0, 3600.0),
@@ -160,8 +161,7 @@ def parse_hotwords(key: str, raw: Any, default_boost: float) -> tuple[tuple[str,
                 phrase, sep, given = part.rpartition(":")
                 items.append((phrase, given) if sep else part)
     if not isinstance(items, (list, tuple)):
-        raise ValueError(f"{key}: must be a list of phrases or (phrase, boost) pairs, "
-                         f"got {raw!r}")
+        raise ValueError(f"{key}: must be a list of phrases or (phrase, boost) pairs, got {raw!r}")
     out = []
     for item in items:
         if isinstance(item, str):
@@ -169,8 +169,9 @@ def parse_hotwords(key: str, raw: Any, default_boost: float) -> tuple[tuple[str,
         elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
             phrase, boost = item[0], parse_float(key, item[1])
         else:
-            raise ValueError(f"{key}: each entry must be a phrase or a (phrase, boost) pair, "
-                             f"got {item!r}")
+            raise ValueError(
+                f"{key}: each entry must be a phrase or a (phrase, boost) pair, got {item!r}"
+            )
         phrase = " ".join(phrase.split())
         if not phrase:
             raise ValueError(f"{key}: empty hotword phrase in {raw!r}")
@@ -182,8 +183,10 @@ def _check_unknown(cls, params: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown {cls.__name__} parameter "
-                         f"(unknown: {unknown}; known: {sorted(known)})")
+        raise ValueError(
+            f"{unknown[0]}: unknown {cls.__name__} parameter "
+            f"(unknown: {unknown}; known: {sorted(known)})"
+        )
 
 
 def _parsed_over_defaults(cls, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,13 +245,15 @@ class DecoderConfig:
             "lm_beta": parse_float("lm_beta", p["lm_beta"], minimum=-math.inf),
             "lm_partial_words": parse_bool("lm_partial_words", p["lm_partial_words"]),
             # <= 0 (a cost) is enforced with every other range by check_ranges
-            "lm_oov_letter_log10": parse_float("lm_oov_letter_log10",
-                                               p["lm_oov_letter_log10"], minimum=-math.inf),
+            "lm_oov_letter_log10": parse_float(
+                "lm_oov_letter_log10", p["lm_oov_letter_log10"], minimum=-math.inf
+            ),
             "time_offset": parse_float("time_offset", p["time_offset"]),
         }
         check_ranges(out)
         if out["lm_path"]:
             from .lm import check_lm_path  # kenlm is optional: imported only when asked for
+
             check_lm_path("lm_path", str(out["lm_path"]))
         return out
 

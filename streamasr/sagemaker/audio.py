@@ -1,6 +1,7 @@
 """Audio as clients send it to the gateway: raw PCM (16-bit or float32, interleaved
 channels, any rate in range) or a file libsndfile reads, decoded to mono float32 at the
 model's rate."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,7 +11,6 @@ import numpy as np
 from streamasr.decoding.config import parse_int
 from streamasr.protocol import PCM16_FULL_SCALE
 from streamasr_client.audio import resample, to_mono
-
 
 ENCODINGS = {"linear16": ("<i2", PCM16_FULL_SCALE), "float32": ("<f4", 1.0)}
 
@@ -33,10 +33,11 @@ class BadAudio(ValueError):
 
 def parse_sample_rate(value: Any, key: str = "sample_rate") -> int:
     """A client's sample rate: an integer within [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE]."""
-    rate = parse_int(key, value, 1)      # ValueError names the key
+    rate = parse_int(key, value, 1)  # ValueError names the key
     if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise ValueError(f"{key}: must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} "
-                         f"Hz, got {rate}")
+        raise ValueError(
+            f"{key}: must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, got {rate}"
+        )
     return rate
 
 

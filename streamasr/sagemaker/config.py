@@ -1,5 +1,6 @@
 """The gateway's settings: defaults, limits, and the environment variables that set
 them (``GatewayConfig.from_env``)."""
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ class GatewayConfig:
     close_timeout_s: float = 30.0
     # Stateful /invocations sessions expire after this idle time.
     session_ttl_s: float = 300.0
-    heartbeat_s: float | None = None   # server-initiated pings (SageMaker pings us anyway)
+    heartbeat_s: float | None = None  # server-initiated pings (SageMaker pings us anyway)
     # Streams get two-pass finals (Whisper re-decode) unless they say two_pass=false.
     two_pass: bool = False
 
@@ -57,16 +58,16 @@ class GatewayConfig:
         c.grpc_ssl = e.get("STREAMASR_TRITON_GRPC_SSL", "false").lower() == "true"
         c.grpc_root_cert = e.get("STREAMASR_TRITON_GRPC_ROOT_CERT") or None
         c.two_pass = parse_bool("STREAMASR_TWO_PASS", e.get("STREAMASR_TWO_PASS", "false"))
-        for name, attr, conv in (("STREAMASR_GATEWAY_MAX_PENDING", "max_pending_requests", int),
-                                 ("STREAMASR_GATEWAY_MAX_OUTGOING", "max_outgoing_messages", int),
-                                 ("STREAMASR_GATEWAY_MAX_FRAME_BYTES", "max_frame_bytes", int),
-                                 ("STREAMASR_GATEWAY_MAX_FRAME_SECONDS", "max_frame_seconds",
-                                  float),
-                                 ("STREAMASR_GATEWAY_MAX_BODY_BYTES", "max_body_bytes", int),
-                                 ("STREAMASR_GATEWAY_BLOCKING_THREADS", "blocking_threads",
-                                  int),
-                                 ("STREAMASR_GATEWAY_FLOOD_TIMEOUT", "flood_timeout_s", float),
-                                 ("STREAMASR_GATEWAY_SESSION_TTL", "session_ttl_s", float)):
+        for name, attr, conv in (
+            ("STREAMASR_GATEWAY_MAX_PENDING", "max_pending_requests", int),
+            ("STREAMASR_GATEWAY_MAX_OUTGOING", "max_outgoing_messages", int),
+            ("STREAMASR_GATEWAY_MAX_FRAME_BYTES", "max_frame_bytes", int),
+            ("STREAMASR_GATEWAY_MAX_FRAME_SECONDS", "max_frame_seconds", float),
+            ("STREAMASR_GATEWAY_MAX_BODY_BYTES", "max_body_bytes", int),
+            ("STREAMASR_GATEWAY_BLOCKING_THREADS", "blocking_threads", int),
+            ("STREAMASR_GATEWAY_FLOOD_TIMEOUT", "flood_timeout_s", float),
+            ("STREAMASR_GATEWAY_SESSION_TTL", "session_ttl_s", float),
+        ):
             if name in e:
                 setattr(c, attr, conv(e[name]))
         return c

@@ -1,5 +1,6 @@
 """The gateway's view of Triton and its health: one connection (one gRPC stream shared
 by every session) and the readiness check ``/ping`` answers from."""
+
 from __future__ import annotations
 
 import threading
@@ -10,7 +11,6 @@ from streamasr.protocol import CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL, Mode
 from streamasr_client.stream import AsrConnection
 
 from .config import GatewayConfig
-
 
 # /ping answers from the state of a background health check: how often it asks Triton
 # (three cheap RPCs), and how old a state may be before /ping stops trusting it.
@@ -41,8 +41,9 @@ class Backend:
                 if self.cfg.grpc_root_cert:
                     with open(self.cfg.grpc_root_cert, "rb") as f:
                         root = f.read()
-                self._conn = AsrConnection(self.cfg.triton_grpc, ssl=self.cfg.grpc_ssl,
-                                           root_certificates=root)
+                self._conn = AsrConnection(
+                    self.cfg.triton_grpc, ssl=self.cfg.grpc_ssl, root_certificates=root
+                )
             return self._conn
 
     def contract(self) -> ModelContract:

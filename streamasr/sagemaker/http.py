@@ -48,6 +48,7 @@ refused before it is sent, and should the stream break anyway, only the sessions
 request in flight on it fail (``AsrConnection``).  ``/ping`` answers from a health state
 a background task keeps fresh; blocking work runs on the gateway's own bounded pool.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,8 +68,15 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from streamasr import protocol
-from streamasr.protocol import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER, NEW_SESSION,
-                                NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, ModelContract)
+from streamasr.protocol import (
+    CLOSED_SESSION_HEADER,
+    CUSTOM_ATTRIBUTES_HEADER,
+    NEW_SESSION,
+    NEW_SESSION_HEADER,
+    SESSION_HEADER,
+    WS_PATH,
+    ModelContract,
+)
 from streamasr_client.stream import AsrError, Session
 
 from ..cli import argument_parser
@@ -103,14 +111,22 @@ class RedactingAccessLogger(AbstractAccessLogger):
 
     def log(self, request, response, time: float) -> None:
         keys = "&".join(f"{k}=<redacted>" for k in request.query.keys())
-        self.logger.info('%s "%s %s%s" %s %s %.3fs', request.remote, request.method,
-                         request.path, f"?{keys}" if keys else "", response.status,
-                         response.body_length, time)
+        self.logger.info(
+            '%s "%s %s%s" %s %s %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            f"?{keys}" if keys else "",
+            response.status,
+            response.body_length,
+            time,
+        )
 
 
 @dataclass
 class HttpSession:
     """A stateful /invocations streaming session."""
+
     id: str
     session: Session
     expires: float
@@ -129,8 +145,7 @@ def request_options(request: web.Request) -> dict[str, str]:
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"type": "Error", "code": code, "message": message},
-                             status=status)
+    return web.json_response({"type": "Error", "code": code, "message": message}, status=status)
 
 
 class Gateway:
@@ -139,17 +154,17 @@ class Gateway:
         self.backend = backend or Backend(cfg)
         self.http_sessions: dict[str, HttpSession] = {}
         self.active_ws = 0
-        self.ws_sessions: set[WsSession] = set()     # open streams, for the shutdown drain
+        self.ws_sessions: set[WsSession] = set()  # open streams, for the shutdown drain
         self._reaper: asyncio.Task | None = None
         self._health_task: asyncio.Task | None = None
         # (ready, reason, monotonic time of the check); None until the first check
         self.health: tuple[bool, str, float] | None = None
         self._first_health: asyncio.Event | None = None
-        self._pool = ThreadPoolExecutor(max_workers=cfg.blocking_threads,
-                                        thread_name_prefix="gateway-blocking")
+        self._pool = ThreadPoolExecutor(
+            max_workers=cfg.blocking_threads, thread_name_prefix="gateway-blocking"
+        )
         # the health check's own thread: never queued behind blocking work
-        self._health_pool = ThreadPoolExecutor(max_workers=1,
-                                               thread_name_prefix="gateway-health")
+        self._health_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-health")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
@@ -180,7 +195,8 @@ class Gateway:
     async def _run(self, fn, *args, **kw):
         """Blocking work on the gateway's bounded pool (not asyncio's default one)."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(fn, *args, **kw))
+            self._pool, functools.partial(fn, *args, **kw)
+        )
 
     async def contract(self) -> ModelContract:
         return self.backend.known_contract or await self._run(self.backend.contract)
@@ -189,7 +205,7 @@ class Gateway:
     async def _health_loop(self) -> None:
         loop = asyncio.get_running_loop()
         first_health = self._first_health
-        assert first_health is not None         # made by _on_startup, which starts us
+        assert first_health is not None  # made by _on_startup, which starts us
         while True:
             try:
                 ok, reason = await loop.run_in_executor(self._health_pool, self.backend.ready)
@@ -223,9 +239,11 @@ class Gateway:
         a streamed body passes max_body_bytes (never read whole first)."""
         limit = self.cfg.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise BodyTooLarge(f"body of {request.content_length} bytes (Content-Length) is "
-                               f"over the limit of {limit} bytes")
-        if sagemaker_platform.READ_BODY_KEY in request:   # read (bounded) by the middleware
+            raise BodyTooLarge(
+                f"body of {request.content_length} bytes (Content-Length) is "
+                f"over the limit of {limit} bytes"
+            )
+        if sagemaker_platform.READ_BODY_KEY in request:  # read (bounded) by the middleware
             body = request[sagemaker_platform.READ_BODY_KEY]
             if len(body) > limit:
                 raise BodyTooLarge(f"body over the limit of {limit} bytes")
@@ -241,11 +259,12 @@ class Gateway:
     @staticmethod
     def _too_large(exc: BodyTooLarge) -> web.Response:
         resp = _error(413, "too_large", str(exc))
-        resp.force_close()          # do not read (or linger on) the rest of the body
+        resp.force_close()  # do not read (or linger on) the rest of the body
         return resp
 
-    async def _body_audio(self, request: web.Request, session_chunk: bool = False
-                          ) -> tuple[np.ndarray | None, ModelContract]:
+    async def _body_audio(
+        self, request: web.Request, session_chunk: bool = False
+    ) -> tuple[np.ndarray | None, ModelContract]:
         """The body as audio at the model's rate, and the contract; a refusal is raised as
         ``Refused`` with its answer.  A session chunk's body may be empty (None: no audio)
         and is raw PCM unless its Content-Type says otherwise."""
@@ -281,14 +300,21 @@ class Gateway:
             conn = await self._run(self.backend.connection)
             messages = await self._run(conn.transcribe_file, audio, options=options)
         except AsrError as exc:
-            log.warning("invocations: offline_asr refused %.1f s of audio: %s",
-                        len(audio) / contract.sample_rate, exc)
+            log.warning(
+                "invocations: offline_asr refused %.1f s of audio: %s",
+                len(audio) / contract.sample_rate,
+                exc,
+            )
             return _error(400, "model_error", str(exc))
-        log.info("invocations: %.1f s audio, %d messages, %.0f ms",
-                 len(audio) / contract.sample_rate, len(messages),
-                 1000 * (time.monotonic() - t0))
-        return web.json_response({"messages": messages,
-                                  "transcript": protocol.final_text(messages)})
+        log.info(
+            "invocations: %.1f s audio, %d messages, %.0f ms",
+            len(audio) / contract.sample_rate,
+            len(messages),
+            1000 * (time.monotonic() - t0),
+        )
+        return web.json_response(
+            {"messages": messages, "transcript": protocol.final_text(messages)}
+        )
 
     async def _session_chunk(self, request: web.Request) -> web.Response:
         sid = request.headers[SESSION_HEADER].strip()
@@ -312,11 +338,14 @@ class Gateway:
             session = conn.open_session(options, model=model)
             hs = HttpSession(uuid.uuid4().hex, session, time.monotonic() + self.cfg.session_ttl_s)
             self.http_sessions[hs.id] = hs
-            expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.cfg.session_ttl_s)
+            expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(
+                seconds=self.cfg.session_ttl_s
+            )
             # SageMaker reads X-Amzn-SageMaker-Session-Id from the container's answer (as
             # AWS's own containers send it); the New-Session-Id name stays for older clients.
-            headers[SESSION_HEADER] = headers[NEW_SESSION_HEADER] = \
+            headers[SESSION_HEADER] = headers[NEW_SESSION_HEADER] = (
                 f"{hs.id}; Expires={expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+            )
             log.info("http session %s opened", hs.id)
         else:
             known = self.http_sessions.get(sid)
@@ -362,9 +391,10 @@ class Gateway:
 
     # -- WebSocket -----------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(autoping=True, heartbeat=self.cfg.heartbeat_s,
-                                   max_msg_size=self.cfg.max_frame_bytes)
-        await ws.prepare(request)       # accept first: SageMaker wants it within 250 ms
+        ws = web.WebSocketResponse(
+            autoping=True, heartbeat=self.cfg.heartbeat_s, max_msg_size=self.cfg.max_frame_bytes
+        )
+        await ws.prepare(request)  # accept first: SageMaker wants it within 250 ms
         self.active_ws += 1
         session = WsSession(self, ws, dict(request.query))
         self.ws_sessions.add(session)
@@ -378,20 +408,28 @@ class Gateway:
 
 def serve_app(app: web.Application, host: str, port: int, **kw) -> None:
     """``web.run_app`` with the redacting access log (both entry points use it)."""
-    web.run_app(app, host=host, port=port, print=None,
-                access_log_class=RedactingAccessLogger, **kw)
+    web.run_app(app, host=host, port=port, print=None, access_log_class=RedactingAccessLogger, **kw)
 
 
 def run(cfg: GatewayConfig) -> None:
     gw = Gateway(cfg)
-    log.info("gateway on %s:%d -> triton gRPC %s%s", cfg.host, cfg.port, cfg.triton_grpc,
-             " (TLS)" if cfg.grpc_ssl else "")
-    serve_app(gw.app(), cfg.host, cfg.port, handle_signals=True,
-              shutdown_timeout=cfg.close_timeout_s)
+    log.info(
+        "gateway on %s:%d -> triton gRPC %s%s",
+        cfg.host,
+        cfg.port,
+        cfg.triton_grpc,
+        " (TLS)" if cfg.grpc_ssl else "",
+    )
+    serve_app(
+        gw.app(), cfg.host, cfg.port, handle_signals=True, shutdown_timeout=cfg.close_timeout_s
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     p = argument_parser("python -m streamasr.sagemaker.http", __doc__)
     cfg = GatewayConfig.from_env()
     p.add_argument("--host", default=cfg.host)

@@ -1,6 +1,7 @@
 """The WebSocket route (SageMaker's bidirectional stream): one WebSocket session = one
 Triton sequence on the gateway's shared gRPC stream; the protocol is in http.py's module
 documentation."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,9 @@ async def wait_session(s: Session, timeout: float) -> None:
         while s.pending > 0 and s.failed is None:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TimeoutError(f"session {s.sequence_id}: {s.pending} responses missing "
-                                   f"after {timeout} s")
+                raise TimeoutError(
+                    f"session {s.sequence_id}: {s.pending} responses missing after {timeout} s"
+                )
             changed.clear()
             if s.pending <= 0 or s.failed is not None:
                 break
@@ -61,8 +63,7 @@ class ProtocolError(Exception):
     """Ends a WebSocket session: an Error frame (unless ``notified``: the client has the
     error already) and a close code."""
 
-    def __init__(self, code: str, message: str, close_code: int = 1008,
-                 notified: bool = False):
+    def __init__(self, code: str, message: str, close_code: int = 1008, notified: bool = False):
         super().__init__(message)
         self.code, self.close_code, self.notified = code, close_code, notified
 
@@ -76,18 +77,18 @@ class WsSession:
         self.encoding = "linear16"
         self.sample_rate: int | None = None
         self.channels = 1
-        self.two_pass = query.get("two_pass")       # None: the gateway's default
+        self.two_pass = query.get("two_pass")  # None: the gateway's default
         self.options: dict[str, Any] = {k: v for k, v in query.items() if k not in GATEWAY_KEYS}
         self.session: Session | None = None
         self.loop = asyncio.get_running_loop()
         self.out: asyncio.Queue = asyncio.Queue()
-        self.started: asyncio.Future = self.loop.create_future()   # the START's answer
+        self.started: asyncio.Future = self.loop.create_future()  # the START's answer
         self.overflow = False
         self.remainder = b""
-        self.received = 0          # messages handed to us by the reader thread
+        self.received = 0  # messages handed to us by the reader thread
         self.audio_bytes = 0
         self.id = "-"
-        self.draining = False      # set by the shutdown drain: further input is ignored
+        self.draining = False  # set by the shutdown drain: further input is ignored
 
     def _set_format(self, source: dict, where: str) -> None:
         """encoding / sample_rate / channels from the query or a Configure message."""
@@ -133,8 +134,11 @@ class WsSession:
         self.two_pass = msg.get("two_pass", self.two_pass)
         options = msg.get("options") or {}
         if not isinstance(options, dict):
-            raise ProtocolError("bad_request", "Configure: options must be a JSON object "
-                                f"of decoder options, got {type(options).__name__}")
+            raise ProtocolError(
+                "bad_request",
+                "Configure: options must be a JSON object "
+                f"of decoder options, got {type(options).__name__}",
+            )
         self.options.update(options)
 
     async def _open(self) -> Session:
@@ -147,13 +151,17 @@ class WsSession:
                 model = self.cfg.stream_model(self.two_pass)
             except ValueError as exc:
                 raise ProtocolError("bad_request", str(exc)) from None
-            conn = self.gw.backend.connection()     # made once, no I/O
-            self.session = conn.open_session(self.options, on_message=self._on_message,
-                                             model=model)
+            conn = self.gw.backend.connection()  # made once, no I/O
+            self.session = conn.open_session(self.options, on_message=self._on_message, model=model)
             self.session.on_start = self._on_start
             self.id = str(self.session.sequence_id)
-            log.info("ws %s: opened (encoding %s, %d Hz, %d options)", self.id,
-                     self.encoding, self.sample_rate, len(self.options))
+            log.info(
+                "ws %s: opened (encoding %s, %d Hz, %d options)",
+                self.id,
+                self.encoding,
+                self.sample_rate,
+                len(self.options),
+            )
         return self.session
 
     async def _accepted(self) -> None:
@@ -164,13 +172,13 @@ class WsSession:
         if s is None or not s.started:
             return
         try:
-            error = await asyncio.wait_for(asyncio.shield(self.started),
-                                           self.cfg.close_timeout_s)
+            error = await asyncio.wait_for(asyncio.shield(self.started), self.cfg.close_timeout_s)
         except asyncio.TimeoutError:
-            raise TimeoutError(f"no answer to the START request after "
-                               f"{self.cfg.close_timeout_s:g} s") from None
+            raise TimeoutError(
+                f"no answer to the START request after {self.cfg.close_timeout_s:g} s"
+            ) from None
         if s.failed is not None:
-            raise AsrError(s.failed)        # lost with a broken stream, not refused
+            raise AsrError(s.failed)  # lost with a broken stream, not refused
         if error is not None:
             raise ProtocolError("start_refused", error, notified=True)
 
@@ -178,7 +186,7 @@ class WsSession:
         """Wait (not reading the socket) while too many chunks are in flight; a client
         still ahead of the model after flood_timeout_s is flooding."""
         s = self.session
-        assert s is not None                    # opened before any audio
+        assert s is not None  # opened before any audio
         deadline = time.monotonic() + self.cfg.flood_timeout_s
         while s.pending >= self.cfg.max_pending_requests:
             if time.monotonic() >= deadline:
@@ -186,7 +194,8 @@ class WsSession:
                     "backpressure",
                     f"{s.pending} audio chunks still waiting for the model after "
                     f"{self.cfg.flood_timeout_s:.0f} s (limit {self.cfg.max_pending_requests}):"
-                    f" send audio no faster than the model transcribes it")
+                    f" send audio no faster than the model transcribes it",
+                )
             await asyncio.sleep(0.005)
         if self.overflow:
             raise ProtocolError("backpressure", "client is not reading results fast enough")
@@ -197,7 +206,7 @@ class WsSession:
         s = await self._open()
         await self._accepted()
         await self._check_flood()
-        if self.draining:          # the drain ENDed the sequence while this waited
+        if self.draining:  # the drain ENDed the sequence while this waited
             return
         width = np.dtype(ENCODINGS[self.encoding][0]).itemsize * self.channels
         data = self.remainder + data
@@ -208,16 +217,18 @@ class WsSession:
         # The size that matters is what goes to Triton, after resampling: bounded by
         # duration, checked before resampling allocates it.
         rate = self.sample_rate
-        assert rate is not None                 # _open settled the format
+        assert rate is not None  # _open settled the format
         seconds = cut // width / rate
         if seconds > self.cfg.max_frame_seconds:
             raise ProtocolError(
                 "frame_too_large",
                 f"a frame of {cut} bytes holds {seconds:.1f} s of audio at "
                 f"{self.sample_rate} Hz ({self.encoding}, {self.channels} channel(s)); "
-                f"the limit is {self.cfg.max_frame_seconds:g} s of audio per frame")
-        audio = resample(decode_pcm(data[:cut], self.encoding, self.channels),
-                         rate, self.model_rate)
+                f"the limit is {self.cfg.max_frame_seconds:g} s of audio per frame",
+            )
+        audio = resample(
+            decode_pcm(data[:cut], self.encoding, self.channels), rate, self.model_rate
+        )
         self.audio_bytes += cut
         s.send(audio)
 
@@ -229,8 +240,9 @@ class WsSession:
             msg = json.loads(text)
             kind = msg["type"]
         except (ValueError, KeyError, TypeError):
-            raise ProtocolError("bad_request",
-                                'text frames must be JSON objects with a "type"') from None
+            raise ProtocolError(
+                "bad_request", 'text frames must be JSON objects with a "type"'
+            ) from None
         if kind == "Configure":
             self._configure(msg)
         elif kind == "Finalize":
@@ -278,7 +290,7 @@ class WsSession:
                     client_gone = True
                     break
             else:
-                client_gone = True       # the client closed the socket
+                client_gone = True  # the client closed the socket
             await self._finish()
         except ProtocolError as exc:
             log.warning("ws %s: closing, %s", self.id, exc.code)
@@ -291,10 +303,16 @@ class WsSession:
             close_code, reason = 1011, "backend"
         finally:
             s = self.session
-            if (s is not None and not s.closed and s.started and s.failed is None
-                    and self.started.done() and self.started.result() is None):
+            if (
+                s is not None
+                and not s.closed
+                and s.started
+                and s.failed is None
+                and self.started.done()
+                and self.started.result() is None
+            ):
                 try:
-                    s.close()     # frees the Triton sequence slot
+                    s.close()  # frees the Triton sequence slot
                 except AsrError:
                     pass
             self.out.put_nowait(None)
@@ -309,8 +327,13 @@ class WsSession:
                 asyncio.create_task(self._forget_later(s))
             if not self.ws.closed:
                 await self.ws.close(code=close_code, message=reason.encode())
-            log.info("ws %s: closed %d (%d audio bytes, %d responses)", self.id, close_code,
-                     self.audio_bytes, len(s.messages) if s else 0)
+            log.info(
+                "ws %s: closed %d (%d audio bytes, %d responses)",
+                self.id,
+                close_code,
+                self.audio_bytes,
+                len(s.messages) if s else 0,
+            )
 
     async def _forget_later(self, s: Session) -> None:
         """Drop the session from the connection once its last responses are in (until

@@ -5,6 +5,7 @@ step hands to the decoder step is in ``step_info``).
 Nothing here imports ``triton_python_backend_utils``: the adapters pass it in, so this
 module (and all logic behind it) runs in plain pytest.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import ModelContract
+
 # One set of typed parameter readers for config.pbtxt and request parameters alike.
 from ..decoding.config import parse_bool, parse_float, parse_int  # noqa: F401
 
@@ -30,14 +32,17 @@ class ModelConfig:
     """The parsed ``args["model_config"]`` of a Python model."""
 
     raw: dict
-    repository: Path            # this model's folder
+    repository: Path  # this model's folder
     name: str
 
     @classmethod
     def from_args(cls, args: dict) -> "ModelConfig":
         raw = json.loads(args["model_config"])
-        return cls(raw=raw, repository=Path(args["model_repository"]),
-                   name=args.get("model_name", raw.get("name", "?")))
+        return cls(
+            raw=raw,
+            repository=Path(args["model_repository"]),
+            name=args.get("model_name", raw.get("name", "?")),
+        )
 
     def parameters(self) -> dict[str, str]:
         return {k: v.get("string_value", "") for k, v in self.raw.get("parameters", {}).items()}
@@ -61,8 +66,14 @@ class ModelConfig:
         """The sibling acoustic model's ONNX file (config parameter `acoustic_model`)."""
         name = self.param("acoustic_model", "acoustic_model")
         folder = self.repository.parent / name
-        versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                          key=lambda p: int(p.name)) if folder.is_dir() else []
+        versions = (
+            sorted(
+                (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                key=lambda p: int(p.name),
+            )
+            if folder.is_dir()
+            else []
+        )
         for v in reversed(versions):
             f = v / "model.onnx"
             if f.exists():
@@ -95,7 +106,8 @@ def stream_idle_timeout(cfg: ModelConfig) -> float:
     if ttl >= triton_idle:
         raise ConfigError(
             f"model {cfg.name!r}: stream_idle_timeout_s ({ttl:g}) must be shorter than "
-            f"sequence_batching.max_sequence_idle_microseconds ({triton_idle:g} s)")
+            f"sequence_batching.max_sequence_idle_microseconds ({triton_idle:g} s)"
+        )
     return ttl
 
 
@@ -111,5 +123,3 @@ def request_parameters(request) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError("request parameters must be a JSON object")
     return d
-
-

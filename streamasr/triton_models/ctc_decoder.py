@@ -8,6 +8,7 @@ Streams that come through the two-pass ensemble also send their feature windows
 (FEATURES); the step then records each utterance and attaches it to the final for the
 ``final_pass`` step to re-decode (:mod:`streamasr.two_pass`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,14 @@ from .step_info import StepInfo
 log = logging.getLogger("streamasr.ctc_decoder")
 
 # config.pbtxt parameters of the decoder model that are not decoder options.
-STEP_PARAMETERS = ("acoustic_model", "stream_idle_timeout_s", "max_streams",
-                   "reorder_timeout_s", "max_parked_bytes_per_stream", "max_parked_bytes")
+STEP_PARAMETERS = (
+    "acoustic_model",
+    "stream_idle_timeout_s",
+    "max_streams",
+    "reorder_timeout_s",
+    "max_parked_bytes_per_stream",
+    "max_parked_bytes",
+)
 
 # How long a stream's later requests wait for an earlier one that has not reached the
 # decoder (config `reorder_timeout_s`).  Inside the ensemble a request overtakes another
@@ -55,8 +62,9 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def split_options(options: dict[str, Any], server_side: bool = False
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_options(
+    options: dict[str, Any], server_side: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Options -> (decoder options, endpoint options); unknown keys are an error, and so
     are server-only ones (a file path, say) unless they come from config.pbtxt."""
     server_only = sorted(set(options) & SERVER_ONLY_PARAMETERS)
@@ -65,10 +73,13 @@ def split_options(options: dict[str, Any], server_side: bool = False
     dec_keys, end_keys = _field_names(DecoderConfig), _field_names(EndpointConfig)
     unknown = sorted(set(options) - dec_keys - end_keys)
     if unknown:
-        raise ValueError(f"unknown stream option(s) {unknown}; known: "
-                         f"{sorted(dec_keys | end_keys)}")
-    return ({k: v for k, v in options.items() if k in dec_keys},
-            {k: v for k, v in options.items() if k in end_keys})
+        raise ValueError(
+            f"unknown stream option(s) {unknown}; known: {sorted(dec_keys | end_keys)}"
+        )
+    return (
+        {k: v for k, v in options.items() if k in dec_keys},
+        {k: v for k, v in options.items() if k in end_keys},
+    )
 
 
 @dataclass
@@ -80,8 +91,10 @@ class DecoderDefaults:
 
     def configs(self, options: dict[str, Any]) -> tuple[DecoderConfig, EndpointConfig]:
         dec, end = split_options(options)
-        return (DecoderConfig.from_parameters({**self.decoder, **dec}),
-                EndpointConfig.from_parameters({**self.endpoint, **end}))
+        return (
+            DecoderConfig.from_parameters({**self.decoder, **dec}),
+            EndpointConfig.from_parameters({**self.endpoint, **end}),
+        )
 
     def validate(self, options: dict[str, Any]) -> None:
         self.configs(options)
@@ -89,21 +102,21 @@ class DecoderDefaults:
 
 @dataclass
 class DecoderRequest:
-    log_probs: np.ndarray          # [N, T, V]
+    log_probs: np.ndarray  # [N, T, V]
     info: StepInfo
-    features: np.ndarray | None = None   # [N, window, F]: two-pass streams only
+    features: np.ndarray | None = None  # [N, window, F]: two-pass streams only
 
 
 @dataclass
 class _Stream:
-    decoder: StreamDecoder | None = None                # None until its START arrives
+    decoder: StreamDecoder | None = None  # None until its START arrives
     next_seq: int = 0
     pending: dict[int, DecoderRequest] = field(default_factory=dict)
     closed: bool = False
-    parked_bytes: int = 0                               # size of `pending`
-    gap_since: float | None = None                      # when `pending` began waiting
-    failed: str | None = None                           # why this stream cannot go on
-    recorder: UtteranceRecorder | None = None           # two-pass streams only
+    parked_bytes: int = 0  # size of `pending`
+    gap_since: float | None = None  # when `pending` began waiting
+    failed: str | None = None  # why this stream cannot go on
+    recorder: UtteranceRecorder | None = None  # two-pass streams only
     finals: list[tuple[dict, int, int]] = field(default_factory=list)  # (msg, first, end)
 
 
@@ -112,17 +125,24 @@ class DecoderStep:
     feature step attaches (not by Triton's sequence batcher), and each stream's requests
     are applied in ``seq`` order whatever order they arrive in."""
 
-    def __init__(self, contract: ModelContract, defaults: DecoderDefaults,
-                 idle_timeout_s: float, max_streams: int | None = None,
-                 max_pending: int = 64,
-                 reorder_timeout_s: float = DEFAULT_REORDER_TIMEOUT_S,
-                 max_parked_bytes_per_stream: int = DEFAULT_MAX_PARKED_BYTES_PER_STREAM,
-                 max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES, clock=time.monotonic):
+    def __init__(
+        self,
+        contract: ModelContract,
+        defaults: DecoderDefaults,
+        idle_timeout_s: float,
+        max_streams: int | None = None,
+        max_pending: int = 64,
+        reorder_timeout_s: float = DEFAULT_REORDER_TIMEOUT_S,
+        max_parked_bytes_per_stream: int = DEFAULT_MAX_PARKED_BYTES_PER_STREAM,
+        max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
+        clock=time.monotonic,
+    ):
         self.contract = contract
         self.defaults = defaults
-        defaults.validate({})          # fail at load time on a bad config.pbtxt value
-        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, clock=clock,
-                                                       max_streams=max_streams)
+        defaults.validate({})  # fail at load time on a bad config.pbtxt value
+        self.store: StreamStore[_Stream] = StreamStore(
+            idle_timeout_s, clock=clock, max_streams=max_streams
+        )
         self.max_pending = max_pending
         # Independent of the TTL: a stream with a gap keeps being touched by the requests
         # that park, so the TTL alone never frees it; one swept by the TTL first still
@@ -130,7 +150,7 @@ class DecoderStep:
         self.reorder_timeout_s = reorder_timeout_s
         self.max_parked_bytes_per_stream = max_parked_bytes_per_stream
         self.max_parked_bytes = max_parked_bytes
-        self.parked_bytes = 0          # all streams' parked requests
+        self.parked_bytes = 0  # all streams' parked requests
         # streams waiting for a missing request, oldest gap first
         self._gaps: "OrderedDict[int, _Stream]" = OrderedDict()
         self.clock = clock
@@ -155,9 +175,11 @@ class DecoderStep:
         if st.recorder is not None and r.features is None:
             raise StreamError("internal: a two-pass stream's request without FEATURES")
         msgs = st.decoder.accept(frames)
-        if st.recorder is not None:      # after accept: a refused request records nothing
-            st.recorder.append(frames, chunk_features(r.features, info.valid_outputs[:info.windows],
-                                                      self.contract))
+        if st.recorder is not None:  # after accept: a refused request records nothing
+            st.recorder.append(
+                frames,
+                chunk_features(r.features, info.valid_outputs[: info.windows], self.contract),
+            )
         if info.finalize:
             msgs += st.decoder.finalize()
         if info.end:
@@ -210,11 +232,16 @@ class DecoderStep:
                 stream, st = next(iter(self._gaps.items()))
                 if now - st.gap_since <= self.reorder_timeout_s:
                     break
-                self._fail(stream, st, (
-                    f"request {st.next_seq} of stream {stream} never reached the decoder "
-                    f"within {self.reorder_timeout_s:g} s (lost in flight, e.g. its gRPC "
-                    f"stream was cancelled); the {len(st.pending)} request(s) after it "
-                    "were dropped: end this stream and start a new one"))
+                self._fail(
+                    stream,
+                    st,
+                    (
+                        f"request {st.next_seq} of stream {stream} never reached the decoder "
+                        f"within {self.reorder_timeout_s:g} s (lost in flight, e.g. its gRPC "
+                        f"stream was cancelled); the {len(st.pending)} request(s) after it "
+                        "were dropped: end this stream and start a new one"
+                    ),
+                )
                 n += 1
             return n
 
@@ -223,23 +250,30 @@ class DecoderStep:
         size = r.log_probs.nbytes + (r.features.nbytes if r.features is not None else 0)
         why = None
         if len(st.pending) >= self.max_pending:
-            why = (f"{len(st.pending)} requests already parked waiting for request "
-                   f"{st.next_seq} (limit {self.max_pending})")
+            why = (
+                f"{len(st.pending)} requests already parked waiting for request "
+                f"{st.next_seq} (limit {self.max_pending})"
+            )
         elif st.parked_bytes + size > self.max_parked_bytes_per_stream:
-            why = (f"{st.parked_bytes / MB:.1f} MB of this stream's requests are already "
-                   f"parked waiting for request {st.next_seq} (limit "
-                   f"{self.max_parked_bytes_per_stream / MB:g} MB per stream)")
+            why = (
+                f"{st.parked_bytes / MB:.1f} MB of this stream's requests are already "
+                f"parked waiting for request {st.next_seq} (limit "
+                f"{self.max_parked_bytes_per_stream / MB:g} MB per stream)"
+            )
         elif self.parked_bytes + size > self.max_parked_bytes:
-            why = (f"the decoder's reorder buffers hold {self.parked_bytes / MB:.1f} MB parked "
-                   f"by all streams (limit {self.max_parked_bytes / MB:g} MB)")
+            why = (
+                f"the decoder's reorder buffers hold {self.parked_bytes / MB:.1f} MB parked "
+                f"by all streams (limit {self.max_parked_bytes / MB:g} MB)"
+            )
         if why is not None:
-            raise self._fail(stream, st, f"request {seq} of stream {stream} refused: {why}; "
-                                         "the stream is closed")
+            raise self._fail(
+                stream, st, f"request {seq} of stream {stream} refused: {why}; the stream is closed"
+            )
         st.pending[seq] = r
         st.parked_bytes += size
         self.parked_bytes += size
         stale = self._gaps.get(stream)
-        if stale is not None and stale is not st:     # swept by the TTL, id started again
+        if stale is not None and stale is not st:  # swept by the TTL, id started again
             self._unpark(stream, stale)
         if st.gap_since is None:
             st.gap_since = self.clock()
@@ -254,9 +288,9 @@ class DecoderStep:
                     raise StreamError("internal: a START request must be its stream's first")
                 held = self.store.pop(info.stream)
                 if held is not None and held.decoder is None:
-                    st = self.store.create(info.stream, held)   # requests that overtook it
+                    st = self.store.create(info.stream, held)  # requests that overtook it
                 else:
-                    if held is not None:             # a live stream is replaced
+                    if held is not None:  # a live stream is replaced
                         self._unpark(info.stream, held)
                     st = self.store.create(info.stream, _Stream())
             elif info.stream in self.store:
@@ -265,7 +299,7 @@ class DecoderStep:
                 # A request that overtook its stream's START: hold it for the START, unless
                 # the stream is known to have expired.
                 if info.stream in self.store.expired:
-                    self.store.get(info.stream)          # raises "expired"
+                    self.store.get(info.stream)  # raises "expired"
                 st = self.store.create(info.stream, _Stream())
             if st.failed is not None:
                 if info.end:
@@ -273,16 +307,18 @@ class DecoderStep:
                 raise StreamError(st.failed)
             if info.seq != st.next_seq:
                 if info.seq < st.next_seq or info.seq in st.pending:
-                    raise StreamError(f"internal: request {info.seq} of stream "
-                                      f"{info.stream} arrived twice")
+                    raise StreamError(
+                        f"internal: request {info.seq} of stream {info.stream} arrived twice"
+                    )
                 self._park(info.stream, st, r)
                 return [], []
             msgs = self._apply(st, r)
             st.next_seq += 1
             while st.next_seq in st.pending:
                 parked = st.pending.pop(st.next_seq)
-                size = parked.log_probs.nbytes + (parked.features.nbytes
-                                                  if parked.features is not None else 0)
+                size = parked.log_probs.nbytes + (
+                    parked.features.nbytes if parked.features is not None else 0
+                )
                 st.parked_bytes -= size
                 self.parked_bytes -= size
                 msgs += self._apply(st, parked)
@@ -319,18 +355,31 @@ def build_step(cfg: ModelConfig) -> DecoderStep:
     max_streams = int(cfg.param("max_streams", "0")) or None
     ttl = stream_idle_timeout(cfg)
     try:
-        reorder = parse_float("reorder_timeout_s", cfg.param(
-            "reorder_timeout_s", str(DEFAULT_REORDER_TIMEOUT_S)), 0.001)
-        per_stream = parse_int("max_parked_bytes_per_stream", cfg.param(
-            "max_parked_bytes_per_stream", str(DEFAULT_MAX_PARKED_BYTES_PER_STREAM)), 1)
-        total = parse_int("max_parked_bytes", cfg.param(
-            "max_parked_bytes", str(DEFAULT_MAX_PARKED_BYTES)), 1)
+        reorder = parse_float(
+            "reorder_timeout_s",
+            cfg.param("reorder_timeout_s", str(DEFAULT_REORDER_TIMEOUT_S)),
+            0.001,
+        )
+        per_stream = parse_int(
+            "max_parked_bytes_per_stream",
+            cfg.param("max_parked_bytes_per_stream", str(DEFAULT_MAX_PARKED_BYTES_PER_STREAM)),
+            1,
+        )
+        total = parse_int(
+            "max_parked_bytes", cfg.param("max_parked_bytes", str(DEFAULT_MAX_PARKED_BYTES)), 1
+        )
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
     contract, defaults = cfg.contract(), build_defaults(cfg)
     # Load the default word LM now (shared, cached by path): the first stream must not wait
     # seconds for it, and a bad LM file must fail the model load, not a stream.
     StreamDecoder(contract, *defaults.configs({}))
-    return DecoderStep(contract, defaults, ttl, max_streams,
-                       reorder_timeout_s=reorder, max_parked_bytes_per_stream=per_stream,
-                       max_parked_bytes=total)
+    return DecoderStep(
+        contract,
+        defaults,
+        ttl,
+        max_streams,
+        reorder_timeout_s=reorder,
+        max_parked_bytes_per_stream=per_stream,
+        max_parked_bytes=total,
+    )

@@ -6,6 +6,7 @@ that became complete (``[N, left+chunk+right, n_mels]``) plus a ``StepInfo`` for
 decoder.  With no complete window the acoustic model still gets one placeholder window,
 since Triton cannot send it a batch of zero (``StepInfo.windows`` is then 0).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,15 @@ from ..contract import ModelContract
 from ..features import FeatureStream, silence_frame
 from ..protocol import pcm16_to_float
 from ..state import StreamError, StreamStore
-from .common import (FLAG_END, FLAG_START, ModelConfig, parse_bool, parse_float, parse_int,
-                     stream_idle_timeout)
+from .common import (
+    FLAG_END,
+    FLAG_START,
+    ModelConfig,
+    parse_bool,
+    parse_float,
+    parse_int,
+    stream_idle_timeout,
+)
 from .step_info import MAX_STREAM_ID, StepInfo, check_option_limits
 
 log = logging.getLogger("streamasr.feature_extractor")
@@ -30,6 +38,7 @@ CONTROL_PARAMETERS = ("finalize", "keepalive")
 # time a stream holds a sequence slot and the size of every per-stream counter.
 DEFAULT_MAX_STREAM_SECONDS = 4 * 3600.0
 
+
 def normalize_stream_id(corrid: Any) -> int:
     """A request's sequence id as the one integer every step keys its state by.
 
@@ -37,18 +46,18 @@ def normalize_stream_id(corrid: Any) -> int:
     the integer 5 are two sequences to Triton but one stream to us (the decoder keys by
     integer), so a string id is accepted only as the decimal form of a valid integer id:
     it then meets the integer stream's duplicate-START check instead of replacing it."""
-    refused = StreamError(f"sequence id {corrid!r} is not a valid stream id: use an "
-                          f"integer 1..{MAX_STREAM_ID} (or its decimal string)")
+    refused = StreamError(
+        f"sequence id {corrid!r} is not a valid stream id: use an "
+        f"integer 1..{MAX_STREAM_ID} (or its decimal string)"
+    )
     value = corrid
     if isinstance(value, str):
         if not (value.isascii() and value.isdigit()):
             raise refused
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) \
-            or not 0 < value <= MAX_STREAM_ID:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_STREAM_ID:
         raise refused
     return value
-
 
 
 @dataclass
@@ -57,7 +66,7 @@ class FeatureRequest:
 
     corrid: Any
     flags: int
-    audio: np.ndarray | None          # float32 / int16 samples, or None (no audio input)
+    audio: np.ndarray | None  # float32 / int16 samples, or None (no audio input)
     sample_rate: int | None
     parameters: dict[str, Any]
 
@@ -72,7 +81,7 @@ class FeatureRequest:
 
 @dataclass
 class FeatureResult:
-    features: np.ndarray       # [max(N, 1), W, F] float32
+    features: np.ndarray  # [max(N, 1), W, F] float32
     info: StepInfo
 
 
@@ -85,10 +94,16 @@ class _Stream:
 class FeatureStep:
     """All streams of one model instance."""
 
-    def __init__(self, contract: ModelContract, idle_timeout_s: float,
-                 max_chunk_seconds: float, max_windows_per_request: int,
-                 max_streams: int | None = None, validate_options=None,
-                 max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS):
+    def __init__(
+        self,
+        contract: ModelContract,
+        idle_timeout_s: float,
+        max_chunk_seconds: float,
+        max_windows_per_request: int,
+        max_streams: int | None = None,
+        validate_options=None,
+        max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS,
+    ):
         self.contract = contract
         self.max_chunk_samples = int(max_chunk_seconds * contract.sample_rate)
         self.max_stream_seconds = max_stream_seconds
@@ -96,22 +111,31 @@ class FeatureStep:
         self.max_windows = max_windows_per_request
         # Worst case in one request: the chunk itself, plus context carried over from
         # earlier requests, plus the flush at END.
-        need = -(-(self.max_chunk_samples // contract.features.hop_length
-                   + contract.window_frames) // contract.chunk_frames) + 1
+        need = (
+            -(
+                -(self.max_chunk_samples // contract.features.hop_length + contract.window_frames)
+                // contract.chunk_frames
+            )
+            + 1
+        )
         if need > max_windows_per_request:
             raise ValueError(
                 f"max_chunk_seconds {max_chunk_seconds:g} can yield {need} windows in one "
-                f"request, more than max_windows_per_request {max_windows_per_request}")
+                f"request, more than max_windows_per_request {max_windows_per_request}"
+            )
         self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, max_streams=max_streams)
-        self._placeholder = np.tile(silence_frame(contract.features),
-                                    (1, contract.window_frames, 1)).astype(np.float32)
+        self._placeholder = np.tile(
+            silence_frame(contract.features), (1, contract.window_frames, 1)
+        ).astype(np.float32)
         self._validate_options = validate_options or (lambda options: None)
 
     # -- validation (before any state changes: a rejected request changes nothing) -------
     def _checked_audio(self, r: FeatureRequest) -> np.ndarray:
         if r.sample_rate is not None and r.sample_rate != self.contract.sample_rate:
-            raise StreamError(f"SAMPLE_RATE {r.sample_rate} does not match the model's "
-                              f"{self.contract.sample_rate} Hz; resample before sending")
+            raise StreamError(
+                f"SAMPLE_RATE {r.sample_rate} does not match the model's "
+                f"{self.contract.sample_rate} Hz; resample before sending"
+            )
         if r.audio is None:
             return np.zeros(0, np.float64)
         a = np.asarray(r.audio)
@@ -120,11 +144,14 @@ class FeatureStep:
         if len(a) > self.max_chunk_samples:
             raise StreamError(
                 f"audio chunk of {len(a) / self.contract.sample_rate:.2f} s exceeds the "
-                f"limit of {self.max_chunk_samples / self.contract.sample_rate:.2f} s per request")
+                f"limit of {self.max_chunk_samples / self.contract.sample_rate:.2f} s per request"
+            )
         if a.dtype == np.int16:
             return pcm16_to_float(a, "float64")
         if a.dtype != np.float32:
-            raise StreamError(f"audio dtype {a.dtype} is not float32 (AUDIO) or int16 (AUDIO_INT16)")
+            raise StreamError(
+                f"audio dtype {a.dtype} is not float32 (AUDIO) or int16 (AUDIO_INT16)"
+            )
         if not np.all(np.isfinite(a)):
             raise StreamError("audio contains NaN or infinite samples")
         return a.astype(np.float64)
@@ -137,8 +164,7 @@ class FeatureStep:
         except ValueError as exc:
             raise StreamError(str(exc)) from None
         if p and not r.start:
-            raise StreamError(f"stream options {sorted(p)} are accepted only on the START "
-                              "request")
+            raise StreamError(f"stream options {sorted(p)} are accepted only on the START request")
         if p:
             check_option_limits(p)
             try:
@@ -149,30 +175,41 @@ class FeatureStep:
 
     # -- processing ----------------------------------------------------------------
     def process(self, r: FeatureRequest) -> FeatureResult:
-        corrid = normalize_stream_id(r.corrid)      # before any state is touched
+        corrid = normalize_stream_id(r.corrid)  # before any state is touched
         audio = self._checked_audio(r)
         finalize, keepalive, options = self._control(r)
         if r.audio is not None and len(audio) == 0 and not keepalive:
-            raise StreamError("empty audio chunk: send audio, or set keepalive=true to keep "
-                              "an idle stream open")
+            raise StreamError(
+                "empty audio chunk: send audio, or set keepalive=true to keep an idle stream open"
+            )
         if r.audio is None and not (keepalive or finalize or r.end or r.start):
-            raise StreamError("request has no audio (AUDIO or AUDIO_INT16) and no "
-                              "keepalive, finalize or END")
+            raise StreamError(
+                "request has no audio (AUDIO or AUDIO_INT16) and no keepalive, finalize or END"
+            )
         if len(audio) > self.max_stream_samples:
             raise self._too_long()
         if r.start:
             if corrid in self.store:
                 # Another client (or a confused one) reusing a live id: refusing keeps the
                 # live stream intact; replacing it would silently mix two audio streams.
-                raise StreamError(f"stream {corrid} is already open: END it (or let it "
-                                  "expire) before starting it again, or use another id")
+                raise StreamError(
+                    f"stream {corrid} is already open: END it (or let it "
+                    "expire) before starting it again, or use another id"
+                )
             st = self.store.create(corrid, _Stream(FeatureStream(self.contract)))
         else:
             st = self.store.get(corrid)
             if st.features.features.samples_seen + len(audio) > self.max_stream_samples:
                 raise self._too_long()
-        info = StepInfo(stream=corrid, seq=st.requests, start=r.start, end=r.end,
-                        finalize=finalize, keepalive=keepalive, options=options)
+        info = StepInfo(
+            stream=corrid,
+            seq=st.requests,
+            start=r.start,
+            end=r.end,
+            finalize=finalize,
+            keepalive=keepalive,
+            options=options,
+        )
         st.requests += 1
         windows = st.features.accept(audio)
         feats, valid = [windows.features], [windows.valid_outputs]
@@ -188,11 +225,11 @@ class FeatureStep:
             features = self._placeholder
         return FeatureResult(features, info)
 
-
     def _too_long(self) -> StreamError:
-        return StreamError(f"stream exceeds max_stream_seconds ({self.max_stream_seconds:g} s "
-                           "of audio); end it and start a new stream")
-
+        return StreamError(
+            f"stream exceeds max_stream_seconds ({self.max_stream_seconds:g} s "
+            "of audio); end it and start a new stream"
+        )
 
 
 def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
@@ -200,12 +237,21 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
     contract = cfg.contract()
     try:
         max_chunk = parse_float("max_chunk_seconds", cfg.param("max_chunk_seconds"), 0.01)
-        max_windows = parse_int("max_windows_per_request",
-                                cfg.param("max_windows_per_request"), 1)
+        max_windows = parse_int("max_windows_per_request", cfg.param("max_windows_per_request"), 1)
         max_streams = parse_int("max_streams", cfg.param("max_streams", "0"), 0) or None
-        max_stream_s = parse_float("max_stream_seconds", cfg.param(
-            "max_stream_seconds", str(DEFAULT_MAX_STREAM_SECONDS)), 0.01)
+        max_stream_s = parse_float(
+            "max_stream_seconds",
+            cfg.param("max_stream_seconds", str(DEFAULT_MAX_STREAM_SECONDS)),
+            0.01,
+        )
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
-    return FeatureStep(contract, stream_idle_timeout(cfg), max_chunk, max_windows,
-                       max_streams, validate_options, max_stream_s)
+    return FeatureStep(
+        contract,
+        stream_idle_timeout(cfg),
+        max_chunk,
+        max_windows,
+        max_streams,
+        validate_options,
+        max_stream_s,
+    )

@@ -4,6 +4,7 @@ Stateless: each request carries the decoder step's messages and, for each final 
 words, its utterance (:class:`streamasr.two_pass.Utterance`).  Requests without
 utterances pass straight through, so interims are not delayed by this step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ def whisper_dir(cfg: ModelConfig) -> Path:
     d = cfg.repository / cfg.param("whisper_dir", "1")
     missing = [f for f in WHISPER_FILES if not (d / f).is_file()]
     if missing:
-        raise ConfigError(f"model {cfg.name!r}: Whisper re-decoder files {missing} missing "
-                          f"in {d}: {BUILD_HINT}")
+        raise ConfigError(
+            f"model {cfg.name!r}: Whisper re-decoder files {missing} missing in {d}: {BUILD_HINT}"
+        )
     return d
 
 

@@ -3,6 +3,7 @@ place: the message (``StepInfo``), its strict parser, and the per-stream option 
 both steps enforce (the decoder model can be called directly, so its STEP_INFO is client
 input like any other).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,14 @@ from ..state import StreamError
 # Upper bounds on per-stream options a client may set (config.pbtxt is not limited): each
 # bounds the CPU or memory one stream can take.  rule3 (the longest utterance before a
 # forced final) also bounds the decoder's per-utterance state.
-STREAM_OPTION_LIMITS = {"beam_size": 64, "beam_top_k": 64,
-                        "rule3_min_utterance_length": 600.0, "utterance_end": 600.0,
-                        "rule1_min_trailing_silence": 600.0,
-                        "rule2_min_trailing_silence": 600.0}
+STREAM_OPTION_LIMITS = {
+    "beam_size": 64,
+    "beam_top_k": 64,
+    "rule3_min_utterance_length": 600.0,
+    "utterance_end": 600.0,
+    "rule1_min_trailing_silence": 600.0,
+    "rule2_min_trailing_silence": 600.0,
+}
 
 
 MAX_HOTWORDS_CHARS = 4096
@@ -25,7 +30,6 @@ MAX_HOTWORDS_CHARS = 4096
 
 # Stream ids are Triton sequence ids: non-zero unsigned 64-bit (0 means "no sequence").
 MAX_STREAM_ID = 2**64 - 1
-
 
 
 @dataclass
@@ -62,7 +66,6 @@ class StepInfo:
         return cls(**json.loads(text))
 
 
-
 def check_option_limits(options: dict[str, Any]) -> None:
     """Refuse per-stream options above ``STREAM_OPTION_LIMITS``.  Values that are not
     numbers are left to the decoder's own validation, which refuses them."""
@@ -74,19 +77,27 @@ def check_option_limits(options: dict[str, Any]) -> None:
         except (TypeError, ValueError, OverflowError):
             continue
         if value > limit:
-            raise StreamError(f"stream option {key!r} may be at most {limit:g} per stream, "
-                              f"got {options[key]!r}")
+            raise StreamError(
+                f"stream option {key!r} may be at most {limit:g} per stream, got {options[key]!r}"
+            )
     hw = options.get("hotwords")
     if hw is not None and len(str(hw)) > MAX_HOTWORDS_CHARS:
-        raise StreamError(f"stream option 'hotwords' may hold at most {MAX_HOTWORDS_CHARS} "
-                          "characters")
+        raise StreamError(
+            f"stream option 'hotwords' may hold at most {MAX_HOTWORDS_CHARS} characters"
+        )
 
 
-
-_STEP_INFO_TYPES = {"stream": int, "seq": int, "start": bool, "end": bool, "windows": int,
-                    "valid_outputs": list, "finalize": bool, "keepalive": bool,
-                    "options": dict}
-
+_STEP_INFO_TYPES = {
+    "stream": int,
+    "seq": int,
+    "start": bool,
+    "end": bool,
+    "windows": int,
+    "valid_outputs": list,
+    "finalize": bool,
+    "keepalive": bool,
+    "options": dict,
+}
 
 
 def parse_step_info(raw: Any) -> StepInfo:
@@ -119,4 +130,3 @@ def parse_step_info(raw: Any) -> StepInfo:
         raise StreamError("STEP_INFO stream must be a non-zero 64-bit id")
     check_option_limits(d.get("options", {}))
     return StepInfo(**d)
-

@@ -2,6 +2,7 @@
 into Triton's log, tensors in and out, the streams metrics, the state sweeper, and the
 execute loop (``serve_each``).  Importable only inside Triton
 (``triton_python_backend_utils``)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -67,12 +68,14 @@ def read_messages(tensor) -> list[dict]:
 
 def utterances_tensor(utterances) -> "pb_utils.Tensor":
     """Two-pass utterances (streamasr.two_pass.Utterance) as the UTTERANCES tensor."""
-    return pb_utils.Tensor("UTTERANCES", np.array([u.to_bytes() for u in utterances],
-                                                  dtype=np.object_))
+    return pb_utils.Tensor(
+        "UTTERANCES", np.array([u.to_bytes() for u in utterances], dtype=np.object_)
+    )
 
 
-def loaded(args: dict, inputs: set[str] | None = None,
-           outputs: set[str] | None = None) -> tuple[ModelConfig, logging.Logger]:
+def loaded(
+    args: dict, inputs: set[str] | None = None, outputs: set[str] | None = None
+) -> tuple[ModelConfig, logging.Logger]:
     """initialize()'s first step: the model's parsed config and its logger (into Triton's
     log), after checking that the config declares ``inputs`` and ``outputs``."""
     cfg = ModelConfig.from_args(args)
@@ -85,9 +88,11 @@ def validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
     have_in = {i["name"] for i in cfg.raw.get("input", [])}
     have_out = {o["name"] for o in cfg.raw.get("output", [])}
     if not inputs <= have_in or not outputs <= have_out:
-        raise ConfigError(f"model {cfg.name!r} must declare inputs {sorted(inputs)} and outputs "
-                          f"{sorted(outputs)}; config.pbtxt has {sorted(have_in)} / "
-                          f"{sorted(have_out)}")
+        raise ConfigError(
+            f"model {cfg.name!r} must declare inputs {sorted(inputs)} and outputs "
+            f"{sorted(outputs)}; config.pbtxt has {sorted(have_in)} / "
+            f"{sorted(have_out)}"
+        )
 
 
 class StreamMetrics:
@@ -107,15 +112,20 @@ class StreamMetrics:
         if not fam:
             M = pb_utils.MetricFamily
             fam["open"] = M("streamasr_open_streams", "Streams with state held", M.GAUGE)
-            fam["reclaimed"] = M("streamasr_reclaimed_streams_total",
-                                 "Streams whose state was swept after going idle without END",
-                                 M.COUNTER)
-            fam["errors"] = M("streamasr_request_errors_total",
-                              "Requests answered with an error", M.COUNTER)
-            try:   # histograms: Triton >= 2.49's python backend
-                fam["seconds"] = M("streamasr_request_seconds",
-                                   "Time this step spent on one request (one audio chunk)",
-                                   M.HISTOGRAM)
+            fam["reclaimed"] = M(
+                "streamasr_reclaimed_streams_total",
+                "Streams whose state was swept after going idle without END",
+                M.COUNTER,
+            )
+            fam["errors"] = M(
+                "streamasr_request_errors_total", "Requests answered with an error", M.COUNTER
+            )
+            try:  # histograms: Triton >= 2.49's python backend
+                fam["seconds"] = M(
+                    "streamasr_request_seconds",
+                    "Time this step spent on one request (one audio chunk)",
+                    M.HISTOGRAM,
+                )
             except Exception:  # noqa: BLE001 - an older Triton: no histogram, no failure
                 fam["seconds"] = None
         labels = {"model": model}
@@ -139,7 +149,6 @@ class StreamMetrics:
         with self._lock:
             for d in durations:
                 self.seconds.observe(d)
-
 
     def sync(self, store: StreamStore) -> None:
         """Publish the store's figures.  ``reclaimed`` follows ``store.reclaimed``, which
@@ -167,7 +176,7 @@ def _release_freed_memory() -> None:
     swept streams' small arrays would stay in the stub's RSS for good)."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc
+    except (OSError, AttributeError):  # not glibc
         pass
 
 
@@ -181,17 +190,24 @@ def start_sweeper(store: StreamStore, metrics: StreamMetrics, also=None) -> Swee
             also()
         # No pb_utils here (see StreamMetrics); execute() publishes the counts.
         # after many streams went away (by TTL or END), at most once per sweep
-        if store.reclaimed - trimmed["at"] >= 256 or (len(store) == 0 and
-                                                      store.reclaimed != trimmed["at"]):
+        if store.reclaimed - trimmed["at"] >= 256 or (
+            len(store) == 0 and store.reclaimed != trimmed["at"]
+        ):
             trimmed["at"] = store.reclaimed
             _release_freed_memory()
 
     return Sweeper([store], max(store.ttl_s / 4, 0.05), on_sweep).start()
 
 
-def serve_each(requests: list, respond: Callable[[Any], list], log: logging.Logger, what: str,
-               metrics: StreamMetrics | None = None, store: StreamStore | None = None,
-               timed: Callable[[Any], bool] | None = None) -> list:
+def serve_each(
+    requests: list,
+    respond: Callable[[Any], list],
+    log: logging.Logger,
+    what: str,
+    metrics: StreamMetrics | None = None,
+    store: StreamStore | None = None,
+    timed: Callable[[Any], bool] | None = None,
+) -> list:
     """One response per request: ``respond(request)`` gives the output tensors; a
     StreamError or ValueError is the client's (its message is the answer), anything else
     is ours (logged, answered as an internal error) and never takes down the batch.

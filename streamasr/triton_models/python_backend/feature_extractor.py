@@ -1,5 +1,6 @@
 """Triton python backend ``streamasr_features``: the feature step of ``streaming_asr``
 (audio chunks -> feature windows + STEP_INFO), over ``triton_models.feature_extractor``."""
+
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
@@ -14,15 +15,19 @@ class FeatureExtractorModel:
     """Backend `streamasr_features` — the feature step of `streaming_asr`."""
 
     def initialize(self, args):
-        self.cfg, self.log = edge.loaded(args, {"AUDIO", "AUDIO_INT16", "SAMPLE_RATE"},
-                                         {"FEATURES", "STEP_INFO"})
+        self.cfg, self.log = edge.loaded(
+            args, {"AUDIO", "AUDIO_INT16", "SAMPLE_RATE"}, {"FEATURES", "STEP_INFO"}
+        )
         defaults = ctc_decoder.build_defaults(self._decoder_config())
         self.step = feature_extractor.build_step(self.cfg, validate_options=defaults.validate)
         self.metrics = edge.StreamMetrics(self.cfg.name)
         self.sweeper = edge.start_sweeper(self.step.store, self.metrics)
-        self.log.info("ready: chunk %.0f ms, window %d frames, idle timeout %.1f s",
-                      self.step.contract.chunk_seconds * 1000,
-                      self.step.contract.window_frames, self.step.store.ttl_s)
+        self.log.info(
+            "ready: chunk %.0f ms, window %d frames, idle timeout %.1f s",
+            self.step.contract.chunk_seconds * 1000,
+            self.step.contract.window_frames,
+            self.step.store.ttl_s,
+        )
 
     def _decoder_config(self) -> ModelConfig:
         """The decoder model's config, to validate stream options at the START request
@@ -31,13 +36,16 @@ class FeatureExtractorModel:
         return read_config(self.cfg.repository.parent / name)
 
     def execute(self, requests):
-        return edge.serve_each(requests, self._respond, self.log, "feature_extractor", self.metrics,
-                               self.step.store)
+        return edge.serve_each(
+            requests, self._respond, self.log, "feature_extractor", self.metrics, self.step.store
+        )
 
     def _respond(self, request) -> list:
         result = self.step.process(self._read(request))
-        return [pb_utils.Tensor("FEATURES", result.features),
-                edge.strings_tensor("STEP_INFO", [result.info.to_json()])]
+        return [
+            pb_utils.Tensor("FEATURES", result.features),
+            edge.strings_tensor("STEP_INFO", [result.info.to_json()]),
+        ]
 
     @staticmethod
     def _read(request) -> feature_extractor.FeatureRequest:
@@ -58,8 +66,12 @@ class FeatureExtractorModel:
                 raise StreamError("SAMPLE_RATE must hold exactly one value")
             sample_rate = int(v[0])
         return feature_extractor.FeatureRequest(
-            corrid=request.correlation_id(), flags=request.flags(), audio=audio,
-            sample_rate=sample_rate, parameters=request_parameters(request))
+            corrid=request.correlation_id(),
+            flags=request.flags(),
+            audio=audio,
+            sample_rate=sample_rate,
+            parameters=request_parameters(request),
+        )
 
     def finalize(self):
         self.sweeper.stop()

@@ -1,5 +1,6 @@
 """Triton python backend ``streamasr_final_pass``: finals re-decoded by Whisper, the last
 step of ``streaming_asr_two_pass``, over ``triton_models.final_pass``."""
+
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
@@ -20,8 +21,14 @@ class FinalPassModel:
 
     def execute(self, requests):
         # the histogram times re-decodes, not pass-throughs
-        return edge.serve_each(requests, self._respond, self.log, "final_pass", self.metrics,
-                               timed=lambda request: bool(self._utterances(request)))
+        return edge.serve_each(
+            requests,
+            self._respond,
+            self.log,
+            "final_pass",
+            self.metrics,
+            timed=lambda request: bool(self._utterances(request)),
+        )
 
     @staticmethod
     def _utterances(request) -> list:

@@ -1,5 +1,6 @@
 """Triton python backend ``streamasr_contract``: the acoustic model's contract as JSON
 (``model_contract``)."""
+
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
@@ -16,5 +17,9 @@ class ContractModel:
         self.contract_json = self.cfg.contract().to_json()
 
     def execute(self, requests):
-        return [pb_utils.InferenceResponse(output_tensors=[
-            edge.strings_tensor("CONTRACT", [self.contract_json])]) for _ in requests]
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[edge.strings_tensor("CONTRACT", [self.contract_json])]
+            )
+            for _ in requests
+        ]

@@ -1,5 +1,6 @@
 """Triton python backend ``streamasr_offline``: a whole recording in one request
 (``offline_asr``), over ``triton_models.offline``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,15 +25,18 @@ class OfflineAsrModel:
         self.acoustic_model = self.cfg.param("acoustic_model", "acoustic_model")
         self.max_batch = parse_int("max_batch", self.cfg.param("max_batch", "8"), 1)
         self.max_seconds = float(self.cfg.param("max_audio_seconds", "600"))
-        self.defaults = ctc_decoder.build_defaults(read_config(
-            self.cfg.repository.parent / self.cfg.param("decoder_model", "ctc_decoder")))
-        StreamDecoder(self.contract, *self.defaults.configs({}))   # load the LM now
+        self.defaults = ctc_decoder.build_defaults(
+            read_config(self.cfg.repository.parent / self.cfg.param("decoder_model", "ctc_decoder"))
+        )
+        StreamDecoder(self.contract, *self.defaults.configs({}))  # load the LM now
         self.final_pass_model = self.cfg.param("final_pass_model", "final_pass")
 
     def _final_pass(self, msgs: list[dict], utterances) -> list[dict]:
         req = pb_utils.InferenceRequest(
-            model_name=self.final_pass_model, requested_output_names=["RESULTS"],
-            inputs=[edge.messages_tensor("RESULTS_IN", msgs), edge.utterances_tensor(utterances)])
+            model_name=self.final_pass_model,
+            requested_output_names=["RESULTS"],
+            inputs=[edge.messages_tensor("RESULTS_IN", msgs), edge.utterances_tensor(utterances)],
+        )
         resp = req.exec()
         if resp.hasedge.error_response():
             raise RuntimeError(f"{self.final_pass_model}: {resp.error().message()}")
@@ -42,7 +46,8 @@ class OfflineAsrModel:
         req = pb_utils.InferenceRequest(
             model_name=self.acoustic_model,
             requested_output_names=[self.contract.output_name],
-            inputs=[pb_utils.Tensor(self.contract.input_name, features)])
+            inputs=[pb_utils.Tensor(self.contract.input_name, features)],
+        )
         resp = req.exec()
         if resp.hasedge.error_response():
             raise RuntimeError(resp.error().message())
@@ -58,8 +63,16 @@ class OfflineAsrModel:
         options = request_parameters(request)
         two_pass = parse_bool("two_pass", options.pop("two_pass", False))
         msgs, utts = offline.transcribe_with_utterances(
-            self.contract, audio, sr, self._run_model, self.defaults, options,
-            self.max_batch, self.max_seconds, two_pass)
+            self.contract,
+            audio,
+            sr,
+            self._run_model,
+            self.defaults,
+            options,
+            self.max_batch,
+            self.max_seconds,
+            two_pass,
+        )
         if utts:
             msgs = self._final_pass(msgs, utts)
         return [edge.messages_tensor("RESULTS", msgs)]

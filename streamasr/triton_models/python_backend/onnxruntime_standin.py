@@ -1,6 +1,7 @@
 """Triton backend ``onnxruntime`` as a local stand-in: the machines without Triton's
 native ONNX Runtime backend (the nvidia-pytriton wheel ships none) serve the acoustic
 model through this python backend instead; the image uses the native one."""
+
 from __future__ import annotations
 
 import threading
@@ -33,21 +34,29 @@ class OnnxRuntimeModel:
         self.inputs = [i["name"] for i in self.cfg.raw.get("input", [])]
         self.outputs = [o["name"] for o in self.cfg.raw.get("output", [])]
         opts = ort.SessionOptions()
-        threads = parse_int("intra_op_thread_count",
-                            self.cfg.param("intra_op_thread_count", "0"), 0)
+        threads = parse_int(
+            "intra_op_thread_count", self.cfg.param("intra_op_thread_count", "0"), 0
+        )
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         want_gpu = args.get("model_instance_kind") == "GPU"
         providers = ["CPUExecutionProvider"]
         if want_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider",
-                                 {"device_id": int(args.get("model_instance_device_id", 0))}))
+            providers.insert(
+                0,
+                (
+                    "CUDAExecutionProvider",
+                    {"device_id": int(args.get("model_instance_device_id", 0))},
+                ),
+            )
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         names_in = [i.name for i in self.session.get_inputs()]
         names_out = [o.name for o in self.session.get_outputs()]
         if sorted(names_in) != sorted(self.inputs) or not set(self.outputs) <= set(names_out):
-            raise ConfigError(f"model {self.cfg.name!r}: config I/O {self.inputs}/{self.outputs}"
-                              f" does not match the ONNX graph's {names_in}/{names_out}")
+            raise ConfigError(
+                f"model {self.cfg.name!r}: config I/O {self.inputs}/{self.outputs}"
+                f" does not match the ONNX graph's {names_in}/{names_out}"
+            )
         self.log.info("loaded %s on %s", path.name, self.session.get_providers()[0])
         self._lock = threading.Lock()
 
@@ -69,8 +78,10 @@ class OnnxRuntimeModel:
             return [edge.error_response(f"acoustic model failed: {exc}") for _ in requests]
         responses, offset = [], 0
         for n in sizes:
-            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(o[offset:offset + n]))
-                       for name, o in zip(self.outputs, outs)]
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(o[offset : offset + n]))
+                for name, o in zip(self.outputs, outs)
+            ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             offset += n
         return responses
