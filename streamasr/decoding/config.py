@@ -43,7 +43,7 @@ INTERIM_SOURCES = ("ctc", "whisper")
 DEFAULT_INTERIMS = "ctc"
 #: Whisper interims: audio seconds between re-decodes of the open utterance (chosen by
 #: measurement: docs/two_pass.md).
-DEFAULT_INTERIM_REFRESH_S = 1.0
+DEFAULT_INTERIM_REFRESH_S = 2.0
 
 # -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
 #: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.
