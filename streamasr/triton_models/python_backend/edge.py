@@ -30,7 +30,7 @@ class _TritonLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         msg = f"[{self.prefix}] {record.getMessage()}"
         if record.levelno >= logging.ERROR:
-            pb_utils.Logger.logerror_response(msg)
+            pb_utils.Logger.log_error(msg)
         elif record.levelno >= logging.WARNING:
             pb_utils.Logger.log_warn(msg)
         elif record.levelno >= logging.INFO:
