@@ -37,8 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr import protocol
-from streamasr.evaluation import load_eval_set, normalize, wer_cer
+from streamasr.evaluation import caption_quality, load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
@@ -110,50 +109,16 @@ def stream_clip(
     )
 
 
-def _words(m: dict) -> list[dict]:
-    return protocol.words(m)
-
-
 def interim_quality(runs: list[ClipRun], refs: list[str]) -> dict:
     """Interim WER, interim words changed, time to a correct word (module docstring)."""
-    import jiwer
-
-    last_interims, shown, changed, delays = [], 0, 0, []
-    for run, ref in zip(runs, refs):
-        results = [(t, m) for t, m in run.events if m.get("type") == "Results"]
-        finals = {m["start"]: _words(m) for _, m in results if m["is_final"]}
-        last: dict[float, str] = {}
-        for _, m in results:
-            if m["is_final"]:
-                continue
-            last[m["start"]] = protocol.transcript(m)
-            fw = finals.get(m["start"], [])
-            for k, w in enumerate(_words(m)):
-                shown += 1
-                changed += k >= len(fw) or fw[k]["word"] != w["word"]
-        last_interims.append(" ".join(last[u] for u in sorted(last) if last[u]))
-        final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
-        hyp = " ".join(w["word"] for _, _, w in final_words)
-        if not hyp:
-            continue
-        correct = set()
-        for part in jiwer.process_words(normalize(ref), hyp).alignments[0]:
-            if part.type == "equal":
-                correct.update(range(part.hyp_start_idx, part.hyp_end_idx))
-        for idx, (u, k, w) in enumerate(final_words):
-            if idx in correct:
-                first = next(
-                    t
-                    for t, m in results
-                    if m["start"] == u and len(_words(m)) > k and _words(m)[k]["word"] == w["word"]
-                )
-                delays.append(first - w["end"])
-    score = wer_cer(refs, last_interims)
+    q = caption_quality([r.events for r in runs], refs)
+    delays = q["first_correct_delays"]
+    score = wer_cer(refs, q["last_interims"])
     return {
         "interim_wer": round(score["wer"], 4),
         "interim_cer": round(score["cer"], 4),
-        "interim_words_shown": shown,
-        "interim_words_changed": round(changed / max(shown, 1), 4),
+        "interim_words_shown": q["interim_words_shown"],
+        "interim_words_changed": round(q["interim_words_changed"], 4),
         "time_to_correct_word_s": {
             "median": round(float(np.median(delays)), 3) if delays else None,
             "p90": round(float(np.percentile(delays, 90)), 3) if delays else None,

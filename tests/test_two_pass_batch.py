@@ -358,3 +358,31 @@ def test_the_cli_shows_the_unstable_tail_in_brackets():
     ]
     assert _interim_text(msg(stable)) == "he was [not]"
     assert _interim_text(msg([{"word": "he"}])) == "he"  # CTC interims as before
+
+
+def test_caption_quality_counts_changed_words_and_the_wait_for_a_correct_one():
+    from streamasr.evaluation import caption_quality
+
+    def results(is_final, words):
+        return {
+            "type": "Results",
+            "is_final": is_final,
+            "start": 0.0,
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": " ".join(w for w, _ in words),
+                        "words": [{"word": w, "end": e} for w, e in words],
+                    }
+                ]
+            },
+        }
+
+    events = [
+        (0.5, results(False, [("a", 0.2), ("x", 0.4)])),
+        (1.0, results(True, [("a", 0.2), ("b", 0.6)])),
+    ]
+    q = caption_quality([events], ["a b"])
+    assert q["interim_words_shown"] == 2 and q["interim_words_changed"] == 0.5
+    assert q["first_correct_delays"] == pytest.approx([0.3, 0.4])
+    assert q["last_interims"] == ["a x"]

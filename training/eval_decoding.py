@@ -108,16 +108,13 @@ def interim_stability(
       A response's time is when its audio was complete (chunk end + the model's
       look-ahead); compute time is not included.
     """
-    import jiwer
-
     from streamasr.decoding import StreamDecoder
-    from streamasr.evaluation import normalize
+    from streamasr.evaluation import caption_quality
 
     step = contract.output_frames
     lookahead_s = contract.right_frames * contract.features.frame_seconds
-    shown = changed = 0
-    delays: list[float] = []
-    for lp, ref in zip(matrices, refs):
+    clips = []
+    for lp in matrices:
         dec = StreamDecoder(contract, config)
         events: list[tuple[float, dict]] = []
         for i in range(0, len(lp), step):
@@ -126,39 +123,12 @@ def interim_stability(
             events += [(t, m) for m in msgs if m.get("type") == "Results"]
         t_end = dec.frames_decoded * contract.output_frame_seconds + lookahead_s
         events += [(t_end, m) for m in dec.close() if m.get("type") == "Results"]
-        finals: dict[float, list[dict]] = {}
-        for _, m in events:
-            if m["is_final"]:
-                finals[m["start"]] = m["channel"]["alternatives"][0]["words"]
-        final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
-        for _, m in events:
-            if m["is_final"]:
-                continue
-            fw = finals.get(m["start"], [])
-            for k, w in enumerate(m["channel"]["alternatives"][0]["words"]):
-                shown += 1
-                changed += k >= len(fw) or fw[k]["word"] != w["word"]
-        hyp = " ".join(w["word"] for _, _, w in final_words)
-        if not hyp:
-            continue
-        correct = set()
-        for chunk in jiwer.process_words(normalize(ref), hyp).alignments[0]:
-            if chunk.type == "equal":
-                correct.update(range(chunk.hyp_start_idx, chunk.hyp_end_idx))
-        for idx, (u, k, w) in enumerate(final_words):
-            if idx not in correct:
-                continue
-            first = next(
-                t
-                for t, m in events
-                if m["start"] == u
-                and len(m["channel"]["alternatives"][0]["words"]) > k
-                and m["channel"]["alternatives"][0]["words"][k]["word"] == w["word"]
-            )
-            delays.append(first - w["end"])
+        clips.append(events)
+    q = caption_quality(clips, refs)
+    delays = q["first_correct_delays"]
     return {
-        "interim_words_shown": shown,
-        "interim_words_changed": changed / max(shown, 1),
+        "interim_words_shown": q["interim_words_shown"],
+        "interim_words_changed": q["interim_words_changed"],
         "first_correct_delay_s_median": float(np.median(delays)) if delays else None,
         "first_correct_words": len(delays),
     }
