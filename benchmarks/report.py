@@ -363,7 +363,11 @@ def two_pass_section(tp: dict) -> list[str]:
                 for k in modes
             ],
         )
-        conc = [lv for lv in tp.get("concurrent", []) if lv.get("final_latency_ms")]
+        # results before 2026-12-03 have two-pass levels only, without chunk latency
+        levels = tp.get("concurrent") or [
+            {"mode": "two_pass", **lv} for lv in tp.get("two_pass_concurrent", [])
+        ]
+        conc = [lv for lv in levels if lv.get("final_latency_ms")]
         if conc:
             L += [
                 "",
@@ -387,8 +391,10 @@ def two_pass_section(tp: dict) -> list[str]:
                         lv["mode"].replace("_", "-"),
                         lv["streams"],
                         lv["finals"],
-                        " / ".join(_f(lv["final_latency_ms"][q]) for q in ("p50", "p99", "max")),
-                        " / ".join(_f(lv["chunk_latency_ms"][q]) for q in ("p50", "p99")),
+                        " / ".join(
+                            _f(_g(lv, "final_latency_ms", q)) for q in ("p50", "p99", "max")
+                        ),
+                        " / ".join(_f(_g(lv, "chunk_latency_ms", q)) for q in ("p50", "p99")),
                         "yes" if lv.get("held") else "no",
                         len(lv["errors"]),
                     ]

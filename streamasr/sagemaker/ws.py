@@ -270,8 +270,12 @@ class WsSession:
         await self._accepted()
         s.close()
         await wait_session(s, self.cfg.close_timeout_s)
-        # listeners are called after on_message, both through call_soon_threadsafe: every
-        # message has been enqueued by now.
+        # The reader thread schedules each message's _enqueue (call_soon_threadsafe) before
+        # it counts the answer, but wait_session can see the count reach 0 without yielding
+        # to the loop: one yield runs the _enqueue callbacks already scheduled, so the last
+        # final is queued before run() queues the writer's end marker (under load it was
+        # lost: test_websocket_stream_equals_invocations).
+        await asyncio.sleep(0)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
