@@ -36,7 +36,7 @@ def _fmt_final(m: dict, lag_s: float | None = None) -> str:
         + (", endpoint" if m.get("speech_final") else "")
         + (", finalize" if m.get("from_finalize") else "")
         + (", re-decoded" if m.get("rescored") else "")
-        + (f", {1000 * lag_s:.0f} ms after its audio" if lag_s is not None else "")
+        + (f", {1000 * max(lag_s, 0.0):.0f} ms after its audio" if lag_s is not None else "")
     )
     return f"[{start:7.2f} - {end:7.2f}] {alt['transcript']}  ({tag}, conf {alt['confidence']:.2f})"
 
