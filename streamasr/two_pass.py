@@ -25,7 +25,7 @@ from . import protocol
 from .alignment import aligned_words
 from .contract import ModelContract
 from .decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
-from .evaluation import normalize
+from .text import normalize
 
 log = logging.getLogger("streamasr.two_pass")
 

@@ -55,7 +55,9 @@ class GatewayConfig:
         c = cls()
         c.port = int(e.get("SAGEMAKER_BIND_TO_PORT", c.port))
         c.triton_grpc = e.get("STREAMASR_TRITON_GRPC", c.triton_grpc)
-        c.grpc_ssl = e.get("STREAMASR_TRITON_GRPC_SSL", "false").lower() == "true"
+        c.grpc_ssl = parse_bool(
+            "STREAMASR_TRITON_GRPC_SSL", e.get("STREAMASR_TRITON_GRPC_SSL", "false")
+        )
         c.grpc_root_cert = e.get("STREAMASR_TRITON_GRPC_ROOT_CERT") or None
         c.two_pass = parse_bool("STREAMASR_TWO_PASS", e.get("STREAMASR_TWO_PASS", "false"))
         for name, attr, conv in (

@@ -80,6 +80,7 @@ from streamasr.protocol import (
 from streamasr_client.stream import AsrError, Session
 
 from ..cli import argument_parser
+from ..decoding.config import parse_bool
 from . import platform as sagemaker_platform
 from .audio import BadAudio, decode_body
 from .config import GatewayConfig
@@ -319,8 +320,11 @@ class Gateway:
     async def _session_chunk(self, request: web.Request) -> web.Response:
         sid = request.headers[SESSION_HEADER].strip()
         q = request_options(request)
-        finalize = q.get("finalize", "false").lower() == "true"
-        close = q.get("close", "false").lower() == "true"
+        try:
+            finalize = parse_bool("finalize", q.get("finalize", "false"))
+            close = parse_bool("close", q.get("close", "false"))
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
         if sid != NEW_SESSION and sid not in self.http_sessions:
             return _error(404, "unknown_session", "no such session (expired or closed)")
         try:

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
 
+from ..decoding.config import parse_bool
 from . import platform
 from .config import GatewayConfig
 from .http import Gateway, serve_app
@@ -101,8 +102,9 @@ def model_repository(env=None) -> Path:
 
 
 def _flag(env, name: str, default: bool) -> bool:
+    """A boolean environment variable; a value that is not one is refused by name."""
     v = env.get(name)
-    return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")
+    return default if v is None else parse_bool(name, v)
 
 
 def _ports(env) -> tuple[int, int, int]:
