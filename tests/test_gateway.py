@@ -157,6 +157,8 @@ def test_stateful_session_chunks_match_whole_file(serve):
         )
         assert status == 200, b
         messages += b["messages"]
+    status, _, bad = post(url + "?close=maybe", b"", {SESSION_HEADER: sid})
+    assert status == 400 and "close" in bad["message"]  # refused by name, session kept
     status, headers, last = post(url + "?close=true", b"", {SESSION_HEADER: sid})
     assert status == 200 and headers[CLOSED_SESSION_HEADER] == sid
     messages += last["messages"]
