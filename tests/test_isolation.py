@@ -189,8 +189,10 @@ def test_broken_stream_fails_only_sessions_with_requests_in_flight(
         for b in good:
             b.s.wait(timeout=180)  # nothing of theirs in flight
         busy = conn.open_session()
-        for _ in range(30):
-            busy.send(np.zeros(contract.sample_rate, np.float32))
+        # 100 s of audio: seconds of model work, so requests are surely still in flight
+        # when the stream breaks (with 30 x 1 s a fast server had answered them all)
+        for _ in range(10):
+            busy.send(np.zeros(10 * contract.sample_rate, np.float32))
         assert busy.pending > 0
         conn._stream.cancel()  # the shared stream breaks under them
         with pytest.raises(AsrError, match="in flight"):
