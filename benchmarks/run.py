@@ -70,9 +70,12 @@ def recorded(step: str, fn, *args, **kw) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> Path:
-    """The model repository with acoustic_model's threads / instance count changed
-    (edited as protobuf; the ONNX file is linked, not copied)."""
+def repository_copy(tmp: Path, intra_op: int | None, instances: int | None,
+                    queue_delay_us: int | None = None,
+                    feature_instances: int | None = None) -> Path:
+    """The model repository with acoustic_model's threads / instance count / batching
+    delay, or feature_extractor's instance count, changed (edited as protobuf; the ONNX
+    file is linked, not copied)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -94,7 +97,14 @@ def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> P
         g = cfg.instance_group.add()
         g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
         g.count = instances
+    if queue_delay_us is not None:
+        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
     path.write_text(text_format.MessageToString(cfg))
+    if feature_instances is not None:
+        fpath = dst / "feature_extractor" / "config.pbtxt"
+        fcfg = text_format.Parse(fpath.read_text(), model_config_pb2.ModelConfig())
+        fcfg.instance_group[0].count = feature_instances
+        fpath.write_text(text_format.MessageToString(fcfg))
     return dst
 
 
@@ -233,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run acoustic_model with this intra_op_thread_count (repository copy)")
     p.add_argument("--acoustic-instances", type=int, default=None,
                    help="run acoustic_model with this many CPU instances (repository copy)")
+    p.add_argument("--queue-delay-us", type=int, default=None,
+                   help="acoustic_model's dynamic batching delay (repository copy)")
+    p.add_argument("--feature-instances", type=int, default=None,
+                   help="run feature_extractor with this many instances (repository copy)")
     p.add_argument("--skip", default="",
                    help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -255,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     LOG.parent.mkdir(parents=True, exist_ok=True)
     LOG.write_text("")
     repo = REPOSITORY
-    if a.intra_op_threads is not None or a.acoustic_instances is not None:
-        repo = repository_copy(Path(tmp.name), a.intra_op_threads, a.acoustic_instances)
-        res["notes"].append(f"acoustic_model run with intra_op_thread_count="
-                            f"{a.intra_op_threads}, instances={a.acoustic_instances} "
-                            f"(repository copy; committed config unchanged)")
+    variant = (a.intra_op_threads, a.acoustic_instances, a.queue_delay_us,
+               a.feature_instances)
+    if any(v is not None for v in variant):
+        repo = repository_copy(Path(tmp.name), *variant)
+        res["notes"].append(f"run with acoustic_model intra_op_thread_count="
+                            f"{a.intra_op_threads}, instances={a.acoustic_instances}, "
+                            f"max_queue_delay_us={a.queue_delay_us}; feature_extractor "
+                            f"instances={a.feature_instances} (repository copy; committed "
+                            f"config unchanged)")
     res["intra_op_threads"] = raw.server_intra_op_threads(repo / "acoustic_model" / "config.pbtxt")
     contract = ModelContract.from_onnx(repo / "acoustic_model" / "1" / "model.onnx")
     res["model"] = f"{contract.name} {contract.version}"

@@ -37,7 +37,9 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     CloseStream (or the client's close) END is sent, the final results are delivered,
     and the socket closes with 1000.  Errors: a text frame ``{"type": "Error", "code":
     ..., "message": ...}`` then close 1008 (bad input / flooding / a START the model
-    refused) or 1011 (server).  WebSocket pings are answered by aiohttp (autoping).
+    refused) or 1011 (server); a START refused by admission control (the server holds
+    its limit of streams, streamasr.admission) gets code ``busy`` and close 1013 "try
+    again later", and a new HTTP session gets 503 with ``Retry-After``.  WebSocket pings are answered by aiohttp (autoping).
 
 No audio and no transcript text is logged; only ids, counts, sizes and timings.  The
 access log shows query keys with their values redacted (``hotwords=`` holds customers'
@@ -76,7 +78,8 @@ from streamasr.contract import ModelContract
 from streamasr_client.audio import resample, to_mono
 from streamasr.decoding.config import parse_bool, parse_int
 from streamasr_client.stream import (CONTRACT_MODEL, OFFLINE_MODEL, STREAM_MODEL,
-                                     TWO_PASS_MODEL, AsrConnection, AsrError, Session)
+                                     TWO_PASS_MODEL, AsrBusy, AsrConnection, AsrError,
+                                     Session)
 
 log = logging.getLogger("streamasr.gateway")
 
@@ -367,6 +370,20 @@ def _error(status: int, code: str, message: str) -> web.Response:
                              status=status)
 
 
+#: Seconds a refused client is asked to wait (HTTP Retry-After) before trying again.
+RETRY_AFTER_S = 1
+#: WebSocket close code "Try Again Later" (RFC 6455 registry): a START refused by
+#: admission control.
+WS_TRY_AGAIN_LATER = 1013
+
+
+def _busy(message: str) -> web.Response:
+    """503 for a session the server refused at START (at capacity): retry later."""
+    resp = _error(503, "busy", message)
+    resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig, backend: Backend | None = None):
         self.cfg = cfg
@@ -559,9 +576,16 @@ class Gateway:
                 elif audio is not None or finalize or s._sent == 0:
                     s.send(audio, finalize=finalize, keepalive=audio is None and not finalize)
                 await wait_session(s, self.cfg.close_timeout_s)
+            except AsrBusy as exc:
+                self._end_http_session(hs)
+                return _busy(str(exc))
             except (AsrError, TimeoutError) as exc:
                 self._end_http_session(hs)
                 return _error(503, "backend", str(exc))
+            if s.refused is not None:       # the START was refused: no session
+                self._end_http_session(hs)
+                log.info("http session %s refused: server at capacity", hs.id)
+                return _busy(s.refused)
             messages = s.messages[before:]
         if close:
             self._end_http_session(hs, send_end=False)
@@ -713,6 +737,9 @@ class WsSession:
                                f"{self.cfg.close_timeout_s:g} s") from None
         if s.failed is not None:
             raise AsrError(s.failed)        # lost with a broken stream, not refused
+        if s.refused is not None:
+            raise ProtocolError("busy", s.refused, close_code=WS_TRY_AGAIN_LATER,
+                                notified=True)
         if error is not None:
             raise ProtocolError("start_refused", error, notified=True)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamasr.admission import ENV_LIMIT
 from streamasr.contract import ModelContract
 from streamasr.repository import TWO_PASS_MODELS
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
@@ -22,10 +23,16 @@ ACOUSTIC_MODEL = REPOSITORY / "acoustic_model" / "1" / "model.onnx"
 DEMO_WAV = Path(os.environ.get("STREAMASR_TEST_AUDIO", ROOT / "assets" / "demo.wav"))
 
 
-def start_server(repository: Path, log_path: Path) -> TritonServer:
+def start_server(repository: Path, log_path: Path,
+                 max_active_streams: int | None = 0) -> TritonServer:
+    """``max_active_streams``: the admission limit (streamasr.admission); 0 (no limit)
+    by default, since tests leave streams open on purpose and share one server; None:
+    the repository's own setting."""
     # Tests leave streams open on purpose; don't wait 30 s for them at shutdown.
+    env = {} if max_active_streams is None else {ENV_LIMIT: str(max_active_streams)}
     cfg = ServerConfig(model_repository=repository, http_port=free_port(),
-                       grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=3)
+                       grpc_port=free_port(), metrics_port=free_port(), exit_timeout_s=3,
+                       env=env)
     server = TritonServer(cfg, log_path=log_path)
     try:
         server.start(timeout_s=180)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..admission import RefusedStreamEnded, StreamRefused
 from ..contract import ModelContract
 from ..decoding import StreamDecoder
 from ..state import StreamError, StreamStore, Sweeper
@@ -54,8 +55,14 @@ def _setup_logging(prefix: str) -> logging.Logger:
     return logging.getLogger(f"streamasr.{prefix}")
 
 
-def _error(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def _error(message: str, unavailable: bool = False):
+    """An error response; ``unavailable``: status UNAVAILABLE (retryable: gRPC
+    UNAVAILABLE, HTTP 503 on unary calls; on a gRPC stream only the message travels)."""
+    if unavailable:
+        err = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+    else:
+        err = pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
 def _strings(name: str, items: list[str]):
@@ -158,6 +165,37 @@ class _StreamMetrics:
             self.errors.increment(1)
 
 
+class _AdmissionMetrics:
+    """Admission control on Triton's metrics port (streamasr.admission):
+    streamasr_admitted_streams_total, streamasr_refused_streams_total (counters) and
+    streamasr_stream_capacity (gauge: the limit; 0 = none).  Published from execute()."""
+
+    def __init__(self, model: str, limit: int | None):
+        M = pb_utils.MetricFamily
+        labels = {"model": model}
+        # the families must outlive their metrics: keep them
+        self._families = (
+            M("streamasr_admitted_streams_total", "Streams admitted at START", M.COUNTER),
+            M("streamasr_refused_streams_total",
+              "STARTs refused because the server held its limit of streams", M.COUNTER),
+            M("streamasr_stream_capacity", "Streams admitted at most at once (0: no limit)",
+              M.GAUGE))
+        self.admitted, self.refused, self.capacity = (f.Metric(labels=labels)
+                                                      for f in self._families)
+        self.capacity.set(limit or 0)
+        self._reported = (0, 0)
+
+    def sync(self, counts: tuple[int, int]) -> None:
+        if counts == self._reported:
+            return
+        (a0, r0), (a1, r1) = self._reported, counts
+        self._reported = counts
+        if a1 > a0:
+            self.admitted.increment(a1 - a0)
+        if r1 > r0:
+            self.refused.increment(r1 - r0)
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise: thousands of
     swept streams' small arrays would stay in the stub's RSS for good)."""
@@ -198,10 +236,12 @@ class FeatureExtractorModel:
         defaults = ctc_decoder.build_defaults(self._decoder_config())
         self.step = feature_extractor.build_step(self.cfg, validate_options=defaults.validate)
         self.metrics = _StreamMetrics(self.cfg.name)
+        self.admission_metrics = _AdmissionMetrics(self.cfg.name, self.step.admission.limit)
         self.sweeper = _start_sweeper(self.step.store, self.metrics)
-        self.log.info("ready: chunk %.0f ms, window %d frames, idle timeout %.1f s",
-                      self.step.contract.chunk_seconds * 1000,
-                      self.step.contract.window_frames, self.step.store.ttl_s)
+        self.log.info("ready: chunk %.0f ms, window %d frames, idle timeout %.1f s, "
+                      "admits %s streams at once", self.step.contract.chunk_seconds * 1000,
+                      self.step.contract.window_frames, self.step.store.ttl_s,
+                      self.step.admission.limit or "any number of")
 
     def _decoder_config(self) -> ModelConfig:
         """The decoder model's config, to validate stream options at the START request
@@ -220,6 +260,8 @@ class FeatureExtractorModel:
                     pb_utils.Tensor("FEATURES", result.features),
                     _strings("STEP_INFO", [result.info.to_json()]),
                 ]))
+            except (StreamRefused, RefusedStreamEnded) as exc:   # no fault: not counted
+                responses.append(_error(str(exc), unavailable=True))
             except (StreamError, ValueError) as exc:
                 self.metrics.error()
                 responses.append(_error(str(exc)))
@@ -229,6 +271,7 @@ class FeatureExtractorModel:
                 responses.append(_error(f"internal error in feature_extractor: {exc}"))
             took.append(time.perf_counter() - t0)
         self.metrics.sync(self.step.store)
+        self.admission_metrics.sync(self.step.admission.snapshot())
         self.metrics.observe(took)
         return responses
 
