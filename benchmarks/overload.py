@@ -279,12 +279,14 @@ def run_with_server(repository: Path, capacity: int | None, *, log_path: Path | 
     from streamasr.server import ServerConfig, TritonServer, free_port
     from streamasr.triton_models.common import read_config
 
-    env = {} if capacity is None else {admission.ENV_LIMIT: str(capacity)}
-    if capacity is None:
+    if capacity is None:      # the repository's own setting (not this process's env)
         capacity = admission.configured_limit(
             read_config(repository / "feature_extractor").param(admission.CONFIG_KEY,
-                                                                 admission.MEASURED))
-        env = {admission.ENV_LIMIT: str(capacity)}
+                                                                 admission.MEASURED), {})
+        if capacity is None:
+            raise ValueError("admission control is off in this repository "
+                             f"({admission.CONFIG_KEY} 0): nothing to overload")
+    env = {admission.ENV_LIMIT: str(capacity)}
     server = TritonServer(ServerConfig(model_repository=repository, http_port=free_port(),
                                        grpc_port=free_port(), metrics_port=free_port(),
                                        exit_timeout_s=5, env=env), log_path=log_path)

@@ -14,7 +14,10 @@ Steps (progress is printed as they run):
    and final latency (benchmarks/two_pass.py); and the accuracy peer: PocketSphinx on the
    same eval set (benchmarks/peer_pocketsphinx.py; recorded as skipped if missing);
 5. peer baseline: re-transcribe the growing buffer every chunk (benchmarks/naive.py);
-6. py-spy profile of the server's Python processes under closed-loop load.
+6. py-spy profile of the server's Python processes under closed-loop load;
+7. overload: a fresh server with admission control on (the repository's limit) offered
+   3x that many paced streams (benchmarks/overload.py): admitted streams' latency and
+   transcripts, refusals, memory back to baseline.
 
 Writes benchmarks/results/<host>-<date>.json / .md / *.png and latest.md.  Everything
 runs on loopback; a temporary copy of the model repository is used only when
@@ -35,12 +38,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from streamasr import admission
 from streamasr.contract import ModelContract
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
 
-from . import (accuracy, load, metrics, naive, peer_pocketsphinx, perf_analyzer, profile, raw,
-               report, two_pass)
+from . import (accuracy, load, metrics, naive, overload, peer_pocketsphinx, perf_analyzer,
+               profile, raw, report, two_pass)
 from .server_stats import loadavg, process_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +53,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LOG = REPO_ROOT / "build" / "bench-tritonserver.log"      # kept after the run (not committed)
 
 FULL = dict(levels=[1, 2, 4, 8, 12, 16, 18, 20, 22, 24, 28, 32], duration=20.0,
-            sat_streams=16, sat_s=15.0,
+            sat_streams=16, sat_s=15.0, overload_s=60.0, overload_settle_s=60.0,
             raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10,
             two_pass_concurrency=(4, 8))
 QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=12, sat_s=8.0,
+             overload_s=15.0, overload_settle_s=20.0,
              raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5,
              two_pass_concurrency=())
 
@@ -117,9 +122,11 @@ class Live:
 
     def start(self, attempts: int = 3) -> None:
         for attempt in range(1, attempts + 1):
+            # admission control off: this server measures how many streams fit
             self.server = TritonServer(ServerConfig(
                 model_repository=self.repo, http_port=free_port(), grpc_port=free_port(),
-                metrics_port=free_port(), exit_timeout_s=5), log_path=LOG)
+                metrics_port=free_port(), exit_timeout_s=5,
+                env={admission.ENV_LIMIT: "0"}), log_path=LOG)
             try:
                 self.server.start(timeout_s=180)
                 break
@@ -196,6 +203,9 @@ def compute_targets(res: dict, chunk_s: float) -> list[dict]:
                                   "core running the model (one 1-thread session per core)",
                         "measured": f"{held or 0} of {allc:.1f} ({(held or 0) / allc:.2f})",
                         "met": bool((held or 0) / allc >= 0.8)})
+    for t in (res.get("overload") or {}).get("targets", []):
+        out.append({"target": f"3x overload: {t['target']}", "measured": t["measured"],
+                    "met": t["met"]})
     one = next((lv for lv in res.get("levels", []) if lv["streams"] == 1), None)
     if one:
         mx = one["onset_interim_ms"].get("max")
@@ -248,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-instances", type=int, default=None,
                    help="run feature_extractor with this many instances (repository copy)")
     p.add_argument("--skip", default="",
-                   help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile")
+                   help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,"
+                        "profile,overload")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -481,6 +492,14 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         live.stop()
+    try:
+        if "overload" not in skip:
+            say("[7/7] overload: 3x the admission limit, a fresh server with admission on")
+            res["overload"] = recorded(
+                "overload", overload.run_with_server, repo, None,
+                log_path=LOG.with_name("bench-overload-tritonserver.log"), progress=say,
+                duration_s=cfg["overload_s"], settle_s=cfg["overload_settle_s"])
+    finally:
         tmp.cleanup()
     res["targets"] = compute_targets(res, chunk_s)
     res["loadavg_end"] = loadavg()
