@@ -32,6 +32,17 @@ from .state import StreamError
 MEASURED_STREAMS_HELD = 24
 MEASURED_ON = "2-core CPU VM, benchmarks/results/capacity/"
 
+#: SageMaker target tracking on ConcurrentRequestsPerModel (an open stream counts until it
+#: closes, like an admitted stream here) aims at this share of the limit, so instances are
+#: added before one starts refusing.
+AUTOSCALE_TARGET_SHARE = 0.75
+
+
+def autoscale_target(limit: int | None = MEASURED_STREAMS_HELD) -> float:
+    """Concurrent streams per instance for SageMaker target tracking to aim at."""
+    return round(AUTOSCALE_TARGET_SHARE * (limit or MEASURED_STREAMS_HELD), 1)
+
+
 #: Environment override of the limit (an integer; 0 = no limit).
 ENV_LIMIT = "STREAMASR_MAX_ACTIVE_STREAMS"
 #: config.pbtxt parameter of the feature step: an integer, or "measured".

@@ -3,7 +3,7 @@
     docker/deploy create --name streamasr --image <ecr uri> --role <execution role arn> \\
         [--region us-east-1] [--instance-type ml.g5.xlarge] [--count 1] [--kms-key <arn>] \\
         [--subnets subnet-a,subnet-b --security-groups sg-1] [--grpc] \\
-        [--autoscale-min 1 --autoscale-max 4 --target-concurrency 20] [--wait] [--dry-run]
+        [--autoscale-min 1 --autoscale-max 4 --target-concurrency N] [--wait] [--dry-run]
     docker/deploy delete --name streamasr [--dry-run]
     docker/deploy base-image --region eu-south-2 [--triton-tag 25.09-py3] [--build-args]
 
@@ -26,6 +26,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
+
+from streamasr import admission
 
 log = logging.getLogger("streamasr.deploy")
 
@@ -255,8 +257,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--autoscale-min", type=int, default=1)
     c.add_argument("--autoscale-max", type=int, default=0, help="0: no autoscaling")
     c.add_argument("--scale-on", choices=("concurrency", "invocations"), default="concurrency")
-    c.add_argument("--target-concurrency", type=float, default=20.0,
-                   help="concurrent sessions per instance to aim for")
+    c.add_argument("--target-concurrency", type=float, default=admission.autoscale_target(),
+                   help="concurrent sessions per instance to aim for (default: "
+                        f"{admission.AUTOSCALE_TARGET_SHARE:g} x the admission limit "
+                        f"{admission.MEASURED_STREAMS_HELD}; set it from the instance type's "
+                        "measured limit, STREAMASR_MAX_ACTIVE_STREAMS)")
     c.add_argument("--target-invocations", type=float, default=600.0,
                    help="invocations per instance per minute to aim for")
     c.add_argument("--wait", action="store_true", help="wait until the endpoint is InService")
