@@ -11,10 +11,12 @@ The limit comes from, in order: the environment variable ``STREAMASR_MAX_ACTIVE_
 ``max_active_streams``, else ``MEASURED_STREAMS_HELD`` below: the one place the measured
 capacity is written down.  ``0`` turns admission control off.
 
-The rest of the pipeline is bounded per request by acoustic_model's queue policy
-(config.pbtxt ``dynamic_batching.default_queue_policy``): a window that waited longer than
-its timeout is rejected, so no stream's backlog grows without limit even when the
-configured limit is wrong for the machine.
+Not bounded here: one admitted stream's own backlog (requests in flight).  The SageMaker
+gateway bounds it per session (``STREAMASR_GATEWAY_MAX_PENDING``, backpressure); a Triton
+queue policy on acoustic_model (reject a window queued > 5 s) was tried and dropped: it
+failed a legitimate client that sends a whole file at once in 10 ms chunks (2651 of its
+requests rejected in tests/test_streaming.py), and a shared queue bound fails every
+stream's requests, not only the flooding one's.
 """
 from __future__ import annotations
 
