@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="acoustic_model's dynamic batching delay (repository copy)")
     p.add_argument("--feature-instances", type=int, default=None,
                    help="run feature_extractor with this many instances (repository copy)")
+    p.add_argument("--overload-capacity", default=None,
+                   help="admission limit for the overload step: a number, or 'held' (the "
+                        "streams this run held); default: the repository's setting")
     p.add_argument("--skip", default="",
                    help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,"
                         "profile,overload")
@@ -495,8 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "overload" not in skip:
             say("[7/7] overload: 3x the admission limit, a fresh server with admission on")
+            cap = a.overload_capacity
+            cap = (res.get("held_streams") or None) if cap == "held" else \
+                (int(cap) if cap else None)
             res["overload"] = recorded(
-                "overload", overload.run_with_server, repo, None,
+                "overload", overload.run_with_server, repo, cap,
                 log_path=LOG.with_name("bench-overload-tritonserver.log"), progress=say,
                 duration_s=cfg["overload_s"], settle_s=cfg["overload_settle_s"])
     finally:
