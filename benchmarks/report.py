@@ -181,27 +181,7 @@ def markdown(result: dict) -> str:
                   f"{ps.get('skipped') or ps.get('error')}"]
     tp = r.get("two_pass")
     if tp:
-        L += ["", "## Two-pass finals (benchmarks/two_pass.py)", ""]
-        if tp.get("error"):
-            L.append(f"not measured: {tp['error']}")
-        else:
-            L.append(f"{tp['clips']} clips ({_f(tp.get('audio_s'))} s), one stream at a time, "
-                     f"{'paced at real time' if tp.get('paced') else 'unpaced'}; final latency "
-                     "= END sent after the last chunk -> last response.")
-            L += [""] + _table(
-                ["finals", "WER", "CER", "final latency p50 / p90 / max ms"],
-                [[f"{k.replace('_', '-')} (`{tp[k]['model']}`)", _f(tp[k]["wer"], 3),
-                  _f(tp[k]["cer"], 3), " / ".join(_f(_g(tp[k], "final_latency_ms", q))
-                                                 for q in ("p50", "p90", "max"))]
-                 for k in ("one_pass", "two_pass") if k in tp])
-            conc = [lv for lv in tp.get("two_pass_concurrent", []) if lv.get("final_latency_ms")]
-            if conc:
-                L += ["", "Two-pass with several paced streams at once (one `final_pass` "
-                      "instance):", ""]
-                L += _table(["streams", "finals", "final latency p50 / p90 / max ms", "errors"],
-                            [[lv["streams"], lv["finals"],
-                              " / ".join(_f(lv["final_latency_ms"][q]) for q in ("p50", "p90", "max")),
-                              len(lv["errors"])] for lv in conc])
+        L += two_pass_section(tp)
     ov = r.get("overload")
     if ov:
         L += ["", "## Overload: 3x the admission limit (benchmarks/overload.py)", ""]
@@ -244,6 +224,56 @@ def markdown(result: dict) -> str:
     if r.get("plots"):
         L += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in r["plots"]]
     return "\n".join(L) + "\n"
+
+
+def two_pass_section(tp: dict) -> list[str]:
+    """The two-pass / Whisper-interim tables (benchmarks/two_pass.py)."""
+    L: list[str] = []
+    L += ["", "## Two-pass finals (benchmarks/two_pass.py)", ""]
+    if tp.get("error"):
+        L.append(f"not measured: {tp['error']}")
+    else:
+        L.append(f"{tp['clips']} clips ({_f(tp.get('audio_s'))} s), one stream at a time, "
+                 f"{'paced at real time' if tp.get('paced') else 'unpaced'}; final latency "
+                 "= END sent after the last chunk -> last response.")
+        modes = [k for k in ("one_pass", "two_pass", "two_pass_whisper_interims") if k in tp]
+        L += [""] + _table(
+            ["mode (model, options)", "final WER / CER", "END -> final p50 / p99 ms",
+             "interim WER", "interim words changed", "correct word after (median s)",
+             "chunk latency p50 / p99 ms", "server CPU s per audio s"],
+            [[f"{k.replace('_', '-')} (`{tp[k]['model']}`"
+              + (f", {tp[k]['options']}" if tp[k].get("options") else "") + ")",
+              f"{_f(tp[k]['wer'], 3)} / {_f(tp[k]['cer'], 3)}",
+              " / ".join(_f(_g(tp[k], "final_latency_ms", q)) for q in ("p50", "p99")),
+              _f(tp[k].get("interim_wer"), 3), _f(tp[k].get("interim_words_changed"), 3),
+              _f(_g(tp[k], "time_to_correct_word_s", "median"), 2),
+              " / ".join(_f(_g(tp[k], "chunk_latency_ms", q)) for q in ("p50", "p99")),
+              _f(tp[k].get("server_cpu_s_per_audio_s"), 3)] for k in modes])
+        conc = [lv for lv in tp.get("concurrent", []) if lv.get("final_latency_ms")]
+        if conc:
+            L += ["", "Several paced streams at once (one `final_pass` instance, dynamic "
+                  f"batching); held = chunk latency p99 <= {_f(tp.get('chunk_p99_budget_ms'))} "
+                  "ms and no errors:", ""]
+            L += _table(["mode", "streams", "finals", "END -> final p50 / p99 / max ms",
+                         "chunk p50 / p99 ms", "held", "errors"],
+                        [[lv["mode"].replace("_", "-"), lv["streams"], lv["finals"],
+                          " / ".join(_f(lv["final_latency_ms"][q]) for q in ("p50", "p99", "max")),
+                          " / ".join(_f(lv["chunk_latency_ms"][q]) for q in ("p50", "p99")),
+                          "yes" if lv.get("held") else "no", len(lv["errors"])]
+                         for lv in conc])
+        sweep = tp.get("refresh_sweep") or []
+        if sweep:
+            L += ["", "Whisper interims by `interim_refresh_s` (1 stream, paced):", ""]
+            L += _table(["interim_refresh_s", "interim WER", "interim words changed",
+                         "correct word after (median / p90 s)", "chunk p99 ms",
+                         "server CPU s per audio s"],
+                        [[_f(x["interim_refresh_s"]), _f(x["interim_wer"], 3),
+                          _f(x["interim_words_changed"], 3),
+                          f"{_f(_g(x, 'time_to_correct_word_s', 'median'), 2)} / "
+                          f"{_f(_g(x, 'time_to_correct_word_s', 'p90'), 2)}",
+                          _f(_g(x, "chunk_latency_ms", "p99")),
+                          _f(x.get("server_cpu_s_per_audio_s"), 3)] for x in sweep])
+    return L
 
 
 def plots(result: dict, out_dir: Path, base: str) -> list[Path]:

@@ -1,48 +1,82 @@
-"""Two-pass finals vs one-pass, through the real server: WER/CER and final latency.
+"""Two-pass finals vs one-pass, and Whisper vs CTC interims, through the real server.
 
     python -m benchmarks.two_pass [--url 127.0.0.1:8001]   # against a running server
     (make bench runs it as one of its steps)
 
 Each clip of the evaluation set (assets/eval/, real speech never trained on) is streamed
-at real-time pace in the model's chunks, once through ``streaming_asr`` (finals from the
-streaming CTC model) and once through ``streaming_asr_two_pass`` (finals re-decoded by
-Whisper tiny.en), one stream at a time.  "Final latency" is the time from sending END
-right after the clip's last chunk to the arrival of the last response: what a caller
-waits for the final transcript once the speaker has stopped.  Interims are the same in
-both modes (tests/test_two_pass.py asserts it), so their latency is measured by the
-paced load sweep, not here.  Then two-pass final latency with several paced streams at
-once (``--concurrency``): one ``final_pass`` instance serves their re-decodes in turn.
+at real-time pace in the model's chunks, one stream at a time, in three modes:
+``one_pass`` (``streaming_asr``), ``two_pass`` (``streaming_asr_two_pass``: finals
+re-decoded by Whisper tiny.en, CTC interims) and ``two_pass_whisper_interims`` (the same
+with the stream option ``interims=whisper``).  Per mode:
+
+* final WER/CER, and "final latency": END sent right after the clip's last chunk -> the
+  last response (what a caller waits for the final once the speaker stopped);
+* interim WER: the last interim of each utterance before its final, joined per clip
+  (what a reader sees just before the final lands);
+* interim words changed: of all words shown in interims, the share that differ from the
+  final word at the same position of the same utterance;
+* time to a correct word: for each final word that matches the reference, its end (in
+  the audio, on the stream's clock) -> arrival of the first message showing it at its
+  position (compute and queueing included);
+* chunk latency: a chunk sent -> its interim arrived;
+* CPU: seconds of the server's process tree per second of audio (``--server-pid``).
+
+Then ``--concurrency`` paced streams at once for the two two-pass modes: final and chunk
+latency while the others keep streaming.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from streamasr.evaluation import load_eval_set, wer_cer
+from streamasr.evaluation import load_eval_set, normalize, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
 from .metrics import summarize
+from .server_stats import CpuMeter
 
 log = logging.getLogger("benchmarks.two_pass")
 
-MODES = {"one_pass": STREAM_MODEL, "two_pass": TWO_PASS_MODEL}
+#: mode -> (model, stream options)
+MODES = {"one_pass": (STREAM_MODEL, {}),
+         "two_pass": (TWO_PASS_MODEL, {}),
+         "two_pass_whisper_interims": (TWO_PASS_MODEL, {"interims": "whisper"})}
+CONCURRENT_MODES = ("two_pass", "two_pass_whisper_interims")
+#: A level is "held" when chunk latency p99 stays within this (the load sweep's budget).
+CHUNK_P99_BUDGET_MS = 250.0
+
+
+@dataclass
+class ClipRun:
+    transcript: str
+    final_latency: float
+    rescored: int
+    events: list[tuple[float, dict]] = field(default_factory=list)   # (s since start, msg)
+    chunk_latency: list[float] = field(default_factory=list)
 
 
 def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, model: str,
-                paced: bool = True) -> tuple[str, float, int]:
-    """(final transcript, END -> last response seconds, re-decoded finals) of one clip."""
-    s = conn.open_session(model=model)
+                paced: bool = True, options: dict | None = None) -> ClipRun:
+    """One clip as one stream; times on the stream's clock (0 = its first sample spoken)."""
+    events: list[tuple[float, dict]] = []
     t0 = time.perf_counter()
-    for k, i in enumerate(range(0, len(audio), chunk)):
+    s = conn.open_session(model=model, options=options,
+                          on_message=lambda m: events.append((time.perf_counter() - t0, m)))
+    sent = []
+    for i in range(0, len(audio), chunk):
         if paced:   # chunk k is "spoken" by t0 + its end time
             delay = t0 + (i + len(audio[i:i + chunk])) / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
+        sent.append(time.perf_counter() - t0)
         s.send(audio[i:i + chunk])
     t_end = time.perf_counter()
     s.close()
@@ -51,75 +85,160 @@ def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, m
     conn.forget(s)
     if s.errors:
         raise RuntimeError(f"{model}: {s.errors[0]}")
-    return s.transcript, latency, sum(1 for m in s.finals if m.get("rescored"))
+    # every request with audio answers with exactly one interim, the last of its messages
+    interims = [t for t, m in events if m.get("type") == "Results" and not m["is_final"]]
+    return ClipRun(s.transcript, latency, sum(1 for m in s.finals if m.get("rescored")),
+                   events, [b - a for a, b in zip(sent, interims)])
 
 
-def concurrent_final_latency(conn: AsrConnection, audios: list[np.ndarray], chunk: int,
-                             rate: int, model: str, streams: int) -> dict:
+def _words(m: dict) -> list[dict]:
+    return m["channel"]["alternatives"][0]["words"]
+
+
+def interim_quality(runs: list[ClipRun], refs: list[str]) -> dict:
+    """Interim WER, interim words changed, time to a correct word (module docstring)."""
+    import jiwer
+
+    last_interims, shown, changed, delays = [], 0, 0, []
+    for run, ref in zip(runs, refs):
+        results = [(t, m) for t, m in run.events if m.get("type") == "Results"]
+        finals = {m["start"]: _words(m) for _, m in results if m["is_final"]}
+        last: dict[float, str] = {}
+        for _, m in results:
+            if m["is_final"]:
+                continue
+            last[m["start"]] = m["channel"]["alternatives"][0]["transcript"]
+            fw = finals.get(m["start"], [])
+            for k, w in enumerate(_words(m)):
+                shown += 1
+                changed += k >= len(fw) or fw[k]["word"] != w["word"]
+        last_interims.append(" ".join(last[u] for u in sorted(last) if last[u]))
+        final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
+        hyp = " ".join(w["word"] for _, _, w in final_words)
+        if not hyp:
+            continue
+        correct = set()
+        for part in jiwer.process_words(normalize(ref), hyp).alignments[0]:
+            if part.type == "equal":
+                correct.update(range(part.hyp_start_idx, part.hyp_end_idx))
+        for idx, (u, k, w) in enumerate(final_words):
+            if idx in correct:
+                first = next(t for t, m in results if m["start"] == u and len(_words(m)) > k
+                             and _words(m)[k]["word"] == w["word"])
+                delays.append(first - w["end"])
+    score = wer_cer(refs, last_interims)
+    return {"interim_wer": round(score["wer"], 4), "interim_cer": round(score["cer"], 4),
+            "interim_words_shown": shown,
+            "interim_words_changed": round(changed / max(shown, 1), 4),
+            "time_to_correct_word_s": {
+                "median": round(float(np.median(delays)), 3) if delays else None,
+                "p90": round(float(np.percentile(delays, 90)), 3) if delays else None,
+                "words": len(delays)}}
+
+
+def concurrent(conn: AsrConnection, audios: list[np.ndarray], chunk: int, rate: int,
+               mode: str, streams: int) -> dict:
     """``streams`` paced streams at once, each going through every clip (starting at a
-    different one): END -> last response of each clip, while the others keep streaming."""
-    import threading
-
-    lats: list[float] = []
+    different one): final and chunk latency of each clip while the others keep streaming."""
+    model, options = MODES[mode]
+    runs: list[ClipRun] = []
     errors: list[str] = []
     lock = threading.Lock()
 
     def worker(k: int) -> None:
         for j in range(len(audios)):
             try:
-                _, lat, _ = stream_clip(conn, audios[(k + j) % len(audios)], chunk, rate, model)
+                run = stream_clip(conn, audios[(k + j) % len(audios)], chunk, rate, model,
+                                  options=options)
             except Exception as exc:  # noqa: BLE001 - recorded in the result
                 with lock:
                     errors.append(str(exc)[:200])
                 return
             with lock:
-                lats.append(lat)
+                runs.append(run)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    out = {"streams": streams, "finals": len(lats), "errors": errors}
-    if lats:
-        out["final_latency_ms"] = summarize(lats)
+    out: dict = {"mode": mode, "streams": streams, "finals": len(runs), "errors": errors}
+    if runs:
+        out["final_latency_ms"] = summarize([r.final_latency for r in runs])
+        out["chunk_latency_ms"] = summarize([x for r in runs for x in r.chunk_latency])
+        out["held"] = not errors and out["chunk_latency_ms"]["p99"] <= CHUNK_P99_BUDGET_MS
+    return out
+
+
+def run_mode(conn: AsrConnection, mode: str, items, audios, chunk: int, rate: int,
+             paced: bool, server_pid: int | None) -> dict:
+    model, options = MODES[mode]
+    refs = [it.reference for it in items]
+    cpu = CpuMeter(server_pid)
+    cpu.start()
+    runs = [stream_clip(conn, audio, chunk, rate, model, paced, options) for audio in audios]
+    used = cpu.stop()
+    hyps = [r.transcript for r in runs]
+    score = wer_cer(refs, hyps)
+    audio_s = sum(len(a) for a in audios) / rate
+    out = {"model": model, "options": options, "wer": round(score["wer"], 4),
+           "cer": round(score["cer"], 4),
+           "final_latency_ms": summarize([r.final_latency for r in runs]),
+           "chunk_latency_ms": summarize([x for r in runs for x in r.chunk_latency]),
+           "rescored_finals": sum(r.rescored for r in runs),
+           **interim_quality(runs, refs),
+           "examples": [{"id": items[i].name, "ref": refs[i], "hyp": hyps[i]}
+                        for i in range(min(2, len(items)))]}
+    if server_pid:
+        server_cpu = sum(v for k, v in used.get("cpu_s", {}).items()
+                         if not k.startswith("client"))
+        out["server_cpu_s_per_audio_s"] = round(server_cpu / audio_s, 4)
     return out
 
 
 def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = None,
-        concurrency: tuple[int, ...] = ()) -> dict:
+        concurrency: tuple[int, ...] = (), server_pid: int | None = None,
+        modes: tuple[str, ...] = tuple(MODES),
+        refresh_sweep: tuple[float, ...] = ()) -> dict:
+    """``refresh_sweep``: also Whisper interims at these ``interim_refresh_s`` (1 stream)."""
     items = load_eval_set()[:limit] if limit else load_eval_set()
-    refs = [it.reference for it in items]
-    out: dict = {"clips": len(items), "paced": paced}
+    out: dict = {"clips": len(items), "paced": paced,
+                 "chunk_p99_budget_ms": CHUNK_P99_BUDGET_MS}
     with AsrConnection(url) as conn:
         contract = conn.contract()
         rate, chunk = contract.sample_rate, contract.chunk_samples
         audios = [load_audio(it.audio_path, rate) for it in items]
         out["audio_s"] = round(sum(len(a) for a in audios) / rate, 1)
-        for mode, model in MODES.items():
-            hyps, lats, rescored = [], [], 0
-            for it, audio in zip(items, audios):
-                text, lat, n = stream_clip(conn, audio, chunk, rate, model, paced)
-                hyps.append(text)
-                lats.append(lat)
-                rescored += n
-                log.debug("%s %s: %s", mode, it.name, text)
-            score = wer_cer(refs, hyps)
-            out[mode] = {"model": model, "wer": round(score["wer"], 4),
-                         "cer": round(score["cer"], 4), "final_latency_ms": summarize(lats),
-                         "rescored_finals": rescored,
-                         "examples": [{"id": items[i].name, "ref": refs[i], "hyp": hyps[i]}
-                                      for i in range(min(2, len(items)))]}
-            progress(f"  {mode} ({model}): WER {score['wer']:.3f}, CER {score['cer']:.3f}, "
-                     f"END -> final p50 {out[mode]['final_latency_ms']['p50']} ms, "
-                     f"max {out[mode]['final_latency_ms']['max']} ms")
-        out["two_pass_concurrent"] = []
-        for n in concurrency:
-            level = concurrent_final_latency(conn, audios, chunk, rate, TWO_PASS_MODEL, n)
-            out["two_pass_concurrent"].append(level)
-            lat = level.get("final_latency_ms", {})
-            progress(f"  two_pass, {n} streams at once: END -> final p50 {lat.get('p50')} ms, "
-                     f"max {lat.get('max')} ms, errors {len(level['errors'])}")
+        for mode in modes:
+            r = out[mode] = run_mode(conn, mode, items, audios, chunk, rate, paced, server_pid)
+            progress(f"  {mode}: WER {r['wer']:.3f}, END -> final p50 "
+                     f"{r['final_latency_ms']['p50']} ms p99 {r['final_latency_ms']['p99']} ms; "
+                     f"interim WER {r['interim_wer']:.3f}, changed "
+                     f"{r['interim_words_changed']:.3f}, correct word after "
+                     f"{r['time_to_correct_word_s']['median']} s; "
+                     f"CPU {r.get('server_cpu_s_per_audio_s')} s/audio s")
+        out["refresh_sweep"] = []
+        for refresh in refresh_sweep:
+            model, options = MODES["two_pass_whisper_interims"]
+            MODES["_sweep"] = (model, {**options, "interim_refresh_s": refresh})
+            try:
+                r = run_mode(conn, "_sweep", items, audios, chunk, rate, paced, server_pid)
+            finally:
+                del MODES["_sweep"]
+            out["refresh_sweep"].append({"interim_refresh_s": refresh, **r})
+            progress(f"  whisper interims every {refresh} s: interim WER {r['interim_wer']:.3f}, "
+                     f"changed {r['interim_words_changed']:.3f}, correct word after "
+                     f"{r['time_to_correct_word_s']['median']} s, "
+                     f"CPU {r.get('server_cpu_s_per_audio_s')} s/audio s")
+        out["concurrent"] = []
+        for mode in (m for m in CONCURRENT_MODES if m in modes):
+            for n in concurrency:
+                level = concurrent(conn, audios, chunk, rate, mode, n)
+                out["concurrent"].append(level)
+                fl, cl = level.get("final_latency_ms", {}), level.get("chunk_latency_ms", {})
+                progress(f"  {mode}, {n} streams: END -> final p50 {fl.get('p50')} ms "
+                         f"p99 {fl.get('p99')} ms; chunk p99 {cl.get('p99')} ms; "
+                         f"held {level.get('held')}; errors {len(level['errors'])}")
     return out
 
 
@@ -127,19 +246,57 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.two_pass", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    p.add_argument("--start-server", action="store_true",
+                   help="start a tritonserver on free ports for the run (ignores --url)")
+    p.add_argument("--repository", type=Path, default=None,
+                   help="with --start-server: this model repository (default: the project's)")
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
     p.add_argument("--limit", type=int, help="only the first N clips")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--concurrency", default="4,8",
-                   help="also: two-pass final latency with this many paced streams at once "
+                   help="also: the two-pass modes with this many paced streams at once "
                         "(comma list; empty: skip)")
-    p.add_argument("--json", type=str, help="write the result here")
+    p.add_argument("--refresh-sweep", default="",
+                   help="also: Whisper interims at these interim_refresh_s (comma list)")
+    p.add_argument("--server-pid", type=int, help="tritonserver's pid, for CPU per audio s")
+    p.add_argument("--json", type=Path, help="write the result here (and a .md beside it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    res = run(a.url, paced=not a.fast, limit=a.limit,
-              concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()))
+    kw = dict(paced=not a.fast, limit=a.limit,
+              concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()),
+              modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
+              refresh_sweep=tuple(float(x) for x in a.refresh_sweep.split(",") if x.strip()))
+    unknown = set(kw["modes"]) - set(MODES)
+    if unknown:
+        p.error(f"unknown mode(s) {sorted(unknown)}")
+    if a.start_server:
+        from streamasr.server import ServerConfig, TritonServer, free_port
+
+        cfg = ServerConfig(http_port=free_port(), grpc_port=free_port(),
+                           metrics_port=free_port(),
+                           **({"model_repository": a.repository} if a.repository else {}))
+        server = TritonServer(cfg)
+        server.start()
+        try:
+            res = run(server.grpc_url, server_pid=server.proc.pid, **kw)
+        finally:
+            server.stop()
+    else:
+        res = run(a.url, server_pid=a.server_pid, **kw)
+    res["loadavg_end"] = list(__import__("os").getloadavg())
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        from .report import two_pass_section
+        from .run import two_pass_targets
+
+        a.json.write_text(json.dumps(res, indent=2))
+        md = ["# Two-pass finals and Whisper interims", ""] + two_pass_section(res)
+        targets = two_pass_targets(res)
+        if targets:
+            md += ["", "| target | measured | met |", "|---|---|---|"]
+            md += [f"| {t['target']} | {t['measured']} | "
+                   f"{'yes' if t['met'] else ('**no**' if t['met'] is False else '–')} |"
+                   for t in targets]
+        a.json.with_suffix(".md").write_text("\n".join(md) + "\n")
     return 0
 
 

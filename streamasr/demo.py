@@ -1,8 +1,10 @@
 """`make demo`: start a real Triton server, stream the bundled recording through it in
 real time, print interim and final transcripts, stop the server.
 
-Interims come from the streaming CTC model; finals are re-decoded by Whisper (two-pass,
-model streaming_asr_two_pass) unless --one-pass."""
+Interims come from the streaming CTC model (--whisper-interims: re-decoded by Whisper
+too, stable words shown plain, the tail in [brackets]); finals are re-decoded by Whisper
+(two-pass, model streaming_asr_two_pass) unless --one-pass, and show how long after their
+audio they arrived."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
     p.add_argument("--one-pass", action="store_true",
                    help="finals from the streaming CTC model too (model streaming_asr)")
+    p.add_argument("--whisper-interims", action="store_true",
+                   help="interims re-decoded by Whisper too (stream option interims=whisper)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from streamasr_client import transcribe
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("" if a.one_pass else " (finals re-decoded by Whisper)") + "\n", flush=True)
         code = transcribe.main([str(a.audio), "--url", server.grpc_url]
                                + ([] if a.fast else ["--realtime"])
-                               + ([] if a.one_pass else ["--two-pass"]))
+                               + ([] if a.one_pass else ["--two-pass"])
+                               + (["--whisper-interims"] if a.whisper_interims else []))
         if a.audio == DEMO_AUDIO and reference.exists():
             print("\nReference:\n" + reference.read_text().strip())
         return code

@@ -24,12 +24,25 @@ from .audio import load_audio, pcm_chunks, stdin_binary
 from .stream import TWO_PASS_MODEL, AsrConnection, AsrError, Session
 
 
-def _fmt_final(m: dict) -> str:
+def _fmt_final(m: dict, lag_s: float | None = None) -> str:
     alt = m["channel"]["alternatives"][0]
     start, end = m["start"], m["start"] + m["duration"]
     tag = "final" + (", endpoint" if m.get("speech_final") else "") + \
-        (", finalize" if m.get("from_finalize") else "")
+        (", finalize" if m.get("from_finalize") else "") + \
+        (", re-decoded" if m.get("rescored") else "") + \
+        (f", {1000 * lag_s:.0f} ms after its audio" if lag_s is not None else "")
     return f"[{start:7.2f} - {end:7.2f}] {alt['transcript']}  ({tag}, conf {alt['confidence']:.2f})"
+
+
+def _interim_text(m: dict) -> str:
+    """The interim's words; with Whisper interims the unstable tail in [brackets]."""
+    alt = m["channel"]["alternatives"][0]
+    words = alt["words"]
+    if not words or "stable" not in words[0]:
+        return alt["transcript"]
+    stable = [w["word"] for w in words if w["stable"]]
+    tail = [w["word"] for w in words if not w["stable"]]
+    return " ".join(stable + ([f"[{' '.join(tail)}]"] if tail else []))
 
 
 class Display:
@@ -43,6 +56,9 @@ class Display:
         self.show_interims = show_interims
         self._last_interim = ""
         self._lock = threading.Lock()
+        #: wall-clock time of the stream's first sample when audio is paced in real time:
+        #: finals then show how long after their audio they arrived
+        self.t0: float | None = None
 
     def __call__(self, m: dict) -> None:
         with self._lock:
@@ -55,11 +71,13 @@ class Display:
                 text = m["channel"]["alternatives"][0]["transcript"]
                 if m.get("is_final"):
                     self._clear()
+                    lag = (time.monotonic() - self.t0 - m["start"] - m["duration"]
+                           if self.t0 is not None else None)
                     if text:
-                        self.out.write(_fmt_final(m) + "\n")
+                        self.out.write(_fmt_final(m, lag) + "\n")
                     self._last_interim = ""
-                elif self.show_interims and text != self._last_interim:
-                    self._last_interim = text
+                elif self.show_interims and _interim_text(m) != self._last_interim:
+                    text = self._last_interim = _interim_text(m)
                     if self.tty:
                         self.out.write("\r\033[K\033[2m" + text[-200:] + "\033[0m")
                     elif text:
@@ -137,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--two-pass", action="store_true",
                    help=f"finals re-decoded by Whisper (model {TWO_PASS_MODEL}); interims "
                         "stay streaming CTC")
+    p.add_argument("--whisper-interims", action="store_true",
+                   help="two-pass, and interims re-decoded by Whisper too (stream option "
+                        "interims=whisper): words two re-decodes agree on are shown stable, "
+                        "the tail in [brackets]")
     return p
 
 
@@ -169,8 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 chunks = chunks_of(load_audio(a.audio, rate), chunk)
                 realtime = a.realtime
-            session = conn.open_session(parse_options(a.option, a.hotwords), on_message=display,
-                                        model=TWO_PASS_MODEL if a.two_pass else None)
+            options = parse_options(a.option, a.hotwords)
+            if a.whisper_interims:
+                options.setdefault("interims", "whisper")
+            session = conn.open_session(options, on_message=display,
+                                        model=TWO_PASS_MODEL if a.two_pass or a.whisper_interims
+                                        else None)
+            if realtime:
+                display.t0 = time.monotonic()
             stream_chunks(session, chunks, rate, realtime=realtime,
                           finalize_every=a.finalize_every, keepalive_every=a.keepalive,
                           max_in_flight=0 if realtime else 8)

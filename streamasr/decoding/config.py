@@ -36,6 +36,13 @@ DEFAULT_LM_PARTIAL_WORDS = True
 #: log10 spelling cost per letter of a word the LM does not know, on top of P(<unk>):
 #: makes one glued-together "word" cost more than the real words it swallows.
 DEFAULT_LM_OOV_LETTER_LOG10 = -1.0
+#: Where interims come from: "ctc" (the streaming model, every request) or "whisper"
+#: (the open utterance re-decoded by Whisper, ``streaming_asr_two_pass`` only).
+INTERIM_SOURCES = ("ctc", "whisper")
+DEFAULT_INTERIMS = "ctc"
+#: Whisper interims: audio seconds between re-decodes of the open utterance (chosen by
+#: measurement: docs/two_pass.md).
+DEFAULT_INTERIM_REFRESH_S = 1.0
 
 # -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
 #: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.
@@ -64,6 +71,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "lm_beta": (-20.0, 20.0),
     "lm_oov_letter_log10": (-20.0, 0.0),
     "time_offset": (0.0, 366 * 86400.0),     # a year of seconds
+    "interim_refresh_s": (0.2, 30.0),        # each refresh costs a Whisper decode
     "rule1_min_trailing_silence": (0.0, 3600.0),
     "rule2_min_trailing_silence": (0.0, 3600.0),
     "rule3_min_utterance_length": (0.0, 3600.0),
@@ -202,6 +210,9 @@ class DecoderConfig:
     lm_partial_words  charge unfinished words the LM look-ahead of their letters (ARPA LMs)
     lm_oov_letter_log10  log10 cost per letter of a word the LM does not know (<= 0)
     time_offset       seconds added to every time in the messages
+    interims          "ctc" (every request) or "whisper" (re-decoded open utterance,
+                      stable words marked; ``streaming_asr_two_pass`` only)
+    interim_refresh_s audio seconds between Whisper re-decodes of the open utterance
     """
 
     decoding: str = DEFAULT_DECODING
@@ -215,6 +226,8 @@ class DecoderConfig:
     lm_partial_words: bool = DEFAULT_LM_PARTIAL_WORDS
     lm_oov_letter_log10: float = DEFAULT_LM_OOV_LETTER_LOG10
     time_offset: float = 0.0
+    interims: str = DEFAULT_INTERIMS
+    interim_refresh_s: float = DEFAULT_INTERIM_REFRESH_S
 
     def __post_init__(self) -> None:
         # Normalise and validate values given directly to the constructor, too.
@@ -239,6 +252,8 @@ class DecoderConfig:
             "lm_oov_letter_log10": parse_float("lm_oov_letter_log10",
                                                p["lm_oov_letter_log10"], minimum=-math.inf),
             "time_offset": parse_float("time_offset", p["time_offset"]),
+            "interims": parse_choice("interims", p["interims"], INTERIM_SOURCES),
+            "interim_refresh_s": parse_float("interim_refresh_s", p["interim_refresh_s"]),
         }
         check_ranges(out)
         if out["lm_path"]:

@@ -40,8 +40,9 @@ rounded to 1 ms; they are multiples of the model's output frame length.
 
 ### Two-pass finals (model `streaming_asr_two_pass`)
 
-Interims and every other message are the same as `streaming_asr`'s; each final with words
-is re-decoded by Whisper tiny.en from the utterance's audio features and gets:
+Interims and every other message are the same as `streaming_asr`'s (unless the stream
+asks for Whisper interims, below); each final with words is re-decoded by Whisper tiny.en
+from the utterance's audio features and gets:
 
 | field | type | meaning |
 | --- | --- | --- |
@@ -53,6 +54,21 @@ A final that had no words, or whose utterance is longer than 30 s (Whisper's win
 not re-decoded and has neither field.  The response carrying a re-decoded final arrives
 after the re-decode, possibly after the responses to the stream's later chunks: read a
 stream's responses in request order (the bundled client does, by request id).
+
+### Whisper interims (stream option `interims=whisper`, model `streaming_asr_two_pass`)
+
+Every `interim_refresh_s` of audio the open utterance is re-decoded by Whisper; words
+that two consecutive re-decodes agree on, from the utterance's start, become *stable*
+(the LocalAgreement policy of whisper_streaming).  Every interim of such a stream keeps
+the schema above, and each of its words gets one more field:
+
+| field | type | meaning |
+| --- | --- | --- |
+| `words[].stable` | bool | `true`: agreed by two re-decodes; later interims of the utterance show it unchanged, at the same position (only the final, re-decoded afresh, may still differ). `false`: the unstable tail: the newest re-decode's words after the stable ones, then the CTC words heard since that re-decode |
+| `rescored` | bool | `true` when the interim shows Whisper words; `false` before the utterance's first re-decode (CTC words only, all unstable) |
+| `first_pass_transcript` | string | the CTC interim's transcript |
+
+Stable words always lead: `words[]` is the stable words, then the tail.
 
 ## `UtteranceEnd`
 

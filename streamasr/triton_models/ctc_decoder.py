@@ -25,7 +25,7 @@ from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
-from ..two_pass import Utterance, UtteranceRecorder, chunk_features, worded_finals
+from ..two_pass import CARRY, INTERIM, Utterance, UtteranceRecorder, chunk_features, worded_finals
 from .common import ModelConfig, StepInfo, parse_float, parse_int, stream_idle_timeout
 
 log = logging.getLogger("streamasr.ctc_decoder")
@@ -104,6 +104,7 @@ class _Stream:
     failed: str | None = None                           # why this stream cannot go on
     recorder: UtteranceRecorder | None = None           # two-pass streams only
     finals: list[tuple[dict, int, int]] = field(default_factory=list)  # (msg, first, end)
+    refreshed_at: int = 0          # output frame of the last Whisper interim re-decode
 
 
 class DecoderStep:
@@ -150,6 +151,9 @@ class DecoderStep:
             if r.features is not None:
                 st.recorder = UtteranceRecorder(self.contract)
                 st.decoder.on_final = lambda msg, a, b: st.finals.append((msg, a, b))
+            elif dec_cfg.interims == "whisper":
+                raise StreamError("interims=whisper needs the two-pass model "
+                                  "(streaming_asr_two_pass): Whisper re-decodes the interims")
         frames = self._frames(r)
         if st.recorder is not None and r.features is None:
             raise StreamError("internal: a two-pass stream's request without FEATURES")
@@ -164,18 +168,50 @@ class DecoderStep:
             st.closed = True
         return msgs
 
-    def _utterances(self, st: _Stream, msgs: list[dict]) -> list[Utterance]:
-        """The recorded utterances of this response's finals that have words."""
+    def _utterances(self, stream: int, st: _Stream, msgs: list[dict]) -> list[Utterance]:
+        """The recorded utterances of this response's finals that have words, and for an
+        ``interims=whisper`` stream the open utterance when a refresh is due."""
         out = []
         for index, first, end in worded_finals(st.finals, msgs):
             cut = st.recorder.cut(first, end)
             if cut is None:
                 log.info("utterance over the two-pass limit: first-pass final kept")
                 continue
-            out.append(Utterance(index, *cut))
+            out.append(Utterance(index, *cut, stream=stream, seq=st.next_seq - 1,
+                                 start_frame=first))
         st.finals.clear()
         if not st.closed:
             st.recorder.trim(st.decoder.utterance_start_frame)
+        return out + self._interim_utterances(stream, st, msgs)
+
+    def _interim_utterances(self, stream: int, st: _Stream, msgs: list[dict]
+                            ) -> list[Utterance]:
+        """For an ``interims=whisper`` stream, what each interim of the response needs:
+        the last one gets the open utterance to re-decode when it has words and
+        ``interim_refresh_s`` of audio went by since the last re-decode (or the
+        utterance's start); every other interim a CARRY (shown as the last re-decode of its
+        utterance plus newer CTC words)."""
+        dec = st.decoder
+        if dec.config.interims != "whisper":
+            return []
+        nothing = np.zeros((0, 0), np.float32)
+        first, end, seq = dec.utterance_start_frame, dec.frames_decoded, st.next_seq - 1
+        interims = [i for i, m in enumerate(msgs)
+                    if m.get("type") == "Results" and not m.get("is_final")]
+        frame_s, offset = self.contract.output_frame_seconds, dec.config.time_offset
+        out = [Utterance(i, nothing, nothing, kind=CARRY, stream=stream, seq=seq,
+                         start_frame=round((msgs[i]["start"] - offset) / frame_s))
+               for i in interims]
+        if not out or interims[-1] != len(msgs) - 1:
+            return out
+        since = end - max(st.refreshed_at, first)
+        due = since * self.contract.output_frame_seconds >= dec.config.interim_refresh_s
+        cut = st.recorder.cut(first, end) if due and \
+            msgs[-1]["channel"]["alternatives"][0]["transcript"] else None
+        if cut is not None:
+            st.refreshed_at = end
+            out[-1] = Utterance(len(msgs) - 1, *cut, kind=INTERIM, stream=stream, seq=seq,
+                                start_frame=first)
         return out
 
     def process(self, r: DecoderRequest) -> list[dict]:
@@ -293,7 +329,8 @@ class DecoderStep:
                 st.gap_since = self.clock() if st.pending else None
                 if st.pending:
                     self._gaps[info.stream] = st
-            utterances = self._utterances(st, msgs) if st.recorder is not None else []
+            utterances = (self._utterances(info.stream, st, msgs)
+                          if st.recorder is not None else [])
             if st.closed:
                 self._unpark(info.stream, st)
                 self.store.pop(info.stream)
