@@ -28,11 +28,12 @@ from typing import Hashable, Mapping
 
 from .state import StreamError
 
-#: Paced real-time streams the committed model repository held at p99 chunk latency
-#: <= 250 ms on the 2-core CPU machine (CPU only, no GPU): ``make bench`` run
-#: benchmarks/results/capacity/ (see README "Capacity").  The default admission limit.
-MEASURED_STREAMS_HELD = 24
-MEASURED_ON = "2-core CPU VM, benchmarks/results/capacity/"
+#: Paced real-time streams the committed model repository (acoustic_model 2 instances x
+#: 1 thread, beam 16 + word LM) held at p99 chunk latency <= 250 ms on the 2-core CPU VM
+#: (no GPU): benchmarks/results/capacity/i2t1/vm-20261203-1459 (16 held, 20: p99 2.3 s;
+#: README "Capacity and admission control").  The default admission limit.
+MEASURED_STREAMS_HELD = 16
+MEASURED_ON = "2-core CPU VM, benchmarks/results/capacity/i2t1/vm-20261203-1459"
 
 #: SageMaker target tracking on ConcurrentRequestsPerModel (an open stream counts until it
 #: closes, like an admitted stream here) aims at this share of the limit, so instances are
