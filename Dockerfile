@@ -58,7 +58,7 @@ COPY pyproject.toml ./
 COPY streamasr streamasr
 COPY client client
 RUN python3 -m pip install --no-cache-dir --no-deps . \
-    && python3 -c "import streamasr.gateway, streamasr_client.stream"
+    && python3 -c "import streamasr.sagemaker.http, streamasr_client.stream"
 
 # Our Python-based Triton backends.  NOT backends/onnxruntime: that is the CPU stand-in
 # used on machines without Triton's native onnxruntime backend, which this image has.

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 demo test test-slow bench bench-gpu model whisper lm serve clean
+.PHONY: venv venv-http2 demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -68,8 +68,19 @@ demo: venv whisper lm
 serve: venv whisper lm
 	$(PY) -m streamasr.server
 
+# Lint, format and import order, type check (configured in pyproject.toml); CI runs it
+# before the tests.  To fix what it reports: ruff check --fix . && ruff format .
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 test: venv venv-http2 whisper lm
 	$(PY) -m pytest -q tests
+
+# The tests that start no server (seconds): for work on the logic between full runs.
+test-unit: venv
+	$(PY) -m pytest -q -m "not server and not slow" tests
 
 test-slow: venv venv-http2 whisper lm
 	$(PY) -m pytest -q -m slow tests

@@ -5,6 +5,7 @@ The eval set is ``streamasr.evaluation.load_eval_set()`` when that module exists
 helper's); until then the LibriVox clips shipped with pocketsphinx and their
 ``transcription`` file.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamasr.protocol import final_text
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
 
@@ -31,8 +33,11 @@ def librivox_eval_set(sample_rate: int) -> list[tuple[str, np.ndarray, str]]:
         m = re.match(r"\s*(.*?)\s*\(([^)]+)\)\s*$", line)
         if m:
             refs[m.group(2)] = m.group(1).replace("<s>", "").replace("</s>", "").strip()
-    return [(uid, load_audio(LIBRIVOX_DIR / f"{uid}.wav", sample_rate), text)
-            for uid, text in sorted(refs.items()) if (LIBRIVOX_DIR / f"{uid}.wav").exists()]
+    return [
+        (uid, load_audio(LIBRIVOX_DIR / f"{uid}.wav", sample_rate), text)
+        for uid, text in sorted(refs.items())
+        if (LIBRIVOX_DIR / f"{uid}.wav").exists()
+    ]
 
 
 def _as_triples(items, sample_rate: int) -> list[tuple[str, np.ndarray, str]]:
@@ -40,8 +45,11 @@ def _as_triples(items, sample_rate: int) -> list[tuple[str, np.ndarray, str]]:
     path) and reference text."""
     out = []
     for i, it in enumerate(items):
-        get = (lambda k, it=it: it.get(k)) if isinstance(it, dict) else \
-              (lambda k, it=it: getattr(it, k, None))
+        get = (
+            (lambda k, it=it: it.get(k))
+            if isinstance(it, dict)
+            else (lambda k, it=it: getattr(it, k, None))
+        )
         uid = get("id") or get("name") or get("uid") or str(i)
         text = get("text") or get("reference") or get("transcript")
         audio = get("audio")
@@ -65,8 +73,9 @@ def eval_set(sample_rate: int) -> tuple[str, list[tuple[str, np.ndarray, str]]]:
         from streamasr import evaluation
     except ImportError:
         return "pocketsphinx LibriVox clips", librivox_eval_set(sample_rate)
-    return "streamasr.evaluation.load_eval_set()", _as_triples(evaluation.load_eval_set(),
-                                                              sample_rate)
+    return "streamasr.evaluation.load_eval_set()", _as_triples(
+        evaluation.load_eval_set(), sample_rate
+    )
 
 
 def wer_cer(refs: list[str], hyps: list[str]) -> dict:
@@ -87,14 +96,9 @@ def wer_cer(refs: list[str], hyps: list[str]) -> dict:
     return {"wer": round(jiwer.wer(refs_n, hyps_n), 4), "cer": round(jiwer.cer(refs_n, hyps_n), 4)}
 
 
-def _final_text(msgs: list[dict]) -> str:
-    parts = [m["channel"]["alternatives"][0]["transcript"] for m in msgs
-             if m.get("type") == "Results" and m.get("is_final")]
-    return " ".join(p for p in parts if p)
-
-
-def run(url: str, chunk_samples: int, sample_rate: int, *, progress=print,
-        limit: int | None = None) -> dict:
+def run(
+    url: str, chunk_samples: int, sample_rate: int, *, progress=print, limit: int | None = None
+) -> dict:
     name, items = eval_set(sample_rate)
     if limit:
         items = items[:limit]
@@ -105,7 +109,7 @@ def run(url: str, chunk_samples: int, sample_rate: int, *, progress=print,
     with AsrConnection(url) as conn:
         for uid, audio, text in items:
             s = conn.open_session()
-            pieces = [audio[i:i + chunk_samples] for i in range(0, len(audio), chunk_samples)]
+            pieces = [audio[i : i + chunk_samples] for i in range(0, len(audio), chunk_samples)]
             for p in pieces[:-1]:
                 s.send(p)
             s.close(pieces[-1])
@@ -115,15 +119,24 @@ def run(url: str, chunk_samples: int, sample_rate: int, *, progress=print,
             conn.forget(s)
             refs.append(text)
             streamed.append(s.transcript)
-            offline.append(_final_text(conn.transcribe_file(audio)))
-    out = {"eval_set": name, "utterances": len(items),
-           "audio_s": round(sum(len(a) for _, a, _ in items) / sample_rate, 1),
-           "streamed": wer_cer(refs, streamed), "offline": wer_cer(refs, offline),
-           "streamed_equals_offline": sum(normalize(a) == normalize(b)
-                                          for a, b in zip(streamed, offline)),
-           "wall_s": round(time.perf_counter() - t0, 1),
-           "examples": [{"id": items[i][0], "ref": refs[i], "streamed": streamed[i],
-                         "offline": offline[i]} for i in range(min(3, len(items)))]}
-    progress(f"  accuracy on {len(items)} utterances: streamed WER {out['streamed']['wer']}, "
-             f"offline WER {out['offline']['wer']}")
+            offline.append(final_text(conn.transcribe_file(audio)))
+    out = {
+        "eval_set": name,
+        "utterances": len(items),
+        "audio_s": round(sum(len(a) for _, a, _ in items) / sample_rate, 1),
+        "streamed": wer_cer(refs, streamed),
+        "offline": wer_cer(refs, offline),
+        "streamed_equals_offline": sum(
+            normalize(a) == normalize(b) for a, b in zip(streamed, offline)
+        ),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "examples": [
+            {"id": items[i][0], "ref": refs[i], "streamed": streamed[i], "offline": offline[i]}
+            for i in range(min(3, len(items)))
+        ],
+    }
+    progress(
+        f"  accuracy on {len(items)} utterances: streamed WER {out['streamed']['wer']}, "
+        f"offline WER {out['offline']['wer']}"
+    )
     return out

@@ -6,6 +6,7 @@ beam + hotwords (and beam + word LM when kenlm and an LM file are given).
 Prints and returns seconds of decoder CPU per second of audio (real-time factor) and
 the transcript of each, so the cost is read beside what it buys.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from streamasr.contract import ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, final_transcript
+from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole
 from streamasr.features import whole_file_windows
+from streamasr.protocol import final_text
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
@@ -42,22 +44,41 @@ def measure(contract, frames, options: dict, repeats: int = 3) -> dict:
         msgs = decode_whole(contract, frames, cfg, EndpointConfig())
         best = min(best, time.process_time() - t0)
     seconds = len(frames) * contract.output_frame_seconds
-    return {"options": options, "cpu_s": round(best, 4), "rtf": round(best / seconds, 5),
-            "transcript": final_transcript(msgs)}
+    return {
+        "options": options,
+        "cpu_s": round(best, 4),
+        "rtf": round(best / seconds, 5),
+        "transcript": final_text(msgs),
+    }
 
 
 def run(audio_path: Path = DEMO, lm: Path | None = None, hotwords: str = "") -> list[dict]:
+    import onnxruntime as ort
+
     from streamasr_client.audio import load_audio
 
-    import onnxruntime as ort
     rate = ModelContract.from_session(
-        ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])).sample_rate
+        ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    ).sample_rate
     contract, frames = stream_log_probs(MODEL, load_audio(audio_path, rate))
-    words = hotwords or ",".join(sorted(set(
-        w for w in (audio_path.with_suffix(".txt").read_text().lower().split()
-                    if audio_path.with_suffix(".txt").exists() else []) if len(w) > 6))[:3])
-    cases = [{"decoding": "greedy"}, {"decoding": "beam", "beam_size": "8"},
-             {"decoding": "beam", "beam_size": "16"}]
+    words = hotwords or ",".join(
+        sorted(
+            set(
+                w
+                for w in (
+                    audio_path.with_suffix(".txt").read_text().lower().split()
+                    if audio_path.with_suffix(".txt").exists()
+                    else []
+                )
+                if len(w) > 6
+            )
+        )[:3]
+    )
+    cases = [
+        {"decoding": "greedy"},
+        {"decoding": "beam", "beam_size": "8"},
+        {"decoding": "beam", "beam_size": "16"},
+    ]
     if words:
         cases.append({"decoding": "beam", "beam_size": "8", "hotwords": words})
     if lm:
@@ -66,8 +87,9 @@ def run(audio_path: Path = DEMO, lm: Path | None = None, hotwords: str = "") -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--audio", type=Path, default=DEMO)
     p.add_argument("--lm", type=Path, default=None, help="ARPA/KenLM word LM (needs kenlm)")
     p.add_argument("--hotwords", default="", help="default: long words of the reference")

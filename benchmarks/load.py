@@ -21,6 +21,7 @@ Measured per level (N):
 
 Loopback only: ``--url`` must be a 127.x / localhost address.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,7 @@ import glob
 import heapq
 import json
 import logging
-import os
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from streamasr import protocol
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection, AsrError, Session
 
@@ -56,7 +56,7 @@ LIBRIVOX = "/usr/share/pocketsphinx/test/data/librivox/*.wav"
 class Clip:
     name: str
     audio: np.ndarray
-    onset: int | None          # first speech sample (energy detector), None: silence
+    onset: int | None  # first speech sample (energy detector), None: silence
 
 
 def load_clips(sample_rate: int, paths: list[str] | None = None) -> list[Clip]:
@@ -93,7 +93,7 @@ class TimedSession(Session):
     final's response arrives after later chunks' responses, which wait for it)."""
 
     clip: Clip | None = None
-    t_capture0: float = 0.0                      # wall time sample 0 was "spoken"
+    t_capture0: float = 0.0  # wall time sample 0 was "spoken"
     due_t: list = field(default_factory=list)
     send_t: list = field(default_factory=list)
     done_t: list = field(default_factory=list)
@@ -105,17 +105,19 @@ class TimedSession(Session):
     def _release(self, msgs, error, arrived):
         t = arrived
         for m in msgs:
-            if m.get("type") != "Results":
+            if not protocol.is_results(m):
                 continue
-            text = m["channel"]["alternatives"][0]["transcript"]
+            text = protocol.transcript(m)
             if text and self.first_text_t is None:
                 self.first_text_t = t
-            if m.get("is_final"):
-                self.final_text = (self.final_text + " " + text).strip() if text else self.final_text
+            if protocol.is_final(m):
+                self.final_text = (
+                    (self.final_text + " " + text).strip() if text else self.final_text
+                )
             else:
                 self.done_t.append(t)
         super()._release(msgs, error, arrived)
-        if self._closed and self._answered >= self._sent:
+        if self.closed and self.pending <= 0:
             self.all_answered_t = t
         if self.on_done is not None:
             self.on_done(self)
@@ -134,8 +136,15 @@ def open_timed(conn: AsrConnection, cls: type = TimedSession, **kw) -> TimedSess
 class Speaker:
     """Says clip after clip on one connection; one session per clip."""
 
-    def __init__(self, idx: int, conn: AsrConnection, clips: list[Clip], chunk: int,
-                 sample_rate: int, on_done=None):
+    def __init__(
+        self,
+        idx: int,
+        conn: AsrConnection,
+        clips: list[Clip],
+        chunk: int,
+        sample_rate: int,
+        on_done=None,
+    ):
         self.idx, self.conn, self.clips = idx, conn, clips
         self.chunk, self.rate = chunk, sample_rate
         self.on_done = on_done
@@ -149,11 +158,10 @@ class Speaker:
     def begin(self, t_capture0: float) -> float:
         clip = self.clips[(self.idx + self._n) % len(self.clips)]
         self._n += 1
-        self.session = open_timed(self.conn, clip=clip, t_capture0=t_capture0,
-                                  on_done=self.on_done)
+        self.session = open_timed(self.conn, clip=clip, t_capture0=t_capture0, on_done=self.on_done)
         self.sessions.append(self.session)
         a = clip.audio
-        self._pieces = [a[i:i + self.chunk] for i in range(0, len(a), self.chunk)]
+        self._pieces = [a[i : i + self.chunk] for i in range(0, len(a), self.chunk)]
         ends = np.minimum(np.arange(1, len(self._pieces) + 1) * self.chunk, len(a))
         self._dues = [float(t_capture0 + e / self.rate) for e in ends]
         self._i = 0
@@ -172,7 +180,7 @@ class Speaker:
         s.send_t.append(time.perf_counter())
         if last:
             s.close(self._pieces[i])
-            self._dues = self._dues[:i + 1]
+            self._dues = self._dues[: i + 1]
         else:
             s.send(self._pieces[i])
         self._i += 1
@@ -197,8 +205,7 @@ class Probe:
         self._snap = StatsSnapshot.take(self.http_url) if self.http_url else None
 
     def stop(self) -> dict:
-        out = {"loadavg_before": self._load0, "loadavg_after": loadavg(),
-               "cpu": self.cpu.stop()}
+        out = {"loadavg_before": self._load0, "loadavg_after": loadavg(), "cpu": self.cpu.stop()}
         if self._snap is not None:
             out["server"] = stats_delta(self._snap, StatsSnapshot.take(self.http_url))
         return out
@@ -264,19 +271,29 @@ def _drain(sessions: list[TimedSession], timeout_s: float) -> None:
             pass
 
 
-def run_level(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
-              sample_rate: int, duration_s: float, connections: int = 1,
-              probe: Probe | None = None, drain_s: float = 30.0) -> dict:
+def run_level(
+    url: str,
+    clips: list[Clip],
+    streams: int,
+    *,
+    chunk_samples: int,
+    sample_rate: int,
+    duration_s: float,
+    connections: int = 1,
+    probe: Probe | None = None,
+    drain_s: float = 30.0,
+) -> dict:
     """``streams`` paced speakers for ``duration_s``: at the deadline each speaker's
     next chunk ends its session (END); returns the level's figures."""
     _check_loopback(url)
     conns = _connections(url, max(1, min(connections, streams)))
     chunk_s = chunk_samples / sample_rate
-    speakers = [Speaker(i, conns[i % len(conns)], clips, chunk_samples, sample_rate)
-                for i in range(streams)]
+    speakers = [
+        Speaker(i, conns[i % len(conns)], clips, chunk_samples, sample_rate) for i in range(streams)
+    ]
     t0 = time.perf_counter() + 0.2
     heap = []
-    for sp in speakers:       # phases spread evenly over one chunk
+    for sp in speakers:  # phases spread evenly over one chunk
         heapq.heappush(heap, (sp.begin(t0 + sp.idx * chunk_s / streams - chunk_s), sp.idx))
     deadline = t0 + duration_s
     if probe:
@@ -297,43 +314,69 @@ def run_level(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
                 heapq.heappush(heap, (sp.next_due(), i))
         sessions = [s for sp in speakers for s in sp.sessions]
         _drain(sessions, drain_s)
-    except AsrError as exc:          # the gRPC stream broke (server gone): say so
+    except AsrError as exc:  # the gRPC stream broke (server gone): say so
         aborted = str(exc)
         log.error("level with %d streams aborted: %s", streams, exc)
     sessions = [s for sp in speakers for s in sp.sessions]
     elapsed = time.perf_counter() - started
     try:
         extra = probe.stop() if probe else {}
-    except OSError as exc:           # statistics API unreachable
+    except OSError as exc:  # statistics API unreachable
         extra = {"probe_error": str(exc)}
     for c in conns:
         c.close()
-    out = {"streams": streams, "connections": len(conns), "chunk_ms": round(chunk_s * 1000, 1),
-           "wall_s": round(elapsed, 2), "aborted": aborted,
-           "audio_s": round(sum(len(s.send_t) for s in sessions) * chunk_s, 1),
-           **_collect(sessions, chunk_s, sample_rate), **extra}
+    out = {
+        "streams": streams,
+        "connections": len(conns),
+        "chunk_ms": round(chunk_s * 1000, 1),
+        "wall_s": round(elapsed, 2),
+        "aborted": aborted,
+        "audio_s": round(sum(len(s.send_t) for s in sessions) * chunk_s, 1),
+        **_collect(sessions, chunk_s, sample_rate),
+        **extra,
+    }
     return out
 
 
-def sweep(url: str, clips: list[Clip], levels: list[int], *, chunk_samples: int,
-          sample_rate: int, duration_s: float, connections: int, budget_ms: float,
-          probe: Probe | None = None, beyond: int = 1,
-          progress: Callable[[str], None] = print) -> list[dict]:
+def sweep(
+    url: str,
+    clips: list[Clip],
+    levels: list[int],
+    *,
+    chunk_samples: int,
+    sample_rate: int,
+    duration_s: float,
+    connections: int,
+    budget_ms: float,
+    probe: Probe | None = None,
+    beyond: int = 1,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
     """Run the levels upward; stop at the ``beyond``-th level that misses the budget, or
     at the first that misses it by more than 4x (the overloaded side of the knee is
     measured, not extrapolated, but a hopeless level is not repeated larger)."""
     results, misses = [], 0
     for n in levels:
         progress(f"  load: {n} stream(s) for {duration_s:.0f} s ...")
-        r = run_level(url, clips, n, chunk_samples=chunk_samples, sample_rate=sample_rate,
-                      duration_s=duration_s, connections=connections, probe=probe)
+        r = run_level(
+            url,
+            clips,
+            n,
+            chunk_samples=chunk_samples,
+            sample_rate=sample_rate,
+            duration_s=duration_s,
+            connections=connections,
+            probe=probe,
+        )
         r["within_budget"] = metrics.level_ok(r, budget_ms)
         results.append(r)
         lat = r["chunk_latency_ms"]
-        progress(f"    p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {r['errors']}  "
-                 f"missing {r['missing']}  late chunks {r['late_chunks']}  "
-                 f"load {r.get('loadavg_after', ['?'])[0]}  "
-                 f"{'OK' if r['within_budget'] else 'OVER BUDGET'}")
+        progress(
+            f"    p50 {lat['p50']} ms  p99 {lat['p99']} ms  errors {r['errors']}  "
+            f"missing {r['missing']}  late chunks {r['late_chunks']}  "
+            f"load {r.get('loadavg_after', ['?'])[0]}  "
+            f"{'OK' if r['within_budget'] else 'OVER BUDGET'}"
+        )
         if r.get("aborted"):
             progress(f"    level aborted: {r['aborted']}")
             break
@@ -346,16 +389,33 @@ def sweep(url: str, clips: list[Clip], levels: list[int], *, chunk_samples: int,
 
 
 # -- closed loop: the most the server does ---------------------------------------------
-def saturate(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
-             sample_rate: int, duration_s: float, connections: int = 1,
-             probe: Probe | None = None) -> dict:
+def saturate(
+    url: str,
+    clips: list[Clip],
+    streams: int,
+    *,
+    chunk_samples: int,
+    sample_rate: int,
+    duration_s: float,
+    connections: int = 1,
+    probe: Probe | None = None,
+) -> dict:
     """``streams`` sessions sending as fast as the server answers (one request in
     flight each): the server's throughput limit and the batch sizes it forms then."""
     _check_loopback(url)
     conns = _connections(url, max(1, min(connections, streams)))
     ready: "queue.Queue[int]" = queue.Queue()
-    speakers = [Speaker(i, conns[i % len(conns)], clips, chunk_samples, sample_rate,
-                        on_done=lambda s, i=i: ready.put(i)) for i in range(streams)]
+    speakers = [
+        Speaker(
+            i,
+            conns[i % len(conns)],
+            clips,
+            chunk_samples,
+            sample_rate,
+            on_done=lambda s, i=i: ready.put(i),
+        )
+        for i in range(streams)
+    ]
     now = time.perf_counter()
     for sp in speakers:
         sp.begin(now)
@@ -376,10 +436,10 @@ def saturate(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
                 break
             sp = speakers[i]
             if sp.session.pending:
-                continue                       # an answer for an older session
+                continue  # an answer for an older session
             if time.perf_counter() >= deadline:
-                if sp.session.send_t and not sp.session._closed:
-                    sp.session.close()         # END without audio: the server frees it now
+                if sp.session.send_t and not sp.session.closed:
+                    sp.session.close()  # END without audio: the server frees it now
                 active -= 1
                 continue
             if sp.send_next(None):
@@ -402,13 +462,19 @@ def saturate(url: str, clips: list[Clip], streams: int, *, chunk_samples: int,
     chunk_s = chunk_samples / sample_rate
     lat = metrics.summarize(d - t for s in sessions for d, t in zip(s.done_t, s.send_t))
     audio_s = sum(len(s.send_t) for s in sessions) * chunk_s
-    return {"streams": streams, "wall_s": round(elapsed, 2), "aborted": aborted,
-            "audio_s": round(audio_s, 1),
-            "realtime_factor": round(audio_s / elapsed, 2), "chunk_latency_ms": lat,
-            "errors": sum(len(s.errors) for s in sessions), **extra}
+    return {
+        "streams": streams,
+        "wall_s": round(elapsed, 2),
+        "aborted": aborted,
+        "audio_s": round(audio_s, 1),
+        "realtime_factor": round(audio_s / elapsed, 2),
+        "chunk_latency_ms": lat,
+        "errors": sum(len(s.errors) for s in sessions),
+        **extra,
+    }
 
 
-MAX_STREAMS = 1024      # one level never opens more sessions at once than this
+MAX_STREAMS = 1024  # one level never opens more sessions at once than this
 
 
 def parse_levels(text: str) -> list[int]:
@@ -418,19 +484,27 @@ def parse_levels(text: str) -> list[int]:
         levels = []
     if not levels or levels[0] < 1 or levels[-1] > MAX_STREAMS:
         raise argparse.ArgumentTypeError(
-            f"levels are integers 1..{MAX_STREAMS}, comma separated, e.g. 1,2,4,8")
+            f"levels are integers 1..{MAX_STREAMS}, comma separated, e.g. 1,2,4,8"
+        )
     return levels
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (loopback)")
-    p.add_argument("--http-url", default=None,
-                   help="Triton HTTP address, to read the statistics API (optional)")
+    p.add_argument(
+        "--http-url",
+        default=None,
+        help="Triton HTTP address, to read the statistics API (optional)",
+    )
     p.add_argument("--streams", type=parse_levels, default=parse_levels("1,2,4,8,16,24,32"))
-    p.add_argument("--connections", type=int, default=1,
-                   help="gRPC streams the sessions are spread over")
+    p.add_argument(
+        "--connections", type=int, default=1, help="gRPC streams the sessions are spread over"
+    )
     p.add_argument("--chunk-ms", type=float, default=None, help="default: the model's chunk")
     p.add_argument("--duration", type=float, default=15.0, help="seconds per level")
     p.add_argument("--budget-ms", type=float, default=250.0, help="p99 chunk-latency budget")
@@ -441,13 +515,24 @@ def main(argv: list[str] | None = None) -> int:
     _check_loopback(a.url)
     with AsrConnection(a.url) as c:
         contract = c.contract()
-    chunk = (int(round(a.chunk_ms * contract.sample_rate / 1000)) if a.chunk_ms
-             else contract.chunk_samples)
+    chunk = (
+        int(round(a.chunk_ms * contract.sample_rate / 1000))
+        if a.chunk_ms
+        else contract.chunk_samples
+    )
     clips = load_clips(contract.sample_rate, a.audio)
     probe = Probe(a.http_url, None)
-    levels = sweep(a.url, clips, a.streams, chunk_samples=chunk,
-                   sample_rate=contract.sample_rate, duration_s=a.duration,
-                   connections=a.connections, budget_ms=a.budget_ms, probe=probe)
+    levels = sweep(
+        a.url,
+        clips,
+        a.streams,
+        chunk_samples=chunk,
+        sample_rate=contract.sample_rate,
+        duration_s=a.duration,
+        connections=a.connections,
+        budget_ms=a.budget_ms,
+        probe=probe,
+    )
     held = metrics.held_level(levels, a.budget_ms)
     print(f"largest N within p99 <= {a.budget_ms:g} ms: {held['streams'] if held else 'none'}")
     if a.json:

@@ -2,6 +2,7 @@
 
 Nothing here talks to a server, so ``tests/test_benchmarks.py`` checks it directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def lateness(due: Sequence[float], sent: Sequence[float]) -> list[float]:
     return [max(0.0, s - d) for d, s in zip(due, sent)]
 
 
-def behind_real_time(capture_end: Sequence[float], answered: Sequence[float | None],
-                     chunk_s: float) -> dict:
+def behind_real_time(
+    capture_end: Sequence[float], answered: Sequence[float | None], chunk_s: float
+) -> dict:
     """Does a stream's transcript keep up with the speaker?
 
     ``capture_end[i]`` is the wall time the last sample of chunk ``i`` was spoken (its
@@ -64,19 +66,29 @@ def behind_real_time(capture_end: Sequence[float], answered: Sequence[float | No
         first = sum(lags[:third]) / third
         last = sum(lags[-third:]) / third
         growing = last - first > chunk_s
-    return {"chunks": len(answered), "late": late, "missing": missing,
-            "max_lag_s": round(max(lags), 4) if lags else None, "growing": growing}
+    return {
+        "chunks": len(answered),
+        "late": late,
+        "missing": missing,
+        "max_lag_s": round(max(lags), 4) if lags else None,
+        "growing": growing,
+    }
 
 
-def speech_onset(audio: np.ndarray, sample_rate: int, frame_ms: float = 10.0,
-                 rel_db: float = -30.0, abs_floor: float = 1e-3) -> int | None:
+def speech_onset(
+    audio: np.ndarray,
+    sample_rate: int,
+    frame_ms: float = 10.0,
+    rel_db: float = -30.0,
+    abs_floor: float = 1e-3,
+) -> int | None:
     """First sample of the first frame whose RMS is within ``rel_db`` of the loudest
     frame (and above ``abs_floor``); ``None`` for silence."""
     hop = max(1, int(round(sample_rate * frame_ms / 1000.0)))
     n = len(audio) // hop
     if n == 0:
         return None
-    frames = np.asarray(audio[:n * hop], dtype=np.float64).reshape(n, hop)
+    frames = np.asarray(audio[: n * hop], dtype=np.float64).reshape(n, hop)
     rms = np.sqrt(np.mean(frames * frames, axis=1))
     peak = float(rms.max())
     if peak <= abs_floor:
@@ -98,9 +110,14 @@ def level_ok(level: dict, budget_ms: float) -> bool:
     lat = level.get("chunk_latency_ms", {})
     p99 = lat.get("p99")
     send_late = level.get("send_lateness_ms", {}).get("p99") or 0.0
-    return (p99 is not None and p99 <= budget_ms and level.get("errors", 0) == 0
-            and not level.get("aborted")
-            and level.get("missing", 0) == 0 and send_late <= budget_ms)
+    return (
+        p99 is not None
+        and p99 <= budget_ms
+        and level.get("errors", 0) == 0
+        and not level.get("aborted")
+        and level.get("missing", 0) == 0
+        and send_late <= budget_ms
+    )
 
 
 def batch_histogram_delta(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
@@ -109,8 +126,10 @@ def batch_histogram_delta(before: dict[int, int], after: dict[int, int]) -> dict
     for b, n in after.items():
         d = n - before.get(b, 0)
         if d < 0:
-            raise ValueError(f"batch-size {b} count went down ({before.get(b)} -> {n}): "
-                             "the server restarted between snapshots?")
+            raise ValueError(
+                f"batch-size {b} count went down ({before.get(b)} -> {n}): "
+                "the server restarted between snapshots?"
+            )
         if d:
             out[int(b)] = d
     return dict(sorted(out.items()))

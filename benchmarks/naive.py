@@ -3,6 +3,7 @@ sends its whole recording so far to `offline_asr` after every chunk (one unary c
 chunk, the next one when both the audio is spoken and the previous call returned) — what a
 system without streaming state does.  Same server, same model, same recordings as the
 streaming load."""
+
 from __future__ import annotations
 
 import threading
@@ -14,8 +15,17 @@ from . import metrics
 from .load import Clip, Probe, _check_loopback
 
 
-def _speaker(url: str, clip: Clip, chunk: int, rate: int, t_start: float, deadline: float,
-             lat: list, late: list, errors: list) -> None:
+def _speaker(
+    url: str,
+    clip: Clip,
+    chunk: int,
+    rate: int,
+    t_start: float,
+    deadline: float,
+    lat: list,
+    late: list,
+    errors: list,
+) -> None:
     with AsrConnection(url) as conn:
         t_clip = t_start
         while True:
@@ -39,17 +49,40 @@ def _speaker(url: str, clip: Clip, chunk: int, rate: int, t_start: float, deadli
                 return
 
 
-def run(url: str, clips: list[Clip], streams: int, *, chunk_samples: int, sample_rate: int,
-        duration_s: float, probe: Probe | None = None) -> dict:
+def run(
+    url: str,
+    clips: list[Clip],
+    streams: int,
+    *,
+    chunk_samples: int,
+    sample_rate: int,
+    duration_s: float,
+    probe: Probe | None = None,
+) -> dict:
     _check_loopback(url)
     lat: list[float] = []
     late: list[float] = []
     errors: list[str] = []
     chunk_s = chunk_samples / sample_rate
     t0 = time.perf_counter() + 0.2
-    threads = [threading.Thread(target=_speaker, daemon=True, args=(
-        url, clips[i % len(clips)], chunk_samples, sample_rate, t0 + i * chunk_s / streams,
-        t0 + duration_s, lat, late, errors)) for i in range(streams)]
+    threads = [
+        threading.Thread(
+            target=_speaker,
+            daemon=True,
+            args=(
+                url,
+                clips[i % len(clips)],
+                chunk_samples,
+                sample_rate,
+                t0 + i * chunk_s / streams,
+                t0 + duration_s,
+                lat,
+                late,
+                errors,
+            ),
+        )
+        for i in range(streams)
+    ]
     if probe:
         probe.start()
     started = time.perf_counter()
@@ -59,6 +92,12 @@ def run(url: str, clips: list[Clip], streams: int, *, chunk_samples: int, sample
         t.join(duration_s + 300)
     elapsed = time.perf_counter() - started
     extra = probe.stop() if probe else {}
-    return {"streams": streams, "wall_s": round(elapsed, 2), "calls": len(lat),
-            "call_latency_ms": metrics.summarize(lat), "send_lateness_ms": metrics.summarize(late),
-            "errors": len(errors), **extra}
+    return {
+        "streams": streams,
+        "wall_s": round(elapsed, 2),
+        "calls": len(lat),
+        "call_latency_ms": metrics.summarize(lat),
+        "send_lateness_ms": metrics.summarize(late),
+        "errors": len(errors),
+        **extra,
+    }

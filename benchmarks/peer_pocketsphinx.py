@@ -17,6 +17,7 @@ sensitive to other work on a shared machine than the wall-clock ``rtf``); decode
 ``make bench`` runs it next to the accuracy step (``run_step``): a missing ``pocketsphinx``
 is recorded as skipped with the reason, not left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ log = logging.getLogger("benchmarks.peer_pocketsphinx")
 
 SAMPLE_RATE = 16000
 PACKAGE = "pocketsphinx"
-PINNED = "5.1.1"            # requirements-dev.txt
+PINNED = "5.1.1"  # requirements-dev.txt
 
 
 def unavailable() -> str | None:
@@ -43,13 +44,16 @@ def unavailable() -> str | None:
     try:
         import pocketsphinx  # noqa: F401
     except Exception as exc:  # ImportError, or a broken native library
-        return (f"{PACKAGE} not importable ({type(exc).__name__}: {exc}); "
-                f"`.venv/bin/pip install {PACKAGE}=={PINNED}` (requirements-dev.txt)")
+        return (
+            f"{PACKAGE} not importable ({type(exc).__name__}: {exc}); "
+            f"`.venv/bin/pip install {PACKAGE}=={PINNED}` (requirements-dev.txt)"
+        )
     return None
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as _v
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
 
     try:
         return _v(PACKAGE)
@@ -86,15 +90,15 @@ def load_pcm16(path: Path) -> np.ndarray:
 def transcribe(decoder, pcm: np.ndarray) -> str:
     """One whole-file utterance -> its best hypothesis ("" when there is none)."""
     decoder.start_utt()
-    decoder.process_raw(np.ascontiguousarray(pcm, dtype=np.int16).tobytes(),
-                        no_search=False, full_utt=True)
+    decoder.process_raw(
+        np.ascontiguousarray(pcm, dtype=np.int16).tobytes(), no_search=False, full_utt=True
+    )
     decoder.end_utt()
     hyp = decoder.hyp()
     return hyp.hypstr if hyp is not None else ""
 
 
-def run(items: list[EvalItem] | None = None, *, limit: int | None = None,
-        decoder=None) -> dict:
+def run(items: list[EvalItem] | None = None, *, limit: int | None = None, decoder=None) -> dict:
     """Decode the eval set (or ``items``) and score it; returns the result dict."""
     if items is None:
         items = load_eval_set()
@@ -120,12 +124,26 @@ def run(items: list[EvalItem] | None = None, *, limit: int | None = None,
         refs.append(it.reference)
         hyps.append(hyp)
         one = wer_cer([it.reference], [hyp])
-        per_clip.append({"name": it.name, "ref": it.reference, "hyp": hyp,
-                         "audio_s": round(secs, 3), "decode_s": round(dt, 3),
-                         "decode_cpu_s": round(dc, 3),
-                         "wer": round(one["wer"], 4)})
-        log.info("%s (%.1f s audio, %.2f s decode, WER %.3f)\n  REF: %s\n  HYP: %s",
-                 it.name, secs, dt, one["wer"], it.reference, hyp)
+        per_clip.append(
+            {
+                "name": it.name,
+                "ref": it.reference,
+                "hyp": hyp,
+                "audio_s": round(secs, 3),
+                "decode_s": round(dt, 3),
+                "decode_cpu_s": round(dc, 3),
+                "wer": round(one["wer"], 4),
+            }
+        )
+        log.info(
+            "%s (%.1f s audio, %.2f s decode, WER %.3f)\n  REF: %s\n  HYP: %s",
+            it.name,
+            secs,
+            dt,
+            one["wer"],
+            it.reference,
+            hyp,
+        )
     score = wer_cer(refs, hyps)
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -136,25 +154,32 @@ def run(items: list[EvalItem] | None = None, *, limit: int | None = None,
         "model": model_files(decoder),
         "decoding": "whole file, one utterance per clip, default config, 16 kHz mono int16",
         "eval_set": "streamasr.evaluation.load_eval_set()",
-        "clips": len(items), "words": score["words"],
-        "wer": round(score["wer"], 4), "cer": round(score["cer"], 4),
-        "substitutions": score["substitutions"], "deletions": score["deletions"],
+        "clips": len(items),
+        "words": score["words"],
+        "wer": round(score["wer"], 4),
+        "cer": round(score["cer"], 4),
+        "substitutions": score["substitutions"],
+        "deletions": score["deletions"],
         "insertions": score["insertions"],
-        "audio_s": round(audio_s, 2), "decode_s": round(decode_s, 2),
+        "audio_s": round(audio_s, 2),
+        "decode_s": round(decode_s, 2),
         "rtf": round(decode_s / audio_s, 3) if audio_s else None,
         "decode_cpu_s": round(cpu_s, 2),
         "rtf_cpu": round(cpu_s / audio_s, 3) if audio_s else None,
-        "init_s": round(init_s, 2), "loadavg_after": load,
+        "init_s": round(init_s, 2),
+        "loadavg_after": load,
         "per_clip": per_clip,
     }
 
 
 def summary(res: dict) -> str:
-    return (f"{res['system']} on {res['clips']} clips ({res['words']} words, "
-            f"{res['audio_s']:.1f} s): WER {100 * res['wer']:.1f} %, CER {100 * res['cer']:.1f} %, "
-            f"decode {res['decode_s']:.1f} s wall = RTF {res['rtf']:.2f}, "
-            f"{res['decode_cpu_s']:.1f} s CPU = RTF {res['rtf_cpu']:.2f} (model load "
-            f"{res['init_s']:.1f} s, load avg {(res.get('loadavg_after') or ['?'])[0]})")
+    return (
+        f"{res['system']} on {res['clips']} clips ({res['words']} words, "
+        f"{res['audio_s']:.1f} s): WER {100 * res['wer']:.1f} %, CER {100 * res['cer']:.1f} %, "
+        f"decode {res['decode_s']:.1f} s wall = RTF {res['rtf']:.2f}, "
+        f"{res['decode_cpu_s']:.1f} s CPU = RTF {res['rtf_cpu']:.2f} (model load "
+        f"{res['init_s']:.1f} s, load avg {(res.get('loadavg_after') or ['?'])[0]})"
+    )
 
 
 def run_step(progress=print) -> dict:
@@ -174,18 +199,21 @@ def run_step(progress=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peer_pocketsphinx",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.peer_pocketsphinx",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", type=Path, metavar="OUT", help="write the result dict here")
     p.add_argument("--limit", type=int, default=None, help="only the first N clips")
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="totals only")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else
-                        logging.WARNING if a.quiet else logging.INFO,
-                        format="%(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO,
+        format="%(message)s",
+    )
     reason = unavailable()
     if reason:
         print(reason, file=sys.stderr)

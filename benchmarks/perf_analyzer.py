@@ -15,6 +15,7 @@ latency at a given concurrency, beside our paced load.
 
     .venv/bin/python -m benchmarks.perf_analyzer --url 127.0.0.1:8001 --concurrency 1,4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,23 @@ def ensure_binary(work: Path = WORK, progress=print) -> tuple[Path, Path]:
         wheels = sorted(glob.glob(str(work / f"tritonclient-{WHEEL_VERSION}-*.whl")))
         if not wheels:
             progress(f"  downloading tritonclient=={WHEEL_VERSION} (for perf_analyzer) ...")
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                            "--only-binary=:all:", "--platform", "manylinux1_x86_64",
-                            f"tritonclient=={WHEEL_VERSION}", "-d", str(work)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary=:all:",
+                    "--platform",
+                    "manylinux1_x86_64",
+                    f"tritonclient=={WHEEL_VERSION}",
+                    "-d",
+                    str(work),
+                ],
+                check=True,
+            )
             wheels = sorted(glob.glob(str(work / f"tritonclient-{WHEEL_VERSION}-*.whl")))
         binary.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as z, open(binary, "wb") as f:
@@ -80,8 +95,17 @@ def input_data(clips: list[np.ndarray], chunk: int, path: Path) -> dict:
         n = len(a) // chunk
         if n == 0:
             continue
-        streams.append([{"AUDIO": {"content": [round(float(x), 6) for x in a[i * chunk:(i + 1) * chunk]],
-                                   "shape": [chunk]}} for i in range(n)])
+        streams.append(
+            [
+                {
+                    "AUDIO": {
+                        "content": [round(float(x), 6) for x in a[i * chunk : (i + 1) * chunk]],
+                        "shape": [chunk],
+                    }
+                }
+                for i in range(n)
+            ]
+        )
     if not streams:
         raise ValueError("no recording holds a full chunk")
     path.write_text(json.dumps({"data": streams}))
@@ -99,15 +123,22 @@ def parse_csv(text: str) -> list[dict]:
             except (TypeError, ValueError):
                 row[k] = v
                 continue
-            row[k] = round(x / 1000.0, 3) if k.endswith("latency") or "p9" in k or "p50" in k \
-                else x
+            row[k] = round(x / 1000.0, 3) if k.endswith("latency") or "p9" in k or "p50" in k else x
         rows.append(row)
     return rows
 
 
-def run(url: str, clips: list[np.ndarray], chunk: int, concurrency: list[int], *,
-        out_dir: Path, measurement_ms: int = 4000, timeout_s: float = 240,
-        progress=print) -> dict:
+def run(
+    url: str,
+    clips: list[np.ndarray],
+    chunk: int,
+    concurrency: list[int],
+    *,
+    out_dir: Path,
+    measurement_ms: int = 4000,
+    timeout_s: float = 240,
+    progress=print,
+) -> dict:
     binary, libdir = ensure_binary(progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = WORK / "input_data.json"
@@ -115,24 +146,51 @@ def run(url: str, clips: list[np.ndarray], chunk: int, concurrency: list[int], *
     csv_path = WORK / "perf_analyzer.csv"
     lo, hi = min(concurrency), max(concurrency)
     step = concurrency[1] - concurrency[0] if len(concurrency) > 1 else 1
-    cmd = [str(binary), "-m", "streaming_asr", "-u", url, "-i", "grpc", "--streaming",
-           "--input-data", str(data), "--concurrency-range", f"{lo}:{hi}:{step}",
-           "--sequence-id-range", "1000000:2000000",
-           # a shared 2-core machine is never "stable" by the default 10 %: accept what
-           # is measured (the load average is recorded beside it)
-           "--measurement-interval", str(measurement_ms), "--max-trials", "4",
-           "--stability-percentage", "999", "-f", str(csv_path)]
+    cmd = [
+        str(binary),
+        "-m",
+        "streaming_asr",
+        "-u",
+        url,
+        "-i",
+        "grpc",
+        "--streaming",
+        "--input-data",
+        str(data),
+        "--concurrency-range",
+        f"{lo}:{hi}:{step}",
+        "--sequence-id-range",
+        "1000000:2000000",
+        # a shared 2-core machine is never "stable" by the default 10 %: accept what
+        # is measured (the load average is recorded beside it)
+        "--measurement-interval",
+        str(measurement_ms),
+        "--max-trials",
+        "4",
+        "--stability-percentage",
+        "999",
+        "-f",
+        str(csv_path),
+    ]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in (str(libdir), str(_pytriton_libs()), env.get("LD_LIBRARY_PATH", "")) if p)
+        p for p in (str(libdir), str(_pytriton_libs()), env.get("LD_LIBRARY_PATH", "")) if p
+    )
     progress("  " + " ".join(cmd[1:]))
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
-        return {"command": cmd[1:], "error": f"timed out after {timeout_s:.0f} s",
-                "stdout_tail": (exc.stdout or "")[-2000:] if isinstance(exc.stdout, str) else ""}
-    result = {"command": " ".join(["perf_analyzer", *cmd[1:]]), "input": info,
-              "returncode": proc.returncode, "stdout_tail": proc.stdout[-3000:]}
+        return {
+            "command": cmd[1:],
+            "error": f"timed out after {timeout_s:.0f} s",
+            "stdout_tail": (exc.stdout or "")[-2000:] if isinstance(exc.stdout, str) else "",
+        }
+    result = {
+        "command": " ".join(["perf_analyzer", *cmd[1:]]),
+        "input": info,
+        "returncode": proc.returncode,
+        "stdout_tail": proc.stdout[-3000:],
+    }
     if proc.returncode != 0:
         result["error"] = (proc.stderr or proc.stdout)[-2000:]
         return result
@@ -145,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .load import _check_loopback, load_clips
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.perf_analyzer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.perf_analyzer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="127.0.0.1:8001")
     p.add_argument("--concurrency", default="1,2,3,4")
     p.add_argument("--measurement-ms", type=int, default=4000)
@@ -156,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     with AsrConnection(a.url) as c:
         contract = c.contract()
     clips = [c.audio for c in load_clips(contract.sample_rate)]
-    r = run(a.url, clips, contract.chunk_samples, [int(x) for x in a.concurrency.split(",")],
-            out_dir=a.out, measurement_ms=a.measurement_ms)
+    r = run(
+        a.url,
+        clips,
+        contract.chunk_samples,
+        [int(x) for x in a.concurrency.split(",")],
+        out_dir=a.out,
+        measurement_ms=a.measurement_ms,
+    )
     print(json.dumps(r, indent=1))
     return 0 if "error" not in r else 1
 

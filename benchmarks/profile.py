@@ -1,6 +1,7 @@
 """Sampling profiles of the server's Python processes with py-spy (``pip install py-spy``):
 ``record --format raw`` for a fixed time on each Python backend stub at once, then the
 functions with the most samples (self time, the innermost frame) per process."""
+
 from __future__ import annotations
 
 import shutil
@@ -41,7 +42,9 @@ def _short(frame: str) -> str:
     return frame
 
 
-def start(pids: dict[int, str], seconds: float, out_dir: Path) -> list[tuple[str, Path, subprocess.Popen]]:
+def start(
+    pids: dict[int, str], seconds: float, out_dir: Path
+) -> list[tuple[str, Path, subprocess.Popen]]:
     exe = py_spy()
     if exe is None:
         raise FileNotFoundError("py-spy is not installed (pip install py-spy)")
@@ -49,10 +52,25 @@ def start(pids: dict[int, str], seconds: float, out_dir: Path) -> list[tuple[str
     running = []
     for pid, label in pids.items():
         path = out_dir / f"{label}.txt"
-        p = subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                              "--rate", "50", "--format", "raw", "--nonblocking",
-                              "--output", str(path)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                "50",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(path),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         running.append((label, path, p))
     return running
 
@@ -69,8 +87,11 @@ def finish(running, top: int = 6) -> dict:
             out[label] = {"error": (err or b"").decode(errors="replace")[-300:]}
             continue
         total, leaf, inclusive = parse_raw(path.read_text())
-        out[label] = {"samples": total,
-                      "self": [[f, round(n / total, 3)] for f, n in leaf.most_common(top)] if total else [],
-                      "inclusive": [[f, round(n / total, 3)] for f, n in inclusive.most_common(top)]
-                      if total else []}
+        out[label] = {
+            "samples": total,
+            "self": [[f, round(n / total, 3)] for f, n in leaf.most_common(top)] if total else [],
+            "inclusive": [[f, round(n / total, 3)] for f, n in inclusive.most_common(top)]
+            if total
+            else [],
+        }
     return out

@@ -8,6 +8,7 @@ cost does not depend on the values, but there is no reason to feed it noise).
 
     .venv/bin/python -m benchmarks.raw --batches 1,2,4,8,16,32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,9 @@ CONFIG = REPO_ROOT / "model_repository" / "acoustic_model" / "config.pbtxt"
 
 def server_intra_op_threads(config: Path = CONFIG) -> int:
     """The ``intra_op_thread_count`` the server's backend uses (0 when not set)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+    from streamasr.repository import parse_config
 
-    cfg = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    cfg = parse_config(config)
     if "intra_op_thread_count" in cfg.parameters:
         return int(cfg.parameters["intra_op_thread_count"].string_value)
     return 0
@@ -39,8 +39,9 @@ def session(model: Path = MODEL, intra_op_threads: int | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = (server_intra_op_threads() if intra_op_threads is None
-                                 else intra_op_threads)
+    opts.intra_op_num_threads = (
+        server_intra_op_threads() if intra_op_threads is None else intra_op_threads
+    )
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
@@ -59,8 +60,16 @@ def real_windows(contract: ModelContract, audio: list[np.ndarray], n: int) -> np
     return np.resize(np.stack(out), (n,) + out[0].shape).astype(np.float32)
 
 
-def time_batches(sess, windows: np.ndarray, batches: list[int], *, min_seconds: float = 1.0,
-                 min_runs: int = 3, max_runs: int = 200, progress=print) -> dict[int, dict]:
+def time_batches(
+    sess,
+    windows: np.ndarray,
+    batches: list[int],
+    *,
+    min_seconds: float = 1.0,
+    min_runs: int = 3,
+    max_runs: int = 200,
+    progress=print,
+) -> dict[int, dict]:
     """Median seconds per call for each batch size (after one warm-up call)."""
     name = sess.get_inputs()[0].name
     out = {}
@@ -74,15 +83,27 @@ def time_batches(sess, windows: np.ndarray, batches: list[int], *, min_seconds: 
             sess.run(None, {name: x})
             times.append(time.perf_counter() - t)
         med = statistics.median(times)
-        out[b] = {"runs": len(times), "median_ms": round(med * 1000, 3),
-                  "min_ms": round(min(times) * 1000, 3), "windows_per_s": round(b / med, 2)}
-        progress(f"  raw onnxruntime batch {b:>2}: {med * 1000:7.2f} ms/call  "
-                 f"{b / med:8.1f} windows/s")
+        out[b] = {
+            "runs": len(times),
+            "median_ms": round(med * 1000, 3),
+            "min_ms": round(min(times) * 1000, 3),
+            "windows_per_s": round(b / med, 2),
+        }
+        progress(
+            f"  raw onnxruntime batch {b:>2}: {med * 1000:7.2f} ms/call  {b / med:8.1f} windows/s"
+        )
     return out
 
 
-def parallel_throughput(model: Path, windows: np.ndarray, batch: int, sessions: int, *,
-                        intra_op_threads: int = 1, seconds: float = 3.0) -> dict:
+def parallel_throughput(
+    model: Path,
+    windows: np.ndarray,
+    batch: int,
+    sessions: int,
+    *,
+    intra_op_threads: int = 1,
+    seconds: float = 3.0,
+) -> dict:
     """Windows/s of ``sessions`` independent sessions (``intra_op_threads`` each) running
     batch-``batch`` calls at the same time from as many threads (onnxruntime releases
     the GIL): what N model instances could do on this machine if nothing else ran."""
@@ -108,15 +129,23 @@ def parallel_throughput(model: Path, windows: np.ndarray, batch: int, sessions: 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"sessions": sessions, "intra_op_threads": intra_op_threads, "batch": batch,
-            "calls": sum(counts), "windows_per_s": round(sum(counts) * batch / wall, 2)}
+    return {
+        "sessions": sessions,
+        "intra_op_threads": intra_op_threads,
+        "batch": batch,
+        "calls": sum(counts),
+        "windows_per_s": round(sum(counts) * batch / wall, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     from .load import load_clips
 
-    p = argparse.ArgumentParser(prog="python -m benchmarks.raw", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.raw",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batches", default="1,2,4,8,16,32")
     p.add_argument("--threads", type=int, default=None, help="default: the server's setting")
     p.add_argument("--seconds", type=float, default=1.0, help="timing per batch size")
@@ -124,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     contract = ModelContract.from_onnx(MODEL)
     clips = load_clips(contract.sample_rate)
     w = real_windows(contract, [c.audio for c in clips], 32)
-    time_batches(session(intra_op_threads=a.threads), w,
-                 [int(x) for x in a.batches.split(",")], min_seconds=a.seconds)
+    time_batches(
+        session(intra_op_threads=a.threads),
+        w,
+        [int(x) for x in a.batches.split(",")],
+        min_seconds=a.seconds,
+    )
     return 0
 
 

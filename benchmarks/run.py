@@ -23,6 +23,7 @@ Writes benchmarks/results/<host>-<date>.json / .md / *.png and latest.md.  Every
 runs on loopback; a temporary copy of the model repository is used only when
 ``--intra-op-threads`` or ``--acoustic-instances`` change the acoustic model's config.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -38,28 +38,59 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streamasr import admission
+from streamasr import admission, repository
 from streamasr.contract import ModelContract
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
 
-from . import (accuracy, load, metrics, naive, overload, peer_pocketsphinx, perf_analyzer,
-               profile, raw, report, two_pass)
+from . import (
+    accuracy,
+    load,
+    metrics,
+    naive,
+    overload,
+    peer_pocketsphinx,
+    perf_analyzer,
+    profile,
+    raw,
+    report,
+    two_pass,
+)
 from .server_stats import loadavg, process_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = REPO_ROOT / "model_repository"
 RESULTS = Path(__file__).resolve().parent / "results"
-LOG = REPO_ROOT / "build" / "bench-tritonserver.log"      # kept after the run (not committed)
+LOG = REPO_ROOT / "build" / "bench-tritonserver.log"  # kept after the run (not committed)
 
-FULL = dict(levels=[1, 2, 4, 8, 12, 16, 18, 20, 22, 24, 28, 32], duration=20.0,
-            sat_streams=16, sat_s=15.0, overload_s=60.0, overload_settle_s=60.0,
-            raw_seconds=1.0, pa_concurrency=[1, 2, 4], pa_ms=4000, naive_s=15.0, profile_s=10,
-            two_pass_concurrency=(4, 8))
-QUICK = dict(levels=[1, 2, 4, 8], duration=8.0, sat_streams=12, sat_s=8.0,
-             overload_s=15.0, overload_settle_s=20.0,
-             raw_seconds=0.5, pa_concurrency=[1, 2], pa_ms=2500, naive_s=6.0, profile_s=5,
-             two_pass_concurrency=())
+FULL = dict(
+    levels=[1, 2, 4, 8, 12, 16, 18, 20, 22, 24, 28, 32],
+    duration=20.0,
+    sat_streams=16,
+    sat_s=15.0,
+    raw_seconds=1.0,
+    pa_concurrency=[1, 2, 4],
+    pa_ms=4000,
+    naive_s=15.0,
+    profile_s=10,
+    two_pass_concurrency=(4, 8),
+    overload_s=60.0,
+    overload_settle_s=60.0,
+)
+QUICK = dict(
+    levels=[1, 2, 4, 8],
+    duration=8.0,
+    sat_streams=12,
+    sat_s=8.0,
+    raw_seconds=0.5,
+    pa_concurrency=[1, 2],
+    pa_ms=2500,
+    naive_s=6.0,
+    profile_s=5,
+    two_pass_concurrency=(),
+    overload_s=15.0,
+    overload_settle_s=20.0,
+)
 
 
 def say(msg: str) -> None:
@@ -75,41 +106,37 @@ def recorded(step: str, fn, *args, **kw) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def repository_copy(tmp: Path, intra_op: int | None, instances: int | None,
-                    queue_delay_us: int | None = None,
-                    feature_instances: int | None = None) -> Path:
+def repository_copy(
+    tmp: Path,
+    intra_op: int | None,
+    instances: int | None,
+    queue_delay_us: int | None = None,
+    feature_instances: int | None = None,
+) -> Path:
     """The model repository with acoustic_model's threads / instance count / batching
     delay, or feature_extractor's instance count, changed (edited as protobuf; the ONNX
     file is linked, not copied)."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    dst = tmp / "model_repository"
+    dst = repository.copy_repository(REPOSITORY, tmp / "model_repository", link_suffixes=(".onnx",))
 
-    def link_big(src, dst_path):
-        if src.endswith(".onnx"):
-            os.symlink(src, dst_path)
-        else:
-            shutil.copy2(src, dst_path)
+    def threads_and_instances(cfg) -> None:
+        if intra_op is not None:
+            cfg.parameters["intra_op_thread_count"].string_value = str(intra_op)
+        if instances is not None:
+            del cfg.instance_group[:]
+            g = cfg.instance_group.add()
+            g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+            g.count = instances
+        if queue_delay_us is not None:
+            cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
 
-    shutil.copytree(REPOSITORY, dst, copy_function=link_big)
-    path = dst / "acoustic_model" / "config.pbtxt"
-    cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-    if intra_op is not None:
-        cfg.parameters["intra_op_thread_count"].string_value = str(intra_op)
-    if instances is not None:
-        del cfg.instance_group[:]
-        g = cfg.instance_group.add()
-        g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
-        g.count = instances
-    if queue_delay_us is not None:
-        cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    path.write_text(text_format.MessageToString(cfg))
+    def feature_step(cfg) -> None:
+        cfg.instance_group[0].count = feature_instances
+
+    repository.edit_config(dst / "acoustic_model" / "config.pbtxt", threads_and_instances)
     if feature_instances is not None:
-        fpath = dst / "feature_extractor" / "config.pbtxt"
-        fcfg = text_format.Parse(fpath.read_text(), model_config_pb2.ModelConfig())
-        fcfg.instance_group[0].count = feature_instances
-        fpath.write_text(text_format.MessageToString(fcfg))
+        repository.edit_config(dst / "feature_extractor" / "config.pbtxt", feature_step)
     return dst
 
 
@@ -122,23 +149,39 @@ class Live:
 
     def start(self, attempts: int = 3) -> None:
         for attempt in range(1, attempts + 1):
-            # admission control off: this server measures how many streams fit
-            self.server = TritonServer(ServerConfig(
-                model_repository=self.repo, http_port=free_port(), grpc_port=free_port(),
-                metrics_port=free_port(), exit_timeout_s=5,
-                env={admission.ENV_LIMIT: "0"}), log_path=LOG)
+            self.server = TritonServer(
+                ServerConfig(
+                    model_repository=self.repo,
+                    http_port=free_port(),
+                    grpc_port=free_port(),
+                    metrics_port=free_port(),
+                    exit_timeout_s=5,
+                    # admission control off: this server measures how many streams fit
+                    env={admission.ENV_LIMIT: "0"},
+                ),
+                log_path=LOG,
+            )
             try:
                 self.server.start(timeout_s=180)
                 break
             except ServerError as exc:
                 self.server.stop()
-                lines = [ln for ln in str(exc).splitlines()
-                         if re.search(r"terminate called|what\(\)|exited", ln)]
+                lines = [
+                    ln
+                    for ln in str(exc).splitlines()
+                    if re.search(r"terminate called|what\(\)|exited", ln)
+                ]
                 self.res.setdefault("server_crashes", []).append(
-                    {"phase": f"startup (attempt {attempt})", "log": lines[-4:],
-                     "loadavg": loadavg()})
-                say(f"  !! tritonserver failed to start (attempt {attempt}): "
-                    f"{' | '.join(lines[-2:])}")
+                    {
+                        "phase": f"startup (attempt {attempt})",
+                        "log": lines[-4:],
+                        "loadavg": loadavg(),
+                    }
+                )
+                say(
+                    f"  !! tritonserver failed to start (attempt {attempt}): "
+                    f"{' | '.join(lines[-2:])}"
+                )
                 if attempt == attempts:
                     raise
                 time.sleep(3)
@@ -149,13 +192,22 @@ class Live:
         """True when the server survived ``phase``; otherwise record why and restart."""
         if self.server.proc.poll() is None:
             return True
-        lines = [ln.strip() for ln in LOG.read_text(errors="replace").splitlines()
-                 if re.search(r"terminate called|what\(\)|Signal \(|Stub process|error", ln)]
-        crash = {"phase": phase, "exit_code": self.server.proc.returncode,
-                 "log": lines[-6:], "loadavg": loadavg()}
+        lines = [
+            ln.strip()
+            for ln in LOG.read_text(errors="replace").splitlines()
+            if re.search(r"terminate called|what\(\)|Signal \(|Stub process|error", ln)
+        ]
+        crash = {
+            "phase": phase,
+            "exit_code": self.server.proc.returncode,
+            "log": lines[-6:],
+            "loadavg": loadavg(),
+        }
         self.res.setdefault("server_crashes", []).append(crash)
-        say(f"  !! tritonserver died during {phase} (exit {crash['exit_code']}): "
-            f"{' | '.join(lines[-3:])}")
+        say(
+            f"  !! tritonserver died during {phase} (exit {crash['exit_code']}): "
+            f"{' | '.join(lines[-3:])}"
+        )
         self.server.stop()
         say("  restarting tritonserver for the remaining steps ...")
         self.start()
@@ -185,38 +237,61 @@ def compute_targets(res: dict, chunk_s: float) -> list[dict]:
         # several model instances run in parallel: one raw session is the wrong yardstick
         ratio = ov["server_windows_per_s"] / rac["windows_per_s"]
         ov["ratio_vs_parallel_raw"] = round(ratio, 3)
-        basis = (f"{n_inst} instances vs {rac['sessions']} parallel 1-thread raw sessions, "
-                 f"batch {rac['batch']}")
-    out.append({"target": f"server throughput ≥ 0.85 × raw onnxruntime ({basis})",
-                "measured": f"{ratio:.2f}" if ratio is not None else "not measured",
-                "met": None if ratio is None else bool(ratio >= 0.85)})
+        basis = (
+            f"{n_inst} instances vs {rac['sessions']} parallel 1-thread raw sessions, "
+            f"batch {rac['batch']}"
+        )
+    out.append(
+        {
+            "target": f"server throughput ≥ 0.85 × raw onnxruntime ({basis})",
+            "measured": f"{ratio:.2f}" if ratio is not None else "not measured",
+            "met": None if ratio is None else bool(ratio >= 0.85),
+        }
+    )
     held, limit = res.get("held_streams"), res.get("compute_limit_streams")
     if limit:
         r = (held or 0) / limit
         res["held_vs_limit"] = round(r, 3)
-        out.append({"target": "streams held ≥ 0.8 × compute-limited maximum (the model alone, "
-                              "server's threads, server's batch sizes)",
-                    "measured": f"{held or 0} of {limit:.1f} ({r:.2f})", "met": bool(r >= 0.8)})
+        out.append(
+            {
+                "target": "streams held ≥ 0.8 × compute-limited maximum (the model alone, "
+                "server's threads, server's batch sizes)",
+                "measured": f"{held or 0} of {limit:.1f} ({r:.2f})",
+                "met": bool(r >= 0.8),
+            }
+        )
         allc = res.get("compute_limit_streams_all_cores")
         if allc:
-            out.append({"target": "streams held ≥ 0.8 × compute-limited maximum with every "
-                                  "core running the model (one 1-thread session per core)",
-                        "measured": f"{held or 0} of {allc:.1f} ({(held or 0) / allc:.2f})",
-                        "met": bool((held or 0) / allc >= 0.8)})
+            out.append(
+                {
+                    "target": "streams held ≥ 0.8 × compute-limited maximum with every "
+                    "core running the model (one 1-thread session per core)",
+                    "measured": f"{held or 0} of {allc:.1f} ({(held or 0) / allc:.2f})",
+                    "met": bool((held or 0) / allc >= 0.8),
+                }
+            )
     for t in (res.get("overload") or {}).get("targets", []):
-        out.append({"target": f"3x overload: {t['target']}", "measured": t["measured"],
-                    "met": t["met"]})
+        out.append(
+            {"target": f"3x overload: {t['target']}", "measured": t["measured"], "met": t["met"]}
+        )
     one = next((lv for lv in res.get("levels", []) if lv["streams"] == 1), None)
     if one:
         mx = one["onset_interim_ms"].get("max")
         bound = chunk_s * 1000 + 30
-        out.append({"target": f"1 stream: first interim after speech onset ≤ chunk + 30 ms "
-                              f"({bound:.0f} ms), every session",
-                    "measured": (f"max {mx:.0f} ms, p50 {one['onset_interim_ms']['p50']:.0f} ms "
-                                 f"(first non-empty text p50 "
-                                 f"{one['first_text_ms'].get('p50') or float('nan'):.0f} ms)")
-                    if mx is not None else "not measured",
-                    "met": None if mx is None else bool(mx <= bound)})
+        out.append(
+            {
+                "target": f"1 stream: first interim after speech onset ≤ chunk + 30 ms "
+                f"({bound:.0f} ms), every session",
+                "measured": (
+                    f"max {mx:.0f} ms, p50 {one['onset_interim_ms']['p50']:.0f} ms "
+                    f"(first non-empty text p50 "
+                    f"{one['first_text_ms'].get('p50') or float('nan'):.0f} ms)"
+                )
+                if mx is not None
+                else "not measured",
+                "met": None if mx is None else bool(mx <= bound),
+            }
+        )
     out += two_pass_targets(res.get("two_pass") or {})
     return out
 
@@ -231,28 +306,44 @@ def two_pass_targets(tp: dict) -> list[dict]:
         return []
     two, wi = tp["two_pass"], tp.get("two_pass_whisper_interims") or {}
     p50 = _get(two, "final_latency_ms", "p50")
-    eight = next((lv for lv in tp.get("concurrent", [])
-                  if lv["mode"] == "two_pass" and lv["streams"] == 8), None)
+    eight = next(
+        (lv for lv in tp.get("concurrent", []) if lv["mode"] == "two_pass" and lv["streams"] == 8),
+        None,
+    )
     p99 = _get(eight or {}, "final_latency_ms", "p99")
-    out = [{"target": "two-pass END -> final p50 ≤ 250 ms at 1 stream",
+    out = [
+        {
+            "target": "two-pass END -> final p50 ≤ 250 ms at 1 stream",
             "measured": f"{p50:.0f} ms" if p50 is not None else "not measured",
-            "met": None if p50 is None else bool(p50 <= 250)},
-           {"target": "two-pass END -> final p99 ≤ 600 ms at 8 paced streams",
+            "met": None if p50 is None else bool(p50 <= 250),
+        },
+        {
+            "target": "two-pass END -> final p99 ≤ 600 ms at 8 paced streams",
             "measured": f"{p99:.0f} ms" if p99 is not None else "not measured",
-            "met": None if p99 is None else bool(p99 <= 600)},
-           {"target": f"two-pass WER ≤ {100 * TWO_PASS_WER_BEFORE + 0.5:.1f} % (30-s padding "
-                      f"+ 0.5 points)",
+            "met": None if p99 is None else bool(p99 <= 600),
+        },
+        {
+            "target": f"two-pass WER ≤ {100 * TWO_PASS_WER_BEFORE + 0.5:.1f} % (30-s padding "
+            f"+ 0.5 points)",
             "measured": f"{100 * two['wer']:.1f} %",
-            "met": bool(two["wer"] <= TWO_PASS_WER_BEFORE + 0.005)}]
+            "met": bool(two["wer"] <= TWO_PASS_WER_BEFORE + 0.005),
+        },
+    ]
     if wi:
         t = _get(wi, "time_to_correct_word_s", "median")
-        out += [{"target": "Whisper interims: interim WER ≤ 12 %",
-                 "measured": f"{100 * wi['interim_wer']:.1f} % (CTC interims "
-                             f"{100 * two['interim_wer']:.1f} %)",
-                 "met": bool(wi["interim_wer"] <= 0.12)},
-                {"target": "Whisper interims: median time to a correct word ≤ 1.5 s",
-                 "measured": f"{t:.2f} s" if t is not None else "not measured",
-                 "met": None if t is None else bool(t <= 1.5)}]
+        out += [
+            {
+                "target": "Whisper interims: interim WER ≤ 12 %",
+                "measured": f"{100 * wi['interim_wer']:.1f} % (CTC interims "
+                f"{100 * two['interim_wer']:.1f} %)",
+                "met": bool(wi["interim_wer"] <= 0.12),
+            },
+            {
+                "target": "Whisper interims: median time to a correct word ≤ 1.5 s",
+                "measured": f"{t:.2f} s" if t is not None else "not measured",
+                "met": None if t is None else bool(t <= 1.5),
+            },
+        ]
     return out
 
 
@@ -270,10 +361,14 @@ def profile_summary(res: dict) -> list[str]:
     cpu = (sat.get("cpu") or {}).get("cpu_s") or {}
     total = sum(cpu.values())
     if total:
-        share = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in cpu.items() if v / total >= 0.02)
-        lines.append(f"CPU time at the throughput limit by process: {share} "
-                     f"({sat['cpu']['cores_busy']:.2f} cores busy of {os.cpu_count()}, "
-                     f"load avg {sat.get('loadavg_after', ['?'])[0]}).")
+        share = ", ".join(
+            f"{k} {100 * v / total:.0f}%" for k, v in cpu.items() if v / total >= 0.02
+        )
+        lines.append(
+            f"CPU time at the throughput limit by process: {share} "
+            f"({sat['cpu']['cores_busy']:.2f} cores busy of {os.cpu_count()}, "
+            f"load avg {sat.get('loadavg_after', ['?'])[0]})."
+        )
     for label, p in (res.get("profile", {}).get("py_spy") or {}).items():
         if p.get("self"):
             top = "; ".join(f"{f} {100 * s:.0f}%" for f, s in p["self"][:4])
@@ -284,29 +379,54 @@ def profile_summary(res: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="~3 minute version")
     p.add_argument("--levels", type=load.parse_levels, default=None, help="streams to try")
     p.add_argument("--duration", type=float, default=None, help="seconds per level")
     p.add_argument("--budget-ms", type=float, default=250.0)
-    p.add_argument("--connections", type=int, default=2,
-                   help="gRPC streams the sessions are spread over")
+    p.add_argument(
+        "--connections", type=int, default=2, help="gRPC streams the sessions are spread over"
+    )
     p.add_argument("--chunk-ms", type=float, default=None, help="default: the model's chunk")
-    p.add_argument("--intra-op-threads", type=int, default=None,
-                   help="run acoustic_model with this intra_op_thread_count (repository copy)")
-    p.add_argument("--acoustic-instances", type=int, default=None,
-                   help="run acoustic_model with this many CPU instances (repository copy)")
-    p.add_argument("--queue-delay-us", type=int, default=None,
-                   help="acoustic_model's dynamic batching delay (repository copy)")
-    p.add_argument("--feature-instances", type=int, default=None,
-                   help="run feature_extractor with this many instances (repository copy)")
-    p.add_argument("--overload-capacity", default=None,
-                   help="admission limit for the overload step: a number, or 'held' (the "
-                        "streams this run held); default: the repository's setting")
-    p.add_argument("--skip", default="",
-                   help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,"
-                        "profile,overload")
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=None,
+        help="run acoustic_model with this intra_op_thread_count (repository copy)",
+    )
+    p.add_argument(
+        "--acoustic-instances",
+        type=int,
+        default=None,
+        help="run acoustic_model with this many CPU instances (repository copy)",
+    )
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile,overload",
+    )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="acoustic_model's dynamic batching delay (repository copy)",
+    )
+    p.add_argument(
+        "--feature-instances",
+        type=int,
+        default=None,
+        help="run feature_extractor with this many instances (repository copy)",
+    )
+    p.add_argument(
+        "--overload-capacity",
+        default=None,
+        help="admission limit for the overload step: a number, or 'held' (the streams this "
+        "run held); default: the repository's setting",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -316,126 +436,177 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     t_start = time.monotonic()
     res: dict = {
-        "host": socket.gethostname(), "quick": a.quick,
+        "host": socket.gethostname(),
+        "quick": a.quick,
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "budget_ms": a.budget_ms,
-        "connections": a.connections, "loadavg_start": loadavg(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "budget_ms": a.budget_ms,
+        "connections": a.connections,
+        "loadavg_start": loadavg(),
         "notes": [],
     }
     tmp = tempfile.TemporaryDirectory(prefix="streamasr-bench-")
     LOG.parent.mkdir(parents=True, exist_ok=True)
     LOG.write_text("")
     repo = REPOSITORY
-    variant = (a.intra_op_threads, a.acoustic_instances, a.queue_delay_us,
-               a.feature_instances)
+    variant = (a.intra_op_threads, a.acoustic_instances, a.queue_delay_us, a.feature_instances)
     if any(v is not None for v in variant):
         repo = repository_copy(Path(tmp.name), *variant)
-        res["notes"].append(f"run with acoustic_model intra_op_thread_count="
-                            f"{a.intra_op_threads}, instances={a.acoustic_instances}, "
-                            f"max_queue_delay_us={a.queue_delay_us}; feature_extractor "
-                            f"instances={a.feature_instances} (repository copy; committed "
-                            f"config unchanged)")
+        res["notes"].append(
+            f"run with acoustic_model intra_op_thread_count={a.intra_op_threads}, "
+            f"instances={a.acoustic_instances}, max_queue_delay_us={a.queue_delay_us}; "
+            f"feature_extractor instances={a.feature_instances} (repository copy; committed "
+            f"config unchanged)"
+        )
     res["intra_op_threads"] = raw.server_intra_op_threads(repo / "acoustic_model" / "config.pbtxt")
     contract = ModelContract.from_onnx(repo / "acoustic_model" / "1" / "model.onnx")
     res["model"] = f"{contract.name} {contract.version}"
-    say(f"streamasr benchmark ({'quick' if a.quick else 'full'}) on {res['host']}, "
-        f"load avg {res['loadavg_start']}")
+    say(
+        f"streamasr benchmark ({'quick' if a.quick else 'full'}) on {res['host']}, "
+        f"load avg {res['loadavg_start']}"
+    )
     live = Live(repo, res)
     try:
         say("starting tritonserver ...")
         live.start()
         with AsrConnection(live.url) as c:
             served = c.contract()
-        chunk = (int(round(a.chunk_ms * served.sample_rate / 1000)) if a.chunk_ms
-                 else served.chunk_samples)
+        chunk = (
+            int(round(a.chunk_ms * served.sample_rate / 1000))
+            if a.chunk_ms
+            else served.chunk_samples
+        )
         rate = served.sample_rate
         chunk_s = chunk / rate
         res["chunk_ms"] = round(chunk_s * 1000, 1)
         res["acoustic_instances"] = acoustic_instances(live.server)
         clips = load.load_clips(rate)
-        res["audio"] = [{"name": c.name, "seconds": round(len(c.audio) / rate, 2),
-                         "onset_s": None if c.onset is None else round(c.onset / rate, 3)}
-                        for c in clips]
+        res["audio"] = [
+            {
+                "name": c.name,
+                "seconds": round(len(c.audio) / rate, 2),
+                "onset_s": None if c.onset is None else round(c.onset / rate, 3),
+            }
+            for c in clips
+        ]
 
         say("warm-up (1 stream, 3 s) ...")
         load.run_level(live.url, clips, 1, chunk_samples=chunk, sample_rate=rate, duration_s=3)
         live.check("warm-up")
 
-        say(f"[1/6] paced load, levels {levels}, {duration:.0f} s each, budget p99 ≤ "
-            f"{a.budget_ms:g} ms")
-        res["levels"] = load.sweep(live.url, clips, levels, chunk_samples=chunk,
-                                   sample_rate=rate, duration_s=duration,
-                                   connections=a.connections, budget_ms=a.budget_ms,
-                                   probe=live.probe, progress=say, beyond=2)
+        say(
+            f"[1/6] paced load, levels {levels}, {duration:.0f} s each, budget p99 ≤ "
+            f"{a.budget_ms:g} ms"
+        )
+        res["levels"] = load.sweep(
+            live.url,
+            clips,
+            levels,
+            chunk_samples=chunk,
+            sample_rate=rate,
+            duration_s=duration,
+            connections=a.connections,
+            budget_ms=a.budget_ms,
+            probe=live.probe,
+            progress=say,
+            beyond=2,
+        )
         live.check("the paced load sweep")
         held = metrics.held_level(res["levels"], a.budget_ms)
         res["held_streams"] = held["streams"] if held else 0
         say(f"  -> streams held within budget: {res['held_streams']}")
 
-        say(f"[2/6] throughput limit: {cfg['sat_streams']} closed-loop streams for "
-            f"{cfg['sat_s']:.0f} s, then raw onnxruntime")
-        res["saturation"] = load.saturate(live.url, clips, cfg["sat_streams"],
-                                          chunk_samples=chunk, sample_rate=rate,
-                                          duration_s=cfg["sat_s"], connections=a.connections,
-                                          probe=live.probe)
+        say(
+            f"[2/6] throughput limit: {cfg['sat_streams']} closed-loop streams for "
+            f"{cfg['sat_s']:.0f} s, then raw onnxruntime"
+        )
+        res["saturation"] = load.saturate(
+            live.url,
+            clips,
+            cfg["sat_streams"],
+            chunk_samples=chunk,
+            sample_rate=rate,
+            duration_s=cfg["sat_s"],
+            connections=a.connections,
+            probe=live.probe,
+        )
         live.check("the closed-loop run")
         am = (res["saturation"].get("server") or {}).get("acoustic_model") or {}
         if res["saturation"].get("aborted") or not am:
             say(f"  closed-loop run aborted: {res['saturation'].get('aborted')}")
             am = {}
         else:
-            say(f"  server: {am['windows_per_s']} windows/s, batches {am['batch_hist']}, "
-                f"load {res['saturation']['loadavg_after'][0]}")
+            say(
+                f"  server: {am['windows_per_s']} windows/s, batches {am['batch_hist']}, "
+                f"load {res['saturation']['loadavg_after'][0]}"
+            )
         hist = {int(k): v for k, v in am.get("batch_hist", {}).items()}
         # the busiest paced level (an overloaded one runs the server flat out too)
         paced = [lv for lv in res["levels"] if _acoustic(lv).get("batch_hist")]
         peak = max(paced, key=lambda lv: _acoustic(lv)["windows_per_s"], default=None)
-        peak_hist = ({int(k): v for k, v in _acoustic(peak)["batch_hist"].items()}
-                     if peak else {})
+        peak_hist = {int(k): v for k, v in _acoustic(peak)["batch_hist"].items()} if peak else {}
         sizes = sorted({1, 2, 4, 8, 16, 32} | set(hist) | set(peak_hist))
         sess = raw.session(repo / "acoustic_model" / "1" / "model.onnx", res["intra_op_threads"])
         windows = raw.real_windows(contract, [c.audio for c in clips], 32)
         res["raw_loadavg_before"] = loadavg()
-        timed = raw.time_batches(sess, windows, sizes, min_seconds=cfg["raw_seconds"],
-                                 progress=say)
+        timed = raw.time_batches(sess, windows, sizes, min_seconds=cfg["raw_seconds"], progress=say)
         del sess
         res["raw"] = {str(b): v for b, v in timed.items()}
         # every core busy with the model and nothing else: one 1-thread session per core
         res["raw_all_cores"] = raw.parallel_throughput(
-            repo / "acoustic_model" / "1" / "model.onnx", windows, 8, os.cpu_count() or 1,
-            seconds=2 * cfg["raw_seconds"] + 1)
-        say(f"  raw onnxruntime, {os.cpu_count()} 1-thread sessions in parallel, batch 8: "
-            f"{res['raw_all_cores']['windows_per_s']} windows/s")
+            repo / "acoustic_model" / "1" / "model.onnx",
+            windows,
+            8,
+            os.cpu_count() or 1,
+            seconds=2 * cfg["raw_seconds"] + 1,
+        )
+        say(
+            f"  raw onnxruntime, {os.cpu_count()} 1-thread sessions in parallel, batch 8: "
+            f"{res['raw_all_cores']['windows_per_s']} windows/s"
+        )
         res["raw_loadavg_after"] = loadavg()
         if hist:
-            raw_mix = metrics.mixed_throughput(hist, {b: timed[b]["median_ms"] / 1000 for b in hist})
+            raw_mix = metrics.mixed_throughput(
+                hist, {b: timed[b]["median_ms"] / 1000 for b in hist}
+            )
             best = max(timed, key=lambda b: timed[b]["windows_per_s"])
             res["overhead"] = {
                 "measured_in": "closed loop",
                 "server_windows_per_s": am["windows_per_s"],
                 "raw_windows_per_s": round(raw_mix, 2),
                 "ratio": round(am["windows_per_s"] / raw_mix, 3),
-                "best_batch": best, "best_raw_windows_per_s": timed[best]["windows_per_s"]}
+                "best_batch": best,
+                "best_raw_windows_per_s": timed[best]["windows_per_s"],
+            }
             if peak_hist:
                 pk = _acoustic(peak)
                 raw_pk = metrics.mixed_throughput(
-                    peak_hist, {b: timed[b]["median_ms"] / 1000 for b in peak_hist})
+                    peak_hist, {b: timed[b]["median_ms"] / 1000 for b in peak_hist}
+                )
                 res["overhead_paced_peak"] = {
                     "measured_in": f"paced level {peak['streams']} streams",
-                    "server_windows_per_s": pk["windows_per_s"], "batch_hist": pk["batch_hist"],
+                    "server_windows_per_s": pk["windows_per_s"],
+                    "batch_hist": pk["batch_hist"],
                     "raw_windows_per_s": round(raw_pk, 2),
-                    "ratio": round(pk["windows_per_s"] / raw_pk, 3)}
-                say(f"  busiest paced level ({peak['streams']} streams): {pk['windows_per_s']} "
+                    "ratio": round(pk["windows_per_s"] / raw_pk, 3),
+                }
+                say(
+                    f"  busiest paced level ({peak['streams']} streams): {pk['windows_per_s']} "
                     f"windows/s vs raw {raw_pk:.1f} at its batch mix -> "
-                    f"{pk['windows_per_s'] / raw_pk:.2f}")
+                    f"{pk['windows_per_s'] / raw_pk:.2f}"
+                )
                 if pk["windows_per_s"] > am["windows_per_s"]:
-                    raw_mix = raw_pk     # the compute limit at the batches of the busier run
+                    raw_mix = raw_pk  # the compute limit at the batches of the busier run
                     res["overhead"], res["overhead_closed_loop"] = (
-                        res["overhead_paced_peak"] | {"best_batch": best,
-                                                      "best_raw_windows_per_s":
-                                                      timed[best]["windows_per_s"]},
-                        res["overhead"])
+                        res["overhead_paced_peak"]
+                        | {
+                            "best_batch": best,
+                            "best_raw_windows_per_s": timed[best]["windows_per_s"],
+                        },
+                        res["overhead"],
+                    )
             # one window per chunk of each stream
             wins_per_chunk = 1.0
             one = next((lv for lv in res["levels"] if lv["streams"] == 1), None)
@@ -445,23 +616,35 @@ def main(argv: list[str] | None = None) -> int:
             # the model alone, at the batch sizes the server formed when saturated
             res["compute_limit_streams"] = round(raw_mix * chunk_s / wins_per_chunk, 2)
             res["compute_limit_streams_best_batch"] = round(
-                timed[best]["windows_per_s"] * chunk_s / wins_per_chunk, 2)
+                timed[best]["windows_per_s"] * chunk_s / wins_per_chunk, 2
+            )
             res["compute_limit_streams_all_cores"] = round(
-                res["raw_all_cores"]["windows_per_s"] * chunk_s / wins_per_chunk, 2)
-            say(f"  raw at the same batch mix {raw_mix:.1f} windows/s -> server/raw "
+                res["raw_all_cores"]["windows_per_s"] * chunk_s / wins_per_chunk, 2
+            )
+            say(
+                f"  raw at the same batch mix {raw_mix:.1f} windows/s -> server/raw "
                 f"{res['overhead']['ratio']:.2f}; compute limit ≈ "
-                f"{res['compute_limit_streams']:.1f} streams")
+                f"{res['compute_limit_streams']:.1f} streams"
+            )
 
         if "perf_analyzer" not in skip:
             say(f"[3/6] perf_analyzer, concurrency {cfg['pa_concurrency']}")
             try:
                 res["perf_analyzer"] = perf_analyzer.run(
-                    live.url, [c.audio for c in clips], chunk, cfg["pa_concurrency"],
-                    out_dir=perf_analyzer.WORK, measurement_ms=cfg["pa_ms"], progress=say)
+                    live.url,
+                    [c.audio for c in clips],
+                    chunk,
+                    cfg["pa_concurrency"],
+                    out_dir=perf_analyzer.WORK,
+                    measurement_ms=cfg["pa_ms"],
+                    progress=say,
+                )
                 res["perf_analyzer"]["loadavg_after"] = loadavg()
                 for row in res["perf_analyzer"].get("rows", []):
-                    say(f"  concurrency {int(row['Concurrency'])}: "
-                        f"{row['Inferences/Second']:.1f} infer/s, p99 {row['p99 latency']} ms")
+                    say(
+                        f"  concurrency {int(row['Concurrency'])}: "
+                        f"{row['Inferences/Second']:.1f} infer/s, p99 {row['p99 latency']} ms"
+                    )
                 live.check("perf_analyzer")
                 if res["perf_analyzer"].get("error"):
                     say(f"  perf_analyzer failed: {res['perf_analyzer']['error'][:300]}")
@@ -471,16 +654,24 @@ def main(argv: list[str] | None = None) -> int:
 
         if "accuracy" not in skip:
             say("[4/6] accuracy: streamed vs offline")
-            res["accuracy"] = recorded("accuracy", accuracy.run, live.url, chunk, rate,
-                                       progress=say)
+            res["accuracy"] = recorded(
+                "accuracy", accuracy.run, live.url, chunk, rate, progress=say
+            )
             live.check("accuracy")
 
         if "two_pass" not in skip:
-            say("      two-pass finals and Whisper interims vs one-pass, paced: 1 stream, then "
-                f"{cfg['two_pass_concurrency']} at once")
-            res["two_pass"] = recorded("two-pass", two_pass.run, live.url, progress=say,
-                                       concurrency=cfg["two_pass_concurrency"],
-                                       server_pid=live.server.proc.pid)
+            say(
+                "      two-pass finals and Whisper interims vs one-pass, paced: 1 stream, then "
+                f"{cfg['two_pass_concurrency']} at once"
+            )
+            res["two_pass"] = recorded(
+                "two-pass",
+                two_pass.run,
+                live.url,
+                progress=say,
+                concurrency=cfg["two_pass_concurrency"],
+                server_pid=live.server.proc.pid,
+            )
             live.check("two-pass finals")
 
         if "pocketsphinx" not in skip:
@@ -490,23 +681,41 @@ def main(argv: list[str] | None = None) -> int:
         if "naive" not in skip:
             n_naive = sorted({1, max(1, res["held_streams"])})
             say(f"[5/6] peer baseline (re-transcribe the growing buffer), streams {n_naive}")
-            runs = [naive.run(live.url, clips, n, chunk_samples=chunk, sample_rate=rate,
-                              duration_s=cfg["naive_s"], probe=live.probe) for n in n_naive]
+            runs = [
+                naive.run(
+                    live.url,
+                    clips,
+                    n,
+                    chunk_samples=chunk,
+                    sample_rate=rate,
+                    duration_s=cfg["naive_s"],
+                    probe=live.probe,
+                )
+                for n in n_naive
+            ]
             live.check("the growing-buffer baseline")
             parts = []
             for nv in runs:
-                ours = next((lv for lv in res["levels"] if lv["streams"] == nv["streams"]
-                             and lv.get("server") and nv.get("server")), None)
+                ours = next(
+                    (
+                        lv
+                        for lv in res["levels"]
+                        if lv["streams"] == nv["streams"] and lv.get("server") and nv.get("server")
+                    ),
+                    None,
+                )
                 if ours is None:
                     parts.append(f"{nv['streams']} stream(s): no comparable streaming level.")
                     continue
                 win_ours = ours["server"]["acoustic_model"]["windows"] / max(ours["audio_s"], 1e-9)
                 win_naive = nv["server"]["acoustic_model"]["windows"] / max(
-                    nv["calls"] * chunk_s, 1e-9)
+                    nv["calls"] * chunk_s, 1e-9
+                )
                 nv["windows_per_audio_s"] = round(win_naive, 2)
                 nv["ours_windows_per_audio_s"] = round(win_ours, 2)
                 ratio = (nv["call_latency_ms"]["p99"] or 0) / max(
-                    ours["chunk_latency_ms"]["p99"] or 1e-9, 1e-9)
+                    ours["chunk_latency_ms"]["p99"] or 1e-9, 1e-9
+                )
                 nv["p99_ratio_vs_streaming"] = round(ratio, 2)
                 parts.append(
                     f"{nv['streams']} stream(s): per-chunk p50 {nv['call_latency_ms']['p50']} ms, "
@@ -515,19 +724,28 @@ def main(argv: list[str] | None = None) -> int:
                     f"p99 ratio {ratio:.1f}×); model windows per second of audio "
                     f"{win_naive:.1f} vs {win_ours:.1f} streaming "
                     f"({win_naive / max(win_ours, 1e-9):.1f}×); sender late p99 "
-                    f"{nv['send_lateness_ms']['p99']} ms; load avg {nv['loadavg_after'][0]}.")
+                    f"{nv['send_lateness_ms']['p99']} ms; load avg {nv['loadavg_after'][0]}."
+                )
                 say("  " + parts[-1])
             res["naive"] = {"runs": runs, "summary": " ".join(parts)}
 
         if "profile" not in skip and cfg["profile_s"] and profile.py_spy():
             say(f"[6/6] py-spy profile under closed-loop load ({cfg['profile_s']} s)")
-            pids = {pid: f"{label}-{pid}" if label == "acoustic_model" else label
-                    for pid, label in process_tree(live.server.proc.pid).items()
-                    if label in ("feature_extractor", "ctc_decoder", "acoustic_model")}
+            pids = {
+                pid: f"{label}-{pid}" if label == "acoustic_model" else label
+                for pid, label in process_tree(live.server.proc.pid).items()
+                if label in ("feature_extractor", "ctc_decoder", "acoustic_model")
+            }
             running = profile.start(pids, cfg["profile_s"], Path(tmp.name) / "pyspy")
-            load.saturate(live.url, clips, cfg["sat_streams"], chunk_samples=chunk,
-                          sample_rate=rate, duration_s=cfg["profile_s"] + 2,
-                          connections=a.connections)
+            load.saturate(
+                live.url,
+                clips,
+                cfg["sat_streams"],
+                chunk_samples=chunk,
+                sample_rate=rate,
+                duration_s=cfg["profile_s"] + 2,
+                connections=a.connections,
+            )
             res["profile"] = {"py_spy": profile.finish(running)}
             live.check("the profile run")
         else:
@@ -545,12 +763,19 @@ def main(argv: list[str] | None = None) -> int:
         if "overload" not in skip:
             say("[7/7] overload: 3x the admission limit, a fresh server with admission on")
             cap = a.overload_capacity
-            cap = (res.get("held_streams") or None) if cap == "held" else \
-                (int(cap) if cap else None)
+            cap = (
+                (res.get("held_streams") or None) if cap == "held" else (int(cap) if cap else None)
+            )
             res["overload"] = recorded(
-                "overload", overload.run_with_server, repo, cap,
-                log_path=LOG.with_name("bench-overload-tritonserver.log"), progress=say,
-                duration_s=cfg["overload_s"], settle_s=cfg["overload_settle_s"])
+                "overload",
+                overload.run_with_server,
+                repo,
+                cap,
+                log_path=LOG.with_name("bench-overload-tritonserver.log"),
+                progress=say,
+                duration_s=cfg["overload_s"],
+                settle_s=cfg["overload_settle_s"],
+            )
     finally:
         tmp.cleanup()
     res["targets"] = compute_targets(res, chunk_s)
@@ -559,8 +784,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write_results(res, a.out)
     say(f"done in {res['wall_s']:.0f} s: {paths['md']} (and .json, plots, latest.md)")
     for t in res["targets"]:
-        say(f"  target: {t['target']}: {t['measured']} -> "
-            f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'n/a'}")
+        say(
+            f"  target: {t['target']}: {t['measured']} -> "
+            f"{'met' if t['met'] else 'MISSED' if t['met'] is False else 'n/a'}"
+        )
     return 0
 
 

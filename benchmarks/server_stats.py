@@ -1,6 +1,7 @@
 """What the server did during a measurement: Triton's statistics API (per-model request
 counts and times, the acoustic model's batch sizes) and CPU time per process (the server,
 each Python backend stub, this client) from /proc."""
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,15 @@ class StatsSnapshot:
 
 
 def _batch_counts(stats: dict) -> dict[int, int]:
-    return {int(b["batch_size"]): int(b["compute_infer"]["count"])
-            for b in stats.get("batch_stats", [])}
+    return {
+        int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])
+    }
 
 
 def _batch_ns(stats: dict) -> dict[int, int]:
-    return {int(b["batch_size"]): int(b["compute_infer"]["ns"])
-            for b in stats.get("batch_stats", [])}
+    return {
+        int(b["batch_size"]): int(b["compute_infer"]["ns"]) for b in stats.get("batch_stats", [])
+    }
 
 
 def stats_delta(a: StatsSnapshot, b: StatsSnapshot) -> dict:
@@ -69,7 +72,8 @@ def stats_delta(a: StatsSnapshot, b: StatsSnapshot) -> dict:
             entry["windows_per_s"] = round(windows / out["seconds"], 2) if out["seconds"] else None
             entry["mean_batch"] = round(windows / sum(hist.values()), 2) if hist else None
             entry["compute_infer_ms_by_batch"] = {
-                str(bs): round((ns1[bs] - ns0.get(bs, 0)) / c / 1e6, 3) for bs, c in hist.items()}
+                str(bs): round((ns1[bs] - ns0.get(bs, 0)) / c / 1e6, 3) for bs, c in hist.items()
+            }
         out[m] = entry
     return out
 
@@ -118,8 +122,13 @@ def _label(pid: int) -> str:
         # argv[1] is the model's model.py path: .../<model>/<version>/model.py, or the
         # backend's model.py for a Python-based backend; the stub's argv also names it.
         for a in args[1:]:
-            for m in ("feature_extractor", "acoustic_model", "ctc_decoder", "model_contract",
-                      "offline_asr"):
+            for m in (
+                "feature_extractor",
+                "acoustic_model",
+                "ctc_decoder",
+                "model_contract",
+                "offline_asr",
+            ):
                 if f"/{m}/" in a or a.startswith(m):
                     return m
         return "stub:" + os.path.basename(os.path.dirname(args[1]))
@@ -159,9 +168,11 @@ class CpuMeter:
             label = self._labels.get(pid, str(pid))
             per[label] = per.get(label, 0.0) + cpu - self._t0.get(pid, cpu)
         total = sum(per.values())
-        return {"wall_s": round(wall, 3),
-                "cpu_s": {k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
-                "cores_busy": round(total / wall, 3) if wall else None}
+        return {
+            "wall_s": round(wall, 3),
+            "cpu_s": {k: round(v, 3) for k, v in sorted(per.items(), key=lambda kv: -kv[1])},
+            "cores_busy": round(total / wall, 3) if wall else None,
+        }
 
 
 def loadavg() -> list[float]:

@@ -29,6 +29,7 @@ It starts its own tritonserver on a copy of the model repository with a short
 Prints the figures (and writes them as JSON with ``--json``); exit status 1 when a check
 fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,8 +127,13 @@ class StepStreams:
         self._ids = iter(range(1_000_000_000, 2_000_000_000))
 
     def _done(self, result, error) -> None:
-        rid = (result.get_response().id if result is not None
-               else getattr(error, "request_id", lambda: None)() if error else None)
+        rid = (
+            result.get_response().id
+            if result is not None
+            else getattr(error, "request_id", lambda: None)()
+            if error
+            else None
+        )
         if error is not None:
             self.errors.append(str(error))
         if rid:
@@ -136,7 +142,7 @@ class StepStreams:
             self.answered[f"?{len(self.answered)}"] = time.monotonic()
 
     def open(self, n: int, samples: int) -> None:
-        from streamasr.triton_models.common import StepInfo
+        from streamasr.triton_models.step_info import StepInfo
 
         audio = (np.random.default_rng(0).standard_normal(samples) * 0.01).astype(np.float32)
         lp = np.zeros((1, 20, self.vocab), np.float32)
@@ -145,13 +151,15 @@ class StepStreams:
             a = self.g.InferInput("AUDIO", [samples], "FP32")
             a.set_data_from_numpy(audio)
             self.sent[f"f{sid}"] = time.monotonic()
-            self.client.async_stream_infer("feature_extractor", [a], request_id=f"f{sid}",
-                                           sequence_id=sid, sequence_start=True)
+            self.client.async_stream_infer(
+                "feature_extractor", [a], request_id=f"f{sid}", sequence_id=sid, sequence_start=True
+            )
             x = self.g.InferInput("LOG_PROBS", list(lp.shape), "FP32")
             x.set_data_from_numpy(lp)
             info = self.g.InferInput("STEP_INFO", [1], "BYTES")
-            info.set_data_from_numpy(np.array(
-                [StepInfo(stream=sid, seq=0, start=True).to_json().encode()], dtype=object))
+            info.set_data_from_numpy(
+                np.array([StepInfo(stream=sid, seq=0, start=True).to_json().encode()], dtype=object)
+            )
             self.sent[f"d{sid}"] = time.monotonic()
             self.client.async_stream_infer("ctc_decoder", [x, info], request_id=f"d{sid}")
 
@@ -168,16 +176,19 @@ def open_abandoned_steps(streams: StepStreams, n: int, samples: int, timeout: fl
     streams.open(n, samples)
     sent_s = time.monotonic() - t0
     poll(lambda: len(streams.answered) >= 2 * n, timeout, f"answers to {2 * n} requests")
-    lat = {k: streams.answered[k] - streams.sent[k] for k in streams.sent
-           if k in streams.answered}
+    lat = {k: streams.answered[k] - streams.sent[k] for k in streams.sent if k in streams.answered}
     feat = np.array([v for k, v in lat.items() if k[0] == "f"])
     errs = streams.errors[errors_before:]
-    return {"streams": n, "errors": len(errs), "first_error": errs[0] if errs else None,
-            "seconds_to_send": round(sent_s, 2),
-            "seconds_to_all_answered": round(time.monotonic() - t0, 2),
-            # a START beyond feature_extractor's max_candidate_sequences waits for a slot
-            "feature_starts_answered_within_2s": int((feat < 2.0).sum()),
-            "feature_start_latency_max_s": round(float(feat.max()), 2) if len(feat) else None}
+    return {
+        "streams": n,
+        "errors": len(errs),
+        "first_error": errs[0] if errs else None,
+        "seconds_to_send": round(sent_s, 2),
+        "seconds_to_all_answered": round(time.monotonic() - t0, 2),
+        # a START beyond feature_extractor's max_candidate_sequences waits for a slot
+        "feature_starts_answered_within_2s": int((feat < 2.0).sum()),
+        "feature_start_latency_max_s": round(float(feat.max()), 2) if len(feat) else None,
+    }
 
 
 def open_abandoned_ensemble(conn, n: int, samples: int, timeout: float) -> dict:
@@ -196,30 +207,57 @@ def open_abandoned_ensemble(conn, n: int, samples: int, timeout: float) -> dict:
     for s in sessions:
         conn.forget(s)
     lat = np.array(answered_at)
-    return {"streams": n, "errors": len(errors), "first_error": errors[0] if errors else None,
-            "seconds_to_all_answered": round(float(lat.max()), 2),
-            "answered_p50_s": round(float(np.median(lat)), 2)}
+    return {
+        "streams": n,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "seconds_to_all_answered": round(float(lat.max()), 2),
+        "answered_p50_s": round(float(np.median(lat)), 2),
+    }
 
 
-def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms: int,
-        tolerance: float, workdir: Path, timeout: float = 900.0, path: str = "steps",
-        rounds: int = 1, warmup_rounds: int = 2) -> dict:
-    sys.path.insert(0, str(REPO_ROOT))
+def run(
+    streams: int,
+    warmup: int,
+    ttl_s: float,
+    triton_idle_s: float,
+    audio_ms: int,
+    tolerance: float,
+    workdir: Path,
+    timeout: float = 900.0,
+    path: str = "steps",
+    rounds: int = 1,
+    warmup_rounds: int = 2,
+) -> dict:
+    from streamasr.repository import TWO_PASS_MODELS, copy_repository
     from streamasr.server import ServerConfig, TritonServer, free_port
     from streamasr_client.stream import AsrConnection
-    from tests.conftest import copy_repository
 
     limit = str(max(streams, warmup) * 2)
     repo = copy_repository(
+        REPO_ROOT / "model_repository",
         workdir / "repo",
         {m: {"stream_idle_timeout_s": str(ttl_s), "max_streams": limit} for m in STEPS},
-        idle_us={"feature_extractor": int(triton_idle_s * 1e6)})
-    cfg = ServerConfig(model_repository=repo, http_port=free_port(), grpc_port=free_port(),
-                       metrics_port=free_port(), exit_timeout_s=3)
-    figures: dict = {"path": path, "streams": streams, "warmup": warmup, "rounds_run": rounds,
-                     "warmup_rounds": warmup_rounds,
-                     "stream_idle_timeout_s": ttl_s, "triton_sequence_idle_s": triton_idle_s,
-                     "audio_ms_per_stream": audio_ms}
+        idle_us={"feature_extractor": int(triton_idle_s * 1e6)},
+        leave_out=TWO_PASS_MODELS,
+    )
+    cfg = ServerConfig(
+        model_repository=repo,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        exit_timeout_s=3,
+    )
+    figures: dict = {
+        "path": path,
+        "streams": streams,
+        "warmup": warmup,
+        "rounds_run": rounds,
+        "warmup_rounds": warmup_rounds,
+        "stream_idle_timeout_s": ttl_s,
+        "triton_sequence_idle_s": triton_idle_s,
+        "audio_ms_per_stream": audio_ms,
+    }
     with TritonServer(cfg, log_path=workdir / "tritonserver.log") as server:
         murl = f"http://{cfg.host}:{cfg.metrics_port}/metrics"
         pid = server.proc.pid
@@ -254,8 +292,7 @@ def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms:
             contract = conn.contract()
             samples = contract.sample_rate * audio_ms // 1000
             if path == "steps":
-                steps = StepStreams(server.grpc_url, contract.sample_rate,
-                                    len(contract.vocabulary))
+                steps = StepStreams(server.grpc_url, contract.sample_rate, len(contract.vocabulary))
                 go = lambda k: open_abandoned_steps(steps, k, samples, timeout)  # noqa: E731
             else:
                 go = lambda k: open_abandoned_ensemble(conn, k, samples, timeout)  # noqa: E731
@@ -266,8 +303,7 @@ def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms:
                 # Triton's own sequence slots free one sequence-idle timeout after the
                 # last request; wait that out so the baseline holds no sequence either.
                 time.sleep(max(0.0, triton_idle_s - ttl_s) + 1.0)
-                figures.setdefault("rss_after_warmup_rounds_kib", []).append(
-                    settled_rss(pid))
+                figures.setdefault("rss_after_warmup_rounds_kib", []).append(settled_rss(pid))
             base = reclaimed()
             rss_before = settled_rss(pid)
             figures["rss_before_kib"] = rss_before
@@ -278,12 +314,16 @@ def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms:
                 rnd: dict = {}
                 peak_open.update({m: 0.0 for m in STEPS})
                 rnd["run"] = go(streams)
-                all_closed()                  # samples the open-stream gauges
+                all_closed()  # samples the open-stream gauges
                 rnd["rss_peak_kib"] = sum(server_rss(pid).values())
                 t0 = time.monotonic()
-                poll(lambda: all_closed() and all(
-                    v - base[m] >= streams for m, v in reclaimed().items()),
-                    3 * ttl_s + 120, "every soak stream to be reclaimed")
+                poll(
+                    lambda base=base: (
+                        all_closed() and all(v - base[m] >= streams for m, v in reclaimed().items())
+                    ),
+                    3 * ttl_s + 120,
+                    "every soak stream to be reclaimed",
+                )
                 rnd["peak_open_streams_seen"] = dict(peak_open)
                 rnd["seconds_to_reclaim_after_last_answer"] = round(time.monotonic() - t0, 2)
                 after = reclaimed()
@@ -319,37 +359,75 @@ def run(streams: int, warmup: int, ttl_s: float, triton_idle_s: float, audio_ms:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--streams", type=int, default=10_000)
-    p.add_argument("--warmup", type=int, default=None,
-                   help="streams in the warm-up round (default: --streams; RSS is a "
-                        "high-water mark of peak concurrency, a leak grows round on round)")
-    p.add_argument("--path", choices=("steps", "ensemble"), default="steps",
-                   help="open streams on each Python step directly (fast), or through "
-                        "streaming_asr (runs the acoustic model once per stream: slow)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="streams in the warm-up round (default: --streams; RSS is a "
+        "high-water mark of peak concurrency, a leak grows round on round)",
+    )
+    p.add_argument(
+        "--path",
+        choices=("steps", "ensemble"),
+        default="steps",
+        help="open streams on each Python step directly (fast), or through "
+        "streaming_asr (runs the acoustic model once per stream: slow)",
+    )
     p.add_argument("--ttl", type=float, default=5.0, help="stream_idle_timeout_s of the copy")
-    p.add_argument("--triton-idle", type=float, default=8.0,
-                   help="feature_extractor max_sequence_idle (s) of the copy")
-    p.add_argument("--warmup-rounds", type=int, default=2,
-                   help="warm-up rounds before the baseline: RSS follows the peak number "
-                        "of live sequences, which varies a little from round to round")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="soak rounds after the warm-up (RSS is checked after the last)")
+    p.add_argument(
+        "--triton-idle",
+        type=float,
+        default=8.0,
+        help="feature_extractor max_sequence_idle (s) of the copy",
+    )
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=2,
+        help="warm-up rounds before the baseline: RSS follows the peak number "
+        "of live sequences, which varies a little from round to round",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="soak rounds after the warm-up (RSS is checked after the last)",
+    )
     p.add_argument("--audio-ms", type=int, default=100, help="audio in each stream's one chunk")
     p.add_argument("--tolerance", type=float, default=0.05, help="allowed RSS change")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep the repository copy and the server log here")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the repository copy and the server log here",
+    )
     a = p.parse_args(argv)
     if a.warmup is None:
         a.warmup = a.streams
     with tempfile.TemporaryDirectory(prefix="streamasr-soak-") as tmp:
         workdir = a.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        fig = run(a.streams, a.warmup, a.ttl, a.triton_idle, a.audio_ms, a.tolerance,
-                  workdir, a.timeout, a.path, a.rounds, a.warmup_rounds)
+        fig = run(
+            a.streams,
+            a.warmup,
+            a.ttl,
+            a.triton_idle,
+            a.audio_ms,
+            a.tolerance,
+            workdir,
+            a.timeout,
+            a.path,
+            a.rounds,
+            a.warmup_rounds,
+        )
     text = json.dumps(fig, indent=2)
     print(text)
     if a.json:

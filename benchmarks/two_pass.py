@@ -24,6 +24,7 @@ with the stream option ``interims=whisper``).  Per mode:
 Then ``--concurrency`` paced streams at once for the two two-pass modes: final and chunk
 latency while the others keep streaming.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.evaluation import load_eval_set, normalize, wer_cer
+from streamasr.evaluation import caption_quality, load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
@@ -46,9 +47,11 @@ from .server_stats import CpuMeter
 log = logging.getLogger("benchmarks.two_pass")
 
 #: mode -> (model, stream options)
-MODES = {"one_pass": (STREAM_MODEL, {}),
-         "two_pass": (TWO_PASS_MODEL, {}),
-         "two_pass_whisper_interims": (TWO_PASS_MODEL, {"interims": "whisper"})}
+MODES = {
+    "one_pass": (STREAM_MODEL, {}),
+    "two_pass": (TWO_PASS_MODEL, {}),
+    "two_pass_whisper_interims": (TWO_PASS_MODEL, {"interims": "whisper"}),
+}
 CONCURRENT_MODES = ("two_pass", "two_pass_whisper_interims")
 #: A level is "held" when chunk latency p99 stays within this (the load sweep's budget).
 CHUNK_P99_BUDGET_MS = 250.0
@@ -59,25 +62,35 @@ class ClipRun:
     transcript: str
     final_latency: float
     rescored: int
-    events: list[tuple[float, dict]] = field(default_factory=list)   # (s since start, msg)
+    events: list[tuple[float, dict]] = field(default_factory=list)  # (s since start, msg)
     chunk_latency: list[float] = field(default_factory=list)
 
 
-def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, model: str,
-                paced: bool = True, options: dict | None = None) -> ClipRun:
+def stream_clip(
+    conn: AsrConnection,
+    audio: np.ndarray,
+    chunk: int,
+    rate: int,
+    model: str,
+    paced: bool = True,
+    options: dict | None = None,
+) -> ClipRun:
     """One clip as one stream; times on the stream's clock (0 = its first sample spoken)."""
     events: list[tuple[float, dict]] = []
     t0 = time.perf_counter()
-    s = conn.open_session(model=model, options=options,
-                          on_message=lambda m: events.append((time.perf_counter() - t0, m)))
+    s = conn.open_session(
+        model=model,
+        options=options,
+        on_message=lambda m: events.append((time.perf_counter() - t0, m)),
+    )
     sent = []
     for i in range(0, len(audio), chunk):
-        if paced:   # chunk k is "spoken" by t0 + its end time
-            delay = t0 + (i + len(audio[i:i + chunk])) / rate - time.perf_counter()
+        if paced:  # a chunk is "spoken" by t0 + its end time
+            delay = t0 + (i + len(audio[i : i + chunk])) / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         sent.append(time.perf_counter() - t0)
-        s.send(audio[i:i + chunk])
+        s.send(audio[i : i + chunk])
     t_end = time.perf_counter()
     s.close()
     s.wait(timeout=300)
@@ -87,57 +100,36 @@ def stream_clip(conn: AsrConnection, audio: np.ndarray, chunk: int, rate: int, m
         raise RuntimeError(f"{model}: {s.errors[0]}")
     # every request with audio answers with exactly one interim, the last of its messages
     interims = [t for t, m in events if m.get("type") == "Results" and not m["is_final"]]
-    return ClipRun(s.transcript, latency, sum(1 for m in s.finals if m.get("rescored")),
-                   events, [b - a for a, b in zip(sent, interims)])
-
-
-def _words(m: dict) -> list[dict]:
-    return m["channel"]["alternatives"][0]["words"]
+    return ClipRun(
+        s.transcript,
+        latency,
+        sum(1 for m in s.finals if m.get("rescored")),
+        events,
+        [b - a for a, b in zip(sent, interims)],
+    )
 
 
 def interim_quality(runs: list[ClipRun], refs: list[str]) -> dict:
     """Interim WER, interim words changed, time to a correct word (module docstring)."""
-    import jiwer
-
-    last_interims, shown, changed, delays = [], 0, 0, []
-    for run, ref in zip(runs, refs):
-        results = [(t, m) for t, m in run.events if m.get("type") == "Results"]
-        finals = {m["start"]: _words(m) for _, m in results if m["is_final"]}
-        last: dict[float, str] = {}
-        for _, m in results:
-            if m["is_final"]:
-                continue
-            last[m["start"]] = m["channel"]["alternatives"][0]["transcript"]
-            fw = finals.get(m["start"], [])
-            for k, w in enumerate(_words(m)):
-                shown += 1
-                changed += k >= len(fw) or fw[k]["word"] != w["word"]
-        last_interims.append(" ".join(last[u] for u in sorted(last) if last[u]))
-        final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
-        hyp = " ".join(w["word"] for _, _, w in final_words)
-        if not hyp:
-            continue
-        correct = set()
-        for part in jiwer.process_words(normalize(ref), hyp).alignments[0]:
-            if part.type == "equal":
-                correct.update(range(part.hyp_start_idx, part.hyp_end_idx))
-        for idx, (u, k, w) in enumerate(final_words):
-            if idx in correct:
-                first = next(t for t, m in results if m["start"] == u and len(_words(m)) > k
-                             and _words(m)[k]["word"] == w["word"])
-                delays.append(first - w["end"])
-    score = wer_cer(refs, last_interims)
-    return {"interim_wer": round(score["wer"], 4), "interim_cer": round(score["cer"], 4),
-            "interim_words_shown": shown,
-            "interim_words_changed": round(changed / max(shown, 1), 4),
-            "time_to_correct_word_s": {
-                "median": round(float(np.median(delays)), 3) if delays else None,
-                "p90": round(float(np.percentile(delays, 90)), 3) if delays else None,
-                "words": len(delays)}}
+    q = caption_quality([r.events for r in runs], refs)
+    delays = q["first_correct_delays"]
+    score = wer_cer(refs, q["last_interims"])
+    return {
+        "interim_wer": round(score["wer"], 4),
+        "interim_cer": round(score["cer"], 4),
+        "interim_words_shown": q["interim_words_shown"],
+        "interim_words_changed": round(q["interim_words_changed"], 4),
+        "time_to_correct_word_s": {
+            "median": round(float(np.median(delays)), 3) if delays else None,
+            "p90": round(float(np.percentile(delays, 90)), 3) if delays else None,
+            "words": len(delays),
+        },
+    }
 
 
-def concurrent(conn: AsrConnection, audios: list[np.ndarray], chunk: int, rate: int,
-               mode: str, streams: int) -> dict:
+def concurrent(
+    conn: AsrConnection, audios: list[np.ndarray], chunk: int, rate: int, mode: str, streams: int
+) -> dict:
     """``streams`` paced streams at once, each going through every clip (starting at a
     different one): final and chunk latency of each clip while the others keep streaming."""
     model, options = MODES[mode]
@@ -148,8 +140,9 @@ def concurrent(conn: AsrConnection, audios: list[np.ndarray], chunk: int, rate: 
     def worker(k: int) -> None:
         for j in range(len(audios)):
             try:
-                run = stream_clip(conn, audios[(k + j) % len(audios)], chunk, rate, model,
-                                  options=options)
+                run = stream_clip(
+                    conn, audios[(k + j) % len(audios)], chunk, rate, model, options=options
+                )
             except Exception as exc:  # noqa: BLE001 - recorded in the result
                 with lock:
                     errors.append(str(exc)[:200])
@@ -170,8 +163,16 @@ def concurrent(conn: AsrConnection, audios: list[np.ndarray], chunk: int, rate: 
     return out
 
 
-def run_mode(conn: AsrConnection, mode: str, items, audios, chunk: int, rate: int,
-             paced: bool, server_pid: int | None) -> dict:
+def run_mode(
+    conn: AsrConnection,
+    mode: str,
+    items,
+    audios,
+    chunk: int,
+    rate: int,
+    paced: bool,
+    server_pid: int | None,
+) -> dict:
     model, options = MODES[mode]
     refs = [it.reference for it in items]
     cpu = CpuMeter(server_pid)
@@ -181,29 +182,39 @@ def run_mode(conn: AsrConnection, mode: str, items, audios, chunk: int, rate: in
     hyps = [r.transcript for r in runs]
     score = wer_cer(refs, hyps)
     audio_s = sum(len(a) for a in audios) / rate
-    out = {"model": model, "options": options, "wer": round(score["wer"], 4),
-           "cer": round(score["cer"], 4),
-           "final_latency_ms": summarize([r.final_latency for r in runs]),
-           "chunk_latency_ms": summarize([x for r in runs for x in r.chunk_latency]),
-           "rescored_finals": sum(r.rescored for r in runs),
-           **interim_quality(runs, refs),
-           "examples": [{"id": items[i].name, "ref": refs[i], "hyp": hyps[i]}
-                        for i in range(min(2, len(items)))]}
+    out = {
+        "model": model,
+        "options": options,
+        "wer": round(score["wer"], 4),
+        "cer": round(score["cer"], 4),
+        "final_latency_ms": summarize([r.final_latency for r in runs]),
+        "chunk_latency_ms": summarize([x for r in runs for x in r.chunk_latency]),
+        "rescored_finals": sum(r.rescored for r in runs),
+        **interim_quality(runs, refs),
+        "examples": [
+            {"id": items[i].name, "ref": refs[i], "hyp": hyps[i]} for i in range(min(2, len(items)))
+        ],
+    }
     if server_pid:
-        server_cpu = sum(v for k, v in used.get("cpu_s", {}).items()
-                         if not k.startswith("client"))
+        server_cpu = sum(v for k, v in used.get("cpu_s", {}).items() if not k.startswith("client"))
         out["server_cpu_s_per_audio_s"] = round(server_cpu / audio_s, 4)
     return out
 
 
-def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = None,
-        concurrency: tuple[int, ...] = (), server_pid: int | None = None,
-        modes: tuple[str, ...] = tuple(MODES),
-        refresh_sweep: tuple[float, ...] = ()) -> dict:
+def run(
+    url: str,
+    *,
+    paced: bool = True,
+    progress=log.info,
+    limit: int | None = None,
+    concurrency: tuple[int, ...] = (),
+    server_pid: int | None = None,
+    modes: tuple[str, ...] = tuple(MODES),
+    refresh_sweep: tuple[float, ...] = (),
+) -> dict:
     """``refresh_sweep``: also Whisper interims at these ``interim_refresh_s`` (1 stream)."""
     items = load_eval_set()[:limit] if limit else load_eval_set()
-    out: dict = {"clips": len(items), "paced": paced,
-                 "chunk_p99_budget_ms": CHUNK_P99_BUDGET_MS}
+    out: dict = {"clips": len(items), "paced": paced, "chunk_p99_budget_ms": CHUNK_P99_BUDGET_MS}
     with AsrConnection(url) as conn:
         contract = conn.contract()
         rate, chunk = contract.sample_rate, contract.chunk_samples
@@ -211,12 +222,14 @@ def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = 
         out["audio_s"] = round(sum(len(a) for a in audios) / rate, 1)
         for mode in modes:
             r = out[mode] = run_mode(conn, mode, items, audios, chunk, rate, paced, server_pid)
-            progress(f"  {mode}: WER {r['wer']:.3f}, END -> final p50 "
-                     f"{r['final_latency_ms']['p50']} ms p99 {r['final_latency_ms']['p99']} ms; "
-                     f"interim WER {r['interim_wer']:.3f}, changed "
-                     f"{r['interim_words_changed']:.3f}, correct word after "
-                     f"{r['time_to_correct_word_s']['median']} s; "
-                     f"CPU {r.get('server_cpu_s_per_audio_s')} s/audio s")
+            progress(
+                f"  {mode}: WER {r['wer']:.3f}, END -> final p50 "
+                f"{r['final_latency_ms']['p50']} ms p99 {r['final_latency_ms']['p99']} ms; "
+                f"interim WER {r['interim_wer']:.3f}, changed "
+                f"{r['interim_words_changed']:.3f}, correct word after "
+                f"{r['time_to_correct_word_s']['median']} s; "
+                f"CPU {r.get('server_cpu_s_per_audio_s')} s/audio s"
+            )
         out["refresh_sweep"] = []
         for refresh in refresh_sweep:
             model, options = MODES["two_pass_whisper_interims"]
@@ -226,55 +239,81 @@ def run(url: str, *, paced: bool = True, progress=log.info, limit: int | None = 
             finally:
                 del MODES["_sweep"]
             out["refresh_sweep"].append({"interim_refresh_s": refresh, **r})
-            progress(f"  whisper interims every {refresh} s: interim WER {r['interim_wer']:.3f}, "
-                     f"changed {r['interim_words_changed']:.3f}, correct word after "
-                     f"{r['time_to_correct_word_s']['median']} s, "
-                     f"CPU {r.get('server_cpu_s_per_audio_s')} s/audio s")
+            progress(
+                f"  whisper interims every {refresh} s: interim WER {r['interim_wer']:.3f}, "
+                f"changed {r['interim_words_changed']:.3f}, correct word after "
+                f"{r['time_to_correct_word_s']['median']} s, "
+                f"CPU {r.get('server_cpu_s_per_audio_s')} s/audio s"
+            )
         out["concurrent"] = []
         for mode in (m for m in CONCURRENT_MODES if m in modes):
             for n in concurrency:
                 level = concurrent(conn, audios, chunk, rate, mode, n)
                 out["concurrent"].append(level)
                 fl, cl = level.get("final_latency_ms", {}), level.get("chunk_latency_ms", {})
-                progress(f"  {mode}, {n} streams: END -> final p50 {fl.get('p50')} ms "
-                         f"p99 {fl.get('p99')} ms; chunk p99 {cl.get('p99')} ms; "
-                         f"held {level.get('held')}; errors {len(level['errors'])}")
+                progress(
+                    f"  {mode}, {n} streams: END -> final p50 {fl.get('p50')} ms "
+                    f"p99 {fl.get('p99')} ms; chunk p99 {cl.get('p99')} ms; "
+                    f"held {level.get('held')}; errors {len(level['errors'])}"
+                )
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.two_pass", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.two_pass",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
-    p.add_argument("--start-server", action="store_true",
-                   help="start a tritonserver on free ports for the run (ignores --url)")
-    p.add_argument("--repository", type=Path, default=None,
-                   help="with --start-server: this model repository (default: the project's)")
+    p.add_argument(
+        "--start-server",
+        action="store_true",
+        help="start a tritonserver on free ports for the run (ignores --url)",
+    )
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=None,
+        help="with --start-server: this model repository (default: the project's)",
+    )
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
     p.add_argument("--limit", type=int, help="only the first N clips")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
-    p.add_argument("--concurrency", default="4,8",
-                   help="also: the two-pass modes with this many paced streams at once "
-                        "(comma list; empty: skip)")
-    p.add_argument("--refresh-sweep", default="",
-                   help="also: Whisper interims at these interim_refresh_s (comma list)")
+    p.add_argument(
+        "--concurrency",
+        default="4,8",
+        help="also: the two-pass modes with this many paced streams at once "
+        "(comma list; empty: skip)",
+    )
+    p.add_argument(
+        "--refresh-sweep",
+        default="",
+        help="also: Whisper interims at these interim_refresh_s (comma list)",
+    )
     p.add_argument("--server-pid", type=int, help="tritonserver's pid, for CPU per audio s")
     p.add_argument("--json", type=Path, help="write the result here (and a .md beside it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    kw = dict(paced=not a.fast, limit=a.limit,
-              concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()),
-              modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
-              refresh_sweep=tuple(float(x) for x in a.refresh_sweep.split(",") if x.strip()))
+    kw = dict(
+        paced=not a.fast,
+        limit=a.limit,
+        concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()),
+        modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
+        refresh_sweep=tuple(float(x) for x in a.refresh_sweep.split(",") if x.strip()),
+    )
     unknown = set(kw["modes"]) - set(MODES)
     if unknown:
         p.error(f"unknown mode(s) {sorted(unknown)}")
     if a.start_server:
         from streamasr.server import ServerConfig, TritonServer, free_port
 
-        cfg = ServerConfig(http_port=free_port(), grpc_port=free_port(),
-                           metrics_port=free_port(),
-                           **({"model_repository": a.repository} if a.repository else {}))
+        cfg = ServerConfig(
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            **({"model_repository": a.repository} if a.repository else {}),
+        )
         server = TritonServer(cfg)
         server.start()
         try:
@@ -293,9 +332,11 @@ def main(argv=None) -> int:
         targets = two_pass_targets(res)
         if targets:
             md += ["", "| target | measured | met |", "|---|---|---|"]
-            md += [f"| {t['target']} | {t['measured']} | "
-                   f"{'yes' if t['met'] else ('**no**' if t['met'] is False else '–')} |"
-                   for t in targets]
+            md += [
+                f"| {t['target']} | {t['measured']} | "
+                f"{'yes' if t['met'] else ('**no**' if t['met'] is False else '–')} |"
+                for t in targets
+            ]
         a.json.with_suffix(".md").write_text("\n".join(md) + "\n")
     return 0
 

@@ -18,6 +18,7 @@ failed a legitimate client that sends a whole file at once in 10 ms chunks (2651
 requests rejected in tests/test_streaming.py), and a shared queue bound fails every
 stream's requests, not only the flooding one's.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ import time
 from collections import OrderedDict
 from typing import Hashable, Mapping
 
+from .protocol import CAPACITY_MARKER, is_capacity_refusal  # noqa: F401 (re-exported)
 from .state import StreamError
 
 #: Paced real-time streams the committed model repository (acoustic_model 2 instances x
@@ -51,8 +53,8 @@ ENV_LIMIT = "STREAMASR_MAX_ACTIVE_STREAMS"
 #: config.pbtxt parameter of the feature step: an integer, or "measured".
 CONFIG_KEY = "max_active_streams"
 MEASURED = "measured"
-#: Every refusal's message starts with this; clients match it to retry later.
-CAPACITY_MARKER = "server at capacity"
+#: Every refusal's message starts with CAPACITY_MARKER (streamasr.protocol: clients
+#: match it to retry later).
 #: How long a refused stream id is remembered (its END, if the client sends one to free
 #: Triton's sequence slot at once, is then answered as such, not as an unknown stream).
 REFUSED_MEMORY_S = 120.0
@@ -71,11 +73,6 @@ class RefusedStreamEnded(StreamError):
     Answered with an error (there is no result), but not counted as one."""
 
 
-def is_capacity_refusal(message: str | None) -> bool:
-    """True when a server error message is an admission refusal (retry later)."""
-    return bool(message) and CAPACITY_MARKER in message
-
-
 def parse_limit(value: str | int | None, where: str) -> int | None:
     """A configured limit: a non-negative integer (0: no limit, returned as None) or
     "measured" (``MEASURED_STREAMS_HELD``)."""
@@ -84,15 +81,17 @@ def parse_limit(value: str | int | None, where: str) -> int | None:
     try:
         n = int(str(value).strip())
     except ValueError:
-        raise ValueError(f"{where} must be a non-negative integer or {MEASURED!r}, "
-                         f"got {value!r}") from None
+        raise ValueError(
+            f"{where} must be a non-negative integer or {MEASURED!r}, got {value!r}"
+        ) from None
     if n < 0:
         raise ValueError(f"{where} must be a non-negative integer or {MEASURED!r}, got {n}")
     return n or None
 
 
-def configured_limit(config_value: str | None,
-                     environ: Mapping[str, str] | None = None) -> int | None:
+def configured_limit(
+    config_value: str | None, environ: Mapping[str, str] | None = None
+) -> int | None:
     """The limit in force: the environment first, then config.pbtxt, then the measured
     figure.  None: no limit."""
     env = os.environ if environ is None else environ
@@ -124,7 +123,8 @@ class Admission:
                 raise StreamRefused(
                     f"{CAPACITY_MARKER}: {open_streams} streams open, the limit is "
                     f"{self.limit}; stream {stream} was not started. Retry later (this is "
-                    f"not an error in the request), or use another endpoint instance")
+                    f"not an error in the request), or use another endpoint instance"
+                )
             self.admitted += 1
             self._refused_ids.pop(stream, None)
 
@@ -133,8 +133,9 @@ class Admission:
         self._refused_ids.pop(stream, None)
         self._refused_ids[stream] = now
         while self._refused_ids and (
-                len(self._refused_ids) > REFUSED_MEMORY_MAX
-                or now - next(iter(self._refused_ids.values())) > REFUSED_MEMORY_S):
+            len(self._refused_ids) > REFUSED_MEMORY_MAX
+            or now - next(iter(self._refused_ids.values())) > REFUSED_MEMORY_S
+        ):
             self._refused_ids.popitem(last=False)
 
     def check_refused(self, stream: Hashable, end: bool) -> None:
@@ -147,7 +148,8 @@ class Admission:
                 del self._refused_ids[stream]
         raise RefusedStreamEnded(
             f"stream {stream} was refused at START ({CAPACITY_MARKER}); there is nothing "
-            "to " + ("end" if end else "continue: start a new stream later"))
+            "to " + ("end" if end else "continue: start a new stream later")
+        )
 
     def snapshot(self) -> tuple[int, int]:
         with self._lock:

@@ -3,6 +3,7 @@
 Used to check the decoder's word timings against an alignment computed independently
 from the same logits, and available for offline word timing of a known transcript.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,12 +20,12 @@ def forced_align(log_probs: np.ndarray, tokens: list[int], blank: int) -> list[t
     ext_a = np.asarray(ext)
     S = len(ext)
     neg = -np.inf
-    emit = np.asarray(log_probs, np.float64)[:, ext_a]          # [T, S]
+    emit = np.asarray(log_probs, np.float64)[:, ext_a]  # [T, S]
     # A skip over a blank is allowed into a token that differs from the one before it.
     skip_ok = np.zeros(S, bool)
     skip_ok[2:] = (ext_a[2:] != blank) & (ext_a[2:] != ext_a[:-2])
     score = np.full(S, neg)
-    back = np.zeros((T, S), np.int8)                             # 0 stay, 1 step, 2 skip
+    back = np.zeros((T, S), np.int8)  # 0 stay, 1 step, 2 skip
     score[0] = emit[0, 0]
     if S > 1:
         score[1] = emit[0, 1]
@@ -48,29 +49,32 @@ def forced_align(log_probs: np.ndarray, tokens: list[int], blank: int) -> list[t
     spans: dict[int, list[int]] = {}
     for t, s in enumerate(path):
         if ext[s] != blank:
-            spans.setdefault(s // 2, []).append(t)   # token index = (s - 1) // 2
+            spans.setdefault(s // 2, []).append(t)  # token index = (s - 1) // 2
     return [(min(spans[k]), max(spans[k])) for k in sorted(spans)]
 
 
-def word_spans(log_probs: np.ndarray, text: str, vocabulary: tuple[str, ...],
-               blank: int) -> list[tuple[str, int, int]]:
+def word_spans(
+    log_probs: np.ndarray, text: str, vocabulary: tuple[str, ...], blank: int
+) -> list[tuple[str, int, int]]:
     """(word, first frame, last frame + 1) for a space-separated character transcript."""
-    return [(w, first, end) for w, first, end, _ in aligned_words(log_probs, text, vocabulary,
-                                                                  blank)]
+    return [
+        (w, first, end) for w, first, end, _ in aligned_words(log_probs, text, vocabulary, blank)
+    ]
 
 
-def aligned_words(log_probs: np.ndarray, text: str, vocabulary: tuple[str, ...],
-                  blank: int) -> list[tuple[str, int, int, float]]:
+def aligned_words(
+    log_probs: np.ndarray, text: str, vocabulary: tuple[str, ...], blank: int
+) -> list[tuple[str, int, int, float]]:
     """``word_spans`` plus each word's confidence: the mean over its characters of their
     peak posterior on the frames aligned to them."""
     index = {t: i for i, t in enumerate(vocabulary)}
     tokens = [index[ch] for ch in text]
     spans = forced_align(log_probs, tokens, blank)
-    peaks = [float(np.exp(log_probs[a:b + 1, tok].max())) for tok, (a, b) in zip(tokens, spans)]
+    peaks = [float(np.exp(log_probs[a : b + 1, tok].max())) for tok, (a, b) in zip(tokens, spans)]
     out, i = [], 0
     for word in text.split(" "):
         if word:
             first, last = spans[i][0], spans[i + len(word) - 1][1]
-            out.append((word, first, last + 1, sum(peaks[i:i + len(word)]) / len(word)))
+            out.append((word, first, last + 1, sum(peaks[i : i + len(word)]) / len(word)))
         i += len(word) + 1
     return out

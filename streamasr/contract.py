@@ -22,6 +22,7 @@ context is recomputed from features the feature step keeps.
 
     python -m streamasr.contract model_repository/acoustic_model/1/model.onnx
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,12 @@ class FeatureSpec:
     type: str = "log_mel"
     sample_rate: int = 16000
     n_fft: int = 400
-    hop_length: int = 160          # samples per feature frame (the frame shift)
+    hop_length: int = 160  # samples per feature frame (the frame shift)
     n_mels: int = 80
     fmin: float = 0.0
     fmax: float = 8000.0
-    log_floor: float = -7.5        # log10 power floor (a fixed stand-in for Whisper's max-8)
-    offset: float = 4.0            # x -> (x + offset) / scale, as Whisper normalises
+    log_floor: float = -7.5  # log10 power floor (a fixed stand-in for Whisper's max-8)
+    offset: float = 4.0  # x -> (x + offset) / scale, as Whisper normalises
     scale: float = 4.0
 
     @property
@@ -78,9 +79,11 @@ class FeatureSpec:
                 p.append(f"features.{name} must be a positive integer, got {v!r}")
         if not p and self.type == "waveform":
             if not self.n_fft == self.n_mels == self.hop_length:
-                p.append("waveform features need n_fft == n_mels == hop_length (a frame is "
-                         f"hop_length samples), got n_fft={self.n_fft} n_mels={self.n_mels} "
-                         f"hop_length={self.hop_length}")
+                p.append(
+                    "waveform features need n_fft == n_mels == hop_length (a frame is "
+                    f"hop_length samples), got n_fft={self.n_fft} n_mels={self.n_mels} "
+                    f"hop_length={self.hop_length}"
+                )
             return p
         if not p and self.hop_length > self.n_fft:
             p.append("features.hop_length must not exceed features.n_fft")
@@ -140,14 +143,20 @@ class ModelContract:
         self.validate()
         m = {
             "contract": CONTRACT_VERSION,
-            "name": self.name, "version": self.version, "license": self.license,
+            "name": self.name,
+            "version": self.version,
+            "license": self.license,
             "description": self.description,
             "features": json.dumps(asdict(self.features), sort_keys=True),
-            "chunk_frames": str(self.chunk_frames), "left_frames": str(self.left_frames),
-            "right_frames": str(self.right_frames), "subsampling": str(self.subsampling),
+            "chunk_frames": str(self.chunk_frames),
+            "left_frames": str(self.left_frames),
+            "right_frames": str(self.right_frames),
+            "subsampling": str(self.subsampling),
             "vocabulary": json.dumps(list(self.vocabulary), ensure_ascii=False),
-            "blank_id": str(self.blank_id), "word_boundary": self.word_boundary,
-            "input": self.input_name, "output": self.output_name,
+            "blank_id": str(self.blank_id),
+            "word_boundary": self.word_boundary,
+            "input": self.input_name,
+            "output": self.output_name,
         }
         m.update({k: str(v) for k, v in self.extra.items()})
         return {PREFIX + k: v for k, v in m.items()}
@@ -175,18 +184,21 @@ class ModelContract:
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "ModelContract":
         problems: list[str] = []
-        m = {k[len(PREFIX):]: v for k, v in meta.items() if k.startswith(PREFIX)}
+        m = {k[len(PREFIX) :]: v for k, v in meta.items() if k.startswith(PREFIX)}
         if not m:
-            raise ContractError("no streamasr.* metadata: this ONNX file is not a streamasr "
-                                "acoustic model (see `python -m streamasr.contract --help`)")
+            raise ContractError(
+                "no streamasr.* metadata: this ONNX file is not a streamasr "
+                "acoustic model (see `python -m streamasr.contract --help`)"
+            )
         if m.get("contract") != CONTRACT_VERSION:
-            problems.append(f"streamasr.contract must be {CONTRACT_VERSION!r}, "
-                            f"got {m.get('contract')!r}")
+            problems.append(
+                f"streamasr.contract must be {CONTRACT_VERSION!r}, got {m.get('contract')!r}"
+            )
 
         def integer(key: str, minimum: int) -> int:
             raw = m.get(key)
             try:
-                v = int(raw)
+                v = int(raw)  # type: ignore[arg-type]  # None and junk are reported below
             except (TypeError, ValueError):
                 problems.append(f"streamasr.{key} must be an integer, got {raw!r}")
                 return minimum
@@ -219,18 +231,38 @@ class ModelContract:
         if not (isinstance(vocab, list) and vocab and all(isinstance(t, str) for t in vocab)):
             problems.append("streamasr.vocabulary must be a non-empty JSON list of strings")
             vocab = ["<blank>"]
-        known = {"contract", "name", "version", "license", "description", "features",
-                 "chunk_frames", "left_frames", "right_frames", "subsampling", "vocabulary",
-                 "blank_id", "word_boundary", "input", "output"}
+        known = {
+            "contract",
+            "name",
+            "version",
+            "license",
+            "description",
+            "features",
+            "chunk_frames",
+            "left_frames",
+            "right_frames",
+            "subsampling",
+            "vocabulary",
+            "blank_id",
+            "word_boundary",
+            "input",
+            "output",
+        }
         c = ModelContract(
             features=features,
-            chunk_frames=integer("chunk_frames", 1), left_frames=integer("left_frames", 0),
-            right_frames=integer("right_frames", 0), subsampling=integer("subsampling", 1),
-            vocabulary=tuple(vocab), blank_id=integer("blank_id", 0),
+            chunk_frames=integer("chunk_frames", 1),
+            left_frames=integer("left_frames", 0),
+            right_frames=integer("right_frames", 0),
+            subsampling=integer("subsampling", 1),
+            vocabulary=tuple(vocab),
+            blank_id=integer("blank_id", 0),
             word_boundary=m.get("word_boundary", "space"),
-            input_name=m.get("input", "features"), output_name=m.get("output", "log_probs"),
-            name=m.get("name", "unnamed"), version=m.get("version", "0"),
-            license=m.get("license", "unknown"), description=m.get("description", ""),
+            input_name=m.get("input", "features"),
+            output_name=m.get("output", "log_probs"),
+            name=m.get("name", "unnamed"),
+            version=m.get("version", "0"),
+            license=m.get("license", "unknown"),
+            description=m.get("description", ""),
             extra={k: v for k, v in m.items() if k not in known},
         )
         problems += c.problems()
@@ -263,16 +295,21 @@ class ModelContract:
         if self.subsampling < 1:
             p.append("subsampling must be >= 1")
         elif self.chunk_frames % self.subsampling:
-            p.append(f"chunk_frames ({self.chunk_frames}) must be a multiple of "
-                     f"subsampling ({self.subsampling})")
+            p.append(
+                f"chunk_frames ({self.chunk_frames}) must be a multiple of "
+                f"subsampling ({self.subsampling})"
+            )
         elif self.left_frames % self.subsampling:
-            p.append(f"left_frames ({self.left_frames}) must be a multiple of "
-                     f"subsampling ({self.subsampling})")
+            p.append(
+                f"left_frames ({self.left_frames}) must be a multiple of "
+                f"subsampling ({self.subsampling})"
+            )
         if self.left_frames < 0 or self.right_frames < 0:
             p.append("left_frames and right_frames must be >= 0")
         if not 0 <= self.blank_id < len(self.vocabulary):
-            p.append(f"blank_id {self.blank_id} is outside the vocabulary "
-                     f"(size {len(self.vocabulary)})")
+            p.append(
+                f"blank_id {self.blank_id} is outside the vocabulary (size {len(self.vocabulary)})"
+            )
         if self.word_boundary not in WORD_BOUNDARIES:
             p.append(f"word_boundary {self.word_boundary!r} is not one of {WORD_BOUNDARIES}")
         elif self.word_boundary == "space" and " " not in self.vocabulary:
@@ -308,18 +345,20 @@ def check_onnx_io(path: str | Path, contract: ModelContract) -> list[str]:
     else:
         shape = outs[contract.output_name].shape
         want = [None, contract.output_frames, len(contract.vocabulary)]
-        if len(shape) != 3 or any(isinstance(s, int) and isinstance(w, int) and s != w
-                                  for s, w in zip(shape, want)):
+        if len(shape) != 3 or any(
+            isinstance(s, int) and isinstance(w, int) and s != w for s, w in zip(shape, want)
+        ):
             problems.append(f"output shape {shape} does not match [B, {want[1]}, {want[2]}]")
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    p = argparse.ArgumentParser(prog="python -m streamasr.contract",
-                                description="Validate an acoustic model against the contract.",
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import argument_parser
+
+    p = argument_parser(
+        "python -m streamasr.contract", __doc__, "Validate an acoustic model against the contract."
+    )
     p.add_argument("model", type=Path, help="ONNX file")
     a = p.parse_args(argv)
     try:
@@ -331,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     if io_problems:
         print(f"INVALID: {a.model}:\n  - " + "\n  - ".join(io_problems), file=sys.stderr)
         return 1
-    print(f"OK: {c.name} {c.version} ({c.license}); {c.sample_rate} Hz, "
-          f"chunk {c.chunk_seconds * 1000:.0f} ms, left {c.left_frames} / right "
-          f"{c.right_frames} frames, subsampling {c.subsampling}, vocabulary "
-          f"{len(c.vocabulary)}")
+    print(
+        f"OK: {c.name} {c.version} ({c.license}); {c.sample_rate} Hz, "
+        f"chunk {c.chunk_seconds * 1000:.0f} ms, left {c.left_frames} / right "
+        f"{c.right_frames} frames, subsampling {c.subsampling}, vocabulary "
+        f"{len(c.vocabulary)}"
+    )
     return 0
 
 

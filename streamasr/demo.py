@@ -5,6 +5,7 @@ Interims come from the streaming CTC model (--whisper-interims: re-decoded by Wh
 too, stable words shown plain, the tail in [brackets]); finals are re-decoded by Whisper
 (two-pass, model streaming_asr_two_pass) unless --one-pass, and show how long after their
 audio they arrived."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m streamasr.demo", description=__doc__)
     p.add_argument("--audio", type=Path, default=DEMO_AUDIO)
     p.add_argument("--fast", action="store_true", help="do not pace at real time")
-    p.add_argument("--one-pass", action="store_true",
-                   help="finals from the streaming CTC model too (model streaming_asr)")
-    p.add_argument("--whisper-interims", action="store_true",
-                   help="interims re-decoded by Whisper too (stream option interims=whisper)")
+    p.add_argument(
+        "--one-pass",
+        action="store_true",
+        help="finals from the streaming CTC model too (model streaming_asr)",
+    )
+    p.add_argument(
+        "--whisper-interims",
+        action="store_true",
+        help="interims re-decoded by Whisper too (stream option interims=whisper)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from streamasr_client import transcribe
@@ -40,13 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         reference = DEMO_AUDIO.with_suffix(".txt")
-        print(f"Streaming {a.audio.name}"
-              + ("" if a.fast else " in real time") + ": interims as '…', finals with times"
-              + ("" if a.one_pass else " (finals re-decoded by Whisper)") + "\n", flush=True)
-        code = transcribe.main([str(a.audio), "--url", server.grpc_url]
-                               + ([] if a.fast else ["--realtime"])
-                               + ([] if a.one_pass else ["--two-pass"])
-                               + (["--whisper-interims"] if a.whisper_interims else []))
+        print(
+            f"Streaming {a.audio.name}"
+            + ("" if a.fast else " in real time")
+            + ": interims as '…', finals with times"
+            + ("" if a.one_pass else " (finals re-decoded by Whisper)")
+            + "\n",
+            flush=True,
+        )
+        code = transcribe.main(
+            [str(a.audio), "--url", server.grpc_url]
+            + ([] if a.fast else ["--realtime"])
+            + ([] if a.one_pass else ["--two-pass"])
+            + (["--whisper-interims"] if a.whisper_interims else [])
+        )
         if a.audio == DEMO_AUDIO and reference.exists():
             print("\nReference:\n" + reference.read_text().strip())
         return code

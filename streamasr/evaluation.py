@@ -5,6 +5,7 @@
     items = load_eval_set()                       # [EvalItem(name, audio_path, reference)]
     print(wer_cer([i.reference for i in items], hypotheses))
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,10 @@ from pathlib import Path
 EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
 REFERENCES = "references.tsv"
 
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -50,8 +53,11 @@ def number_words(n: int) -> str:
         return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + number_words(rest))
     if n < 1_000_000:
         rest = n % 1000
-        return number_words(n // 1000) + " thousand" + (
-            "" if rest == 0 else (" and " if rest < 100 else " ") + number_words(rest))
+        return (
+            number_words(n // 1000)
+            + " thousand"
+            + ("" if rest == 0 else (" and " if rest < 100 else " ") + number_words(rest))
+        )
     return " ".join(_ONES[int(d)] for d in str(n))
 
 
@@ -74,6 +80,68 @@ def wer_cer(references: list[str], hypotheses: list[str]) -> dict[str, float]:
     # jiwer refuses empty references; none of ours is empty, an empty hypothesis is fine.
     words = jiwer.process_words(refs, hyps)
     chars = jiwer.process_characters(refs, hyps)
-    return {"wer": words.wer, "cer": chars.cer, "words": sum(len(r.split()) for r in refs),
-            "substitutions": words.substitutions, "deletions": words.deletions,
-            "insertions": words.insertions}
+    return {
+        "wer": words.wer,
+        "cer": chars.cer,
+        "words": sum(len(r.split()) for r in refs),
+        "substitutions": words.substitutions,
+        "deletions": words.deletions,
+        "insertions": words.insertions,
+    }
+
+
+def caption_quality(clips: list[list[tuple[float, dict]]], references: list[str]) -> dict:
+    """What a caption reader sees, from each clip's result messages with the time each was
+    shown (``(t, message)``, in order; the caller says what the times mean):
+
+    * ``interim_words_shown`` / ``interim_words_changed``: words shown in interims, and
+      the share that differ from the final word at the same position of the same
+      utterance;
+    * ``first_correct_delays``: for each final word that matches the reference, the time
+      from the word's end to the first message showing it at its position;
+    * ``last_interims``: per clip, each utterance's last interim before its final, joined
+      (what a reader sees just before the finals land).
+    """
+    import jiwer
+
+    def words(m: dict) -> list[dict]:
+        return m["channel"]["alternatives"][0]["words"]
+
+    shown = changed = 0
+    delays: list[float] = []
+    last_interims = []
+    for events, ref in zip(clips, references):
+        results = [(t, m) for t, m in events if m.get("type") == "Results"]
+        finals = {m["start"]: words(m) for _, m in results if m["is_final"]}
+        last: dict[float, str] = {}
+        for _, m in results:
+            if m["is_final"]:
+                continue
+            last[m["start"]] = m["channel"]["alternatives"][0]["transcript"]
+            fw = finals.get(m["start"], [])
+            for k, w in enumerate(words(m)):
+                shown += 1
+                changed += k >= len(fw) or fw[k]["word"] != w["word"]
+        last_interims.append(" ".join(last[u] for u in sorted(last) if last[u]))
+        final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
+        hyp = " ".join(w["word"] for _, _, w in final_words)
+        if not hyp:
+            continue
+        correct: set[int] = set()
+        for part in jiwer.process_words(normalize(ref), hyp).alignments[0]:
+            if part.type == "equal":
+                correct.update(range(part.hyp_start_idx, part.hyp_end_idx))
+        for idx, (u, k, w) in enumerate(final_words):
+            if idx in correct:
+                first = next(
+                    t
+                    for t, m in results
+                    if m["start"] == u and len(words(m)) > k and words(m)[k]["word"] == w["word"]
+                )
+                delays.append(first - w["end"])
+    return {
+        "interim_words_shown": shown,
+        "interim_words_changed": changed / max(shown, 1),
+        "first_correct_delays": delays,
+        "last_interims": last_interims,
+    }

@@ -9,6 +9,7 @@ with the features of digital silence.  ``FeatureStream`` chains the two; the who
 path runs the same object over the whole array, which is what makes streamed and offline
 results identical.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,7 @@ import numpy as np
 from .contract import FeatureSpec, ModelContract
 
 
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
+def _hz_to_mel(f: float | np.ndarray) -> np.ndarray:
     """Slaney mel scale (linear below 1 kHz, logarithmic above), as librosa's default."""
     f = np.asarray(f, dtype=np.float64)
     f_sp = 200.0 / 3
@@ -28,8 +29,9 @@ def _hz_to_mel(f: np.ndarray) -> np.ndarray:
     min_log_hz = 1000.0
     min_log_mel = min_log_hz / f_sp
     logstep = math.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz)
-                    / logstep, mels)
+    return np.where(
+        f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels
+    )
 
 
 def _mel_to_hz(m: np.ndarray) -> np.ndarray:
@@ -42,7 +44,9 @@ def _mel_to_hz(m: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float
+) -> np.ndarray:
     """[n_mels, n_fft//2+1] triangular filters, Slaney-normalised (librosa/Whisper)."""
     fft_freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
     mel_pts = _mel_to_hz(np.linspace(_hz_to_mel(fmin), _hz_to_mel(fmax), n_mels + 2))
@@ -51,7 +55,7 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax:
     lower = -ramps[:-2] / fdiff[:-1, None]
     upper = ramps[2:] / fdiff[1:, None]
     weights = np.maximum(0, np.minimum(lower, upper))
-    weights *= (2.0 / (mel_pts[2:n_mels + 2] - mel_pts[:n_mels]))[:, None]
+    weights *= (2.0 / (mel_pts[2 : n_mels + 2] - mel_pts[:n_mels]))[:, None]
     return weights
 
 
@@ -75,7 +79,7 @@ def log_mel_frames(frames: np.ndarray, spec: FeatureSpec) -> np.ndarray:
 
 def frame_features(frames: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     """[N, n_fft] float64 audio frames -> [N, n_mels] float32 features of ``spec.type``."""
-    if spec.type == "waveform":       # n_fft == n_mels == hop: the samples themselves
+    if spec.type == "waveform":  # n_fft == n_mels == hop: the samples themselves
         return np.asarray(frames, dtype=np.float32).reshape(len(frames), spec.n_mels)
     return log_mel_frames(frames, spec)
 
@@ -90,7 +94,7 @@ class StreamingFeatures:
 
     def __init__(self, spec: FeatureSpec):
         self.spec = spec
-        self._buf = np.zeros(0, dtype=np.float64)   # samples not yet fully framed
+        self._buf = np.zeros(0, dtype=np.float64)  # samples not yet fully framed
         self.samples_seen = 0
         self.frames_emitted = 0
         self.flushed = False
@@ -110,7 +114,7 @@ class StreamingFeatures:
         n = 1 + (len(self._buf) - n_fft) // hop
         idx = np.arange(n)[:, None] * hop + np.arange(n_fft)[None, :]
         frames = frame_features(self._buf[idx], self.spec)
-        self._buf = self._buf[n * hop:]
+        self._buf = self._buf[n * hop :]
         self.frames_emitted += n
         return frames
 
@@ -139,7 +143,7 @@ class Windows:
 
     features: np.ndarray
     valid_outputs: np.ndarray
-    first_output_frame: int   # stream index of the first output frame of window 0
+    first_output_frame: int  # stream index of the first output frame of window 0
 
     @property
     def count(self) -> int:
@@ -167,12 +171,12 @@ class WindowAssembler:
         self._silence = silence_frame(contract.features)
         # Frames from (next chunk start - left) onwards; starts as left-context padding.
         self._frames = np.tile(self._silence, (contract.left_frames, 1)).astype(np.float32)
-        self.next_chunk = 0          # index of the next chunk to emit
-        self.total_frames = 0        # real frames seen so far
+        self.next_chunk = 0  # index of the next chunk to emit
+        self.total_frames = 0  # real frames seen so far
         self.finished = False
 
     def _window_at(self, start: int) -> np.ndarray:
-        return self._frames[start:start + self.c.window_frames]
+        return self._frames[start : start + self.c.window_frames]
 
     def accept(self, frames: np.ndarray) -> Windows:
         if self.finished:
@@ -195,7 +199,7 @@ class WindowAssembler:
         out, valid = [], []
         first = self.next_chunk * c.output_frames
         while True:
-            chunk_start = self.next_chunk * c.chunk_frames   # stream frame index
+            chunk_start = self.next_chunk * c.chunk_frames  # stream frame index
             if final:
                 if chunk_start >= self.total_frames:
                     break
@@ -208,10 +212,11 @@ class WindowAssembler:
             out.append(self._window_at(0).copy())
             real = min(c.chunk_frames, self.total_frames - chunk_start)
             valid.append(-(-real // c.subsampling))
-            self._frames = self._frames[c.chunk_frames:]
+            self._frames = self._frames[c.chunk_frames :]
             self.next_chunk += 1
-        feats = np.stack(out) if out else np.zeros((0, c.window_frames, c.features.n_mels),
-                                                    np.float32)
+        feats = (
+            np.stack(out) if out else np.zeros((0, c.window_frames, c.features.n_mels), np.float32)
+        )
         return Windows(feats, np.asarray(valid, dtype=np.int64), first)
 
 
@@ -244,5 +249,8 @@ def whole_file_windows(contract: ModelContract, audio: np.ndarray) -> Windows:
     fs = FeatureStream(contract)
     a = fs.accept(audio)
     b = fs.finish()
-    return Windows(np.concatenate([a.features, b.features]),
-                   np.concatenate([a.valid_outputs, b.valid_outputs]), 0)
+    return Windows(
+        np.concatenate([a.features, b.features]),
+        np.concatenate([a.valid_outputs, b.valid_outputs]),
+        0,
+    )

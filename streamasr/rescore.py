@@ -16,6 +16,7 @@ encoder call and one decoder loop.  An output that looks degenerate (:func:`dege
 is decoded again padded to 30 s, the way Whisper was trained.  Callers refuse utterances
 over 30 s (``streamasr.two_pass.MAX_UTTERANCE_SECONDS``).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -60,8 +61,10 @@ class EncoderWindow:
             if not 0 <= v <= WINDOW_FRAMES:
                 raise ValueError(f"{name} must be in [0, {WINDOW_FRAMES}], got {v}")
         if self.bucket_frames < 2 or self.bucket_frames % 2:
-            raise ValueError(f"bucket_frames must be even and >= 2 (the encoder halves "
-                             f"time), got {self.bucket_frames}")
+            raise ValueError(
+                f"bucket_frames must be even and >= 2 (the encoder halves "
+                f"time), got {self.bucket_frames}"
+            )
 
     @classmethod
     def whole(cls) -> "EncoderWindow":
@@ -133,13 +136,19 @@ class WhisperTokens:
 @dataclass
 class Decoded:
     text: str
-    window_frames: int          # what the encoder saw
+    window_frames: int  # what the encoder saw
     fallback: str | None = None  # why the 30 s decode replaced the short one
 
 
 class WhisperRescorer:
-    def __init__(self, directory: str | Path, threads: int = 1, gpu: bool = False,
-                 window: EncoderWindow | None = None, max_batch: int = 8):
+    def __init__(
+        self,
+        directory: str | Path,
+        threads: int = 1,
+        gpu: bool = False,
+        window: EncoderWindow | None = None,
+        max_batch: int = 8,
+    ):
         import onnxruntime as ort
 
         d = Path(directory)
@@ -159,8 +168,7 @@ class WhisperRescorer:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
 
-    def greedy_batch(self, mels: np.ndarray, budgets: list[int]
-                     ) -> list[tuple[list[int], bool]]:
+    def greedy_batch(self, mels: np.ndarray, budgets: list[int]) -> list[tuple[list[int], bool]]:
         """mels [B, frames, 80] (one padded length) -> per row (token ids, stopped at EOT),
         English, no timestamps.  Rows are independent: a row decodes to the same tokens
         alone or in a batch (tests/test_two_pass_batch.py)."""
@@ -172,10 +180,11 @@ class WhisperRescorer:
         done = np.zeros(B, bool)
         stopped = np.zeros(B, bool)
         for step in range(max(budgets)):
-            logits, pk, pv = self.dec.run(None, {"tokens": toks, "cross_k": ck, "cross_v": cv,
-                                                 "past_k": pk, "past_v": pv})
+            logits, pk, pv = self.dec.run(
+                None, {"tokens": toks, "cross_k": ck, "cross_v": cv, "past_k": pk, "past_v": pv}
+            )
             logits[:, self.suppress] = -np.inf
-            logits[:, TIMESTAMP_BEGIN - 1:] = -np.inf
+            logits[:, TIMESTAMP_BEGIN - 1 :] = -np.inf
             if step == 0:
                 logits[:, self.suppress_begin] = -np.inf
             nxt = logits.argmax(axis=1)
@@ -185,7 +194,7 @@ class WhisperRescorer:
                 if nxt[b] == EOT:
                     done[b] = stopped[b] = True
                 elif len(out[b]) >= budgets[b]:
-                    done[b] = True      # out of budget: not stopped at EOT
+                    done[b] = True  # out of budget: not stopped at EOT
                 else:
                     out[b].append(int(nxt[b]))
             if done.all():
@@ -197,37 +206,43 @@ class WhisperRescorer:
         """mel [frames, 80] -> token ids (English, no timestamps)."""
         return self.greedy_batch(mel[None], [max_tokens])[0][0]
 
-    def _decode_group(self, feats: list[np.ndarray], frames: int, silence: np.ndarray
-                      ) -> list[tuple[str, list[int], bool]]:
+    def _decode_group(
+        self, feats: list[np.ndarray], frames: int, silence: np.ndarray
+    ) -> list[tuple[str, list[int], bool]]:
         out = []
         for s in range(0, len(feats), self.max_batch):
-            part = feats[s:s + self.max_batch]
-            mels = np.stack([np.concatenate([f[:frames], np.tile(silence, (frames - len(f), 1))])
-                             for f in part])
-            budgets = [token_budget(len(f)) if frames < WINDOW_FRAMES else MAX_TOKENS
-                       for f in part]
+            part = feats[s : s + self.max_batch]
+            mels = np.stack(
+                [np.concatenate([f[:frames], np.tile(silence, (frames - len(f), 1))]) for f in part]
+            )
+            budgets = [token_budget(len(f)) if frames < WINDOW_FRAMES else MAX_TOKENS for f in part]
             for toks, stopped in self.greedy_batch(mels, budgets):
                 out.append((self.tokens.decode(toks).strip(), toks, stopped))
         return out
 
-    def transcribe_many(self, features: list[np.ndarray], silence: np.ndarray
-                        ) -> list[Decoded]:
+    def transcribe_many(self, features: list[np.ndarray], silence: np.ndarray) -> list[Decoded]:
         """features: utterances [T_i <= 3000, 80] (streamasr log-mel), silence [80] (the
         feature vector of digital silence, ``streamasr.features.silence_frame``)."""
         for f in features:
             if len(f) > WINDOW_FRAMES:
-                raise ValueError(f"an utterance of {len(f)} frames is over Whisper's "
-                                 f"{WINDOW_FRAMES}-frame window")
+                raise ValueError(
+                    f"an utterance of {len(f)} frames is over Whisper's "
+                    f"{WINDOW_FRAMES}-frame window"
+                )
         results: list[Decoded | None] = [None] * len(features)
         groups: dict[int, list[int]] = {}
         for i, f in enumerate(features):
             groups.setdefault(self.window.frames_for(len(f)), []).append(i)
         retry = []
         for frames, idx in sorted(groups.items()):
-            for i, (text, toks, stopped) in zip(idx, self._decode_group(
-                    [features[i] for i in idx], frames, silence)):
-                why = (degenerate(toks, text, len(features[i]), stopped)
-                       if frames < WINDOW_FRAMES else None)
+            for i, (text, toks, stopped) in zip(
+                idx, self._decode_group([features[i] for i in idx], frames, silence)
+            ):
+                why = (
+                    degenerate(toks, text, len(features[i]), stopped)
+                    if frames < WINDOW_FRAMES
+                    else None
+                )
                 if why is None:
                     results[i] = Decoded(text, frames)
                 else:

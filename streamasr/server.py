@@ -8,6 +8,7 @@ library path, polls readiness, and stops it.
 
     python -m streamasr.server --model-repository model_repository
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+from .cli import argument_parser
 
 log = logging.getLogger("streamasr.server")
 
@@ -115,8 +119,11 @@ class TritonHome:
 
 def _copy(src: Path, dst: Path) -> None:
     """Copy unless dst already holds the same bytes (keeps re-preparing cheap)."""
-    if dst.exists() and dst.stat().st_size == src.stat().st_size \
-            and dst.read_bytes() == src.read_bytes():
+    if (
+        dst.exists()
+        and dst.stat().st_size == src.stat().st_size
+        and dst.read_bytes() == src.read_bytes()
+    ):
         return
     shutil.copy2(src, dst)
 
@@ -151,8 +158,9 @@ class ServerConfig:
 class TritonServer:
     """A tritonserver child process; use as a context manager."""
 
-    def __init__(self, config: ServerConfig, log_path: Path | None = None,
-                 forward_logs: bool = False):
+    def __init__(
+        self, config: ServerConfig, log_path: Path | None = None, forward_logs: bool = False
+    ):
         """forward_logs: also copy Triton's log lines to our stderr as they come."""
         self.config = config
         self.forward_logs = forward_logs
@@ -165,7 +173,7 @@ class TritonServer:
         self.home = TritonHome(Path(home_root)).prepare()
         self.log_path = log_path or (self.home.root / "tritonserver.log")
         self.proc: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     # -- command line -------------------------------------------------------
     def command(self) -> list[str]:
@@ -175,10 +183,12 @@ class TritonServer:
         """Binary and backend location: what differs between the PyPI wheel used here and
         an installed Triton (the SageMaker image overrides this)."""
         server_dir, _ = _pytriton_dirs()
-        return [str(server_dir / "bin" / "tritonserver"),
-                f"--backend-directory={self.home.backend_dir}",
-                f"--cache-directory={self.home.root / 'cache'}",
-                "--allow-gpu-metrics=false"]
+        return [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--backend-directory={self.home.backend_dir}",
+            f"--cache-directory={self.home.root / 'cache'}",
+            "--allow-gpu-metrics=false",
+        ]
 
     def common_args(self) -> list[str]:
         c = self.config
@@ -187,9 +197,12 @@ class TritonServer:
             "--model-control-mode=explicit",
             "--load-model=*",
             "--allow-metrics=true",
-            f"--http-address={c.host}", f"--http-port={c.http_port}",
-            f"--grpc-address={c.host}", f"--grpc-port={c.grpc_port}",
-            f"--metrics-address={c.host}", f"--metrics-port={c.metrics_port}",
+            f"--http-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-address={c.host}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-address={c.host}",
+            f"--metrics-port={c.metrics_port}",
             f"--log-verbose={c.log_verbose}",
             f"--exit-timeout-secs={c.exit_timeout_s}",
             # The python backend names its shared-memory regions by this prefix; keep
@@ -200,8 +213,11 @@ class TritonServer:
         if c.grpc_cert or c.grpc_key:
             if not (c.grpc_cert and c.grpc_key):
                 raise ServerError("gRPC TLS needs both a certificate and a key")
-            cmd += ["--grpc-use-ssl=true",
-                    f"--grpc-server-cert={c.grpc_cert}", f"--grpc-server-key={c.grpc_key}"]
+            cmd += [
+                "--grpc-use-ssl=true",
+                f"--grpc-server-cert={c.grpc_cert}",
+                f"--grpc-server-key={c.grpc_key}",
+            ]
         return cmd + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:
@@ -213,38 +229,48 @@ class TritonServer:
         # The stub must load the same libpython as this interpreter, and find `python3`
         # of this environment so that models import from its site-packages.
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+            p for p in (str(libs), libdir, env.get("LD_LIBRARY_PATH", "")) if p
+        )
         env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
         env.update(self.config.env)
         return env
 
     # -- lifecycle ----------------------------------------------------------
     @property
     def http_url(self) -> str:
-        return f"{self.config.host}:{self.config.http_port}"
+        """host:port of Triton's HTTP endpoint (health and repository APIs)."""
+        cfg = self.config
+        return f"{cfg.host}:{cfg.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.config.host}:{self.config.grpc_port}"
+        """host:port of Triton's gRPC endpoint, for AsrConnection."""
+        cfg = self.config
+        return f"{cfg.host}:{cfg.grpc_port}"
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         self._log_file = open(self.log_path, "ab")
         log.info("starting tritonserver (log: %s)", self.log_path)
         self.proc = subprocess.Popen(
-            self.command(), env=self.environment(),
+            self.command(),
+            env=self.environment(),
             stdout=subprocess.PIPE if self.forward_logs else self._log_file,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         if self.forward_logs:
-            self._forwarder = threading.Thread(target=self._forward, name="triton-log",
-                                               daemon=True)
+            self._forwarder = threading.Thread(target=self._forward, name="triton-log", daemon=True)
             self._forwarder.start()
         self.wait_ready(timeout_s)
         return self
 
     def _forward(self) -> None:
         """Tee the server's output into the log file and our stderr."""
+        assert self.proc is not None and self.proc.stdout is not None
+        assert self._log_file is not None
         for line in iter(self.proc.stdout.readline, b""):
             self._log_file.write(line)
             self._log_file.flush()
@@ -259,7 +285,8 @@ class TritonServer:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerError(
                     f"tritonserver exited with code {self.proc.returncode} before it was ready\n"
-                    + self.log_tail())
+                    + self.log_tail()
+                )
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
@@ -291,9 +318,11 @@ class TritonServer:
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                log.warning("tritonserver still running %.0f s after SIGTERM (a client "
-                            "holding a stream open keeps it from exiting); killing it",
-                            timeout_s)
+                log.warning(
+                    "tritonserver still running %.0f s after SIGTERM (a client "
+                    "holding a stream open keeps it from exiting); killing it",
+                    timeout_s,
+                )
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         # Python backend stubs are in the server's process group; one still finalizing
@@ -326,9 +355,11 @@ class TritonServer:
         then fail with "Stub process ... is not healthy"), so the launcher watches them."""
         if self.proc is None:
             return {}
-        return {pid: Path(argv[1]).parent.parent.name
-                for pid, argv in child_processes(self.proc.pid).items()
-                if len(argv) > 1 and argv[0].endswith("triton_python_backend_stub")}
+        return {
+            pid: Path(argv[1]).parent.parent.name
+            for pid, argv in child_processes(self.proc.pid).items()
+            if len(argv) > 1 and argv[0].endswith("triton_python_backend_stub")
+        }
 
     def unready_models(self, models: list[str]) -> list[str]:
         """Those of ``models`` whose ``/v2/models/<m>/ready`` does not answer 200."""
@@ -336,7 +367,8 @@ class TritonServer:
         for m in models:
             try:
                 with urllib.request.urlopen(
-                        f"http://{self.http_url}/v2/models/{m}/ready", timeout=5) as r:
+                    f"http://{self.http_url}/v2/models/{m}/ready", timeout=5
+                ) as r:
                     if r.status != 200:
                         bad.append(m)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -350,8 +382,13 @@ class TritonServer:
         self.stop()
 
 
-def _health_problem(server: TritonServer, models: list[str], stubs: dict[int, str],
-                    strikes: dict[str, int], polls: int) -> str | None:
+def _health_problem(
+    server: TritonServer,
+    models: list[str],
+    stubs: dict[int, str],
+    strikes: dict[str, int],
+    polls: int,
+) -> str | None:
     """One health poll: what is wrong, or None.  A python stub that died is fatal at
     once (Triton neither restarts it nor marks its model unready); a model that reports
     not ready is fatal after ``polls`` polls in a row."""
@@ -373,28 +410,42 @@ def _health_problem(server: TritonServer, models: list[str], stubs: dict[int, st
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m streamasr.server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.server", __doc__)
     p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     p.add_argument("--host", default=LOOPBACK, help="address for all endpoints (default loopback)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--home", type=Path, default=None,
-                   help="folder for the prepared backend directory (default: a temporary one)")
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="folder for the prepared backend directory (default: a temporary one)",
+    )
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--grpc-cert", type=Path, default=None)
     p.add_argument("--grpc-key", type=Path, default=None)
     p.add_argument("--startup-timeout", type=float, default=120.0)
-    p.add_argument("--quiet", action="store_true",
-                   help="do not copy Triton's log to stderr (it is still written to a file)")
-    p.add_argument("--health-interval", type=float, default=5.0,
-                   help="seconds between readiness polls of every model; a model that "
-                        "stays unready for --unready-polls polls stops the server with "
-                        "exit status 3 (0: no polling)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not copy Triton's log to stderr (it is still written to a file)",
+    )
+    p.add_argument(
+        "--health-interval",
+        type=float,
+        default=5.0,
+        help="seconds between readiness polls of every model; a model that "
+        "stays unready for --unready-polls polls stops the server with "
+        "exit status 3 (0: no polling)",
+    )
     p.add_argument("--unready-polls", type=int, default=2)
-    p.add_argument("--malloc-arena-max", type=int, default=2,
-                   help="MALLOC_ARENA_MAX for tritonserver and its stubs (0: glibc default)")
+    p.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=2,
+        help="MALLOC_ARENA_MAX for tritonserver and its stubs (0: glibc default)",
+    )
     p.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
     return p.parse_args(argv)
 
@@ -402,11 +453,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     a = parse_args(argv)
-    cfg = ServerConfig(model_repository=a.model_repository, host=a.host, http_port=a.http_port,
-                       grpc_port=a.grpc_port, metrics_port=a.metrics_port, home=a.home,
-                       log_verbose=a.log_verbose, extra_args=a.extra,
-                       grpc_cert=a.grpc_cert, grpc_key=a.grpc_key,
-                       malloc_arena_max=a.malloc_arena_max or None)
+    cfg = ServerConfig(
+        model_repository=a.model_repository,
+        host=a.host,
+        http_port=a.http_port,
+        grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port,
+        home=a.home,
+        log_verbose=a.log_verbose,
+        extra_args=a.extra,
+        grpc_cert=a.grpc_cert,
+        grpc_key=a.grpc_key,
+        malloc_arena_max=a.malloc_arena_max or None,
+    )
     server = TritonServer(cfg, log_path=None, forward_logs=not a.quiet)
     stop = {"signal": None}
 
@@ -425,24 +484,35 @@ def main(argv: list[str] | None = None) -> int:
     watching = a.health_interval > 0
     models = server.ready_models() if watching else []
     stubs = server.python_stubs() if watching else {}
-    log.info("watching %d models and %d python stubs every %.1f s", len(models),
-             len(stubs), a.health_interval)
+    log.info(
+        "watching %d models and %d python stubs every %.1f s",
+        len(models),
+        len(stubs),
+        a.health_interval,
+    )
     next_poll = time.monotonic() + a.health_interval
     strikes: dict[str, int] = {}
-    while stop["signal"] is None and server.proc.poll() is None:
+    proc = server.proc
+    assert proc is not None  # started above
+    while stop["signal"] is None and proc.poll() is None:
         time.sleep(0.2)
         if not watching or time.monotonic() < next_poll:
             continue
         next_poll = time.monotonic() + a.health_interval
         problem = _health_problem(server, models, stubs, strikes, a.unready_polls)
         if problem:
-            log.error("UNHEALTHY: %s; stopping tritonserver (exit status 3) so that a "
-                      "supervisor restarts it\n%s", problem, server.log_tail(30))
+            log.error(
+                "UNHEALTHY: %s; stopping tritonserver (exit status 3) so that a "
+                "supervisor restarts it\n%s",
+                problem,
+                server.log_tail(30),
+            )
             server.stop(timeout_s=10)
             return 3
-    if server.proc.poll() is not None:
-        log.error("tritonserver exited on its own with code %s\n%s",
-                  server.proc.returncode, server.log_tail())
+    if proc.poll() is not None:
+        log.error(
+            "tritonserver exited on its own with code %s\n%s", proc.returncode, server.log_tail()
+        )
         server.stop()
         return 1
     log.info("stopping tritonserver")

@@ -6,6 +6,7 @@ sweeps entries idle longer than its TTL on every call that touches it (amortised
 entries are kept in last-use order), and ``Sweeper`` sweeps on a timer so that an idle
 server also lets go.  All methods are thread-safe.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,15 +22,19 @@ class StreamError(Exception):
 
 
 class StreamStore(Generic[T]):
-    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic,
-                 max_streams: int | None = None):
+    def __init__(
+        self,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_streams: int | None = None,
+    ):
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {ttl_s}")
         self.ttl_s = ttl_s
         self.clock = clock
         self.max_streams = max_streams
         self._items: "OrderedDict[Hashable, tuple[float, T]]" = OrderedDict()
-        self.reclaimed = 0       # streams swept after going idle (never saw END)
+        self.reclaimed = 0  # streams swept after going idle (never saw END)
         self.expired: "OrderedDict[Hashable, float]" = OrderedDict()  # recently swept ids
         self.lock = threading.RLock()
 
@@ -72,8 +77,11 @@ class StreamStore(Generic[T]):
 
     def _create(self, key: Hashable, value: T) -> T:
         self._sweep()
-        if key not in self._items and self.max_streams is not None \
-                and len(self._items) >= self.max_streams:
+        if (
+            key not in self._items
+            and self.max_streams is not None
+            and len(self._items) >= self.max_streams
+        ):
             raise StreamError(f"too many open streams (limit {self.max_streams})")
         self._items.pop(key, None)
         self.expired.pop(key, None)
@@ -91,10 +99,13 @@ class StreamStore(Generic[T]):
             _, value = self._items.pop(key)
         except KeyError:
             if key in self.expired:
-                raise StreamError(f"stream {key} expired: idle longer than {self.ttl_s:g} s; "
-                                  "start a new stream with the START flag") from None
-            raise StreamError(f"unknown stream {key}: the first request of a stream must "
-                              "carry the START flag") from None
+                raise StreamError(
+                    f"stream {key} expired: idle longer than {self.ttl_s:g} s; "
+                    "start a new stream with the START flag"
+                ) from None
+            raise StreamError(
+                f"unknown stream {key}: the first request of a stream must carry the START flag"
+            ) from None
         self._items[key] = (self.clock(), value)
         return value
 
@@ -107,14 +118,17 @@ class StreamStore(Generic[T]):
 class Sweeper:
     """Sweeps stores every ``interval_s`` on a daemon thread until stopped."""
 
-    def __init__(self, stores: list[StreamStore], interval_s: float,
-                 on_sweep: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        stores: list[StreamStore],
+        interval_s: float,
+        on_sweep: Callable[[int], None] | None = None,
+    ):
         self.stores = stores
         self.interval_s = interval_s
         self.on_sweep = on_sweep
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="streamasr-sweeper",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="streamasr-sweeper", daemon=True)
 
     def start(self) -> "Sweeper":
         self._thread.start()

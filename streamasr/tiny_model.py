@@ -4,10 +4,12 @@ It reads the chunk frames of each window, stacks ``subsampling`` frames, and map
 linearly to the vocabulary.  Its transcripts are noise; what it exercises is the path:
 windows, batching, decoding, parity.  Built with onnx.helper, so no torch is needed.
 """
+
 from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,22 +21,33 @@ CHAR_VOCABULARY = ("<blank>", " ", *string.ascii_lowercase, "'")
 
 
 def tiny_contract(**overrides) -> ModelContract:
-    fields = dict(features=FeatureSpec(), chunk_frames=40, left_frames=20, right_frames=10,
-                  subsampling=2, vocabulary=CHAR_VOCABULARY, blank_id=0, word_boundary="space",
-                  name="tiny-random", version="1", license="MIT",
-                  description="random weights, for tests only")
+    fields: dict[str, Any] = dict(
+        features=FeatureSpec(),
+        chunk_frames=40,
+        left_frames=20,
+        right_frames=10,
+        subsampling=2,
+        vocabulary=CHAR_VOCABULARY,
+        blank_id=0,
+        word_boundary="space",
+        name="tiny-random",
+        version="1",
+        license="MIT",
+        description="random weights, for tests only",
+    )
     fields.update(overrides)
     return ModelContract(**fields)
 
 
-def build_tiny_model(path: str | Path, contract: ModelContract | None = None,
-                     seed: int = 0) -> ModelContract:
+def build_tiny_model(
+    path: str | Path, contract: ModelContract | None = None, seed: int = 0
+) -> ModelContract:
     c = (contract or tiny_contract()).validate()
     F, V, sub = c.features.n_mels, len(c.vocabulary), c.subsampling
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((sub * F, V)).astype(np.float32) * 0.5
     b = rng.standard_normal(V).astype(np.float32)
-    b[c.blank_id] += 2.0          # mostly blank, as a CTC model is
+    b[c.blank_id] += 2.0  # mostly blank, as a CTC model is
     nodes = [
         helper.make_node("Slice", ["features", "starts", "ends", "axes"], ["chunk"]),
         helper.make_node("Reshape", ["chunk", "shape"], ["stacked"]),
@@ -47,15 +60,24 @@ def build_tiny_model(path: str | Path, contract: ModelContract | None = None,
         numpy_helper.from_array(np.array([c.left_frames + c.chunk_frames], np.int64), "ends"),
         numpy_helper.from_array(np.array([1], np.int64), "axes"),
         numpy_helper.from_array(np.array([0, c.output_frames, sub * F], np.int64), "shape"),
-        numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(b, "b"),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_acoustic_model",
-        [helper.make_tensor_value_info(c.input_name, TensorProto.FLOAT,
-                                       ["batch", c.window_frames, F])],
-        [helper.make_tensor_value_info(c.output_name, TensorProto.FLOAT,
-                                       ["batch", c.output_frames, V])],
-        inits)
+        nodes,
+        "tiny_acoustic_model",
+        [
+            helper.make_tensor_value_info(
+                c.input_name, TensorProto.FLOAT, ["batch", c.window_frames, F]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(
+                c.output_name, TensorProto.FLOAT, ["batch", c.output_frames, V]
+            )
+        ],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     for k, v in c.to_metadata().items():

@@ -12,6 +12,7 @@ captions keep CTC latency; only finals wait for the re-decode.
 
 Pure numpy (+ onnxruntime through the rescorer); no Triton imports.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import protocol
 from .alignment import aligned_words
 from .contract import ModelContract
 from .decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
@@ -32,12 +34,13 @@ log = logging.getLogger("streamasr.two_pass")
 MAX_UTTERANCE_SECONDS = 30.0
 
 
-def chunk_features(windows: np.ndarray, valid_outputs: list[int],
-                   contract: ModelContract) -> np.ndarray:
+def chunk_features(
+    windows: np.ndarray, valid_outputs: list[int], contract: ModelContract
+) -> np.ndarray:
     """[N, left+chunk+right, F] model windows -> the chunks' own feature frames,
     ``subsampling`` per real output frame: [sum(valid) * subsampling, F]."""
     left, sub = contract.left_frames, contract.subsampling
-    parts = [windows[i, left:left + n * sub] for i, n in enumerate(valid_outputs)]
+    parts = [windows[i, left : left + n * sub] for i, n in enumerate(valid_outputs)]
     if not parts:
         return np.zeros((0, windows.shape[-1]), np.float32)
     return np.concatenate(parts).astype(np.float32, copy=False)
@@ -54,20 +57,25 @@ KINDS = (FINAL, INTERIM, CARRY)
 class Utterance:
     """One utterance, sent from the decoder step to the final pass."""
 
-    index: int                 # position of its message in the response's RESULTS
-    features: np.ndarray       # [T * subsampling, F] audio features
-    log_probs: np.ndarray      # [T, V] CTC log-probs of the same output frames
+    index: int  # position of its message in the response's RESULTS
+    features: np.ndarray  # [T * subsampling, F] audio features
+    log_probs: np.ndarray  # [T, V] CTC log-probs of the same output frames
     kind: str = FINAL
-    stream: int = 0            # stream id (interims: whose agreement state)
-    seq: int = 0               # the request's index in its stream
-    start_frame: int = 0       # the utterance's first output frame in its stream
+    stream: int = 0  # stream id (interims: whose agreement state)
+    seq: int = 0  # the request's index in its stream
+    start_frame: int = 0  # the utterance's first output frame in its stream
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        np.savez(buf, index=np.int64(self.index), features=self.features,
-                 log_probs=self.log_probs, kind=np.int64(KINDS.index(self.kind)),
-                 stream=np.uint64(self.stream),
-                 frames=np.array([self.seq, self.start_frame], np.int64))
+        np.savez(
+            buf,
+            index=np.int64(self.index),
+            features=self.features,
+            log_probs=self.log_probs,
+            kind=np.int64(KINDS.index(self.kind)),
+            stream=np.uint64(self.stream),
+            frames=np.array([self.seq, self.start_frame], np.int64),
+        )
         return buf.getvalue()
 
     @classmethod
@@ -77,12 +85,19 @@ class Utterance:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 stream = int(z["stream"])
                 seq, start = (int(x) for x in np.asarray(z["frames"]).reshape(2))
-                return cls(int(z["index"]), np.asarray(z["features"], np.float32),
-                           np.asarray(z["log_probs"], np.float32),
-                           KINDS[int(z["kind"])], stream, seq, start)
+                return cls(
+                    int(z["index"]),
+                    np.asarray(z["features"], np.float32),
+                    np.asarray(z["log_probs"], np.float32),
+                    KINDS[int(z["kind"])],
+                    stream,
+                    seq,
+                    start,
+                )
         except Exception as exc:  # noqa: BLE001 - zip, npy and key errors alike
-            raise ValueError(f"UTTERANCES: not an utterance ({type(exc).__name__}: "
-                             f"{str(exc)[:100]})") from None
+            raise ValueError(
+                f"UTTERANCES: not an utterance ({type(exc).__name__}: {str(exc)[:100]})"
+            ) from None
 
 
 class UtteranceRecorder:
@@ -93,12 +108,11 @@ class UtteranceRecorder:
     the oldest are dropped and an utterance that needed them is not re-decoded.
     """
 
-    def __init__(self, contract: ModelContract,
-                 max_seconds: float = MAX_UTTERANCE_SECONDS):
+    def __init__(self, contract: ModelContract, max_seconds: float = MAX_UTTERANCE_SECONDS):
         self.sub = contract.subsampling
         self.max_frames = int(max_seconds / contract.output_frame_seconds)
-        self.base = 0            # absolute output frame of the first kept frame
-        self.lost_before = 0     # frames before this were dropped unrecorded
+        self.base = 0  # absolute output frame of the first kept frame
+        self.lost_before = 0  # frames before this were dropped unrecorded
         self._lp: list[np.ndarray] = []
         self._feat: list[np.ndarray] = []
 
@@ -108,8 +122,9 @@ class UtteranceRecorder:
 
     def append(self, log_probs: np.ndarray, features: np.ndarray) -> None:
         if len(features) != len(log_probs) * self.sub:
-            raise ValueError(f"internal: {len(features)} feature frames for "
-                             f"{len(log_probs)} output frames")
+            raise ValueError(
+                f"internal: {len(features)} feature frames for {len(log_probs)} output frames"
+            )
         if len(log_probs):
             self._lp.append(log_probs)
             self._feat.append(features)
@@ -126,7 +141,7 @@ class UtteranceRecorder:
         lp = np.concatenate(self._lp) if self._lp else np.zeros((0, 0), np.float32)
         feat = np.concatenate(self._feat) if self._feat else None
         self._lp = [lp[drop:]] if len(lp) > drop else []
-        self._feat = [feat[drop * self.sub:]] if self._lp else []
+        self._feat = [feat[drop * self.sub :]] if self._lp else []
         self.base = first
 
     def cut(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -134,9 +149,10 @@ class UtteranceRecorder:
         were dropped (utterance longer than ``max_frames``)."""
         if first < self.lost_before or first < self.base or end > self.base + self.frames:
             return None
-        lp = np.concatenate(self._lp)[first - self.base:end - self.base]
-        feat = np.concatenate(self._feat)[(first - self.base) * self.sub:
-                                          (end - self.base) * self.sub]
+        lp = np.concatenate(self._lp)[first - self.base : end - self.base]
+        feat = np.concatenate(self._feat)[
+            (first - self.base) * self.sub : (end - self.base) * self.sub
+        ]
         return feat, lp
 
 
@@ -153,14 +169,18 @@ def to_vocabulary(text: str, contract: ModelContract) -> str:
     return " ".join(SPOKEN_ABBREVIATIONS.get(w, w) for w in t.split())
 
 
-def worded_finals(finals: list[tuple[dict, int, int]], messages: list[dict]
-                  ) -> list[tuple[int, int, int]]:
+def worded_finals(
+    finals: list[tuple[dict, int, int]], messages: list[dict]
+) -> list[tuple[int, int, int]]:
     """(position in ``messages``, first frame, end frame) of each final reported by
     ``StreamDecoder.on_final`` that is among ``messages`` and has words: the finals to
     re-decode."""
     position = {id(m): i for i, m in enumerate(messages)}
-    return [(position[id(msg)], first, end) for msg, first, end in finals
-            if id(msg) in position and msg["channel"]["alternatives"][0]["transcript"]]
+    return [
+        (position[id(msg)], first, end)
+        for msg, first, end in finals
+        if id(msg) in position and protocol.transcript(msg)
+    ]
 
 
 def check_contract(contract: ModelContract) -> None:
@@ -168,14 +188,17 @@ def check_contract(contract: ModelContract) -> None:
     f = contract.features
     problems = []
     if f.type != "log_mel" or f.n_mels != 80 or f.sample_rate != 16000 or f.hop_length != 160:
-        problems.append("features must be 80-bin log-mel at 16 kHz with a 10 ms shift "
-                        f"(Whisper's), got {f.type}/{f.n_mels} bins/{f.sample_rate} Hz/"
-                        f"hop {f.hop_length}")
+        problems.append(
+            "features must be 80-bin log-mel at 16 kHz with a 10 ms shift "
+            f"(Whisper's), got {f.type}/{f.n_mels} bins/{f.sample_rate} Hz/"
+            f"hop {f.hop_length}"
+        )
     if contract.word_boundary != "space" or " " not in contract.vocabulary:
         problems.append("the vocabulary must be characters with ' ' between words")
     if problems:
-        raise ValueError("two-pass finals need a Whisper-compatible acoustic model: "
-                         + "; ".join(problems))
+        raise ValueError(
+            "two-pass finals need a Whisper-compatible acoustic model: " + "; ".join(problems)
+        )
 
 
 def common_prefix(a: list[str], b: list[str]) -> int:
@@ -202,18 +225,18 @@ class LocalAgreement:
     seq: int = -1
     previous: list[str] = field(default_factory=list)
     stable: list[str] = field(default_factory=list)
-    shown: list[dict] = field(default_factory=list)   # the last re-decode's timed words
+    shown: list[dict] = field(default_factory=list)  # the last re-decode's timed words
 
     def update(self, start_frame: int, seq: int, words: list[str]) -> tuple[list[str], int]:
-        if start_frame != self.start_frame:        # a new utterance: nothing agreed yet
+        if start_frame != self.start_frame:  # a new utterance: nothing agreed yet
             self.start_frame, self.seq, self.previous, self.stable = start_frame, -1, [], []
             self.shown = []
         if seq > self.seq:
-            agreed = self.previous[:common_prefix(self.previous, words)]
-            if len(agreed) > len(self.stable) and agreed[:len(self.stable)] == self.stable:
+            agreed = self.previous[: common_prefix(self.previous, words)]
+            if len(agreed) > len(self.stable) and agreed[: len(self.stable)] == self.stable:
                 self.stable = agreed
             self.seq, self.previous = seq, list(words)
-        return self.stable + words[len(self.stable):], len(self.stable)
+        return self.stable + words[len(self.stable) :], len(self.stable)
 
 
 class FinalPass:
@@ -248,22 +271,41 @@ class FinalPass:
         """Whisper's words timed by forced alignment on the utterance's CTC log-probs, or
         None if the text cannot be aligned to those frames."""
         try:
-            words = aligned_words(utt.log_probs, text, self.contract.vocabulary,
-                                  self.contract.blank_id) if text else []
+            words = (
+                aligned_words(utt.log_probs, text, self.contract.vocabulary, self.contract.blank_id)
+                if text
+                else []
+            )
         except ValueError as exc:
             log.info("re-decoded %s kept its first pass: %s", utt.kind, exc)
             return None
         start = message["start"]
-        return [{"word": w, "start": round(start + a * self.frame_seconds, TIME_DECIMALS),
-                 "end": round(start + b * self.frame_seconds, TIME_DECIMALS),
-                 "confidence": round(c, CONFIDENCE_DECIMALS)} for w, a, b, c in words]
+        return [
+            {
+                "word": w,
+                "start": round(start + a * self.frame_seconds, TIME_DECIMALS),
+                "end": round(start + b * self.frame_seconds, TIME_DECIMALS),
+                "confidence": round(c, CONFIDENCE_DECIMALS),
+            }
+            for w, a, b, c in words
+        ]
 
     @staticmethod
     def _with_words(message: dict, words: list[dict], **extra) -> dict:
         conf = sum(w["confidence"] for w in words) / len(words) if words else 0.0
-        return {**message, **extra, "channel": {"alternatives": [{
-            "transcript": " ".join(w["word"] for w in words),
-            "confidence": round(conf, CONFIDENCE_DECIMALS), "words": words}]}}
+        return {
+            **message,
+            **extra,
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": " ".join(w["word"] for w in words),
+                        "confidence": round(conf, CONFIDENCE_DECIMALS),
+                        "words": words,
+                    }
+                ]
+            },
+        }
 
     def rewrite(self, message: dict, utt: Utterance, text: str | None = None) -> dict:
         """The final ``message`` with its transcript, words and confidence re-decoded;
@@ -273,14 +315,18 @@ class FinalPass:
         words = self._words(message, utt, text)
         if words is None:
             return {**message, "rescored": False}
-        return self._with_words(message, words, rescored=True, first_pass_transcript=(
-            message["channel"]["alternatives"][0]["transcript"]))
+        return self._with_words(
+            message, words, rescored=True, first_pass_transcript=(protocol.transcript(message))
+        )
 
     def _agreement(self, stream: int) -> LocalAgreement:
         with self.agreements.lock:
-            self.agreements.sweep()     # so that `in` and `get` agree
-            return (self.agreements.get(stream) if stream in self.agreements
-                    else self.agreements.create(stream, LocalAgreement()))
+            self.agreements.sweep()  # so that `in` and `get` agree
+            return (
+                self.agreements.get(stream)
+                if stream in self.agreements
+                else self.agreements.create(stream, LocalAgreement())
+            )
 
     def rewrite_interim(self, message: dict, utt: Utterance, text: str) -> dict:
         """The interim ``message`` with Whisper's words (see :class:`LocalAgreement`);
@@ -296,23 +342,26 @@ class FinalPass:
                 w["stable"] = i < n_stable
             if utt.seq >= state.seq:
                 state.shown = words
-        return self._with_words(message, words, rescored=True, first_pass_transcript=(
-            message["channel"]["alternatives"][0]["transcript"]))
+        return self._with_words(
+            message, words, rescored=True, first_pass_transcript=(protocol.transcript(message))
+        )
 
     def carry_interim(self, message: dict, utt: Utterance) -> dict:
         """An interim between re-decodes: the last re-decode's words of this utterance,
         then the CTC words that start after them (``stable: false``); only CTC words
         (all unstable) before the utterance's first re-decode."""
         state = self._agreement(utt.stream)
-        ctc = message["channel"]["alternatives"][0]["words"]
+        ctc = protocol.words(message)
         with self.agreements.lock:
-            whisper = ([dict(w) for w in state.shown]
-                       if state.start_frame == utt.start_frame else [])
+            whisper = [dict(w) for w in state.shown] if state.start_frame == utt.start_frame else []
         cut = whisper[-1]["end"] if whisper else -1.0
         words = whisper + [{**w, "stable": False} for w in ctc if w["start"] >= cut]
-        return self._with_words(message, words, rescored=bool(whisper),
-                                first_pass_transcript=message["channel"]["alternatives"][0][
-                                    "transcript"])
+        return self._with_words(
+            message,
+            words,
+            rescored=bool(whisper),
+            first_pass_transcript=protocol.transcript(message),
+        )
 
     def check(self, utt: Utterance) -> None:
         """An utterance the decoder step could have sent: bounded (a caller of this model
@@ -324,11 +373,15 @@ class FinalPass:
             return
         max_frames = int(MAX_UTTERANCE_SECONDS / c.output_frame_seconds)
         if lp.ndim != 2 or lp.shape[1] != len(c.vocabulary) or not 0 < len(lp) <= max_frames:
-            raise ValueError(f"UTTERANCES: log_probs must be [1..{max_frames}, "
-                             f"{len(c.vocabulary)}], got {list(lp.shape)}")
+            raise ValueError(
+                f"UTTERANCES: log_probs must be [1..{max_frames}, "
+                f"{len(c.vocabulary)}], got {list(lp.shape)}"
+            )
         if f.shape != (len(lp) * c.subsampling, c.features.n_mels):
-            raise ValueError(f"UTTERANCES: features must be [{len(lp) * c.subsampling}, "
-                             f"{c.features.n_mels}], got {list(f.shape)}")
+            raise ValueError(
+                f"UTTERANCES: features must be [{len(lp) * c.subsampling}, "
+                f"{c.features.n_mels}], got {list(f.shape)}"
+            )
         if not (np.isfinite(f).all() and (np.isfinite(lp) | (lp == -np.inf)).all()):
             raise ValueError("UTTERANCES: NaN or infinite values")
 
@@ -336,14 +389,19 @@ class FinalPass:
         for utt in utterances:
             self.check(utt)
             want_final = utt.kind == FINAL
-            if (not 0 <= utt.index < len(messages)
-                    or messages[utt.index].get("type") != "Results"
-                    or bool(messages[utt.index].get("is_final")) != want_final):
-                raise ValueError(f"UTTERANCES: {utt.kind} utterance for message "
-                                 f"{utt.index}, which is not {'a final' if want_final else 'an interim'}")
+            if (
+                not 0 <= utt.index < len(messages)
+                or messages[utt.index].get("type") != "Results"
+                or bool(messages[utt.index].get("is_final")) != want_final
+            ):
+                raise ValueError(
+                    f"UTTERANCES: {utt.kind} utterance for message "
+                    f"{utt.index}, which is not {'a final' if want_final else 'an interim'}"
+                )
 
-    def process_many(self, batch: list[tuple[list[dict], list[Utterance]]]
-                     ) -> list[list[dict] | ValueError]:
+    def process_many(
+        self, batch: list[tuple[list[dict], list[Utterance]]]
+    ) -> list[list[dict] | ValueError]:
         """Many requests' (messages, utterances) at once: every utterance of every request
         re-decoded in one ``transcribe_many`` call (batched by the rescorer).  A request
         whose utterances are invalid gets its ValueError; the others are unaffected."""
@@ -358,9 +416,10 @@ class FinalPass:
             results.append(list(messages))
             todo += [(i, u) for u in utterances]
         decode = [(i, u) for i, u in todo if u.kind != CARRY]
-        texts = dict(zip((id(u) for _, u in decode), self.texts([u for _, u in decode])
-                         if decode else []))
-        for i, utt in todo:         # in request order: a stream's interims agree in order
+        texts = dict(
+            zip((id(u) for _, u in decode), self.texts([u for _, u in decode]) if decode else [])
+        )
+        for i, utt in todo:  # in request order: a stream's interims agree in order
             out = results[i]
             assert isinstance(out, list)
             if utt.kind == FINAL:

@@ -28,6 +28,7 @@ the socket with 1000 the response stream ends; any other close code becomes a
 ending its input first (here: the socket is closed), are assumptions: AWS does not document
 them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -77,11 +78,13 @@ class StandInError(Exception):
     @property
     def error_type(self) -> str:
         """``x-amzn-errortype`` (restJson1 errors are told apart by it)."""
-        return {403: "AccessDeniedException", 404: "ValidationError",
-                405: "ValidationError"}.get(self.status, "InputValidationError")
+        return {403: "AccessDeniedException", 404: "ValidationError", 405: "ValidationError"}.get(
+            self.status, "InputValidationError"
+        )
 
 
 # -- event stream encoding (the response side) ----------------------------------------------
+
 
 def _encode_header(name: str, value: str | bytes) -> bytes:
     n = name.encode()
@@ -103,18 +106,31 @@ def encode_message(headers: dict[str, str | bytes], payload: bytes) -> bytes:
 
 
 def payload_part_event(data: bytes, data_type: str) -> bytes:
-    return encode_message({":message-type": "event", ":event-type": "PayloadPart",
-                           ":content-type": "application/octet-stream",
-                           "DataType": data_type, "CompletionState": "COMPLETE"}, data)
+    return encode_message(
+        {
+            ":message-type": "event",
+            ":event-type": "PayloadPart",
+            ":content-type": "application/octet-stream",
+            "DataType": data_type,
+            "CompletionState": "COMPLETE",
+        },
+        data,
+    )
 
 
 def model_stream_error_event(message: str, code: str) -> bytes:
-    return encode_message({":message-type": "exception", ":exception-type": "ModelStreamError",
-                           ":content-type": "application/json"},
-                          json.dumps({"Message": message, "ErrorCode": code}).encode())
+    return encode_message(
+        {
+            ":message-type": "exception",
+            ":exception-type": "ModelStreamError",
+            ":content-type": "application/json",
+        },
+        json.dumps({"Message": message, "ErrorCode": code}).encode(),
+    )
 
 
 # -- SigV4 ----------------------------------------------------------------------------------
+
 
 def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.new(key, msg.encode(), hashlib.sha256).digest()
@@ -136,28 +152,39 @@ class Authorization:
 
     @classmethod
     def parse(cls, value: str) -> "Authorization":
-        m = re.fullmatch(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/"
-                         r"aws4_request, ?SignedHeaders=([^,]+), ?Signature=([0-9a-f]{64})",
-                         value.strip())
+        m = re.fullmatch(
+            r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/"
+            r"aws4_request, ?SignedHeaders=([^,]+), ?Signature=([0-9a-f]{64})",
+            value.strip(),
+        )
         if not m:
             raise StandInError(403, f"not a SigV4 Authorization header: {value[:80]!r}")
         return cls(m[1], m[2], m[3], m[4], m[5].split(";"), m[6])
 
 
-def request_signature(key: bytes, auth: Authorization, method: str, path: str, query: str,
-                      headers: dict[str, str]) -> str:
+def request_signature(
+    key: bytes, auth: Authorization, method: str, path: str, query: str, headers: dict[str, str]
+) -> str:
     """SigV4 of the request as the service recomputes it."""
-    pairs = sorted(tuple(p.split("=", 1)) if "=" in p else (p, "")
-                   for p in query.split("&") if p)
-    canonical_headers = "".join(f"{h}:{' '.join(headers[h].split())}\n"
-                                for h in auth.signed_headers)
-    canonical = "\n".join([method, quote(path, safe="/-_.~"),
-                           "&".join(f"{k}={v}" for k, v in pairs), canonical_headers,
-                           ";".join(auth.signed_headers), headers["x-amz-content-sha256"]])
+    pairs = sorted(tuple(p.split("=", 1)) if "=" in p else (p, "") for p in query.split("&") if p)
+    canonical_headers = "".join(
+        f"{h}:{' '.join(headers[h].split())}\n" for h in auth.signed_headers
+    )
+    canonical = "\n".join(
+        [
+            method,
+            quote(path, safe="/-_.~"),
+            "&".join(f"{k}={v}" for k, v in pairs),
+            canonical_headers,
+            ";".join(auth.signed_headers),
+            headers["x-amz-content-sha256"],
+        ]
+    )
     amz_date = headers["x-amz-date"]
     scope = f"{auth.day}/{auth.region}/{auth.service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
     return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
 
@@ -175,9 +202,16 @@ class EventSignatureChain:
         timestamp = date.strftime("%Y%m%dT%H%M%SZ")
         encoded_date = struct.pack("!B", 5) + b":date" + struct.pack("!Bq", _TIMESTAMP, date_ms)
         scope = f"{timestamp[:8]}/{self.auth.region}/{self.auth.service}/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", timestamp, scope, self.prior,
-                             hashlib.sha256(encoded_date).hexdigest(),
-                             hashlib.sha256(payload).hexdigest()])
+        to_sign = "\n".join(
+            [
+                "AWS4-HMAC-SHA256-PAYLOAD",
+                timestamp,
+                scope,
+                self.prior,
+                hashlib.sha256(encoded_date).hexdigest(),
+                hashlib.sha256(payload).hexdigest(),
+            ]
+        )
         want = hmac.new(self.key, to_sign.encode(), hashlib.sha256).digest()
         if not hmac.compare_digest(want, signature):
             raise StandInError(403, f"event {self.checked}: bad :chunk-signature")
@@ -187,13 +221,15 @@ class EventSignatureChain:
 
 # -- one bidirectional stream ---------------------------------------------------------------
 
+
 @dataclass
 class StreamRecord:
     """What one call looked like, for the tests."""
+
     endpoint: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     container_url: str = ""
-    parts_in: list[tuple[str, int]] = field(default_factory=list)   # (DataType, bytes)
+    parts_in: list[tuple[str, int]] = field(default_factory=list)  # (DataType, bytes)
     events_out: int = 0
     signed_events: int = 0
     input_ended: bool = False
@@ -206,9 +242,9 @@ class _Stream:
         self.conn, self.id, self.headers = conn, stream_id, headers
         self.record = StreamRecord(headers=dict(headers))
         self.buffer = EventStreamBuffer()
-        self.inbox: asyncio.Queue = asyncio.Queue()     # (DataType, bytes) or None at the end
+        self.inbox: asyncio.Queue = asyncio.Queue()  # (DataType, bytes) or None at the end
         self.chain: EventSignatureChain | None = None
-        self.early: list[bytes | None] = []     # body bytes (None: end) before the check
+        self.early: list[bytes | None] = []  # body bytes (None: end) before the check
 
     def check_request(self) -> None:
         h, sd = self.headers, self.conn.standin
@@ -225,19 +261,22 @@ class _Stream:
             raise StandInError(400, f"x-amz-content-sha256 must be {STREAMING_PAYLOAD}")
         auth = Authorization.parse(h.get("authorization", ""))
         if auth.service != SIGNING_SERVICE or auth.region != sd.region:
-            raise StandInError(403, f"signed for {auth.service} in {auth.region}, not "
-                                    f"{SIGNING_SERVICE} in {sd.region}")
+            raise StandInError(
+                403,
+                f"signed for {auth.service} in {auth.region}, not {SIGNING_SERVICE} in {sd.region}",
+            )
         secret = sd.credentials.get(auth.access_key)
         if secret is None:
             raise StandInError(403, f"unknown access key {auth.access_key}")
         key = signing_key(secret, auth.day, auth.region, auth.service)
         signed = {k: v for k, v in h.items() if not k.startswith(":")}
-        signed.setdefault("host", h.get(":authority", ""))    # HTTP/2 carries Host as :authority
+        signed.setdefault("host", h.get(":authority", ""))  # HTTP/2 carries Host as :authority
         missing = [x for x in auth.signed_headers if x not in signed]
         if missing:
             raise StandInError(403, f"signed headers missing from the request: {missing}")
-        if not hmac.compare_digest(request_signature(key, auth, "POST", path, query, signed),
-                                   auth.signature):
+        if not hmac.compare_digest(
+            request_signature(key, auth, "POST", path, query, signed), auth.signature
+        ):
             raise StandInError(403, "request signature does not match")
         self.chain = EventSignatureChain(key, auth)
 
@@ -269,7 +308,7 @@ class _Stream:
                 raise StandInError(403, "event without :date/:chunk-signature")
             self.chain.check(eh[":date"], eh[":chunk-signature"], envelope.payload)
             self.record.signed_events = self.chain.checked
-            if not envelope.payload:          # the final empty signed envelope
+            if not envelope.payload:  # the final empty signed envelope
                 self.inbox.put_nowait(None)
                 continue
             inner = EventStreamBuffer()
@@ -305,9 +344,14 @@ class _Stream:
             self.record.container_url = url
             async with aiohttp.ClientSession() as session:
                 async with session.ws_connect(url, autoping=True) as ws:
-                    self.conn.respond(self.id, 200, {
-                        "content-type": EVENTSTREAM_TYPE,
-                        "x-amzn-invoked-production-variant": VARIANT})
+                    self.conn.respond(
+                        self.id,
+                        200,
+                        {
+                            "content-type": EVENTSTREAM_TYPE,
+                            "x-amzn-invoked-production-variant": VARIANT,
+                        },
+                    )
                     up = asyncio.create_task(self._upstream(ws))
                     try:
                         await self._downstream(ws)
@@ -317,14 +361,22 @@ class _Stream:
         except StandInError as exc:
             self.record.error = str(exc)
             log.warning("stand-in: %s", exc)
-            self.conn.respond(self.id, exc.status, {"content-type": "application/json",
-                                                    "x-amzn-errortype": exc.error_type},
-                              json.dumps({"message": str(exc)}).encode(), end=True)
+            self.conn.respond(
+                self.id,
+                exc.status,
+                {"content-type": "application/json", "x-amzn-errortype": exc.error_type},
+                json.dumps({"message": str(exc)}).encode(),
+                end=True,
+            )
         except (aiohttp.ClientError, ConnectionError) as exc:
             self.record.error = f"container: {exc}"
-            self.conn.respond(self.id, 424, {"content-type": "application/json",
-                                             "x-amzn-errortype": "ModelError"},
-                              json.dumps({"message": str(exc)}).encode(), end=True)
+            self.conn.respond(
+                self.id,
+                424,
+                {"content-type": "application/json", "x-amzn-errortype": "ModelError"},
+                json.dumps({"message": str(exc)}).encode(),
+                end=True,
+            )
         finally:
             sd.records.append(self.record)
 
@@ -354,19 +406,25 @@ class _Stream:
             self.record.events_out += 1
         self.record.ws_close_code = ws.close_code
         if ws.close_code != 1000:
-            self.conn.send(self.id, model_stream_error_event(
-                f"the model closed the stream with code {ws.close_code}", "ModelStreamError"))
+            self.conn.send(
+                self.id,
+                model_stream_error_event(
+                    f"the model closed the stream with code {ws.close_code}", "ModelStreamError"
+                ),
+            )
 
 
 # -- HTTP/2 connection ----------------------------------------------------------------------
 
+
 class _Connection(asyncio.Protocol):
     def __init__(self, standin: "RuntimeStandIn"):
         self.standin = standin
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=False, header_encoding="utf-8"))
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
         self.streams: dict[int, _Stream] = {}
-        self.pending: dict[int, bytearray] = {}      # response bytes waiting for window
+        self.pending: dict[int, bytearray] = {}  # response bytes waiting for window
         self.ending: set[int] = set()
         self.transport = None
 
@@ -409,10 +467,12 @@ class _Connection(asyncio.Protocol):
         for s in self.streams.values():
             s.inbox.put_nowait(None)
 
-    def respond(self, sid: int, status: int, headers: dict[str, str], body: bytes = b"",
-                end: bool = False) -> None:
-        self.h2.send_headers(sid, [(":status", str(status)), *headers.items()],
-                             end_stream=end and not body)
+    def respond(
+        self, sid: int, status: int, headers: dict[str, str], body: bytes = b"", end: bool = False
+    ) -> None:
+        self.h2.send_headers(
+            sid, [(":status", str(status)), *headers.items()], end_stream=end and not body
+        )
         self._write()
         if body:
             self.send(sid, body)
@@ -432,8 +492,11 @@ class _Connection(asyncio.Protocol):
             buf = self.pending.get(sid, bytearray())
             try:
                 while buf:
-                    n = min(len(buf), self.h2.local_flow_control_window(sid),
-                            self.h2.max_outbound_frame_size)
+                    n = min(
+                        len(buf),
+                        self.h2.local_flow_control_window(sid),
+                        self.h2.max_outbound_frame_size,
+                    )
                     if n <= 0:
                         break
                     self.h2.send_data(sid, bytes(buf[:n]))
@@ -455,25 +518,66 @@ class _Connection(asyncio.Protocol):
 
 # -- the server -----------------------------------------------------------------------------
 
+
 def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
     """A throw-away CA and a server certificate for 127.0.0.1/localhost signed by it:
     (ca.pem, server.pem, server.key).  Needs the openssl CLI."""
     ca_key, ca = folder / "ca.key", folder / "ca.pem"
     key, csr, cert = folder / "server.key", folder / "server.csr", folder / "server.pem"
     ext = folder / "server.ext"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
-                   "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth\n")
+    ext.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-        "/CN=streamasr test CA", "-keyout", str(ca_key), "-out", str(ca))
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", str(key), "-out", str(csr))
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert))
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=streamasr test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(cert),
+    )
     return ca, cert, key
 
 
@@ -482,8 +586,9 @@ class RuntimeStandIn:
     ``s.url`` (https://localhost:<port>) from a thread of its own; ``s.records`` says what
     each call looked like."""
 
-    def __init__(self, container_url: str, credentials: dict[str, str], region: str,
-                 cert: Path, key: Path):
+    def __init__(
+        self, container_url: str, credentials: dict[str, str], region: str, cert: Path, key: Path
+    ):
         self.container_url, self.credentials, self.region = container_url, credentials, region
         self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ssl.load_cert_chain(str(cert), str(key))
@@ -491,8 +596,9 @@ class RuntimeStandIn:
         self.records: list[StreamRecord] = []
         self.port = 0
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="sagemaker-standin",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sagemaker-standin", daemon=True
+        )
         self._server = None
 
     @property
@@ -501,8 +607,10 @@ class RuntimeStandIn:
 
     def __enter__(self) -> "RuntimeStandIn":
         self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._loop.create_server(
-            lambda: _Connection(self), "127.0.0.1", 0, ssl=self.ssl), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(
+            self._loop.create_server(lambda: _Connection(self), "127.0.0.1", 0, ssl=self.ssl),
+            self._loop,
+        )
         self._server = fut.result(10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -511,6 +619,7 @@ class RuntimeStandIn:
         async def stop():
             self._server.close()
             await self._server.wait_closed()
+
         try:
             asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         except TimeoutError:

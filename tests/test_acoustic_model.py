@@ -1,4 +1,5 @@
 """The streaming acoustic model: frozen Whisper encoder + CTC head as one ONNX graph."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,9 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     c = acoustic.default_contract()
     enc = whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir()))
-    model = acoustic.AcousticModel(enc, acoustic.CTCHead(acoustic.HeadConfig(),
-                                                         c.output_frames), c).eval()
+    model = acoustic.AcousticModel(
+        enc, acoustic.CTCHead(acoustic.HeadConfig(), c.output_frames), c
+    ).eval()
     path = acoustic.export_onnx(model, tmp_path_factory.mktemp("am") / "model.onnx")
     return model, path
 
@@ -57,7 +59,7 @@ def test_onnx_matches_torch_for_any_batch(exported):
             want = model(torch.from_numpy(x)).numpy()
         assert got.shape == (b, c.output_frames, len(c.vocabulary))
         assert np.abs(got - want).max() < 1e-3
-        assert np.allclose(np.exp(got).sum(-1), 1, atol=1e-4)   # log-probabilities
+        assert np.allclose(np.exp(got).sum(-1), 1, atol=1e-4)  # log-probabilities
 
 
 def test_head_save_load_roundtrip(tmp_path):

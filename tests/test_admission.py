@@ -4,6 +4,7 @@ exact, refused STARTs are counted, and the gateway maps the refusal to 503 / clo
 
 The server tests use a repository copy limited to ``LIMIT`` streams and offer 3x that
 (the short overload test; the timed one, with latency and memory, is in ``make bench``)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,18 +22,19 @@ from streamasr.state import StreamError
 from streamasr.triton_models import feature_extractor as fx
 from streamasr.triton_models.common import read_config
 
-from .conftest import REPOSITORY, copy_repository, start_server
+from .helpers import REPOSITORY, copy_repository, start_server
 
 LIMIT = 2
 
 
 # -- units (no server) ---------------------------------------------------------------------
 
+
 def test_limit_comes_from_environment_then_config_then_the_measured_figure():
     assert adm.configured_limit(None, {}) == adm.MEASURED_STREAMS_HELD
     assert adm.configured_limit("measured", {}) == adm.MEASURED_STREAMS_HELD
     assert adm.configured_limit("7", {}) == 7
-    assert adm.configured_limit("0", {}) is None                      # 0: no limit
+    assert adm.configured_limit("0", {}) is None  # 0: no limit
     assert adm.configured_limit("7", {adm.ENV_LIMIT: "3"}) == 3
     assert adm.configured_limit("7", {adm.ENV_LIMIT: "0"}) is None
     for bad in ("-1", "many", "2.5"):
@@ -50,8 +52,9 @@ def test_committed_config_admits_the_measured_number_of_streams(monkeypatch):
 
 def _request(corrid, flags, seconds=0.4):
     audio = np.zeros(int(16000 * seconds), np.float32) if seconds else None
-    return fx.FeatureRequest(corrid=corrid, flags=flags, audio=audio, sample_rate=None,
-                             parameters={})
+    return fx.FeatureRequest(
+        corrid=corrid, flags=flags, audio=audio, sample_rate=None, parameters={}
+    )
 
 
 def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(contract):
@@ -61,7 +64,7 @@ def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(con
     with pytest.raises(adm.StreamRefused) as refused:
         step.process(_request(3, fx.FLAG_START))
     assert adm.is_capacity_refusal(str(refused.value)) and "limit is 2" in str(refused.value)
-    assert 3 not in step.store                         # no state for a refused stream
+    assert 3 not in step.store  # no state for a refused stream
     # the refused stream's own later requests say so (not "unknown stream"), END last
     with pytest.raises(adm.RefusedStreamEnded, match="nothing to continue"):
         step.process(_request(3, 0))
@@ -71,30 +74,33 @@ def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(con
         step.process(_request(3, 0))
     # a bad START is told what is wrong with it, not "busy"
     with pytest.raises(StreamError, match="NaN") as bad:
-        step.process(fx.FeatureRequest(4, fx.FLAG_START, np.full(10, np.nan, np.float32),
-                                       None, {}))
+        step.process(fx.FeatureRequest(4, fx.FLAG_START, np.full(10, np.nan, np.float32), None, {}))
     assert not isinstance(bad.value, adm.StreamRefused)
     step.process(_request(1, fx.FLAG_END))
-    step.process(_request(5, fx.FLAG_START))           # a place came free
+    step.process(_request(5, fx.FLAG_START))  # a place came free
     assert step.admission.snapshot() == (3, 1)
 
 
 # -- a real server limited to LIMIT streams ------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def limited_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("limited")
-    repo = copy_repository(root / "repo", {"feature_extractor": {
-        adm.CONFIG_KEY: str(LIMIT)}})
+    repo = copy_repository(root / "repo", {"feature_extractor": {adm.CONFIG_KEY: str(LIMIT)}})
     srv = start_server(repo, root / "tritonserver.log", max_active_streams=None)
     yield srv
     srv.stop()
 
 
 def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(
-        f"http://{server.config.host}:{server.config.metrics_port}/metrics", timeout=10
-    ).read().decode()
+    text = (
+        urllib.request.urlopen(
+            f"http://{server.config.host}:{server.config.metrics_port}/metrics", timeout=10
+        )
+        .read()
+        .decode()
+    )
     m = re.search(rf'^{name}{{model="feature_extractor"}} ([0-9.e+]+)$', text, re.M)
     assert m, f"{name} not in metrics"
     return float(m.group(1))
@@ -102,23 +108,30 @@ def metric(server, name: str) -> float:
 
 def _stream(session, audio: np.ndarray, chunk: int) -> None:
     for i in range(0, len(audio), chunk):
-        session.send(audio[i:i + chunk])
+        session.send(audio[i : i + chunk])
     session.close()
 
 
 def test_three_times_capacity_admits_the_limit_exactly_and_refuses_the_rest(
-        limited_server, demo_audio, contract):
+    limited_server, demo_audio, contract
+):
     from streamasr_client.stream import AsrBusy, AsrConnection
 
     audio = demo_audio[: 8 * contract.sample_rate]
     chunk = contract.chunk_samples
     with AsrConnection(limited_server.grpc_url) as conn:
         expected = conn.transcribe_file(audio)
-        expected = " ".join(m["channel"]["alternatives"][0]["transcript"] for m in expected
-                            if m.get("type") == "Results" and m.get("is_final")
-                            and m["channel"]["alternatives"][0]["transcript"])
-        admitted0, refused0 = (metric(limited_server, "streamasr_admitted_streams_total"),
-                               metric(limited_server, "streamasr_refused_streams_total"))
+        expected = " ".join(
+            m["channel"]["alternatives"][0]["transcript"]
+            for m in expected
+            if m.get("type") == "Results"
+            and m.get("is_final")
+            and m["channel"]["alternatives"][0]["transcript"]
+        )
+        admitted0, refused0 = (
+            metric(limited_server, "streamasr_admitted_streams_total"),
+            metric(limited_server, "streamasr_refused_streams_total"),
+        )
         assert metric(limited_server, "streamasr_stream_capacity") == LIMIT
         # LIMIT streams start and are answered; then 2 x LIMIT more try while they run
         admitted = [conn.open_session() for _ in range(LIMIT)]
@@ -129,9 +142,10 @@ def test_three_times_capacity_admits_the_limit_exactly_and_refuses_the_rest(
         late = [conn.open_session() for _ in range(2 * LIMIT)]
         for s in late:
             s.send(audio[:chunk])
-            s.send(audio[chunk:2 * chunk])     # sent before the refusal is back
-        senders = [threading.Thread(target=_stream, args=(s, audio[chunk:], chunk))
-                   for s in admitted]
+            s.send(audio[chunk : 2 * chunk])  # sent before the refusal is back
+        senders = [
+            threading.Thread(target=_stream, args=(s, audio[chunk:], chunk)) for s in admitted
+        ]
         for t in senders:
             t.start()
         for s in late:
@@ -142,13 +156,13 @@ def test_three_times_capacity_admits_the_limit_exactly_and_refuses_the_rest(
             s.wait()
         for s in late:
             assert s.refused is not None and adm.CAPACITY_MARKER in s.refused, s.messages
-            assert s.errors == [s.refused]            # the refusal, no follow-up errors
+            assert s.errors == [s.refused]  # the refusal, no follow-up errors
             assert [m.get("code") for m in s.messages] == ["busy"]
             with pytest.raises(AsrBusy):
                 s.send(audio[:chunk])
         for s in admitted:
             assert s.errors == [] and s.refused is None
-            assert s.transcript == expected           # exact under 3x offered load
+            assert s.transcript == expected  # exact under 3x offered load
         # the places are free again
         again = conn.open_session()
         again.send(audio[:chunk])
@@ -173,7 +187,7 @@ def test_refused_ends_are_not_counted_as_errors(limited_server, contract):
         s = conn.open_session()
         s.send(np.zeros(contract.chunk_samples, np.float32))
         s.wait()
-        assert s.refused and s._sent == 2               # START + the releasing END
+        assert s.refused and s._sent == 2  # START + the releasing END
         assert metric(limited_server, "streamasr_request_errors_total") == errors0
         for h in holders:
             h.close()
@@ -181,11 +195,13 @@ def test_refused_ends_are_not_counted_as_errors(limited_server, contract):
 
 
 def test_gateway_answers_busy_with_503_and_websocket_close_1013(limited_server, contract):
-    aiohttp = pytest.importorskip("aiohttp")
+    pytest.importorskip("aiohttp")
+    import aiohttp
     import aiohttp.test_utils
 
-    from streamasr.gateway import (SESSION_HEADER, WS_PATH, WS_TRY_AGAIN_LATER, Gateway,
-                                   GatewayConfig)
+    from streamasr.protocol import SESSION_HEADER, WS_PATH, WS_TRY_AGAIN_LATER
+    from streamasr.sagemaker.config import GatewayConfig
+    from streamasr.sagemaker.http import Gateway
     from streamasr_client.stream import AsrConnection
 
     pcm = bytes(2 * contract.chunk_samples)
@@ -198,18 +214,21 @@ def test_gateway_answers_busy_with_503_and_websocket_close_1013(limited_server, 
         try:
             async with aiohttp.ClientSession() as http:
                 async with http.ws_connect(url + WS_PATH) as ws:
-                    try:                # a client streams on: the refusal ends it
+                    try:  # a client streams on: the refusal ends it
                         for _ in range(5):
                             await ws.send_bytes(pcm)
                         await ws.send_str(json.dumps({"type": "CloseStream"}))
                     except ConnectionError:
                         pass
-                    texts = [json.loads(m.data) async for m in ws
-                             if m.type == aiohttp.WSMsgType.TEXT]
+                    texts = [
+                        json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT
+                    ]
                     ws_result = texts, ws.close_code
-                async with http.post(url + "/invocations", data=pcm,
-                                     headers={SESSION_HEADER: "NEW_SESSION",
-                                              "Content-Type": "audio/l16"}) as r:
+                async with http.post(
+                    url + "/invocations",
+                    data=pcm,
+                    headers={SESSION_HEADER: "NEW_SESSION", "Content-Type": "audio/l16"},
+                ) as r:
                     http_result = r.status, dict(r.headers), await r.json()
         finally:
             await server.close()

@@ -1,41 +1,13 @@
 """Bad input gets a clear error for that stream only: a bystander stream streaming at the
 same time over the same gRPC stream keeps its exact transcript, and a stream that sent
 one bad chunk keeps its state."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2
 
-from .test_streaming import finals, reference_messages
-
-
-def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=None):
-    """Send a hand-built request through a session's slot on the shared stream."""
-    req = service_pb2.ModelInferRequest(model_name=session.conn.model,
-                                        id=f"{session.sequence_id}:{session._sent}")
-    for name, dtype, shape, data in inputs:
-        t = req.inputs.add(name=name, datatype=dtype)
-        t.shape.extend(shape)
-        req.raw_input_contents.append(data)
-    sid = session.sequence_id if sequence_id is None else sequence_id
-    if isinstance(sid, str):          # Triton also takes string sequence ids
-        req.parameters["sequence_id"].string_param = sid
-    else:
-        req.parameters["sequence_id"].int64_param = sid
-    req.parameters["sequence_start"].bool_param = start
-    req.parameters["sequence_end"].bool_param = end
-    for k, v in (params or {}).items():
-        req.parameters[k].string_param = v
-    with session._cv:
-        session._sent += 1
-    session.conn._submit(req)
-
-
-def f32(a):
-    a = np.asarray(a, np.float32)
-    return ("AUDIO", "FP32", [len(a)], a.tobytes())
-
+from .helpers import f32, finals_with_words, raw_request, reference_messages
 
 BAD_FIRST_REQUESTS = {
     "wrong dtype": ([("AUDIO", "FP64", [4], np.zeros(4).tobytes())], "data-type"),
@@ -43,12 +15,14 @@ BAD_FIRST_REQUESTS = {
     "NaN": ([f32([0.0, np.nan, 0.1])], "NaN"),
     "inf": ([f32([0.0, np.inf])], "NaN or infinite"),
     "empty chunk": ([f32([])], "empty audio chunk"),
-    "sample-rate mismatch": ([f32(np.zeros(160)),
-                              ("SAMPLE_RATE", "INT32", [1], np.array([8000], np.int32).tobytes())],
-                             "does not match the model's 16000 Hz"),
-    "both audio inputs": ([f32(np.zeros(160)),
-                           ("AUDIO_INT16", "INT16", [160], np.zeros(160, np.int16).tobytes())],
-                          "not both"),
+    "sample-rate mismatch": (
+        [f32(np.zeros(160)), ("SAMPLE_RATE", "INT32", [1], np.array([8000], np.int32).tobytes())],
+        "does not match the model's 16000 Hz",
+    ),
+    "both audio inputs": (
+        [f32(np.zeros(160)), ("AUDIO_INT16", "INT16", [160], np.zeros(160, np.int16).tobytes())],
+        "not both",
+    ),
     "giant chunk": ([f32(np.zeros(16000 * 11))], "exceeds the limit"),
 }
 
@@ -60,16 +34,17 @@ def bystander(conn, contract, onnx_session, demo_audio):
     chunk = contract.chunk_samples
     half = (len(demo_audio) // 2) // chunk * chunk
     for i in range(0, half, chunk):
-        s.send(demo_audio[i:i + chunk])
-    expected = finals(reference_messages(contract, onnx_session, demo_audio))
+        s.send(demo_audio[i : i + chunk])
+    expected = finals_with_words(reference_messages(contract, onnx_session, demo_audio))
 
     def finish():
         for i in range(half, len(demo_audio), chunk):
-            s.send(demo_audio[i:i + chunk])
+            s.send(demo_audio[i : i + chunk])
         s.close()
         s.wait(timeout=120)
         assert s.errors == []
-        assert finals(s.messages) == expected
+        assert finals_with_words(s.messages) == expected
+
     return finish
 
 
@@ -84,20 +59,24 @@ def test_bad_first_request_is_rejected_clearly_and_harms_no_one(conn, bystander,
     bystander()
 
 
-def test_bad_chunk_mid_stream_keeps_the_stream_state(conn, contract, onnx_session,
-                                                    demo_audio, bystander):
+def test_bad_chunk_mid_stream_keeps_the_stream_state(
+    conn, contract, onnx_session, demo_audio, bystander
+):
     s = conn.open_session()
     chunk = contract.chunk_samples
     for n, i in enumerate(range(0, len(demo_audio), chunk)):
         if n == 3:
             raw_request(s, [f32([np.nan] * 10)], start=False)
-            raw_request(s, [("AUDIO", "FP32", [2, 2], np.zeros(4, np.float32).tobytes())],
-                        start=False)
-        s.send(demo_audio[i:i + chunk])
+            raw_request(
+                s, [("AUDIO", "FP32", [2, 2], np.zeros(4, np.float32).tobytes())], start=False
+            )
+        s.send(demo_audio[i : i + chunk])
     s.close()
     s.wait(timeout=120)
     assert len(s.errors) == 2
-    assert finals(s.messages) == finals(reference_messages(contract, onnx_session, demo_audio))
+    assert finals_with_words(s.messages) == finals_with_words(
+        reference_messages(contract, onnx_session, demo_audio)
+    )
     bystander()
 
 

@@ -1,5 +1,6 @@
 """The benchmarks' pure helpers: percentiles, lateness, onset, level selection, report
 files.  No server needed."""
+
 from __future__ import annotations
 
 import json
@@ -54,13 +55,18 @@ def test_speech_onset_finds_the_first_loud_frame():
     audio = np.zeros(sr, np.float32)
     audio[5000:9000] = 0.3 * np.sin(np.arange(4000) * 0.3)
     onset = metrics.speech_onset(audio, sr)
-    assert 4840 <= onset <= 5000          # within one 10 ms frame before the start
+    assert 4840 <= onset <= 5000  # within one 10 ms frame before the start
     assert metrics.speech_onset(np.zeros(sr, np.float32), sr) is None
 
 
 def _level(n, p99, errors=0, missing=0, late=0.0):
-    return {"streams": n, "chunk_latency_ms": {"p99": p99}, "errors": errors,
-            "missing": missing, "send_lateness_ms": {"p99": late}}
+    return {
+        "streams": n,
+        "chunk_latency_ms": {"p99": p99},
+        "errors": errors,
+        "missing": missing,
+        "send_lateness_ms": {"p99": late},
+    }
 
 
 def test_held_level_takes_the_largest_within_budget():
@@ -87,14 +93,27 @@ def test_result_files_are_written_with_table_and_latest(tmp_path):
     from benchmarks import report
 
     result = {
-        "host": "box", "started": "2026-11-24T23:00:00Z", "quick": True,
-        "budget_ms": 250.0, "chunk_ms": 400.0, "model": "m 1", "cpu_count": 2,
-        "levels": [dict(_level(1, 40), chunk_latency_ms={"p50": 20.0, "p90": 30.0, "p99": 40.0},
-                        first_text_ms={"p50": 500.0}, onset_interim_ms={"p50": 300.0},
-                        final_ms={"p50": 35.0}, late_chunks=0, within_budget=True,
-                        loadavg_after=[1.5, 1.0, 0.5],
-                        server={"acoustic_model": {"windows_per_s": 2.5, "mean_batch": 1.0}},
-                        cpu={"cores_busy": 0.4})],
+        "host": "box",
+        "started": "2026-11-24T23:00:00Z",
+        "quick": True,
+        "budget_ms": 250.0,
+        "chunk_ms": 400.0,
+        "model": "m 1",
+        "cpu_count": 2,
+        "levels": [
+            dict(
+                _level(1, 40),
+                chunk_latency_ms={"p50": 20.0, "p90": 30.0, "p99": 40.0},
+                first_text_ms={"p50": 500.0},
+                onset_interim_ms={"p50": 300.0},
+                final_ms={"p50": 35.0},
+                late_chunks=0,
+                within_budget=True,
+                loadavg_after=[1.5, 1.0, 0.5],
+                server={"acoustic_model": {"windows_per_s": 2.5, "mean_batch": 1.0}},
+                cpu={"cores_busy": 0.4},
+            )
+        ],
         "held_streams": 1,
     }
     paths = report.write_results(result, tmp_path, plots=False)
@@ -131,12 +150,15 @@ def test_markdown_says_at_least_when_every_level_passed():
 def test_markdown_has_the_two_pass_rows_from_a_committed_result():
     from benchmarks import report
 
-    res = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
-                      "two_pass-vm-20261202.json").read_text())
-    md = report.markdown({"levels": [], "held_streams": 0, "budget_ms": 250.0,
-                          "two_pass": res})
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    res = json.loads((results / "two-pass-20261203.json").read_text())
+    md = report.markdown({"levels": [], "held_streams": 0, "budget_ms": 250.0, "two_pass": res})
     assert "## Two-pass finals" in md
-    rows = [line for line in md.splitlines() if line.startswith("| two-pass") or
-            line.startswith("| one-pass")]
+    rows = [line for line in md.splitlines() if line.startswith(("| two-pass (", "| one-pass ("))]
     assert len(rows) == 2 and f"{res['two_pass']['wer']:.3f}" in rows[1]
-    assert any(line.startswith("| 8 | 88 |") for line in md.splitlines())
+    assert any(line.startswith("| two-pass-whisper-interims (") for line in md.splitlines())
+    assert any(line.startswith("| two-pass | 8 | 88 |") for line in md.splitlines())
+    # an older result (two-pass levels only, no chunk latency) still renders
+    old = json.loads((results / "two_pass-vm-20261202.json").read_text())
+    md = report.markdown({"levels": [], "held_streams": 0, "budget_ms": 250.0, "two_pass": old})
+    assert any(line.startswith("| two-pass | 8 | 88 |") for line in md.splitlines())

@@ -1,5 +1,6 @@
 """The decoder step applies a stream's requests in order, whatever order Triton's
 ensemble delivers them in (no server needed)."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,8 +10,8 @@ import pytest
 
 from streamasr.state import StreamError
 from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models.common import StepInfo
 from streamasr.triton_models.ctc_decoder import DecoderDefaults, DecoderRequest, DecoderStep
+from streamasr.triton_models.step_info import StepInfo
 
 C = tiny_contract()
 V = len(C.vocabulary)
@@ -27,15 +28,24 @@ def one_hot(tokens: str) -> np.ndarray:
 def requests(stream: int, pieces: list[str]) -> list[DecoderRequest]:
     out = []
     for i, p in enumerate(pieces):
-        info = StepInfo(stream=stream, seq=i, start=i == 0, end=i == len(pieces) - 1,
-                        windows=1, valid_outputs=[len(p)])
+        info = StepInfo(
+            stream=stream,
+            seq=i,
+            start=i == 0,
+            end=i == len(pieces) - 1,
+            windows=1,
+            valid_outputs=[len(p)],
+        )
         out.append(DecoderRequest(one_hot(p), info))
     return out
 
 
 def transcript(msgs) -> str:
-    return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in msgs
-                    if m.get("type") == "Results" and m["is_final"])
+    return " ".join(
+        m["channel"]["alternatives"][0]["transcript"]
+        for m in msgs
+        if m.get("type") == "Results" and m["is_final"]
+    )
 
 
 PIECES = ["_h_e_l", "_l_o__", "_ _w_o", "_r_l_d", "______"]
@@ -55,8 +65,9 @@ def test_in_order_gives_the_text():
     assert run(range(len(PIECES))) == "hello world"
 
 
-@pytest.mark.parametrize("order", [(1, 0, 2, 3, 4), (0, 1, 2, 4, 3), (4, 3, 2, 1, 0),
-                                   (2, 0, 4, 1, 3)])
+@pytest.mark.parametrize(
+    "order", [(1, 0, 2, 3, 4), (0, 1, 2, 4, 3), (4, 3, 2, 1, 0), (2, 0, 4, 1, 3)]
+)
 def test_any_arrival_order_gives_the_same_text(order):
     assert run(order) == "hello world"
 
@@ -97,23 +108,21 @@ class Clock:
 
 def test_a_request_that_never_comes_fails_its_stream_after_the_reorder_timeout():
     clock = Clock()
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5,
-                       clock=clock)
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5, clock=clock)
     reqs = requests(9, PIECES)
     step.process(reqs[0])
-    assert step.process(reqs[2]) == []            # request 1 is late: 2 waits
+    assert step.process(reqs[2]) == []  # request 1 is late: 2 waits
     clock.t = 4.0
-    assert step.process(reqs[3]) == []            # still within the timeout
+    assert step.process(reqs[3]) == []  # still within the timeout
     clock.t = 5.5
     with pytest.raises(StreamError, match="request 1 of stream 9 never reached"):
-        step.process(reqs[4])                     # END: an error, never "OK, empty"
+        step.process(reqs[4])  # END: an error, never "OK, empty"
     assert step.parked_bytes == 0 and len(step.store) == 0
 
 
 def test_the_timer_frees_a_stalled_streams_parked_requests():
     clock = Clock()
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5,
-                       clock=clock)
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5, clock=clock)
     reqs = requests(9, PIECES)
     step.process(reqs[0])
     step.process(reqs[2])
@@ -126,27 +135,33 @@ def test_the_timer_frees_a_stalled_streams_parked_requests():
 
 def test_parking_is_bounded_in_bytes_per_stream_and_in_total():
     size = requests(1, PIECES)[0].log_probs.nbytes
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30,
-                       max_parked_bytes_per_stream=2 * size, max_parked_bytes=3 * size)
+    step = DecoderStep(
+        C,
+        DecoderDefaults(),
+        idle_timeout_s=30,
+        max_parked_bytes_per_stream=2 * size,
+        max_parked_bytes=3 * size,
+    )
     a = requests(1, PIECES)
     step.process(a[0])
     step.process(a[2])
     step.process(a[3])
     with pytest.raises(StreamError, match="per stream"):
         step.process(a[4])
-    assert step.parked_bytes == 0                 # the failed stream let go of its requests
+    assert step.parked_bytes == 0  # the failed stream let go of its requests
     b, c = requests(2, PIECES), requests(3, PIECES)
     for r in (b[0], b[2], b[3], c[0], c[2]):
         step.process(r)
     with pytest.raises(StreamError, match="all streams"):
         step.process(c[3])
-    step.process(b[1])                            # the gap fills: b's parked ones are applied
+    step.process(b[1])  # the gap fills: b's parked ones are applied
     assert step.parked_bytes == 0
 
 
 def test_in_order_streams_are_unaffected_by_the_limits():
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, max_parked_bytes=1,
-                       max_parked_bytes_per_stream=1)
+    step = DecoderStep(
+        C, DecoderDefaults(), idle_timeout_s=30, max_parked_bytes=1, max_parked_bytes_per_stream=1
+    )
     msgs = []
     for r in requests(5, PIECES):
         msgs += step.process(r)
@@ -155,16 +170,15 @@ def test_in_order_streams_are_unaffected_by_the_limits():
 
 def test_a_stream_swept_with_requests_parked_frees_them_and_its_id_can_start_again():
     clock = Clock()
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=2, reorder_timeout_s=5,
-                       clock=clock)
+    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=2, reorder_timeout_s=5, clock=clock)
     old = requests(4, PIECES)
     step.process(old[0])
-    step.process(old[2])                          # parked behind request 1
+    step.process(old[2])  # parked behind request 1
     clock.t = 3.0
-    step.store.sweep()                            # the TTL goes first
+    step.store.sweep()  # the TTL goes first
     new = requests(4, PIECES)
-    step.process(new[0])                          # the id starts again
+    step.process(new[0])  # the id starts again
     step.process(new[2])
-    assert step.parked_bytes == new[2].log_probs.nbytes   # the swept stream's bytes freed
+    assert step.parked_bytes == new[2].log_probs.nbytes  # the swept stream's bytes freed
     step.process(new[1])
     assert step.parked_bytes == 0

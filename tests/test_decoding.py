@@ -2,142 +2,74 @@
 
 No server: synthetic log-prob matrices whose argmax path is known frame by frame.
 """
+
 from __future__ import annotations
 
 import random
-import string
 
 import numpy as np
 import pytest
 
-from streamasr.contract import FeatureSpec, ModelContract
-from streamasr.decoding import (DecoderConfig, EndpointConfig, StreamDecoder, decode_whole,
-                                final_transcript, results_schema_doc)
+from streamasr import protocol
+from streamasr.decoding import (
+    DecoderConfig,
+    EndpointConfig,
+    StreamDecoder,
+    decode_whole,
+    results_schema_doc,
+)
+from streamasr.protocol import final_text
 
-BLANK = "_"                      # path symbol for the blank token
-VOCAB = ("<blank>", " ", *string.ascii_lowercase, "'")
-SUBSAMPLING = 4                  # 10 ms feature frames -> 40 ms output frames
-FRAME_S = 0.04
-PEAK = 0.9                       # posterior of each frame's path token in synthetic matrices
-RULE2_FRAMES = 30                # 1.2 s default rule 2 / 40 ms
-RULE1_FRAMES = 60                # 2.4 s default rule 1 / 40 ms
-
-
-def make_contract(vocabulary=VOCAB, word_boundary="space") -> ModelContract:
-    return ModelContract(features=FeatureSpec(), chunk_frames=32, left_frames=16,
-                         right_frames=8, subsampling=SUBSAMPLING, vocabulary=tuple(vocabulary),
-                         blank_id=0, word_boundary=word_boundary).validate()
-
-
-CONTRACT = make_contract()
-
-
-def path_matrix(path, contract=CONTRACT, peak=PEAK) -> np.ndarray:
-    """[T, V] log-probs whose frame t has argmax ``path[t]`` with posterior ``peak``.
-
-    ``path`` is a string (one character per frame, "_" = blank) or a list of tokens."""
-    vocab = list(contract.vocabulary)
-    V = len(vocab)
-    rest = (1.0 - peak) / (V - 1)
-    lp = np.full((len(path), V), np.log(rest), np.float32)
-    for t, sym in enumerate(path):
-        lp[t, contract.blank_id if sym == BLANK else vocab.index(sym)] = np.log(peak)
-    return lp
-
-
-def split_points(T: int, rng: random.Random, max_piece: int) -> list[int]:
-    cuts, pos = [0], 0
-    while pos < T:
-        pos = min(T, pos + rng.randint(0, max_piece))   # 0: empty requests too
-        cuts.append(pos)
-    return cuts
-
-
-def stream_pieces(lp: np.ndarray, cuts: list[int], config=None, endpoint=None,
-                  contract=CONTRACT) -> list[dict]:
-    dec = StreamDecoder(contract, config=config or DecoderConfig(),
-                        endpoint=endpoint or EndpointConfig())
-    msgs = []
-    for a, b in zip(cuts, cuts[1:]):
-        msgs += dec.accept(lp[a:b])
-    assert dec.frames_decoded == lp.shape[0]
-    return msgs + dec.close()
-
-
-def finals(msgs: list[dict]) -> list[tuple]:
-    out = []
-    for m in msgs:
-        if m["type"] == "Results" and m["is_final"]:
-            alt = m["channel"]["alternatives"][0]
-            out.append((alt["transcript"], m["speech_final"], m["start"], m["duration"],
-                        alt["confidence"],
-                        [(w["word"], w["start"], w["end"], w["confidence"])
-                         for w in alt["words"]]))
-        elif m["type"] == "UtteranceEnd":
-            out.append(("UtteranceEnd", m["last_word_end"]))
-    return out
-
-
-def transcript_of(m: dict) -> str:
-    return m["channel"]["alternatives"][0]["transcript"]
-
-
-def words_of(m: dict) -> list[dict]:
-    return m["channel"]["alternatives"][0]["words"]
-
-
-def random_path(rng: random.Random, n_words: int) -> str:
-    """Words as frame paths (letters held 1-3 frames, sometimes repeated letters with a
-    blank between), separated by spaces or by silences long enough for endpoints."""
-    parts = []
-    for _ in range(n_words):
-        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 5)))
-        frames = []
-        for ch in word:
-            frames.append(ch * rng.randint(1, 3))
-            frames.append(BLANK * rng.randint(0, 2))
-        parts.append("".join(frames))
-        gap = rng.choice([" ", "_ _", BLANK * rng.randint(1, 10),
-                          BLANK * rng.randint(RULE2_FRAMES - 2, RULE2_FRAMES + 5),
-                          BLANK * rng.randint(RULE1_FRAMES, RULE1_FRAMES + 20)])
-        parts.append(gap)
-    return "".join(parts)
+from .helpers import (
+    BLANK,
+    CONTRACT,
+    FRAME_S,
+    PEAK,
+    RULE1_FRAMES,
+    RULE2_FRAMES,
+    VOCAB,
+    decoded_finals,
+    make_contract,
+    path_matrix,
+    random_path,
+    split_points,
+    stream_pieces,
+)
 
 
 # -- greedy decoding -------------------------------------------------------------------------
 def test_repeats_collapse_and_blanks_separate():
     msgs = decode_whole(CONTRACT, path_matrix("cc_aaa_tt _aa_a"))
-    assert final_transcript(msgs) == "cat aa"
+    assert final_text(msgs) == "cat aa"
 
 
 @pytest.mark.parametrize("cut", range(1, 15))
 def test_collapse_across_request_boundaries(cut):
     lp = path_matrix("cc_aaa_tt _aa_a")
     msgs = stream_pieces(lp, [0, cut, lp.shape[0]])
-    assert final_transcript(msgs) == "cat aa"
+    assert final_text(msgs) == "cat aa"
 
 
 def test_streamed_in_pieces_of_any_size_equals_whole():
     rng = random.Random(7)
-    endpoint = EndpointConfig(rule3_min_utterance_length=3.0)     # rule 3 fires too
+    endpoint = EndpointConfig(rule3_min_utterance_length=3.0)  # rule 3 fires too
     for trial in range(12):
         lp = path_matrix(random_path(rng, 12))
         whole = decode_whole(CONTRACT, lp, endpoint=endpoint)
         assert sum(m["type"] == "Results" and m["is_final"] for m in whole) >= 2
         for max_piece in (1, 2, 5, 17, 64):
-            msgs = stream_pieces(lp, split_points(lp.shape[0], rng, max_piece),
-                                 endpoint=endpoint)
-            assert finals(msgs) == finals(whole), (trial, max_piece)
+            msgs = stream_pieces(lp, split_points(lp.shape[0], rng, max_piece), endpoint=endpoint)
+            assert decoded_finals(msgs) == decoded_finals(whole), (trial, max_piece)
 
 
 def test_accept_returns_one_interim_last_and_accepts_empty_requests():
     dec = StreamDecoder(CONTRACT)
     msgs = dec.accept(np.zeros((0, len(VOCAB)), np.float32))
     assert [m["is_final"] for m in msgs] == [False]
-    assert transcript_of(msgs[0]) == ""
+    assert protocol.transcript(msgs[0]) == ""
     msgs = dec.accept(path_matrix("hh_i"))
     assert len(msgs) == 1 and not msgs[0]["is_final"]
-    assert transcript_of(msgs[0]) == "hi"
+    assert protocol.transcript(msgs[0]) == "hi"
     assert msgs[0]["duration"] == pytest.approx(4 * FRAME_S)
     assert dec.keepalive() == []
     assert dec.frames_decoded == 4
@@ -159,7 +91,7 @@ def test_word_times_are_frame_indices_times_frame_seconds():
     path = "__hh_ee__ _xyyy_"
     msgs = decode_whole(CONTRACT, path_matrix(path))
     (final,) = [m for m in msgs if m["type"] == "Results" and m["is_final"]]
-    words = words_of(final)
+    words = protocol.words(final)
     assert [w["word"] for w in words] == ["he", "xy"]
     # "he": first token h at frame 2, last token e ends at frame 6 -> end = frame 7
     assert words[0]["start"] == pytest.approx(2 * FRAME_S)
@@ -178,7 +110,7 @@ def test_time_offset_shifts_every_time():
     path = "__hh_ee__"
     base = decode_whole(CONTRACT, path_matrix(path))
     shifted = decode_whole(CONTRACT, path_matrix(path), DecoderConfig(time_offset=10.0))
-    w0, w1 = words_of(base[-2])[0], words_of(shifted[-2])[0]
+    w0, w1 = protocol.words(base[-2])[0], protocol.words(shifted[-2])[0]
     assert w1["start"] == pytest.approx(w0["start"] + 10.0)
     assert w1["end"] == pytest.approx(w0["end"] + 10.0)
     assert shifted[-2]["start"] == pytest.approx(10.0)
@@ -193,22 +125,24 @@ def test_word_confidence_is_mean_of_token_peaks_and_utterance_mean_of_words():
         row[vocab.index(tok)] = p
         lp[t] = np.log(row)
     final = [m for m in decode_whole(CONTRACT, lp) if m.get("is_final")][0]
-    ab, c = words_of(final)
+    ab, c = protocol.words(final)
     assert ab["confidence"] == pytest.approx(0.7, abs=1e-4)
     assert c["confidence"] == pytest.approx(0.5, abs=1e-4)
     assert final["channel"]["alternatives"][0]["confidence"] == pytest.approx(0.6, abs=1e-4)
 
 
 def test_sentencepiece_words():
-    sp = make_contract(("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x"),
-                       word_boundary="sentencepiece")
+    sp = make_contract(
+        ("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x"), word_boundary="sentencepiece"
+    )
     path = ["\u2581he", "llo", BLANK, "\u2581wor", "\u2581wor", "ld", BLANK, "\u2581", "x"]
     msgs = decode_whole(sp, path_matrix(path, sp))
     final = [m for m in msgs if m.get("is_final")][0]
-    assert transcript_of(final) == "hello world x"
-    times = [t for w in words_of(final) for t in (w["start"], w["end"])]
-    assert times == pytest.approx([0.0, 2 * FRAME_S, 3 * FRAME_S, 6 * FRAME_S,
-                                   7 * FRAME_S, 9 * FRAME_S])
+    assert protocol.transcript(final) == "hello world x"
+    times = [t for w in protocol.words(final) for t in (w["start"], w["end"])]
+    assert times == pytest.approx(
+        [0.0, 2 * FRAME_S, 3 * FRAME_S, 6 * FRAME_S, 7 * FRAME_S, 9 * FRAME_S]
+    )
 
 
 # -- endpointing ---------------------------------------------------------------------------
@@ -220,64 +154,67 @@ def _endpoint_finals(gap: int) -> tuple[list[dict], list[dict]]:
 
 def test_endpoint_fires_after_rule2_silence():
     msgs, fin = _endpoint_finals(RULE2_FRAMES)
-    assert [transcript_of(m) for m in fin] == ["hi", "yo"]
+    assert [protocol.transcript(m) for m in fin] == ["hi", "yo"]
     assert fin[0]["speech_final"] is True and fin[0]["from_finalize"] is False
     # the final covers the word and exactly 1.2 s of silence after it
     assert fin[0]["duration"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
     assert fin[1]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
-    assert fin[1]["speech_final"] is False            # flushed by close(), not a pause
-    assert words_of(fin[1])[0]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
+    assert fin[1]["speech_final"] is False  # flushed by close(), not a pause
+    assert protocol.words(fin[1])[0]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
 
 
 @pytest.mark.parametrize("gap", [1, 10, RULE2_FRAMES - 1])
 def test_no_endpoint_within_shorter_gaps(gap):
     msgs, fin = _endpoint_finals(gap)
-    assert [transcript_of(m) for m in fin] == ["hiyo"]
+    assert [protocol.transcript(m) for m in fin] == ["hiyo"]
 
 
 def test_endpoint_fires_in_the_request_that_completes_the_silence():
     lp = path_matrix("hi" + BLANK * (RULE2_FRAMES + 10))
     dec = StreamDecoder(CONTRACT)
-    first = dec.accept(lp[:2 + RULE2_FRAMES - 1])
+    first = dec.accept(lp[: 2 + RULE2_FRAMES - 1])
     assert [m["is_final"] for m in first] == [False]
-    second = dec.accept(lp[2 + RULE2_FRAMES - 1:])
+    second = dec.accept(lp[2 + RULE2_FRAMES - 1 :])
     assert [(m["type"], m.get("is_final")) for m in second] == [
-        ("Results", True), ("UtteranceEnd", None), ("Results", False)]
+        ("Results", True),
+        ("UtteranceEnd", None),
+        ("Results", False),
+    ]
     assert second[0]["speech_final"] is True
-    assert transcript_of(second[2]) == ""
+    assert protocol.transcript(second[2]) == ""
     assert second[2]["start"] == pytest.approx((2 + RULE2_FRAMES) * FRAME_S)
 
 
 def test_rule2_threshold_is_configurable():
     endpoint = EndpointConfig.from_parameters({"rule2_min_trailing_silence": "0.4"})
     msgs = decode_whole(CONTRACT, path_matrix("hi" + BLANK * 10 + "yo"), endpoint=endpoint)
-    assert [transcript_of(m) for m in msgs if m.get("is_final")] == ["hi", "yo"]
+    assert [protocol.transcript(m) for m in msgs if m.get("is_final")] == ["hi", "yo"]
     off = EndpointConfig(endpointing=False)
     msgs = decode_whole(CONTRACT, path_matrix("hi" + BLANK * 100 + "yo"), endpoint=off)
-    assert [transcript_of(m) for m in msgs if m.get("is_final")] == ["hiyo"]
+    assert [protocol.transcript(m) for m in msgs if m.get("is_final")] == ["hiyo"]
 
 
 def test_rule1_resets_silently_and_times_keep_counting():
     lp = path_matrix(BLANK * (RULE1_FRAMES + 5) + "ok")
     msgs = decode_whole(CONTRACT, lp)
     fin = [m for m in msgs if m["type"] == "Results" and m["is_final"]]
-    assert [transcript_of(m) for m in fin] == ["ok"]
+    assert [protocol.transcript(m) for m in fin] == ["ok"]
     assert fin[0]["start"] == pytest.approx(RULE1_FRAMES * FRAME_S)
-    assert words_of(fin[0])[0]["start"] == pytest.approx((RULE1_FRAMES + 5) * FRAME_S)
+    assert protocol.words(fin[0])[0]["start"] == pytest.approx((RULE1_FRAMES + 5) * FRAME_S)
     with_empty = decode_whole(CONTRACT, lp, endpoint=EndpointConfig(empty_finals=True))
     fin = [m for m in with_empty if m["type"] == "Results" and m["is_final"]]
-    assert [transcript_of(m) for m in fin] == ["", "ok"]
+    assert [protocol.transcript(m) for m in fin] == ["", "ok"]
     assert fin[0]["speech_final"] is True
 
 
 def test_rule3_cuts_long_utterances_without_duplicating_a_straddling_token():
-    endpoint = EndpointConfig(rule3_min_utterance_length=0.2)          # 5 frames
+    endpoint = EndpointConfig(rule3_min_utterance_length=0.2)  # 5 frames
     msgs = decode_whole(CONTRACT, path_matrix("abcdeeefg"), endpoint=endpoint)
     fin = [m for m in msgs if m["type"] == "Results" and m["is_final"]]
     # cut after frame 4 (inside the held "eee"): e belongs to the first utterance only
-    assert [transcript_of(m) for m in fin] == ["abcde", "fg"]
+    assert [protocol.transcript(m) for m in fin] == ["abcde", "fg"]
     assert [m["speech_final"] for m in fin] == [False, False]
-    assert words_of(fin[0])[0]["end"] == pytest.approx(5 * FRAME_S)
+    assert protocol.words(fin[0])[0]["end"] == pytest.approx(5 * FRAME_S)
 
 
 # -- finals never change ---------------------------------------------------------------------
@@ -291,19 +228,19 @@ def test_finals_are_never_revised():
             if m["type"] != "Results":
                 continue
             assert m["start"] >= finalized_until - 1e-9
-            for w in words_of(m):
+            for w in protocol.words(m):
                 assert w["start"] >= finalized_until - 1e-9
             if m["is_final"]:
                 finalized_until = m["start"] + m["duration"]
-        assert final_transcript(msgs) == final_transcript(decode_whole(CONTRACT, lp))
+        assert final_text(msgs) == final_text(decode_whole(CONTRACT, lp))
 
 
 def test_interim_after_final_holds_only_the_new_utterance():
     dec = StreamDecoder(CONTRACT)
     msgs = dec.accept(path_matrix("one" + BLANK * RULE2_FRAMES + "tw"))
-    assert [transcript_of(m) for m in msgs if m["type"] == "Results"] == ["one", "tw"]
+    assert [protocol.transcript(m) for m in msgs if m["type"] == "Results"] == ["one", "tw"]
     more = dec.accept(path_matrix("o"))
-    assert transcript_of(more[-1]) == "two"
+    assert protocol.transcript(more[-1]) == "two"
 
 
 # -- finalize / close / UtteranceEnd ---------------------------------------------------------
@@ -312,14 +249,14 @@ def test_finalize_flushes_the_open_utterance():
     dec.accept(path_matrix("hel"))
     (fin,) = dec.finalize()
     assert fin["is_final"] and fin["from_finalize"] and not fin["speech_final"]
-    assert transcript_of(fin) == "hel"
+    assert protocol.transcript(fin) == "hel"
     nxt = dec.accept(path_matrix("_lo"))
-    assert transcript_of(nxt[-1]) == "lo"            # "hel" is not repeated
+    assert protocol.transcript(nxt[-1]) == "lo"  # "hel" is not repeated
     assert nxt[-1]["start"] == pytest.approx(3 * FRAME_S)
     (again,) = dec.finalize()
-    assert transcript_of(again) == "lo"
+    assert protocol.transcript(again) == "lo"
     (empty,) = dec.finalize()
-    assert empty["from_finalize"] and transcript_of(empty) == ""
+    assert empty["from_finalize"] and protocol.transcript(empty) == ""
 
 
 def test_close_flushes_then_stops():
@@ -337,14 +274,14 @@ def test_close_flushes_then_stops():
 def test_close_with_nothing_open_sends_no_empty_final():
     dec = StreamDecoder(CONTRACT)
     dec.accept(path_matrix("hi" + BLANK * RULE2_FRAMES))
-    assert dec.close() == []          # final and UtteranceEnd were already sent
+    assert dec.close() == []  # final and UtteranceEnd were already sent
 
 
 def test_utterance_end_after_silence_and_not_when_speech_resumes():
-    endpoint = EndpointConfig(utterance_end=2.0)                    # 50 frames
+    endpoint = EndpointConfig(utterance_end=2.0)  # 50 frames
     dec = StreamDecoder(CONTRACT, endpoint=endpoint)
     msgs = dec.accept(path_matrix("hi" + BLANK * 49))
-    assert [m["type"] for m in msgs] == ["Results", "Results"]      # final + interim
+    assert [m["type"] for m in msgs] == ["Results", "Results"]  # final + interim
     msgs = dec.accept(path_matrix(BLANK))
     assert msgs[0] == {"type": "UtteranceEnd", "last_word_end": pytest.approx(2 * FRAME_S)}
     # speech resumes before the gap: the owed UtteranceEnd is dropped
@@ -360,6 +297,6 @@ def test_schema_doc_documents_every_field():
         fields |= set(m)
         if m["type"] == "Results":
             alt = m["channel"]["alternatives"][0]
-            fields |= set(alt) | set(words_of(m)[0])
+            fields |= set(alt) | set(protocol.words(m)[0])
     for f in fields:
         assert f"`{f}" in results_schema_doc or f".{f}`" in results_schema_doc, f

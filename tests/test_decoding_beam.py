@@ -1,4 +1,5 @@
 """Prefix beam search: prefix sums, streaming state, hotword boosting, word n-gram LM."""
+
 from __future__ import annotations
 
 import random
@@ -6,11 +7,21 @@ import random
 import numpy as np
 import pytest
 
+from streamasr import protocol
 from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder, decode_whole
 from streamasr.decoding.lm import kenlm_available
 
-from .test_decoding import (BLANK, CONTRACT, FRAME_S, VOCAB, finals, path_matrix, random_path,
-                            split_points, stream_pieces, transcript_of, words_of)
+from .helpers import (
+    BLANK,
+    CONTRACT,
+    FRAME_S,
+    VOCAB,
+    decoded_finals,
+    path_matrix,
+    random_path,
+    split_points,
+    stream_pieces,
+)
 
 BEAM = DecoderConfig(decoding="beam", beam_size=8, beam_top_k=4)
 #: Posteriors of the ambiguous frame in the crafted cases: the acoustics slightly
@@ -42,7 +53,7 @@ def cot_or_cat(prefix: str = "") -> np.ndarray:
 
 
 def final_text(msgs: list[dict]) -> str:
-    return " ".join(transcript_of(m) for m in msgs if m.get("is_final"))
+    return " ".join(protocol.transcript(m) for m in msgs if m.get("is_final"))
 
 
 def test_beam_sums_paths_that_greedy_cannot():
@@ -57,20 +68,25 @@ def test_beam_matches_greedy_on_clear_paths():
     rng = random.Random(3)
     for _ in range(6):
         lp = path_matrix(random_path(rng, 10))
-        assert finals(decode_whole(CONTRACT, lp, BEAM)) == finals(decode_whole(CONTRACT, lp))
+        assert decoded_finals(decode_whole(CONTRACT, lp, BEAM)) == decoded_finals(
+            decode_whole(CONTRACT, lp)
+        )
 
 
 def test_beam_streamed_in_pieces_equals_whole():
     rng = random.Random(5)
     endpoint = EndpointConfig(rule3_min_utterance_length=2.0)
-    config = DecoderConfig(decoding="beam", beam_size=4, beam_top_k=3,
-                           hotwords=[("abc", 1.0), ("hij", 2.0)])
+    config = DecoderConfig(
+        decoding="beam", beam_size=4, beam_top_k=3, hotwords=[("abc", 1.0), ("hij", 2.0)]
+    )
     for _ in range(4):
-        lp = path_matrix(random_path(rng, 10), peak=0.6)    # less peaky: beams differ
+        lp = path_matrix(random_path(rng, 10), peak=0.6)  # less peaky: beams differ
         whole = decode_whole(CONTRACT, lp, config, endpoint)
         for max_piece in (1, 4, 13):
             cuts = split_points(lp.shape[0], rng, max_piece)
-            assert finals(stream_pieces(lp, cuts, config, endpoint)) == finals(whole)
+            assert decoded_finals(stream_pieces(lp, cuts, config, endpoint)) == decoded_finals(
+                whole
+            )
 
 
 def test_beam_collapses_across_boundaries_and_rule3_cuts():
@@ -79,20 +95,20 @@ def test_beam_collapses_across_boundaries_and_rule3_cuts():
         assert final_text(stream_pieces(lp, [0, cut, lp.shape[0]], BEAM)) == "cat aa"
     endpoint = EndpointConfig(rule3_min_utterance_length=0.2)
     msgs = decode_whole(CONTRACT, path_matrix("abcdeeefg"), BEAM, endpoint)
-    assert [transcript_of(m) for m in msgs if m.get("is_final")] == ["abcde", "fg"]
+    assert [protocol.transcript(m) for m in msgs if m.get("is_final")] == ["abcde", "fg"]
 
 
 def test_beam_interims_show_the_best_beam():
     dec = StreamDecoder(CONTRACT, config=BEAM)
     lp = cot_or_cat()
-    assert transcript_of(dec.accept(lp[:4])[-1]) == "co"
-    assert transcript_of(dec.accept(lp[4:])[-1]) == "cot"
+    assert protocol.transcript(dec.accept(lp[:4])[-1]) == "co"
+    assert protocol.transcript(dec.accept(lp[4:])[-1]) == "cot"
 
 
 def test_beam_word_times_follow_the_alignment():
     msgs = decode_whole(CONTRACT, path_matrix("__hh_ee__ _xyyy_"), BEAM)
     (final,) = [m for m in msgs if m.get("is_final")]
-    got = [(w["word"], w["start"], w["end"]) for w in words_of(final)]
+    got = [(w["word"], w["start"], w["end"]) for w in protocol.words(final)]
     want = [("he", 2 * FRAME_S, 7 * FRAME_S), ("xy", 11 * FRAME_S, 15 * FRAME_S)]
     assert [g[0] for g in got] == [w[0] for w in want]
     assert [t for g in got for t in g[1:]] == pytest.approx([t for w in want for t in w[1:]])
@@ -123,10 +139,12 @@ def test_unrelated_or_uncompleted_hotwords_change_nothing():
     assert with_hotwords(lp, [("cab", 5.0)]) == "cot"
     # ... and the interims show the bonus being applied, then removed (a boost whose
     # partial bonus, 2 x 1.0, beats the acoustic margin but not a missing clear "t")
-    dec = StreamDecoder(CONTRACT, config=DecoderConfig(decoding="beam", beam_size=8,
-                                                       beam_top_k=4, hotwords=[("cab", 1.0)]))
-    assert transcript_of(dec.accept(lp[:4])[-1]) == "ca"
-    assert transcript_of(dec.accept(lp[4:])[-1]) == "cot"
+    dec = StreamDecoder(
+        CONTRACT,
+        config=DecoderConfig(decoding="beam", beam_size=8, beam_top_k=4, hotwords=[("cab", 1.0)]),
+    )
+    assert protocol.transcript(dec.accept(lp[:4])[-1]) == "ca"
+    assert protocol.transcript(dec.accept(lp[4:])[-1]) == "cot"
 
 
 def test_hotwords_do_not_change_clear_speech():
@@ -135,10 +153,22 @@ def test_hotwords_do_not_change_clear_speech():
     rng = random.Random(9)
     for _ in range(4):
         lp = path_matrix(random_path(rng, 8))
-        plain = finals(decode_whole(CONTRACT, lp, BEAM))
-        assert finals(decode_whole(CONTRACT, lp, DecoderConfig(
-            decoding="beam", beam_size=8, beam_top_k=4,
-            hotwords=[("abc", 1.0), ("jihg", 1.0)]))) == plain
+        plain = decoded_finals(decode_whole(CONTRACT, lp, BEAM))
+        assert (
+            decoded_finals(
+                decode_whole(
+                    CONTRACT,
+                    lp,
+                    DecoderConfig(
+                        decoding="beam",
+                        beam_size=8,
+                        beam_top_k=4,
+                        hotwords=[("abc", 1.0), ("jihg", 1.0)],
+                    ),
+                )
+            )
+            == plain
+        )
 
 
 def test_hotword_option_from_stream_parameters():
@@ -173,8 +203,9 @@ def test_word_lm_prefers_the_likely_word(tmp_path):
     arpa.write_text(ARPA)
     lp = cot_or_cat("the ")
     assert final_text(decode_whole(CONTRACT, lp, BEAM)) == "the cot"
-    cfg = DecoderConfig.from_parameters({"decoding": "beam", "lm_path": str(arpa),
-                                         "lm_alpha": "1.0", "lm_beta": "0"})
+    cfg = DecoderConfig.from_parameters(
+        {"decoding": "beam", "lm_path": str(arpa), "lm_alpha": "1.0", "lm_beta": "0"}
+    )
     assert final_text(decode_whole(CONTRACT, lp, cfg)) == "the cat"
     # the LM also runs when the stream arrives in pieces
     assert final_text(stream_pieces(lp, [0, 3, 5, 9, lp.shape[0]], cfg)) == "the cat"
@@ -196,7 +227,7 @@ def test_greedy_streams_opt_out_of_the_servers_lm(tmp_path):
 
 def test_impossible_tokens_are_never_chosen():
     lp = path_matrix("hh_i")
-    lp[:, VOCAB.index("z")] = -np.inf            # e.g. a masked token
+    lp[:, VOCAB.index("z")] = -np.inf  # e.g. a masked token
     for cfg in (DecoderConfig(), BEAM):
         assert final_text(decode_whole(CONTRACT, lp, cfg)) == "hi"
 
@@ -204,16 +235,20 @@ def test_impossible_tokens_are_never_chosen():
 def test_sentencepiece_beam_and_hotword_tokenisation():
     from streamasr.decoding.text import TokenText
 
-    from .test_decoding import make_contract
+    from .helpers import make_contract
 
-    sp = make_contract(("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x", "o"),
-                       word_boundary="sentencepiece")
+    sp = make_contract(
+        ("<b>", "\u2581he", "llo", "\u2581wor", "ld", "\u2581", "x", "o"),
+        word_boundary="sentencepiece",
+    )
     text = TokenText(sp)
     v = list(sp.vocabulary)
-    assert text.encode("hello world") == tuple(v.index(t) for t in
-                                                ("\u2581he", "llo", "\u2581wor", "ld"))
+    assert text.encode("hello world") == tuple(
+        v.index(t) for t in ("\u2581he", "llo", "\u2581wor", "ld")
+    )
     assert text.encode("x") == (v.index("\u2581"), v.index("x"))
     path = ["\u2581he", "llo", BLANK, "\u2581wor", "ld", BLANK, "\u2581", "x"]
-    msgs = decode_whole(sp, path_matrix(path, sp), DecoderConfig(
-        decoding="beam", hotwords=[("world", 1.0)]))
+    msgs = decode_whole(
+        sp, path_matrix(path, sp), DecoderConfig(decoding="beam", hotwords=[("world", 1.0)])
+    )
     assert final_text(msgs) == "hello world x"

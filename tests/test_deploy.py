@@ -1,19 +1,19 @@
 """docker/deploy against botocore's Stubber (no AWS): every planned call is a valid
 request for the real API model, in the right order, with the arguments we mean."""
+
 from __future__ import annotations
 
 import io
 import subprocess
 import sys
 
+import boto3
 import pytest
+from botocore.stub import Stubber
 
-boto3 = pytest.importorskip("boto3")
-from botocore.stub import Stubber  # noqa: E402
+from streamasr.sagemaker import deploy as dep
 
-from streamasr import sagemaker_deploy as dep  # noqa: E402
-
-from .conftest import ROOT  # noqa: E402
+from .helpers import ROOT
 
 ROLE = "arn:aws:iam::123456789012:role/streamasr-sagemaker"
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/streamasr:1"
@@ -21,10 +21,13 @@ KMS = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890
 
 
 def clients():
-    s = boto3.session.Session(aws_access_key_id="x", aws_secret_access_key="y",
-                              region_name="us-east-1")
-    return {"sagemaker": s.client("sagemaker"),
-            "application-autoscaling": s.client("application-autoscaling")}
+    s = boto3.session.Session(
+        aws_access_key_id="x", aws_secret_access_key="y", region_name="us-east-1"
+    )
+    return {
+        "sagemaker": s.client("sagemaker"),
+        "application-autoscaling": s.client("application-autoscaling"),
+    }
 
 
 def run_stubbed(calls, responses=None, errors=None, in_service=False, order=None):
@@ -40,19 +43,29 @@ def run_stubbed(calls, responses=None, errors=None, in_service=False, order=None
     for i, c in enumerate(calls):
         if c.needs_in_service and in_service:
             for status in ("Creating", "InService"):
-                stubs["sagemaker"].add_response("describe_endpoint", describe_endpoint(status),
-                                                expected_params={"EndpointName": "asr"})
+                stubs["sagemaker"].add_response(
+                    "describe_endpoint",
+                    describe_endpoint(status),
+                    expected_params={"EndpointName": "asr"},
+                )
         if errors and i in errors:
-            stubs[c.service].add_client_error(c.operation, service_error_code=errors[i],
-                                              expected_params=c.params)
+            stubs[c.service].add_client_error(
+                c.operation, service_error_code=errors[i], expected_params=c.params
+            )
         else:
-            stubs[c.service].add_response(c.operation, (responses or {}).get(c.operation, {}),
-                                          expected_params=c.params)
+            stubs[c.service].add_response(
+                c.operation, (responses or {}).get(c.operation, {}), expected_params=c.params
+            )
     for s in stubs.values():
         s.activate()
     out = io.StringIO()
-    result = dep.execute(calls, cs.__getitem__, dry_run=False, out=out,
-                         wait_before=lambda c: dep.wait_in_service(c, "asr", delay_s=0))
+    result = dep.execute(
+        calls,
+        cs.__getitem__,
+        dry_run=False,
+        out=out,
+        wait_before=lambda c: dep.wait_in_service(c, "asr", delay_s=0),
+    )
     for s in stubs.values():
         s.assert_no_pending_responses()
     return result, out.getvalue()
@@ -62,26 +75,37 @@ def describe_endpoint(status: str) -> dict:
     import datetime as dt
 
     now = dt.datetime(2026, 11, 25, tzinfo=dt.timezone.utc)
-    return {"EndpointName": "asr", "EndpointConfigName": "asr", "EndpointStatus": status,
-            "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/asr",
-            "CreationTime": now, "LastModifiedTime": now}
+    return {
+        "EndpointName": "asr",
+        "EndpointConfigName": "asr",
+        "EndpointStatus": status,
+        "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/asr",
+        "CreationTime": now,
+        "LastModifiedTime": now,
+    }
 
 
 RESPONSES = {
     "create_model": {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/asr"},
     "create_endpoint_config": {
-        "EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/asr"},
+        "EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/asr"
+    },
     "create_endpoint": {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/asr"},
-    "put_scaling_policy": {"PolicyARN": "arn:aws:autoscaling:us-east-1:123456789012:policy",
-                           "Alarms": []},
+    "put_scaling_policy": {
+        "PolicyARN": "arn:aws:autoscaling:us-east-1:123456789012:policy",
+        "Alarms": [],
+    },
 }
 
 
 def test_create_defaults():
     a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE])
     calls = dep.plan_create(a)
-    assert [c.operation for c in calls] == ["create_model", "create_endpoint_config",
-                                            "create_endpoint"]
+    assert [c.operation for c in calls] == [
+        "create_model",
+        "create_endpoint_config",
+        "create_endpoint",
+    ]
     model, epc, ep = (c.params for c in calls)
     assert model["PrimaryContainer"]["Image"] == IMAGE and "VpcConfig" not in model
     (v,) = epc["ProductionVariants"]
@@ -94,19 +118,42 @@ def test_create_defaults():
 
 
 def test_create_everything():
-    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                        "--instance-type", "ml.m5.2xlarge", "--count", "2", "--kms-key", KMS,
-                        "--subnets", "subnet-1,subnet-2", "--security-groups", "sg-1",
-                        "--grpc", "--env", "STREAMASR_GATEWAY_MAX_PENDING=80",
-                        "--autoscale-min", "2", "--autoscale-max", "6",
-                        "--target-concurrency", "25",
-                        "--data-capture-s3", "s3://bucket/capture"])
+    a = dep.parse_args(
+        [
+            "create",
+            "--name",
+            "asr",
+            "--image",
+            IMAGE,
+            "--role",
+            ROLE,
+            "--instance-type",
+            "ml.m5.2xlarge",
+            "--count",
+            "2",
+            "--kms-key",
+            KMS,
+            "--subnets",
+            "subnet-1,subnet-2",
+            "--security-groups",
+            "sg-1",
+            "--grpc",
+            "--env",
+            "STREAMASR_GATEWAY_MAX_PENDING=80",
+            "--autoscale-min",
+            "2",
+            "--autoscale-max",
+            "6",
+            "--target-concurrency",
+            "25",
+            "--data-capture-s3",
+            "s3://bucket/capture",
+        ]
+    )
     calls = dep.plan_create(a)
-    assert [c.operation for c in calls][-2:] == ["register_scalable_target",
-                                                 "put_scaling_policy"]
+    assert [c.operation for c in calls][-2:] == ["register_scalable_target", "put_scaling_policy"]
     model, epc = calls[0].params, calls[1].params
-    assert model["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"],
-                                  "SecurityGroupIds": ["sg-1"]}
+    assert model["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
     env = model["PrimaryContainer"]["Environment"]
     assert env["SAGEMAKER_TRITON_ALLOW_GRPC"] == "true"
     assert env["STREAMASR_GATEWAY_MAX_PENDING"] == "80"
@@ -118,30 +165,56 @@ def test_create_everything():
     assert tt["PredefinedMetricSpecification"]["PredefinedMetricType"] == dep.CONCURRENCY_METRIC
     assert tt["TargetValue"] == 25.0
     # autoscaling waits for InService: DescribeEndpoint (the waiter) comes first
-    run_stubbed(calls, RESPONSES, in_service=True)   # Stubber validates every request
+    run_stubbed(calls, RESPONSES, in_service=True)  # Stubber validates every request
 
 
 def test_metric_names_exist_in_the_api_model():
     import botocore.session
 
-    enum = botocore.session.get_session().get_service_model(
-        "application-autoscaling").shape_for("MetricType").enum
+    enum = (
+        botocore.session.get_session()
+        .get_service_model("application-autoscaling")
+        .shape_for("MetricType")
+        .enum
+    )
     assert dep.CONCURRENCY_METRIC in enum and dep.INVOCATIONS_METRIC in enum
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="both"):
-        dep.plan_create(dep.parse_args(["create", "--name", "a", "--image", IMAGE, "--role",
-                                        ROLE, "--subnets", "subnet-1"]))
+        dep.plan_create(
+            dep.parse_args(
+                ["create", "--name", "a", "--image", IMAGE, "--role", ROLE, "--subnets", "subnet-1"]
+            )
+        )
     with pytest.raises(ValueError, match="autoscale"):
-        dep.plan_create(dep.parse_args(["create", "--name", "a", "--image", IMAGE, "--role",
-                                        ROLE, "--autoscale-min", "3", "--autoscale-max", "2"]))
+        dep.plan_create(
+            dep.parse_args(
+                [
+                    "create",
+                    "--name",
+                    "a",
+                    "--image",
+                    IMAGE,
+                    "--role",
+                    ROLE,
+                    "--autoscale-min",
+                    "3",
+                    "--autoscale-max",
+                    "2",
+                ]
+            )
+        )
 
 
 def test_delete_tolerates_missing_resources_but_not_other_errors():
     calls = dep.plan_delete(dep.parse_args(["delete", "--name", "asr"]))
-    assert [c.operation for c in calls] == ["deregister_scalable_target", "delete_endpoint",
-                                            "delete_endpoint_config", "delete_model"]
+    assert [c.operation for c in calls] == [
+        "deregister_scalable_target",
+        "delete_endpoint",
+        "delete_endpoint_config",
+        "delete_model",
+    ]
     # no autoscaling target was ever registered: fine, the rest is deleted
     results, _ = run_stubbed(calls, errors={0: "ObjectNotFoundException"})
     assert results[0] is None
@@ -152,20 +225,41 @@ def test_delete_tolerates_missing_resources_but_not_other_errors():
 def test_dry_run_prints_every_call_and_calls_nothing():
     out = io.StringIO()
     # no credentials, no region: a real call would fail
-    code = dep.main(["create", "--dry-run", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                     "--autoscale-max", "3"], out=out)
+    code = dep.main(
+        [
+            "create",
+            "--dry-run",
+            "--name",
+            "asr",
+            "--image",
+            IMAGE,
+            "--role",
+            ROLE,
+            "--autoscale-max",
+            "3",
+        ],
+        out=out,
+    )
     assert code == 0
     text = out.getvalue()
-    for op in ("sagemaker.create_model(", "sagemaker.create_endpoint_config(",
-               "sagemaker.create_endpoint(", "application-autoscaling.register_scalable_target(",
-               "application-autoscaling.put_scaling_policy("):
+    for op in (
+        "sagemaker.create_model(",
+        "sagemaker.create_endpoint_config(",
+        "sagemaker.create_endpoint(",
+        "application-autoscaling.register_scalable_target(",
+        "application-autoscaling.put_scaling_policy(",
+    ):
         assert f"DRY RUN {op}" in text
     assert ROLE in text and "ml.g5.xlarge" in text
 
 
 def test_docker_deploy_script_runs():
-    r = subprocess.run([sys.executable, str(ROOT / "docker" / "deploy"), "delete", "--dry-run",
-                        "--name", "asr"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "deploy"), "delete", "--dry-run", "--name", "asr"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("DRY RUN") == 4
 
@@ -189,8 +283,12 @@ def test_docs_commands_and_policies_are_current():
     blocks = re.findall(r"```json\n(.*?)```", doc, re.S)
     policies = [json.loads(b) for b in blocks]
     assert len(policies) == 3
-    actions = {a for p in policies for st in p["Statement"]
-               for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    actions = {
+        a
+        for p in policies
+        for st in p["Statement"]
+        for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
+    }
     assert "sagemaker:InvokeEndpointWithBidirectionalStream" in actions
     for op in ("CreateModel", "CreateEndpointConfig", "CreateEndpoint", "DeleteEndpoint"):
         assert f"sagemaker:{op}" in actions
@@ -200,30 +298,60 @@ def test_docs_commands_and_policies_are_current():
 def test_kms_key_is_refused_on_instances_with_local_nvme_before_any_call(monkeypatch, caplog):
     """CreateEndpointConfig rejects KmsKeyId on Nitro instances with instance store (the
     default ml.g5.xlarge among them): refused up front, naming why, with no AWS call."""
+
     def no_aws(*a, **kw):
         raise AssertionError("an AWS client was created")
 
     monkeypatch.setattr(boto3.session, "Session", no_aws)
-    for itype in ("ml.g5.xlarge", "ml.g6.2xlarge", "ml.g4dn.xlarge", "ml.p4d.24xlarge",
-                  "ml.m5d.large"):
-        args = ["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                "--instance-type", itype, "--kms-key", KMS]
+    for itype in (
+        "ml.g5.xlarge",
+        "ml.g6.2xlarge",
+        "ml.g4dn.xlarge",
+        "ml.p4d.24xlarge",
+        "ml.m5d.large",
+    ):
+        args = [
+            "create",
+            "--name",
+            "asr",
+            "--image",
+            IMAGE,
+            "--role",
+            ROLE,
+            "--instance-type",
+            itype,
+            "--kms-key",
+            KMS,
+        ]
         with pytest.raises(ValueError, match="local NVMe"):
             dep.plan_create(dep.parse_args(args))
         caplog.clear()
         assert dep.main(args, out=io.StringIO()) == 2
         assert itype in caplog.text and "KmsKeyId" in caplog.text
     # the default instance type is one of them
-    assert dep.has_local_instance_storage(dep.parse_args(
-        ["create", "--name", "a", "--image", IMAGE, "--role", ROLE]).instance_type)
+    assert dep.has_local_instance_storage(
+        dep.parse_args(["create", "--name", "a", "--image", IMAGE, "--role", ROLE]).instance_type
+    )
     for itype in ("ml.m5.xlarge", "ml.c5.2xlarge", "ml.p3.2xlarge", "ml.inf2.xlarge"):
         assert not dep.has_local_instance_storage(itype), itype
 
 
 def test_data_capture_can_be_encrypted_on_local_nvme_instances():
-    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                        "--data-capture-s3", "s3://bucket/capture",
-                        "--data-capture-kms-key", KMS])
+    a = dep.parse_args(
+        [
+            "create",
+            "--name",
+            "asr",
+            "--image",
+            IMAGE,
+            "--role",
+            ROLE,
+            "--data-capture-s3",
+            "s3://bucket/capture",
+            "--data-capture-kms-key",
+            KMS,
+        ]
+    )
     calls = dep.plan_create(a)
     epc = calls[1].params
     assert "KmsKeyId" not in epc and epc["DataCaptureConfig"]["KmsKeyId"] == KMS
@@ -233,41 +361,72 @@ def test_data_capture_can_be_encrypted_on_local_nvme_instances():
 def test_autoscaling_is_registered_only_once_the_endpoint_is_in_service():
     """Without --wait too: DescribeEndpoint is polled (boto3's waiter) until InService,
     and only then RegisterScalableTarget is sent."""
-    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                        "--autoscale-max", "3"])
+    a = dep.parse_args(
+        ["create", "--name", "asr", "--image", IMAGE, "--role", ROLE, "--autoscale-max", "3"]
+    )
     assert not a.wait
     order: list[str] = []
     run_stubbed(dep.plan_create(a), RESPONSES, in_service=True, order=order)
-    assert order == ["CreateModel", "CreateEndpointConfig", "CreateEndpoint",
-                     "DescribeEndpoint", "DescribeEndpoint",
-                     "RegisterScalableTarget", "PutScalingPolicy"]
+    assert order == [
+        "CreateModel",
+        "CreateEndpointConfig",
+        "CreateEndpoint",
+        "DescribeEndpoint",
+        "DescribeEndpoint",
+        "RegisterScalableTarget",
+        "PutScalingPolicy",
+    ]
 
 
 def test_autoscaling_is_not_registered_on_a_failed_endpoint():
     from botocore.exceptions import WaiterError
 
-    a = dep.parse_args(["create", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                        "--autoscale-max", "3"])
+    a = dep.parse_args(
+        ["create", "--name", "asr", "--image", IMAGE, "--role", ROLE, "--autoscale-max", "3"]
+    )
     calls = dep.plan_create(a)
     cs = clients()
     sm, aas = Stubber(cs["sagemaker"]), Stubber(cs["application-autoscaling"])
     for c in calls[:3]:
         sm.add_response(c.operation, RESPONSES[c.operation], expected_params=c.params)
-    sm.add_response("describe_endpoint", dict(describe_endpoint("Failed"),
-                                              FailureReason="image not found"),
-                    expected_params={"EndpointName": "asr"})
+    sm.add_response(
+        "describe_endpoint",
+        dict(describe_endpoint("Failed"), FailureReason="image not found"),
+        expected_params={"EndpointName": "asr"},
+    )
     sm.activate()
-    aas.activate()                          # nothing queued: any call would fail
+    aas.activate()  # nothing queued: any call would fail
     with pytest.raises(WaiterError, match="Failed|failure"):
-        dep.execute(calls, cs.__getitem__, dry_run=False, out=io.StringIO(),
-                    wait_before=lambda c: dep.wait_in_service(c, "asr", delay_s=0))
+        dep.execute(
+            calls,
+            cs.__getitem__,
+            dry_run=False,
+            out=io.StringIO(),
+            wait_before=lambda c: dep.wait_in_service(c, "asr", delay_s=0),
+        )
     aas.assert_no_pending_responses()
 
 
 def test_dry_run_shows_the_wait_before_autoscaling():
     out = io.StringIO()
-    assert dep.main(["create", "--dry-run", "--name", "asr", "--image", IMAGE, "--role", ROLE,
-                     "--autoscale-max", "3"], out=out) == 0
+    assert (
+        dep.main(
+            [
+                "create",
+                "--dry-run",
+                "--name",
+                "asr",
+                "--image",
+                IMAGE,
+                "--role",
+                ROLE,
+                "--autoscale-max",
+                "3",
+            ],
+            out=out,
+        )
+        == 0
+    )
     lines = [line for line in out.getvalue().splitlines() if line.startswith("DRY RUN ")]
     wait = [i for i, line in enumerate(lines) if "InService" in line]
     reg = [i for i, line in enumerate(lines) if "register_scalable_target(" in line]
@@ -275,15 +434,22 @@ def test_dry_run_shows_the_wait_before_autoscaling():
 
 
 def test_base_image_account_per_region(caplog):
-    from streamasr import sagemaker_images as images
+    from streamasr.sagemaker import images
 
-    for region, account in (("us-east-1", "763104351884"), ("eu-west-1", "763104351884"),
-                            ("af-south-1", "626614931356"), ("eu-south-1", "692866216735"),
-                            ("me-south-1", "217643126080"), ("ap-east-1", "871362719292"),
-                            ("ap-south-2", "772153158452"), ("ca-west-1", "204538143572")):
+    for region, account in (
+        ("us-east-1", "763104351884"),
+        ("eu-west-1", "763104351884"),
+        ("af-south-1", "626614931356"),
+        ("eu-south-1", "692866216735"),
+        ("me-south-1", "217643126080"),
+        ("ap-east-1", "871362719292"),
+        ("ap-south-2", "772153158452"),
+        ("ca-west-1", "204538143572"),
+    ):
         img = images.base_image(region, "25.09-py3")
-        assert img.uri == (f"{account}.dkr.ecr.{region}.amazonaws.com/"
-                           "sagemaker-tritonserver:25.09-py3")
+        assert img.uri == (
+            f"{account}.dkr.ecr.{region}.amazonaws.com/sagemaker-tritonserver:25.09-py3"
+        )
     accounts = images.load_table()["accounts"]
     assert len({r for r, a in accounts.items() if a != "763104351884"}) >= 10
     cn = images.base_image("cn-north-1", "24.09-py3")
@@ -295,9 +461,11 @@ def test_base_image_account_per_region(caplog):
     out = io.StringIO()
     assert dep.main(["base-image", "--region", "eu-south-2", "--build-args"], out=out) == 0
     assert out.getvalue().split() == [
-        "--build-arg=REGION=eu-south-2", "--build-arg=BASE_ACCOUNT=503227376785",
+        "--build-arg=REGION=eu-south-2",
+        "--build-arg=BASE_ACCOUNT=503227376785",
         "--build-arg=ECR_DOMAIN=amazonaws.com",
-        f"--build-arg=TRITON_TAG={images.DEFAULT_TRITON_TAG}"]
+        f"--build-arg=TRITON_TAG={images.DEFAULT_TRITON_TAG}",
+    ]
     assert dep.main(["base-image", "--region", "mars-1"], out=io.StringIO()) == 2
     assert "mars-1" in caplog.text
 
@@ -316,6 +484,7 @@ def test_execution_role_policy_covers_model_data_and_data_capture():
         for action in [st["Action"]] if isinstance(st["Action"], str) else st["Action"]:
             allowed.setdefault(action, []).append(st["Resource"])
     assert any(r.startswith("arn:aws:s3:::") for r in allowed.get("s3:GetObject", []))
-    assert any(r.startswith("arn:aws:s3:::") and r.endswith("/*")
-               for r in allowed.get("s3:PutObject", []))
+    assert any(
+        r.startswith("arn:aws:s3:::") and r.endswith("/*") for r in allowed.get("s3:PutObject", [])
+    )
     assert "kms:GenerateDataKey" in allowed

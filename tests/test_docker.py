@@ -1,5 +1,6 @@
 """The image recipe: the production overlay of the model repository, the Dockerfile's
 structure (what SageMaker needs from it), and hadolint when it is installed."""
+
 from __future__ import annotations
 
 import re
@@ -9,20 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from streamasr.repository import main as overlay_main
+from streamasr.repository import parse_config as parse
 from streamasr.repository import production_overlay
 
-from .conftest import REPOSITORY, ROOT
+from .helpers import REPOSITORY, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 KIND = model_config_pb2.ModelInstanceGroup
-
-
-def parse(path: Path):
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
 @pytest.mark.parametrize("gpu", [True, False])
@@ -32,8 +29,9 @@ def test_production_overlay(tmp_path, gpu):
     assert changed == ["acoustic_model"]
     am = parse(dst / "acoustic_model" / "config.pbtxt")
     assert am.backend == "onnxruntime"
-    assert [(g.kind, g.count) for g in am.instance_group] == \
-        [(KIND.KIND_GPU if gpu else KIND.KIND_CPU, 1)]
+    assert [(g.kind, g.count) for g in am.instance_group] == [
+        (KIND.KIND_GPU if gpu else KIND.KIND_CPU, 1)
+    ]
     # everything else as it was: same configs (as protobuf) and the same files
     src_am = parse(REPOSITORY / "acoustic_model" / "config.pbtxt")
     del am.instance_group[:]
@@ -42,12 +40,16 @@ def test_production_overlay(tmp_path, gpu):
     for cfg in REPOSITORY.glob("*/config.pbtxt"):
         if cfg.parent.name != "acoustic_model":
             assert parse(dst / cfg.parent.name / "config.pbtxt") == parse(cfg)
-    src_files = sorted(p.relative_to(REPOSITORY) for p in REPOSITORY.rglob("*")
-                       if p.is_file() and "__pycache__" not in p.parts)
+    src_files = sorted(
+        p.relative_to(REPOSITORY)
+        for p in REPOSITORY.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
     dst_files = sorted(p.relative_to(dst) for p in dst.rglob("*") if p.is_file())
     assert src_files == dst_files
-    assert (dst / "acoustic_model/1/model.onnx").read_bytes() == \
-        (REPOSITORY / "acoustic_model/1/model.onnx").read_bytes()
+    assert (dst / "acoustic_model/1/model.onnx").read_bytes() == (
+        REPOSITORY / "acoustic_model/1/model.onnx"
+    ).read_bytes()
 
 
 def test_overlay_refuses_a_non_empty_destination_and_cli(tmp_path):
@@ -79,28 +81,31 @@ def test_dockerfile_structure():
     ins = dockerfile_instructions()
     froms = [r for w, r in ins if w == "FROM"]
     # the registry account and domain are build args: they differ between regions
-    dlc = ("${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:"
-           "${TRITON_TAG}")
+    dlc = "${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:${TRITON_TAG}"
     # a build stage exports Whisper (torch stays out of the serving image), then the image
     assert froms == [f"{dlc} AS whisper", dlc]
     args = {r.split("=")[0]: r.split("=")[1] for w, r in ins if w == "ARG" and "=" in r}
     assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
     # the defaults are the table's entry for the default region and tag
-    from streamasr.sagemaker_images import DEFAULT_TRITON_TAG, base_image
+    from streamasr.sagemaker.images import DEFAULT_TRITON_TAG, base_image
+
     assert args["TRITON_TAG"] == DEFAULT_TRITON_TAG
     default = base_image(args["REGION"], args["TRITON_TAG"])
     assert (args["BASE_ACCOUNT"], args["ECR_DOMAIN"]) == (default.account, default.domain)
-    assert "763104351884" not in " ".join(r for w, r in ins if w != "ARG"), \
+    assert "763104351884" not in " ".join(r for w, r in ins if w != "ARG"), (
         "the registry account must come from the BASE_ACCOUNT build arg"
+    )
     labels = " ".join(r for w, r in ins if w == "LABEL")
     assert "com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true" in labels
     all_copies = [r.split() for w, r in ins if w == "COPY"]
-    copies = [c for c in all_copies if len(c) == 2]                 # one source, from context
+    copies = [c for c in all_copies if len(c) == 2]  # one source, from context
     backend_copies = {src: dst for src, dst in copies if src.startswith("backends/")}
-    ours = {f"backends/{p.name}" for p in (ROOT / "backends").iterdir()
-            if (p / "model.py").exists()}
-    assert "backends/onnxruntime" not in backend_copies, \
+    ours = {
+        f"backends/{p.name}" for p in (ROOT / "backends").iterdir() if (p / "model.py").exists()
+    }
+    assert "backends/onnxruntime" not in backend_copies, (
         "the CPU stand-in must not shadow Triton's native onnxruntime backend"
+    )
     assert set(backend_copies) == ours - {"backends/onnxruntime"}
     for src, dst in backend_copies.items():
         assert dst == "/opt/tritonserver/backends/" + src.split("/", 1)[1]
@@ -109,13 +114,17 @@ def test_dockerfile_structure():
     assert "streamasr.repository /tmp/model_repository /opt/streamasr/model_repository" in runs
     envs = " ".join(r for w, r in ins if w == "ENV")
     assert "STREAMASR_BAKED_REPOSITORY=/opt/streamasr/model_repository" in envs
-    assert "STREAMASR_MODEL_REPOSITORY" not in envs, \
+    assert "STREAMASR_MODEL_REPOSITORY" not in envs, (
         "an explicit repository would override a ModelDataUrl repository in /opt/ml/model"
+    )
     assert not [c for c in all_copies if c[-1].startswith("/opt/ml")]
     assert "-r docker/requirements-image.txt" in runs
     assert "python3 -m training.export_whisper --out /whisper" in runs
-    assert ["--from=whisper", "/whisper", "/opt/streamasr/model_repository/final_pass/1"] \
-        in all_copies
+    assert [
+        "--from=whisper",
+        "/whisper",
+        "/opt/streamasr/model_repository/final_pass/1",
+    ] in all_copies
     assert ["docker/serve", "/usr/bin/serve"] in copies
     assert [r for w, r in ins if w == "ENTRYPOINT"] == ['["/usr/bin/serve"]']
     assert "8080" in [r for w, r in ins if w == "EXPOSE"]
@@ -140,8 +149,11 @@ def _pins(*files: str) -> dict[str, str]:
 def test_image_requirements_are_pinned_and_match_the_venv_pins():
     venv = _pins("requirements.txt")
     image = _pins("docker/requirements-image.txt")
-    lines = [line for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line
+        for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert len(image) == len(lines), "every image requirement must be pinned with =="
     for name, ver in image.items():
         assert venv.get(name) == ver, f"{name}: image {ver}, venv {venv.get(name)}"
@@ -169,13 +181,21 @@ def test_docker_serve_is_executable():
 
 
 def test_dockerignore_lets_exactly_the_copied_sources_through():
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*", "allow-list style: ignore everything, then re-include"
     allowed = {line[1:] for line in lines if line.startswith("!")}
-    sources = {src for w, r in dockerfile_instructions() if w == "COPY"
-               and not r.startswith("--from=") for src in r.split()[:-1]}
+    sources = {
+        src
+        for w, r in dockerfile_instructions()
+        if w == "COPY" and not r.startswith("--from=")
+        for src in r.split()[:-1]
+    }
     for src in sources:
-        assert any(src == a or src.startswith(a + "/") for a in allowed), \
+        assert any(src == a or src.startswith(a + "/") for a in allowed), (
             f"COPY {src} is excluded by .dockerignore"
+        )
     assert ".venv" not in allowed and "build" not in allowed

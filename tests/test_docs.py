@@ -1,5 +1,6 @@
 """The documentation says what the code does: generated parts are current, every option
 is documented with its real default."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,16 +14,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_results_doc_is_the_decoders_own():
-    assert (ROOT / "docs" / "results.md").read_text() == results_schema_doc, \
+    assert (ROOT / "docs" / "results.md").read_text() == results_schema_doc, (
         "regenerate docs/results.md from streamasr.decoding.results_schema_doc"
+    )
 
 
-@pytest.mark.parametrize("field", dataclasses.fields(DecoderConfig) + dataclasses.fields(EndpointConfig),
-                         ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "field",
+    dataclasses.fields(DecoderConfig) + dataclasses.fields(EndpointConfig),
+    ids=lambda f: f.name,
+)
 def test_every_option_is_in_the_readme_with_its_default(field):
     readme = (ROOT / "README.md").read_text()
-    rows = [line for line in readme.splitlines()
-            if line.startswith("|") and f"`{field.name}`" in line.split("|")[1]]
+    rows = [
+        line
+        for line in readme.splitlines()
+        if line.startswith("|") and f"`{field.name}`" in line.split("|")[1]
+    ]
     assert rows, f"option {field.name} is not documented in README.md"
     default = field.default
     if isinstance(default, bool):
@@ -31,8 +39,9 @@ def test_every_option_is_in_the_readme_with_its_default(field):
         shown = "none"
     else:
         shown = str(default)
-    assert shown in rows[0].split("|")[2], \
+    assert shown in rows[0].split("|")[2], (
         f"README shows a wrong default for {field.name}: {rows[0]}"
+    )
 
 
 def test_readme_starts_with_the_two_commands():

@@ -1,4 +1,5 @@
 """The evaluation set loads, and WER/CER count what they should."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,12 +17,14 @@ def test_eval_set_is_real_audio_with_references():
         assert info.samplerate == 16000 and info.channels == 1
         assert it.reference and it.reference == normalize(it.reference)
         total += info.duration
-    assert total > 40          # seconds of real speech
+    assert total > 40  # seconds of real speech
 
 
 def test_normalize_spells_numbers_and_drops_punctuation():
-    assert normalize("Ask not, what 2 do -- 'tis 1961!") == \
-        "ask not what two do tis one thousand nine hundred and sixty one"
+    assert (
+        normalize("Ask not, what 2 do -- 'tis 1961!")
+        == "ask not what two do tis one thousand nine hundred and sixty one"
+    )
     assert normalize("Don't   STOP") == "don't stop"
 
 

@@ -1,4 +1,5 @@
 """Streaming features and windows equal the whole-file ones, however the audio is cut."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,12 +15,19 @@ def test_features_equal_a_direct_stft_log_mel():
     torch = pytest.importorskip("torch")
     spec = FeatureSpec()
     a = np.random.default_rng(0).standard_normal(16000) * 0.1
-    st = torch.stft(torch.tensor(a), spec.n_fft, spec.hop_length,
-                    window=torch.hann_window(spec.n_fft, dtype=torch.float64), center=False,
-                    return_complex=True)
+    st = torch.stft(
+        torch.tensor(a),
+        spec.n_fft,
+        spec.hop_length,
+        window=torch.hann_window(spec.n_fft, dtype=torch.float64),
+        center=False,
+        return_complex=True,
+    )
     mel = torch.tensor(mel_filterbank(16000, 400, 80, 0.0, 8000.0)) @ (st.abs() ** 2)
-    ref = ((torch.clamp(torch.log10(torch.clamp(mel, min=1e-10)), min=spec.log_floor)
-            + spec.offset) / spec.scale).T.numpy()
+    ref = (
+        (torch.clamp(torch.log10(torch.clamp(mel, min=1e-10)), min=spec.log_floor) + spec.offset)
+        / spec.scale
+    ).T.numpy()
     got = StreamingFeatures(spec).accept(a)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=1e-5)
@@ -34,7 +42,7 @@ def test_windows_are_identical_for_any_cut(seed):
     fs, parts, i = FeatureStream(c), [], 0
     while i < len(audio):
         n = int(rng.integers(0, 6000))
-        parts.append(fs.accept(audio[i:i + n]))
+        parts.append(fs.accept(audio[i : i + n]))
         i += n
     parts.append(fs.finish())
     got = np.concatenate([p.features for p in parts])

@@ -3,162 +3,37 @@
 SAGEMAKER_BIND_TO_PORT), and the tests talk HTTP and WebSocket to it like SageMaker's
 front end does.  Variants of the gateway's limits run in-process against the same
 Triton over gRPC."""
+
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+import aiohttp
+import aiohttp.test_utils
 import numpy as np
 import pytest
 import soundfile as sf
 
-aiohttp = pytest.importorskip("aiohttp")
-import aiohttp.test_utils  # noqa: E402
+from streamasr.protocol import (
+    CLOSED_SESSION_HEADER,
+    CUSTOM_ATTRIBUTES_HEADER,
+    NEW_SESSION_HEADER,
+    SESSION_HEADER,
+    WS_PATH,
+    final_text,
+)
+from streamasr.sagemaker.audio import decode_body, parse_content_type
+from streamasr.sagemaker.config import GatewayConfig
+from streamasr.sagemaker.http import Gateway
+from streamasr.server import free_port
+from streamasr_client.stream import AsrConnection
 
-from streamasr.gateway import (CLOSED_SESSION_HEADER, CUSTOM_ATTRIBUTES_HEADER,  # noqa: E402
-                               NEW_SESSION_HEADER, SESSION_HEADER,
-                               WS_PATH, Gateway, GatewayConfig, decode_body, parse_content_type)
-from streamasr.server import free_port  # noqa: E402
-from streamasr_client.stream import AsrConnection  # noqa: E402
-
-from .conftest import DEMO_WAV, ROOT  # noqa: E402
-
-SERVE = ROOT / "docker" / "serve"
-needs_demo = pytest.mark.skipif(not DEMO_WAV.exists(),
-                                reason=f"{DEMO_WAV} not there yet (data helper adds it)")
-
-
-def free_port_range(n: int = 3) -> tuple[int, int]:
-    """lo..lo+n-1, all free right now."""
-    for _ in range(200):
-        lo = free_port()
-        socks = []
-        try:
-            for p in range(lo, lo + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return lo, lo + n - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
-    lo, hi = free_port_range()
-    env = dict(os.environ)
-    env.update({
-        "SAGEMAKER_BIND_TO_PORT": str(free_port()),
-        "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
-        "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
-        "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
-        "PYTHONUNBUFFERED": "1",
-        # tests run more sessions at once than the measured limit (test_admission tests
-        # admission control on a server of its own)
-        "STREAMASR_MAX_ACTIVE_STREAMS": "0",
-    })
-    env.update(extra)
-    return env
-
-
-class Serve:
-    """docker/serve as a child process."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
-        self.port = int(env["SAGEMAKER_BIND_TO_PORT"])
-        hi = int(env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
-        self.grpc_port = hi - 1
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=ROOT)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def ping(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/ping", timeout=5) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return 0
-
-    def wait_ready(self, timeout: float = 180) -> list[int]:
-        """Poll /ping; returns the statuses seen (SageMaker's view of startup)."""
-        seen = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"docker/serve exited {self.proc.returncode}\n{self.log()}")
-            code = self.ping()
-            if not seen or seen[-1] != code:
-                seen.append(code)
-            if code == 200:
-                return seen
-            time.sleep(0.3)
-        pytest.fail(f"/ping never answered 200 (seen {seen})\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-
-def triton_children(pid: int) -> list[int]:
-    from streamasr.server import child_processes
-
-    return [p for p, argv in child_processes(pid).items()
-            if argv and argv[0].endswith("tritonserver")]
-
-
-@pytest.fixture(scope="module")
-def serve(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    s = Serve(sagemaker_env(tmp), tmp / "serve.log")
-    s.startup_pings = s.wait_ready()
-    yield s
-    s.stop()
-
-
-def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
-
-
-def finals_text(messages: list[dict]) -> str:
-    return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in messages
-                    if m.get("type") == "Results" and m.get("is_final")
-                    and m["channel"]["alternatives"][0]["transcript"])
+from .helpers import DEMO_WAV, needs_demo, post, triton_children
 
 
 def demo_int16() -> tuple[np.ndarray, int]:
@@ -168,9 +43,12 @@ def demo_int16() -> tuple[np.ndarray, int]:
 
 # -- units ---------------------------------------------------------------------------------
 
+
 def test_content_type_parsing_and_raw_pcm():
-    assert parse_content_type("audio/L16; rate=8000; channels=2") == \
-        ("audio/l16", {"rate": "8000", "channels": "2"})
+    assert parse_content_type("audio/L16; rate=8000; channels=2") == (
+        "audio/l16",
+        {"rate": "8000", "channels": "2"},
+    )
     pcm = (np.array([0, 16384, -32768, 32767], "<i2")).tobytes()
     out = decode_body(pcm, "audio/l16;rate=16000", 16000)
     np.testing.assert_allclose(out, [0, 0.5, -1, 32767 / 32768], atol=1e-6)
@@ -185,8 +63,9 @@ def test_content_type_parsing_and_raw_pcm():
 
 
 def test_config_from_sagemaker_env():
-    c = GatewayConfig.from_env({"SAGEMAKER_BIND_TO_PORT": "9090",
-                                "STREAMASR_GATEWAY_MAX_PENDING": "7"})
+    c = GatewayConfig.from_env(
+        {"SAGEMAKER_BIND_TO_PORT": "9090", "STREAMASR_GATEWAY_MAX_PENDING": "7"}
+    )
     assert (c.port, c.max_pending_requests, c.host) == (9090, 7, "0.0.0.0")
     assert GatewayConfig.from_env({}).port == 8080
 
@@ -197,11 +76,13 @@ def test_ping_is_503_when_triton_is_down():
         async with aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(gw.app())) as c:
             r = await c.get("/ping")
             return r.status, await r.text()
+
     status, text = asyncio.run(go())
     assert status == 503 and "unreachable" in text
 
 
 # -- docker/serve, HTTP --------------------------------------------------------------------
+
 
 def test_ping_goes_from_not_ready_to_200(serve):
     assert serve.startup_pings[-1] == 200
@@ -217,8 +98,9 @@ def test_ping_goes_from_not_ready_to_200(serve):
 
 @needs_demo
 def test_invocations_wav_equals_offline_asr(serve):
-    status, _, body = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                           {"Content-Type": "audio/wav"})
+    status, _, body = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
     assert status == 200, body
     assert body["messages"] and body["messages"][0]["type"] == "Results"
     # the same answer as calling offline_asr directly over gRPC
@@ -227,23 +109,28 @@ def test_invocations_wav_equals_offline_asr(serve):
 
         direct = conn.transcribe_file(load_audio(DEMO_WAV, conn.contract().sample_rate))
     assert body["messages"] == direct
-    assert body["transcript"] == finals_text(direct) and body["transcript"]
+    assert body["transcript"] == final_text(direct) and body["transcript"]
 
 
 @needs_demo
 def test_invocations_raw_pcm_equals_wav(serve):
     a, sr = demo_int16()
-    _, _, from_wav = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                          {"Content-Type": "audio/wav"})
-    status, _, raw = post(serve.url + "/invocations", a.astype("<i2").tobytes(),
-                          {"Content-Type": f"audio/l16; rate={sr}"})
+    _, _, from_wav = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
+    status, _, raw = post(
+        serve.url + "/invocations",
+        a.astype("<i2").tobytes(),
+        {"Content-Type": f"audio/l16; rate={sr}"},
+    )
     assert status == 200, raw
     assert raw["transcript"] == from_wav["transcript"]
 
 
 def test_invocations_rejects_garbage(serve):
-    status, _, body = post(serve.url + "/invocations", b"RIFF....garbage",
-                           {"Content-Type": "audio/wav"})
+    status, _, body = post(
+        serve.url + "/invocations", b"RIFF....garbage", {"Content-Type": "audio/wav"}
+    )
     assert status == 400 and body["code"] == "bad_audio"
 
 
@@ -252,36 +139,45 @@ def test_stateful_session_chunks_match_whole_file(serve):
     """Request-response fallback: NEW_SESSION, chunk by chunk, close."""
     a, sr = demo_int16()
     url = serve.url + "/invocations"
-    status, headers, first = post(url, a[:sr].tobytes(), {
-        SESSION_HEADER: "NEW_SESSION", "Content-Type": f"audio/l16;rate={sr}"})
+    status, headers, first = post(
+        url,
+        a[:sr].tobytes(),
+        {SESSION_HEADER: "NEW_SESSION", "Content-Type": f"audio/l16;rate={sr}"},
+    )
     assert status == 200, first
     sid, expires = headers[NEW_SESSION_HEADER].split("; Expires=")
     assert len(sid) == 32 and expires.endswith("Z")
     messages = list(first["messages"])
     step = 2 * sr
     for i in range(sr, len(a), step):
-        status, _, b = post(url, a[i:i + step].tobytes(),
-                            {SESSION_HEADER: sid, "Content-Type": f"audio/l16;rate={sr}"})
+        status, _, b = post(
+            url,
+            a[i : i + step].tobytes(),
+            {SESSION_HEADER: sid, "Content-Type": f"audio/l16;rate={sr}"},
+        )
         assert status == 200, b
         messages += b["messages"]
     status, headers, last = post(url + "?close=true", b"", {SESSION_HEADER: sid})
     assert status == 200 and headers[CLOSED_SESSION_HEADER] == sid
     messages += last["messages"]
     _, _, whole = post(url, DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"})
-    assert finals_text(messages) == whole["transcript"]
+    assert final_text(messages) == whole["transcript"]
     status, _, gone = post(url, a[:100].tobytes(), {SESSION_HEADER: sid})
     assert status == 404 and gone["code"] == "unknown_session"
 
 
 # -- docker/serve, WebSocket ---------------------------------------------------------------
 
-async def ws_stream(url: str, pcm: bytes, chunk: int, *, controls=(), close_msg=True,
-                    query: str = "") -> tuple[list[dict], int | None]:
+
+async def ws_stream(
+    url: str, pcm: bytes, chunk: int, *, controls=(), close_msg=True, query: str = ""
+) -> tuple[list[dict], int | None]:
     """Stream like SageMaker's platform does: binary frames of audio, text frames of
     control messages; collect every text frame until the server closes."""
     messages: list[dict] = []
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(url + WS_PATH + query) as ws:
+
             async def reader():
                 async for m in ws:
                     if m.type == aiohttp.WSMsgType.TEXT:
@@ -289,7 +185,7 @@ async def ws_stream(url: str, pcm: bytes, chunk: int, *, controls=(), close_msg=
 
             r = asyncio.create_task(reader())
             for i in range(0, len(pcm), chunk):
-                await ws.send_bytes(pcm[i:i + chunk])
+                await ws.send_bytes(pcm[i : i + chunk])
                 for at, ctl in controls:
                     if at == i:
                         await ws.send_str(json.dumps(ctl))
@@ -306,9 +202,10 @@ def test_websocket_stream_equals_invocations(serve):
     msgs, code = asyncio.run(ws_stream(serve.url, a.tobytes(), 3201))
     assert code == 1000
     assert any(m["type"] == "Results" and not m["is_final"] for m in msgs), "no interims"
-    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                       {"Content-Type": "audio/wav"})
-    assert finals_text(msgs) == whole["transcript"]
+    _, _, whole = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
+    assert final_text(msgs) == whole["transcript"]
 
 
 @needs_demo
@@ -321,10 +218,15 @@ def test_websocket_other_rate_and_finalize(serve):
     pcm = a8.tobytes()
     chunk = 1600
     mid = (len(pcm) // 2) // chunk * chunk
-    msgs, code = asyncio.run(ws_stream(serve.url, pcm, chunk,
-                                       controls=[(mid, {"type": "Finalize"}),
-                                                 (0, {"type": "KeepAlive"})],
-                                       query="?sample_rate=8000"))
+    msgs, code = asyncio.run(
+        ws_stream(
+            serve.url,
+            pcm,
+            chunk,
+            controls=[(mid, {"type": "Finalize"}), (0, {"type": "KeepAlive"})],
+            query="?sample_rate=8000",
+        )
+    )
     assert code == 1000
     assert any(m.get("from_finalize") for m in msgs if m["type"] == "Results")
     assert not [m for m in msgs if m["type"] == "Error"]
@@ -339,14 +241,17 @@ def test_websocket_two_pass_finals_keep_the_interims(serve):
     one, code1 = asyncio.run(ws_stream(serve.url, pcm, 6400))
     two, code2 = asyncio.run(ws_stream(serve.url, pcm, 6400, query="?two_pass=true"))
     assert code1 == code2 == 1000
-    interims = [[m for m in msgs if m["type"] == "Results" and not m["is_final"]]
-                for msgs in (one, two)]
+    interims = [
+        [m for m in msgs if m["type"] == "Results" and not m["is_final"]] for msgs in (one, two)
+    ]
     assert interims[0] == interims[1] and interims[0]
     finals = [m for m in two if m["type"] == "Results" and m["is_final"]]
     assert finals and all(m["rescored"] for m in finals)
-    assert [m["first_pass_transcript"] for m in finals] == \
-        [m["channel"]["alternatives"][0]["transcript"] for m in one
-         if m["type"] == "Results" and m["is_final"]]
+    assert [m["first_pass_transcript"] for m in finals] == [
+        m["channel"]["alternatives"][0]["transcript"]
+        for m in one
+        if m["type"] == "Results" and m["is_final"]
+    ]
     bad, code = asyncio.run(ws_stream(serve.url, pcm[:6400], 6400, query="?two_pass=maybe"))
     assert code == 1008 and bad[0]["code"] == "bad_request" and "two_pass" in bad[0]["message"]
 
@@ -368,6 +273,7 @@ def test_websocket_bad_control_message_closes_1008(serve):
                 m = await ws.receive(timeout=10)
                 closing = await ws.receive(timeout=10)
                 return json.loads(m.data), closing.type, ws.close_code
+
     msg, kind, code = asyncio.run(go())
     assert msg["type"] == "Error" and msg["code"] == "bad_request"
     assert kind in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED) and code == 1008
@@ -383,6 +289,7 @@ def test_websocket_answers_ping_with_pong(serve):
                 accepted = time.monotonic() - t0
                 await ws.send_str(json.dumps({"type": "CloseStream"}))
                 return m, accepted
+
     m, dt = asyncio.run(go())
     assert m.type == aiohttp.WSMsgType.PONG and m.data == b"sagemaker"
     assert dt < 1.0
@@ -397,6 +304,7 @@ def test_websocket_accepted_within_250ms(serve):
                 await ws.send_str(json.dumps({"type": "CloseStream"}))
                 await ws.receive(timeout=5)
                 return took, ws.close_code
+
     took, code = asyncio.run(go())
     assert took < 0.25 and code == 1000
 
@@ -407,8 +315,9 @@ def test_flooding_client_gets_error_and_close(serve):
     faster than the model keeps up is told so and closed with 1008; the stream to
     Triton stays usable for the next session."""
     a, sr = demo_int16()
-    cfg = GatewayConfig(triton_grpc=f"127.0.0.1:{serve.grpc_port}", max_pending_requests=2,
-                        flood_timeout_s=0.0)
+    cfg = GatewayConfig(
+        triton_grpc=f"127.0.0.1:{serve.grpc_port}", max_pending_requests=2, flood_timeout_s=0.0
+    )
 
     async def go():
         gw = Gateway(cfg)
@@ -439,6 +348,7 @@ def test_client_vanishing_mid_stream_is_survived(serve):
             ws = await s.ws_connect(serve.url + WS_PATH)
             await ws.send_bytes(a[:sr].tobytes())
             await ws.close()
+
     asyncio.run(go())
     msgs, code = asyncio.run(ws_stream(serve.url, a[: 2 * sr].tobytes(), 8000))
     assert code == 1000 and not [m for m in msgs if m["type"] == "Error"]
@@ -449,10 +359,14 @@ def test_client_vanishing_mid_stream_is_survived(serve):
 def test_no_transcript_or_audio_in_logs(serve):
     """Run last in this module: after all the traffic above, the container log holds no
     transcript text."""
-    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                       {"Content-Type": "audio/wav"})
-    texts = [m["channel"]["alternatives"][0]["transcript"] for m in whole["messages"]
-             if m.get("type") == "Results"]
+    _, _, whole = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
+    texts = [
+        m["channel"]["alternatives"][0]["transcript"]
+        for m in whole["messages"]
+        if m.get("type") == "Results"
+    ]
     texts = [t for t in texts if len(t) >= 12]
     assert texts
     log = serve.log_path.read_text(errors="replace")
@@ -466,26 +380,32 @@ def test_concurrent_sessions_share_one_grpc_stream(serve):
     """Several WebSocket sessions at once, multiplexed on the gateway's one gRPC stream:
     each gets exactly its own transcript."""
     a, sr = demo_int16()
-    pieces = [a[: 8 * sr], a[8 * sr: 16 * sr], a[16 * sr: 24 * sr]]
+    pieces = [a[: 8 * sr], a[8 * sr : 16 * sr], a[16 * sr : 24 * sr]]
     expected = []
     for p in pieces:
-        _, _, whole = post(serve.url + "/invocations", p.astype("<i2").tobytes(),
-                           {"Content-Type": f"audio/l16;rate={sr}"})
+        _, _, whole = post(
+            serve.url + "/invocations",
+            p.astype("<i2").tobytes(),
+            {"Content-Type": f"audio/l16;rate={sr}"},
+        )
         expected.append(whole["transcript"])
     assert len(set(expected)) == 3, "pieces should transcribe differently"
 
     async def go():
-        return await asyncio.gather(*(ws_stream(serve.url, p.tobytes(), c)
-                                      for p, c in zip(pieces, (3200, 8000, 1234))))
+        return await asyncio.gather(
+            *(ws_stream(serve.url, p.tobytes(), c) for p, c in zip(pieces, (3200, 8000, 1234)))
+        )
+
     results = asyncio.run(go())
     for (msgs, code), want in zip(results, expected):
         assert code == 1000
-        assert finals_text(msgs) == want
+        assert final_text(msgs) == want
 
 
 # -- issue 12: one client must never hurt another --------------------------------------------
-async def ws_session(url: str, query: str = "", frames=(), texts=(), close_msg=True,
-                     timeout: float = 120) -> tuple[list[dict], int | None]:
+async def ws_session(
+    url: str, query: str = "", frames=(), texts=(), close_msg=True, timeout: float = 120
+) -> tuple[list[dict], int | None]:
     """Text frames first (e.g. Configure), then binary frames, then CloseStream; every
     text frame the server sends until it closes."""
     messages: list[dict] = []
@@ -499,7 +419,7 @@ async def ws_session(url: str, query: str = "", frames=(), texts=(), close_msg=T
                 if close_msg:
                     await ws.send_str(json.dumps({"type": "CloseStream"}))
             except ConnectionError:
-                pass                      # the server closed first: read what it sent
+                pass  # the server closed first: read what it sent
             async for m in ws:
                 if m.type == aiohttp.WSMsgType.TEXT:
                     messages.append(json.loads(m.data))
@@ -507,8 +427,11 @@ async def ws_session(url: str, query: str = "", frames=(), texts=(), close_msg=T
 
 
 def whole_transcript(serve, pcm: np.ndarray, sr: int) -> str:
-    _, _, whole = post(serve.url + "/invocations", pcm.astype("<i2").tobytes(),
-                       {"Content-Type": f"audio/l16;rate={sr}"})
+    _, _, whole = post(
+        serve.url + "/invocations",
+        pcm.astype("<i2").tobytes(),
+        {"Content-Type": f"audio/l16;rate={sr}"},
+    )
     return whole["transcript"]
 
 
@@ -517,24 +440,26 @@ def test_low_sample_rate_client_cannot_close_the_other_sessions(serve):
     """?sample_rate=50 and one 440 kB frame became a 281.6 MB gRPC request, which broke
     the gateway's shared stream and closed every session with 1011."""
     a, sr = demo_int16()
-    pieces = [a[: 8 * sr], a[8 * sr: 16 * sr]]
+    pieces = [a[: 8 * sr], a[8 * sr : 16 * sr]]
     expected = [whole_transcript(serve, p, sr) for p in pieces]
 
     async def good(p, bad_done: asyncio.Event):
         messages: list[dict] = []
         async with aiohttp.ClientSession() as s:
             async with s.ws_connect(serve.url + WS_PATH) as ws:
+
                 async def reader():
                     async for m in ws:
                         if m.type == aiohttp.WSMsgType.TEXT:
                             messages.append(json.loads(m.data))
+
                 r = asyncio.create_task(reader())
                 half = len(p) // 2
                 for i in range(0, half, 3200):
-                    await ws.send_bytes(p[i:min(i + 3200, half)].tobytes())
-                await bad_done.wait()          # the attack happens mid-stream
+                    await ws.send_bytes(p[i : min(i + 3200, half)].tobytes())
+                await bad_done.wait()  # the attack happens mid-stream
                 for i in range(half, len(p), 3200):
-                    await ws.send_bytes(p[i:min(i + 3200, len(p))].tobytes())
+                    await ws.send_bytes(p[i : min(i + 3200, len(p))].tobytes())
                 await ws.send_str(json.dumps({"type": "CloseStream"}))
                 await asyncio.wait_for(r, 120)
                 return messages, ws.close_code
@@ -542,7 +467,7 @@ def test_low_sample_rate_client_cannot_close_the_other_sessions(serve):
     async def go():
         done = asyncio.Event()
         goods = [asyncio.create_task(good(p, done)) for p in pieces]
-        await asyncio.sleep(0.5)              # the good sessions are streaming
+        await asyncio.sleep(0.5)  # the good sessions are streaming
         bad = await ws_session(serve.url, "?sample_rate=50", frames=[bytes(440_000)])
         done.set()
         return bad, await asyncio.gather(*goods)
@@ -552,13 +477,12 @@ def test_low_sample_rate_client_cannot_close_the_other_sessions(serve):
     assert "sample_rate" in bad_msgs[-1]["message"]
     for (msgs, code), want in zip(results, expected):
         assert code == 1000 and not [m for m in msgs if m["type"] == "Error"], msgs[-3:]
-        assert finals_text(msgs) == want
+        assert final_text(msgs) == want
 
 
 def test_frame_too_long_after_resampling_is_refused(serve):
     """800 kB at 8 kHz is 50 s of audio: more than one request may carry."""
-    msgs, code = asyncio.run(ws_session(serve.url, "?sample_rate=8000",
-                                        frames=[bytes(800_000)]))
+    msgs, code = asyncio.run(ws_session(serve.url, "?sample_rate=8000", frames=[bytes(800_000)]))
     assert code == 1008 and msgs[-1]["type"] == "Error", (code, msgs)
     assert msgs[-1]["code"] == "frame_too_large" and "s of audio" in msgs[-1]["message"]
 
@@ -579,25 +503,31 @@ BAD_STREAM_PARAMETERS = {
 @pytest.mark.parametrize("case", sorted(BAD_STREAM_PARAMETERS))
 def test_bad_stream_parameters_get_an_error_and_close_1008(serve, case):
     query, texts, word = BAD_STREAM_PARAMETERS[case]
-    msgs, code = asyncio.run(ws_session(serve.url, query, texts=texts,
-                                        frames=[bytes(3200)] * 2))
+    msgs, code = asyncio.run(ws_session(serve.url, query, texts=texts, frames=[bytes(3200)] * 2))
     assert code == 1008, (code, msgs)
     assert msgs and msgs[-1]["type"] == "Error" and msgs[-1]["code"] == "bad_request", msgs
     assert word in msgs[-1]["message"]
     assert not [m for m in msgs if m["type"] == "Results"]
 
 
-@pytest.mark.parametrize("ctype", ["audio/l16; rate=abc", "audio/l16; rate=0",
-                                   "audio/l16; channels=0", "audio/l16; rate=50"])
+@pytest.mark.parametrize(
+    "ctype",
+    ["audio/l16; rate=abc", "audio/l16; rate=0", "audio/l16; channels=0", "audio/l16; rate=50"],
+)
 def test_invocations_bad_pcm_parameters_are_400(serve, ctype):
     status, _, body = post(serve.url + "/invocations", bytes(3200), {"Content-Type": ctype})
     assert status == 400 and body["code"] == "bad_audio", (status, body)
 
 
-@pytest.mark.parametrize("query, word", [("?beam_size=100000", "beam_size"),
-                                         ("?time_offset=1e308", "time_offset"),
-                                         ("?lm_alpha=1e308", "lm_alpha"),
-                                         ("?no_such_option=1", "no_such_option")])
+@pytest.mark.parametrize(
+    "query, word",
+    [
+        ("?beam_size=100000", "beam_size"),
+        ("?time_offset=1e308", "time_offset"),
+        ("?lm_alpha=1e308", "lm_alpha"),
+        ("?no_such_option=1", "no_such_option"),
+    ],
+)
 def test_refused_start_ends_the_session_with_that_error(serve, query, word):
     """Triton refuses the START: the session ends with its error (1008), no carrying on
     with requests for a stream that does not exist."""
@@ -605,17 +535,21 @@ def test_refused_start_ends_the_session_with_that_error(serve, query, word):
     errors = [m for m in msgs if m["type"] == "Error"]
     assert code == 1008, (code, msgs)
     assert errors and word in errors[0]["message"], (errors, msgs)
-    assert not [e for e in errors if "START" in e["message"]], errors   # no follow-ups
+    assert not [e for e in errors if "START" in e["message"]], errors  # no follow-ups
     assert not [m for m in msgs if m["type"] == "Results"]
 
 
 def test_access_log_redacts_query_values(serve):
     secret = "zebracornfluff"
-    msgs, code = asyncio.run(ws_session(serve.url, f"?hotwords={secret}&sample_rate=16000",
-                                        frames=[bytes(3200)]))
+    msgs, code = asyncio.run(
+        ws_session(serve.url, f"?hotwords={secret}&sample_rate=16000", frames=[bytes(3200)])
+    )
     assert code == 1000, msgs
-    post(serve.url + f"/invocations?hotwords={secret}", bytes(3200),
-         {"Content-Type": "audio/l16", CUSTOM_ATTRIBUTES_HEADER: f"hotwords={secret}"})
+    post(
+        serve.url + f"/invocations?hotwords={secret}",
+        bytes(3200),
+        {"Content-Type": "audio/l16", CUSTOM_ATTRIBUTES_HEADER: f"hotwords={secret}"},
+    )
     log = serve.log()
     assert WS_PATH in log, "the access log should still name the path"
     assert secret not in log
@@ -636,7 +570,7 @@ def ping_latencies(url: str, stop: "threading.Event", out: list[float]) -> None:
         stop.wait(0.2)
 
 
-PING_LIMIT_S = 2.0    # SageMaker's /ping timeout
+PING_LIMIT_S = 2.0  # SageMaker's /ping timeout
 
 
 @needs_demo
@@ -650,11 +584,18 @@ def test_ping_stays_fast_while_40_websocket_sessions_stream(serve):
     pinger.start()
 
     async def go():
-        return await asyncio.gather(*(ws_session(serve.url, "?decoding=greedy",
-                                                 frames=[pcm[i:i + 6400] for i in
-                                                         range(0, len(pcm), 6400)],
-                                                 timeout=300)
-                                      for _ in range(40)))
+        return await asyncio.gather(
+            *(
+                ws_session(
+                    serve.url,
+                    "?decoding=greedy",
+                    frames=[pcm[i : i + 6400] for i in range(0, len(pcm), 6400)],
+                    timeout=300,
+                )
+                for _ in range(40)
+            )
+        )
+
     try:
         results = asyncio.run(go())
     finally:
@@ -675,8 +616,12 @@ def test_ping_stays_fast_during_concurrent_long_invocations(serve):
     pinger.start()
     try:
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: post(serve.url + "/invocations", body,
-                                                   {"Content-Type": "audio/wav"}), range(8)))
+            answers = list(
+                pool.map(
+                    lambda _: post(serve.url + "/invocations", body, {"Content-Type": "audio/wav"}),
+                    range(8),
+                )
+            )
     finally:
         stop.set()
         pinger.join()
@@ -687,8 +632,10 @@ def test_ping_stays_fast_during_concurrent_long_invocations(serve):
 def test_oversize_body_is_refused_by_content_length_before_reading(serve):
     """The body is never sent: the gateway must answer from the header alone."""
     with socket.create_connection(("127.0.0.1", serve.port), timeout=15) as s:
-        s.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
-                  b"Content-Length: 209715200\r\n\r\n" + bytes(65536))
+        s.sendall(
+            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+            b"Content-Length: 209715200\r\n\r\n" + bytes(65536)
+        )
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert b"too_large" in head or b"Content-Length" in head
@@ -709,10 +656,14 @@ def test_oversize_chunked_body_is_refused_at_the_limit(serve):
         await server.start_server()
         try:
             async with aiohttp.ClientSession() as s:
-                async with s.post(server.make_url("/invocations"), data=body(),
-                                  headers={"Content-Type": "audio/wav"}) as r:
+                async with s.post(
+                    server.make_url("/invocations"),
+                    data=body(),
+                    headers={"Content-Type": "audio/wav"},
+                ) as r:
                     return r.status, await r.json()
         finally:
             await server.close()
+
     status, answer = asyncio.run(go())
     assert status == 413 and answer["code"] == "too_large", answer

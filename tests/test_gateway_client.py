@@ -3,6 +3,7 @@
 .venv-http2) and a local stand-in for SageMaker's runtime endpoint, the InvokeEndpoint
 stateful-session fallback through the same headers SageMaker forwards, and the boto3
 mapping under Stubber."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,11 +19,11 @@ from urllib.parse import parse_qs
 
 import pytest
 
+from streamasr.protocol import final_text
 from streamasr_client import sagemaker_stream as sms
 
-from .conftest import ROOT
+from .helpers import DEMO_WAV, ROOT, needs_demo, post
 from .sagemaker_runtime_standin import RuntimeStandIn, make_certificates
-from .test_gateway import DEMO_WAV, needs_demo, post, serve  # noqa: F401  (fixture)
 
 HTTP2_PYTHON = ROOT / ".venv-http2" / "bin" / "python"
 # Test credentials, known to the stand-in, which checks every signature with them.
@@ -32,11 +33,17 @@ ACCESS_KEY, SECRET_KEY, REGION = "AKIDSTREAMASRTEST", "streamasr-test-secret", "
 def python_312() -> str | None:
     """A Python >= 3.12 on this machine (the Makefile's search for venv-http2), or None."""
     home = os.path.expanduser("~")
-    for c in ["python3.12", "python3.13",
-              *sorted(glob.glob(f"{home}/.pyenv/versions/3.1[23]*/bin/python3.1[23]"))]:
+    for c in [
+        "python3.12",
+        "python3.13",
+        *sorted(glob.glob(f"{home}/.pyenv/versions/3.1[23]*/bin/python3.1[23]")),
+    ]:
         try:
-            r = subprocess.run([c, "-c", "import sys; sys.exit(sys.version_info < (3, 12))"],
-                               capture_output=True, timeout=30)
+            r = subprocess.run(
+                [c, "-c", "import sys; sys.exit(sys.version_info < (3, 12))"],
+                capture_output=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if r.returncode == 0:
@@ -48,37 +55,65 @@ def http2_python() -> Path:
     if HTTP2_PYTHON.exists():
         return HTTP2_PYTHON
     if python_312() is None:
-        pytest.skip("no Python >= 3.12 on this machine, so AWS's HTTP/2 SDK "
-                    "(aws-sdk-sagemaker-runtime-http2) cannot be installed")
+        pytest.skip(
+            "no Python >= 3.12 on this machine, so AWS's HTTP/2 SDK "
+            "(aws-sdk-sagemaker-runtime-http2) cannot be installed"
+        )
     pytest.fail("a Python >= 3.12 exists but .venv-http2 does not: run `make venv-http2`")
 
 
 def aws_profile(tmp: Path, secret: str = SECRET_KEY) -> dict[str, str]:
     """An environment whose only credentials are a named profile in shared files (the
     standard chain, not AWS_ACCESS_KEY_ID), with its region; no instance metadata."""
-    (tmp / "credentials").write_text(f"[streamasr-test]\naws_access_key_id = {ACCESS_KEY}\n"
-                                     f"aws_secret_access_key = {secret}\n")
+    (tmp / "credentials").write_text(
+        f"[streamasr-test]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {secret}\n"
+    )
     (tmp / "config").write_text(f"[profile streamasr-test]\nregion = {REGION}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp / "credentials"),
-               AWS_CONFIG_FILE=str(tmp / "config"), AWS_PROFILE="streamasr-test",
-               AWS_EC2_METADATA_DISABLED="true")
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp / "credentials"),
+        AWS_CONFIG_FILE=str(tmp / "config"),
+        AWS_PROFILE="streamasr-test",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     return env
 
 
-def run_bidi_cli(py: Path, standin: RuntimeStandIn, ca: Path, env: dict[str, str],
-                 audio: Path = DEMO_WAV) -> subprocess.CompletedProcess:
-    return subprocess.run([str(py), "-m", "streamasr_client.sagemaker_stream", str(audio),
-                           "--endpoint", "streamasr", "--endpoint-url", standin.url,
-                           "--ca-bundle", str(ca), "--chunk-ms", "250"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+def run_bidi_cli(
+    py: Path, standin: RuntimeStandIn, ca: Path, env: dict[str, str], audio: Path = DEMO_WAV
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            str(py),
+            "-m",
+            "streamasr_client.sagemaker_stream",
+            str(audio),
+            "--endpoint",
+            "streamasr",
+            "--endpoint-url",
+            standin.url,
+            "--ca-bundle",
+            str(ca),
+            "--chunk-ms",
+            "250",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def test_framing():
     f = sms.Framing(8000, chunk_ms=20, options={"interim_results": False, "hotwords": "a:2"})
     q = parse_qs(f.query_string())
-    assert q == {"encoding": ["linear16"], "sample_rate": ["8000"],
-                 "interim_results": ["false"], "hotwords": ["a:2"]}
+    assert q == {
+        "encoding": ["linear16"],
+        "sample_rate": ["8000"],
+        "interim_results": ["false"],
+        "hotwords": ["a:2"],
+    }
     frames = list(f.audio_frames(bytes(1000)))
     assert [len(x) for x in frames] == [320, 320, 320, 40]
     assert json.loads(f.control("CloseStream")) == {"type": "CloseStream"}
@@ -93,7 +128,7 @@ def test_bidi_mode_says_why_it_cannot_run_here():
 
 
 @needs_demo
-def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):  # noqa: F811
+def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):
     """The real SDK client (0.12, CRT HTTP/2, credentials and region from a profile) ->
     HTTP/2 + signed event stream -> stand-in -> WebSocket -> the real gateway -> Triton:
     the transcript equals /invocations on the same file."""
@@ -104,21 +139,22 @@ def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):  # 
     with RuntimeStandIn(serve.url, {ACCESS_KEY: SECRET_KEY}, REGION, cert, key) as standin:
         r = run_bidi_cli(py, standin, ca, aws_profile(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                       {"Content-Type": "audio/wav"})
+    _, _, whole = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
     assert r.stdout.strip() == whole["transcript"] and whole["transcript"]
     (rec,) = standin.records
     assert rec.error is None and rec.endpoint == "streamasr" and rec.ws_close_code == 1000
     pcm, rate = sms.read_pcm16(DEMO_WAV)
     assert parse_qs(rec.container_url.split("?", 1)[1])["sample_rate"] == [str(rate)]
     kinds = [k for k, _ in rec.parts_in]
-    assert kinds == ["BINARY"] * (len(kinds) - 1) + ["UTF8"]      # audio, then CloseStream
+    assert kinds == ["BINARY"] * (len(kinds) - 1) + ["UTF8"]  # audio, then CloseStream
     assert sum(n for k, n in rec.parts_in if k == "BINARY") == len(pcm)
     assert rec.signed_events >= len(rec.parts_in) and rec.events_out > 0
 
 
 @needs_demo
-def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):  # noqa: F811
+def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):
     """The stand-in really checks SigV4: a profile with the wrong secret is refused, and
     the client exits 1 naming the refusal (no transcript, no traceback)."""
     py = http2_python()
@@ -133,31 +169,34 @@ def test_bidi_mode_wrong_credentials_fail_clearly(serve, tmp_path):  # noqa: F81
 
 
 @needs_demo
-def test_ws_mode_against_the_gateway(serve):  # noqa: F811
+def test_ws_mode_against_the_gateway(serve):
     pcm, rate = sms.read_pcm16(DEMO_WAV)
     msgs = asyncio.run(sms.stream_websocket(serve.url, pcm, sms.Framing(rate, chunk_ms=250)))
-    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                       {"Content-Type": "audio/wav"})
-    assert sms.transcript(msgs) == whole["transcript"] and whole["transcript"]
+    _, _, whole = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
+    assert final_text(msgs) == whole["transcript"] and whole["transcript"]
 
 
 @needs_demo
-def test_invocations_fallback_against_the_gateway(serve):  # noqa: F811
+def test_invocations_fallback_against_the_gateway(serve):
     pcm, rate = sms.read_pcm16(DEMO_WAV)
     s = sms.InvocationsSession(sms.http_invoker(serve.url), sms.Framing(rate))
     msgs = s.stream(pcm, chunk_ms=3000)
-    assert s.session_id is None          # closed, and the container confirmed it
-    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                       {"Content-Type": "audio/wav"})
-    assert sms.transcript(msgs) == whole["transcript"]
+    assert s.session_id is None  # closed, and the container confirmed it
+    _, _, whole = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
+    assert final_text(msgs) == whole["transcript"]
 
 
 @needs_demo
-def test_cli_against_the_gateway(serve, capsys):  # noqa: F811
+def test_cli_against_the_gateway(serve, capsys):
     assert sms.main([str(DEMO_WAV), "--url", serve.url]) == 0
     out = capsys.readouterr().out.strip()
-    _, _, whole = post(serve.url + "/invocations", DEMO_WAV.read_bytes(),
-                       {"Content-Type": "audio/wav"})
+    _, _, whole = post(
+        serve.url + "/invocations", DEMO_WAV.read_bytes(), {"Content-Type": "audio/wav"}
+    )
     assert out == whole["transcript"]
 
 
@@ -166,29 +205,50 @@ def test_boto3_invoker_maps_the_session_api():
     from botocore.response import StreamingBody
     from botocore.stub import Stubber
 
-    client = boto3.client("sagemaker-runtime", region_name="us-east-1",
-                          aws_access_key_id="x", aws_secret_access_key="y")
+    client = boto3.client(
+        "sagemaker-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+    )
     stub = Stubber(client)
 
     def body(msgs):
         raw = json.dumps({"messages": msgs}).encode()
         return StreamingBody(io.BytesIO(raw), len(raw))
 
-    final = {"type": "Results", "is_final": True,
-             "channel": {"alternatives": [{"transcript": "hello"}]}}
-    base = {"EndpointName": "asr", "ContentType": "audio/l16;rate=16000",
-            "Accept": "application/json"}
-    stub.add_response("invoke_endpoint",
-                      {"Body": body([]), "NewSessionId": "abc; Expires=2026-11-25T00:00:00Z"},
-                      dict(base, Body=b"\x00\x00", SessionId="NEW_SESSION",
-                           CustomAttributes="interim_results=false"))
-    stub.add_response("invoke_endpoint", {"Body": body([final]), "ClosedSessionId": "abc"},
-                      dict(base, Body=b"\x01\x00", SessionId="abc", CustomAttributes="close=true"))
+    final = {
+        "type": "Results",
+        "is_final": True,
+        "channel": {"alternatives": [{"transcript": "hello"}]},
+    }
+    base = {
+        "EndpointName": "asr",
+        "ContentType": "audio/l16;rate=16000",
+        "Accept": "application/json",
+    }
+    stub.add_response(
+        "invoke_endpoint",
+        {"Body": body([]), "NewSessionId": "abc; Expires=2026-11-25T00:00:00Z"},
+        dict(
+            base,
+            Body=b"\x00\x00",
+            SessionId="NEW_SESSION",
+            CustomAttributes="interim_results=false",
+        ),
+    )
+    stub.add_response(
+        "invoke_endpoint",
+        {"Body": body([final]), "ClosedSessionId": "abc"},
+        dict(base, Body=b"\x01\x00", SessionId="abc", CustomAttributes="close=true"),
+    )
     stub.activate()
-    s = sms.InvocationsSession(sms.boto3_invoker("asr", client=client),
-                               sms.Framing(16000, options={"interim_results": "false"}))
+    s = sms.InvocationsSession(
+        sms.boto3_invoker("asr", client=client),
+        sms.Framing(16000, options={"interim_results": "false"}),
+    )
     s.send(b"\x00\x00")
     assert s.session_id == "abc"
     s.send(b"\x01\x00", close=True)
     stub.assert_no_pending_responses()
-    assert sms.transcript(s.messages) == "hello" and s.session_id is None
+    assert final_text(s.messages) == "hello" and s.session_id is None

@@ -1,6 +1,7 @@
 """docker/serve: gRPC TLS from the environment (TLS works, plaintext refused, the gateway
 itself speaks TLS to Triton), gRPC opened to the VPC by SAGEMAKER_TRITON_ALLOW_GRPC,
 SIGTERM stopping both processes, and a dead tritonserver taking the container down."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,21 +13,41 @@ from pathlib import Path
 import grpc
 import pytest
 
-from streamasr.gateway_serve import server_config
+from streamasr.sagemaker.serve import server_config
 from streamasr_client.stream import AsrConnection, AsrError
 
-from .test_gateway import Serve, sagemaker_env, triton_children
+from .helpers import Serve, sagemaker_env, triton_children
+
+# Every test here starts docker/serve of its own (TLS, restarts, a dying Triton).
+pytestmark = pytest.mark.server
 
 
 def make_cert(tmp: Path) -> tuple[Path, Path]:
     if not shutil.which("openssl"):
         pytest.skip("openssl CLI not installed")
     cert, key = tmp / "grpc.crt", tmp / "grpc.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext",
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -43,21 +64,31 @@ def listening(port: int) -> list[str]:
 
 
 def test_env_to_flags():
-    cfg = server_config({"SAGEMAKER_SAFE_PORT_RANGE": "9000-9009",
-                         "SAGEMAKER_TRITON_ALLOW_GRPC": "true",
-                         "SAGEMAKER_TRITON_ALLOW_METRICS": "false",
-                         "SAGEMAKER_TRITON_LOG_VERBOSE": "true",
-                         "SAGEMAKER_TRITON_LOG_INFO": "false",
-                         "SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE": "33554432",
-                         "SAGEMAKER_TRITON_ADDITIONAL_ARGS": "--exit-on-error=false --foo='a b'",
-                         "STREAMASR_MODEL_REPOSITORY": "/tmp/repo",
-                         "STREAMASR_GRPC_TLS_CERT": "/c.pem", "STREAMASR_GRPC_TLS_KEY": "/k.pem"})
+    cfg = server_config(
+        {
+            "SAGEMAKER_SAFE_PORT_RANGE": "9000-9009",
+            "SAGEMAKER_TRITON_ALLOW_GRPC": "true",
+            "SAGEMAKER_TRITON_ALLOW_METRICS": "false",
+            "SAGEMAKER_TRITON_LOG_VERBOSE": "true",
+            "SAGEMAKER_TRITON_LOG_INFO": "false",
+            "SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE": "33554432",
+            "SAGEMAKER_TRITON_ADDITIONAL_ARGS": "--exit-on-error=false --foo='a b'",
+            "STREAMASR_MODEL_REPOSITORY": "/tmp/repo",
+            "STREAMASR_GRPC_TLS_CERT": "/c.pem",
+            "STREAMASR_GRPC_TLS_KEY": "/k.pem",
+        }
+    )
     assert (cfg.http_port, cfg.grpc_port, cfg.metrics_port) == (9007, 9008, 9009)
     assert cfg.log_verbose == 1 and str(cfg.model_repository) == "/tmp/repo"
     assert str(cfg.grpc_cert) == "/c.pem" and str(cfg.grpc_key) == "/k.pem"
-    for flag in ("--grpc-address=0.0.0.0", "--allow-metrics=false", "--log-info=false",
-                 "--backend-config=python,shm-default-byte-size=33554432",
-                 "--exit-on-error=false", "--foo=a b"):
+    for flag in (
+        "--grpc-address=0.0.0.0",
+        "--allow-metrics=false",
+        "--log-info=false",
+        "--backend-config=python,shm-default-byte-size=33554432",
+        "--exit-on-error=false",
+        "--foo=a b",
+    ):
         assert flag in cfg.extra_args
     plain = server_config({})
     assert (plain.grpc_port, plain.log_verbose, plain.grpc_cert) == (8001, 0, None)
@@ -68,11 +99,15 @@ def test_env_to_flags():
 
 def test_tls_grpc_and_clean_sigterm(tmp_path):
     cert, key = make_cert(tmp_path)
-    env = sagemaker_env(tmp_path, STREAMASR_GRPC_TLS_CERT=str(cert),
-                        STREAMASR_GRPC_TLS_KEY=str(key), SAGEMAKER_TRITON_ALLOW_GRPC="true")
+    env = sagemaker_env(
+        tmp_path,
+        STREAMASR_GRPC_TLS_CERT=str(cert),
+        STREAMASR_GRPC_TLS_KEY=str(key),
+        SAGEMAKER_TRITON_ALLOW_GRPC="true",
+    )
     s = Serve(env, tmp_path / "serve.log")
     try:
-        s.wait_ready()               # the gateway reached Triton over TLS
+        s.wait_ready()  # the gateway reached Triton over TLS
         url = f"127.0.0.1:{s.grpc_port}"
         with AsrConnection(url, ssl=True, root_certificates=cert.read_bytes()) as c:
             assert c.contract().sample_rate > 0
@@ -93,8 +128,10 @@ def test_tls_grpc_and_clean_sigterm(tmp_path):
     finally:
         code = s.stop()
     assert code == 0, s.log()
-    assert not Path(f"/proc/{kids[0]}").exists() or \
-        Path(f"/proc/{kids[0]}/stat").read_text().split(")")[1].split()[0] == "Z"
+    assert (
+        not Path(f"/proc/{kids[0]}").exists()
+        or Path(f"/proc/{kids[0]}/stat").read_text().split(")")[1].split()[0] == "Z"
+    )
     assert not listening(s.port) and not listening(s.grpc_port)
 
 
@@ -127,8 +164,11 @@ def test_image_code_path_with_a_real_tritonserver(tmp_path):
     # binary needs none of this)
     helper_env = TritonServer.__new__(TritonServer)
     helper_env.config = ServerConfig()
-    env = sagemaker_env(tmp_path, STREAMASR_TRITON_BINARY=str(server_dir / "bin" / "tritonserver"),
-                        STREAMASR_TRITON_BACKENDS=str(home.backend_dir))
+    env = sagemaker_env(
+        tmp_path,
+        STREAMASR_TRITON_BINARY=str(server_dir / "bin" / "tritonserver"),
+        STREAMASR_TRITON_BACKENDS=str(home.backend_dir),
+    )
     base = helper_env.environment()
     for k in ("LD_LIBRARY_PATH", "PATH", "PYTHONPATH"):
         env[k] = base[k]

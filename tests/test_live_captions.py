@@ -1,6 +1,7 @@
 """Live-caption semantics through the real server: finals are never revised, Finalize
 flushes without closing, word timings agree with a forced alignment of the same logits,
 endpoints fire in silence, a hotword changes what the decoder hears."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from streamasr.alignment import word_spans
 from streamasr.features import whole_file_windows
 
-from .test_streaming import stream
+from .helpers import stream
 
 
 def results(msgs):
@@ -32,14 +33,13 @@ def test_finals_are_never_revised(conn, contract, demo_audio):
             last_final_end = max([last_final_end] + [w["end"] for w in words])
 
 
-def test_finalize_flushes_the_open_utterance_and_the_stream_goes_on(conn, contract,
-                                                                   demo_audio):
+def test_finalize_flushes_the_open_utterance_and_the_stream_goes_on(conn, contract, demo_audio):
     chunk = contract.chunk_samples
     cut = (len(demo_audio) // 3) // chunk * chunk
     # endpointing off: only Finalize and END may produce finals
     s = conn.open_session({"endpointing": "false"})
     for i in range(0, cut, chunk):
-        s.send(demo_audio[i:i + chunk])
+        s.send(demo_audio[i : i + chunk])
     s.wait()
     interim_before = s.interim
     s.finalize()
@@ -48,7 +48,7 @@ def test_finalize_flushes_the_open_utterance_and_the_stream_goes_on(conn, contra
     assert len(flushed) == 1 and flushed[0]["from_finalize"] and not flushed[0]["speech_final"]
     assert text_of(flushed[0]) == interim_before
     for i in range(cut, len(demo_audio), chunk):
-        s.send(demo_audio[i:i + chunk])
+        s.send(demo_audio[i : i + chunk])
     s.close()
     s.wait()
     assert s.errors == []
@@ -59,11 +59,12 @@ def test_finalize_flushes_the_open_utterance_and_the_stream_goes_on(conn, contra
 # the alignment of its most probable contribution frame by frame (search.py), which can
 # end a token a frame or two away from the single best path of the same text.
 @pytest.mark.parametrize("decoding, tolerance_frames", [("greedy", 1), ("beam", 3)])
-def test_word_times_match_a_forced_alignment_of_the_same_logits(conn, contract, onnx_session,
-                                                                demo_audio, decoding,
-                                                                tolerance_frames):
-    s = stream(conn, demo_audio, contract.chunk_samples,
-               {"endpointing": "false", "decoding": decoding})
+def test_word_times_match_a_forced_alignment_of_the_same_logits(
+    conn, contract, onnx_session, demo_audio, decoding, tolerance_frames
+):
+    s = stream(
+        conn, demo_audio, contract.chunk_samples, {"endpointing": "false", "decoding": decoding}
+    )
     s.wait()
     (final,) = s.finals
     text = text_of(final)
@@ -104,8 +105,9 @@ def test_hotword_boost_recovers_a_misrecognised_word(conn, contract, demo_audio)
     unless the stream boosts "leisure"."""
     clip = demo_audio[: 3 * contract.sample_rate]
     plain = stream(conn, clip, contract.chunk_samples, {"decoding": "beam"})
-    boosted = stream(conn, clip, contract.chunk_samples,
-                     {"decoding": "beam", "hotwords": "leisure:3"})
+    boosted = stream(
+        conn, clip, contract.chunk_samples, {"decoding": "beam", "hotwords": "leisure:3"}
+    )
     plain.wait()
     boosted.wait()
     assert plain.errors == [] and boosted.errors == []

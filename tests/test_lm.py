@@ -3,6 +3,7 @@
 The ARPA file is checked against pocketsphinx's OWN scoring of the original binary (an
 independent implementation), so a reader bug cannot hide behind a test that shares its
 code."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ import pytest
 pytest.importorskip("kenlm")
 import kenlm  # noqa: E402
 
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, final_transcript  # noqa: E402
+from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole  # noqa: E402
 from streamasr.decoding.lm import PrefixTable, read_arpa_unigrams  # noqa: E402
+from streamasr.protocol import final_text  # noqa: E402
 from training import build_lm, sphinx_lm  # noqa: E402
 from training.acoustic import VOCABULARY, default_contract  # noqa: E402
 
@@ -82,15 +84,26 @@ def test_unknown_words_cost_the_unk_probability(arpa):
     model = kenlm.Model(str(arpa))
     assert "anmistrjondash" not in model
     assert model.score("anmistrjondash", bos=False, eos=False) == pytest.approx(
-        build_lm.DEFAULT_UNK_LOG10)
+        build_lm.DEFAULT_UNK_LOG10
+    )
     uni = read_arpa_unigrams(arpa)
     assert uni["<unk>"] == build_lm.DEFAULT_UNK_LOG10
     assert len(uni) == 72548
 
 
 # --- partial-word scoring on a small hand-written LM -----------------------------------
-TOY_UNIGRAMS = {"<s>": -99.0, "</s>": -1.0, "<unk>": -5.0, "the": -1.0, "cat": -1.5,
-                "car": -1.2, "sat": -1.6, "on": -1.1, "mat": -1.8, "caf\u00e9": -0.1}
+TOY_UNIGRAMS = {
+    "<s>": -99.0,
+    "</s>": -1.0,
+    "<unk>": -5.0,
+    "the": -1.0,
+    "cat": -1.5,
+    "car": -1.2,
+    "sat": -1.6,
+    "on": -1.1,
+    "mat": -1.8,
+    "caf\u00e9": -0.1,
+}
 
 
 def write_toy_arpa(path: Path, unigrams=TOY_UNIGRAMS) -> Path:
@@ -104,14 +117,14 @@ def write_toy_arpa(path: Path, unigrams=TOY_UNIGRAMS) -> Path:
 
 def test_prefix_table_gives_the_best_completion_or_unk():
     table = PrefixTable(TOY_UNIGRAMS, alphabet=frozenset("abcdefghijklmnopqrstuvwxyz'"))
-    assert table.lookahead_log10("c") == -1.2                # car beats cat
+    assert table.lookahead_log10("c") == -1.2  # car beats cat
     assert table.lookahead_log10("cat") == -1.5
     assert table.lookahead_log10("th") == -1.0
-    assert table.lookahead_log10("thec") == -5.0             # no word: <unk>
-    assert table.lookahead_log10("thec", -0.5) == -7.0       # ... plus a cost per letter
+    assert table.lookahead_log10("thec") == -5.0  # no word: <unk>
+    assert table.lookahead_log10("thec", -0.5) == -7.0  # ... plus a cost per letter
     # "caf\u00e9" cannot be spelled by the model, so it must not make "caf" cheap
     assert table.lookahead_log10("caf") == -5.0
-    assert table.lookahead_log10("<s") == -5.0               # markup is not a word
+    assert table.lookahead_log10("<s") == -5.0  # markup is not a word
 
 
 def spelled(text: str, p_space: float, frames_per_char: int = 2) -> np.ndarray:
@@ -146,32 +159,41 @@ def test_partial_words_stop_run_on_words(tmp_path):
     no_endpoints = EndpointConfig(endpointing=False)
 
     def decode(partial: bool) -> str:
-        cfg = DecoderConfig(decoding="beam", beam_size=4, lm_path=str(lm), lm_alpha=1.0,
-                            lm_beta=0.0, lm_partial_words=partial)
-        return final_transcript(decode_whole(contract, log_probs, cfg, no_endpoints))
+        cfg = DecoderConfig(
+            decoding="beam",
+            beam_size=4,
+            lm_path=str(lm),
+            lm_alpha=1.0,
+            lm_beta=0.0,
+            lm_partial_words=partial,
+        )
+        return final_text(decode_whole(contract, log_probs, cfg, no_endpoints))
 
-    assert final_transcript(decode_whole(contract, log_probs, DecoderConfig(),
-                                         no_endpoints)) == "thecatsatonthemat"
+    assert (
+        final_text(decode_whole(contract, log_probs, DecoderConfig(), no_endpoints))
+        == "thecatsatonthemat"
+    )
     assert decode(partial=True) == "the cat sat on the mat"
     whole_words_only = decode(partial=False)
-    assert len(whole_words_only.split()) < 6, whole_words_only   # words glued together
+    assert len(whole_words_only.split()) < 6, whole_words_only  # words glued together
 
 
 def test_unknown_words_pay_per_letter(tmp_path):
     """One <unk> must not be cheaper than the real words it swallows."""
     from streamasr.decoding.lm import WordLM
 
-    lm = WordLM(str(write_toy_arpa(tmp_path / "toy.arpa")), alpha=1.0, beta=0.0,
-                oov_letter_log10=-0.5)
+    lm = WordLM(
+        str(write_toy_arpa(tmp_path / "toy.arpa")), alpha=1.0, beta=0.0, oov_letter_log10=-0.5
+    )
     state = lm.begin()
     _, glued = lm._score(state, "thecatsat")
     _, known = lm._score(state, "the")
     assert glued == pytest.approx((-5.0 - 0.5 * 9) * math.log(10))
-    assert known == pytest.approx(-0.3 * math.log(10))       # the bigram <s> the
+    assert known == pytest.approx(-0.3 * math.log(10))  # the bigram <s> the
 
 
 def test_partial_words_do_not_change_lm_free_decoding(tmp_path):
     contract = default_contract()
     log_probs = spelled("the cat sat", p_space=0.6)
     beam = DecoderConfig(decoding="beam", beam_size=4)
-    assert final_transcript(decode_whole(contract, log_probs, beam)) == "the cat sat"
+    assert final_text(decode_whole(contract, log_probs, beam)) == "the cat sat"

@@ -1,5 +1,6 @@
 """The model build: our CTranslate2 reader and torch Whisper against the reference
 CTranslate2 runtime, on real speech."""
+
 from __future__ import annotations
 
 import re
@@ -15,11 +16,17 @@ from streamasr.contract import FeatureSpec
 from streamasr.features import silence_frame
 from training import ct2, whisper
 
-CLIP = (Path(__file__).resolve().parent.parent / "assets" / "eval"
-        / "librivox-sense_and_sensibility_01_austen_64kb-0870.wav")
-REFERENCE = ("and mister john dashwood had then leisure to consider how much there might be "
-             "prudently in his power to do for them")
-ENCODER_TOLERANCE = 1e-3   # max |ours - reference| on outputs of magnitude ~10
+CLIP = (
+    Path(__file__).resolve().parent.parent
+    / "assets"
+    / "eval"
+    / "librivox-sense_and_sensibility_01_austen_64kb-0870.wav"
+)
+REFERENCE = (
+    "and mister john dashwood had then leisure to consider how much there might be "
+    "prudently in his power to do for them"
+)
+ENCODER_TOLERANCE = 1e-3  # max |ours - reference| on outputs of magnitude ~10
 
 
 def _norm(text: str) -> list[str]:
@@ -65,8 +72,9 @@ def test_ct2_reader_rejects_truncated_and_unknown(tmp_path):
 
 def test_encoder_matches_ctranslate2(model, clip_features):
     ctranslate2 = pytest.importorskip("ctranslate2")
-    ref = ctranslate2.models.Whisper(str(ct2.packaged_whisper_dir()), device="cpu",
-                                     compute_type="float32", intra_threads=1)
+    ref = ctranslate2.models.Whisper(
+        str(ct2.packaged_whisper_dir()), device="cpu", compute_type="float32", intra_threads=1
+    )
     x = np.ascontiguousarray(clip_features.T[None])
     expected = np.array(ref.encode(ctranslate2.StorageView.from_array(x), to_cpu=True))
     enc = whisper.encoder_from_ct2(model)
@@ -93,8 +101,9 @@ def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
 
     export_whisper.export(tmp_path)
     ow = WhisperRescorer(tmp_path)
-    ref = ctranslate2.models.Whisper(str(ct2.packaged_whisper_dir()), device="cpu",
-                                     compute_type="float32", intra_threads=1)
+    ref = ctranslate2.models.Whisper(
+        str(ct2.packaged_whisper_dir()), device="cpu", compute_type="float32", intra_threads=1
+    )
     x = np.ascontiguousarray(clip_features.T[None])
     expected = np.array(ref.encode(ctranslate2.StorageView.from_array(x), to_cpu=True))
     got = ow.enc.run(["encoder_out"], {"mel": clip_features[None]})[0]
@@ -106,12 +115,16 @@ def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
     L, _, h, _, dh = ck.shape
     empty = np.zeros((L, 1, h, 0, dh), np.float32)
     prefix = np.array([[whisper.SOT, whisper.NO_TIMESTAMPS] + ids[:3]], np.int64)
-    full, _, _ = ow.dec.run(None, {"tokens": prefix, "cross_k": ck, "cross_v": cv,
-                                   "past_k": empty, "past_v": empty})
-    _, pk, pv = ow.dec.run(None, {"tokens": prefix[:, :-1], "cross_k": ck, "cross_v": cv,
-                                  "past_k": empty, "past_v": empty})
-    step, _, _ = ow.dec.run(None, {"tokens": prefix[:, -1:], "cross_k": ck, "cross_v": cv,
-                                   "past_k": pk, "past_v": pv})
+    full, _, _ = ow.dec.run(
+        None, {"tokens": prefix, "cross_k": ck, "cross_v": cv, "past_k": empty, "past_v": empty}
+    )
+    _, pk, pv = ow.dec.run(
+        None,
+        {"tokens": prefix[:, :-1], "cross_k": ck, "cross_v": cv, "past_k": empty, "past_v": empty},
+    )
+    step, _, _ = ow.dec.run(
+        None, {"tokens": prefix[:, -1:], "cross_k": ck, "cross_v": cv, "past_k": pk, "past_v": pv}
+    )
     assert np.abs(full - step).max() < 1e-3
     # the runtime entry point: the utterance's features, padded inside
     audio, _ = sf.read(CLIP, dtype="float32")

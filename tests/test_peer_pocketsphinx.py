@@ -1,6 +1,7 @@
 """The accuracy peer (benchmarks/peer_pocketsphinx.py): real PocketSphinx on one real eval
 clip, scored by the project's own WER. pocketsphinx is pinned in requirements-dev.txt, so a
 missing install fails here rather than being skipped."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from benchmarks import peer_pocketsphinx as peer
 from benchmarks import report
 from streamasr.evaluation import EvalItem, load_eval_set
 
-CLIP = "cards-001"          # 1.1 s, "ten of clubs"
+CLIP = "cards-001"  # 1.1 s, "ten of clubs"
 
 
 def test_pocketsphinx_decodes_a_real_clip_with_a_sane_wer(tmp_path, monkeypatch):
@@ -47,10 +48,24 @@ def test_bench_step_records_a_skip_with_its_reason(monkeypatch):
 
 
 def test_bench_report_carries_the_peer_row_or_the_skip_reason():
-    acc = {"eval_set": "eval", "utterances": 11, "audio_s": 45.4,
-           "streamed": {"wer": 0.6931, "cer": 0.2754}, "offline": {"wer": 0.6931, "cer": 0.2754}}
-    ps = {"system": "pocketsphinx 5.1.1", "wer": 0.2281, "cer": 0.1446, "rtf": 0.47,
-          "clips": 11, "words": 114, "audio_s": 45.4, "decode_s": 21.5, "loadavg_after": [1.0]}
+    acc = {
+        "eval_set": "eval",
+        "utterances": 11,
+        "audio_s": 45.4,
+        "streamed": {"wer": 0.6931, "cer": 0.2754},
+        "offline": {"wer": 0.6931, "cer": 0.2754},
+    }
+    ps = {
+        "system": "pocketsphinx 5.1.1",
+        "wer": 0.2281,
+        "cer": 0.1446,
+        "rtf": 0.47,
+        "clips": 11,
+        "words": 114,
+        "audio_s": 45.4,
+        "decode_s": 21.5,
+        "loadavg_after": [1.0],
+    }
     md = report.markdown({"accuracy": acc, "peer_pocketsphinx": ps})
     assert "| peer: pocketsphinx 5.1.1 (whole file, RTF 0.47) | 0.228 | 0.145 |" in md
     assert "| streamed | 0.693 | 0.275 |" in md

@@ -5,6 +5,7 @@ Every fault is checked two ways: the faulty party gets a clear error (or its str
 reclaimed), and a bystander stream running at the same time keeps the exact transcript of
 a whole-file decode (``reference_messages``, as tests/test_streaming.py does).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from streamasr.server import (ServerConfig, ServerError, TritonServer, child_processes,
-                              free_port)
+from streamasr.server import ServerConfig, ServerError, TritonServer, child_processes, free_port
 from streamasr_client.stream import AsrConnection
 
-from .conftest import DEMO_WAV, ROOT, copy_repository, start_server
-from .test_bad_input import f32, raw_request
-from .test_streaming import finals, reference_messages
+from .helpers import (
+    DEMO_WAV,
+    MAX_STREAM_S,
+    ROOT,
+    TTL_S,
+    Bystander,
+    all_reclaimed,
+    f32,
+    finals_with_words,
+    metric,
+    metrics_text,
+    poll,
+    raw_request,
+    reclaimed_now,
+    reference_messages,
+)
 
-TTL_S = 2.0
-TRITON_IDLE_US = 6_000_000
-MAX_STREAM_S = 30.0      # above the bystander's audio (at most 25 s)
 PY = sys.executable
 
 
@@ -47,7 +57,7 @@ def audio(contract) -> np.ndarray:
     if DEMO_WAV.exists():
         from streamasr_client.audio import load_audio
 
-        return load_audio(DEMO_WAV, contract.sample_rate)[:25 * contract.sample_rate]
+        return load_audio(DEMO_WAV, contract.sample_rate)[: 25 * contract.sample_rate]
     rate = contract.sample_rate
     t = np.arange(8 * rate) / rate
     rng = np.random.default_rng(7)
@@ -58,98 +68,19 @@ def audio(contract) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def expected(contract, onnx_session, audio):
-    return finals(reference_messages(contract, onnx_session, audio))
-
-
-@pytest.fixture(scope="module")
-def fault_server(tmp_path_factory):
-    """Short TTLs (reclaim within seconds) and a 30 s per-stream limit."""
-    root = tmp_path_factory.mktemp("faults")
-    repo = copy_repository(
-        root / "repo",
-        {"feature_extractor": {"stream_idle_timeout_s": str(TTL_S),
-                               "max_stream_seconds": str(MAX_STREAM_S)},
-         "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)}},
-        idle_us={"feature_extractor": TRITON_IDLE_US})
-    srv = start_server(repo, root / "tritonserver.log")
-    yield srv
-    srv.stop()
+    return finals_with_words(reference_messages(contract, onnx_session, audio))
 
 
 @pytest.fixture
-def fconn(fault_server):
-    c = AsrConnection(fault_server.grpc_url)
+def fconn(short_ttl_server):
+    c = AsrConnection(short_ttl_server.grpc_url)
     yield c
     c.close()
-
-
-class Bystander:
-    """A good stream sent in two halves around a fault; ``finish`` checks its finals."""
-
-    def __init__(self, conn, contract, audio, expected):
-        self.s = conn.open_session()
-        self.audio, self.expected = audio, expected
-        self.chunk = contract.chunk_samples
-        self.half = (len(audio) // 2) // self.chunk * self.chunk
-        for i in range(0, self.half, self.chunk):
-            self.s.send(audio[i:i + self.chunk])
-
-    def finish(self):
-        for i in range(self.half, len(self.audio), self.chunk):
-            self.s.send(self.audio[i:i + self.chunk])
-        self.s.close()
-        self.s.wait(timeout=180)
-        assert self.s.errors == []
-        assert finals(self.s.messages) == self.expected
 
 
 @pytest.fixture
 def bystander(fconn, contract, audio, expected):
     return Bystander(fconn, contract, audio, expected)
-
-
-def metrics_text(server) -> str:
-    url = f"http://{server.config.host}:{server.config.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read().decode()
-
-
-def metric(server, name: str, model: str) -> float:
-    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+-]+)$', metrics_text(server), re.M)
-    assert m, f"{name}{{model={model!r}}} not in the metrics"
-    return float(m.group(1))
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def publish_metrics(server) -> None:
-    """The steps publish their metrics from execute(), so make both run once: a
-    one-request stream (START and END together) that leaves nothing open."""
-    with AsrConnection(server.grpc_url) as c:
-        s = c.open_session()
-        s.close(np.zeros(1600, np.float32))
-        s.wait()
-        assert s.errors == [], s.errors
-
-
-def all_reclaimed(server, since: dict[str, float], n: int) -> bool:
-    publish_metrics(server)
-    return all(metric(server, "streamasr_open_streams", m) == 0 and
-               metric(server, "streamasr_reclaimed_streams_total", m) - since[m] >= n
-               for m in ("feature_extractor", "ctc_decoder"))
-
-
-def reclaimed_now(server) -> dict[str, float]:
-    publish_metrics(server)
-    return {m: metric(server, "streamasr_reclaimed_streams_total", m)
-            for m in ("feature_extractor", "ctc_decoder")}
 
 
 # -- 2. client faults --------------------------------------------------------------------
@@ -173,47 +104,60 @@ sys.stdin.read()
 
 
 def test_sigkilled_client_streams_are_reclaimed_and_others_keep_their_transcript(
-        fault_server, fconn, contract, audio, expected):
+    short_ttl_server, fconn, contract, audio, expected
+):
     n = 5
-    since = reclaimed_now(fault_server)
-    proc = subprocess.Popen([PY, "-c", KILLED_CLIENT, fault_server.grpc_url, str(n)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+    since = reclaimed_now(short_ttl_server)
+    proc = subprocess.Popen(
+        [PY, "-c", KILLED_CLIENT, short_ttl_server.grpc_url, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready and proc.stdout.readline().strip() == b"STREAMING", "client never streamed"
         # (started only now: a bystander idle while the client starts up would expire)
         bystander = Bystander(fconn, contract, audio, expected)
     finally:
-        proc.send_signal(signal.SIGKILL)          # no END, no half-close: the socket dies
+        proc.send_signal(signal.SIGKILL)  # no END, no half-close: the socket dies
         proc.wait(30)
     bystander.finish()
-    poll(lambda: all_reclaimed(fault_server, since, n), 10 * TTL_S + 10,
-         "the dead client's streams to be reclaimed")
+    poll(
+        lambda: all_reclaimed(short_ttl_server, since, n),
+        10 * TTL_S + 10,
+        "the dead client's streams to be reclaimed",
+    )
 
 
 def test_half_closed_connection_still_gets_its_answers_and_streams_are_reclaimed(
-        fault_server, contract, bystander):
-    since = reclaimed_now(fault_server)
-    conn = AsrConnection(fault_server.grpc_url)
+    short_ttl_server, contract, bystander
+):
+    since = reclaimed_now(short_ttl_server)
+    conn = AsrConnection(short_ttl_server.grpc_url)
     sessions = [conn.open_session() for _ in range(3)]
     for s in sessions:
         for _ in range(4):
             s.send(np.zeros(contract.chunk_samples, np.float32))
-    conn._requests.put(None)                     # half-close: no more requests, no END
+    conn._requests.put(None)  # half-close: no more requests, no END
     for s in sessions:
-        s.wait(timeout=60)                        # every request sent is still answered
+        s.wait(timeout=60)  # every request sent is still answered
         assert s.errors == [] and s.pending == 0
     conn.close()
     bystander.finish()
-    poll(lambda: all_reclaimed(fault_server, since, 3), 10 * TTL_S + 10,
-         "half-open streams to be reclaimed")
+    poll(
+        lambda: all_reclaimed(short_ttl_server, since, 3),
+        10 * TTL_S + 10,
+        "half-open streams to be reclaimed",
+    )
 
 
 def test_duplicate_start_for_a_live_id_is_refused_and_the_live_stream_is_intact(
-        fault_server, fconn, contract, audio, expected):
+    short_ttl_server, fconn, contract, audio, expected
+):
     live = Bystander(fconn, contract, audio, expected)
-    live.s.wait()              # its START has been served: the id is live
-    with AsrConnection(fault_server.grpc_url) as other:      # a second client, same id
+    live.s.wait()  # its START has been served: the id is live
+    with AsrConnection(short_ttl_server.grpc_url) as other:  # a second client, same id
         dup = other.open_session(sequence_id=live.s.sequence_id)
         dup.send(np.zeros(contract.chunk_samples, np.float32))
         dup.wait()
@@ -237,32 +181,52 @@ def test_stream_longer_than_max_stream_seconds_is_refused_then_ends_cleanly(fcon
     s.close()
     s.wait()
     assert len(s.errors) == 1 and "max_stream_seconds" in s.errors[0], s.errors
-    assert s.messages[-1]["type"] != "Error"      # END still closed the stream
+    assert s.messages[-1]["type"] != "Error"  # END still closed the stream
 
 
 # -- 4. hostile requests through the server ----------------------------------------------
-DTYPES = {"FP32": np.float32, "INT16": np.int16, "FP64": np.float64, "INT32": np.int32,
-          "UINT8": np.uint8}
-hostile_inputs = st.lists(st.tuples(
-    st.sampled_from(["AUDIO", "AUDIO_INT16", "SAMPLE_RATE", "BOGUS"]),
-    st.sampled_from(sorted(DTYPES) + ["BYTES"]),
-    st.lists(st.integers(0, 5000), min_size=0, max_size=2),
-    st.binary(max_size=64) | st.integers(0, 9000).map(lambda n: os.urandom(n))),
-    min_size=0, max_size=3)
+DTYPES = {
+    "FP32": np.float32,
+    "INT16": np.int16,
+    "FP64": np.float64,
+    "INT32": np.int32,
+    "UINT8": np.uint8,
+}
+hostile_inputs = st.lists(
+    st.tuples(
+        st.sampled_from(["AUDIO", "AUDIO_INT16", "SAMPLE_RATE", "BOGUS"]),
+        st.sampled_from(sorted(DTYPES) + ["BYTES"]),
+        st.lists(st.integers(0, 5000), min_size=0, max_size=2),
+        st.binary(max_size=64) | st.integers(0, 9000).map(lambda n: os.urandom(n)),
+    ),
+    min_size=0,
+    max_size=3,
+)
 hostile_params = st.dictionaries(
     st.sampled_from(["finalize", "keepalive", "beam_size", "decoding", "hotwords", "x"]),
     st.text(max_size=8) | st.binary(max_size=8).map(lambda b: b.decode("latin-1")),
-    max_size=2)
+    max_size=2,
+)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(inputs=hostile_inputs, params=hostile_params, start=st.booleans(), end=st.booleans())
-def test_hostile_requests_get_an_answer_and_never_kill_the_server(fault_server, fconn,
-                                                                 inputs, params, start, end):
+def test_hostile_requests_get_an_answer_and_never_kill_the_server(
+    short_ttl_server, fconn, inputs, params, start, end
+):
     s = fconn.open_session()
-    raw_request(s, [(n, d, shape, data) for n, d, shape, data in inputs],
-                start=start, end=end, params=params)
+    raw_request(
+        s,
+        [(n, d, shape, data) for n, d, shape, data in inputs],
+        start=start,
+        end=end,
+        params=params,
+    )
     s.wait(timeout=60)
     assert len(s.messages) >= 1
     for m in s.messages:
@@ -270,40 +234,44 @@ def test_hostile_requests_get_an_answer_and_never_kill_the_server(fault_server, 
             assert m["message"].strip()
         else:
             assert m["type"] in ("Results", "UtteranceEnd")
-    assert fault_server.proc.poll() is None
+    assert short_ttl_server.proc.poll() is None
 
 
-def test_after_hostile_requests_the_server_is_whole(fault_server, bystander):
+def test_after_hostile_requests_the_server_is_whole(short_ttl_server, bystander):
     """Runs after the fuzz above: the same stubs are alive and a stream is exact."""
-    stubs = fault_server.python_stubs()
+    stubs = short_ttl_server.python_stubs()
     assert "feature_extractor" in stubs.values() and "ctc_decoder" in stubs.values()
     bystander.finish()
-    assert fault_server.python_stubs() == stubs
+    assert short_ttl_server.python_stubs() == stubs
 
 
 # -- 5. no content in logs; 6. metrics ---------------------------------------------------
-def test_logs_hold_no_audio_and_no_transcript(fault_server, fconn, contract, audio, expected):
+def test_logs_hold_no_audio_and_no_transcript(short_ttl_server, fconn, contract, audio, expected):
     s = fconn.open_session()
     for i in range(0, len(audio), contract.chunk_samples):
-        s.send(audio[i:i + contract.chunk_samples])
+        s.send(audio[i : i + contract.chunk_samples])
     s.close()
     s.wait(timeout=180)
     bad = fconn.open_session()
-    raw_request(bad, [f32([0.123456789, np.nan])], start=True)    # an error path too
+    raw_request(bad, [f32([0.123456789, np.nan])], start=True)  # an error path too
     bad.wait()
-    log = Path(fault_server.log_path).read_text(errors="replace")
+    log = Path(short_ttl_server.log_path).read_text(errors="replace")
     assert "ready: chunk" in log, "the steps' own INFO lines must reach this log"
     words = {w for text, _ in expected for w in text.split() if len(w) >= 4}
     loud = np.argsort(-np.abs(audio))[:20]
-    samples = {repr(float(audio[i])) for i in loud} | {
-        np.format_float_positional(audio[i], precision=8) for i in loud} | {"0.12345679"}
+    samples = (
+        {repr(float(audio[i])) for i in loud}
+        | {np.format_float_positional(audio[i], precision=8) for i in loud}
+        | {"0.12345679"}
+    )
     # whole words only: "hare" is a transcript word, and also inside "shared"
-    leaked = sorted(x for x in words | samples
-                    if re.search(rf"(?<![\w.]){re.escape(x)}(?![\w])", log))
+    leaked = sorted(
+        x for x in words | samples if re.search(rf"(?<![\w.]){re.escape(x)}(?![\w])", log)
+    )
     assert leaked == [], f"audio or transcript content in the server log: {leaked[:5]}"
 
 
-def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract):
+def test_metrics_port_has_tritons_and_our_metrics(short_ttl_server, fconn, contract):
     s = fconn.open_session()
     s.send(np.zeros(contract.chunk_samples * 2, np.float32))
     s.close()
@@ -312,50 +280,59 @@ def test_metrics_port_has_tritons_and_our_metrics(fault_server, fconn, contract)
     for x in (s, bad):
         x.wait()
     assert len(bad.errors) == 1
-    text = metrics_text(fault_server)
+    text = metrics_text(short_ttl_server)
     for model in ("streaming_asr", "feature_extractor", "acoustic_model", "ctc_decoder"):
-        m = re.search(rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)',
-                      text, re.M)
+        m = re.search(
+            rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)', text, re.M
+        )
         assert m and int(m.group(1)) > 0, f"no nv_inference_request_success for {model}"
     assert re.search(r'^nv_inference_count\{model="acoustic_model"', text, re.M)
-    for name in ("streamasr_open_streams", "streamasr_reclaimed_streams_total",
-                 "streamasr_request_errors_total"):
+    for name in (
+        "streamasr_open_streams",
+        "streamasr_reclaimed_streams_total",
+        "streamasr_request_errors_total",
+    ):
         for model in ("feature_extractor", "ctc_decoder"):
             assert re.search(rf'^{name}{{model="{model}"}} ', text, re.M), (name, model)
-    assert metric(fault_server, "streamasr_request_errors_total", "feature_extractor") > 0
+    assert metric(short_ttl_server, "streamasr_request_errors_total", "feature_extractor") > 0
     # per-request time of each Python step, as a histogram
     for model in ("feature_extractor", "ctc_decoder"):
-        count = re.search(rf'^streamasr_request_seconds_count{{model="{model}"}} (\d+)',
-                          text, re.M)
+        count = re.search(rf'^streamasr_request_seconds_count{{model="{model}"}} (\d+)', text, re.M)
         assert count and int(count.group(1)) > 0, f"no request-time histogram for {model}"
-        assert re.search(rf'^streamasr_request_seconds_bucket{{model="{model}",le="0.01"}} ',
-                         text, re.M)
+        assert re.search(
+            rf'^streamasr_request_seconds_bucket{{model="{model}",le="0.01"}} ', text, re.M
+        )
 
 
-def test_launcher_health_poll_flags_a_model_that_goes_unready(fault_server):
+def test_launcher_health_poll_flags_a_model_that_goes_unready(short_ttl_server):
     """The launcher's poll (streamasr.server._health_problem) on a model unloaded through
     the repository API: its stub goes away and /v2/models/<m>/ready stops answering 200."""
     from streamasr.server import _health_problem
 
-    models, stubs = fault_server.ready_models(), fault_server.python_stubs()
+    models, stubs = short_ttl_server.ready_models(), short_ttl_server.python_stubs()
     assert "model_contract" in models
-    assert _health_problem(fault_server, models, stubs, {}, 2) is None
-    base = f"http://{fault_server.http_url}/v2/repository/models/model_contract"
+    assert _health_problem(short_ttl_server, models, stubs, {}, 2) is None
+    base = f"http://{short_ttl_server.http_url}/v2/repository/models/model_contract"
     urllib.request.urlopen(urllib.request.Request(base + "/unload", data=b"{}"), timeout=30)
     try:
-        poll(lambda: fault_server.unready_models(["model_contract"]) == ["model_contract"],
-             30, "model_contract to report not ready")
+        poll(
+            lambda: short_ttl_server.unready_models(["model_contract"]) == ["model_contract"],
+            30,
+            "model_contract to report not ready",
+        )
         strikes: dict = {}
-        problems = [_health_problem(fault_server, models, stubs, strikes, 2) for _ in range(2)]
+        problems = [_health_problem(short_ttl_server, models, stubs, strikes, 2) for _ in range(2)]
         assert problems[-1] and "model_contract" in problems[-1], problems
     finally:
         urllib.request.urlopen(urllib.request.Request(base + "/load", data=b"{}"), timeout=120)
-    assert fault_server.unready_models(models) == []
+    assert short_ttl_server.unready_models(models) == []
 
 
 # -- 3. server faults --------------------------------------------------------------------
+@pytest.mark.server
 def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_clients(
-        tmp_path, contract, audio, expected):
+    tmp_path, contract, audio, expected
+):
     ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     cfg = ServerConfig(exit_timeout_s=20, **ports)
     srv = TritonServer(cfg, log_path=tmp_path / "first.log")
@@ -367,15 +344,15 @@ def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_
     conn = AsrConnection(srv.grpc_url)
     chunk = contract.chunk_samples
     sessions = [conn.open_session() for _ in range(3)]
-    for s in sessions:                               # whole streams, END included
+    for s in sessions:  # whole streams, END included
         for i in range(0, len(audio), chunk):
-            s.send(audio[i:i + chunk])
+            s.send(audio[i : i + chunk])
         s.close()
     poll(lambda: sum(s._answered for s in sessions) > 0, 120, "the first answers")
     before = [len(s.messages) for s in sessions]
     in_flight = sum(s.pending for s in sessions)
     t0 = time.monotonic()
-    srv.stop()                        # SIGTERM while requests are in flight, clients connected
+    srv.stop()  # SIGTERM while requests are in flight, clients connected
     stopped_in = time.monotonic() - t0
     assert in_flight > 0, "the streams finished before the signal: nothing was in flight"
     # Every request sent gets an answer before the connection goes away: a result, or
@@ -391,8 +368,10 @@ def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_
     # the process is gone: by itself or, with a client's stream still open, killed
     # exit_timeout + 10 s after the signal (Triton 2.51 does not exit while one is open)
     assert srv.proc.poll() is not None and stopped_in < cfg.exit_timeout_s + 15
-    assert "Found 0 model versions that have in-flight inferences" in \
-        Path(tmp_path / "first.log").read_text()
+    assert (
+        "Found 0 model versions that have in-flight inferences"
+        in Path(tmp_path / "first.log").read_text()
+    )
     conn.close()
     # the same address again: clients reconnect with a new connection
     srv2 = TritonServer(ServerConfig(**ports), log_path=tmp_path / "second.log")
@@ -401,10 +380,10 @@ def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_
         with AsrConnection(srv2.grpc_url) as again:
             s = again.open_session()
             for i in range(0, len(audio), chunk):
-                s.send(audio[i:i + chunk])
+                s.send(audio[i : i + chunk])
             s.close()
             s.wait(timeout=180)
-            assert s.errors == [] and finals(s.messages) == expected
+            assert s.errors == [] and finals_with_words(s.messages) == expected
     finally:
         srv2.stop()
 
@@ -415,20 +394,61 @@ def launcher(tmp_path_factory):
     """The launcher with a self-signed gRPC certificate and a 1 s health poll."""
     root = tmp_path_factory.mktemp("launcher")
     cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=localhost", "-addext",
-                    "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     ports = dict(http=free_port(), grpc=free_port(), metrics=free_port())
     out = open(root / "launcher.log", "wb")
     proc = subprocess.Popen(
-        [PY, "-m", "streamasr.server", "--http-port", str(ports["http"]),
-         "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]),
-         "--grpc-cert", str(cert), "--grpc-key", str(key), "--health-interval", "1",
-         "--home", str(root / "home")],
-        stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    info = {"proc": proc, "cert": cert.read_bytes(), "log": root / "launcher.log",
-            "grpc": f"127.0.0.1:{ports['grpc']}", "http": f"127.0.0.1:{ports['http']}"}
+        [
+            PY,
+            "-m",
+            "streamasr.server",
+            "--http-port",
+            str(ports["http"]),
+            "--grpc-port",
+            str(ports["grpc"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--grpc-cert",
+            str(cert),
+            "--grpc-key",
+            str(key),
+            "--health-interval",
+            "1",
+            "--home",
+            str(root / "home"),
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    info = {
+        "proc": proc,
+        "cert": cert.read_bytes(),
+        "log": root / "launcher.log",
+        "grpc": f"127.0.0.1:{ports['grpc']}",
+        "http": f"127.0.0.1:{ports['http']}",
+    }
 
     def watching() -> bool:
         assert proc.poll() is None, info["log"].read_text()
@@ -467,11 +487,17 @@ def test_tls_server_serves_a_tls_client(launcher, contract):
 
 def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(launcher, contract):
     """Last in the module: kills the launcher's feature_extractor stub."""
-    (triton,) = [p for p, argv in child_processes(launcher["proc"].pid).items()
-                 if argv[0].endswith("tritonserver")]
-    stubs = [p for p, argv in child_processes(triton).items()
-             if argv[0].endswith("triton_python_backend_stub")
-             and Path(argv[1]).parent.parent.name == "feature_extractor"]
+    (triton,) = [
+        p
+        for p, argv in child_processes(launcher["proc"].pid).items()
+        if argv[0].endswith("tritonserver")
+    ]
+    stubs = [
+        p
+        for p, argv in child_processes(triton).items()
+        if argv[0].endswith("triton_python_backend_stub")
+        and Path(argv[1]).parent.parent.name == "feature_extractor"
+    ]
     assert len(stubs) == 1
     with AsrConnection(launcher["grpc"], ssl=True, root_certificates=launcher["cert"]) as c:
         os.kill(stubs[0], signal.SIGKILL)
@@ -479,7 +505,7 @@ def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(launcher,
         s.send(np.zeros(contract.chunk_samples, np.float32))
         try:
             s.wait(timeout=30)
-        except Exception:                          # noqa: BLE001 - the server may be gone
+        except Exception:  # noqa: BLE001 - the server may be gone
             pass
         # never a transcript from a dead step: an error naming it, or no answer at all
         assert not [m for m in s.messages if m["type"] != "Error"]
@@ -497,9 +523,19 @@ def test_soak_ten_thousand_abandoned_streams_are_reclaimed_and_rss_returns(tmp_p
     Python step's store is empty again and server RSS within 5 % of the baseline."""
     from benchmarks import soak
 
-    fig = soak.run(streams=10_000, warmup=10_000, ttl_s=5.0, triton_idle_s=8.0,
-                   audio_ms=100, tolerance=0.05, workdir=tmp_path, timeout=900.0,
-                   path="steps", rounds=2, warmup_rounds=2)
+    fig = soak.run(
+        streams=10_000,
+        warmup=10_000,
+        ttl_s=5.0,
+        triton_idle_s=8.0,
+        audio_ms=100,
+        tolerance=0.05,
+        workdir=tmp_path,
+        timeout=900.0,
+        path="steps",
+        rounds=2,
+        warmup_rounds=2,
+    )
     (tmp_path / "soak.json").write_text(json.dumps(fig, indent=2))
     for rnd in fig["rounds"]:
         assert rnd["run"]["errors"] == 0, rnd["run"]["first_error"]

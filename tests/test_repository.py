@@ -1,12 +1,13 @@
 """The model repository's configs agree with each other and with the model contract
 (no server needed; tests/test_streaming.py checks that Triton loads them)."""
+
 from __future__ import annotations
 
 import pytest
 
 from streamasr.triton_models.common import read_config, stream_idle_timeout
 
-from .conftest import REPOSITORY
+from .helpers import REPOSITORY
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,13 @@ def test_acoustic_model_config_matches_its_contract(configs, contract):
     (inp,) = am["input"]
     (out,) = am["output"]
     assert inp["name"] == contract.input_name
-    assert dims(inp) == [contract.window_frames, contract.features.n_mels], \
+    assert dims(inp) == [contract.window_frames, contract.features.n_mels], (
         "acoustic_model/config.pbtxt input dims disagree with the model's contract"
+    )
     assert out["name"] == contract.output_name
-    assert dims(out) == [contract.output_frames, len(contract.vocabulary)], \
+    assert dims(out) == [contract.output_frames, len(contract.vocabulary)], (
         "acoustic_model/config.pbtxt output dims disagree with the model's contract"
+    )
 
 
 def test_window_limits_fit_the_acoustic_models_batch(configs):
@@ -58,5 +61,31 @@ def test_decoder_keeps_every_stream_in_one_instance(configs):
 
 
 def test_stateful_steps_agree_on_the_idle_timeout(configs):
-    assert stream_idle_timeout(configs["feature_extractor"]) == \
-        stream_idle_timeout(configs["ctc_decoder"])
+    assert stream_idle_timeout(configs["feature_extractor"]) == stream_idle_timeout(
+        configs["ctc_decoder"]
+    )
+
+
+def test_copy_repository_edits_configs_as_protobuf(tmp_path):
+    from streamasr.repository import TWO_PASS_MODELS, copy_repository, parse_config
+
+    dst = copy_repository(
+        REPOSITORY,
+        tmp_path / "repo",
+        {"ctc_decoder": {"stream_idle_timeout_s": "2.5"}},
+        idle_us={"feature_extractor": 7_000_000},
+        leave_out=TWO_PASS_MODELS,
+        link_suffixes=(".onnx",),
+    )
+    assert not any((dst / m).exists() for m in TWO_PASS_MODELS)
+    assert (dst / "acoustic_model" / "1" / "model.onnx").is_symlink()
+    dec = parse_config(dst / "ctc_decoder" / "config.pbtxt")
+    assert dec.parameters["stream_idle_timeout_s"].string_value == "2.5"
+    assert (
+        dec.parameters["beam_size"].string_value
+        == parse_config(REPOSITORY / "ctc_decoder" / "config.pbtxt")
+        .parameters["beam_size"]
+        .string_value
+    )
+    fe = parse_config(dst / "feature_extractor" / "config.pbtxt")
+    assert fe.sequence_batching.max_sequence_idle_microseconds == 7_000_000

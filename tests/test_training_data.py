@@ -1,4 +1,5 @@
 """Training-data rules that decide what the model learns from (no server needed)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,19 +11,25 @@ from training.acoustic import default_contract
 from training.train_ctc import full_sequence
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Please press 1 to mute or unmute yourself.", "please press one to mute or unmute yourself"),
-    ("Agent Logged off.", "agent logged off"),
-    ("Call-Forward on Busy.", "call forward on busy"),
-    ("You have 12 new messages", "you have twelve new messages"),
-    ("[this is a simple beep tone]", None),           # a note, not speech
-    ("press * to toggle pause", None),                # keypad symbols: how were they read?
-    ("followed by # or just # to exit", None),
-    ("a 28.8 kilobit modem", None),                   # decimals
-    ("dial 500 to attempt", None),                    # "five hundred" or "five oh oh"?
-    ("3D audio enabled", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "Please press 1 to mute or unmute yourself.",
+            "please press one to mute or unmute yourself",
+        ),
+        ("Agent Logged off.", "agent logged off"),
+        ("Call-Forward on Busy.", "call forward on busy"),
+        ("You have 12 new messages", "you have twelve new messages"),
+        ("[this is a simple beep tone]", None),  # a note, not speech
+        ("press * to toggle pause", None),  # keypad symbols: how were they read?
+        ("followed by # or just # to exit", None),
+        ("a 28.8 kilobit modem", None),  # decimals
+        ("dial 500 to attempt", None),  # "five hundred" or "five oh oh"?
+        ("3D audio enabled", None),
+        ("", None),
+    ],
+)
 def test_asterisk_prompts_kept_only_when_their_reading_is_clear(text, expected):
     assert asterisk.usable_text(text) == expected
 
@@ -44,6 +51,7 @@ def test_full_sequence_is_what_the_windows_were_cut_from():
     w = whole_file_windows(c, audio).features
     seq = full_sequence(c, w)
     assert len(seq) == c.chunk_frames * len(w) + c.left_frames + c.right_frames
-    recut = np.stack([seq[i * c.chunk_frames: i * c.chunk_frames + c.window_frames]
-                      for i in range(len(w))])
+    recut = np.stack(
+        [seq[i * c.chunk_frames : i * c.chunk_frames + c.window_frames] for i in range(len(w))]
+    )
     np.testing.assert_array_equal(recut, w)

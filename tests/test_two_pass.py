@@ -3,23 +3,29 @@
 In process: the utterance bookkeeping, the re-alignment and the decoder step's
 attachments.  Through a REAL tritonserver: `streaming_asr_two_pass` gives exactly the
 one-pass interims and final spans, and finals equal to the same re-decode done here."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from streamasr.alignment import aligned_words
 from streamasr.evaluation import wer_cer
+from streamasr.rescore import Decoded
 from streamasr.tiny_model import tiny_contract
 from streamasr.triton_models import ctc_decoder, final_pass, offline
-from streamasr.triton_models.common import ConfigError, ModelConfig, StepInfo, read_config
-from streamasr.alignment import aligned_words
-from streamasr.rescore import Decoded
-from streamasr.two_pass import (FinalPass, Utterance, UtteranceRecorder, chunk_features,
-                                to_vocabulary)
+from streamasr.triton_models.common import ConfigError, ModelConfig, read_config
+from streamasr.triton_models.step_info import StepInfo
+from streamasr.two_pass import (
+    FinalPass,
+    Utterance,
+    UtteranceRecorder,
+    chunk_features,
+    to_vocabulary,
+)
 from streamasr_client.stream import TWO_PASS_MODEL, AsrConnection, Session
 
-from .conftest import REPOSITORY, ROOT
+from .helpers import REPOSITORY, ROOT
 
 TINY = tiny_contract()
 V = len(TINY.vocabulary)
@@ -51,9 +57,13 @@ def test_chunk_features_are_each_windows_own_frames_per_output_frame():
     n, w, f = 3, c.window_frames, c.features.n_mels
     windows = np.arange(n * w * f, dtype=np.float32).reshape(n, w, f)
     got = chunk_features(windows, [c.output_frames, c.output_frames, 5], c)
-    want = np.concatenate([windows[0, c.left_frames:c.left_frames + c.chunk_frames],
-                           windows[1, c.left_frames:c.left_frames + c.chunk_frames],
-                           windows[2, c.left_frames:c.left_frames + 5 * c.subsampling]])
+    want = np.concatenate(
+        [
+            windows[0, c.left_frames : c.left_frames + c.chunk_frames],
+            windows[1, c.left_frames : c.left_frames + c.chunk_frames],
+            windows[2, c.left_frames : c.left_frames + 5 * c.subsampling],
+        ]
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -62,13 +72,13 @@ def test_recorder_cuts_an_utterance_and_forgets_settled_frames():
     sub, f = TINY.subsampling, TINY.features.n_mels
     lp = np.arange(10 * V, dtype=np.float32).reshape(10, V)
     feats = np.arange(10 * sub * f, dtype=np.float32).reshape(10 * sub, f)
-    rec.append(lp[:4], feats[:4 * sub])
-    rec.append(lp[4:], feats[4 * sub:])
+    rec.append(lp[:4], feats[: 4 * sub])
+    rec.append(lp[4:], feats[4 * sub :])
     got_f, got_lp = rec.cut(3, 7)
     np.testing.assert_array_equal(got_lp, lp[3:7])
-    np.testing.assert_array_equal(got_f, feats[3 * sub:7 * sub])
+    np.testing.assert_array_equal(got_f, feats[3 * sub : 7 * sub])
     rec.trim(7)
-    assert rec.frames == 3 and rec.cut(3, 7) is None      # settled frames are gone
+    assert rec.frames == 3 and rec.cut(3, 7) is None  # settled frames are gone
     np.testing.assert_array_equal(rec.cut(7, 10)[1], lp[7:])
 
 
@@ -78,13 +88,15 @@ def test_recorder_drops_an_utterance_longer_than_its_limit():
     for _ in range(3):
         rec.append(np.zeros((5, V), np.float32), np.zeros((5 * sub, f), np.float32))
     assert rec.frames <= 10
-    assert rec.cut(0, 15) is None                          # its start was dropped
+    assert rec.cut(0, 15) is None  # its start was dropped
     assert rec.cut(10, 15) is not None
 
 
 def test_whisper_text_is_put_in_the_models_alphabet():
-    assert to_vocabulary("Mr. Smith paid $25, didn't he?", TINY) == \
-        "mister smith paid twenty five didn't he"
+    assert (
+        to_vocabulary("Mr. Smith paid $25, didn't he?", TINY)
+        == "mister smith paid twenty five didn't he"
+    )
 
 
 def test_aligned_words_follow_the_frames():
@@ -95,12 +107,25 @@ def test_aligned_words_follow_the_frames():
 
 
 def final_message(start: float = 1.0, text: str = "hx") -> dict:
-    return {"type": "Results", "is_final": True, "speech_final": True,
-            "from_finalize": False, "start": start, "duration": 0.4,
-            "channel": {"alternatives": [{"transcript": text, "confidence": 0.5,
-                                          "words": [{"word": text, "start": start,
-                                                     "end": start + 0.1,
-                                                     "confidence": 0.5}]}]}}
+    return {
+        "type": "Results",
+        "is_final": True,
+        "speech_final": True,
+        "from_finalize": False,
+        "start": start,
+        "duration": 0.4,
+        "channel": {
+            "alternatives": [
+                {
+                    "transcript": text,
+                    "confidence": 0.5,
+                    "words": [
+                        {"word": text, "start": start, "end": start + 0.1, "confidence": 0.5}
+                    ],
+                }
+            ]
+        },
+    }
 
 
 def test_rewrite_replaces_the_text_and_times_its_words():
@@ -116,7 +141,8 @@ def test_rewrite_replaces_the_text_and_times_its_words():
     assert alt["transcript"] == "hi you"
     assert [(w["word"], w["start"], w["end"]) for w in alt["words"]] == [
         ("hi", round(1.0 + 2 * fs, 3), round(1.0 + 6 * fs, 3)),
-        ("you", round(1.0 + 9 * fs, 3), round(1.0 + 16 * fs, 3))]
+        ("you", round(1.0 + 9 * fs, 3), round(1.0 + 16 * fs, 3)),
+    ]
     assert (m["start"], m["duration"], m["speech_final"]) == (1.0, 0.4, True)
 
 
@@ -132,22 +158,26 @@ def test_a_text_that_cannot_fit_the_frames_keeps_the_first_pass():
 def test_an_utterance_must_point_at_a_final():
     utt = Utterance(0, np.zeros((2, 80), np.float32), one_hot("_"))
     with pytest.raises(ValueError, match="not a final"):
-        FinalPass(TINY, FixedText("x")).process([{"type": "Results", "is_final": False}],
-                                                [utt])
+        FinalPass(TINY, FixedText("x")).process([{"type": "Results", "is_final": False}], [utt])
 
 
-@pytest.mark.parametrize("utt, problem", [
-    (Utterance(0, np.zeros((6, 80), np.float32), np.zeros((3, 5), np.float32)), "log_probs"),
-    (Utterance(0, np.zeros((5, 80), np.float32), one_hot("_a_")), "features"),
-    (Utterance(0, np.zeros((3000, 80), np.float32), np.zeros((1501, V), np.float32)),
-     "log_probs"),                                          # over Whisper's 30 s
-    (Utterance(0, np.full((6, 80), np.nan, np.float32), one_hot("_a_")), "NaN"),
-])
+@pytest.mark.parametrize(
+    "utt, problem",
+    [
+        (Utterance(0, np.zeros((6, 80), np.float32), np.zeros((3, 5), np.float32)), "log_probs"),
+        (Utterance(0, np.zeros((5, 80), np.float32), one_hot("_a_")), "features"),
+        (
+            Utterance(0, np.zeros((3000, 80), np.float32), np.zeros((1501, V), np.float32)),
+            "log_probs",
+        ),  # over Whisper's 30 s
+        (Utterance(0, np.full((6, 80), np.nan, np.float32), one_hot("_a_")), "NaN"),
+    ],
+)
 def test_a_direct_caller_cannot_send_a_bad_or_unbounded_utterance(utt, problem):
     fixed = FixedText("a")
     with pytest.raises(ValueError, match=problem):
         FinalPass(TINY, fixed).process([final_message()], [utt])
-    assert fixed.calls == []                                # nothing was re-decoded
+    assert fixed.calls == []  # nothing was re-decoded
 
 
 @pytest.mark.parametrize("blob", [b"", b"not a zip", b"PK\x03\x04garbage"])
@@ -157,8 +187,7 @@ def test_bytes_that_are_not_an_utterance_are_refused_by_name(blob):
 
 
 def test_utterances_survive_serialisation():
-    u = Utterance(3, np.random.default_rng(0).random((8, 80), dtype=np.float32),
-                  one_hot("_ab_"))
+    u = Utterance(3, np.random.default_rng(0).random((8, 80), dtype=np.float32), one_hot("_ab_"))
     back = Utterance.from_bytes(u.to_bytes())
     assert back.index == 3
     np.testing.assert_array_equal(back.features, u.features)
@@ -174,31 +203,45 @@ def test_decoder_step_attaches_each_worded_final_its_frames():
     pieces = ["_h_i_", "_____", "_y_o_u", "____"]
     windows, sent_lp, got = [], [], []
     for i, p in enumerate(pieces):
-        info = StepInfo(stream=5, seq=i, start=i == 0, end=i == len(pieces) - 1,
-                        windows=1, valid_outputs=[len(p)], finalize=i == 1)
+        info = StepInfo(
+            stream=5,
+            seq=i,
+            start=i == 0,
+            end=i == len(pieces) - 1,
+            windows=1,
+            valid_outputs=[len(p)],
+            finalize=i == 1,
+        )
         feats = rng.random((1, c.window_frames, c.features.n_mels), dtype=np.float32)
         lp = np.zeros((1, c.output_frames, V), np.float32)
-        lp[0, :len(p)] = one_hot(p)
+        lp[0, : len(p)] = one_hot(p)
         windows.append(feats)
-        sent_lp.append(lp[0, :len(p)])
+        sent_lp.append(lp[0, : len(p)])
         msgs, utts = step.process_full(ctc_decoder.DecoderRequest(lp, info, feats))
         got.append((msgs, utts))
     all_feats = chunk_features(np.concatenate(windows), [len(p) for p in pieces], c)
     all_lp = np.concatenate(sent_lp)
     finals = [(msgs, u) for msgs, utts in got for u in utts]
-    assert len(finals) == 2                                  # "hi" (finalize), "you" (END)
-    spans = [(0, 10), (10, 20)]     # Finalize and END come after their requests' frames
+    assert len(finals) == 2  # "hi" (finalize), "you" (END)
+    spans = [(0, 10), (10, 20)]  # Finalize and END come after their requests' frames
     for (msgs, u), (a, b) in zip(finals, spans):
         assert msgs[u.index]["is_final"]
         np.testing.assert_array_equal(u.log_probs, all_lp[a:b])
-        np.testing.assert_array_equal(u.features, all_feats[a * c.subsampling:b * c.subsampling])
+        np.testing.assert_array_equal(u.features, all_feats[a * c.subsampling : b * c.subsampling])
     assert len(step.store) == 0
     # the same stream without FEATURES: one-pass, nothing attached
     for i, p in enumerate(pieces):
-        info = StepInfo(stream=6, seq=i, start=i == 0, end=i == len(pieces) - 1,
-                        windows=1, valid_outputs=[len(p)], finalize=i == 1)
+        info = StepInfo(
+            stream=6,
+            seq=i,
+            start=i == 0,
+            end=i == len(pieces) - 1,
+            windows=1,
+            valid_outputs=[len(p)],
+            finalize=i == 1,
+        )
         lp = np.zeros((1, c.output_frames, V), np.float32)
-        lp[0, :len(p)] = one_hot(p)
+        lp[0, : len(p)] = one_hot(p)
         assert step.process_full(ctc_decoder.DecoderRequest(lp, info))[1] == []
 
 
@@ -208,10 +251,11 @@ def test_a_refused_request_leaves_the_recording_in_step_with_the_decoder():
     rng = np.random.default_rng(2)
 
     def request(seq, piece, lp_fill=None, end=False):
-        info = StepInfo(stream=9, seq=seq, start=seq == 0, end=end, windows=1,
-                        valid_outputs=[len(piece)])
+        info = StepInfo(
+            stream=9, seq=seq, start=seq == 0, end=end, windows=1, valid_outputs=[len(piece)]
+        )
         lp = np.zeros((1, c.output_frames, V), np.float32)
-        lp[0, :len(piece)] = one_hot(piece)
+        lp[0, : len(piece)] = one_hot(piece)
         if lp_fill is not None:
             lp[0, 0, 0] = lp_fill
         feats = rng.random((1, c.window_frames, c.features.n_mels), dtype=np.float32)
@@ -226,12 +270,11 @@ def test_a_refused_request_leaves_the_recording_in_step_with_the_decoder():
     msgs, utts = step.process_full(r1)
     (u,) = utts
     want = chunk_features(np.concatenate([f0, f1]), [5, 5], c)
-    np.testing.assert_array_equal(u.features, want)      # the refused chunk left no trace
+    np.testing.assert_array_equal(u.features, want)  # the refused chunk left no trace
 
 
 def test_final_pass_refuses_to_load_without_the_whisper_files(tmp_path):
-    cfg = ModelConfig(raw={"parameters": {}}, repository=tmp_path / "final_pass",
-                      name="final_pass")
+    cfg = ModelConfig(raw={"parameters": {}}, repository=tmp_path / "final_pass", name="final_pass")
     (tmp_path / "final_pass" / "1").mkdir(parents=True)
     with pytest.raises(ConfigError, match="make whisper"):
         final_pass.whisper_dir(cfg)
@@ -246,7 +289,7 @@ def test_a_session_releases_responses_in_send_order():
     s._sent = 3
     s._deliver(1, [{"n": 1}], None)
     s._deliver(2, [{"n": 2}], None)
-    assert seen == [] and s.pending == 3                   # waiting for response 0
+    assert seen == [] and s.pending == 3  # waiting for response 0
     s._deliver(0, [{"n": 0}], None)
     assert seen == [{"n": 0}, {"n": 1}, {"n": 2}] and s.pending == 0
 
@@ -266,7 +309,7 @@ def whisper_final_pass(contract):
 def stream(conn: AsrConnection, audio: np.ndarray, chunk: int, model: str) -> Session:
     s = conn.open_session(model=model)
     for i in range(0, len(audio), chunk):
-        s.send(audio[i:i + chunk])
+        s.send(audio[i : i + chunk])
     s.close()
     s.wait(timeout=300)
     assert s.errors == []
@@ -278,8 +321,11 @@ def without_finals_text(messages: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("type") == "Results" and m["is_final"]:
-            m = {k: v for k, v in m.items() if k not in ("channel", "rescored",
-                                                         "first_pass_transcript")}
+            m = {
+                k: v
+                for k, v in m.items()
+                if k not in ("channel", "rescored", "first_pass_transcript")
+            }
         out.append(m)
     return out
 
@@ -291,8 +337,9 @@ def whole_file_two_pass(contract, onnx_session, audio, fp: FinalPass) -> list[di
     def run(features):
         return onnx_session.run([contract.output_name], {contract.input_name: features})[0]
 
-    msgs, utts = offline.transcribe_with_utterances(contract, audio, None, run, defaults, {},
-                                                    16, 3600, True)
+    msgs, utts = offline.transcribe_with_utterances(
+        contract, audio, None, run, defaults, {}, 16, 3600, True
+    )
     return fp.process(msgs, utts)
 
 
@@ -313,21 +360,23 @@ def test_two_pass_keeps_every_interim_and_final_span_of_one_pass(both_ways):
     finals_one = [m for m in one if m.get("is_final")]
     finals_two = [m for m in two if m.get("is_final")]
     assert finals_two and all(m["rescored"] for m in finals_two)
-    assert [m["first_pass_transcript"] for m in finals_two] == \
-        [m["channel"]["alternatives"][0]["transcript"] for m in finals_one]
+    assert [m["first_pass_transcript"] for m in finals_two] == [
+        m["channel"]["alternatives"][0]["transcript"] for m in finals_one
+    ]
 
 
-def test_two_pass_finals_equal_the_same_re_decode_in_process(both_ways, contract,
-                                                             onnx_session, demo_audio,
-                                                             whisper_final_pass):
+def test_two_pass_finals_equal_the_same_re_decode_in_process(
+    both_ways, contract, onnx_session, demo_audio, whisper_final_pass
+):
     """The server's streamed two-pass finals == the whole-file decode and re-decode here."""
     want = whole_file_two_pass(contract, onnx_session, demo_audio, whisper_final_pass)
     got = [m for m in both_ways[1] if m.get("is_final")]
     assert [m["channel"] for m in got] == [m["channel"] for m in want if m.get("is_final")]
 
 
-def test_offline_asr_two_pass_equals_the_re_decode_in_process(server, contract, onnx_session,
-                                                              demo_audio, whisper_final_pass):
+def test_offline_asr_two_pass_equals_the_re_decode_in_process(
+    server, contract, onnx_session, demo_audio, whisper_final_pass
+):
     with AsrConnection(server.grpc_url) as conn:
         got = conn.transcribe_file(demo_audio, options={"two_pass": True})
         one = conn.transcribe_file(demo_audio)
@@ -340,10 +389,14 @@ def test_two_pass_finals_are_better_and_their_words_sit_in_their_utterance(both_
     reference = (ROOT / "assets" / "demo.txt").read_text()
 
     def text(msgs):
-        return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in msgs
-                        if m.get("is_final"))
+        return " ".join(
+            m["channel"]["alternatives"][0]["transcript"] for m in msgs if m.get("is_final")
+        )
 
-    wer_one, wer_two = wer_cer([reference], [text(one)])["wer"], wer_cer([reference], [text(two)])["wer"]
+    wer_one, wer_two = (
+        wer_cer([reference], [text(one)])["wer"],
+        wer_cer([reference], [text(two)])["wer"],
+    )
     assert wer_two < 0.2 and wer_two < wer_one / 2, (wer_one, wer_two)
     for m in (m for m in two if m.get("is_final")):
         words = m["channel"]["alternatives"][0]["words"]

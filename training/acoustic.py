@@ -6,6 +6,7 @@ The head sees the encoder frames from ``head_left`` output frames before the chu
 end of the window (the look-ahead), and emits character CTC log-probabilities for the
 chunk's output frames only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,11 +30,21 @@ CHAR_TO_ID = {c: i for i, c in enumerate(VOCABULARY) if i > 0}
 
 
 def default_contract(**overrides) -> ModelContract:
-    kw = dict(features=FeatureSpec(), chunk_frames=40, left_frames=100, right_frames=10,
-              subsampling=2, vocabulary=VOCABULARY, blank_id=0, word_boundary="space",
-              name="whisper-tiny-en-ctc", version="1", license="MIT",
-              description="Frozen Whisper tiny.en encoder (MIT) on 1.5 s windows + "
-                          "character CTC head trained on synthetic speech")
+    kw = dict(
+        features=FeatureSpec(),
+        chunk_frames=40,
+        left_frames=100,
+        right_frames=10,
+        subsampling=2,
+        vocabulary=VOCABULARY,
+        blank_id=0,
+        word_boundary="space",
+        name="whisper-tiny-en-ctc",
+        version="1",
+        license="MIT",
+        description="Frozen Whisper tiny.en encoder (MIT) on 1.5 s windows + "
+        "character CTC head trained on synthetic speech",
+    )
     kw.update(overrides)
     return ModelContract(**kw).validate()
 
@@ -56,7 +67,7 @@ class HeadConfig:
     heads: int = 4
     layers: int = 2
     ff: int = 1024
-    head_left: int = 10        # encoder frames before the chunk the head looks at
+    head_left: int = 10  # encoder frames before the chunk the head looks at
     dropout: float = 0.1
     vocab: int = len(VOCABULARY)
 
@@ -75,8 +86,10 @@ class HeadLayer(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = (p.view(b, t, self.h, d // self.h).transpose(1, 2)
-                   for p in self.qkv(self.ln1(x)).chunk(3, dim=-1))
+        q, k, v = (
+            p.view(b, t, self.h, d // self.h).transpose(1, 2)
+            for p in self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        )
         att = ((q @ k.transpose(-1, -2)) * (d // self.h) ** -0.5).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(b, t, d)
         x = x + self.drop(self.out(y))
@@ -92,8 +105,9 @@ class CTCHead(nn.Module):
         self.cfg, self.chunk_out = cfg, chunk_out
         self.inp = nn.Sequential(nn.LayerNorm(cfg.d_in), nn.Linear(cfg.d_in, cfg.d))
         self.pos = nn.Parameter(torch.zeros(1, 512, cfg.d))
-        self.layers = nn.ModuleList(HeadLayer(cfg.d, cfg.heads, cfg.ff, cfg.dropout)
-                                    for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            HeadLayer(cfg.d, cfg.heads, cfg.ff, cfg.dropout) for _ in range(cfg.layers)
+        )
         self.ln = nn.LayerNorm(cfg.d)
         self.proj = nn.Linear(cfg.d, cfg.vocab)
 
@@ -101,7 +115,7 @@ class CTCHead(nn.Module):
         x = self.inp(enc) + self.pos[:, : enc.shape[1]]
         for layer in self.layers:
             x = layer(x)
-        x = x[:, self.cfg.head_left: self.cfg.head_left + self.chunk_out]
+        x = x[:, self.cfg.head_left : self.cfg.head_left + self.chunk_out]
         return F.log_softmax(self.proj(self.ln(x)), dim=-1)
 
 
@@ -139,10 +153,17 @@ def export_onnx(model: AcousticModel, path: str | Path, opset: int = 17) -> Path
     dummy = torch.zeros(1, c.window_frames, c.features.n_mels)
     tmp = path.with_suffix(".tmp.onnx")
     with torch.no_grad():
-        torch.onnx.export(model, (dummy,), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=[c.input_name], output_names=[c.output_name],
-                          dynamic_axes={c.input_name: {0: "batch"}, c.output_name: {0: "batch"}},
-                          do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[c.input_name],
+            output_names=[c.output_name],
+            dynamic_axes={c.input_name: {0: "batch"}, c.output_name: {0: "batch"}},
+            do_constant_folding=True,
+        )
     m = onnx.load(str(tmp))
     del m.metadata_props[:]
     for k, v in c.to_metadata().items():
@@ -161,8 +182,10 @@ def save_head(head: CTCHead, path: str | Path, **info) -> None:
     from dataclasses import asdict
 
     arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in head.state_dict().items()}
-    arrays["__config__"] = np.frombuffer(json.dumps(
-        {"head": asdict(head.cfg), "chunk_out": head.chunk_out, **info}).encode(), np.uint8)
+    arrays["__config__"] = np.frombuffer(
+        json.dumps({"head": asdict(head.cfg), "chunk_out": head.chunk_out, **info}).encode(),
+        np.uint8,
+    )
     np.savez_compressed(path, **arrays)
 
 

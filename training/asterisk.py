@@ -20,6 +20,7 @@ with the evaluation's speller.
 Split by a hash of the prompt name (stable when prompts are added): ``train`` (70 %),
 ``dev`` (10 %, for choosing decoder weights) and ``test`` (20 %, never trained or tuned on).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,18 +79,38 @@ def split_of(name: str) -> str:
 
 def decode_g722(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "g722", "-i",
-                    str(src), "-ac", "1", "-ar", "16000", "-c:a", "pcm_s16le", str(dst)],
-                   check=True)
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "g722",
+            "-i",
+            str(src),
+            "-ac",
+            "1",
+            "-ar",
+            "16000",
+            "-c:a",
+            "pcm_s16le",
+            str(dst),
+        ],
+        check=True,
+    )
 
 
-def build_manifests(out_dir: Path, sounds: Path = SOUNDS,
-                    transcripts: Path = TRANSCRIPTS) -> dict[str, Path]:
+def build_manifests(
+    out_dir: Path, sounds: Path = SOUNDS, transcripts: Path = TRANSCRIPTS
+) -> dict[str, Path]:
     """Decode every usable prompt to ``out_dir/wav`` and write ``{train,dev,test}.jsonl``."""
     if not transcripts.exists() or not sounds.is_dir():
         raise FileNotFoundError(
             "Asterisk prompts not installed: apt-get install asterisk-core-sounds-en-g722 "
-            "asterisk-core-sounds-en ffmpeg")
+            "asterisk-core-sounds-en ffmpeg"
+        )
     texts = read_transcripts(transcripts)
     rows: dict[str, list[dict]] = {s: [] for s, _ in SPLITS}
     jobs = []
@@ -102,8 +123,9 @@ def build_manifests(out_dir: Path, sounds: Path = SOUNDS,
             continue
         rel = Path("wav") / f"{name.replace('/', '__')}.wav"
         jobs.append((src, out_dir / rel))
-        rows[split_of(name)].append({"audio": str(rel), "text": text, "name": name,
-                                     "voice": "asterisk:allison"})
+        rows[split_of(name)].append(
+            {"audio": str(rel), "text": text, "name": name, "voice": "asterisk:allison"}
+        )
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda j: None if j[1].exists() else decode_g722(*j), jobs))
     out = {}
@@ -117,8 +139,11 @@ def build_manifests(out_dir: Path, sounds: Path = SOUNDS,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.asterisk", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.asterisk",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("build/asterisk"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -14,6 +14,7 @@ vocabulary, see ``streamasr.decoding.lm``).
 
 Licence: the CMU LM is distributed with pocketsphinx under its BSD-style licence.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,26 +76,38 @@ def write_arpa(lm: sphinx_lm.SphinxLM, out: Path, unk_log10: float = DEFAULT_UNK
                 f.writelines(f"{p}\t{t}\t{b}\n" for p, t, b in zip(probs, text, _fmt(g.backoff)))
         f.write("\n\\end\\\n")
     tmp.replace(out)
-    return {"counts": [counts[0] + (0 if has_unk else 1), *counts[1:]],
-            "header_counts": lm.header_counts, "unk_log10": unk_log10,
-            "bytes": out.stat().st_size}
+    return {
+        "counts": [counts[0] + (0 if has_unk else 1), *counts[1:]],
+        "header_counts": lm.header_counts,
+        "unk_log10": unk_log10,
+        "bytes": out.stat().st_size,
+    }
 
 
-def build(out: Path = DEFAULT_OUT, source: Path | None = None,
-          unk_log10: float = DEFAULT_UNK_LOG10) -> dict:
+def build(
+    out: Path = DEFAULT_OUT, source: Path | None = None, unk_log10: float = DEFAULT_UNK_LOG10
+) -> dict:
     t0 = time.time()
     source = source or packaged_sphinx_lm()
     lm = sphinx_lm.read(source)
     log.info("read %s: header counts %s, found %s", source, lm.header_counts, lm.counts)
     info = write_arpa(lm, out, unk_log10)
-    log.info("wrote %s (%.0f MB, counts %s) in %.1f s", out, info["bytes"] / 1e6,
-             info["counts"], time.time() - t0)
+    log.info(
+        "wrote %s (%.0f MB, counts %s) in %.1f s",
+        out,
+        info["bytes"] / 1e6,
+        info["counts"],
+        time.time() - t0,
+    )
     return info
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.build_lm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.build_lm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--source", type=Path, help="Sphinx .lm.bin (default: pocketsphinx's en-us)")
     p.add_argument("--unk-log10", type=float, default=DEFAULT_UNK_LOG10)

@@ -10,6 +10,7 @@ decode the Asterisk prompts, train the CTC head on them) -> export encoder + hea
 graph with the contract in its metadata -> check the graph against the contract and
 against the torch model on real speech.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from . import acoustic, ct2, train_ctc, whisper
 log = logging.getLogger("training.build_model")
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
-PARITY_TOLERANCE = 1e-3   # max |onnx - torch| of log-probs
+PARITY_TOLERANCE = 1e-3  # max |onnx - torch| of log-probs
 
 
 def make_training_data(out_dir: Path, sentences: int = 3300) -> Path:
@@ -62,15 +63,24 @@ def make_asterisk_data(out_dir: Path) -> dict[str, Path]:
     return asterisk.build_manifests(out_dir)
 
 
-def build(out: Path = OUTPUT, retrain: bool = False, steps: int = TRAIN_STEPS,
-          manifest: Path | None = None, evaluate: bool = True, copies: int = 1,
-          max_utterances: int | None = None, head_out: Path = train_ctc.HEAD_FILE,
-          real_repeat: int = PSEUDO_LABELLED_REPEAT,
-          asterisk_repeat: int = ASTERISK_REPEAT, head_in: Path = train_ctc.HEAD_FILE) -> dict:
+def build(
+    out: Path = OUTPUT,
+    retrain: bool = False,
+    steps: int = TRAIN_STEPS,
+    manifest: Path | None = None,
+    evaluate: bool = True,
+    copies: int = 1,
+    max_utterances: int | None = None,
+    head_out: Path = train_ctc.HEAD_FILE,
+    real_repeat: int = PSEUDO_LABELLED_REPEAT,
+    asterisk_repeat: int = ASTERISK_REPEAT,
+    head_in: Path = train_ctc.HEAD_FILE,
+) -> dict:
     t0 = time.time()
     weights = ct2.load(ct2.packaged_whisper_dir())
-    log.info("read %s rev %d (%d variables)", weights.spec_name, weights.revision,
-             len(weights.variables))
+    log.info(
+        "read %s rev %d (%d variables)", weights.spec_name, weights.revision, len(weights.variables)
+    )
     encoder = whisper.encoder_from_ct2(weights)
     contract = acoustic.default_contract()
     if retrain or not head_in.exists():
@@ -83,28 +93,40 @@ def build(out: Path = OUTPUT, retrain: bool = False, steps: int = TRAIN_STEPS,
             prompts = make_asterisk_data(ROOT / "build" / "asterisk")
             real.append((prompts["train"], asterisk_repeat))
             heldout.append(prompts["test"])
-        head, meta = train_ctc.train_head(manifest, minutes=None, steps=steps, copies=copies,
-                                          max_utterances=max_utterances, out=head_out,
-                                          real=real, heldout=heldout)
+        head, meta = train_ctc.train_head(
+            manifest,
+            minutes=None,
+            steps=steps,
+            copies=copies,
+            max_utterances=max_utterances,
+            out=head_out,
+            real=real,
+            heldout=heldout,
+        )
     else:
         head, meta = acoustic.load_head(head_in)
         log.info("using the head %s", head_in)
     hours = meta.get("train", {}).get("hours", {})
-    if "piper" in hours or "real_pseudo_labelled" in hours:   # say what this head saw
-        contract = acoustic.default_contract(description=contract.description.replace(
-            "synthetic speech", "synthetic speech (espeak-ng, flite, Piper) + "
-            "Whisper-pseudo-labelled real speech"))
+    if "piper" in hours or "real_pseudo_labelled" in hours:  # say what this head saw
+        contract = acoustic.default_contract(
+            description=contract.description.replace(
+                "synthetic speech",
+                "synthetic speech (espeak-ng, flite, Piper) + Whisper-pseudo-labelled real speech",
+            )
+        )
     if any(k.startswith("real:asterisk/") for k in hours):
         from .asterisk import LICENSE as ASTERISK_LICENSE
 
         contract = acoustic.default_contract(
             description=contract.description + " + the Asterisk prompts (real, transcribed)",
-            license=f"MIT (Whisper tiny.en encoder); CTC head trained on {ASTERISK_LICENSE}")
+            license=f"MIT (Whisper tiny.en encoder); CTC head trained on {ASTERISK_LICENSE}",
+        )
     if "real_speech" in meta:
         contract = acoustic.default_contract(
             description=contract.description + f"; real-speech WER "
             f"{100 * meta['real_speech']['wer']:.1f}% on {meta['real_speech']['words']} words "
-            "(pocketsphinx test clips, greedy CTC)")
+            "(pocketsphinx test clips, greedy CTC)"
+        )
     model = acoustic.AcousticModel(encoder, head, contract).eval()
     acoustic.export_onnx(model, out)
 
@@ -136,38 +158,71 @@ def build(out: Path = OUTPUT, retrain: bool = False, steps: int = TRAIN_STEPS,
             res = train_ctc.evaluate(run_onnx, c, clips)
             for r in res["rows"]:
                 log.info("%s\n  REF: %s\n  HYP: %s", r["file"], r["ref"], r["hyp"])
-            log.info("ONNX model on real speech (%d clips, %d words): WER %.1f %%, CER %.1f %%",
-                     res["clips"], res["words"], 100 * res["wer"], 100 * res["cer"])
+            log.info(
+                "ONNX model on real speech (%d clips, %d words): WER %.1f %%, CER %.1f %%",
+                res["clips"],
+                res["words"],
+                100 * res["wer"],
+                100 * res["cer"],
+            )
             result.update(wer=res["wer"], cer=res["cer"])
     log.info("built %s in %.1f min", out, (time.time() - t0) / 60)
     return result
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.build_model", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.build_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=OUTPUT)
     p.add_argument("--retrain", action="store_true", help="train a new head (slow)")
     p.add_argument("--manifest", type=Path, help="training manifest (default: synthesise)")
     p.add_argument("--steps", type=int, default=TRAIN_STEPS, help="training budget")
-    p.add_argument("--max-utterances", type=int,
-                   help="use only this many synthetic training utterances")
-    p.add_argument("--real-repeat", type=int, default=PSEUDO_LABELLED_REPEAT,
-                   help="times the pseudo-labelled real speech is trained on (0: none)")
-    p.add_argument("--asterisk-repeat", type=int, default=ASTERISK_REPEAT,
-                   help="times the Asterisk prompts' train split is trained on (0: none)")
-    p.add_argument("--head", type=Path, default=train_ctc.HEAD_FILE,
-                   help="head to export without --retrain (default: the committed one)")
-    p.add_argument("--head-out", type=Path, default=train_ctc.HEAD_FILE,
-                   help="where a retrained head is saved")
+    p.add_argument(
+        "--max-utterances", type=int, help="use only this many synthetic training utterances"
+    )
+    p.add_argument(
+        "--real-repeat",
+        type=int,
+        default=PSEUDO_LABELLED_REPEAT,
+        help="times the pseudo-labelled real speech is trained on (0: none)",
+    )
+    p.add_argument(
+        "--asterisk-repeat",
+        type=int,
+        default=ASTERISK_REPEAT,
+        help="times the Asterisk prompts' train split is trained on (0: none)",
+    )
+    p.add_argument(
+        "--head",
+        type=Path,
+        default=train_ctc.HEAD_FILE,
+        help="head to export without --retrain (default: the committed one)",
+    )
+    p.add_argument(
+        "--head-out", type=Path, default=train_ctc.HEAD_FILE, help="where a retrained head is saved"
+    )
     p.add_argument("--copies", type=int, default=1, help="augmented copies when training")
     p.add_argument("--no-eval", action="store_true", help="skip the real-speech WER")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(a.threads)
-    build(a.out, a.retrain, a.steps, a.manifest, not a.no_eval, a.copies, a.max_utterances,
-          a.head_out, a.real_repeat, a.asterisk_repeat, a.head)
+    build(
+        a.out,
+        a.retrain,
+        a.steps,
+        a.manifest,
+        not a.no_eval,
+        a.copies,
+        a.max_utterances,
+        a.head_out,
+        a.real_repeat,
+        a.asterisk_repeat,
+        a.head,
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ Layout (little endian)::
 where ``str`` is a u16 byte count (including a trailing NUL) followed by the bytes.
 Old versions (< 4) stored an element width and count instead of a dtype id and byte count.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DTYPES = {0: np.dtype("<f4"), 1: np.dtype("i1"), 2: np.dtype("<i2"), 3: np.dtype("<i4"),
-          4: np.dtype("<f2"), 5: "bfloat16"}
+DTYPES = {
+    0: np.dtype("<f4"),
+    1: np.dtype("i1"),
+    2: np.dtype("<i2"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<f2"),
+    5: "bfloat16",
+}
 MAX_BINARY_VERSION = 6
 
 
@@ -78,9 +85,10 @@ class _Reader:
 
     def take(self, n: int) -> memoryview:
         if self.pos + n > len(self.buf):
-            raise CT2FormatError(f"truncated file: need {n} bytes at offset {self.pos}, "
-                                 f"file has {len(self.buf)}")
-        out = self.buf[self.pos:self.pos + n]
+            raise CT2FormatError(
+                f"truncated file: need {n} bytes at offset {self.pos}, file has {len(self.buf)}"
+            )
+        out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -114,8 +122,9 @@ def parse(data: bytes) -> CT2Model:
     r = _Reader(memoryview(data))
     version = r.u32()
     if not 1 <= version <= MAX_BINARY_VERSION:
-        raise CT2FormatError(f"unsupported binary version {version} "
-                             f"(this reader knows 1..{MAX_BINARY_VERSION})")
+        raise CT2FormatError(
+            f"unsupported binary version {version} (this reader knows 1..{MAX_BINARY_VERSION})"
+        )
     spec, revision = "", 1
     if version >= 2:
         spec = r.string()
@@ -154,8 +163,13 @@ def parse(data: bytes) -> CT2Model:
             aliases[alias] = r.string()
     if r.pos != len(r.buf):
         raise CT2FormatError(f"{len(r.buf) - r.pos} trailing bytes after the aliases")
-    log.debug("CTranslate2 %s rev %d: %d variables, %d aliases", spec, revision,
-              len(variables), len(aliases))
+    log.debug(
+        "CTranslate2 %s rev %d: %d variables, %d aliases",
+        spec,
+        revision,
+        len(variables),
+        len(aliases),
+    )
     return CT2Model(version, spec, revision, variables, aliases)
 
 

@@ -13,6 +13,7 @@ training text, so it is reported on its own), and, when built, the Asterisk prom
 synthetic sentences (``python -m training.synth``).  ``--tune`` picks ``lm_alpha`` /
 ``lm_beta`` on ``asterisk-dev`` only (never on a set it reports as a test).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from streamasr.contract import ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole, final_transcript
+from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole
 from streamasr.evaluation import load_eval_set, wer_cer
 from streamasr.features import whole_file_windows
+from streamasr.protocol import final_text
 
 from .build_model import OUTPUT as BUNDLED_MODEL
 from .train_ctc import load_audio_16k, read_manifest
@@ -52,8 +54,10 @@ STABILITY_SETS = ("eval", "asterisk-test")
 
 def eval_sets() -> dict[str, list[tuple[Path, str]]]:
     items = load_eval_set()
-    sets = {"eval": [(i.audio_path, i.reference) for i in items if i.name != "jfk"],
-            "jfk": [(i.audio_path, i.reference) for i in items if i.name == "jfk"]}
+    sets = {
+        "eval": [(i.audio_path, i.reference) for i in items if i.name != "jfk"],
+        "jfk": [(i.audio_path, i.reference) for i in items if i.name == "jfk"],
+    }
     for split in ("dev", "test"):
         if (ASTERISK / f"{split}.jsonl").exists():
             sets[f"asterisk-{split}"] = read_manifest(ASTERISK / f"{split}.jsonl")
@@ -74,14 +78,15 @@ def onnx_log_probs(model: Path, threads: int = 2):
         w = whole_file_windows(contract, audio)
         lp = sess.run([contract.output_name], {contract.input_name: w.features})[0]
         return lp.reshape(-1, lp.shape[-1])[: int(w.valid_outputs.sum())]
+
     return contract, run
 
 
-def score(contract: ModelContract, matrices: list[np.ndarray], refs: list[str],
-          config: DecoderConfig) -> dict:
+def score(
+    contract: ModelContract, matrices: list[np.ndarray], refs: list[str], config: DecoderConfig
+) -> dict:
     t0 = time.process_time()
-    hyps = [final_transcript(decode_whole(contract, lp, config, NO_ENDPOINTS))
-            for lp in matrices]
+    hyps = [final_text(decode_whole(contract, lp, config, NO_ENDPOINTS)) for lp in matrices]
     cpu = time.process_time() - t0
     seconds = sum(len(lp) for lp in matrices) * contract.output_frame_seconds
     out = wer_cer(refs, hyps)
@@ -90,8 +95,9 @@ def score(contract: ModelContract, matrices: list[np.ndarray], refs: list[str],
     return out
 
 
-def interim_stability(contract: ModelContract, matrices: list[np.ndarray], refs: list[str],
-                      config: DecoderConfig) -> dict:
+def interim_stability(
+    contract: ModelContract, matrices: list[np.ndarray], refs: list[str], config: DecoderConfig
+) -> dict:
     """Stream each clip one chunk per request (the product's endpointing on) and measure
     what a caption reader sees:
 
@@ -102,66 +108,46 @@ def interim_stability(contract: ModelContract, matrices: list[np.ndarray], refs:
       A response's time is when its audio was complete (chunk end + the model's
       look-ahead); compute time is not included.
     """
-    import jiwer
-
     from streamasr.decoding import StreamDecoder
-    from streamasr.evaluation import normalize
+    from streamasr.evaluation import caption_quality
 
     step = contract.output_frames
     lookahead_s = contract.right_frames * contract.features.frame_seconds
-    shown = changed = 0
-    delays: list[float] = []
-    for lp, ref in zip(matrices, refs):
+    clips = []
+    for lp in matrices:
         dec = StreamDecoder(contract, config)
         events: list[tuple[float, dict]] = []
         for i in range(0, len(lp), step):
-            msgs = dec.accept(lp[i: i + step])
+            msgs = dec.accept(lp[i : i + step])
             t = dec.frames_decoded * contract.output_frame_seconds + lookahead_s
             events += [(t, m) for m in msgs if m.get("type") == "Results"]
         t_end = dec.frames_decoded * contract.output_frame_seconds + lookahead_s
         events += [(t_end, m) for m in dec.close() if m.get("type") == "Results"]
-        finals: dict[float, list[dict]] = {}
-        for t, m in events:
-            if m["is_final"]:
-                finals[m["start"]] = m["channel"]["alternatives"][0]["words"]
-        final_words = [(u, k, w) for u, ws in sorted(finals.items()) for k, w in enumerate(ws)]
-        for t, m in events:
-            if m["is_final"]:
-                continue
-            fw = finals.get(m["start"], [])
-            for k, w in enumerate(m["channel"]["alternatives"][0]["words"]):
-                shown += 1
-                changed += k >= len(fw) or fw[k]["word"] != w["word"]
-        hyp = " ".join(w["word"] for _, _, w in final_words)
-        if not hyp:
-            continue
-        correct = set()
-        for chunk in jiwer.process_words(normalize(ref), hyp).alignments[0]:
-            if chunk.type == "equal":
-                correct.update(range(chunk.hyp_start_idx, chunk.hyp_end_idx))
-        for idx, (u, k, w) in enumerate(final_words):
-            if idx not in correct:
-                continue
-            first = next(t for t, m in events if m["start"] == u and len(
-                m["channel"]["alternatives"][0]["words"]) > k and
-                m["channel"]["alternatives"][0]["words"][k]["word"] == w["word"])
-            delays.append(first - w["end"])
-    return {"interim_words_shown": shown,
-            "interim_words_changed": changed / max(shown, 1),
-            "first_correct_delay_s_median": float(np.median(delays)) if delays else None,
-            "first_correct_words": len(delays)}
+        clips.append(events)
+    q = caption_quality(clips, refs)
+    delays = q["first_correct_delays"]
+    return {
+        "interim_words_shown": q["interim_words_shown"],
+        "interim_words_changed": q["interim_words_changed"],
+        "first_correct_delay_s_median": float(np.median(delays)) if delays else None,
+        "first_correct_words": len(delays),
+    }
 
 
 def configs(lm: Path | None, weights: dict) -> dict[str, DecoderConfig]:
-    out = {"greedy": DecoderConfig(),
-           f"beam{BEAM_SIZE}": DecoderConfig(decoding="beam", beam_size=BEAM_SIZE)}
+    out = {
+        "greedy": DecoderConfig(),
+        f"beam{BEAM_SIZE}": DecoderConfig(decoding="beam", beam_size=BEAM_SIZE),
+    }
     if lm is not None:
         lm_cfg = dict(decoding="beam", beam_size=BEAM_SIZE, lm_path=str(lm), **weights)
         out[f"beam{BEAM_SIZE}+lm"] = DecoderConfig(**lm_cfg)
         out[f"beam{BEAM_SIZE}+lm, no unknown-word letter cost"] = DecoderConfig(
-            **{**lm_cfg, "lm_oov_letter_log10": 0.0})
+            **{**lm_cfg, "lm_oov_letter_log10": 0.0}
+        )
         out[f"beam{BEAM_SIZE}+lm, whole words only"] = DecoderConfig(
-            **{**lm_cfg, "lm_partial_words": False})
+            **{**lm_cfg, "lm_partial_words": False}
+        )
     return out
 
 
@@ -170,16 +156,19 @@ def tune(contract, matrices, refs, lm: Path) -> dict:
     grid = []
     for a, b, o in itertools.product(ALPHAS, BETAS, OOV_LETTER_LOG10):
         w = {"lm_alpha": a, "lm_beta": b, "lm_oov_letter_log10": o}
-        r = score(contract, matrices, refs, DecoderConfig(
-            decoding="beam", beam_size=BEAM_SIZE, lm_path=str(lm), **w))
+        r = score(
+            contract,
+            matrices,
+            refs,
+            DecoderConfig(decoding="beam", beam_size=BEAM_SIZE, lm_path=str(lm), **w),
+        )
         grid.append({**w, "wer": r["wer"], "cer": r["cer"]})
         log.info("tune %s: WER %.1f %% CER %.1f %%", w, 100 * r["wer"], 100 * r["cer"])
     best = min(grid, key=lambda g: (g["wer"], g["cer"]))
     return {"set": TUNING_SET, "grid": grid, "best": best}
 
 
-def run(model: Path, lm: Path | None, weights: dict, do_tune: bool,
-        threads: int = 2) -> dict:
+def run(model: Path, lm: Path | None, weights: dict, do_tune: bool, threads: int = 2) -> dict:
     contract, log_probs = onnx_log_probs(model, threads)
     sets = eval_sets()
     mats = {name: [log_probs(load_audio_16k(p)) for p, _ in items] for name, items in sets.items()}
@@ -198,22 +187,35 @@ def run(model: Path, lm: Path | None, weights: dict, do_tune: bool,
             r = score(contract, mats[name], refs[name], cfg)
             r["references"] = refs[name]
             result["sets"][name][label] = r
-            log.info("%-18s %-32s WER %5.1f %%  CER %5.1f %%  (%d words, decode %.1f ms/s)",
-                     name, label, 100 * r["wer"], 100 * r["cer"], r["words"],
-                     r["decode_cpu_ms_per_audio_s"])
+            log.info(
+                "%-18s %-32s WER %5.1f %%  CER %5.1f %%  (%d words, decode %.1f ms/s)",
+                name,
+                label,
+                100 * r["wer"],
+                100 * r["cer"],
+                r["words"],
+                r["decode_cpu_ms_per_audio_s"],
+            )
             if label in ("greedy", f"beam{BEAM_SIZE}+lm") and name in STABILITY_SETS:
                 r["stability"] = interim_stability(contract, mats[name], refs[name], cfg)
-                log.info("%-18s %-32s interim words changed %.1f %%, first correct after "
-                         "%s s (median of %d words)", name, label,
-                         100 * r["stability"]["interim_words_changed"],
-                         r["stability"]["first_correct_delay_s_median"],
-                         r["stability"]["first_correct_words"])
+                log.info(
+                    "%-18s %-32s interim words changed %.1f %%, first correct after "
+                    "%s s (median of %d words)",
+                    name,
+                    label,
+                    100 * r["stability"]["interim_words_changed"],
+                    r["stability"]["first_correct_delay_s_median"],
+                    r["stability"]["first_correct_words"],
+                )
     return result
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.eval_decoding", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.eval_decoding",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     p.add_argument("--lm", type=Path, help="ARPA word LM (make lm)")
     p.add_argument("--alpha", type=float, default=DecoderConfig.lm_alpha)

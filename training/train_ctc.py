@@ -10,6 +10,7 @@
 3. ``evaluate``: WER on real speech (Debian pocketsphinx test clips, never trained on),
    streaming windows, greedy CTC.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,22 +71,23 @@ def load_audio_16k(path: Path) -> np.ndarray:
 def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Gain, optional synthetic room reverb, optional coloured noise at 5-30 dB SNR."""
     a = audio.astype(np.float32)
-    if rng.random() < 0.4:   # exponentially decaying noise tail as a room response
+    if rng.random() < 0.4:  # exponentially decaying noise tail as a room response
         rt = rng.uniform(0.1, 0.5)
         n = int(rt * 16000)
         ir = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
         ir[0] = 1.0
-        ir /= np.sqrt((ir ** 2).sum())
+        ir /= np.sqrt((ir**2).sum())
         from scipy.signal import fftconvolve
+
         a = fftconvolve(a, ir)[: len(a)].astype(np.float32)
     if rng.random() < 0.6:
         noise = rng.standard_normal(len(a)).astype(np.float32)
-        if rng.random() < 0.5:   # brown-ish noise
+        if rng.random() < 0.5:  # brown-ish noise
             noise = np.cumsum(noise)
             noise -= np.convolve(noise, np.ones(400) / 400, mode="same")
         snr = rng.uniform(5, 30)
-        p_sig = float((a ** 2).mean()) + 1e-9
-        p_n = float((noise ** 2).mean()) + 1e-9
+        p_sig = float((a**2).mean()) + 1e-9
+        p_n = float((noise**2).mean()) + 1e-9
         a = a + noise * math.sqrt(p_sig / p_n / 10 ** (snr / 10))
     peak = float(np.abs(a).max()) + 1e-9
     return (a / peak * rng.uniform(0.1, 0.9)).astype(np.float32)
@@ -93,10 +95,10 @@ def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class Cache:
-    frames: np.ndarray     # [N_windows, n, 384] fp16 (memmap)
+    frames: np.ndarray  # [N_windows, n, 384] fp16 (memmap)
     win_start: np.ndarray  # [U] first window of each utterance
     win_count: np.ndarray  # [U]
-    out_frames: np.ndarray # [U] valid output frames
+    out_frames: np.ndarray  # [U] valid output frames
     targets: list[list[int]]
     texts: list[str]
 
@@ -108,8 +110,9 @@ FRAME_MODES = ("window", "full")
 FULL_CONTEXT_MIN_FRAMES = 1000
 
 
-def _cache_key(items, contract: ModelContract, cfg: acoustic.HeadConfig, copies: int,
-               frames: str = "window") -> str:
+def _cache_key(
+    items, contract: ModelContract, cfg: acoustic.HeadConfig, copies: int, frames: str = "window"
+) -> str:
     h = hashlib.sha1()
     h.update(contract.to_json().encode())
     h.update(str((cfg.head_left, copies)).encode())
@@ -130,9 +133,16 @@ def onnx_encoder(encoder, contract: ModelContract, threads: int = 2):
     if not path.exists():
         x = torch.zeros(1, contract.window_frames, contract.features.n_mels)
         with torch.no_grad():
-            torch.onnx.export(encoder.eval(), (x,), str(path), dynamo=False, opset_version=17,
-                              input_names=["features"], output_names=["enc"],
-                              dynamic_axes={"features": {0: "batch"}, "enc": {0: "batch"}})
+            torch.onnx.export(
+                encoder.eval(),
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["features"],
+                output_names=["enc"],
+                dynamic_axes={"features": {0: "batch"}, "enc": {0: "batch"}},
+            )
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -144,38 +154,52 @@ def full_sequence(contract: ModelContract, window_features: np.ndarray) -> np.nd
     each later window's chunk, then the last window's look-ahead)."""
     lc = contract.left_frames + contract.chunk_frames
     parts = [window_features[0, :lc]]
-    parts += [w[contract.left_frames: lc] for w in window_features[1:]]
+    parts += [w[contract.left_frames : lc] for w in window_features[1:]]
     parts.append(window_features[-1, lc:])
     return np.concatenate(parts)
 
 
-def full_context_frames(encode_full, contract: ModelContract, cfg: acoustic.HeadConfig,
-                        window_features: np.ndarray) -> np.ndarray:
+def full_context_frames(
+    encode_full, contract: ModelContract, cfg: acoustic.HeadConfig, window_features: np.ndarray
+) -> np.ndarray:
     """For each window, the frames the head reads, taken from ONE encoder pass over the
     whole utterance (non-streaming: every frame sees the whole utterance)."""
     seq = full_sequence(contract, window_features)
     n = len(seq)
-    if n < FULL_CONTEXT_MIN_FRAMES:   # pad with the stream-start padding frame
-        seq = np.concatenate([seq, np.repeat(window_features[:1, 0], FULL_CONTEXT_MIN_FRAMES - n,
-                                             axis=0)])
+    if n < FULL_CONTEXT_MIN_FRAMES:  # pad with the stream-start padding frame
+        seq = np.concatenate(
+            [seq, np.repeat(window_features[:1, 0], FULL_CONTEXT_MIN_FRAMES - n, axis=0)]
+        )
     enc = encode_full(seq[None].astype(np.float32))[0]
     sl = acoustic.head_slice(contract, cfg)
     width = contract.window_frames // contract.subsampling - sl.start
     step = contract.chunk_frames // contract.subsampling
-    return np.stack([enc[sl.start + i * step: sl.start + i * step + width]
-                     for i in range(len(window_features))])
+    return np.stack(
+        [
+            enc[sl.start + i * step : sl.start + i * step + width]
+            for i in range(len(window_features))
+        ]
+    )
 
 
 def torch_full_encoder(encoder):
     def run(feats: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return encoder(torch.from_numpy(feats)).numpy()
+
     return run
 
 
-def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig,
-               copies: int = 1, seed: int = 0, frames: str = "window",
-               encode_full=None) -> Cache:
+def precompute(
+    items,
+    contract: ModelContract,
+    encoder,
+    cfg: acoustic.HeadConfig,
+    copies: int = 1,
+    seed: int = 0,
+    frames: str = "window",
+    encode_full=None,
+) -> Cache:
     """Encoder outputs of every window of every (augmented copy of an) utterance:
     ``frames="window"`` as served (each window encoded on its own), ``"full"`` from one
     whole-utterance encode (``encode_full``), the non-streaming upper bound."""
@@ -189,31 +213,43 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
     else:
         d.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(seed)
-        chunks, meta, seen = [], [], set()
+        meta, seen = [], set()
         t0, total_w = time.time(), 0
         f = open(d / "frames.bin", "wb")
         for copy in range(copies):
-            for i, (path, text) in enumerate(items):
+            for path, text in items:
                 tgt = acoustic.encode_text(text)
                 if not tgt:
                     continue
                 audio = load_audio_16k(path)
-                if copy > 0 or path in seen or rng.random() < 0.3:   # repeats: new variants
+                if copy > 0 or path in seen or rng.random() < 0.3:  # repeats: new variants
                     audio = augment(audio, rng)
                 seen.add(path)
                 w = whole_file_windows(contract, audio)
                 if frames == "full":
-                    enc = full_context_frames(encode_full, contract, cfg,
-                                              w.features).astype(np.float16)
+                    enc = full_context_frames(encode_full, contract, cfg, w.features).astype(
+                        np.float16
+                    )
                 else:
                     enc = encoder(w.features)[:, sl].astype(np.float16)
                 f.write(enc.tobytes())
-                meta.append({"start": total_w, "count": len(enc),
-                             "out": int(w.valid_outputs.sum()), "text": text, "target": tgt})
+                meta.append(
+                    {
+                        "start": total_w,
+                        "count": len(enc),
+                        "out": int(w.valid_outputs.sum()),
+                        "text": text,
+                        "target": tgt,
+                    }
+                )
                 total_w += len(enc)
                 if len(meta) % 200 == 0:
-                    log.info("precompute %d utterances, %d windows, %.0f s", len(meta),
-                             total_w, time.time() - t0)
+                    log.info(
+                        "precompute %d utterances, %d windows, %.0f s",
+                        len(meta),
+                        total_w,
+                        time.time() - t0,
+                    )
         f.close()
         shape = [total_w, *enc.shape[1:]]
         (d / "meta.json").write_text(json.dumps({"shape": shape, "utts": meta}))
@@ -222,9 +258,14 @@ def precompute(items, contract: ModelContract, encoder, cfg: acoustic.HeadConfig
     m = json.loads((d / "meta.json").read_text())
     frames = np.memmap(d / "frames.bin", dtype=np.float16, mode="r", shape=tuple(m["shape"]))
     u = m["utts"]
-    return Cache(frames, np.array([x["start"] for x in u]), np.array([x["count"] for x in u]),
-                 np.array([x["out"] for x in u]), [x["target"] for x in u],
-                 [x["text"] for x in u])
+    return Cache(
+        frames,
+        np.array([x["start"] for x in u]),
+        np.array([x["count"] for x in u]),
+        np.array([x["out"] for x in u]),
+        [x["target"] for x in u],
+        [x["text"] for x in u],
+    )
 
 
 class Corpus:
@@ -239,7 +280,7 @@ class Corpus:
 
     def windows(self, j: int) -> np.ndarray:
         c, i = self.index[j]
-        return c.frames[c.win_start[i]: c.win_start[i] + c.win_count[i]]
+        return c.frames[c.win_start[i] : c.win_start[i] + c.win_count[i]]
 
     @property
     def n_windows(self) -> int:
@@ -248,31 +289,40 @@ class Corpus:
 
 # --- training --------------------------------------------------------------------------
 def _batch_loss(head, cache: Corpus, idx, time_mask: bool) -> torch.Tensor:
-    x = torch.from_numpy(np.concatenate([np.asarray(cache.windows(i), dtype=np.float32)
-                                         for i in idx]))
-    if time_mask:   # SpecAugment-like masking on encoder frames + channel dropout
+    x = torch.from_numpy(
+        np.concatenate([np.asarray(cache.windows(i), dtype=np.float32) for i in idx])
+    )
+    if time_mask:  # SpecAugment-like masking on encoder frames + channel dropout
         x = F.dropout(x, 0.1)
         for j in range(len(x)):
             if random.random() < 0.3:
                 s = random.randrange(x.shape[1])
-                x[j, s: s + random.randint(1, 4)] = 0
-    lp = head(x)                                              # [Nw, chunk_out, V]
+                x[j, s : s + random.randint(1, 4)] = 0
+    lp = head(x)  # [Nw, chunk_out, V]
     per, pos = [], 0
     for i in idx:
         n = cache.win_count[i]
-        per.append(lp[pos: pos + n].reshape(-1, lp.shape[-1])[: cache.out_frames[i]])
+        per.append(lp[pos : pos + n].reshape(-1, lp.shape[-1])[: cache.out_frames[i]])
         pos += n
     lens = torch.tensor([len(p) for p in per])
-    padded = torch.nn.utils.rnn.pad_sequence(per)             # [T, B, V]
+    padded = torch.nn.utils.rnn.pad_sequence(per)  # [T, B, V]
     tg = [torch.tensor(cache.targets[i]) for i in idx]
     tlens = torch.tensor([len(t) for t in tg])
-    return F.ctc_loss(padded, torch.cat(tg), lens, tlens, blank=0, reduction="mean",
-                      zero_infinity=True)
+    return F.ctc_loss(
+        padded, torch.cat(tg), lens, tlens, blank=0, reduction="mean", zero_infinity=True
+    )
 
 
-def train(head, cache: Corpus, dev: Corpus | None, minutes: float | None = None,
-          lr: float = 1e-3, batch_windows: int = 160, seed: int = 0,
-          steps: int | None = None) -> dict:
+def train(
+    head,
+    cache: Corpus,
+    dev: Corpus | None,
+    minutes: float | None = None,
+    lr: float = 1e-3,
+    batch_windows: int = 160,
+    seed: int = 0,
+    steps: int | None = None,
+) -> dict:
     """AdamW with warm-up and cosine decay over the budget: ``steps`` optimiser steps
     (reproducible, what the ablation uses) or else ``minutes`` of wall-clock time."""
     if (steps is None) == (minutes is None):
@@ -303,7 +353,7 @@ def train(head, cache: Corpus, dev: Corpus | None, minutes: float | None = None,
             if nw >= batch_windows:
                 batches.append(cur)
                 cur, nw = [], 0
-        if cur and not batches:   # a corpus smaller than one batch still trains
+        if cur and not batches:  # a corpus smaller than one batch still trains
             batches.append(cur)
         head.train()
         losses = []
@@ -311,9 +361,12 @@ def train(head, cache: Corpus, dev: Corpus | None, minutes: float | None = None,
             if done():
                 break
             frac = progress()
-            for g in opt.param_groups:   # warm-up then cosine decay over the time budget
-                g["lr"] = lr * min(1.0, (step + 1) / warm) * (0.05 + 0.95 * 0.5 *
-                                                               (1 + math.cos(math.pi * frac)))
+            for g in opt.param_groups:  # warm-up then cosine decay over the time budget
+                g["lr"] = (
+                    lr
+                    * min(1.0, (step + 1) / warm)
+                    * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+                )
             loss = _batch_loss(head, cache, b, time_mask=True)
             opt.zero_grad()
             loss.backward()
@@ -322,15 +375,24 @@ def train(head, cache: Corpus, dev: Corpus | None, minutes: float | None = None,
             losses.append(loss.item())
             step += 1
             if step % 50 == 0:
-                log.info("step %d epoch %d loss %.3f (%.1f min)", step, epoch,
-                         np.mean(losses[-50:]), (time.time() - t0) / 60)
+                log.info(
+                    "step %d epoch %d loss %.3f (%.1f min)",
+                    step,
+                    epoch,
+                    np.mean(losses[-50:]),
+                    (time.time() - t0) / 60,
+                )
         epoch += 1
         entry = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses or [0]))}
         if dev is not None:
             head.eval()
             with torch.no_grad():
-                dl = [float(_batch_loss(head, dev, list(range(k, min(k + 8, len(dev.targets)))),
-                                        False)) for k in range(0, len(dev.targets), 8)]
+                dl = [
+                    float(
+                        _batch_loss(head, dev, list(range(k, min(k + 8, len(dev.targets)))), False)
+                    )
+                    for k in range(0, len(dev.targets), 8)
+                ]
             entry["dev_loss"] = float(np.mean(dl))
         hist.append(entry)
         log.info("epoch %s", entry)
@@ -375,14 +437,20 @@ def evaluate(run_windows, contract: ModelContract, items=None) -> dict:
         refs.append(r)
         hyps.append(hyp)
         rows.append({"file": wav.name, "ref": r, "hyp": hyp})
-    return {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)),
-            "clips": len(items), "words": sum(len(r.split()) for r in refs), "rows": rows}
+    return {
+        "wer": float(jiwer.wer(refs, hyps)),
+        "cer": float(jiwer.cer(refs, hyps)),
+        "clips": len(items),
+        "words": sum(len(r.split()) for r in refs),
+        "rows": rows,
+    }
 
 
 def torch_runner(model: acoustic.AcousticModel):
     def run(feats: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return model(torch.from_numpy(feats)).numpy()
+
     return run
 
 
@@ -394,6 +462,7 @@ def full_context_runner(encoder, head: acoustic.CTCHead, contract: ModelContract
         x = full_context_frames(encode_full, contract, head.cfg, feats)
         with torch.no_grad():
             return head(torch.from_numpy(x.astype(np.float32))).numpy()
+
     return run
 
 
@@ -404,12 +473,20 @@ def evaluate_heldout(run_windows, contract: ModelContract, manifest: Path) -> di
     by_engine: dict[str, list] = {}
     for r in rows:
         by_engine.setdefault(r["voice"].split(":")[0], []).append(
-            (manifest.parent / r["audio"], r["text"]))
-    out = {eng: {k: v for k, v in evaluate(run_windows, contract, items).items() if k != "rows"}
-           for eng, items in sorted(by_engine.items())}
+            (manifest.parent / r["audio"], r["text"])
+        )
+    out = {
+        eng: {k: v for k, v in evaluate(run_windows, contract, items).items() if k != "rows"}
+        for eng, items in sorted(by_engine.items())
+    }
     if len(by_engine) > 1:
-        out["all"] = {k: v for k, v in evaluate(run_windows, contract, [
-            it for items in by_engine.values() for it in items]).items() if k != "rows"}
+        out["all"] = {
+            k: v
+            for k, v in evaluate(
+                run_windows, contract, [it for items in by_engine.values() for it in items]
+            ).items()
+            if k != "rows"
+        }
     return out
 
 
@@ -417,15 +494,19 @@ def evaluate_real(run_windows, contract: ModelContract) -> dict:
     """assets/eval without JFK (its sentence is in the CMU LM's text) and JFK alone."""
     import jiwer
 
-    everything = evaluate(run_windows, contract, real_speech_set())   # each clip decoded once
+    everything = evaluate(run_windows, contract, real_speech_set())  # each clip decoded once
     out = {"all": everything}
     for name, keep in (("eval", lambda f: f != "jfk.wav"), ("jfk", lambda f: f == "jfk.wav")):
         rows = [r for r in everything["rows"] if keep(r["file"])]
         if rows:
             refs, hyps = [r["ref"] for r in rows], [r["hyp"] for r in rows]
-            out[name] = {"wer": float(jiwer.wer(refs, hyps)), "cer": float(jiwer.cer(refs, hyps)),
-                         "clips": len(rows), "words": sum(len(r.split()) for r in refs),
-                         "rows": rows}
+            out[name] = {
+                "wer": float(jiwer.wer(refs, hyps)),
+                "cer": float(jiwer.cer(refs, hyps)),
+                "clips": len(rows),
+                "words": sum(len(r.split()) for r in refs),
+                "rows": rows,
+            }
     return out
 
 
@@ -439,11 +520,20 @@ def parse_real(spec: str) -> tuple[Path, int]:
     return Path(path), int(rep) if rep else 1
 
 
-def train_head(manifest: Path, minutes: float | None = 25.0, copies: int = 1,
-               lr: float = 1e-3, dev_fraction: float = 0.03, out: Path = HEAD_FILE,
-               max_utterances: int | None = None, init: Path | None = None,
-               real: list[tuple[Path, int]] = (), heldout: list[Path] = (),
-               steps: int | None = None, frames: str = "window"):
+def train_head(
+    manifest: Path,
+    minutes: float | None = 25.0,
+    copies: int = 1,
+    lr: float = 1e-3,
+    dev_fraction: float = 0.03,
+    out: Path = HEAD_FILE,
+    max_utterances: int | None = None,
+    init: Path | None = None,
+    real: list[tuple[Path, int]] = (),
+    heldout: list[Path] = (),
+    steps: int | None = None,
+    frames: str = "window",
+):
     """The whole recipe: precompute -> train -> evaluate on real speech (and held-out
     sets) -> save the head.  Each ``real`` manifest (real speech: Whisper-pseudo-labelled,
     or transcribed prompts) is trained on REPEAT times, every repeat after the first
@@ -462,15 +552,23 @@ def train_head(manifest: Path, minutes: float | None = 25.0, copies: int = 1,
     n_dev = max(1, int(len(items) * dev_fraction))
     train_items = items[n_dev:]
     rows = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-    voices = {r["audio"]: r["voice"].split(":")[0] for r in rows}   # engine per file
+    voices = {r["audio"]: r["voice"].split(":")[0] for r in rows}  # engine per file
     hours: dict[str, float] = {}
     for eng in sorted(set(voices.values())):
         hours[eng] = audio_hours([it for it in train_items if voices.get(it[0].name) == eng])
     t0 = time.time()
 
     def cached(its, copies_, seed):
-        return precompute(its, contract, run_encoder, cfg, copies=copies_, seed=seed,
-                          frames=frames, encode_full=encode_full)
+        return precompute(
+            its,
+            contract,
+            run_encoder,
+            cfg,
+            copies=copies_,
+            seed=seed,
+            frames=frames,
+            encode_full=encode_full,
+        )
 
     dev = Corpus([cached(items[:n_dev], 1, 1)])
     caches = [cached(train_items, copies, 0)]
@@ -482,12 +580,17 @@ def train_head(manifest: Path, minutes: float | None = 25.0, copies: int = 1,
     log.info("training audio hours per source (before repeats): %s", hours)
     tr = Corpus(caches)
     pre_min = (time.time() - t0) / 60
-    log.info("train: %d utterances / %d windows; dev %d; precompute %.1f min",
-             len(tr.targets), tr.n_windows, len(dev.targets), pre_min)
+    log.info(
+        "train: %d utterances / %d windows; dev %d; precompute %.1f min",
+        len(tr.targets),
+        tr.n_windows,
+        len(dev.targets),
+        pre_min,
+    )
 
     head = acoustic.CTCHead(cfg, contract.output_frames)
     before = {}
-    if init is not None:   # continue from an earlier head (same cache, more epochs)
+    if init is not None:  # continue from an earlier head (same cache, more epochs)
         old, before = acoustic.load_head(init)
         head.load_state_dict(old.state_dict())
         log.info("continuing from %s", init)
@@ -502,30 +605,57 @@ def train_head(manifest: Path, minutes: float | None = 25.0, copies: int = 1,
     for r in res["all"]["rows"]:
         log.info("%s\n  REF: %s\n  HYP: %s", r["file"], r["ref"], r["hyp"])
     for name, r in res.items():
-        log.info("REAL SPEECH %s (%d clips, %d words): WER %.1f %%  CER %.1f %%", name,
-                 r["clips"], r["words"], 100 * r["wer"], 100 * r["cer"])
-    meta = {"train": {**info, "precompute_minutes": pre_min, "utterances": len(tr.targets),
-                      "windows": tr.n_windows, "manifest": str(manifest),
-                      "max_utterances": max_utterances, "hours": hours,
-                      "copies": copies, "frames": frames, "budget_steps": steps},
-            "real_speech": {k: res["all"][k] for k in ("wer", "cer", "clips", "words")},
-            "real_speech_sets": {n: {k: r[k] for k in ("wer", "cer", "clips", "words")}
-                                 for n, r in res.items()}}
+        log.info(
+            "REAL SPEECH %s (%d clips, %d words): WER %.1f %%  CER %.1f %%",
+            name,
+            r["clips"],
+            r["words"],
+            100 * r["wer"],
+            100 * r["cer"],
+        )
+    meta = {
+        "train": {
+            **info,
+            "precompute_minutes": pre_min,
+            "utterances": len(tr.targets),
+            "windows": tr.n_windows,
+            "manifest": str(manifest),
+            "max_utterances": max_utterances,
+            "hours": hours,
+            "copies": copies,
+            "frames": frames,
+            "budget_steps": steps,
+        },
+        "real_speech": {k: res["all"][k] for k in ("wer", "cer", "clips", "words")},
+        "real_speech_sets": {
+            n: {k: r[k] for k in ("wer", "cer", "clips", "words")} for n, r in res.items()
+        },
+    }
     for path in heldout:
         if path.exists():
             name = f"heldout:{path.parent.name}/{path.stem}"
             meta.setdefault("heldout", {})[name] = evaluate_heldout(runner, contract, path)
             for eng, r in meta["heldout"][name].items():
-                log.info("HELD-OUT %s %s (%d utts, %d words): WER %.1f %%  CER %.1f %%", name,
-                         eng, r["clips"], r["words"], 100 * r["wer"], 100 * r["cer"])
+                log.info(
+                    "HELD-OUT %s %s (%d utts, %d words): WER %.1f %%  CER %.1f %%",
+                    name,
+                    eng,
+                    r["clips"],
+                    r["words"],
+                    100 * r["wer"],
+                    100 * r["cer"],
+                )
     acoustic.save_head(head, out, **meta)
     log.info("saved %s", out)
     return head, meta
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.train_ctc", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m training.train_ctc",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--manifest", type=Path, required=True)
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="training wall-clock budget")
@@ -537,20 +667,45 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HEAD_FILE)
     p.add_argument("--max-utterances", type=int, help="use only this many of the manifest")
     p.add_argument("--init", type=Path, help="continue training this head (.npz)")
-    p.add_argument("--real", type=parse_real, action="append", default=[],
-                   metavar="PATH[:REPEAT]",
-                   help="real-speech manifest and how often it is trained on (repeatable)")
-    p.add_argument("--heldout", type=Path, action="append", default=[],
-                   help="held-out manifest, scored after training (repeatable)")
-    p.add_argument("--frames", choices=FRAME_MODES, default="window",
-                   help="encoder frames the head reads: as served, or full-context (ablation)")
+    p.add_argument(
+        "--real",
+        type=parse_real,
+        action="append",
+        default=[],
+        metavar="PATH[:REPEAT]",
+        help="real-speech manifest and how often it is trained on (repeatable)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=Path,
+        action="append",
+        default=[],
+        help="held-out manifest, scored after training (repeatable)",
+    )
+    p.add_argument(
+        "--frames",
+        choices=FRAME_MODES,
+        default="window",
+        help="encoder frames the head reads: as served, or full-context (ablation)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     minutes = a.minutes if a.minutes is not None or a.steps is not None else 25.0
-    train_head(a.manifest, minutes if a.steps is None else None, a.copies, a.lr,
-               a.dev_fraction, a.out, a.max_utterances, a.init, a.real, a.heldout, a.steps,
-               a.frames)
+    train_head(
+        a.manifest,
+        minutes if a.steps is None else None,
+        a.copies,
+        a.lr,
+        a.dev_fraction,
+        a.out,
+        a.max_utterances,
+        a.init,
+        a.real,
+        a.heldout,
+        a.steps,
+        a.frames,
+    )
     return 0
 
 

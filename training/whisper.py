@@ -8,6 +8,7 @@ on the encoder output, MLP) -> LayerNorm -> logits tied to the token embedding.
 Features go in time-major, ``[B, T, n_mels]`` (the contract's layout), not Whisper's
 ``[B, n_mels, T]``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(d, 3 * d)
         self.out = nn.Linear(d, d)
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:   # [B, T, d] -> [B, h, T, d/h]
+    def _split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, h, T, d/h]
         b, t, _ = x.shape
         return x.view(b, t, self.h, self.d // self.h).transpose(1, 2)
 
@@ -76,7 +77,7 @@ class Attention(nn.Module):
             new_cache = (k, v)
         scale = (self.d // self.h) ** -0.5
         att = (q @ k.transpose(-1, -2)) * scale
-        if causal:   # query i (at absolute position past+i) sees keys 0..past+i
+        if causal:  # query i (at absolute position past+i) sees keys 0..past+i
             tq, tk = q.shape[2], k.shape[2]
             qpos = torch.arange(tq) + (tk - tq)
             mask = torch.arange(tk)[None, :] > qpos[:, None]
@@ -158,7 +159,7 @@ class WhisperDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mem_kv, caches=None, offset: int = 0):
         """tokens [B, n] at positions offset.. -> (logits [B, n, V], new caches)."""
-        x = self.embed(tokens) + self.pos[offset: offset + tokens.shape[1]]
+        x = self.embed(tokens) + self.pos[offset : offset + tokens.shape[1]]
         return self.run_blocks(x, mem_kv, caches)
 
     def run_blocks(self, x, mem_kv, caches):
@@ -172,8 +173,9 @@ class WhisperDecoder(nn.Module):
 # --- loading from the CTranslate2 spec -------------------------------------------------
 def _load_linear(lin: nn.Linear, m: ct2.CT2Model, prefix: str):
     lin.weight.data = _t(m[prefix + "/weight"])
-    lin.bias.data = _t(m[prefix + "/bias"]) if prefix + "/bias" in m else torch.zeros(
-        lin.out_features)
+    lin.bias.data = (
+        _t(m[prefix + "/bias"]) if prefix + "/bias" in m else torch.zeros(lin.out_features)
+    )
 
 
 def _load_ln(ln: nn.LayerNorm, m: ct2.CT2Model, prefix: str):
@@ -184,7 +186,7 @@ def _load_ln(ln: nn.LayerNorm, m: ct2.CT2Model, prefix: str):
 def _check_spec(m: ct2.CT2Model):
     if m.spec_name != "WhisperSpec":
         raise ct2.CT2FormatError(f"expected a WhisperSpec model, got {m.spec_name!r}")
-    if m.scalar("decoder/activation") != 3:   # CTranslate2's ActivationType::GELU (erf)
+    if m.scalar("decoder/activation") != 3:  # CTranslate2's ActivationType::GELU (erf)
         raise ct2.CT2FormatError("expected exact GELU activation")
 
 
@@ -192,12 +194,19 @@ def encoder_from_ct2(m: ct2.CT2Model) -> WhisperEncoder:
     _check_spec(m)
     pos = m["encoder/position_encodings/encodings"]
     d = pos.shape[1]
-    layers = sum(1 for n in m.variables if n.startswith("encoder/layer_")
-                 and n.endswith("/self_attention/linear_0/weight"))
-    enc = WhisperEncoder(n_mels=m["encoder/conv1/weight"].shape[1], d=d,
-                         heads=int(m.scalar("encoder/num_heads")), layers=layers,
-                         hidden=m["encoder/layer_0/ffn/linear_0/weight"].shape[0],
-                         n_pos=pos.shape[0])
+    layers = sum(
+        1
+        for n in m.variables
+        if n.startswith("encoder/layer_") and n.endswith("/self_attention/linear_0/weight")
+    )
+    enc = WhisperEncoder(
+        n_mels=m["encoder/conv1/weight"].shape[1],
+        d=d,
+        heads=int(m.scalar("encoder/num_heads")),
+        layers=layers,
+        hidden=m["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        n_pos=pos.shape[0],
+    )
     enc.conv1.weight.data = _t(m["encoder/conv1/weight"])
     enc.conv1.bias.data = _t(m["encoder/conv1/bias"])
     enc.conv2.weight.data = _t(m["encoder/conv2/weight"])
@@ -219,12 +228,19 @@ def decoder_from_ct2(m: ct2.CT2Model) -> WhisperDecoder:
     _check_spec(m)
     emb = m["decoder/embeddings/weight"]
     pos = m["decoder/position_encodings/encodings"]
-    layers = sum(1 for n in m.variables if n.startswith("decoder/layer_")
-                 and n.endswith("/self_attention/linear_0/weight"))
-    dec = WhisperDecoder(vocab=emb.shape[0], d=emb.shape[1],
-                         heads=int(m.scalar("decoder/num_heads")), layers=layers,
-                         hidden=m["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-                         n_pos=pos.shape[0])
+    layers = sum(
+        1
+        for n in m.variables
+        if n.startswith("decoder/layer_") and n.endswith("/self_attention/linear_0/weight")
+    )
+    dec = WhisperDecoder(
+        vocab=emb.shape[0],
+        d=emb.shape[1],
+        heads=int(m.scalar("decoder/num_heads")),
+        layers=layers,
+        hidden=m["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        n_pos=pos.shape[0],
+    )
     dec.embed.weight.data = _t(emb)
     dec.pos.copy_(_t(pos))
     for i, b in enumerate(dec.blocks):
@@ -272,7 +288,7 @@ class Whisper:
         for step in range(max_tokens):
             lg = logits[0, -1].clone()
             lg[self.suppress] = float("-inf")
-            lg[TIMESTAMP_BEGIN - 1:] = float("-inf")   # <|notimestamps|> and timestamps
+            lg[TIMESTAMP_BEGIN - 1 :] = float("-inf")  # <|notimestamps|> and timestamps
             if step == 0:
                 lg[self.suppress_begin] = float("-inf")
             tok = int(lg.argmax())

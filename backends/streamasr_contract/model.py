@@ -1,2 +1,5 @@
 """Triton Python-based backend `streamasr_contract`: a thin adapter, the logic lives in streamasr."""
-from streamasr.triton_models.adapters import ContractModel as TritonPythonModel  # noqa: F401
+
+from streamasr.triton_models.python_backend.model_contract import (
+    ContractModel as TritonPythonModel,  # noqa: F401
+)

@@ -1,2 +1,5 @@
 """Triton Python-based backend `streamasr_decoder`: a thin adapter, the logic lives in streamasr."""
-from streamasr.triton_models.adapters import CtcDecoderModel as TritonPythonModel  # noqa: F401
+
+from streamasr.triton_models.python_backend.ctc_decoder import (
+    CtcDecoderModel as TritonPythonModel,  # noqa: F401
+)

@@ -1,2 +1,5 @@
 """Triton Python-based backend `streamasr_features`: a thin adapter, the logic lives in streamasr."""
-from streamasr.triton_models.adapters import FeatureExtractorModel as TritonPythonModel  # noqa: F401
+
+from streamasr.triton_models.python_backend.feature_extractor import (
+    FeatureExtractorModel as TritonPythonModel,  # noqa: F401
+)

@@ -1,2 +1,5 @@
 """Triton Python-based backend `streamasr_offline`: a thin adapter, the logic lives in streamasr."""
-from streamasr.triton_models.adapters import OfflineAsrModel as TritonPythonModel  # noqa: F401
+
+from streamasr.triton_models.python_backend.offline_asr import (
+    OfflineAsrModel as TritonPythonModel,  # noqa: F401
+)

@@ -1,5 +1,6 @@
 """Reading audio for the clients: any file soundfile (libsndfile) reads, or raw PCM,
 converted to mono float32 at the model's sample rate."""
+
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+
+from streamasr.protocol import pcm16_to_float
 
 
 def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -34,8 +37,9 @@ def load_audio(path: str | Path, target_rate: int) -> np.ndarray:
     return resample(to_mono(audio), rate, target_rate)
 
 
-def pcm_chunks(stream: BinaryIO, rate: int, target_rate: int, chunk_samples: int,
-               channels: int = 1):
+def pcm_chunks(
+    stream: BinaryIO, rate: int, target_rate: int, chunk_samples: int, channels: int = 1
+):
     """Raw signed 16-bit little-endian PCM from a byte stream (e.g. stdin), yielded as
     float32 chunks at target_rate as it arrives."""
     frame_bytes = 2 * channels
@@ -51,7 +55,7 @@ def pcm_chunks(stream: BinaryIO, rate: int, target_rate: int, chunk_samples: int
             continue
         pcm = np.frombuffer(pending[:usable], dtype="<i2").reshape(-1, channels)
         pending = pending[usable:]
-        yield resample(to_mono(pcm.astype(np.float32) / 32768.0), rate, target_rate)
+        yield resample(to_mono(pcm16_to_float(pcm)), rate, target_rate)
 
 
 def stdin_binary() -> BinaryIO:

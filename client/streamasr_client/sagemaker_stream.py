@@ -1,6 +1,6 @@
 """Stream a recording to the streamasr SageMaker endpoint.
 
-Three ways, one framing (the gateway's, streamasr/gateway.py):
+Three ways, one framing (the gateway's, streamasr/sagemaker/):
 
 * ``bidi`` — ``InvokeEndpointWithBidirectionalStream`` (HTTP/2) through AWS's Python SDK
   ``aws-sdk-sagemaker-runtime-http2`` 0.12 with its ``[awscrt]`` HTTP/2 transport
@@ -26,6 +26,7 @@ Audio goes out as 16-bit little-endian PCM at the file's own rate (resampling, i
 happens in the gateway), ``chunk_ms`` per frame; ``--realtime`` paces it like a
 microphone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,24 +43,35 @@ from urllib.parse import urlencode
 
 import numpy as np
 
-log = logging.getLogger("streamasr_client.sagemaker")
+from streamasr.protocol import (
+    CLOSED_SESSION_HEADER,
+    CONTROL_MESSAGES,
+    CUSTOM_ATTRIBUTES_HEADER,
+    INVOCATIONS_PATH,
+    NEW_SESSION,
+    NEW_SESSION_HEADER,
+    SESSION_HEADER,
+    WS_PATH,
+    final_text,
+)
 
-WS_PATH = "/invocations-bidirectional-stream"
+log = logging.getLogger("streamasr_client.sagemaker")
 
 
 # -- framing (shared by every transport) --------------------------------------------------
 
+
 @dataclass
 class Framing:
     """What goes over the wire for one recording."""
+
     sample_rate: int
     chunk_ms: int = 100
     options: dict[str, Any] = field(default_factory=dict)
 
     def query_string(self) -> str:
         q = {"encoding": "linear16", "sample_rate": self.sample_rate}
-        q.update({k: str(v).lower() if isinstance(v, bool) else v
-                  for k, v in self.options.items()})
+        q.update({k: str(v).lower() if isinstance(v, bool) else v for k, v in self.options.items()})
         return urlencode(q)
 
     def chunk_bytes(self) -> int:
@@ -68,11 +80,11 @@ class Framing:
     def audio_frames(self, pcm: bytes) -> Iterator[bytes]:
         step = self.chunk_bytes()
         for i in range(0, len(pcm), step):
-            yield pcm[i:i + step]
+            yield pcm[i : i + step]
 
     @staticmethod
     def control(kind: str) -> str:
-        if kind not in ("Finalize", "KeepAlive", "CloseStream"):
+        if kind not in CONTROL_MESSAGES:
             raise ValueError(f"unknown control message {kind!r}")
         return json.dumps({"type": kind})
 
@@ -86,15 +98,10 @@ def read_pcm16(path: str | Path) -> tuple[bytes, int]:
     import soundfile as sf
 
     audio, rate = sf.read(str(path), dtype="int16", always_2d=True)
-    mono = audio[:, 0] if audio.shape[1] == 1 else \
-        audio.astype(np.int32).mean(axis=1).astype(np.int16)
+    mono = (
+        audio[:, 0] if audio.shape[1] == 1 else audio.astype(np.int32).mean(axis=1).astype(np.int16)
+    )
     return mono.astype("<i2").tobytes(), int(rate)
-
-
-def transcript(messages: list[dict]) -> str:
-    return " ".join(m["channel"]["alternatives"][0]["transcript"] for m in messages
-                    if m.get("type") == "Results" and m.get("is_final")
-                    and m["channel"]["alternatives"][0]["transcript"])
 
 
 class StreamFailed(RuntimeError):
@@ -115,9 +122,15 @@ async def _paced(frames: Iterator[bytes], framing: Framing, realtime: bool) -> A
 
 # -- ws: straight to a container ------------------------------------------------------------
 
-async def stream_websocket(base_url: str, pcm: bytes, framing: Framing, *,
-                           realtime: bool = False,
-                           on_message: Callable[[dict], None] | None = None) -> list[dict]:
+
+async def stream_websocket(
+    base_url: str,
+    pcm: bytes,
+    framing: Framing,
+    *,
+    realtime: bool = False,
+    on_message: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """The container's own route, as SageMaker's platform drives it."""
     import aiohttp
 
@@ -125,6 +138,7 @@ async def stream_websocket(base_url: str, pcm: bytes, framing: Framing, *,
     url = base_url.rstrip("/") + WS_PATH + "?" + framing.query_string()
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(url) as ws:
+
             async def reader():
                 async for m in ws:
                     if m.type == aiohttp.WSMsgType.TEXT:
@@ -139,8 +153,10 @@ async def stream_websocket(base_url: str, pcm: bytes, framing: Framing, *,
             await ws.send_str(framing.control("CloseStream"))
             await r
             if ws.close_code != 1000:
-                raise StreamFailed(f"closed with {ws.close_code}: "
-                                   f"{[m for m in messages if m.get('type') == 'Error']}")
+                raise StreamFailed(
+                    f"closed with {ws.close_code}: "
+                    f"{[m for m in messages if m.get('type') == 'Error']}"
+                )
     return messages
 
 
@@ -164,10 +180,12 @@ def default_endpoint_url(region: str) -> str:
 def _http2_sdk():
     """Import AWS's HTTP/2 SageMaker runtime SDK (Python >= 3.12) or say why not."""
     if sys.version_info < (3, 12):
-        raise StreamFailed(f"InvokeEndpointWithBidirectionalStream needs {SDK_PACKAGE}, which "
-                           f"requires Python >= 3.12 (this is {sys.version.split()[0]}); use "
-                           "`make venv-http2` (.venv-http2), --mode invocations, or --url "
-                           "against a container")
+        raise StreamFailed(
+            f"InvokeEndpointWithBidirectionalStream needs {SDK_PACKAGE}, which "
+            f"requires Python >= 3.12 (this is {sys.version.split()[0]}); use "
+            "`make venv-http2` (.venv-http2), --mode invocations, or --url "
+            "against a container"
+        )
     from importlib import metadata
 
     try:
@@ -175,9 +193,11 @@ def _http2_sdk():
     except metadata.PackageNotFoundError:
         raise StreamFailed(f"pip install '{SDK_REQUIREMENT}'") from None
     if not (version == SDK_VERSION or version.startswith(SDK_VERSION + ".")):
-        raise StreamFailed(f"{SDK_PACKAGE} {version} is installed; this client is written for "
-                           f"{SDK_VERSION}.x (its API changes between minor releases): "
-                           f"pip install '{SDK_REQUIREMENT}'")
+        raise StreamFailed(
+            f"{SDK_PACKAGE} {version} is installed; this client is written for "
+            f"{SDK_VERSION}.x (its API changes between minor releases): "
+            f"pip install '{SDK_REQUIREMENT}'"
+        )
     try:
         from aws_sdk_sagemaker_runtime_http2 import client as sm_client
         from aws_sdk_sagemaker_runtime_http2 import config as sm_config
@@ -186,8 +206,10 @@ def _http2_sdk():
     except ImportError as exc:
         # AWSCRTHTTPClient is the only transport that can stream both ways at once; the
         # default aiohttp one raises UnsupportedTransportError on a duplex stream.
-        raise StreamFailed(f"{exc}: pip install '{SDK_REQUIREMENT}' (the [awscrt] extra "
-                           "provides the HTTP/2 transport duplex streams need)") from None
+        raise StreamFailed(
+            f"{exc}: pip install '{SDK_REQUIREMENT}' (the [awscrt] extra "
+            "provides the HTTP/2 transport duplex streams need)"
+        ) from None
     return sm_client, sm_config, sm_models, AWSCRTHTTPClient
 
 
@@ -215,8 +237,13 @@ def crt_transport(crt_client_cls, ca_bundle: str | None = None):
     return CABundleCRTClient()
 
 
-async def sagemaker_http2_client(*, region: str | None = None, endpoint_url: str | None = None,
-                                 profile: str | None = None, ca_bundle: str | None = None):
+async def sagemaker_http2_client(
+    *,
+    region: str | None = None,
+    endpoint_url: str | None = None,
+    profile: str | None = None,
+    ca_bundle: str | None = None,
+):
     """An ``AsyncSageMakerRuntimeHTTP2Client`` for SDK 0.12: config resolved from the
     environment and the shared config files like any AWS SDK (region: argument,
     ``AWS_REGION``, the profile's ``region``), credentials from the SDK's default chain
@@ -224,16 +251,18 @@ async def sagemaker_http2_client(*, region: str | None = None, endpoint_url: str
     container and instance roles), and the CRT transport (HTTP/2 duplex)."""
     sm_client, sm_config, _, crt_client = _http2_sdk()
     overrides: dict[str, Any] = {
-        "transport": crt_transport(crt_client, ca_bundle or os.environ.get("AWS_CA_BUNDLE"))}
+        "transport": crt_transport(crt_client, ca_bundle or os.environ.get("AWS_CA_BUNDLE"))
+    }
     if region:
         overrides["region"] = region
     cfg = await sm_config.AsyncSageMakerRuntimeHTTP2Config.resolve(profile=profile, **overrides)
     if not cfg.region:
-        raise StreamFailed("no AWS region: pass --region, set AWS_REGION, or give the profile "
-                           "a region")
+        raise StreamFailed(
+            "no AWS region: pass --region, set AWS_REGION, or give the profile a region"
+        )
     if endpoint_url:
         cfg.endpoint_uri = endpoint_url
-    elif cfg.endpoint_uri is None:          # AWS_ENDPOINT_URL[_SAGEMAKER_RUNTIME_HTTP2] wins
+    elif cfg.endpoint_uri is None:  # AWS_ENDPOINT_URL[_SAGEMAKER_RUNTIME_HTTP2] wins
         cfg.endpoint_uri = default_endpoint_url(cfg.region)
     # aws_credentials_identity_resolver stays None: the client builds the default chain.
     return sm_client.AsyncSageMakerRuntimeHTTP2Client(config=cfg)
@@ -259,11 +288,19 @@ def _quiet_completed_stream_writes(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
-async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *,
-                           region: str | None = None, realtime: bool = False,
-                           target_variant: str | None = None, endpoint_url: str | None = None,
-                           profile: str | None = None, ca_bundle: str | None = None,
-                           on_message: Callable[[dict], None] | None = None) -> list[dict]:
+async def stream_sagemaker(
+    endpoint: str,
+    pcm: bytes,
+    framing: Framing,
+    *,
+    region: str | None = None,
+    realtime: bool = False,
+    target_variant: str | None = None,
+    endpoint_url: str | None = None,
+    profile: str | None = None,
+    ca_bundle: str | None = None,
+    on_message: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """One bidirectional stream to a SageMaker endpoint: audio as BINARY payload parts,
     CloseStream as a UTF8 part, results from the response stream until SageMaker ends
     it (the container closed its WebSocket), then the input side is closed."""
@@ -277,7 +314,8 @@ async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *,
 
     def part(data: bytes, kind: str):
         return m.RequestStreamEventPayloadPart(
-            value=m.RequestPayloadPart(bytes_=data, data_type=kind))
+            value=m.RequestPayloadPart(bytes_=data, data_type=kind)
+        )
 
     messages: list[dict] = []
 
@@ -289,26 +327,29 @@ async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *,
                 messages.append(msg)
                 if on_message:
                     on_message(msg)
-            else:                   # ModelStreamError / InternalStreamFailure / unknown
+            else:  # ModelStreamError / InternalStreamFailure / unknown
                 raise StreamFailed(f"{type(event).__name__}: {getattr(event, 'value', event)}")
 
     _quiet_completed_stream_writes(asyncio.get_running_loop())
     client = None
     try:
-        client = await sagemaker_http2_client(region=region, endpoint_url=endpoint_url,
-                                              profile=profile, ca_bundle=ca_bundle)
+        client = await sagemaker_http2_client(
+            region=region, endpoint_url=endpoint_url, profile=profile, ca_bundle=ca_bundle
+        )
         stream = await client.invoke_endpoint_with_bidirectional_stream(
-            m.InvokeEndpointWithBidirectionalStreamInput(**kw))
-        async with stream:          # closes both directions, also on errors
+            m.InvokeEndpointWithBidirectionalStreamInput(**kw)
+        )
+        async with stream:  # closes both directions, also on errors
             r = asyncio.create_task(reader(stream))
             try:
                 async for frame in _paced(framing.audio_frames(pcm), framing, realtime):
-                    if r.done():    # the endpoint ended the stream early: say why
+                    if r.done():  # the endpoint ended the stream early: say why
                         break
                     await stream.input_stream.send(part(frame, "BINARY"))
                 if not r.done():
                     await stream.input_stream.send(
-                        part(framing.control("CloseStream").encode(), "UTF8"))
+                        part(framing.control("CloseStream").encode(), "UTF8")
+                    )
                 await r
             finally:
                 if not r.done():
@@ -325,6 +366,7 @@ async def stream_sagemaker(endpoint: str, pcm: bytes, framing: Framing, *,
 
 # -- invocations: request-response fallback with a stateful session --------------------------
 
+
 @dataclass
 class Reply:
     messages: list[dict]
@@ -337,8 +379,7 @@ class InvocationsSession:
     ``invoke(body, content_type, session_id, custom_attributes) -> Reply`` is the
     transport: ``boto3_invoker`` for an endpoint, ``http_invoker`` for a container."""
 
-    def __init__(self, invoke: Callable[[bytes, str, str, str | None], Reply],
-                 framing: Framing):
+    def __init__(self, invoke: Callable[[bytes, str, str, str | None], Reply], framing: Framing):
         self.invoke, self.framing = invoke, framing
         self.session_id: str | None = None
         self.messages: list[dict] = []
@@ -352,7 +393,7 @@ class InvocationsSession:
         if self.session_id is None:
             opts = ";".join(f"{k}={v}" for k, v in self.framing.options.items())
             attrs = ";".join(a for a in (attrs, opts) if a)
-            reply = self.invoke(pcm, self.content_type, "NEW_SESSION", attrs or None)
+            reply = self.invoke(pcm, self.content_type, NEW_SESSION, attrs or None)
             if not reply.new_session_id:
                 raise StreamFailed("the endpoint did not open a session (no NewSessionId)")
             self.session_id = reply.new_session_id.split(";")[0].strip()
@@ -367,7 +408,7 @@ class InvocationsSession:
 
     def stream(self, pcm: bytes, chunk_ms: int = 1000) -> list[dict]:
         step = max(1, self.framing.sample_rate * chunk_ms // 1000) * 2
-        chunks = [pcm[i:i + step] for i in range(0, len(pcm), step)] or [b""]
+        chunks = [pcm[i : i + step] for i in range(0, len(pcm), step)] or [b""]
         for c in chunks[:-1]:
             self.send(c)
         self.send(chunks[-1], close=True)
@@ -380,16 +421,22 @@ def boto3_invoker(endpoint: str, region: str | None = None, client=None):
 
         client = boto3.client("sagemaker-runtime", region_name=region)
 
-    def invoke(body: bytes, content_type: str, session_id: str,
-               custom_attributes: str | None) -> Reply:
-        kw = {"EndpointName": endpoint, "Body": body, "ContentType": content_type,
-              "Accept": "application/json", "SessionId": session_id}
+    def invoke(
+        body: bytes, content_type: str, session_id: str, custom_attributes: str | None
+    ) -> Reply:
+        kw = {
+            "EndpointName": endpoint,
+            "Body": body,
+            "ContentType": content_type,
+            "Accept": "application/json",
+            "SessionId": session_id,
+        }
         if custom_attributes:
             kw["CustomAttributes"] = custom_attributes
         r = client.invoke_endpoint(**kw)
         payload = json.loads(r["Body"].read())
-        return Reply(payload.get("messages", []), r.get("NewSessionId"),
-                     r.get("ClosedSessionId"))
+        return Reply(payload.get("messages", []), r.get("NewSessionId"), r.get("ClosedSessionId"))
+
     return invoke
 
 
@@ -398,14 +445,19 @@ def http_invoker(base_url: str):
     import urllib.error
     import urllib.request
 
-    def invoke(body: bytes, content_type: str, session_id: str,
-               custom_attributes: str | None) -> Reply:
-        headers = {"Content-Type": content_type, "Accept": "application/json",
-                   "X-Amzn-SageMaker-Session-Id": session_id}
+    def invoke(
+        body: bytes, content_type: str, session_id: str, custom_attributes: str | None
+    ) -> Reply:
+        headers = {
+            "Content-Type": content_type,
+            "Accept": "application/json",
+            SESSION_HEADER: session_id,
+        }
         if custom_attributes:
-            headers["X-Amzn-SageMaker-Custom-Attributes"] = custom_attributes
-        req = urllib.request.Request(base_url.rstrip("/") + "/invocations", data=body,
-                                     headers=headers, method="POST")
+            headers[CUSTOM_ATTRIBUTES_HEADER] = custom_attributes
+        req = urllib.request.Request(
+            base_url.rstrip("/") + INVOCATIONS_PATH, data=body, headers=headers, method="POST"
+        )
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 payload, h = json.loads(r.read()), r.headers
@@ -413,63 +465,99 @@ def http_invoker(base_url: str):
             raise StreamFailed(f"HTTP {e.code}: {e.read()[:500]!r}") from None
         # SageMaker takes the new session's id from X-Amzn-SageMaker-Session-Id; the
         # container also answers it as X-Amzn-SageMaker-New-Session-Id (older images).
-        new = h.get("X-Amzn-SageMaker-Session-Id") if session_id == "NEW_SESSION" else None
-        return Reply(payload.get("messages", []),
-                     new or h.get("X-Amzn-SageMaker-New-Session-Id"),
-                     h.get("X-Amzn-SageMaker-Closed-Session-Id"))
+        new = h.get(SESSION_HEADER) if session_id == NEW_SESSION else None
+        return Reply(
+            payload.get("messages", []),
+            new or h.get(NEW_SESSION_HEADER),
+            h.get(CLOSED_SESSION_HEADER),
+        )
+
     return invoke
 
 
 # -- CLI ------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr_client.sagemaker_stream",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m streamasr_client.sagemaker_stream",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("audio", type=Path)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--endpoint", help="SageMaker endpoint name")
     where.add_argument("--url", help="a container's base URL, e.g. http://127.0.0.1:8080")
     p.add_argument("--mode", choices=("bidi", "invocations"), default="bidi")
-    p.add_argument("--region", default=None,
-                   help="AWS region (default: AWS_REGION, else the profile's region)")
-    p.add_argument("--profile", default=None,
-                   help="shared-config profile for credentials and region (default: "
-                        "AWS_PROFILE, else the SDK's default chain)")
+    p.add_argument(
+        "--region", default=None, help="AWS region (default: AWS_REGION, else the profile's region)"
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="shared-config profile for credentials and region (default: "
+        "AWS_PROFILE, else the SDK's default chain)",
+    )
     p.add_argument("--target-variant", default=None)
-    p.add_argument("--endpoint-url", default=None,
-                   help="bidi mode: the runtime endpoint (default https://runtime.sagemaker."
-                        f"<region>.amazonaws.com:{HTTP2_PORT})")
-    p.add_argument("--ca-bundle", default=None,
-                   help="bidi mode: PEM file of CAs to trust instead of the system store "
-                        "(default: AWS_CA_BUNDLE)")
+    p.add_argument(
+        "--endpoint-url",
+        default=None,
+        help="bidi mode: the runtime endpoint (default https://runtime.sagemaker."
+        f"<region>.amazonaws.com:{HTTP2_PORT})",
+    )
+    p.add_argument(
+        "--ca-bundle",
+        default=None,
+        help="bidi mode: PEM file of CAs to trust instead of the system store "
+        "(default: AWS_CA_BUNDLE)",
+    )
     p.add_argument("--chunk-ms", type=int, default=100)
     p.add_argument("--realtime", action="store_true")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="per-stream decoder option (repeatable)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="per-stream decoder option (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print every message")
     a = p.parse_args(argv)
     pcm, rate = read_pcm16(a.audio)
     framing = Framing(rate, a.chunk_ms, dict(o.split("=", 1) for o in a.option))
-    show = (lambda m: sys.stdout.write(json.dumps(m) + "\n")) if a.json else None
+
+    def print_json(m: dict) -> None:
+        sys.stdout.write(json.dumps(m) + "\n")
+
+    show = print_json if a.json else None
     try:
         if a.mode == "invocations":
             invoke = http_invoker(a.url) if a.url else boto3_invoker(a.endpoint, a.region)
             messages = InvocationsSession(invoke, framing).stream(pcm, max(a.chunk_ms, 1000))
         elif a.url:
-            messages = asyncio.run(stream_websocket(a.url, pcm, framing, realtime=a.realtime,
-                                                    on_message=show))
+            messages = asyncio.run(
+                stream_websocket(a.url, pcm, framing, realtime=a.realtime, on_message=show)
+            )
         else:
-            messages = asyncio.run(stream_sagemaker(
-                a.endpoint, pcm, framing, region=a.region, realtime=a.realtime,
-                target_variant=a.target_variant, endpoint_url=a.endpoint_url,
-                profile=a.profile, ca_bundle=a.ca_bundle, on_message=show))
+            messages = asyncio.run(
+                stream_sagemaker(
+                    a.endpoint,
+                    pcm,
+                    framing,
+                    region=a.region,
+                    realtime=a.realtime,
+                    target_variant=a.target_variant,
+                    endpoint_url=a.endpoint_url,
+                    profile=a.profile,
+                    ca_bundle=a.ca_bundle,
+                    on_message=show,
+                )
+            )
     except StreamFailed as exc:
         log.error("%s", exc)
         return 1
     if not a.json:
-        sys.stdout.write(transcript(messages) + "\n")
+        sys.stdout.write(final_text(messages) + "\n")
     return 0
 
 

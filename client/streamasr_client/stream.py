@@ -11,6 +11,7 @@ so an error reaches the session that caused it and no other.
     s.close(); s.wait()                          # END: the final result arrives
     print(s.transcript)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,16 +29,28 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from streamasr.admission import is_capacity_refusal
-from streamasr.contract import ModelContract
+from streamasr import protocol
+from streamasr.protocol import (
+    CONTRACT_MODEL,
+    OFFLINE_MODEL,
+    STREAM_MODEL,
+    TWO_PASS_MODEL,
+    ModelContract,
+    is_capacity_refusal,
+)
 
 log = logging.getLogger("streamasr_client")
 
-STREAM_MODEL = "streaming_asr"
-#: The same stream protocol with finals re-decoded by Whisper (two-pass finals).
-TWO_PASS_MODEL = "streaming_asr_two_pass"
-CONTRACT_MODEL = "model_contract"
-OFFLINE_MODEL = "offline_asr"
+__all__ = [
+    "AsrConnection",
+    "AsrBusy",
+    "AsrError",
+    "Session",
+    "STREAM_MODEL",
+    "TWO_PASS_MODEL",
+    "CONTRACT_MODEL",
+    "OFFLINE_MODEL",
+]
 # gRPC's 4 MB default is too small for a long recording sent to offline_asr.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The shared stream is re-opened after it broke; give up on a request after this many
@@ -54,11 +67,14 @@ class AsrBusy(AsrError):
     (admission control): nothing was wrong with the request; retry later, or elsewhere."""
 
 
-def _channel(url: str, ssl: bool, root_certificates: bytes | None,
-             max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
-    options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes),
-               ("grpc.keepalive_time_ms", 30_000)]
+def _channel(
+    url: str, ssl: bool, root_certificates: bytes | None, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
     if ssl:
         creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
         return grpc.secure_channel(url, creds, options=options)
@@ -82,7 +98,7 @@ def _strings(raw: bytes) -> list[str]:
     out, i = [], 0
     while i < len(raw):
         (n,) = struct.unpack_from("<I", raw, i)
-        out.append(raw[i + 4:i + 4 + n].decode("utf-8"))
+        out.append(raw[i + 4 : i + 4 + n].decode("utf-8"))
         i += 4 + n
     return out
 
@@ -132,14 +148,14 @@ class Session:
     sequence_id: int
     options: dict[str, Any]
     on_message: Callable[[dict], None] | None = None
-    model: str | None = None    # the streaming model; None: the connection's
+    model: str | None = None  # the streaming model; None: the connection's
     messages: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _sent: int = 0
-    _answered: int = 0          # responses passed on (in send order)
+    _answered: int = 0  # responses passed on (in send order)
     _early: dict[int, tuple[list[dict], str | None, float]] = field(default_factory=dict)
     _closed: bool = False
-    _failed: str | None = None   # the session cannot go on (its requests were lost)
+    _failed: str | None = None  # the session cannot go on (its requests were lost)
     _cv: threading.Condition = field(default_factory=threading.Condition)
     #: called once with the START request's error (None: accepted), on the reader thread
     on_start: Callable[[str | None], None] | None = None
@@ -150,17 +166,24 @@ class Session:
     refused: str | None = None
 
     # -- sending ---------------------------------------------------------------------
-    def send(self, audio: np.ndarray | None = None, *, finalize: bool = False,
-             keepalive: bool = False, end: bool = False,
-             sample_rate: int | None = None) -> None:
+    def send(
+        self,
+        audio: np.ndarray | None = None,
+        *,
+        finalize: bool = False,
+        keepalive: bool = False,
+        end: bool = False,
+        sample_rate: int | None = None,
+    ) -> None:
         if self._failed is not None:
             raise AsrError(self._failed)
         if self.refused is not None:
             raise AsrBusy(self.refused)
         if self._closed:
             raise AsrError(f"session {self.sequence_id} is closed")
-        req = service_pb2.ModelInferRequest(model_name=self.model or self.conn.model,
-                                            id=f"{self.sequence_id}:{self._sent}")
+        req = service_pb2.ModelInferRequest(
+            model_name=self.model or self.conn.model, id=f"{self.sequence_id}:{self._sent}"
+        )
         _add_audio(req, audio, sample_rate)
         start = self._sent == 0
         _set_param(req.parameters, "sequence_id", self.sequence_id)
@@ -173,7 +196,7 @@ class Session:
         if start:
             for k, v in self.options.items():
                 _set_param(req.parameters, k, v)
-        self.conn._check_size(req)      # before counting it: a refused request never existed
+        self.conn._check_size(req)  # before counting it: a refused request never existed
         with self._cv:
             self._sent += 1
             if end:
@@ -201,9 +224,9 @@ class Session:
         arrived = time.perf_counter()
         with self._cv:
             if self._failed is not None:
-                return          # answered for good already (see _fail)
+                return  # answered for good already (see _fail)
             self._early[index] = (msgs, error, arrived)
-            ready = []
+            ready: list[tuple[list[dict], str | None, float]] = []
             while self._answered + len(ready) in self._early:
                 ready.append(self._early.pop(self._answered + len(ready)))
         # Only the reader thread delivers, so callbacks keep the order popped in.
@@ -216,7 +239,7 @@ class Session:
         if self._answered == 0 and error is not None and is_capacity_refusal(error):
             self.refused = error
             release = not self._closed
-            msgs = [dict(msgs[0], code="busy")] if msgs else msgs
+            msgs = [dict(msgs[0], code=protocol.BUSY_CODE)] if msgs else msgs
         elif self.refused is not None:
             # the answers to requests sent before the refusal came back (and to the END
             # below) only say "refused at START": the session has that error already
@@ -242,8 +265,9 @@ class Session:
     def _release_refused(self) -> None:
         """END the refused sequence at once: Triton otherwise holds its sequence slot
         until the idle timeout (60 s), and a burst of refused STARTs would fill them."""
-        req = service_pb2.ModelInferRequest(model_name=self.model or self.conn.model,
-                                            id=f"{self.sequence_id}:{self._sent}")
+        req = service_pb2.ModelInferRequest(
+            model_name=self.model or self.conn.model, id=f"{self.sequence_id}:{self._sent}"
+        )
         _set_param(req.parameters, "sequence_id", self.sequence_id)
         _set_param(req.parameters, "sequence_start", False)
         _set_param(req.parameters, "sequence_end", True)
@@ -252,7 +276,7 @@ class Session:
             self._closed = True
         try:
             self.conn._submit(req)
-        except AsrError:                # the connection is closing: nothing to free
+        except AsrError:  # the connection is closing: nothing to free
             with self._cv:
                 self._sent -= 1
 
@@ -294,10 +318,12 @@ class Session:
         were lost (the session failed)."""
         with self._cv:
             if not self._cv.wait_for(
-                    lambda: self._answered >= self._sent or self._failed is not None,
-                    timeout):
-                raise TimeoutError(f"session {self.sequence_id}: {self._sent - self._answered} "
-                                   f"responses missing after {timeout} s")
+                lambda: self._answered >= self._sent or self._failed is not None, timeout
+            ):
+                raise TimeoutError(
+                    f"session {self.sequence_id}: {self._sent - self._answered} "
+                    f"responses missing after {timeout} s"
+                )
         if self._failed is not None:
             raise AsrError(self._failed)
 
@@ -306,20 +332,34 @@ class Session:
         return self._sent - self._answered
 
     @property
+    def sent(self) -> int:
+        """Requests sent so far (the START included)."""
+        return self._sent
+
+    @property
+    def started(self) -> bool:
+        """The START request went out (the session exists on the server)."""
+        return self._sent > 0
+
+    @property
+    def closed(self) -> bool:
+        """END went out: nothing more can be sent."""
+        return self._closed
+
+    @property
     def finals(self) -> list[dict]:
-        return [m for m in self.messages if m.get("type") == "Results" and m.get("is_final")]
+        return protocol.finals(self.messages)
 
     @property
     def transcript(self) -> str:
         """The text of every final so far, joined."""
-        parts = [m["channel"]["alternatives"][0]["transcript"] for m in self.finals]
-        return " ".join(p for p in parts if p)
+        return protocol.final_text(self.messages)
 
     @property
     def interim(self) -> str:
         for m in reversed(self.messages):
-            if m.get("type") == "Results":
-                return "" if m.get("is_final") else m["channel"]["alternatives"][0]["transcript"]
+            if protocol.is_results(m):
+                return "" if protocol.is_final(m) else protocol.transcript(m)
         return ""
 
 
@@ -329,7 +369,7 @@ class _Stream:
 
     def __init__(self):
         self.requests: "queue.Queue[Any]" = queue.Queue()
-        self.in_flight: dict[int, set[int]] = {}
+        self.in_flight: dict[int | None, set[int]] = {}  # None: an id not ours
         self.answered = 0
         self.lock = threading.Lock()
         self.call = None
@@ -339,13 +379,13 @@ class _Stream:
         while True:
             req = self.requests.get()
             if req is None:
-                return                      # half-close
+                return  # half-close
             sid, index = _parse_request_id(req.id)
             with self.lock:
                 self.in_flight.setdefault(sid, set()).add(index)
             yield req
 
-    def answered_one(self, sid, index: int) -> None:
+    def answered_one(self, sid: int | None, index: int) -> None:
         with self.lock:
             self.answered += 1
             taken = self.in_flight.get(sid)
@@ -363,9 +403,15 @@ class AsrConnection:
     re-opened for the others, which carry on: a Triton sequence is not bound to a stream.
     """
 
-    def __init__(self, url: str = "127.0.0.1:8001", *, model: str = STREAM_MODEL,
-                 ssl: bool = False, root_certificates: bytes | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        model: str = STREAM_MODEL,
+        ssl: bool = False,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.url = url
         self.model = model
         self.max_message_bytes = max_message_bytes
@@ -377,13 +423,28 @@ class AsrConnection:
         self._contract: ModelContract | None = None
         self._current: _Stream | None = None
         self._closing = False
-        self._reopens = 0               # re-opens in a row that answered nothing
-        self.breaks = 0                 # streams that broke (for logs and tests)
+        self._reopens = 0  # re-opens in a row that answered nothing
+        self.breaks = 0  # streams that broke (for logs and tests)
         self.last_error: str | None = None
 
     # -- unary calls -------------------------------------------------------------------
     def wait_ready(self, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def server_ready(self, timeout: float = 2.0) -> bool:
+        """Triton's own readiness (gRPC ServerReady); RpcError when unreachable."""
+        return self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout).ready
+
+    def model_ready(self, name: str, timeout: float = 2.0) -> bool:
+        """Whether model ``name`` is loaded and ready; RpcError when unreachable."""
+        return self._stub.ModelReady(
+            service_pb2.ModelReadyRequest(name=name), timeout=timeout
+        ).ready
+
+    @property
+    def closed(self) -> bool:
+        """close() was called: no new sessions."""
+        return self._closing
 
     def contract(self) -> ModelContract:
         if self._contract is None:
@@ -391,9 +452,14 @@ class AsrConnection:
             self._contract = ModelContract.from_json(_strings(resp.raw_output_contents[0])[0])
         return self._contract
 
-    def transcribe_file(self, audio: np.ndarray, *, sample_rate: int | None = None,
-                        options: dict[str, Any] | None = None,
-                        timeout: float = 600.0) -> list[dict]:
+    def transcribe_file(
+        self,
+        audio: np.ndarray,
+        *,
+        sample_rate: int | None = None,
+        options: dict[str, Any] | None = None,
+        timeout: float = 600.0,
+    ) -> list[dict]:
         """Whole recording in one request to `offline_asr`."""
         req = service_pb2.ModelInferRequest(model_name=OFFLINE_MODEL)
         _add_audio(req, np.asarray(audio, np.float32), sample_rate)
@@ -411,13 +477,19 @@ class AsrConnection:
         the stream for every session on it."""
         size = req.ByteSize()
         if size > self.max_message_bytes:
-            raise AsrError(f"request of {size} bytes is larger than the gRPC message limit "
-                           f"of {self.max_message_bytes} bytes: send shorter audio chunks")
+            raise AsrError(
+                f"request of {size} bytes is larger than the gRPC message limit "
+                f"of {self.max_message_bytes} bytes: send shorter audio chunks"
+            )
 
     # -- streaming ---------------------------------------------------------------------
-    def open_session(self, options: dict[str, Any] | None = None,
-                     on_message: Callable[[dict], None] | None = None,
-                     sequence_id: int | None = None, model: str | None = None) -> Session:
+    def open_session(
+        self,
+        options: dict[str, Any] | None = None,
+        on_message: Callable[[dict], None] | None = None,
+        sequence_id: int | None = None,
+        model: str | None = None,
+    ) -> Session:
         """A new stream on this connection; ``model`` picks the streaming model for it
         (e.g. TWO_PASS_MODEL), default the connection's."""
         sid = sequence_id if sequence_id is not None else next(self._ids)
@@ -434,8 +506,9 @@ class AsrConnection:
         if self._current is None:
             st = _Stream()
             st.call = self._stub.ModelStreamInfer(st.iterate())
-            st.reader = threading.Thread(target=self._read, args=(st,), name="asr-stream",
-                                         daemon=True)
+            st.reader = threading.Thread(
+                target=self._read, args=(st,), name="asr-stream", daemon=True
+            )
             self._current = st
             st.reader.start()
         return self._current
@@ -463,7 +536,7 @@ class AsrConnection:
                 sid, index = _parse_request_id(rid)
                 st.answered_one(sid, index)
                 with self._lock:
-                    session = self._sessions.get(sid)
+                    session = self._sessions.get(sid) if sid is not None else None
                 if session is None:
                     log.warning("response for unknown request id %r", rid)
                     continue
@@ -502,7 +575,7 @@ class AsrConnection:
                 if req is not None:
                     untaken.append(req)
             if self._reopens >= MAX_REOPENS_WITHOUT_ANSWER:
-                for req in untaken:     # the server keeps refusing: these die too
+                for req in untaken:  # the server keeps refusing: these die too
                     sid, index = _parse_request_id(req.id)
                     lost.setdefault(sid, []).append(index)
                 untaken = []
@@ -511,16 +584,24 @@ class AsrConnection:
                 new = self._stream_locked()
                 for req in keep:
                     new.requests.put(req)
-            failed = [(self._sessions[sid], ix) for sid, ix in lost.items()
-                      if sid in self._sessions]
+            failed = [
+                (self._sessions[sid], ix) for sid, ix in lost.items() if sid in self._sessions
+            ]
         if lost or keep:
-            log.error("gRPC stream to %s broke (%s): %d session(s) lost requests in flight, "
-                      "%d request(s) moved to a new stream", self.url, why, len(failed),
-                      len(keep))
+            log.error(
+                "gRPC stream to %s broke (%s): %d session(s) lost requests in flight, "
+                "%d request(s) moved to a new stream",
+                self.url,
+                why,
+                len(failed),
+                len(keep),
+            )
         for session, indexes in failed:
-            session._fail(f"gRPC stream to {self.url} broke ({why}) with request(s) "
-                          f"{indexes} of this session in flight: their results are lost; "
-                          "start a new session")
+            session._fail(
+                f"gRPC stream to {self.url} broke ({why}) with request(s) "
+                f"{indexes} of this session in flight: their results are lost; "
+                "start a new session"
+            )
 
     def forget(self, session: Session) -> None:
         with self._lock:
@@ -531,7 +612,7 @@ class AsrConnection:
             self._closing = True
             st, self._current = self._current, None
         if st is not None:
-            st.requests.put(None)           # ends the request iterator: half-close
+            st.requests.put(None)  # ends the request iterator: half-close
             if st.reader is not None:
                 st.reader.join(timeout=10)
         self._channel.close()

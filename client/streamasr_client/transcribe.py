@@ -8,6 +8,7 @@
 Chunk size, sample rate and everything else about the model come from the server's
 `model_contract` model; the flags only override them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,23 +21,29 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
+from streamasr import protocol
+from streamasr.protocol import TWO_PASS_MODEL
+
 from .audio import load_audio, pcm_chunks, stdin_binary
-from .stream import TWO_PASS_MODEL, AsrConnection, AsrError, Session
+from .stream import AsrConnection, AsrError, Session
 
 
 def _fmt_final(m: dict, lag_s: float | None = None) -> str:
-    alt = m["channel"]["alternatives"][0]
+    alt = protocol.alternative(m)
     start, end = m["start"], m["start"] + m["duration"]
-    tag = "final" + (", endpoint" if m.get("speech_final") else "") + \
-        (", finalize" if m.get("from_finalize") else "") + \
-        (", re-decoded" if m.get("rescored") else "") + \
-        (f", {1000 * lag_s:.0f} ms after its audio" if lag_s is not None else "")
+    tag = (
+        "final"
+        + (", endpoint" if m.get("speech_final") else "")
+        + (", finalize" if m.get("from_finalize") else "")
+        + (", re-decoded" if m.get("rescored") else "")
+        + (f", {1000 * max(lag_s, 0.0):.0f} ms after its audio" if lag_s is not None else "")
+    )
     return f"[{start:7.2f} - {end:7.2f}] {alt['transcript']}  ({tag}, conf {alt['confidence']:.2f})"
 
 
 def _interim_text(m: dict) -> str:
     """The interim's words; with Whisper interims the unstable tail in [brackets]."""
-    alt = m["channel"]["alternatives"][0]
+    alt = protocol.alternative(m)
     words = alt["words"]
     if not words or "stable" not in words[0]:
         return alt["transcript"]
@@ -67,12 +74,15 @@ class Display:
             elif m.get("type") == "Error":
                 self._clear()
                 self.out.write(f"error: {m['message']}\n")
-            elif m.get("type") == "Results":
-                text = m["channel"]["alternatives"][0]["transcript"]
-                if m.get("is_final"):
+            elif protocol.is_results(m):
+                text = protocol.transcript(m)
+                if protocol.is_final(m):
                     self._clear()
-                    lag = (time.monotonic() - self.t0 - m["start"] - m["duration"]
-                           if self.t0 is not None else None)
+                    lag = (
+                        time.monotonic() - self.t0 - m["start"] - m["duration"]
+                        if self.t0 is not None
+                        else None
+                    )
                     if text:
                         self.out.write(_fmt_final(m, lag) + "\n")
                     self._last_interim = ""
@@ -95,12 +105,19 @@ class Display:
 
 def chunks_of(audio: np.ndarray, size: int) -> Iterable[np.ndarray]:
     for i in range(0, len(audio), size):
-        yield audio[i:i + size]
+        yield audio[i : i + size]
 
 
-def stream_chunks(session: Session, chunks: Iterable[np.ndarray], sample_rate: int, *,
-                  realtime: bool, finalize_every: float | None = None,
-                  keepalive_every: float | None = None, max_in_flight: int = 0) -> None:
+def stream_chunks(
+    session: Session,
+    chunks: Iterable[np.ndarray],
+    sample_rate: int,
+    *,
+    realtime: bool,
+    finalize_every: float | None = None,
+    keepalive_every: float | None = None,
+    max_in_flight: int = 0,
+) -> None:
     """Send chunks (paced at wall-clock speed with realtime), then END."""
     t0 = time.monotonic()
     sent_s = 0.0
@@ -118,47 +135,83 @@ def stream_chunks(session: Session, chunks: Iterable[np.ndarray], sample_rate: i
         elif max_in_flight:
             while session.pending >= max_in_flight:
                 time.sleep(0.001)
-        session.send(chunk, sample_rate=sample_rate if session._sent == 0 else None)
+        session.send(chunk, sample_rate=None if session.started else sample_rate)
         sent_s += len(chunk) / sample_rate
         if next_finalize is not None and sent_s >= next_finalize:
             session.finalize()
-            next_finalize += finalize_every
+            next_finalize += finalize_every or 0.0  # both set, or neither
     session.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="transcribe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("audio", help="audio file (anything libsndfile reads) or - for raw "
-                                 "16-bit PCM on stdin")
+    p = argparse.ArgumentParser(
+        prog="transcribe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "audio", help="audio file (anything libsndfile reads) or - for raw 16-bit PCM on stdin"
+    )
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--ssl", action="store_true", help="TLS to the gRPC endpoint")
     p.add_argument("--root-cert", type=Path, help="CA certificate (PEM) for --ssl")
-    p.add_argument("--realtime", action="store_true",
-                   help="pace chunks at wall-clock speed, like a live microphone")
-    p.add_argument("--chunk-ms", type=float, default=None,
-                   help="audio per request (default: the model's chunk)")
-    p.add_argument("--rate", type=int, default=16000,
-                   help="sample rate of raw PCM on stdin (files carry their own)")
+    p.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace chunks at wall-clock speed, like a live microphone",
+    )
+    p.add_argument(
+        "--chunk-ms",
+        type=float,
+        default=None,
+        help="audio per request (default: the model's chunk)",
+    )
+    p.add_argument(
+        "--rate",
+        type=int,
+        default=16000,
+        help="sample rate of raw PCM on stdin (files carry their own)",
+    )
     p.add_argument("--channels", type=int, default=1, help="channels of raw PCM on stdin")
     p.add_argument("--json", action="store_true", help="print raw result messages (JSONL)")
     p.add_argument("--no-interims", action="store_true", help="print finals only")
-    p.add_argument("--finalize-every", type=float, default=None, metavar="S",
-                   help="send a Finalize every S seconds of audio")
-    p.add_argument("--keepalive", type=float, default=None, metavar="S",
-                   help="with --realtime or stdin: send keep-alives when no audio for S s")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="per-stream decoder/endpoint option (repeatable), e.g. "
-                        "--option rule2_min_trailing_silence=0.8 --option decoding=beam")
-    p.add_argument("--hotwords", default=None,
-                   help="comma-separated words to boost, each optionally word:boost")
-    p.add_argument("--two-pass", action="store_true",
-                   help=f"finals re-decoded by Whisper (model {TWO_PASS_MODEL}); interims "
-                        "stay streaming CTC")
-    p.add_argument("--whisper-interims", action="store_true",
-                   help="two-pass, and interims re-decoded by Whisper too (stream option "
-                        "interims=whisper): words two re-decodes agree on are shown stable, "
-                        "the tail in [brackets]")
+    p.add_argument(
+        "--finalize-every",
+        type=float,
+        default=None,
+        metavar="S",
+        help="send a Finalize every S seconds of audio",
+    )
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --realtime or stdin: send keep-alives when no audio for S s",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="per-stream decoder/endpoint option (repeatable), e.g. "
+        "--option rule2_min_trailing_silence=0.8 --option decoding=beam",
+    )
+    p.add_argument(
+        "--hotwords",
+        default=None,
+        help="comma-separated words to boost, each optionally word:boost",
+    )
+    p.add_argument(
+        "--two-pass",
+        action="store_true",
+        help=f"finals re-decoded by Whisper (model {TWO_PASS_MODEL}); interims stay streaming CTC",
+    )
+    p.add_argument(
+        "--whisper-interims",
+        action="store_true",
+        help="two-pass, and interims re-decoded by Whisper too (stream option "
+        "interims=whisper): words two re-decodes agree on are shown stable, "
+        "the tail in [brackets]",
+    )
     return p
 
 
@@ -187,21 +240,29 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("transcribe: --chunk-ms must be positive")
             if a.audio == "-":
                 chunks = pcm_chunks(stdin_binary(), a.rate, rate, chunk, a.channels)
-                realtime = False       # stdin arrives at its own pace
+                realtime = False  # stdin arrives at its own pace
             else:
                 chunks = chunks_of(load_audio(a.audio, rate), chunk)
                 realtime = a.realtime
             options = parse_options(a.option, a.hotwords)
             if a.whisper_interims:
                 options.setdefault("interims", "whisper")
-            session = conn.open_session(options, on_message=display,
-                                        model=TWO_PASS_MODEL if a.two_pass or a.whisper_interims
-                                        else None)
+            session = conn.open_session(
+                options,
+                on_message=display,
+                model=TWO_PASS_MODEL if a.two_pass or a.whisper_interims else None,
+            )
             if realtime:
                 display.t0 = time.monotonic()
-            stream_chunks(session, chunks, rate, realtime=realtime,
-                          finalize_every=a.finalize_every, keepalive_every=a.keepalive,
-                          max_in_flight=0 if realtime else 8)
+            stream_chunks(
+                session,
+                chunks,
+                rate,
+                realtime=realtime,
+                finalize_every=a.finalize_every,
+                keepalive_every=a.keepalive,
+                max_in_flight=0 if realtime else 8,
+            )
             session.wait(timeout=120)
             return 1 if session.errors else 0
     except (AsrError, ValueError, OSError) as exc:

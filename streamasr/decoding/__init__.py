@@ -58,9 +58,9 @@ Semantics
 
 Every message field is documented in :data:`results_schema_doc`.
 """
+
 from .config import DecoderConfig, EndpointConfig
 from .schema import results_schema_doc
-from .stream import StreamDecoder, decode_whole, final_transcript
+from .stream import StreamDecoder, decode_whole
 
-__all__ = ["StreamDecoder", "DecoderConfig", "EndpointConfig", "results_schema_doc",
-           "decode_whole", "final_transcript"]
+__all__ = ["StreamDecoder", "DecoderConfig", "EndpointConfig", "results_schema_doc", "decode_whole"]

@@ -7,6 +7,7 @@ rejects unknown keys and raises ``ValueError`` whose message starts with the bad
 The two dataclasses have disjoint field names, so one flat dict of stream options can be
 split between them by field name (the Triton adapter does exactly that).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,7 @@ INTERIM_SOURCES = ("ctc", "whisper")
 DEFAULT_INTERIMS = "ctc"
 #: Whisper interims: audio seconds between re-decodes of the open utterance (chosen by
 #: measurement: docs/two_pass.md).
-DEFAULT_INTERIM_REFRESH_S = 1.0
+DEFAULT_INTERIM_REFRESH_S = 2.0
 
 # -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
 #: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.
@@ -62,16 +63,16 @@ SERVER_ONLY_PARAMETERS = frozenset({"lm_path"})
 #: Accepted range (inclusive) of each numeric option, wherever it is set: values outside
 #: it are refused by name (1e308 as a weight or an offset is no setting, it is an attack
 #: on the arithmetic).  Stream options have tighter per-stream caps on top
-#: (``triton_models.feature_extractor.STREAM_OPTION_LIMITS``).
+#: (``triton_models.step_info.STREAM_OPTION_LIMITS``).
 OPTION_RANGES: dict[str, tuple[float, float]] = {
     "beam_size": (1, 1024),
     "beam_top_k": (1, 1024),
-    "hotword_boost": (0.0, 100.0),           # also each hotword's own boost
+    "hotword_boost": (0.0, 100.0),  # also each hotword's own boost
     "lm_alpha": (0.0, 10.0),
     "lm_beta": (-20.0, 20.0),
     "lm_oov_letter_log10": (-20.0, 0.0),
-    "time_offset": (0.0, 366 * 86400.0),     # a year of seconds
-    "interim_refresh_s": (0.2, 30.0),        # each refresh costs a Whisper decode
+    "time_offset": (0.0, 366 * 86400.0),  # a year of seconds
+    "interim_refresh_s": (0.2, 30.0),  # each refresh costs a Whisper decode
     "rule1_min_trailing_silence": (0.0, 3600.0),
     "rule2_min_trailing_silence": (0.0, 3600.0),
     "rule3_min_utterance_length": (0.0, 3600.0),
@@ -165,11 +166,10 @@ def parse_hotwords(key: str, raw: Any, default_boost: float) -> tuple[tuple[str,
             for part in text.split(","):
                 if not part.strip():
                     continue
-                phrase, sep, boost = part.rpartition(":")
-                items.append((phrase, boost) if sep else part)
+                phrase, sep, given = part.rpartition(":")
+                items.append((phrase, given) if sep else part)
     if not isinstance(items, (list, tuple)):
-        raise ValueError(f"{key}: must be a list of phrases or (phrase, boost) pairs, "
-                         f"got {raw!r}")
+        raise ValueError(f"{key}: must be a list of phrases or (phrase, boost) pairs, got {raw!r}")
     out = []
     for item in items:
         if isinstance(item, str):
@@ -177,8 +177,9 @@ def parse_hotwords(key: str, raw: Any, default_boost: float) -> tuple[tuple[str,
         elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str):
             phrase, boost = item[0], parse_float(key, item[1])
         else:
-            raise ValueError(f"{key}: each entry must be a phrase or a (phrase, boost) pair, "
-                             f"got {item!r}")
+            raise ValueError(
+                f"{key}: each entry must be a phrase or a (phrase, boost) pair, got {item!r}"
+            )
         phrase = " ".join(phrase.split())
         if not phrase:
             raise ValueError(f"{key}: empty hotword phrase in {raw!r}")
@@ -190,8 +191,16 @@ def _check_unknown(cls, params: Mapping[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown {cls.__name__} parameter "
-                         f"(unknown: {unknown}; known: {sorted(known)})")
+        raise ValueError(
+            f"{unknown[0]}: unknown {cls.__name__} parameter "
+            f"(unknown: {unknown}; known: {sorted(known)})"
+        )
+
+
+def _parsed_over_defaults(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` (known keys only) over ``cls``'s defaults, parsed by ``cls._parsed``."""
+    _check_unknown(cls, params)
+    return cls._parsed({**dataclasses.asdict(cls()), **params})
 
 
 @dataclass(frozen=True)
@@ -249,8 +258,9 @@ class DecoderConfig:
             "lm_beta": parse_float("lm_beta", p["lm_beta"], minimum=-math.inf),
             "lm_partial_words": parse_bool("lm_partial_words", p["lm_partial_words"]),
             # <= 0 (a cost) is enforced with every other range by check_ranges
-            "lm_oov_letter_log10": parse_float("lm_oov_letter_log10",
-                                               p["lm_oov_letter_log10"], minimum=-math.inf),
+            "lm_oov_letter_log10": parse_float(
+                "lm_oov_letter_log10", p["lm_oov_letter_log10"], minimum=-math.inf
+            ),
             "time_offset": parse_float("time_offset", p["time_offset"]),
             "interims": parse_choice("interims", p["interims"], INTERIM_SOURCES),
             "interim_refresh_s": parse_float("interim_refresh_s", p["interim_refresh_s"]),
@@ -258,15 +268,14 @@ class DecoderConfig:
         check_ranges(out)
         if out["lm_path"]:
             from .lm import check_lm_path  # kenlm is optional: imported only when asked for
-            check_lm_path("lm_path", out["lm_path"])
+
+            check_lm_path("lm_path", str(out["lm_path"]))
         return out
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any]) -> "DecoderConfig":
         """Parse Triton parameters / stream options (strings or typed values)."""
-        _check_unknown(cls, params)
-        merged = {**dataclasses.asdict(cls()), **params}
-        return cls(**cls._parsed(merged))
+        return cls(**_parsed_over_defaults(cls, params))
 
 
 @dataclass(frozen=True)
@@ -308,9 +317,7 @@ class EndpointConfig:
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any]) -> "EndpointConfig":
         """Parse Triton parameters / stream options (strings or typed values)."""
-        _check_unknown(cls, params)
-        merged = {**dataclasses.asdict(cls()), **params}
-        return cls(**cls._parsed(merged))
+        return cls(**_parsed_over_defaults(cls, params))
 
 
 __all__ = ["DecoderConfig", "EndpointConfig", "DECODING_METHODS", "SERVER_ONLY_PARAMETERS"]

@@ -25,6 +25,7 @@ with a C++ compiler).  It is optional: without it ``lm_path`` is rejected with a
 error and everything else works.  pyctcdecode is not used: its decoder works on whole
 matrices, whereas this beam search must carry its state across streaming requests.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,10 @@ def kenlm_available() -> bool:
 
 def check_lm_path(key: str, path: str) -> None:
     if not kenlm_available():
-        raise ValueError(f"{key}: a word LM needs the 'kenlm' Python module, which is not "
-                         "installed (pip install kenlm)")
+        raise ValueError(
+            f"{key}: a word LM needs the 'kenlm' Python module, which is not "
+            "installed (pip install kenlm)"
+        )
     if not Path(path).is_file():
         raise ValueError(f"{key}: no such LM file {path!r}")
 
@@ -92,12 +95,15 @@ class PrefixTable:
     extended hypothesis, no node walking.  ``words`` are the LM's spellable words."""
 
     def __init__(self, unigrams: dict[str, float], alphabet: frozenset[str] | None = None):
-        self.words = frozenset(w for w in unigrams if not w.startswith("<") and (
-            alphabet is None or set(w) <= alphabet))
+        self.words = frozenset(
+            w
+            for w in unigrams
+            if not w.startswith("<") and (alphabet is None or set(w) <= alphabet)
+        )
         best: dict[str, float] = {}
         for word, lp in unigrams.items():
             if word.startswith("<") or (alphabet is not None and not set(word) <= alphabet):
-                continue                        # <s>, </s>, <unk>, or not spellable
+                continue  # <s>, </s>, <unk>, or not spellable
             for k in range(1, len(word) + 1):
                 p = word[:k]
                 if lp > best.get(p, -math.inf):
@@ -137,8 +143,15 @@ class WordLM:
     Hypothesis LM state is ``(kenlm state, open word, completed-words score)``; the
     look-ahead of the open word is recomputed from the word by :meth:`lookahead`."""
 
-    def __init__(self, path: str, alpha: float, beta: float, partial_words: bool = True,
-                 alphabet: frozenset[str] | None = None, oov_letter_log10: float = 0.0):
+    def __init__(
+        self,
+        path: str,
+        alpha: float,
+        beta: float,
+        partial_words: bool = True,
+        alphabet: frozenset[str] | None = None,
+        oov_letter_log10: float = 0.0,
+    ):
         import kenlm
 
         self._kenlm = kenlm
@@ -171,8 +184,7 @@ class WordLM:
         partial-word scoring is off."""
         if not word or self.prefixes is None:
             return 0.0
-        return self.alpha * self.prefixes.lookahead_log10(
-            word, self.oov_letter_log10) * LOG10_TO_LN
+        return self.alpha * self.prefixes.lookahead_log10(word, self.oov_letter_log10) * LOG10_TO_LN
 
     def advance(self, text: TokenText, state, word: str, score: float, tok: int):
         """(state, open word, completed-words score) after appending token ``tok``."""
@@ -192,5 +204,4 @@ class WordLM:
             state, s = self._score(state, word)
             score += s
         out = self._kenlm.State()
-        return score + self.alpha * self.model.BaseScore(state, END_OF_SENTENCE, out) \
-            * LOG10_TO_LN
+        return score + self.alpha * self.model.BaseScore(state, END_OF_SENTENCE, out) * LOG10_TO_LN

@@ -1,8 +1,13 @@
 """The result messages' schema, as markdown (served to clients and quoted in docs)."""
+
 from __future__ import annotations
 
-from .config import (DEFAULT_RULE1_MIN_TRAILING_SILENCE, DEFAULT_RULE2_MIN_TRAILING_SILENCE,
-                     DEFAULT_RULE3_MIN_UTTERANCE_LENGTH, DEFAULT_UTTERANCE_END)
+from .config import (
+    DEFAULT_RULE1_MIN_TRAILING_SILENCE,
+    DEFAULT_RULE2_MIN_TRAILING_SILENCE,
+    DEFAULT_RULE3_MIN_UTTERANCE_LENGTH,
+    DEFAULT_UTTERANCE_END,
+)
 
 results_schema_doc = f"""\
 # Result messages

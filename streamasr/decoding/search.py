@@ -18,11 +18,12 @@ posterior), from which word timings and confidences are derived.
 ``reset()`` starts a new utterance: the token sequence is emptied but the CTC state that
 decides whether the next frame repeats the last emitted token is carried over.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -38,9 +39,9 @@ class Token:
 
     def __init__(self, tok: int, start: int, end: int, peak: float, prev: Optional["Token"]):
         self.tok = tok
-        self.start = start      # frame of its first emission
-        self.end = end          # its last frame (inclusive)
-        self.peak = peak        # max posterior of the token over its frames
+        self.start = start  # frame of its first emission
+        self.end = end  # its last frame (inclusive)
+        self.peak = peak  # max posterior of the token over its frames
         self.prev = prev
 
 
@@ -68,7 +69,7 @@ class GreedySearch:
     def __init__(self, text: TokenText):
         self.text = text
         self.blank = text.blank_id
-        self.prev = self.blank          # argmax of the previous frame (stream state)
+        self.prev = self.blank  # argmax of the previous frame (stream state)
         self.tail: Optional[Token] = None
         self.n_text = 0
         self._argmax: list[int] = []
@@ -137,11 +138,12 @@ class ContextGraph:
                 node = nxt
             self.is_end[node] = True
 
-    def advance(self, state: int, partial: float, locked: float,
-                tok: int) -> tuple[int, float, float]:
+    def advance(
+        self, state: int, partial: float, locked: float, tok: int
+    ) -> tuple[int, float, float]:
         child = self.children[state].get(tok)
         if child is None:
-            partial = 0.0                   # the phrase was not completed: bonus removed
+            partial = 0.0  # the phrase was not completed: bonus removed
             child = self.children[self.ROOT].get(tok)
             if child is None:
                 return self.ROOT, 0.0, locked
@@ -154,13 +156,48 @@ class ContextGraph:
 
 
 class _Hyp:
-    __slots__ = ("pid", "parent", "last", "p_b", "p_nb", "node", "best", "n_text",
-                 "ctx", "ctx_partial", "ctx_locked", "lm_state", "lm_word", "lm_score",
-                 "lm_partial")
+    __slots__ = (
+        "pid",
+        "parent",
+        "last",
+        "p_b",
+        "p_nb",
+        "node",
+        "best",
+        "n_text",
+        "ctx",
+        "ctx_partial",
+        "ctx_locked",
+        "lm_state",
+        "lm_word",
+        "lm_score",
+        "lm_partial",
+    )
+    # Declared for the type checker only (no values: __slots__ holds the storage).
+    pid: int
+    parent: int
+    last: int
+    p_b: float
+    p_nb: float
+    node: Any
+    best: float
+    n_text: int
+    ctx: int
+    ctx_partial: float
+    ctx_locked: float
+    lm_state: Any
+    lm_word: str
+    lm_score: float
+    lm_partial: float
 
     def score(self) -> float:
-        return (logaddexp(self.p_b, self.p_nb) + self.ctx_partial + self.ctx_locked
-                + self.lm_score + self.lm_partial)
+        return (
+            logaddexp(self.p_b, self.p_nb)
+            + self.ctx_partial
+            + self.ctx_locked
+            + self.lm_score
+            + self.lm_partial
+        )
 
 
 @dataclass
@@ -172,8 +209,9 @@ class BeamOptions:
 class BeamSearch:
     """CTC prefix beam search with optional hotwords and word LM (see module doc)."""
 
-    def __init__(self, text: TokenText, options: BeamOptions,
-                 context: Optional[ContextGraph] = None, lm=None):
+    def __init__(
+        self, text: TokenText, options: BeamOptions, context: Optional[ContextGraph] = None, lm=None
+    ):
         self.text = text
         self.blank = text.blank_id
         self.options = options
@@ -219,12 +257,14 @@ class BeamSearch:
         n.n_text = h.n_text + (1 if self.text.is_text(tok) else 0)
         if self.context is not None:
             n.ctx, n.ctx_partial, n.ctx_locked = self.context.advance(
-                h.ctx, h.ctx_partial, h.ctx_locked, tok)
+                h.ctx, h.ctx_partial, h.ctx_locked, tok
+            )
         else:
             n.ctx, n.ctx_partial, n.ctx_locked = h.ctx, 0.0, 0.0
         if self.lm is not None:
             n.lm_state, n.lm_word, n.lm_score = self.lm.advance(
-                self.text, h.lm_state, h.lm_word, h.lm_score, tok)
+                self.text, h.lm_state, h.lm_word, h.lm_score, tok
+            )
             n.lm_partial = self.lm.lookahead(n.lm_word)
         else:
             n.lm_state, n.lm_word, n.lm_score, n.lm_partial = None, "", 0.0, 0.0
@@ -244,8 +284,10 @@ class BeamSearch:
         idx = np.argpartition(-nb, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(nb, idx, axis=1)
         probs = np.exp(vals)
-        self._cands = [[c for c in zip(r_i, r_v, r_p) if c[1] > NEG_INF]
-                       for r_i, r_v, r_p in zip(idx.tolist(), vals.tolist(), probs.tolist())]
+        self._cands = [
+            [c for c in zip(r_i, r_v, r_p) if c[1] > NEG_INF]
+            for r_i, r_v, r_p in zip(idx.tolist(), vals.tolist(), probs.tolist())
+        ]
 
     def step(self, i: int, t: int) -> None:
         lpb = self._blank_lp[i]
@@ -275,7 +317,7 @@ class BeamSearch:
                             same.best, same.node = v, node
                     if h.p_b == NEG_INF:
                         continue
-                    v = h.p_b + lc           # blank in between: a new token c
+                    v = h.p_b + lc  # blank in between: a new token c
                 else:
                     v = tot + lc
                 pid = child_of.get((h.pid, c))
@@ -288,7 +330,7 @@ class BeamSearch:
                 if v > ext.best:
                     ext.best, ext.node = v, Token(c, t, t, pc, h.node)
         beams = sorted(nxt.values(), key=_Hyp.score, reverse=True)
-        del beams[self.options.beam_size:]
+        del beams[self.options.beam_size :]
         for h in beams:
             h.best = NEG_INF
         self.beams = beams
@@ -302,8 +344,8 @@ class BeamSearch:
         return self.beams[0].n_text
 
     def _final_score(self, h: _Hyp) -> float:
-        s = logaddexp(h.p_b, h.p_nb) + h.ctx_locked       # unfinished hotword: no bonus
-        if self.lm is not None:   # the open word's real score replaces its look-ahead
+        s = logaddexp(h.p_b, h.p_nb) + h.ctx_locked  # unfinished hotword: no bonus
+        if self.lm is not None:  # the open word's real score replaces its look-ahead
             s += self.lm.finish(h.lm_state, h.lm_word, h.lm_score)
         return s
 
@@ -321,6 +363,7 @@ class BeamSearch:
             self.beams = [self._root(-1, 0.0, NEG_INF)]
         else:
             last = chosen.last if chosen.p_nb > NEG_INF else -1
-            self.beams = [self._root(last, chosen.p_b - tot,
-                                     chosen.p_nb - tot if last >= 0 else NEG_INF)]
+            self.beams = [
+                self._root(last, chosen.p_b - tot, chosen.p_nb - tot if last >= 0 else NEG_INF)
+            ]
         self._chosen = None

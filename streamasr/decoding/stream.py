@@ -3,14 +3,16 @@
 See the package docstring (``streamasr.decoding``) for the semantics and
 :data:`streamasr.decoding.schema.results_schema_doc` for every message field.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import protocol
 from ..alignment import aligned_words
 from ..contract import ModelContract
 from .config import DecoderConfig, EndpointConfig
@@ -51,8 +53,12 @@ class StreamDecoder:
     #: Called with (final message, first frame, end frame) of each final; see above.
     on_final: Optional[Callable[[dict, int, int], None]] = None
 
-    def __init__(self, contract: ModelContract, config: Optional[DecoderConfig] = None,
-                 endpoint: Optional[EndpointConfig] = None):
+    def __init__(
+        self,
+        contract: ModelContract,
+        config: Optional[DecoderConfig] = None,
+        endpoint: Optional[EndpointConfig] = None,
+    ):
         self.contract = contract
         self.config = config or DecoderConfig()
         self.endpoint = endpoint or EndpointConfig()
@@ -61,7 +67,8 @@ class StreamDecoder:
         self.frame_seconds = contract.output_frame_seconds
         # the open utterance's frames, kept to re-align beam finals (see _realign)
         self._utt_rows: Optional[list[np.ndarray]] = (
-            [] if self.config.decoding == "beam" and self.text.boundary == "space" else None)
+            [] if self.config.decoding == "beam" and self.text.boundary == "space" else None
+        )
         self._char_tokens = frozenset(t for t in contract.vocabulary if len(t) == 1)
         self.search = self._build_search()
         ep, fs = self.endpoint, self.frame_seconds
@@ -69,11 +76,11 @@ class StreamDecoder:
         self._rule2 = seconds_to_frames(ep.rule2_min_trailing_silence, fs)
         self._rule3 = seconds_to_frames(ep.rule3_min_utterance_length, fs)
         self._utt_end = seconds_to_frames(ep.utterance_end, fs)
-        self._frames = 0                        # output frames consumed
-        self._utt_start = 0                     # first frame of the open utterance
+        self._frames = 0  # output frames consumed
+        self._utt_start = 0  # first frame of the open utterance
         self._pending_end: Optional[int] = None  # end frame of the last finalized word
         self._closed = False
-        self._last_word_end_frame: Optional[int] = None   # of the last built message
+        self._last_word_end_frame: Optional[int] = None  # of the last built message
 
     def _build_search(self):
         cfg = self.config
@@ -100,10 +107,20 @@ class StreamDecoder:
         if cfg.lm_path:
             from .lm import WordLM
 
-            spellable = frozenset(c for i, piece in enumerate(self.text.piece)
-                                  if not self.text.is_separator[i] for c in piece)
-            lm = WordLM(cfg.lm_path, cfg.lm_alpha, cfg.lm_beta, cfg.lm_partial_words,
-                        spellable, cfg.lm_oov_letter_log10)
+            spellable = frozenset(
+                c
+                for i, piece in enumerate(self.text.piece)
+                if not self.text.is_separator[i]
+                for c in piece
+            )
+            lm = WordLM(
+                cfg.lm_path,
+                cfg.lm_alpha,
+                cfg.lm_beta,
+                cfg.lm_partial_words,
+                spellable,
+                cfg.lm_oov_letter_log10,
+            )
         return BeamSearch(self.text, BeamOptions(cfg.beam_size, cfg.beam_top_k), context, lm)
 
     # -- public API ------------------------------------------------------------------------
@@ -193,30 +210,34 @@ class StreamDecoder:
         if has_text or self.endpoint.empty_finals:
             msgs.append(self._final(speech_final=rule1 or rule2, from_finalize=False))
         else:
-            log.debug("endpoint with nothing decoded at frame %d: utterance reset",
-                      self._frames)
+            log.debug("endpoint with nothing decoded at frame %d: utterance reset", self._frames)
             self.search.finish()
             self._new_utterance()
 
     def _check_utterance_end(self, msgs: list[dict]) -> None:
         if self._pending_end is None or not self._utt_end:
             return
-        if self.search.n_text > 0:          # speech resumed before the gap: no UtteranceEnd
+        if self.search.n_text > 0:  # speech resumed before the gap: no UtteranceEnd
             self._pending_end = None
         elif self._frames - self._pending_end >= self._utt_end:
             msgs.append(self._utterance_end())
 
     def _utterance_end(self) -> dict:
+        assert self._pending_end is not None  # callers check
         msg = {"type": "UtteranceEnd", "last_word_end": self._time(self._pending_end)}
         self._pending_end = None
         return msg
 
     def _final(self, speech_final: bool, from_finalize: bool) -> dict:
-        msg = self._results(self.search.finish(), is_final=True, speech_final=speech_final,
-                            from_finalize=from_finalize)
+        msg = self._results(
+            self.search.finish(),
+            is_final=True,
+            speech_final=speech_final,
+            from_finalize=from_finalize,
+        )
         if self._utt_rows is not None:
             self._realign(msg)
-        words = msg["channel"]["alternatives"][0]["words"]
+        words = protocol.words(msg)
         if words:
             self._pending_end = self._last_word_end_frame
         if self.on_final is not None:
@@ -235,33 +256,48 @@ class StreamDecoder:
         text on the utterance's frames (the single best path), because the beam keeps
         per prefix only the alignment of its best contribution frame by frame, which
         can be frames off once the LM reorders prefixes.  Interims keep the beam's."""
-        alt = msg["channel"]["alternatives"][0]
+        alt = protocol.alternative(msg)
         if not alt["words"] or not self._utt_rows:
             return
         if not set(alt["transcript"]) <= self._char_tokens:
-            return   # e.g. an imported vocabulary with multi-character tokens ("<unk>")
+            return  # e.g. an imported vocabulary with multi-character tokens ("<unk>")
         try:
-            spans = aligned_words(np.stack(self._utt_rows), alt["transcript"],
-                                  self.text.vocabulary, self.text.blank_id)
-        except ValueError:   # not alignable (a token carried over a boundary): keep beam's
+            spans = aligned_words(
+                np.stack(self._utt_rows),
+                alt["transcript"],
+                self.text.vocabulary,
+                self.text.blank_id,
+            )
+        except ValueError:  # not alignable (a token carried over a boundary): keep beam's
             return
-        words = []
+        words: list[dict[str, Any]] = []
         for word, first, end, conf in spans:
-            words.append({"word": word, "start": self._time(self._utt_start + first),
-                          "end": self._time(self._utt_start + end),
-                          "confidence": round(conf, CONFIDENCE_DECIMALS)})
+            words.append(
+                {
+                    "word": word,
+                    "start": self._time(self._utt_start + first),
+                    "end": self._time(self._utt_start + end),
+                    "confidence": round(conf, CONFIDENCE_DECIMALS),
+                }
+            )
         self._last_word_end_frame = self._utt_start + spans[-1][2]
         alt["words"] = words
-        alt["confidence"] = round(sum(w["confidence"] for w in words) / len(words),
-                                  CONFIDENCE_DECIMALS)
+        alt["confidence"] = round(
+            sum(w["confidence"] for w in words) / len(words), CONFIDENCE_DECIMALS
+        )
 
     def _time(self, frame: int) -> float:
         return round(self.config.time_offset + frame * self.frame_seconds, TIME_DECIMALS)
 
-    def _results(self, tail: Optional[Token], is_final: bool, speech_final: bool = False,
-                 from_finalize: bool = False) -> dict:
+    def _results(
+        self,
+        tail: Optional[Token],
+        is_final: bool,
+        speech_final: bool = False,
+        from_finalize: bool = False,
+    ) -> dict:
         toks = alignment(tail)
-        words = []
+        words: list[dict[str, Any]] = []
         confidences = []
         self._last_word_end_frame = None
         for w in self.text.words([x.tok for x in toks]):
@@ -269,9 +305,14 @@ class StreamDecoder:
             conf = sum(toks[j].peak for j in w.tokens) / len(w.tokens)
             confidences.append(conf)
             self._last_word_end_frame = last.end + 1
-            words.append({"word": w.text, "start": self._time(first.start),
-                          "end": self._time(last.end + 1),
-                          "confidence": round(conf, CONFIDENCE_DECIMALS)})
+            words.append(
+                {
+                    "word": w.text,
+                    "start": self._time(first.start),
+                    "end": self._time(last.end + 1),
+                    "confidence": round(conf, CONFIDENCE_DECIMALS),
+                }
+            )
         confidence = sum(confidences) / len(confidences) if confidences else 0.0
         start = self._time(self._utt_start)
         return {
@@ -281,24 +322,24 @@ class StreamDecoder:
             "from_finalize": from_finalize,
             "start": start,
             "duration": round(self._time(self._frames) - start, TIME_DECIMALS),
-            "channel": {"alternatives": [{
-                "transcript": " ".join(w["word"] for w in words),
-                "confidence": round(confidence, CONFIDENCE_DECIMALS),
-                "words": words,
-            }]},
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": " ".join(w["word"] for w in words),
+                        "confidence": round(confidence, CONFIDENCE_DECIMALS),
+                        "words": words,
+                    }
+                ]
+            },
         }
 
 
-def decode_whole(contract: ModelContract, log_probs: np.ndarray,
-                 config: Optional[DecoderConfig] = None,
-                 endpoint: Optional[EndpointConfig] = None) -> list[dict]:
+def decode_whole(
+    contract: ModelContract,
+    log_probs: np.ndarray,
+    config: Optional[DecoderConfig] = None,
+    endpoint: Optional[EndpointConfig] = None,
+) -> list[dict]:
     """Every message a stream would get for the whole matrix sent at once, then closed."""
     dec = StreamDecoder(contract, config=config, endpoint=endpoint)
     return dec.accept(log_probs) + dec.close()
-
-
-def final_transcript(messages: list[dict]) -> str:
-    """The finals' transcripts joined by spaces (empty finals skipped)."""
-    parts = [m["channel"]["alternatives"][0]["transcript"] for m in messages
-             if m.get("type") == "Results" and m.get("is_final")]
-    return " ".join(p for p in parts if p)

@@ -7,6 +7,7 @@
 Words are returned with the indices of the tokens they are made of, so that timings and
 confidences can be taken from those tokens' frames.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ SP_MARK = "\u2581"
 @dataclass(frozen=True)
 class Word:
     text: str
-    tokens: tuple[int, ...]          # positions in the token sequence
+    tokens: tuple[int, ...]  # positions in the token sequence
 
 
 class TokenText:
@@ -28,14 +29,20 @@ class TokenText:
         self.vocabulary = tuple(contract.vocabulary)
         self.blank_id = contract.blank_id
         self.boundary = contract.word_boundary
-        self._space_id = (self.vocabulary.index(SPACE)
-                          if self.boundary == "space" and SPACE in self.vocabulary else -1)
+        self._space_id = (
+            self.vocabulary.index(SPACE)
+            if self.boundary == "space" and SPACE in self.vocabulary
+            else -1
+        )
         # Per token: does it start a new word (sentencepiece) / is it a pure separator?
-        self.starts_word = [self.boundary == "sentencepiece" and t.startswith(SP_MARK)
-                            for t in self.vocabulary]
+        self.starts_word = [
+            self.boundary == "sentencepiece" and t.startswith(SP_MARK) for t in self.vocabulary
+        ]
         self.piece = [t[1:] if s else t for t, s in zip(self.vocabulary, self.starts_word)]
-        self.is_separator = [i == self._space_id or (self.starts_word[i] and not self.piece[i])
-                             for i in range(len(self.vocabulary))]
+        self.is_separator = [
+            i == self._space_id or (self.starts_word[i] and not self.piece[i])
+            for i in range(len(self.vocabulary))
+        ]
         self.is_separator[self.blank_id] = True
 
     # -- tokens -> words -------------------------------------------------------------------
@@ -56,7 +63,7 @@ class TokenText:
                 continue
             if self.starts_word[tok]:
                 flush()
-                idx.append(pos)          # a bare marker still starts (and times) the word
+                idx.append(pos)  # a bare marker still starts (and times) the word
                 text.append(self.piece[tok])
             elif self.piece[tok]:
                 text.append(self.piece[tok])
@@ -83,19 +90,17 @@ class TokenText:
             target = "".join(SP_MARK + w for w in words)
         else:
             target = SPACE.join(words)
-        index = {t: i for i, t in enumerate(self.vocabulary)
-                 if i != self.blank_id and t}
+        index = {t: i for i, t in enumerate(self.vocabulary) if i != self.blank_id and t}
         longest = max(len(t) for t in index)
         out: list[int] = []
         pos = 0
         while pos < len(target):
             for n in range(min(longest, len(target) - pos), 0, -1):
-                tok = index.get(target[pos:pos + n])
+                tok = index.get(target[pos : pos + n])
                 if tok is not None:
                     out.append(tok)
                     pos += n
                     break
             else:
-                raise ValueError(f"{target[pos]!r} in {phrase!r} is not in the model's "
-                                 "vocabulary")
+                raise ValueError(f"{target[pos]!r} in {phrase!r} is not in the model's vocabulary")
         return tuple(out)

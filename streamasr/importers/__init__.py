@@ -8,6 +8,7 @@ Kinds: ``wav2vec2`` (Hugging Face Wav2Vec2ForCTC-style, raw waveform in; see
 :mod:`.wav2vec2`) and ``ctc-onnx`` (a NeMo/icefall-style log-mel CTC ONNX plus a tokens
 file; see :mod:`.ctc_onnx`).  docs/byo-model.md has the details and limitations.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in KINDS:
         print(__doc__, file=sys.stderr)
-        print(f"usage: python -m streamasr.importers {{{','.join(KINDS)}}} ... "
-              "(--help after the kind for its options)", file=sys.stderr)
+        print(
+            f"usage: python -m streamasr.importers {{{','.join(KINDS)}}} ... "
+            "(--help after the kind for its options)",
+            file=sys.stderr,
+        )
         return 2
     kind, rest = argv[0], argv[1:]
     try:

@@ -23,6 +23,7 @@ over the whole recording) cannot be done on a stream; ``--normalize window`` app
 to each window instead (the default when the model's feature extractor has
 ``do_normalize``), ``--normalize none`` feeds raw samples.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import numpy as np
 from ..contract import FeatureSpec, ModelContract
 from .common import ImporterError, add_contract_arguments, contract_from_args, finish
 
-NORM_EPS = 1e-7   # as Hugging Face's zero_mean_unit_var_norm
+NORM_EPS = 1e-7  # as Hugging Face's zero_mean_unit_var_norm
 
 
 def conv_geometry(config) -> tuple[int, int]:
@@ -45,8 +46,9 @@ def conv_geometry(config) -> tuple[int, int]:
     if len(kernels) != len(strides) or not kernels:
         raise ImporterError("config.conv_kernel and config.conv_stride disagree")
     if getattr(config, "add_adapter", False):
-        raise ImporterError("models with add_adapter=True (extra strided adapter layers) "
-                            "are not supported")
+        raise ImporterError(
+            "models with add_adapter=True (extra strided adapter layers) are not supported"
+        )
     stride, field = 1, 1
     for k, s in zip(kernels, strides):
         field += (k - 1) * stride
@@ -67,14 +69,17 @@ def chunk_output_range(config, contract: ModelContract) -> tuple[int, int]:
     stride, field = conv_geometry(config)
     hop, sub = contract.features.hop_length, contract.subsampling
     if hop * sub != stride:
-        raise ImporterError(f"hop_length {hop} x subsampling {sub} must equal the model's "
-                            f"conv stride {stride}")
+        raise ImporterError(
+            f"hop_length {hop} x subsampling {sub} must equal the model's conv stride {stride}"
+        )
     first, count = contract.left_frames // sub, contract.chunk_frames // sub
     have = model_frames(config, contract.window_frames * hop)
     if first + count > have:
         need = math.ceil((field - stride) / hop)
-        raise ImporterError(f"the window's last chunk frame needs {field - stride} samples of "
-                            f"look-ahead: right_frames must be >= {need}")
+        raise ImporterError(
+            f"the window's last chunk frame needs {field - stride} samples of "
+            f"look-ahead: right_frames must be >= {need}"
+        )
     return first, count
 
 
@@ -82,23 +87,30 @@ def waveform_spec(stride: int, subsampling: int, sample_rate: int) -> FeatureSpe
     if stride % subsampling:
         raise ImporterError(f"subsampling {subsampling} must divide the conv stride {stride}")
     hop = stride // subsampling
-    return FeatureSpec(type="waveform", sample_rate=sample_rate, n_fft=hop, hop_length=hop,
-                       n_mels=hop)
+    return FeatureSpec(
+        type="waveform", sample_rate=sample_rate, n_fft=hop, hop_length=hop, n_mels=hop
+    )
 
 
-def vocabulary_from_tokenizer(vocab: dict[str, int], size: int, word_delimiter: str | None,
-                              ) -> list[str]:
+def vocabulary_from_tokenizer(
+    vocab: dict[str, int],
+    size: int,
+    word_delimiter: str | None,
+) -> list[str]:
     """Index -> token for ``size`` classes; the word delimiter ("|") becomes " "; ids the
     tokenizer does not name become "<unused_i>"."""
     out = [f"<unused_{i}>" for i in range(size)]
     for tok, i in vocab.items():
         if not 0 <= i < size:
-            raise ImporterError(f"tokenizer id {i} ({tok!r}) is outside the model's "
-                                f"{size} output classes")
+            raise ImporterError(
+                f"tokenizer id {i} ({tok!r}) is outside the model's {size} output classes"
+            )
         out[i] = " " if tok == word_delimiter else tok
     if word_delimiter is None or word_delimiter not in vocab:
-        raise ImporterError(f"the tokenizer has no word delimiter token ({word_delimiter!r}); "
-                            "the contract needs one to split words")
+        raise ImporterError(
+            f"the tokenizer has no word delimiter token ({word_delimiter!r}); "
+            "the contract needs one to split words"
+        )
     if out.count(" ") != 1:
         raise ImporterError('the tokenizer has a " " token besides its word delimiter')
     return out
@@ -121,7 +133,7 @@ def window_model(model, first: int, count: int, normalize: bool):
                 var = ((wav - mean) ** 2).mean(dim=1, keepdim=True)
                 wav = (wav - mean) / torch.sqrt(var + NORM_EPS)
             logits = self.model(wav, return_dict=False)[0]
-            return torch.log_softmax(logits[:, first:first + count].float(), dim=-1)
+            return torch.log_softmax(logits[:, first : first + count].float(), dim=-1)
 
     return WindowModel().eval()
 
@@ -139,11 +151,16 @@ def export(model, contract: ModelContract, normalize: bool):
         # onnxscript (not installed); it still exports this graph exactly.
         warnings.simplefilter("ignore", DeprecationWarning)
         tmp = Path(d) / "model.onnx"
-        torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, opset_version=17,
-                          input_names=[contract.input_name],
-                          output_names=[contract.output_name],
-                          dynamic_axes={contract.input_name: {0: "batch"},
-                                        contract.output_name: {0: "batch"}})
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=[contract.input_name],
+            output_names=[contract.output_name],
+            dynamic_axes={contract.input_name: {0: "batch"}, contract.output_name: {0: "batch"}},
+        )
         return onnx.load(str(tmp))
 
 
@@ -174,14 +191,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m streamasr.importers wav2vec2",
         description="Import a Hugging Face Wav2Vec2ForCTC-style model (a local folder "
-                    "with config, weights, tokenizer files; or a hub id when online).",
-        epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "with config, weights, tokenizer files; or a hub id when online).",
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", help="folder or hub id for from_pretrained")
-    p.add_argument("--subsampling", type=int, default=1,
-                   help="output frames per feature frame: hop_length = conv stride / this")
-    p.add_argument("--normalize", choices=("auto", "none", "window"), default="auto",
-                   help="window: zero-mean/unit-variance per window (auto: if the model's "
-                        "feature extractor has do_normalize)")
+    p.add_argument(
+        "--subsampling",
+        type=int,
+        default=1,
+        help="output frames per feature frame: hop_length = conv stride / this",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=("auto", "none", "window"),
+        default="auto",
+        help="window: zero-mean/unit-variance per window (auto: if the model's "
+        "feature extractor has do_normalize)",
+    )
     # 25 frames of 20 ms = a 500 ms chunk, 1 s of left context, 100 ms look-ahead.
     add_contract_arguments(p, chunk=25, left=50, right=5)
     a = p.parse_args(argv)
@@ -191,8 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     vocabulary = vocabulary_from_tokenizer(vocab, model.config.vocab_size, delimiter)
     normalize = do_norm if a.normalize == "auto" else a.normalize == "window"
     contract = contract_from_args(
-        a, spec, a.subsampling, vocabulary, blank, "space",
-        default_name=Path(a.source.rstrip("/")).name or "wav2vec2")
+        a,
+        spec,
+        a.subsampling,
+        vocabulary,
+        blank,
+        "space",
+        default_name=Path(a.source.rstrip("/")).name or "wav2vec2",
+    )
     if normalize:
         contract = _with_extra(contract, normalize="window")
     onnx_model = export(model, contract, normalize)
@@ -205,8 +238,9 @@ def _with_extra(c: ModelContract, **extra) -> ModelContract:
     return replace(c, extra={**c.extra, **extra})
 
 
-def reference_log_probs(model, windows: np.ndarray, contract: ModelContract,
-                        normalize: bool = False) -> np.ndarray:
+def reference_log_probs(
+    model, windows: np.ndarray, contract: ModelContract, normalize: bool = False
+) -> np.ndarray:
     """The original torch model on windows ``[N, W, hop]`` -> ``[N, chunk/sub, V]``
     log-probs, computed without the wrapper (for tests and checks)."""
     import torch
@@ -214,8 +248,9 @@ def reference_log_probs(model, windows: np.ndarray, contract: ModelContract,
     first, count = chunk_output_range(model.config, contract)
     wav = torch.from_numpy(np.asarray(windows, np.float32).reshape(len(windows), -1))
     if normalize:
-        wav = torch.stack([(w - w.mean()) / torch.sqrt(w.var(unbiased=False) + NORM_EPS)
-                           for w in wav])
+        wav = torch.stack(
+            [(w - w.mean()) / torch.sqrt(w.var(unbiased=False) + NORM_EPS) for w in wav]
+        )
     with torch.no_grad():
         logits = model(wav).logits
-    return torch.log_softmax(logits[:, first:first + count], dim=-1).numpy()
+    return torch.log_softmax(logits[:, first : first + count], dim=-1).numpy()

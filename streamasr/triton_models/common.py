@@ -1,18 +1,20 @@
 """What every streamasr Triton model shares: typed config parameters, request
-parameters, the location of the acoustic model, and the step-info message that the
-feature step hands to the decoder step.
+parameters and the location of the acoustic model (the step-info message the feature
+step hands to the decoder step is in ``step_info``).
 
 Nothing here imports ``triton_python_backend_utils``: the adapters pass it in, so this
 module (and all logic behind it) runs in plain pytest.
 """
+
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..contract import ModelContract
+
 # One set of typed parameter readers for config.pbtxt and request parameters alike.
 from ..decoding.config import parse_bool, parse_float, parse_int  # noqa: F401
 
@@ -30,14 +32,17 @@ class ModelConfig:
     """The parsed ``args["model_config"]`` of a Python model."""
 
     raw: dict
-    repository: Path            # this model's folder
+    repository: Path  # this model's folder
     name: str
 
     @classmethod
     def from_args(cls, args: dict) -> "ModelConfig":
         raw = json.loads(args["model_config"])
-        return cls(raw=raw, repository=Path(args["model_repository"]),
-                   name=args.get("model_name", raw.get("name", "?")))
+        return cls(
+            raw=raw,
+            repository=Path(args["model_repository"]),
+            name=args.get("model_name", raw.get("name", "?")),
+        )
 
     def parameters(self) -> dict[str, str]:
         return {k: v.get("string_value", "") for k, v in self.raw.get("parameters", {}).items()}
@@ -61,8 +66,14 @@ class ModelConfig:
         """The sibling acoustic model's ONNX file (config parameter `acoustic_model`)."""
         name = self.param("acoustic_model", "acoustic_model")
         folder = self.repository.parent / name
-        versions = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
-                          key=lambda p: int(p.name)) if folder.is_dir() else []
+        versions = (
+            sorted(
+                (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                key=lambda p: int(p.name),
+            )
+            if folder.is_dir()
+            else []
+        )
         for v in reversed(versions):
             f = v / "model.onnx"
             if f.exists():
@@ -75,11 +86,11 @@ class ModelConfig:
 
 def read_config(model_dir: Path) -> ModelConfig:
     """A model folder's config.pbtxt, parsed as Triton would hand it to initialize()."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    from google.protobuf import json_format
 
-    msg = text_format.Parse((Path(model_dir) / "config.pbtxt").read_text(),
-                            model_config_pb2.ModelConfig())
+    from ..repository import parse_config
+
+    msg = parse_config(Path(model_dir) / "config.pbtxt")
     raw = json_format.MessageToDict(msg, preserving_proto_field_name=True)
     return ModelConfig(raw=raw, repository=Path(model_dir), name=raw.get("name", "?"))
 
@@ -95,7 +106,8 @@ def stream_idle_timeout(cfg: ModelConfig) -> float:
     if ttl >= triton_idle:
         raise ConfigError(
             f"model {cfg.name!r}: stream_idle_timeout_s ({ttl:g}) must be shorter than "
-            f"sequence_batching.max_sequence_idle_microseconds ({triton_idle:g} s)")
+            f"sequence_batching.max_sequence_idle_microseconds ({triton_idle:g} s)"
+        )
     return ttl
 
 
@@ -111,37 +123,3 @@ def request_parameters(request) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError("request parameters must be a JSON object")
     return d
-
-
-@dataclass
-class StepInfo:
-    """Feature step -> decoder step, one per request (JSON in the STEP_INFO tensor).
-
-    ``stream``/``start``/``end`` identify the request's stream and its place in it: the
-    decoder is not a Triton sequence model, because Triton's ensemble does not keep a
-    stream's requests in order between steps (measured: with two requests in flight an
-    END could overtake the request before it, and a sequence batcher then rejects the
-    late one).  ``windows`` real windows in this request's FEATURES (0: the acoustic model ran on one
-    placeholder window because a batch of zero cannot be sent to it), ``valid_outputs``
-    real output frames per window, ``seq`` the request's index in its stream (the decoder
-    uses it to restore order), ``options`` per-stream decoder options (START only).
-    """
-
-    stream: int
-    seq: int
-    start: bool = False
-    end: bool = False
-    windows: int = 0
-    valid_outputs: list[int] = field(default_factory=list)
-    finalize: bool = False
-    keepalive: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "StepInfo":
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        return cls(**json.loads(text))

@@ -8,6 +8,7 @@ Streams that come through the two-pass ensemble also send their feature windows
 (FEATURES); the step then records each utterance and attaches it to the final for the
 ``final_pass`` step to re-decode (:mod:`streamasr.two_pass`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,19 +21,27 @@ from typing import Any
 
 import numpy as np
 
+from .. import protocol
 from ..contract import ModelContract
 from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
 from ..two_pass import CARRY, INTERIM, Utterance, UtteranceRecorder, chunk_features, worded_finals
-from .common import ModelConfig, StepInfo, parse_float, parse_int, stream_idle_timeout
+from .common import ModelConfig, parse_float, parse_int, stream_idle_timeout
+from .step_info import StepInfo
 
 log = logging.getLogger("streamasr.ctc_decoder")
 
 # config.pbtxt parameters of the decoder model that are not decoder options.
-STEP_PARAMETERS = ("acoustic_model", "stream_idle_timeout_s", "max_streams",
-                   "reorder_timeout_s", "max_parked_bytes_per_stream", "max_parked_bytes")
+STEP_PARAMETERS = (
+    "acoustic_model",
+    "stream_idle_timeout_s",
+    "max_streams",
+    "reorder_timeout_s",
+    "max_parked_bytes_per_stream",
+    "max_parked_bytes",
+)
 
 # How long a stream's later requests wait for an earlier one that has not reached the
 # decoder (config `reorder_timeout_s`).  Inside the ensemble a request overtakes another
@@ -54,8 +63,9 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def split_options(options: dict[str, Any], server_side: bool = False
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_options(
+    options: dict[str, Any], server_side: bool = False
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Options -> (decoder options, endpoint options); unknown keys are an error, and so
     are server-only ones (a file path, say) unless they come from config.pbtxt."""
     server_only = sorted(set(options) & SERVER_ONLY_PARAMETERS)
@@ -64,10 +74,13 @@ def split_options(options: dict[str, Any], server_side: bool = False
     dec_keys, end_keys = _field_names(DecoderConfig), _field_names(EndpointConfig)
     unknown = sorted(set(options) - dec_keys - end_keys)
     if unknown:
-        raise ValueError(f"unknown stream option(s) {unknown}; known: "
-                         f"{sorted(dec_keys | end_keys)}")
-    return ({k: v for k, v in options.items() if k in dec_keys},
-            {k: v for k, v in options.items() if k in end_keys})
+        raise ValueError(
+            f"unknown stream option(s) {unknown}; known: {sorted(dec_keys | end_keys)}"
+        )
+    return (
+        {k: v for k, v in options.items() if k in dec_keys},
+        {k: v for k, v in options.items() if k in end_keys},
+    )
 
 
 @dataclass
@@ -79,8 +92,10 @@ class DecoderDefaults:
 
     def configs(self, options: dict[str, Any]) -> tuple[DecoderConfig, EndpointConfig]:
         dec, end = split_options(options)
-        return (DecoderConfig.from_parameters({**self.decoder, **dec}),
-                EndpointConfig.from_parameters({**self.endpoint, **end}))
+        return (
+            DecoderConfig.from_parameters({**self.decoder, **dec}),
+            EndpointConfig.from_parameters({**self.endpoint, **end}),
+        )
 
     def validate(self, options: dict[str, Any]) -> None:
         self.configs(options)
@@ -88,23 +103,23 @@ class DecoderDefaults:
 
 @dataclass
 class DecoderRequest:
-    log_probs: np.ndarray          # [N, T, V]
+    log_probs: np.ndarray  # [N, T, V]
     info: StepInfo
-    features: np.ndarray | None = None   # [N, window, F]: two-pass streams only
+    features: np.ndarray | None = None  # [N, window, F]: two-pass streams only
 
 
 @dataclass
 class _Stream:
-    decoder: StreamDecoder | None = None                # None until its START arrives
+    decoder: StreamDecoder | None = None  # None until its START arrives
     next_seq: int = 0
     pending: dict[int, DecoderRequest] = field(default_factory=dict)
     closed: bool = False
-    parked_bytes: int = 0                               # size of `pending`
-    gap_since: float | None = None                      # when `pending` began waiting
-    failed: str | None = None                           # why this stream cannot go on
-    recorder: UtteranceRecorder | None = None           # two-pass streams only
+    parked_bytes: int = 0  # size of `pending`
+    gap_since: float | None = None  # when `pending` began waiting
+    failed: str | None = None  # why this stream cannot go on
+    recorder: UtteranceRecorder | None = None  # two-pass streams only
     finals: list[tuple[dict, int, int]] = field(default_factory=list)  # (msg, first, end)
-    refreshed_at: int = 0          # output frame of the last Whisper interim re-decode
+    refreshed_at: int = 0  # output frame of the last Whisper interim re-decode
 
 
 class DecoderStep:
@@ -112,17 +127,24 @@ class DecoderStep:
     feature step attaches (not by Triton's sequence batcher), and each stream's requests
     are applied in ``seq`` order whatever order they arrive in."""
 
-    def __init__(self, contract: ModelContract, defaults: DecoderDefaults,
-                 idle_timeout_s: float, max_streams: int | None = None,
-                 max_pending: int = 64,
-                 reorder_timeout_s: float = DEFAULT_REORDER_TIMEOUT_S,
-                 max_parked_bytes_per_stream: int = DEFAULT_MAX_PARKED_BYTES_PER_STREAM,
-                 max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES, clock=time.monotonic):
+    def __init__(
+        self,
+        contract: ModelContract,
+        defaults: DecoderDefaults,
+        idle_timeout_s: float,
+        max_streams: int | None = None,
+        max_pending: int = 64,
+        reorder_timeout_s: float = DEFAULT_REORDER_TIMEOUT_S,
+        max_parked_bytes_per_stream: int = DEFAULT_MAX_PARKED_BYTES_PER_STREAM,
+        max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
+        clock=time.monotonic,
+    ):
         self.contract = contract
         self.defaults = defaults
-        defaults.validate({})          # fail at load time on a bad config.pbtxt value
-        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, clock=clock,
-                                                       max_streams=max_streams)
+        defaults.validate({})  # fail at load time on a bad config.pbtxt value
+        self.store: StreamStore[_Stream] = StreamStore(
+            idle_timeout_s, clock=clock, max_streams=max_streams
+        )
         self.max_pending = max_pending
         # Independent of the TTL: a stream with a gap keeps being touched by the requests
         # that park, so the TTL alone never frees it; one swept by the TTL first still
@@ -130,7 +152,7 @@ class DecoderStep:
         self.reorder_timeout_s = reorder_timeout_s
         self.max_parked_bytes_per_stream = max_parked_bytes_per_stream
         self.max_parked_bytes = max_parked_bytes
-        self.parked_bytes = 0          # all streams' parked requests
+        self.parked_bytes = 0  # all streams' parked requests
         # streams waiting for a missing request, oldest gap first
         self._gaps: "OrderedDict[int, _Stream]" = OrderedDict()
         self.clock = clock
@@ -152,15 +174,19 @@ class DecoderStep:
                 st.recorder = UtteranceRecorder(self.contract)
                 st.decoder.on_final = lambda msg, a, b: st.finals.append((msg, a, b))
             elif dec_cfg.interims == "whisper":
-                raise StreamError("interims=whisper needs the two-pass model "
-                                  "(streaming_asr_two_pass): Whisper re-decodes the interims")
+                raise StreamError(
+                    "interims=whisper needs the two-pass model "
+                    "(streaming_asr_two_pass): Whisper re-decodes the interims"
+                )
         frames = self._frames(r)
         if st.recorder is not None and r.features is None:
             raise StreamError("internal: a two-pass stream's request without FEATURES")
         msgs = st.decoder.accept(frames)
-        if st.recorder is not None:      # after accept: a refused request records nothing
-            st.recorder.append(frames, chunk_features(r.features, info.valid_outputs[:info.windows],
-                                                      self.contract))
+        if st.recorder is not None:  # after accept: a refused request records nothing
+            st.recorder.append(
+                frames,
+                chunk_features(r.features, info.valid_outputs[: info.windows], self.contract),
+            )
         if info.finalize:
             msgs += st.decoder.finalize()
         if info.end:
@@ -177,15 +203,23 @@ class DecoderStep:
             if cut is None:
                 log.info("utterance over the two-pass limit: first-pass final kept")
                 continue
-            out.append(Utterance(index, *cut, stream=stream, seq=st.next_seq - 1,
-                                 start_frame=first))
+            features, log_probs = cut
+            out.append(
+                Utterance(
+                    index,
+                    features,
+                    log_probs,
+                    stream=stream,
+                    seq=st.next_seq - 1,
+                    start_frame=first,
+                )
+            )
         st.finals.clear()
         if not st.closed:
             st.recorder.trim(st.decoder.utterance_start_frame)
         return out + self._interim_utterances(stream, st, msgs)
 
-    def _interim_utterances(self, stream: int, st: _Stream, msgs: list[dict]
-                            ) -> list[Utterance]:
+    def _interim_utterances(self, stream: int, st: _Stream, msgs: list[dict]) -> list[Utterance]:
         """For an ``interims=whisper`` stream, what each interim of the response needs:
         the last one gets the open utterance to re-decode when it has words and
         ``interim_refresh_s`` of audio went by since the last re-decode (or the
@@ -196,22 +230,39 @@ class DecoderStep:
             return []
         nothing = np.zeros((0, 0), np.float32)
         first, end, seq = dec.utterance_start_frame, dec.frames_decoded, st.next_seq - 1
-        interims = [i for i, m in enumerate(msgs)
-                    if m.get("type") == "Results" and not m.get("is_final")]
+        interims = [
+            i for i, m in enumerate(msgs) if m.get("type") == "Results" and not m.get("is_final")
+        ]
         frame_s, offset = self.contract.output_frame_seconds, dec.config.time_offset
-        out = [Utterance(i, nothing, nothing, kind=CARRY, stream=stream, seq=seq,
-                         start_frame=round((msgs[i]["start"] - offset) / frame_s))
-               for i in interims]
+        out = [
+            Utterance(
+                i,
+                nothing,
+                nothing,
+                kind=CARRY,
+                stream=stream,
+                seq=seq,
+                start_frame=round((msgs[i]["start"] - offset) / frame_s),
+            )
+            for i in interims
+        ]
         if not out or interims[-1] != len(msgs) - 1:
             return out
         since = end - max(st.refreshed_at, first)
         due = since * self.contract.output_frame_seconds >= dec.config.interim_refresh_s
-        cut = st.recorder.cut(first, end) if due and \
-            msgs[-1]["channel"]["alternatives"][0]["transcript"] else None
+        cut = st.recorder.cut(first, end) if due and protocol.transcript(msgs[-1]) else None
         if cut is not None:
             st.refreshed_at = end
-            out[-1] = Utterance(len(msgs) - 1, *cut, kind=INTERIM, stream=stream, seq=seq,
-                                start_frame=first)
+            features, log_probs = cut
+            out[-1] = Utterance(
+                len(msgs) - 1,
+                features,
+                log_probs,
+                kind=INTERIM,
+                stream=stream,
+                seq=seq,
+                start_frame=first,
+            )
         return out
 
     def process(self, r: DecoderRequest) -> list[dict]:
@@ -245,37 +296,48 @@ class DecoderStep:
                 stream, st = next(iter(self._gaps.items()))
                 if now - st.gap_since <= self.reorder_timeout_s:
                     break
-                self._fail(stream, st, (
-                    f"request {st.next_seq} of stream {stream} never reached the decoder "
-                    f"within {self.reorder_timeout_s:g} s (lost in flight, e.g. its gRPC "
-                    f"stream was cancelled); the {len(st.pending)} request(s) after it "
-                    "were dropped: end this stream and start a new one"))
+                self._fail(
+                    stream,
+                    st,
+                    (
+                        f"request {st.next_seq} of stream {stream} never reached the decoder "
+                        f"within {self.reorder_timeout_s:g} s (lost in flight, e.g. its gRPC "
+                        f"stream was cancelled); the {len(st.pending)} request(s) after it "
+                        "were dropped: end this stream and start a new one"
+                    ),
+                )
                 n += 1
             return n
 
     def _park(self, stream: int, st: _Stream, r: DecoderRequest) -> None:
         seq = r.info.seq
         size = r.log_probs.nbytes + (r.features.nbytes if r.features is not None else 0)
+        why = None
         if len(st.pending) >= self.max_pending:
-            raise self._fail(stream, st, f"request {seq} of stream {stream} refused: "
-                             f"{len(st.pending)} requests already parked waiting for request "
-                             f"{st.next_seq} (limit {self.max_pending}); the stream is closed")
-        if st.parked_bytes + size > self.max_parked_bytes_per_stream:
-            raise self._fail(stream, st, (
-                f"request {seq} of stream {stream} refused: {st.parked_bytes / MB:.1f} MB "
-                f"of this stream's requests are already parked waiting for request "
-                f"{st.next_seq} (limit {self.max_parked_bytes_per_stream / MB:g} MB per "
-                "stream); the stream is closed"))
-        if self.parked_bytes + size > self.max_parked_bytes:
-            raise self._fail(stream, st, (
-                f"request {seq} of stream {stream} refused: the decoder's reorder buffers "
-                f"hold {self.parked_bytes / MB:.1f} MB parked by all streams (limit "
-                f"{self.max_parked_bytes / MB:g} MB); the stream is closed"))
+            why = (
+                f"{len(st.pending)} requests already parked waiting for request "
+                f"{st.next_seq} (limit {self.max_pending})"
+            )
+        elif st.parked_bytes + size > self.max_parked_bytes_per_stream:
+            why = (
+                f"{st.parked_bytes / MB:.1f} MB of this stream's requests are already "
+                f"parked waiting for request {st.next_seq} (limit "
+                f"{self.max_parked_bytes_per_stream / MB:g} MB per stream)"
+            )
+        elif self.parked_bytes + size > self.max_parked_bytes:
+            why = (
+                f"the decoder's reorder buffers hold {self.parked_bytes / MB:.1f} MB parked "
+                f"by all streams (limit {self.max_parked_bytes / MB:g} MB)"
+            )
+        if why is not None:
+            raise self._fail(
+                stream, st, f"request {seq} of stream {stream} refused: {why}; the stream is closed"
+            )
         st.pending[seq] = r
         st.parked_bytes += size
         self.parked_bytes += size
         stale = self._gaps.get(stream)
-        if stale is not None and stale is not st:     # swept by the TTL, id started again
+        if stale is not None and stale is not st:  # swept by the TTL, id started again
             self._unpark(stream, stale)
         if st.gap_since is None:
             st.gap_since = self.clock()
@@ -290,9 +352,9 @@ class DecoderStep:
                     raise StreamError("internal: a START request must be its stream's first")
                 held = self.store.pop(info.stream)
                 if held is not None and held.decoder is None:
-                    st = self.store.create(info.stream, held)   # requests that overtook it
+                    st = self.store.create(info.stream, held)  # requests that overtook it
                 else:
-                    if held is not None:             # a live stream is replaced
+                    if held is not None:  # a live stream is replaced
                         self._unpark(info.stream, held)
                     st = self.store.create(info.stream, _Stream())
             elif info.stream in self.store:
@@ -301,7 +363,7 @@ class DecoderStep:
                 # A request that overtook its stream's START: hold it for the START, unless
                 # the stream is known to have expired.
                 if info.stream in self.store.expired:
-                    self.store.get(info.stream)          # raises "expired"
+                    self.store.get(info.stream)  # raises "expired"
                 st = self.store.create(info.stream, _Stream())
             if st.failed is not None:
                 if info.end:
@@ -309,16 +371,18 @@ class DecoderStep:
                 raise StreamError(st.failed)
             if info.seq != st.next_seq:
                 if info.seq < st.next_seq or info.seq in st.pending:
-                    raise StreamError(f"internal: request {info.seq} of stream "
-                                      f"{info.stream} arrived twice")
+                    raise StreamError(
+                        f"internal: request {info.seq} of stream {info.stream} arrived twice"
+                    )
                 self._park(info.stream, st, r)
                 return [], []
             msgs = self._apply(st, r)
             st.next_seq += 1
             while st.next_seq in st.pending:
                 parked = st.pending.pop(st.next_seq)
-                size = parked.log_probs.nbytes + (parked.features.nbytes
-                                                  if parked.features is not None else 0)
+                size = parked.log_probs.nbytes + (
+                    parked.features.nbytes if parked.features is not None else 0
+                )
                 st.parked_bytes -= size
                 self.parked_bytes -= size
                 msgs += self._apply(st, parked)
@@ -329,8 +393,7 @@ class DecoderStep:
                 st.gap_since = self.clock() if st.pending else None
                 if st.pending:
                     self._gaps[info.stream] = st
-            utterances = (self._utterances(info.stream, st, msgs)
-                          if st.recorder is not None else [])
+            utterances = self._utterances(info.stream, st, msgs) if st.recorder is not None else []
             if st.closed:
                 self._unpark(info.stream, st)
                 self.store.pop(info.stream)
@@ -356,18 +419,31 @@ def build_step(cfg: ModelConfig) -> DecoderStep:
     max_streams = int(cfg.param("max_streams", "0")) or None
     ttl = stream_idle_timeout(cfg)
     try:
-        reorder = parse_float("reorder_timeout_s", cfg.param(
-            "reorder_timeout_s", str(DEFAULT_REORDER_TIMEOUT_S)), 0.001)
-        per_stream = parse_int("max_parked_bytes_per_stream", cfg.param(
-            "max_parked_bytes_per_stream", str(DEFAULT_MAX_PARKED_BYTES_PER_STREAM)), 1)
-        total = parse_int("max_parked_bytes", cfg.param(
-            "max_parked_bytes", str(DEFAULT_MAX_PARKED_BYTES)), 1)
+        reorder = parse_float(
+            "reorder_timeout_s",
+            cfg.param("reorder_timeout_s", str(DEFAULT_REORDER_TIMEOUT_S)),
+            0.001,
+        )
+        per_stream = parse_int(
+            "max_parked_bytes_per_stream",
+            cfg.param("max_parked_bytes_per_stream", str(DEFAULT_MAX_PARKED_BYTES_PER_STREAM)),
+            1,
+        )
+        total = parse_int(
+            "max_parked_bytes", cfg.param("max_parked_bytes", str(DEFAULT_MAX_PARKED_BYTES)), 1
+        )
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
     contract, defaults = cfg.contract(), build_defaults(cfg)
     # Load the default word LM now (shared, cached by path): the first stream must not wait
     # seconds for it, and a bad LM file must fail the model load, not a stream.
     StreamDecoder(contract, *defaults.configs({}))
-    return DecoderStep(contract, defaults, ttl, max_streams,
-                       reorder_timeout_s=reorder, max_parked_bytes_per_stream=per_stream,
-                       max_parked_bytes=total)
+    return DecoderStep(
+        contract,
+        defaults,
+        ttl,
+        max_streams,
+        reorder_timeout_s=reorder,
+        max_parked_bytes_per_stream=per_stream,
+        max_parked_bytes=total,
+    )

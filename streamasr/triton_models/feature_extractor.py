@@ -6,9 +6,9 @@ that became complete (``[N, left+chunk+right, n_mels]``) plus a ``StepInfo`` for
 decoder.  With no complete window the acoustic model still gets one placeholder window,
 since Triton cannot send it a batch of zero (``StepInfo.windows`` is then 0).
 """
+
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,9 +18,18 @@ import numpy as np
 from .. import admission as adm
 from ..contract import ModelContract
 from ..features import FeatureStream, silence_frame
+from ..protocol import pcm16_to_float
 from ..state import StreamError, StreamStore
-from .common import (FLAG_END, FLAG_START, ModelConfig, StepInfo, parse_bool, parse_float,
-                     parse_int, stream_idle_timeout)
+from .common import (
+    FLAG_END,
+    FLAG_START,
+    ModelConfig,
+    parse_bool,
+    parse_float,
+    parse_int,
+    stream_idle_timeout,
+)
+from .step_info import MAX_STREAM_ID, StepInfo, check_option_limits
 
 log = logging.getLogger("streamasr.feature_extractor")
 
@@ -29,16 +38,6 @@ CONTROL_PARAMETERS = ("finalize", "keepalive")
 # Audio one stream may carry in all (config parameter `max_stream_seconds`): bounds the
 # time a stream holds a sequence slot and the size of every per-stream counter.
 DEFAULT_MAX_STREAM_SECONDS = 4 * 3600.0
-# Upper bounds on per-stream options a client may set (config.pbtxt is not limited): each
-# bounds the CPU or memory one stream can take.  rule3 (the longest utterance before a
-# forced final) also bounds the decoder's per-utterance state.
-STREAM_OPTION_LIMITS = {"beam_size": 64, "beam_top_k": 64,
-                        "rule3_min_utterance_length": 600.0, "utterance_end": 600.0,
-                        "rule1_min_trailing_silence": 600.0,
-                        "rule2_min_trailing_silence": 600.0}
-MAX_HOTWORDS_CHARS = 4096
-# Stream ids are Triton sequence ids: non-zero unsigned 64-bit (0 means "no sequence").
-MAX_STREAM_ID = 2**64 - 1
 
 
 def normalize_stream_id(corrid: Any) -> int:
@@ -48,36 +47,18 @@ def normalize_stream_id(corrid: Any) -> int:
     the integer 5 are two sequences to Triton but one stream to us (the decoder keys by
     integer), so a string id is accepted only as the decimal form of a valid integer id:
     it then meets the integer stream's duplicate-START check instead of replacing it."""
-    refused = StreamError(f"sequence id {corrid!r} is not a valid stream id: use an "
-                          f"integer 1..{MAX_STREAM_ID} (or its decimal string)")
+    refused = StreamError(
+        f"sequence id {corrid!r} is not a valid stream id: use an "
+        f"integer 1..{MAX_STREAM_ID} (or its decimal string)"
+    )
     value = corrid
     if isinstance(value, str):
         if not (value.isascii() and value.isdigit()):
             raise refused
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) \
-            or not 0 < value <= MAX_STREAM_ID:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_STREAM_ID:
         raise refused
     return value
-
-
-def check_option_limits(options: dict[str, Any]) -> None:
-    """Refuse per-stream options above ``STREAM_OPTION_LIMITS``.  Values that are not
-    numbers are left to the decoder's own validation, which refuses them."""
-    for key, limit in STREAM_OPTION_LIMITS.items():
-        if key not in options or isinstance(options[key], bool):
-            continue
-        try:
-            value = float(options[key])
-        except (TypeError, ValueError, OverflowError):
-            continue
-        if value > limit:
-            raise StreamError(f"stream option {key!r} may be at most {limit:g} per stream, "
-                              f"got {options[key]!r}")
-    hw = options.get("hotwords")
-    if hw is not None and len(str(hw)) > MAX_HOTWORDS_CHARS:
-        raise StreamError(f"stream option 'hotwords' may hold at most {MAX_HOTWORDS_CHARS} "
-                          "characters")
 
 
 @dataclass
@@ -86,7 +67,7 @@ class FeatureRequest:
 
     corrid: Any
     flags: int
-    audio: np.ndarray | None          # float32 / int16 samples, or None (no audio input)
+    audio: np.ndarray | None  # float32 / int16 samples, or None (no audio input)
     sample_rate: int | None
     parameters: dict[str, Any]
 
@@ -101,7 +82,7 @@ class FeatureRequest:
 
 @dataclass
 class FeatureResult:
-    features: np.ndarray       # [max(N, 1), W, F] float32
+    features: np.ndarray  # [max(N, 1), W, F] float32
     info: StepInfo
 
 
@@ -114,11 +95,17 @@ class _Stream:
 class FeatureStep:
     """All streams of one model instance."""
 
-    def __init__(self, contract: ModelContract, idle_timeout_s: float,
-                 max_chunk_seconds: float, max_windows_per_request: int,
-                 max_streams: int | None = None, validate_options=None,
-                 max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS,
-                 admission: adm.Admission | None = None):
+    def __init__(
+        self,
+        contract: ModelContract,
+        idle_timeout_s: float,
+        max_chunk_seconds: float,
+        max_windows_per_request: int,
+        max_streams: int | None = None,
+        validate_options=None,
+        max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS,
+        admission: adm.Admission | None = None,
+    ):
         self.contract = contract
         self.admission = admission or adm.Admission(None)
         self.max_chunk_samples = int(max_chunk_seconds * contract.sample_rate)
@@ -127,22 +114,31 @@ class FeatureStep:
         self.max_windows = max_windows_per_request
         # Worst case in one request: the chunk itself, plus context carried over from
         # earlier requests, plus the flush at END.
-        need = -(-(self.max_chunk_samples // contract.features.hop_length
-                   + contract.window_frames) // contract.chunk_frames) + 1
+        need = (
+            -(
+                -(self.max_chunk_samples // contract.features.hop_length + contract.window_frames)
+                // contract.chunk_frames
+            )
+            + 1
+        )
         if need > max_windows_per_request:
             raise ValueError(
                 f"max_chunk_seconds {max_chunk_seconds:g} can yield {need} windows in one "
-                f"request, more than max_windows_per_request {max_windows_per_request}")
+                f"request, more than max_windows_per_request {max_windows_per_request}"
+            )
         self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, max_streams=max_streams)
-        self._placeholder = np.tile(silence_frame(contract.features),
-                                    (1, contract.window_frames, 1)).astype(np.float32)
+        self._placeholder = np.tile(
+            silence_frame(contract.features), (1, contract.window_frames, 1)
+        ).astype(np.float32)
         self._validate_options = validate_options or (lambda options: None)
 
     # -- validation (before any state changes: a rejected request changes nothing) -------
     def _checked_audio(self, r: FeatureRequest) -> np.ndarray:
         if r.sample_rate is not None and r.sample_rate != self.contract.sample_rate:
-            raise StreamError(f"SAMPLE_RATE {r.sample_rate} does not match the model's "
-                              f"{self.contract.sample_rate} Hz; resample before sending")
+            raise StreamError(
+                f"SAMPLE_RATE {r.sample_rate} does not match the model's "
+                f"{self.contract.sample_rate} Hz; resample before sending"
+            )
         if r.audio is None:
             return np.zeros(0, np.float64)
         a = np.asarray(r.audio)
@@ -151,11 +147,14 @@ class FeatureStep:
         if len(a) > self.max_chunk_samples:
             raise StreamError(
                 f"audio chunk of {len(a) / self.contract.sample_rate:.2f} s exceeds the "
-                f"limit of {self.max_chunk_samples / self.contract.sample_rate:.2f} s per request")
+                f"limit of {self.max_chunk_samples / self.contract.sample_rate:.2f} s per request"
+            )
         if a.dtype == np.int16:
-            return a.astype(np.float64) / 32768.0
+            return pcm16_to_float(a, "float64")
         if a.dtype != np.float32:
-            raise StreamError(f"audio dtype {a.dtype} is not float32 (AUDIO) or int16 (AUDIO_INT16)")
+            raise StreamError(
+                f"audio dtype {a.dtype} is not float32 (AUDIO) or int16 (AUDIO_INT16)"
+            )
         if not np.all(np.isfinite(a)):
             raise StreamError("audio contains NaN or infinite samples")
         return a.astype(np.float64)
@@ -168,8 +167,7 @@ class FeatureStep:
         except ValueError as exc:
             raise StreamError(str(exc)) from None
         if p and not r.start:
-            raise StreamError(f"stream options {sorted(p)} are accepted only on the START "
-                              "request")
+            raise StreamError(f"stream options {sorted(p)} are accepted only on the START request")
         if p:
             check_option_limits(p)
             try:
@@ -180,24 +178,28 @@ class FeatureStep:
 
     # -- processing ----------------------------------------------------------------
     def process(self, r: FeatureRequest) -> FeatureResult:
-        corrid = normalize_stream_id(r.corrid)      # before any state is touched
+        corrid = normalize_stream_id(r.corrid)  # before any state is touched
         audio = self._checked_audio(r)
         finalize, keepalive, options = self._control(r)
         if r.audio is not None and len(audio) == 0 and not keepalive:
-            raise StreamError("empty audio chunk: send audio, or set keepalive=true to keep "
-                              "an idle stream open")
+            raise StreamError(
+                "empty audio chunk: send audio, or set keepalive=true to keep an idle stream open"
+            )
         if r.audio is None and not (keepalive or finalize or r.end or r.start):
-            raise StreamError("request has no audio (AUDIO or AUDIO_INT16) and no "
-                              "keepalive, finalize or END")
+            raise StreamError(
+                "request has no audio (AUDIO or AUDIO_INT16) and no keepalive, finalize or END"
+            )
         if len(audio) > self.max_stream_samples:
             raise self._too_long()
         if r.start:
             if corrid in self.store:
                 # Another client (or a confused one) reusing a live id: refusing keeps the
                 # live stream intact; replacing it would silently mix two audio streams.
-                raise StreamError(f"stream {corrid} is already open: END it (or let it "
-                                  "expire) before starting it again, or use another id")
-            with self.store.lock:    # count and create at once: no two STARTs share a place
+                raise StreamError(
+                    f"stream {corrid} is already open: END it (or let it "
+                    "expire) before starting it again, or use another id"
+                )
+            with self.store.lock:  # count and create at once: no two STARTs share a place
                 self.store.sweep()
                 self.admission.admit(corrid, len(self.store))
                 st = self.store.create(corrid, _Stream(FeatureStream(self.contract)))
@@ -207,8 +209,15 @@ class FeatureStep:
             st = self.store.get(corrid)
             if st.features.features.samples_seen + len(audio) > self.max_stream_samples:
                 raise self._too_long()
-        info = StepInfo(stream=corrid, seq=st.requests, start=r.start, end=r.end,
-                        finalize=finalize, keepalive=keepalive, options=options)
+        info = StepInfo(
+            stream=corrid,
+            seq=st.requests,
+            start=r.start,
+            end=r.end,
+            finalize=finalize,
+            keepalive=keepalive,
+            options=options,
+        )
         st.requests += 1
         windows = st.features.accept(audio)
         feats, valid = [windows.features], [windows.valid_outputs]
@@ -224,47 +233,11 @@ class FeatureStep:
             features = self._placeholder
         return FeatureResult(features, info)
 
-
     def _too_long(self) -> StreamError:
-        return StreamError(f"stream exceeds max_stream_seconds ({self.max_stream_seconds:g} s "
-                           "of audio); end it and start a new stream")
-
-
-_STEP_INFO_TYPES = {"stream": int, "seq": int, "start": bool, "end": bool, "windows": int,
-                    "valid_outputs": list, "finalize": bool, "keepalive": bool,
-                    "options": dict}
-
-
-def parse_step_info(raw: Any) -> StepInfo:
-    """A STEP_INFO element as the decoder step receives it, checked strictly: the decoder
-    model can be called directly, so its STEP_INFO is client input like any other."""
-    try:
-        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
-        d = json.loads(text)
-    except (TypeError, ValueError):
-        raise StreamError("STEP_INFO is not UTF-8 JSON") from None
-    if not isinstance(d, dict):
-        raise StreamError("STEP_INFO must be a JSON object")
-    unknown = sorted(set(d) - set(_STEP_INFO_TYPES))
-    missing = sorted({"stream", "seq"} - set(d))
-    if unknown or missing:
-        raise StreamError(f"STEP_INFO has unknown keys {unknown} / lacks {missing}")
-    for k, v in d.items():
-        want = _STEP_INFO_TYPES[k]
-        # bool is an int subclass: keep them apart both ways
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise StreamError(f"STEP_INFO field {k!r} must be {want.__name__}")
-    vo = d.get("valid_outputs", [])
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in vo):
-        raise StreamError("STEP_INFO valid_outputs must be non-negative integers")
-    if d["seq"] < 0 or d.get("windows", 0) < 0 or len(vo) != d.get("windows", 0):
-        raise StreamError("STEP_INFO seq/windows/valid_outputs are inconsistent")
-    if (d["seq"] == 0) != d.get("start", False):
-        raise StreamError("STEP_INFO: a stream's first request (seq 0) and only it is START")
-    if not 0 < d["stream"] < 2**64:
-        raise StreamError("STEP_INFO stream must be a non-zero 64-bit id")
-    check_option_limits(d.get("options", {}))
-    return StepInfo(**d)
+        return StreamError(
+            f"stream exceeds max_stream_seconds ({self.max_stream_seconds:g} s "
+            "of audio); end it and start a new stream"
+        )
 
 
 def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
@@ -272,13 +245,23 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
     contract = cfg.contract()
     try:
         max_chunk = parse_float("max_chunk_seconds", cfg.param("max_chunk_seconds"), 0.01)
-        max_windows = parse_int("max_windows_per_request",
-                                cfg.param("max_windows_per_request"), 1)
+        max_windows = parse_int("max_windows_per_request", cfg.param("max_windows_per_request"), 1)
         max_streams = parse_int("max_streams", cfg.param("max_streams", "0"), 0) or None
-        max_stream_s = parse_float("max_stream_seconds", cfg.param(
-            "max_stream_seconds", str(DEFAULT_MAX_STREAM_SECONDS)), 0.01)
+        max_stream_s = parse_float(
+            "max_stream_seconds",
+            cfg.param("max_stream_seconds", str(DEFAULT_MAX_STREAM_SECONDS)),
+            0.01,
+        )
         limit = adm.configured_limit(cfg.param(adm.CONFIG_KEY, adm.MEASURED))
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
-    return FeatureStep(contract, stream_idle_timeout(cfg), max_chunk, max_windows,
-                       max_streams, validate_options, max_stream_s, adm.Admission(limit))
+    return FeatureStep(
+        contract,
+        stream_idle_timeout(cfg),
+        max_chunk,
+        max_windows,
+        max_streams,
+        validate_options,
+        max_stream_s,
+        adm.Admission(limit),
+    )

@@ -7,6 +7,7 @@ answers requests with nothing to re-decode at once and re-decodes the rest in ba
 The only state is the Whisper interims' agreement per stream, so the model runs as ONE
 instance (batching, not instances, is how it scales).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,9 @@ class FinalPassStep:
     def process(self, messages: list[dict], blobs: list[bytes]) -> list[dict]:
         return self.final_pass.process(messages, [Utterance.from_bytes(b) for b in blobs])
 
-    def process_many(self, batch: list[tuple[list[dict], list[bytes]]]
-                     ) -> list[list[dict] | ValueError]:
+    def process_many(
+        self, batch: list[tuple[list[dict], list[bytes]]]
+    ) -> list[list[dict] | ValueError]:
         """Each request's messages, or the ValueError that request alone gets."""
         parsed: list[tuple[list[dict], list[Utterance]] | ValueError] = []
         for messages, blobs in batch:
@@ -63,8 +65,9 @@ def whisper_dir(cfg: ModelConfig) -> Path:
     d = cfg.repository / cfg.param("whisper_dir", "1")
     missing = [f for f in WHISPER_FILES if not (d / f).is_file()]
     if missing:
-        raise ConfigError(f"model {cfg.name!r}: Whisper re-decoder files {missing} missing "
-                          f"in {d}: {BUILD_HINT}")
+        raise ConfigError(
+            f"model {cfg.name!r}: Whisper re-decoder files {missing} missing in {d}: {BUILD_HINT}"
+        )
     return d
 
 
@@ -77,12 +80,18 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
     base = EncoderWindow()
     try:
         return EncoderWindow(
-            min_frames=parse_int("encoder_min_frames", cfg.param(
-                "encoder_min_frames", str(base.min_frames)), 0),
-            tail_frames=parse_int("encoder_tail_frames", cfg.param(
-                "encoder_tail_frames", str(base.tail_frames)), 0),
-            bucket_frames=parse_int("encoder_bucket_frames", cfg.param(
-                "encoder_bucket_frames", str(base.bucket_frames)), 2))
+            min_frames=parse_int(
+                "encoder_min_frames", cfg.param("encoder_min_frames", str(base.min_frames)), 0
+            ),
+            tail_frames=parse_int(
+                "encoder_tail_frames", cfg.param("encoder_tail_frames", str(base.tail_frames)), 0
+            ),
+            bucket_frames=parse_int(
+                "encoder_bucket_frames",
+                cfg.param("encoder_bucket_frames", str(base.bucket_frames)),
+                2,
+            ),
+        )
     except ValueError as exc:
         raise ConfigError(f"model {cfg.name!r}: {exc}") from None
 
@@ -94,14 +103,20 @@ def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
     threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)
     # one encoder call / decoder loop takes at most this many utterances (a batch of
     # requests may carry more)
-    max_batch = parse_int("max_utterances_per_call",
-                          cfg.param("max_utterances_per_call", str(int(cfg.raw.get("max_batch_size") or 1))), 1)
+    max_batch = parse_int(
+        "max_utterances_per_call",
+        cfg.param("max_utterances_per_call", str(int(cfg.raw.get("max_batch_size") or 1))),
+        1,
+    )
     contract = cfg.contract()
     try:
-        fp = FinalPass(contract, WhisperRescorer(d, threads=threads, gpu=gpu,
-                                                 window=encoder_window(cfg),
-                                                 max_batch=max_batch),
-                       interim_ttl_s=stream_idle_timeout(cfg))
+        fp = FinalPass(
+            contract,
+            WhisperRescorer(
+                d, threads=threads, gpu=gpu, window=encoder_window(cfg), max_batch=max_batch
+            ),
+            interim_ttl_s=stream_idle_timeout(cfg),
+        )
     except ValueError as exc:
         raise ConfigError(f"model {cfg.name!r}: {exc}") from None
     return FinalPassStep(fp, d)

@@ -40,9 +40,10 @@ STREAMASR_TRITON_BACKENDS             backend directory for that binary
 SIGTERM/SIGINT: the gateway stops accepting, drains open streams (END to Triton, last
 results sent, close 1001) within 10 s, gives running requests 5 s more, then tritonserver
 gets SIGTERM and 8 s to exit (then SIGKILL): all within the 30 s SageMaker allows between
-SIGTERM and SIGKILL (streamasr/sagemaker_platform.py).  If tritonserver dies, the gateway
+SIGTERM and SIGKILL (streamasr/sagemaker/platform.py).  If tritonserver dies, the gateway
 stops too and the exit status is non-zero, so SageMaker replaces the container.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,9 +56,11 @@ import tempfile
 import threading
 from pathlib import Path
 
-from streamasr import sagemaker_platform as platform
-from streamasr.gateway import Gateway, GatewayConfig, serve_app
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
+
+from . import platform
+from .config import GatewayConfig
+from .http import Gateway, serve_app
 
 log = logging.getLogger("streamasr.serve")
 
@@ -86,8 +89,11 @@ def model_repository(env=None) -> Path:
         log.info("model repository: %s (model data)", model_dir)
         return model_dir
     if model_dir.is_dir() and any(model_dir.iterdir()):
-        log.warning("%s has files but no <model>/config.pbtxt at its top level: not a model "
-                    "repository, using the image's own", model_dir)
+        log.warning(
+            "%s has files but no <model>/config.pbtxt at its top level: not a model "
+            "repository, using the image's own",
+            model_dir,
+        )
     baked = Path(env.get("STREAMASR_BAKED_REPOSITORY") or BAKED_REPOSITORY)
     repo = baked if holds_repository(baked) else REPO_ROOT / "model_repository"
     log.info("model repository: %s", repo)
@@ -101,8 +107,11 @@ def _flag(env, name: str, default: bool) -> bool:
 
 def _ports(env) -> tuple[int, int, int]:
     """(http, grpc, metrics) for Triton."""
-    http, grpc_, metrics = 8000, int(env.get("SAGEMAKER_TRITON_GRPC_PORT", 8001)), \
-        int(env.get("SAGEMAKER_TRITON_METRICS_PORT", 8002))
+    http, grpc_, metrics = (
+        8000,
+        int(env.get("SAGEMAKER_TRITON_GRPC_PORT", 8001)),
+        int(env.get("SAGEMAKER_TRITON_METRICS_PORT", 8002)),
+    )
     rng = env.get("SAGEMAKER_SAFE_PORT_RANGE")
     if rng:
         lo, hi = (int(x) for x in rng.split("-"))
@@ -119,7 +128,7 @@ def server_config(env=None) -> ServerConfig:
     repo = model_repository(env)
     extra: list[str] = []
     if _flag(env, "SAGEMAKER_TRITON_ALLOW_GRPC", False):
-        extra.append("--grpc-address=0.0.0.0")      # later flags override earlier ones
+        extra.append("--grpc-address=0.0.0.0")  # later flags override earlier ones
     if not _flag(env, "SAGEMAKER_TRITON_ALLOW_METRICS", True):
         extra.append("--allow-metrics=false")
     verbose = env.get("SAGEMAKER_TRITON_LOG_VERBOSE", "0").strip().lower()
@@ -130,23 +139,36 @@ def server_config(env=None) -> ServerConfig:
             extra.append(f"--log-{lvl.lower()}=false")
     shm = env.get("SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE", str(16 * 1024 * 1024))
     growth = env.get("SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE", str(1024 * 1024))
-    extra += [f"--backend-config=python,shm-default-byte-size={int(shm)}",
-              f"--backend-config=python,shm-growth-byte-size={int(growth)}"]
+    extra += [
+        f"--backend-config=python,shm-default-byte-size={int(shm)}",
+        f"--backend-config=python,shm-growth-byte-size={int(growth)}",
+    ]
     extra += shlex.split(env.get("SAGEMAKER_TRITON_ADDITIONAL_ARGS", ""))
     cert, key = env.get("STREAMASR_GRPC_TLS_CERT"), env.get("STREAMASR_GRPC_TLS_KEY")
-    return ServerConfig(model_repository=repo, http_port=http, grpc_port=grpc_port,
-                        metrics_port=metrics, log_verbose=level, extra_args=extra,
-                        exit_timeout_s=platform.TRITON_EXIT_S,
-                        grpc_cert=Path(cert) if cert else None,
-                        grpc_key=Path(key) if key else None)
+    return ServerConfig(
+        model_repository=repo,
+        http_port=http,
+        grpc_port=grpc_port,
+        metrics_port=metrics,
+        log_verbose=level,
+        extra_args=extra,
+        exit_timeout_s=platform.TRITON_EXIT_S,
+        grpc_cert=Path(cert) if cert else None,
+        grpc_key=Path(key) if key else None,
+    )
 
 
 class ImageTritonServer(TritonServer):
     """TritonServer for the SageMaker Triton image: its own binary and backend directory
     (native onnxruntime backend, GPU), no pytriton wheel involved."""
 
-    def __init__(self, config: ServerConfig, binary: Path = IMAGE_TRITON,
-                 backend_dir: Path = IMAGE_BACKENDS, forward_logs: bool = True):
+    def __init__(
+        self,
+        config: ServerConfig,
+        binary: Path = IMAGE_TRITON,
+        backend_dir: Path = IMAGE_BACKENDS,
+        forward_logs: bool = True,
+    ):
         self.config = config
         self.binary, self.backend_dir = binary, backend_dir
         self.forward_logs = forward_logs
@@ -159,8 +181,12 @@ class ImageTritonServer(TritonServer):
     def launch_args(self) -> list[str]:
         # The image's own binary and backends (not the pytriton wheel's); the gateway, not
         # Triton, serves SageMaker's routes on 8080.
-        return [str(self.binary), f"--backend-directory={self.backend_dir}",
-                "--allow-sagemaker=false", "--allow-http=true"]
+        return [
+            str(self.binary),
+            f"--backend-directory={self.backend_dir}",
+            "--allow-sagemaker=false",
+            "--allow-http=true",
+        ]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -173,8 +199,11 @@ def make_server(cfg: ServerConfig, env=None) -> TritonServer:
     env = os.environ if env is None else env
     binary = env.get("STREAMASR_TRITON_BINARY")
     if binary or IMAGE_TRITON.exists():
-        return ImageTritonServer(cfg, Path(binary) if binary else IMAGE_TRITON,
-                                 Path(env.get("STREAMASR_TRITON_BACKENDS", IMAGE_BACKENDS)))
+        return ImageTritonServer(
+            cfg,
+            Path(binary) if binary else IMAGE_TRITON,
+            Path(env.get("STREAMASR_TRITON_BACKENDS", IMAGE_BACKENDS)),
+        )
     return TritonServer(cfg, forward_logs=True)
 
 
@@ -192,17 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     """argv: SageMaker starts the image as `<image> serve`; no arguments are used."""
     if argv and argv != ["serve"]:
         log.warning("ignoring arguments %s (configuration is by environment)", argv)
-    logging.basicConfig(level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("STREAMASR_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     cfg = server_config()
     server = make_server(cfg)
     gcfg = gateway_config(cfg)
-    outcome: dict[str, object] = {"code": 0}
+    outcome: dict[str, int] = {"code": 0}
     main_pid = os.getpid()
 
     def _stop_gateway(code: int) -> None:
         outcome["code"] = code
-        os.kill(main_pid, signal.SIGTERM)   # aiohttp turns it into a graceful exit
+        os.kill(main_pid, signal.SIGTERM)  # aiohttp turns it into a graceful exit
 
     def _start_and_watch() -> None:
         try:
@@ -212,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             _stop_gateway(1)
             return
         log.info("tritonserver ready (grpc %s)", server.grpc_url)
+        assert server.proc is not None
         code = server.proc.wait()
         if not stopping.is_set():
             log.error("tritonserver exited with code %s; stopping the gateway", code)
@@ -225,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("gateway on %s:%d", gcfg.host, gcfg.port)
     try:
         # on_shutdown drains the streams (DRAIN_S), then requests get HANDLER_SHUTDOWN_S
-        serve_app(gw.app(), gcfg.host, gcfg.port,
-                  shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
+        serve_app(gw.app(), gcfg.host, gcfg.port, shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
     finally:
         stopping.set()
         log.info("stopping tritonserver")

@@ -3,25 +3,27 @@
 The Deep Learning Containers registry is account 763104351884 in most regions but not in
 all: about ten regions (af-south-1, ap-east-1, eu-south-1, me-south-1, ap-south-2, ...) use
 accounts of their own, and the China regions a different domain.  The table,
-``docker/tritonserver-registries.json``, is the one the SageMaker Python SDK resolves image
+``tritonserver-registries.json`` (beside this module), is the one the SageMaker Python SDK resolves image
 URIs from (``image_uri_config/sagemaker-tritonserver.json``), reduced to region -> account
-and tag -> regions; ``python -m streamasr.sagemaker_images --update <sdk json>`` rebuilds it.
+and tag -> regions; ``python -m streamasr.sagemaker.images --update <sdk json>`` rebuilds it.
 
-    python -m streamasr.sagemaker_images --region eu-south-2 --triton-tag 25.09-py3
-    docker build $(python -m streamasr.sagemaker_images --region $AWS_REGION --build-args) ...
+    python -m streamasr.sagemaker.images --region eu-south-2 --triton-tag 25.09-py3
+    docker build $(python -m streamasr.sagemaker.images --region $AWS_REGION --build-args) ...
 """
+
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli import argument_parser
+
 log = logging.getLogger("streamasr.images")
 
-TABLE = Path(__file__).resolve().parent.parent / "docker" / "tritonserver-registries.json"
+TABLE = Path(__file__).with_name("tritonserver-registries.json")  # package data
 # The Dockerfile's default TRITON_TAG (test_docker checks the two agree).
 DEFAULT_TRITON_TAG = "25.09-py3"
 
@@ -52,9 +54,15 @@ class BaseImage:
 
     def build_args(self) -> list[str]:
         """``docker build`` arguments for the Dockerfile's base-image ARGs."""
-        return [f"--build-arg={k}={v}" for k, v in (
-            ("REGION", self.region), ("BASE_ACCOUNT", self.account),
-            ("ECR_DOMAIN", self.domain), ("TRITON_TAG", self.tag))]
+        return [
+            f"--build-arg={k}={v}"
+            for k, v in (
+                ("REGION", self.region),
+                ("BASE_ACCOUNT", self.account),
+                ("ECR_DOMAIN", self.domain),
+                ("TRITON_TAG", self.tag),
+            )
+        ]
 
 
 def load_table(path: Path = TABLE) -> dict:
@@ -64,16 +72,21 @@ def load_table(path: Path = TABLE) -> dict:
 def base_image(region: str, tag: str = DEFAULT_TRITON_TAG, table: dict | None = None) -> BaseImage:
     t = load_table() if table is None else table
     if region not in t["accounts"]:
-        raise UnknownImage(f"no SageMaker Triton image is published in region {region!r} "
-                           f"(known: {', '.join(sorted(t['accounts']))})")
+        raise UnknownImage(
+            f"no SageMaker Triton image is published in region {region!r} "
+            f"(known: {', '.join(sorted(t['accounts']))})"
+        )
     regions = t["tags"].get(tag)
     if regions is None:
-        raise UnknownImage(f"unknown sagemaker-tritonserver tag {tag!r} "
-                           f"(known: {', '.join(sorted(t['tags']))})")
+        raise UnknownImage(
+            f"unknown sagemaker-tritonserver tag {tag!r} (known: {', '.join(sorted(t['tags']))})"
+        )
     if region not in regions:
         have = sorted(k for k, v in t["tags"].items() if region in v)
-        raise UnknownImage(f"sagemaker-tritonserver:{tag} is not published in {region}; "
-                           f"tags there: {', '.join(have)}")
+        raise UnknownImage(
+            f"sagemaker-tritonserver:{tag} is not published in {region}; "
+            f"tags there: {', '.join(have)}"
+        )
     return BaseImage(t["accounts"][region], region, tag, t["repository"])
 
 
@@ -88,25 +101,40 @@ def table_from_sdk(sdk_json: dict, source: str) -> dict:
                 raise ValueError(f"{region}: accounts differ between versions ({version})")
         tags[entry["tag_prefix"]] = sorted(entry["registries"])
         repository = entry["repository"]
-    return {"_source": source, "repository": repository,
-            "accounts": dict(sorted(accounts.items())), "tags": dict(sorted(tags.items()))}
+    return {
+        "_source": source,
+        "repository": repository,
+        "accounts": dict(sorted(accounts.items())),
+        "tags": dict(sorted(tags.items())),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
-    p = argparse.ArgumentParser(prog="python -m streamasr.sagemaker_images", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("python -m streamasr.sagemaker.images", __doc__)
     p.add_argument("--region")
     p.add_argument("--triton-tag", default=DEFAULT_TRITON_TAG)
-    p.add_argument("--build-args", action="store_true",
-                   help="print docker build --build-arg flags instead of the URI")
-    p.add_argument("--update", metavar="SDK_JSON",
-                   help="rebuild the table from the SDK's sagemaker-tritonserver.json")
+    p.add_argument(
+        "--build-args",
+        action="store_true",
+        help="print docker build --build-arg flags instead of the URI",
+    )
+    p.add_argument(
+        "--update",
+        metavar="SDK_JSON",
+        help="rebuild the table from the SDK's sagemaker-tritonserver.json",
+    )
     a = p.parse_args(argv)
     if a.update:
-        TABLE.write_text(json.dumps(table_from_sdk(json.loads(Path(a.update).read_text()),
-                                                   f"aws/sagemaker-python-sdk {a.update}"),
-                                    indent=1) + "\n")
+        TABLE.write_text(
+            json.dumps(
+                table_from_sdk(
+                    json.loads(Path(a.update).read_text()), f"aws/sagemaker-python-sdk {a.update}"
+                ),
+                indent=1,
+            )
+            + "\n"
+        )
         return 0
     if not a.region:
         p.error("--region is required")

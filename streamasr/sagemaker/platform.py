@@ -12,6 +12,7 @@ and time limits on ``/invocations``, and the shutdown budget after SIGTERM.
   then the socket closes with 1001 (going away) so the client reconnects elsewhere.
   docker/serve then gives Triton ``TRITON_EXIT_S``; the sum stays under the 30 s.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,12 +23,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from streamasr.protocol import INVOCATIONS_PATH
+
 if TYPE_CHECKING:
-    from streamasr.gateway import Gateway, WsSession
+    from .http import Gateway
+    from .ws import WsSession
 
 log = logging.getLogger("streamasr.platform")
 
-INVOCATIONS_PATH = "/invocations"
 # InvokeEndpoint's payload limit (6 MB = 6 * 1024 * 1024 bytes).
 INVOKE_MAX_BODY_BYTES = 6 * 1024 * 1024
 # SageMaker's InvokeEndpoint limit; our own must stay below it.
@@ -42,17 +45,21 @@ TRITON_EXIT_S = 8
 # Close code for streams ended by a shutdown (RFC 6455: endpoint going away).
 GOING_AWAY = 1001
 
-STREAMING_HINT = ("stream it instead: InvokeEndpointWithBidirectionalStream (the container's "
-                  "/invocations-bidirectional-stream WebSocket route), or InvokeEndpoint in a "
-                  "stateful session (X-Amzn-SageMaker-Session-Id) with chunks under the limit")
+STREAMING_HINT = (
+    "stream it instead: InvokeEndpointWithBidirectionalStream (the container's "
+    "/invocations-bidirectional-stream WebSocket route), or InvokeEndpoint in a "
+    "stateful session (X-Amzn-SageMaker-Session-Id) with chunks under the limit"
+)
 
 
 def invoke_timeout_s(env=None) -> float:
     e = os.environ if env is None else env
     t = float(e.get("STREAMASR_INVOKE_TIMEOUT", INVOKE_TIMEOUT_S))
     if not 0 < t < SAGEMAKER_INVOKE_TIMEOUT_S:
-        raise ValueError(f"STREAMASR_INVOKE_TIMEOUT={t}: must be above 0 and under "
-                         f"SageMaker's {SAGEMAKER_INVOKE_TIMEOUT_S:.0f} s InvokeEndpoint limit")
+        raise ValueError(
+            f"STREAMASR_INVOKE_TIMEOUT={t}: must be above 0 and under "
+            f"SageMaker's {SAGEMAKER_INVOKE_TIMEOUT_S:.0f} s InvokeEndpoint limit"
+        )
     return t
 
 
@@ -64,13 +71,17 @@ BODY_READ_BYTES = 64 * 1024
 
 def _too_large(size: int, limit: int) -> web.Response:
     return web.json_response(
-        {"type": "Error", "code": "payload_too_large",
-         "message": f"request body of {size} bytes is over SageMaker's InvokeEndpoint limit "
-                    f"of {limit} bytes (6 MB); {STREAMING_HINT}"}, status=413)
+        {
+            "type": "Error",
+            "code": "payload_too_large",
+            "message": f"request body of {size} bytes is over SageMaker's InvokeEndpoint limit "
+            f"of {limit} bytes (6 MB); {STREAMING_HINT}",
+        },
+        status=413,
+    )
 
 
-def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES,
-                      timeout_s: float | None = None):
+def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES, timeout_s: float | None = None):
     """aiohttp middleware: the 6 MB body limit and the < 60 s deadline on /invocations."""
     timeout_s = invoke_timeout_s() if timeout_s is None else timeout_s
 
@@ -79,45 +90,56 @@ def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES,
         if request.path != INVOCATIONS_PATH or request.method != "POST":
             return await handler(request)
         if request.content_length is not None and request.content_length > max_body_bytes:
-            log.info("invocations: refused a %d-byte body (limit %d)", request.content_length,
-                     max_body_bytes)
+            log.info(
+                "invocations: refused a %d-byte body (limit %d)",
+                request.content_length,
+                max_body_bytes,
+            )
             return _too_large(request.content_length, max_body_bytes)
-        if request.content_length is None:   # chunked: read in pieces, stop at the limit
+        if request.content_length is None:  # chunked: read in pieces, stop at the limit
             parts, size = [], 0
             async for part in request.content.iter_chunked(BODY_READ_BYTES):
                 size += len(part)
                 if size > max_body_bytes:
                     log.info("invocations: refused a chunked body over %d bytes", max_body_bytes)
                     resp = _too_large(size, max_body_bytes)
-                    resp.force_close()   # do not read the rest
+                    resp.force_close()  # do not read the rest
                     return resp
                 parts.append(part)
-            request[READ_BODY_KEY] = b"".join(parts)   # the handler takes it from here
+            request[READ_BODY_KEY] = b"".join(parts)  # the handler takes it from here
         try:
             return await asyncio.wait_for(handler(request), timeout_s)
         except asyncio.TimeoutError:
             log.warning("invocations: no answer after %.0f s; gave up", timeout_s)
             return web.json_response(
-                {"type": "Error", "code": "timeout",
-                 "message": f"no result after {timeout_s:.0f} s (SageMaker ends InvokeEndpoint "
-                            f"calls at {SAGEMAKER_INVOKE_TIMEOUT_S:.0f} s): send shorter audio "
-                            f"or {STREAMING_HINT}"}, status=504)
+                {
+                    "type": "Error",
+                    "code": "timeout",
+                    "message": f"no result after {timeout_s:.0f} s (SageMaker ends InvokeEndpoint "
+                    f"calls at {SAGEMAKER_INVOKE_TIMEOUT_S:.0f} s): send shorter audio "
+                    f"or {STREAMING_HINT}",
+                },
+                status=504,
+            )
 
     return middleware
 
 
 async def _drain_stream(ws_session: "WsSession", deadline: float) -> None:
-    ws_session.draining = True            # audio still queued in the socket is dropped
+    ws_session.draining = True  # audio still queued in the socket is dropped
     s = ws_session.session
     try:
-        if s is not None and not s._closed and s._sent:
-            s.close()                     # END: the open utterance comes back as a final
+        if s is not None and not s.closed and s.started:
+            s.close()  # END: the open utterance comes back as a final
             await asyncio.to_thread(s.wait, max(0.0, deadline - time.monotonic()))
             # the last results are on their way to the socket: let the writer send them
-            while time.monotonic() < deadline and not ws_session.ws.closed and (
-                    ws_session.received < len(s.messages) or not ws_session.out.empty()):
+            while (
+                time.monotonic() < deadline
+                and not ws_session.ws.closed
+                and (ws_session.received < len(s.messages) or not ws_session.out.empty())
+            ):
                 await asyncio.sleep(0.01)
-    except Exception as exc:              # a stream that fails to drain still gets closed
+    except Exception as exc:  # a stream that fails to drain still gets closed
         log.warning("ws %s: drain: %s", ws_session.id, exc)
     if not ws_session.ws.closed:
         await ws_session.ws.close(code=GOING_AWAY, message=b"server shutting down")
@@ -131,8 +153,8 @@ async def drain(gw: "Gateway", budget_s: float = DRAIN_S) -> None:
     log.info("shutdown: draining %d open stream(s) within %.0f s", len(streams), budget_s)
     deadline = time.monotonic() + budget_s
     done, pending = await asyncio.wait(
-        [asyncio.create_task(_drain_stream(w, deadline)) for w in streams],
-        timeout=budget_s + 1.0)
+        [asyncio.create_task(_drain_stream(w, deadline)) for w in streams], timeout=budget_s + 1.0
+    )
     for t in pending:
         t.cancel()
     log.info("shutdown: %d stream(s) drained, %d cut", len(done), len(pending))

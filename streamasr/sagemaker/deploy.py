@@ -15,8 +15,9 @@ endpoint ``<name>``, variant ``AllTraffic``.  Data capture stays off unless
 registered only once the endpoint is InService (``RegisterScalableTarget`` fails on an
 endpoint that is still Creating), with or without ``--wait``.  ``base-image`` prints the
 SageMaker Triton base image (or ``docker build`` arguments) for a region: the registry
-account differs between regions (streamasr/sagemaker_images.py).
+account differs between regions (streamasr/sagemaker/images.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from streamasr import admission
+from .. import admission
+from ..cli import argument_parser
 
 log = logging.getLogger("streamasr.deploy")
 
@@ -42,8 +44,21 @@ INVOCATIONS_METRIC = "SageMakerVariantInvocationsPerInstance"
 # reference, CreateEndpointConfig, KmsKeyId; the families are those whose EC2 twins have
 # instance store volumes).  Families with a "d" attribute (m5d, c6id, g4dn, p4de, ...) have
 # it by naming convention; these have it without the letter.
-LOCAL_STORAGE_FAMILIES = {"g5", "g6", "g6e", "gr6", "p5", "p5e", "p5en", "p6-b200", "p6e-gb200",
-                          "trn1", "trn1n", "trn2", "x2iedn"}
+LOCAL_STORAGE_FAMILIES = {
+    "g5",
+    "g6",
+    "g6e",
+    "gr6",
+    "p5",
+    "p5e",
+    "p5en",
+    "p6-b200",
+    "p6e-gb200",
+    "trn1",
+    "trn1n",
+    "trn2",
+    "x2iedn",
+}
 # AWS's default waiter polls DescribeEndpoint every 30 s (up to 120 times).
 WAITER_DELAY_S = 30
 WAITER_MAX_ATTEMPTS = 120
@@ -51,8 +66,8 @@ WAITER_MAX_ATTEMPTS = 120
 
 @dataclass
 class Call:
-    service: str                  # boto3 client name
-    operation: str                # snake_case method
+    service: str  # boto3 client name
+    operation: str  # snake_case method
     params: dict[str, Any]
     # error codes that mean "already in the wanted state" (teardown of absent things)
     tolerate: tuple[str, ...] = field(default=())
@@ -60,7 +75,9 @@ class Call:
     needs_in_service: bool = False
 
     def render(self) -> str:
-        return f"{self.service}.{self.operation}({json.dumps(self.params, indent=2, sort_keys=True)})"
+        return (
+            f"{self.service}.{self.operation}({json.dumps(self.params, indent=2, sort_keys=True)})"
+        )
 
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
@@ -74,8 +91,7 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 
 
 def container_environment(a: argparse.Namespace) -> dict[str, str]:
-    env = {"SAGEMAKER_TRITON_LOG_VERBOSE": "false",
-           "STREAMASR_LOG_LEVEL": "INFO"}
+    env = {"SAGEMAKER_TRITON_LOG_VERBOSE": "false", "STREAMASR_LOG_LEVEL": "INFO"}
     if a.grpc:
         env["SAGEMAKER_TRITON_ALLOW_GRPC"] = "true"
         env["SAGEMAKER_TRITON_GRPC_PORT"] = str(a.grpc_port)
@@ -102,37 +118,53 @@ def plan_create(a: argparse.Namespace) -> list[Call]:
             f"--kms-key cannot be used with {a.instance_type}: it has local NVMe instance "
             "storage, which Nitro encrypts in hardware, and CreateEndpointConfig rejects a "
             "KmsKeyId for such instance types; drop --kms-key (use --data-capture-kms-key "
-            "to encrypt captured data) or choose an instance type without local storage")
+            "to encrypt captured data) or choose an instance type without local storage"
+        )
     container: dict[str, Any] = {"Image": a.image, "Environment": container_environment(a)}
     if a.model_data_url:
         container["ModelDataUrl"] = a.model_data_url
-    model: dict[str, Any] = {"ModelName": a.name, "ExecutionRoleArn": a.role,
-                             "PrimaryContainer": container}
+    model: dict[str, Any] = {
+        "ModelName": a.name,
+        "ExecutionRoleArn": a.role,
+        "PrimaryContainer": container,
+    }
     if a.subnets or a.security_groups:
         if not (a.subnets and a.security_groups):
             raise ValueError("VPC mode needs both --subnets and --security-groups")
-        model["VpcConfig"] = {"Subnets": a.subnets.split(","),
-                              "SecurityGroupIds": a.security_groups.split(",")}
+        model["VpcConfig"] = {
+            "Subnets": a.subnets.split(","),
+            "SecurityGroupIds": a.security_groups.split(","),
+        }
     if a.network_isolation:
         model["EnableNetworkIsolation"] = True
-    variant = {"VariantName": VARIANT, "ModelName": a.name, "InstanceType": a.instance_type,
-               "InitialInstanceCount": a.count, "InitialVariantWeight": 1.0,
-               "ContainerStartupHealthCheckTimeoutInSeconds": a.startup_timeout}
+    variant = {
+        "VariantName": VARIANT,
+        "ModelName": a.name,
+        "InstanceType": a.instance_type,
+        "InitialInstanceCount": a.count,
+        "InitialVariantWeight": 1.0,
+        "ContainerStartupHealthCheckTimeoutInSeconds": a.startup_timeout,
+    }
     epc: dict[str, Any] = {"EndpointConfigName": a.name, "ProductionVariants": [variant]}
     if a.kms_key:
         epc["KmsKeyId"] = a.kms_key
     if a.data_capture_s3:
         epc["DataCaptureConfig"] = {
-            "EnableCapture": True, "InitialSamplingPercentage": a.data_capture_percent,
+            "EnableCapture": True,
+            "InitialSamplingPercentage": a.data_capture_percent,
             "DestinationS3Uri": a.data_capture_s3,
-            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]}
+            "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}],
+        }
         capture_key = a.data_capture_kms_key or a.kms_key
         if capture_key:
             epc["DataCaptureConfig"]["KmsKeyId"] = capture_key
-    calls = [Call("sagemaker", "create_model", model),
-             Call("sagemaker", "create_endpoint_config", epc),
-             Call("sagemaker", "create_endpoint",
-                  {"EndpointName": a.name, "EndpointConfigName": a.name})]
+    calls = [
+        Call("sagemaker", "create_model", model),
+        Call("sagemaker", "create_endpoint_config", epc),
+        Call(
+            "sagemaker", "create_endpoint", {"EndpointName": a.name, "EndpointConfigName": a.name}
+        ),
+    ]
     if a.autoscale_max:
         calls += plan_autoscaling(a)
     return calls
@@ -145,48 +177,77 @@ def plan_autoscaling(a: argparse.Namespace) -> list[Call]:
     target = a.target_concurrency if a.scale_on == "concurrency" else a.target_invocations
     rid = resource_id(a.name)
     return [
-        Call("application-autoscaling", "register_scalable_target",
-             {"ServiceNamespace": "sagemaker", "ResourceId": rid,
-              "ScalableDimension": SCALABLE_DIMENSION,
-              "MinCapacity": a.autoscale_min, "MaxCapacity": a.autoscale_max},
-             needs_in_service=True),
-        Call("application-autoscaling", "put_scaling_policy",
-             {"PolicyName": f"{a.name}-{a.scale_on}", "ServiceNamespace": "sagemaker",
-              "ResourceId": rid, "ScalableDimension": SCALABLE_DIMENSION,
-              "PolicyType": "TargetTrackingScaling",
-              "TargetTrackingScalingPolicyConfiguration": {
-                  "TargetValue": float(target),
-                  "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
-                  # streams are long: scale out fast, in slowly
-                  "ScaleOutCooldown": 60, "ScaleInCooldown": 600}}),
+        Call(
+            "application-autoscaling",
+            "register_scalable_target",
+            {
+                "ServiceNamespace": "sagemaker",
+                "ResourceId": rid,
+                "ScalableDimension": SCALABLE_DIMENSION,
+                "MinCapacity": a.autoscale_min,
+                "MaxCapacity": a.autoscale_max,
+            },
+            needs_in_service=True,
+        ),
+        Call(
+            "application-autoscaling",
+            "put_scaling_policy",
+            {
+                "PolicyName": f"{a.name}-{a.scale_on}",
+                "ServiceNamespace": "sagemaker",
+                "ResourceId": rid,
+                "ScalableDimension": SCALABLE_DIMENSION,
+                "PolicyType": "TargetTrackingScaling",
+                "TargetTrackingScalingPolicyConfiguration": {
+                    "TargetValue": float(target),
+                    "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
+                    # streams are long: scale out fast, in slowly
+                    "ScaleOutCooldown": 60,
+                    "ScaleInCooldown": 600,
+                },
+            },
+        ),
     ]
 
 
 def plan_delete(a: argparse.Namespace) -> list[Call]:
     gone = ("ValidationException", "ObjectNotFoundException", "ResourceNotFound")
     return [
-        Call("application-autoscaling", "deregister_scalable_target",
-             {"ServiceNamespace": "sagemaker", "ResourceId": resource_id(a.name),
-              "ScalableDimension": SCALABLE_DIMENSION}, tolerate=gone),
+        Call(
+            "application-autoscaling",
+            "deregister_scalable_target",
+            {
+                "ServiceNamespace": "sagemaker",
+                "ResourceId": resource_id(a.name),
+                "ScalableDimension": SCALABLE_DIMENSION,
+            },
+            tolerate=gone,
+        ),
         Call("sagemaker", "delete_endpoint", {"EndpointName": a.name}, tolerate=gone),
-        Call("sagemaker", "delete_endpoint_config", {"EndpointConfigName": a.name},
-             tolerate=gone),
+        Call("sagemaker", "delete_endpoint_config", {"EndpointConfigName": a.name}, tolerate=gone),
         Call("sagemaker", "delete_model", {"ModelName": a.name}, tolerate=gone),
     ]
 
 
-def wait_in_service(client, name: str, delay_s: float = WAITER_DELAY_S,
-                    max_attempts: int = WAITER_MAX_ATTEMPTS) -> None:
+def wait_in_service(
+    client, name: str, delay_s: float = WAITER_DELAY_S, max_attempts: int = WAITER_MAX_ATTEMPTS
+) -> None:
     """boto3's ``endpoint_in_service`` waiter (DescribeEndpoint until InService; fails
     at once on Failed)."""
     log.info("waiting for endpoint %s to be InService", name)
     client.get_waiter("endpoint_in_service").wait(
-        EndpointName=name, WaiterConfig={"Delay": delay_s, "MaxAttempts": max_attempts})
+        EndpointName=name, WaiterConfig={"Delay": delay_s, "MaxAttempts": max_attempts}
+    )
 
 
-def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run: bool,
-            out: TextIO, wait: Callable[[Any], None] | None = None,
-            wait_before: Callable[[Any], None] | None = None) -> list[Any]:
+def execute(
+    calls: list[Call],
+    client_for: Callable[[str], Any] | None,
+    dry_run: bool,
+    out: TextIO,
+    wait: Callable[[Any], None] | None = None,
+    wait_before: Callable[[Any], None] | None = None,
+) -> list[Any]:
     """Run (or with dry_run only print) the calls in order; returns the responses.
     ``wait_before(sagemaker_client)`` runs once before the first call that needs the
     endpoint InService; ``wait(sagemaker_client)`` after create_endpoint (``--wait``)."""
@@ -198,11 +259,13 @@ def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run:
         if c.needs_in_service and not in_service:
             out.write(("DRY RUN " if dry_run else "") + "wait until the endpoint is InService\n")
             if not dry_run and wait_before is not None:
+                assert client_for is not None
                 wait_before(client_for("sagemaker"))
             in_service = True
         out.write(("DRY RUN " if dry_run else "") + c.render() + "\n")
         if dry_run:
             continue
+        assert client_for is not None  # only a dry run goes without clients
         client = client_for(c.service)
         try:
             results.append(getattr(client, c.operation)(**c.params))
@@ -220,65 +283,105 @@ def execute(calls: list[Call], client_for: Callable[[str], Any] | None, dry_run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="docker/deploy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser("docker/deploy", __doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--region", default=None, help="AWS region (default: boto3's)")
-    common.add_argument("--dry-run", action="store_true",
-                        help="print every API call and its arguments; call nothing")
+    common.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print every API call and its arguments; call nothing",
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("create", parents=[common],
-                       help="model + endpoint config + endpoint (+ autoscaling)")
+    c = sub.add_parser(
+        "create", parents=[common], help="model + endpoint config + endpoint (+ autoscaling)"
+    )
     c.add_argument("--name", required=True)
     c.add_argument("--image", required=True, help="ECR URI of the image built from Dockerfile")
     c.add_argument("--role", required=True, help="SageMaker execution role ARN")
     c.add_argument("--instance-type", default="ml.g5.xlarge")
     c.add_argument("--count", type=int, default=1)
-    c.add_argument("--model-data-url", default=None,
-                   help="s3://.../model.tar.gz to replace the baked-in /opt/ml/model")
-    c.add_argument("--kms-key", default=None,
-                   help="KMS key for the instance's EBS storage volume (refused for instance "
-                        "types with local NVMe storage, e.g. ml.g5/ml.g6)")
-    c.add_argument("--data-capture-kms-key", default=None,
-                   help="KMS key for captured data in S3 (default: --kms-key)")
+    c.add_argument(
+        "--model-data-url",
+        default=None,
+        help="s3://.../model.tar.gz to replace the baked-in /opt/ml/model",
+    )
+    c.add_argument(
+        "--kms-key",
+        default=None,
+        help="KMS key for the instance's EBS storage volume (refused for instance "
+        "types with local NVMe storage, e.g. ml.g5/ml.g6)",
+    )
+    c.add_argument(
+        "--data-capture-kms-key",
+        default=None,
+        help="KMS key for captured data in S3 (default: --kms-key)",
+    )
     c.add_argument("--subnets", default=None, help="comma-separated subnet ids (VPC mode)")
     c.add_argument("--security-groups", default=None, help="comma-separated SG ids")
     c.add_argument("--network-isolation", action="store_true")
-    c.add_argument("--grpc", action="store_true",
-                   help="open Triton's gRPC port to the VPC (SAGEMAKER_TRITON_ALLOW_GRPC)")
+    c.add_argument(
+        "--grpc",
+        action="store_true",
+        help="open Triton's gRPC port to the VPC (SAGEMAKER_TRITON_ALLOW_GRPC)",
+    )
     c.add_argument("--grpc-port", type=int, default=8001)
-    c.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="extra container environment (repeatable)")
-    c.add_argument("--startup-timeout", type=int, default=900,
-                   help="ContainerStartupHealthCheckTimeoutInSeconds")
-    c.add_argument("--data-capture-s3", default=None,
-                   help="turn data capture ON to this S3 prefix (stores audio + transcripts)")
+    c.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra container environment (repeatable)",
+    )
+    c.add_argument(
+        "--startup-timeout",
+        type=int,
+        default=900,
+        help="ContainerStartupHealthCheckTimeoutInSeconds",
+    )
+    c.add_argument(
+        "--data-capture-s3",
+        default=None,
+        help="turn data capture ON to this S3 prefix (stores audio + transcripts)",
+    )
     c.add_argument("--data-capture-percent", type=int, default=100)
     c.add_argument("--autoscale-min", type=int, default=1)
     c.add_argument("--autoscale-max", type=int, default=0, help="0: no autoscaling")
     c.add_argument("--scale-on", choices=("concurrency", "invocations"), default="concurrency")
-    c.add_argument("--target-concurrency", type=float, default=admission.autoscale_target(),
-                   help="concurrent sessions per instance to aim for (default: "
-                        f"{admission.AUTOSCALE_TARGET_SHARE:g} x the admission limit "
-                        f"{admission.MEASURED_STREAMS_HELD}; set it from the instance type's "
-                        "measured limit, STREAMASR_MAX_ACTIVE_STREAMS)")
-    c.add_argument("--target-invocations", type=float, default=600.0,
-                   help="invocations per instance per minute to aim for")
+    # the scaling target of each --scale-on metric
+    for flag, default, what in (
+        (
+            "--target-concurrency",
+            admission.autoscale_target(),
+            f"concurrent sessions per instance to aim for (default: "
+            f"{admission.AUTOSCALE_TARGET_SHARE:g} x the admission limit "
+            f"{admission.MEASURED_STREAMS_HELD}; set it from the instance type's measured "
+            "limit, STREAMASR_MAX_ACTIVE_STREAMS)",
+        ),
+        ("--target-invocations", 600.0, "invocations per instance per minute to aim for"),
+    ):
+        c.add_argument(flag, type=float, default=default, help=what)
     c.add_argument("--wait", action="store_true", help="wait until the endpoint is InService")
-    d = sub.add_parser("delete", parents=[common],
-                       help="autoscaling target, endpoint, endpoint config, model")
+    d = sub.add_parser(
+        "delete", parents=[common], help="autoscaling target, endpoint, endpoint config, model"
+    )
     d.add_argument("--name", required=True)
-    b = sub.add_parser("base-image", parents=[common],
-                       help="the SageMaker Triton base image for a region (or build args)")
-    b.add_argument("--triton-tag", default=None,
-                   help="sagemaker-tritonserver tag (default: the Dockerfile's)")
-    b.add_argument("--build-args", action="store_true",
-                   help="print `docker build` --build-arg flags instead of the URI")
+    b = sub.add_parser(
+        "base-image",
+        parents=[common],
+        help="the SageMaker Triton base image for a region (or build args)",
+    )
+    b.add_argument(
+        "--triton-tag", default=None, help="sagemaker-tritonserver tag (default: the Dockerfile's)"
+    )
+    b.add_argument(
+        "--build-args",
+        action="store_true",
+        help="print `docker build` --build-arg flags instead of the URI",
+    )
     return p.parse_args(argv)
 
 
 def base_image_command(a: argparse.Namespace, out: TextIO) -> int:
-    from streamasr import sagemaker_images as images
+    from . import images
 
     region = a.region
     if region is None:
@@ -322,8 +425,14 @@ def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     def wait(client) -> None:
         wait_in_service(client, a.name)
 
-    execute(calls, client_for, a.dry_run, out,
-            wait if getattr(a, "wait", False) else None, wait_before=wait)
+    execute(
+        calls,
+        client_for,
+        a.dry_run,
+        out,
+        wait if getattr(a, "wait", False) else None,
+        wait_before=wait,
+    )
     return 0
 
 

@@ -1,0 +1,130 @@
+"""The wire protocol between streamasr's server side and its clients, in one place.
+
+Both sides import this module and nothing else of each other: the Triton model names a
+client calls, the model contract (chunk geometry and features), the SageMaker
+container's routes and headers, 16-bit PCM scaling, and typed accessors for the result
+messages the decoder sends (``{"type": "Results", "is_final": ..., "channel":
+{"alternatives": [{"transcript", "confidence", "words"}]}}``).
+
+It imports only the standard library (and ``streamasr.contract``, which does too), so
+a client installs no server dependency to use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from streamasr.contract import ContractError, FeatureSpec, ModelContract
+
+__all__ = [
+    "BUSY_CODE",
+    "CAPACITY_MARKER",
+    "CLOSED_SESSION_HEADER",
+    "CONTRACT_MODEL",
+    "CONTROL_MESSAGES",
+    "CUSTOM_ATTRIBUTES_HEADER",
+    "ContractError",
+    "FeatureSpec",
+    "INVOCATIONS_PATH",
+    "is_capacity_refusal",
+    "RETRY_AFTER_S",
+    "WS_TRY_AGAIN_LATER",
+    "ModelContract",
+    "NEW_SESSION",
+    "NEW_SESSION_HEADER",
+    "OFFLINE_MODEL",
+    "PCM16_FULL_SCALE",
+    "SESSION_HEADER",
+    "STREAM_MODEL",
+    "TWO_PASS_MODEL",
+    "WS_PATH",
+    "alternative",
+    "final_text",
+    "finals",
+    "is_final",
+    "is_results",
+    "pcm16_to_float",
+    "transcript",
+    "words",
+]
+
+# -- Triton models a client calls ------------------------------------------------------
+STREAM_MODEL = "streaming_asr"
+#: The same stream protocol with finals re-decoded by Whisper (two-pass finals).
+TWO_PASS_MODEL = "streaming_asr_two_pass"
+CONTRACT_MODEL = "model_contract"
+OFFLINE_MODEL = "offline_asr"
+
+# -- the SageMaker container's routes and headers --------------------------------------
+INVOCATIONS_PATH = "/invocations"
+#: SageMaker's bidirectional-stream route (a WebSocket to the container).
+WS_PATH = "/invocations-bidirectional-stream"
+SESSION_HEADER = "X-Amzn-SageMaker-Session-Id"
+NEW_SESSION_HEADER = "X-Amzn-SageMaker-New-Session-Id"
+CLOSED_SESSION_HEADER = "X-Amzn-SageMaker-Closed-Session-Id"
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+#: The session id a client sends to open a stateful session.
+NEW_SESSION = "NEW_SESSION"
+#: Text control messages on the WebSocket route (``{"type": ...}``).
+CONTROL_MESSAGES = ("Finalize", "KeepAlive", "CloseStream")
+
+#: A START refused by admission control (the server holds its limit of streams): the
+#: error message starts with this; retry later.  Triton status UNAVAILABLE; the gateway
+#: sends an Error with code BUSY_CODE, then WebSocket close 1013 (HTTP: 503).
+CAPACITY_MARKER = "server at capacity"
+BUSY_CODE = "busy"
+#: WebSocket close code "Try Again Later" (RFC 6455 registry) for a refused START.
+WS_TRY_AGAIN_LATER = 1013
+#: Seconds a refused HTTP client is asked to wait (Retry-After).
+RETRY_AFTER_S = 1
+
+
+def is_capacity_refusal(message: str | None) -> bool:
+    """True when a server error message is an admission refusal (retry later)."""
+    return message is not None and CAPACITY_MARKER in message
+
+
+# -- audio -------------------------------------------------------------------------------
+#: 16-bit PCM sample ``s`` is the float ``s / PCM16_FULL_SCALE`` in [-1, 1).
+PCM16_FULL_SCALE = 32768.0
+
+
+def pcm16_to_float(samples: Any, dtype: str = "float32") -> Any:
+    """A numpy int16 array as floats in [-1, 1) (``dtype``: float32 or float64)."""
+    return samples.astype(dtype) / PCM16_FULL_SCALE
+
+
+# -- result messages ---------------------------------------------------------------------
+Message = Mapping[str, Any]
+M = TypeVar("M", bound=Message)
+
+
+def is_results(message: Message) -> bool:
+    return message.get("type") == "Results"
+
+
+def is_final(message: Message) -> bool:
+    return is_results(message) and bool(message.get("is_final"))
+
+
+def alternative(message: Message) -> dict[str, Any]:
+    """The best (and only) alternative of a Results message."""
+    return message["channel"]["alternatives"][0]
+
+
+def transcript(message: Message) -> str:
+    return alternative(message)["transcript"]
+
+
+def words(message: Message) -> list[dict[str, Any]]:
+    return alternative(message)["words"]
+
+
+def finals(messages: Iterable[M]) -> list[M]:
+    return [m for m in messages if is_final(m)]
+
+
+def final_text(messages: Iterable[Message]) -> str:
+    """The finals' transcripts joined by spaces (empty finals skipped)."""
+    return " ".join(t for t in (transcript(m) for m in finals(messages)) if t)

@@ -1,0 +1,358 @@
+"""The WebSocket route (SageMaker's bidirectional stream): one WebSocket session = one
+Triton sequence on the gateway's shared gRPC stream; the protocol is in http.py's module
+documentation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from streamasr import protocol
+from streamasr_client.audio import resample
+from streamasr_client.stream import AsrError, Session
+
+from .audio import ENCODINGS, decode_pcm, parse_channels, parse_encoding, parse_sample_rate
+
+if TYPE_CHECKING:
+    from .http import Gateway
+
+log = logging.getLogger("streamasr.gateway")
+
+
+# Query keys the gateway itself reads; everything else is a per-stream decoder option.
+GATEWAY_KEYS = {"encoding", "sample_rate", "channels", "two_pass"}
+
+
+async def wait_session(s: Session, timeout: float) -> None:
+    """``Session.wait`` without a thread: wake on each answer (a session listener)
+    instead of parking one of a few pool threads per session until its last answer."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def listener() -> None:
+        loop.call_soon_threadsafe(changed.set)
+
+    s.add_listener(listener)
+    deadline = loop.time() + timeout
+    try:
+        while s.pending > 0 and s.failed is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"session {s.sequence_id}: {s.pending} responses missing after {timeout} s"
+                )
+            changed.clear()
+            if s.pending <= 0 or s.failed is not None:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        s.remove_listener(listener)
+    if s.failed is not None:
+        raise AsrError(s.failed)
+
+
+class ProtocolError(Exception):
+    """Ends a WebSocket session: an Error frame (unless ``notified``: the client has the
+    error already) and a close code."""
+
+    def __init__(self, code: str, message: str, close_code: int = 1008, notified: bool = False):
+        super().__init__(message)
+        self.code, self.close_code, self.notified = code, close_code, notified
+
+
+class WsSession:
+    """One WebSocket = one Triton sequence."""
+
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, query: dict[str, str]):
+        self.gw, self.ws, self.cfg = gw, ws, gw.cfg
+        self.query = query
+        self.encoding = "linear16"
+        self.sample_rate: int | None = None
+        self.channels = 1
+        self.two_pass = query.get("two_pass")  # None: the gateway's default
+        self.options: dict[str, Any] = {k: v for k, v in query.items() if k not in GATEWAY_KEYS}
+        self.session: Session | None = None
+        self.loop = asyncio.get_running_loop()
+        self.out: asyncio.Queue = asyncio.Queue()
+        self.started: asyncio.Future = self.loop.create_future()  # the START's answer
+        self.overflow = False
+        self.remainder = b""
+        self.received = 0  # messages handed to us by the reader thread
+        self.audio_bytes = 0
+        self.id = "-"
+        self.draining = False  # set by the shutdown drain: further input is ignored
+
+    def _set_format(self, source: dict, where: str) -> None:
+        """encoding / sample_rate / channels from the query or a Configure message."""
+        try:
+            if "encoding" in source:
+                self.encoding = parse_encoding(source["encoding"])
+            if "sample_rate" in source:
+                self.sample_rate = parse_sample_rate(source["sample_rate"])
+            if "channels" in source:
+                self.channels = parse_channels(source["channels"])
+        except ValueError as exc:
+            raise ProtocolError("bad_request", f"{where}: {exc}") from None
+
+    # results arrive on the connection's reader thread
+    def _on_message(self, m: dict) -> None:
+        self.loop.call_soon_threadsafe(self._enqueue, m)
+
+    def _on_start(self, error: str | None) -> None:
+        def settle() -> None:
+            if not self.started.done():
+                self.started.set_result(error)
+
+        self.loop.call_soon_threadsafe(settle)
+
+    def _enqueue(self, m: dict) -> None:
+        self.received += 1
+        if self.out.qsize() >= self.cfg.max_outgoing_messages:
+            self.overflow = True
+            return
+        self.out.put_nowait(m)
+
+    async def _writer(self) -> None:
+        while True:
+            m = await self.out.get()
+            if m is None:
+                return
+            await self.ws.send_str(json.dumps(m, ensure_ascii=False))
+
+    def _configure(self, msg: dict) -> None:
+        if self.session is not None and self.session.started:
+            raise ProtocolError("bad_request", "Configure must come before any audio")
+        self._set_format(msg, "Configure")
+        self.two_pass = msg.get("two_pass", self.two_pass)
+        options = msg.get("options") or {}
+        if not isinstance(options, dict):
+            raise ProtocolError(
+                "bad_request",
+                "Configure: options must be a JSON object "
+                f"of decoder options, got {type(options).__name__}",
+            )
+        self.options.update(options)
+
+    async def _open(self) -> Session:
+        if self.session is None:
+            contract = await self.gw.contract()
+            self.model_rate = contract.sample_rate
+            if self.sample_rate is None:
+                self.sample_rate = self.model_rate
+            try:
+                model = self.cfg.stream_model(self.two_pass)
+            except ValueError as exc:
+                raise ProtocolError("bad_request", str(exc)) from None
+            conn = self.gw.backend.connection()  # made once, no I/O
+            self.session = conn.open_session(self.options, on_message=self._on_message, model=model)
+            self.session.on_start = self._on_start
+            self.id = str(self.session.sequence_id)
+            log.info(
+                "ws %s: opened (encoding %s, %d Hz, %d options)",
+                self.id,
+                self.encoding,
+                self.sample_rate,
+                len(self.options),
+            )
+        return self.session
+
+    async def _accepted(self) -> None:
+        """Once START has been sent: wait for Triton's answer to it; a refused START ends
+        the session with that error (the client has it already) instead of carrying on
+        with requests for a stream that does not exist."""
+        s = self.session
+        if s is None or not s.started:
+            return
+        try:
+            error = await asyncio.wait_for(asyncio.shield(self.started), self.cfg.close_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no answer to the START request after {self.cfg.close_timeout_s:g} s"
+            ) from None
+        if s.failed is not None:
+            raise AsrError(s.failed)  # lost with a broken stream, not refused
+        if s.refused is not None:  # admission control: retry later
+            raise ProtocolError(
+                protocol.BUSY_CODE, s.refused, close_code=protocol.WS_TRY_AGAIN_LATER, notified=True
+            )
+        if error is not None:
+            raise ProtocolError("start_refused", error, notified=True)
+
+    async def _check_flood(self) -> None:
+        """Wait (not reading the socket) while too many chunks are in flight; a client
+        still ahead of the model after flood_timeout_s is flooding."""
+        s = self.session
+        assert s is not None  # opened before any audio
+        deadline = time.monotonic() + self.cfg.flood_timeout_s
+        while s.pending >= self.cfg.max_pending_requests:
+            if time.monotonic() >= deadline:
+                raise ProtocolError(
+                    "backpressure",
+                    f"{s.pending} audio chunks still waiting for the model after "
+                    f"{self.cfg.flood_timeout_s:.0f} s (limit {self.cfg.max_pending_requests}):"
+                    f" send audio no faster than the model transcribes it",
+                )
+            await asyncio.sleep(0.005)
+        if self.overflow:
+            raise ProtocolError("backpressure", "client is not reading results fast enough")
+
+    async def _audio(self, data: bytes) -> None:
+        if self.draining:
+            return
+        s = await self._open()
+        await self._accepted()
+        await self._check_flood()
+        if self.draining:  # the drain ENDed the sequence while this waited
+            return
+        width = np.dtype(ENCODINGS[self.encoding][0]).itemsize * self.channels
+        data = self.remainder + data
+        cut = len(data) - len(data) % width
+        self.remainder = data[cut:]
+        if not cut:
+            return
+        # The size that matters is what goes to Triton, after resampling: bounded by
+        # duration, checked before resampling allocates it.
+        rate = self.sample_rate
+        assert rate is not None  # _open settled the format
+        seconds = cut // width / rate
+        if seconds > self.cfg.max_frame_seconds:
+            raise ProtocolError(
+                "frame_too_large",
+                f"a frame of {cut} bytes holds {seconds:.1f} s of audio at "
+                f"{self.sample_rate} Hz ({self.encoding}, {self.channels} channel(s)); "
+                f"the limit is {self.cfg.max_frame_seconds:g} s of audio per frame",
+            )
+        audio = resample(
+            decode_pcm(data[:cut], self.encoding, self.channels), rate, self.model_rate
+        )
+        self.audio_bytes += cut
+        s.send(audio)
+
+    async def _control(self, text: str) -> bool:
+        """Handle a text frame; True when the client asked to close."""
+        if self.draining:
+            return False
+        try:
+            msg = json.loads(text)
+            kind = msg["type"]
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError(
+                "bad_request", 'text frames must be JSON objects with a "type"'
+            ) from None
+        if kind == "Configure":
+            self._configure(msg)
+        elif kind == "Finalize":
+            s = await self._open()
+            await self._accepted()
+            s.finalize()
+        elif kind == "KeepAlive":
+            s = await self._open()
+            await self._accepted()
+            s.keepalive()
+        elif kind == "CloseStream":
+            return True
+        else:
+            raise ProtocolError("bad_request", f"unknown message type {kind!r}")
+        return False
+
+    async def _finish(self) -> None:
+        """END the sequence and wait for its last responses."""
+        s = self.session
+        if s is None or s.closed:
+            return
+        if not s.started:
+            # Nothing was ever sent: there is no sequence to end.
+            return
+        await self._accepted()
+        s.close()
+        await wait_session(s, self.cfg.close_timeout_s)
+        # The reader thread schedules each message's _enqueue (call_soon_threadsafe) before
+        # it counts the answer, but wait_session can see the count reach 0 without yielding
+        # to the loop: one yield runs the _enqueue callbacks already scheduled, so the last
+        # final is queued before run() queues the writer's end marker (under load it was
+        # lost: test_websocket_stream_equals_invocations).
+        await asyncio.sleep(0)
+
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer())
+        close_code, reason = 1000, ""
+        client_gone = False
+        try:
+            self._set_format(self.query, "query string")
+            async for msg in self.ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self._audio(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    if await self._control(msg.data):
+                        break
+                elif msg.type == WSMsgType.ERROR:
+                    log.warning("ws %s: transport error %s", self.id, self.ws.exception())
+                    client_gone = True
+                    break
+            else:
+                client_gone = True  # the client closed the socket
+            await self._finish()
+        except ProtocolError as exc:
+            log.warning("ws %s: closing, %s", self.id, exc.code)
+            if not exc.notified:
+                self._enqueue_error(exc.code, str(exc))
+            close_code, reason = exc.close_code, exc.code
+        except (AsrError, TimeoutError) as exc:
+            log.error("ws %s: backend failure: %s", self.id, exc)
+            self._enqueue_error("backend", str(exc))
+            close_code, reason = 1011, "backend"
+        finally:
+            s = self.session
+            if (
+                s is not None
+                and not s.closed
+                and s.started
+                and s.failed is None
+                and self.started.done()
+                and self.started.result() is None
+            ):
+                try:
+                    s.close()  # frees the Triton sequence slot
+                except AsrError:
+                    pass
+            self.out.put_nowait(None)
+            try:
+                if not client_gone:
+                    await asyncio.wait_for(writer, self.cfg.close_timeout_s)
+                else:
+                    writer.cancel()
+            except (asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
+                writer.cancel()
+            if s is not None:
+                asyncio.create_task(self._forget_later(s))
+            if not self.ws.closed:
+                await self.ws.close(code=close_code, message=reason.encode())
+            log.info(
+                "ws %s: closed %d (%d audio bytes, %d responses)",
+                self.id,
+                close_code,
+                self.audio_bytes,
+                len(s.messages) if s else 0,
+            )
+
+    async def _forget_later(self, s: Session) -> None:
+        """Drop the session from the connection once its last responses are in (until
+        then they still find it instead of being logged as unknown)."""
+        try:
+            await wait_session(s, self.cfg.close_timeout_s)
+        except (AsrError, TimeoutError):
+            pass
+        s.conn.forget(s)
+
+    def _enqueue_error(self, code: str, message: str) -> None:
+        # Errors go out even when the result queue is full.
+        self.out.put_nowait({"type": "Error", "code": code, "message": message})

@@ -1,0 +1,25 @@
+"""Triton python backend ``streamasr_contract``: the acoustic model's contract as JSON
+(``model_contract``)."""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+from . import edge
+
+
+class ContractModel:
+    """Backend `streamasr_contract` — serves the acoustic model's contract as JSON, so a
+    client derives chunk size and sample rate from the model itself."""
+
+    def initialize(self, args):
+        self.cfg, self.log = edge.loaded(args)
+        self.contract_json = self.cfg.contract().to_json()
+
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[edge.strings_tensor("CONTRACT", [self.contract_json])]
+            )
+            for _ in requests
+        ]

@@ -1,0 +1,480 @@
+"""Helpers the test modules share (fixtures live in conftest.py): paths, servers started
+for a test, streaming and hand-built requests, metrics, docker/serve, and synthetic
+decoder inputs.  Tests import from here, never from one another."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+from streamasr import repository
+from streamasr.admission import ENV_LIMIT
+from streamasr.contract import FeatureSpec, ModelContract
+from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from streamasr.repository import TWO_PASS_MODELS
+from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
+from streamasr.triton_models import ctc_decoder, offline
+from streamasr.triton_models.common import read_config
+from streamasr_client.stream import AsrConnection
+
+# -- the repository, its files, and real servers -----------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+REPOSITORY = ROOT / "model_repository"
+
+
+ACOUSTIC_MODEL = REPOSITORY / "acoustic_model" / "1" / "model.onnx"
+
+
+# The recording the tests stream; STREAMASR_TEST_AUDIO runs the suite on another one.
+DEMO_WAV = Path(os.environ.get("STREAMASR_TEST_AUDIO", ROOT / "assets" / "demo.wav"))
+
+
+def start_server(
+    repository: Path, log_path: Path, max_active_streams: int | None = 0
+) -> TritonServer:
+    """``max_active_streams``: the admission limit (streamasr.admission); 0 (no limit)
+    by default, since tests leave streams open on purpose and share one server; None:
+    the repository's own setting."""
+    # Tests leave streams open on purpose; don't wait 30 s for them at shutdown.
+    env = {} if max_active_streams is None else {ENV_LIMIT: str(max_active_streams)}
+    cfg = ServerConfig(
+        model_repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        exit_timeout_s=3,
+        env=env,
+    )
+    server = TritonServer(cfg, log_path=log_path)
+    try:
+        server.start(timeout_s=180)
+    except ServerError as exc:
+        server.stop()
+        pytest.fail(f"tritonserver did not start:\n{exc}", pytrace=False)
+    return server
+
+
+def copy_repository(
+    dst: Path, parameter_overrides: dict[str, dict[str, str]], idle_us: dict[str, int] | None = None
+) -> Path:
+    """A copy of the model repository with some config values changed, without the
+    two-pass models (230 MB of Whisper that these servers do not need)."""
+    return repository.copy_repository(
+        REPOSITORY, dst, parameter_overrides, idle_us=idle_us, leave_out=TWO_PASS_MODELS
+    )
+
+
+# -- streaming through a real server -----------------------------------------------------
+
+
+def reference_messages(contract, onnx_session, audio, options=None) -> list[dict]:
+    """Whole-file decode in this process: the same ONNX file, no server."""
+    defaults = ctc_decoder.build_defaults(read_config(REPOSITORY / "ctc_decoder"))
+
+    def run(features):
+        return onnx_session.run([contract.output_name], {contract.input_name: features})[0]
+
+    return offline.transcribe_with_utterances(
+        contract,
+        audio,
+        None,
+        run,
+        defaults,
+        options or {},
+        max_batch=16,
+        max_seconds=3600,
+        keep_utterances=False,
+    )[0]
+
+
+def finals_with_words(messages) -> list[tuple[str, list]]:
+    """(transcript, words) of each final, for exact comparison."""
+    out = []
+    for m in messages:
+        if m.get("type") == "Results" and m["is_final"]:
+            alt = m["channel"]["alternatives"][0]
+            out.append(
+                (alt["transcript"], [(w["word"], w["start"], w["end"]) for w in alt["words"]])
+            )
+    return out
+
+
+def stream(conn: AsrConnection, audio: np.ndarray, chunk: int, options=None):
+    s = conn.open_session(options)
+    for i in range(0, len(audio), chunk):
+        s.send(audio[i : i + chunk])
+    s.close()
+    return s
+
+
+# -- hand-built requests -----------------------------------------------------------------
+
+
+def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=None):
+    """Send a hand-built request through a session's slot on the shared stream."""
+    req = service_pb2.ModelInferRequest(
+        model_name=session.conn.model, id=f"{session.sequence_id}:{session._sent}"
+    )
+    for name, dtype, shape, data in inputs:
+        t = req.inputs.add(name=name, datatype=dtype)
+        t.shape.extend(shape)
+        req.raw_input_contents.append(data)
+    sid = session.sequence_id if sequence_id is None else sequence_id
+    if isinstance(sid, str):  # Triton also takes string sequence ids
+        req.parameters["sequence_id"].string_param = sid
+    else:
+        req.parameters["sequence_id"].int64_param = sid
+    req.parameters["sequence_start"].bool_param = start
+    req.parameters["sequence_end"].bool_param = end
+    for k, v in (params or {}).items():
+        req.parameters[k].string_param = v
+    with session._cv:
+        session._sent += 1
+    session.conn._submit(req)
+
+
+def f32(a):
+    a = np.asarray(a, np.float32)
+    return ("AUDIO", "FP32", [len(a)], a.tobytes())
+
+
+# -- metrics and polling -----------------------------------------------------------------
+
+
+class Bystander:
+    """A good stream sent in two halves around a fault; ``finish`` checks its finals."""
+
+    def __init__(self, conn, contract, audio, expected):
+        self.s = conn.open_session()
+        self.audio, self.expected = audio, expected
+        self.chunk = contract.chunk_samples
+        self.half = (len(audio) // 2) // self.chunk * self.chunk
+        for i in range(0, self.half, self.chunk):
+            self.s.send(audio[i : i + self.chunk])
+
+    def finish(self):
+        for i in range(self.half, len(self.audio), self.chunk):
+            self.s.send(self.audio[i : i + self.chunk])
+        self.s.close()
+        self.s.wait(timeout=180)
+        assert self.s.errors == []
+        assert finals_with_words(self.s.messages) == self.expected
+
+
+def metrics_text(server) -> str:
+    url = f"http://{server.config.host}:{server.config.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def metric(server, name: str, model: str) -> float:
+    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+-]+)$', metrics_text(server), re.M)
+    assert m, f"{name}{{model={model!r}}} not in the metrics"
+    return float(m.group(1))
+
+
+def poll(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def publish_metrics(server) -> None:
+    """The steps publish their metrics from execute(), so make both run once: a
+    one-request stream (START and END together) that leaves nothing open."""
+    with AsrConnection(server.grpc_url) as c:
+        s = c.open_session()
+        s.close(np.zeros(1600, np.float32))
+        s.wait()
+        assert s.errors == [], s.errors
+
+
+# The short-TTL server (conftest.short_ttl_server): streams reclaimed within seconds, a
+# late request still inside Triton's own idle window (so our step answers "expired"), and
+# a per-stream audio limit above the bystander's audio (at most 25 s).
+TTL_S = 2.0
+TRITON_IDLE_US = 10_000_000
+MAX_STREAM_S = 30.0
+STEPS = ("feature_extractor", "ctc_decoder")
+
+
+def all_reclaimed(server, since: dict[str, float], n: int) -> bool:
+    publish_metrics(server)
+    return all(
+        metric(server, "streamasr_open_streams", m) == 0
+        and metric(server, "streamasr_reclaimed_streams_total", m) - since[m] >= n
+        for m in ("feature_extractor", "ctc_decoder")
+    )
+
+
+def reclaimed_now(server) -> dict[str, float]:
+    publish_metrics(server)
+    return {
+        m: metric(server, "streamasr_reclaimed_streams_total", m)
+        for m in ("feature_extractor", "ctc_decoder")
+    }
+
+
+# -- docker/serve as SageMaker runs it ---------------------------------------------------
+
+SERVE = ROOT / "docker" / "serve"
+
+
+needs_demo = pytest.mark.skipif(
+    not DEMO_WAV.exists(), reason=f"{DEMO_WAV} not there yet (data helper adds it)"
+)
+
+
+def free_port_range(n: int = 3) -> tuple[int, int]:
+    """lo..lo+n-1, all free right now."""
+    for _ in range(200):
+        lo = free_port()
+        socks = []
+        try:
+            for p in range(lo, lo + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return lo, lo + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
+    lo, hi = free_port_range()
+    env = dict(os.environ)
+    env.update(
+        {
+            "SAGEMAKER_BIND_TO_PORT": str(free_port()),
+            "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
+            "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
+            "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
+            "PYTHONUNBUFFERED": "1",
+            # tests run more sessions at once than the measured limit (test_admission
+            # tests admission control on a server of its own)
+            "STREAMASR_MAX_ACTIVE_STREAMS": "0",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class Serve:
+    """docker/serve as a child process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.port = int(env["SAGEMAKER_BIND_TO_PORT"])
+        hi = int(env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
+        self.grpc_port = hi - 1
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVE)],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ping(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/ping", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return 0
+
+    def wait_ready(self, timeout: float = 180) -> list[int]:
+        """Poll /ping; returns the statuses seen (SageMaker's view of startup)."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"docker/serve exited {self.proc.returncode}\n{self.log()}")
+            code = self.ping()
+            if not seen or seen[-1] != code:
+                seen.append(code)
+            if code == 200:
+                return seen
+            time.sleep(0.3)
+        pytest.fail(f"/ping never answered 200 (seen {seen})\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def triton_children(pid: int) -> list[int]:
+    from streamasr.server import child_processes
+
+    return [
+        p for p, argv in child_processes(pid).items() if argv and argv[0].endswith("tritonserver")
+    ]
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict, dict]:
+    req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+# -- synthetic log-prob matrices for the decoder -----------------------------------------
+
+BLANK = "_"  # path symbol for the blank token
+
+
+VOCAB = ("<blank>", " ", *string.ascii_lowercase, "'")
+
+
+SUBSAMPLING = 4  # 10 ms feature frames -> 40 ms output frames
+
+
+FRAME_S = 0.04
+
+
+PEAK = 0.9  # posterior of each frame's path token in synthetic matrices
+
+
+RULE2_FRAMES = 30  # 1.2 s default rule 2 / 40 ms
+
+
+RULE1_FRAMES = 60  # 2.4 s default rule 1 / 40 ms
+
+
+def make_contract(vocabulary=VOCAB, word_boundary="space") -> ModelContract:
+    return ModelContract(
+        features=FeatureSpec(),
+        chunk_frames=32,
+        left_frames=16,
+        right_frames=8,
+        subsampling=SUBSAMPLING,
+        vocabulary=tuple(vocabulary),
+        blank_id=0,
+        word_boundary=word_boundary,
+    ).validate()
+
+
+CONTRACT = make_contract()
+
+
+def path_matrix(path, contract=CONTRACT, peak=PEAK) -> np.ndarray:
+    """[T, V] log-probs whose frame t has argmax ``path[t]`` with posterior ``peak``.
+
+    ``path`` is a string (one character per frame, "_" = blank) or a list of tokens."""
+    vocab = list(contract.vocabulary)
+    V = len(vocab)
+    rest = (1.0 - peak) / (V - 1)
+    lp = np.full((len(path), V), np.log(rest), np.float32)
+    for t, sym in enumerate(path):
+        lp[t, contract.blank_id if sym == BLANK else vocab.index(sym)] = np.log(peak)
+    return lp
+
+
+def decoded_finals(msgs: list[dict]) -> list[tuple]:
+    out = []
+    for m in msgs:
+        if m["type"] == "Results" and m["is_final"]:
+            alt = m["channel"]["alternatives"][0]
+            out.append(
+                (
+                    alt["transcript"],
+                    m["speech_final"],
+                    m["start"],
+                    m["duration"],
+                    alt["confidence"],
+                    [(w["word"], w["start"], w["end"], w["confidence"]) for w in alt["words"]],
+                )
+            )
+        elif m["type"] == "UtteranceEnd":
+            out.append(("UtteranceEnd", m["last_word_end"]))
+    return out
+
+
+def random_path(rng: random.Random, n_words: int) -> str:
+    """Words as frame paths (letters held 1-3 frames, sometimes repeated letters with a
+    blank between), separated by spaces or by silences long enough for endpoints."""
+    parts = []
+    for _ in range(n_words):
+        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(1, 5)))
+        frames = []
+        for ch in word:
+            frames.append(ch * rng.randint(1, 3))
+            frames.append(BLANK * rng.randint(0, 2))
+        parts.append("".join(frames))
+        gap = rng.choice(
+            [
+                " ",
+                "_ _",
+                BLANK * rng.randint(1, 10),
+                BLANK * rng.randint(RULE2_FRAMES - 2, RULE2_FRAMES + 5),
+                BLANK * rng.randint(RULE1_FRAMES, RULE1_FRAMES + 20),
+            ]
+        )
+        parts.append(gap)
+    return "".join(parts)
+
+
+def split_points(T: int, rng: random.Random, max_piece: int) -> list[int]:
+    cuts, pos = [0], 0
+    while pos < T:
+        pos = min(T, pos + rng.randint(0, max_piece))  # 0: empty requests too
+        cuts.append(pos)
+    return cuts
+
+
+def stream_pieces(
+    lp: np.ndarray, cuts: list[int], config=None, endpoint=None, contract=CONTRACT
+) -> list[dict]:
+    dec = StreamDecoder(
+        contract, config=config or DecoderConfig(), endpoint=endpoint or EndpointConfig()
+    )
+    msgs = []
+    for a, b in zip(cuts, cuts[1:]):
+        msgs += dec.accept(lp[a:b])
+    assert dec.frames_decoded == lp.shape[0]
+    return msgs + dec.close()
