@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 demo test test-unit test-slow lint bench model whisper lm serve clean
+.PHONY: venv venv-http2 demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -87,6 +87,11 @@ test-slow: venv venv-http2 whisper lm
 
 bench: venv whisper lm
 	$(PY) -m benchmarks.run
+
+# The GPU run (< 8 min): needs an NVIDIA GPU and onnxruntime-gpu in the venv; without
+# them it stops at once saying what is missing.  Writes benchmarks/results/gpu/.
+bench-gpu: venv whisper lm
+	$(PY) -m benchmarks.gpu $(BENCH_GPU_ARGS)
 
 model: venv whisper lm
 	$(PY) -m training.build_model

@@ -123,12 +123,12 @@ class TimedSession(Session):
             self.on_done(self)
 
 
-def open_timed(conn: AsrConnection, **kw) -> TimedSession:
-    """Like ``conn.open_session()`` but returns a TimedSession."""
-    conn._ensure_stream()
-    s = TimedSession(conn, next(conn._ids), {}, None, **kw)
+def open_timed(conn: AsrConnection, cls: type = TimedSession, **kw) -> TimedSession:
+    """Like ``conn.open_session()`` but returns a TimedSession (or ``cls``)."""
+    s = cls(conn, next(conn._ids), {}, None, **kw)
     with conn._lock:
         conn._sessions[s.sequence_id] = s
+        conn._stream_locked()
     return s
 
 

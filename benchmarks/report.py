@@ -287,6 +287,27 @@ def markdown(result: dict) -> str:
     tp = r.get("two_pass")
     if tp:
         L += two_pass_section(tp)
+    ov = r.get("overload")
+    if ov:
+        L += ["", "## Overload: 3x the admission limit (benchmarks/overload.py)", ""]
+        if ov.get("error"):
+            L.append(f"not measured: {ov['error']}")
+        else:
+            adm = ov["admitted"]
+            L.append(
+                f"Admission limit {ov['capacity']}; {ov['offered_streams']} paced streams "
+                f"offered for {_f(ov['duration_s'], 0)} s, refused ones retrying every "
+                f"{_f(ov['retry_s'], 1)} s: {ov['admitted_sessions']} admitted, "
+                f"{ov['refused_starts']} STARTs refused. Admitted chunk latency p50 / p99 / "
+                f"max {_f(adm['chunk_latency_ms']['p50'])} / "
+                f"{_f(adm['chunk_latency_ms']['p99'])} / {_f(adm['chunk_latency_ms']['max'])}"
+                f" ms, {adm['errors']} errors; transcripts changed "
+                f"{ov['transcripts_changed']} of {ov['transcripts_compared']}; refusal "
+                f"p50 / max {_f(ov['refusal_ms']['p50'])} / {_f(ov['refusal_ms']['max'])} ms;"
+                f" RSS baseline {ov['rss_kib']['baseline'] / 1024:.0f} MiB, peak "
+                f"{ov['rss_kib']['peak'] / 1024:.0f} MiB, {_f(ov['rss_kib']['after_s'], 0)} s "
+                f"after {ov['rss_kib']['after'] / 1024:.0f} MiB."
+            )
     nv = r.get("naive")
     if nv:
         L += ["", "## Peer: re-transcribe the growing buffer each chunk", ""]

@@ -14,7 +14,10 @@ Steps (progress is printed as they run):
    and final latency (benchmarks/two_pass.py); and the accuracy peer: PocketSphinx on the
    same eval set (benchmarks/peer_pocketsphinx.py; recorded as skipped if missing);
 5. peer baseline: re-transcribe the growing buffer every chunk (benchmarks/naive.py);
-6. py-spy profile of the server's Python processes under closed-loop load.
+6. py-spy profile of the server's Python processes under closed-loop load;
+7. overload: a fresh server with admission control on (the repository's limit) offered
+   3x that many paced streams (benchmarks/overload.py): admitted streams' latency and
+   transcripts, refusals, memory back to baseline.
 
 Writes benchmarks/results/<host>-<date>.json / .md / *.png and latest.md.  Everything
 runs on loopback; a temporary copy of the model repository is used only when
@@ -35,7 +38,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streamasr import repository
+from streamasr import admission, repository
 from streamasr.contract import ModelContract
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
 from streamasr_client.stream import AsrConnection
@@ -45,6 +48,7 @@ from . import (
     load,
     metrics,
     naive,
+    overload,
     peer_pocketsphinx,
     perf_analyzer,
     profile,
@@ -70,6 +74,8 @@ FULL = dict(
     naive_s=15.0,
     profile_s=10,
     two_pass_concurrency=(4, 8),
+    overload_s=60.0,
+    overload_settle_s=60.0,
 )
 QUICK = dict(
     levels=[1, 2, 4, 8],
@@ -82,6 +88,8 @@ QUICK = dict(
     naive_s=6.0,
     profile_s=5,
     two_pass_concurrency=(),
+    overload_s=15.0,
+    overload_settle_s=20.0,
 )
 
 
@@ -98,9 +106,16 @@ def recorded(step: str, fn, *args, **kw) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> Path:
-    """The model repository with acoustic_model's threads / instance count changed
-    (edited as protobuf; the ONNX file is linked, not copied)."""
+def repository_copy(
+    tmp: Path,
+    intra_op: int | None,
+    instances: int | None,
+    queue_delay_us: int | None = None,
+    feature_instances: int | None = None,
+) -> Path:
+    """The model repository with acoustic_model's threads / instance count / batching
+    delay, or feature_extractor's instance count, changed (edited as protobuf; the ONNX
+    file is linked, not copied)."""
     from tritonclient.grpc import model_config_pb2
 
     dst = repository.copy_repository(REPOSITORY, tmp / "model_repository", link_suffixes=(".onnx",))
@@ -113,8 +128,15 @@ def repository_copy(tmp: Path, intra_op: int | None, instances: int | None) -> P
             g = cfg.instance_group.add()
             g.kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
             g.count = instances
+        if queue_delay_us is not None:
+            cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+
+    def feature_step(cfg) -> None:
+        cfg.instance_group[0].count = feature_instances
 
     repository.edit_config(dst / "acoustic_model" / "config.pbtxt", threads_and_instances)
+    if feature_instances is not None:
+        repository.edit_config(dst / "feature_extractor" / "config.pbtxt", feature_step)
     return dst
 
 
@@ -134,6 +156,8 @@ class Live:
                     grpc_port=free_port(),
                     metrics_port=free_port(),
                     exit_timeout_s=5,
+                    # admission control off: this server measures how many streams fit
+                    env={admission.ENV_LIMIT: "0"},
                 ),
                 log_path=LOG,
             )
@@ -246,6 +270,10 @@ def compute_targets(res: dict, chunk_s: float) -> list[dict]:
                     "met": bool((held or 0) / allc >= 0.8),
                 }
             )
+    for t in (res.get("overload") or {}).get("targets", []):
+        out.append(
+            {"target": f"3x overload: {t['target']}", "measured": t["measured"], "met": t["met"]}
+        )
     one = next((lv for lv in res.get("levels", []) if lv["streams"] == 1), None)
     if one:
         mx = one["onset_interim_ms"].get("max")
@@ -379,7 +407,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile",
+        help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile,overload",
+    )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="acoustic_model's dynamic batching delay (repository copy)",
+    )
+    p.add_argument(
+        "--feature-instances",
+        type=int,
+        default=None,
+        help="run feature_extractor with this many instances (repository copy)",
+    )
+    p.add_argument(
+        "--overload-capacity",
+        default=None,
+        help="admission limit for the overload step: a number, or 'held' (the streams this "
+        "run held); default: the repository's setting",
     )
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
@@ -405,12 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     LOG.parent.mkdir(parents=True, exist_ok=True)
     LOG.write_text("")
     repo = REPOSITORY
-    if a.intra_op_threads is not None or a.acoustic_instances is not None:
-        repo = repository_copy(Path(tmp.name), a.intra_op_threads, a.acoustic_instances)
+    variant = (a.intra_op_threads, a.acoustic_instances, a.queue_delay_us, a.feature_instances)
+    if any(v is not None for v in variant):
+        repo = repository_copy(Path(tmp.name), *variant)
         res["notes"].append(
-            f"acoustic_model run with intra_op_thread_count="
-            f"{a.intra_op_threads}, instances={a.acoustic_instances} "
-            f"(repository copy; committed config unchanged)"
+            f"run with acoustic_model intra_op_thread_count={a.intra_op_threads}, "
+            f"instances={a.acoustic_instances}, max_queue_delay_us={a.queue_delay_us}; "
+            f"feature_extractor instances={a.feature_instances} (repository copy; committed "
+            f"config unchanged)"
         )
     res["intra_op_threads"] = raw.server_intra_op_threads(repo / "acoustic_model" / "config.pbtxt")
     contract = ModelContract.from_onnx(repo / "acoustic_model" / "1" / "model.onnx")
@@ -711,6 +759,24 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         live.stop()
+    try:
+        if "overload" not in skip:
+            say("[7/7] overload: 3x the admission limit, a fresh server with admission on")
+            cap = a.overload_capacity
+            cap = (
+                (res.get("held_streams") or None) if cap == "held" else (int(cap) if cap else None)
+            )
+            res["overload"] = recorded(
+                "overload",
+                overload.run_with_server,
+                repo,
+                cap,
+                log_path=LOG.with_name("bench-overload-tritonserver.log"),
+                progress=say,
+                duration_s=cfg["overload_s"],
+                settle_s=cfg["overload_settle_s"],
+            )
+    finally:
         tmp.cleanup()
     res["targets"] = compute_targets(res, chunk_s)
     res["loadavg_end"] = loadavg()

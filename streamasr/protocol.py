@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 from streamasr.contract import ContractError, FeatureSpec, ModelContract
 
 __all__ = [
+    "BUSY_CODE",
+    "CAPACITY_MARKER",
     "CLOSED_SESSION_HEADER",
     "CONTRACT_MODEL",
     "CONTROL_MESSAGES",
@@ -25,6 +27,9 @@ __all__ = [
     "ContractError",
     "FeatureSpec",
     "INVOCATIONS_PATH",
+    "is_capacity_refusal",
+    "RETRY_AFTER_S",
+    "WS_TRY_AGAIN_LATER",
     "ModelContract",
     "NEW_SESSION",
     "NEW_SESSION_HEADER",
@@ -63,6 +68,22 @@ CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 NEW_SESSION = "NEW_SESSION"
 #: Text control messages on the WebSocket route (``{"type": ...}``).
 CONTROL_MESSAGES = ("Finalize", "KeepAlive", "CloseStream")
+
+#: A START refused by admission control (the server holds its limit of streams): the
+#: error message starts with this; retry later.  Triton status UNAVAILABLE; the gateway
+#: sends an Error with code BUSY_CODE, then WebSocket close 1013 (HTTP: 503).
+CAPACITY_MARKER = "server at capacity"
+BUSY_CODE = "busy"
+#: WebSocket close code "Try Again Later" (RFC 6455 registry) for a refused START.
+WS_TRY_AGAIN_LATER = 1013
+#: Seconds a refused HTTP client is asked to wait (Retry-After).
+RETRY_AFTER_S = 1
+
+
+def is_capacity_refusal(message: str | None) -> bool:
+    """True when a server error message is an admission refusal (retry later)."""
+    return message is not None and CAPACITY_MARKER in message
+
 
 # -- audio -------------------------------------------------------------------------------
 #: 16-bit PCM sample ``s`` is the float ``s / PCM16_FULL_SCALE`` in [-1, 1).

@@ -150,6 +150,9 @@ class ServerConfig:
     # gone (freed memory stranded in many arenas); with 2, +1 %.  An environment value
     # set by the caller wins.
     malloc_arena_max: int | None = 2
+    # Environment variables for tritonserver and its stubs, over this process's own
+    # (e.g. STREAMASR_MAX_ACTIVE_STREAMS, streamasr.admission).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 class TritonServer:
@@ -232,6 +235,7 @@ class TritonServer:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
+        env.update(self.config.env)
         return env
 
     # -- lifecycle ----------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from streamasr import repository
+from streamasr.admission import ENV_LIMIT
 from streamasr.contract import FeatureSpec, ModelContract
 from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from streamasr.repository import TWO_PASS_MODELS
@@ -46,14 +47,21 @@ ACOUSTIC_MODEL = REPOSITORY / "acoustic_model" / "1" / "model.onnx"
 DEMO_WAV = Path(os.environ.get("STREAMASR_TEST_AUDIO", ROOT / "assets" / "demo.wav"))
 
 
-def start_server(repository: Path, log_path: Path) -> TritonServer:
+def start_server(
+    repository: Path, log_path: Path, max_active_streams: int | None = 0
+) -> TritonServer:
+    """``max_active_streams``: the admission limit (streamasr.admission); 0 (no limit)
+    by default, since tests leave streams open on purpose and share one server; None:
+    the repository's own setting."""
     # Tests leave streams open on purpose; don't wait 30 s for them at shutdown.
+    env = {} if max_active_streams is None else {ENV_LIMIT: str(max_active_streams)}
     cfg = ServerConfig(
         model_repository=repository,
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
         exit_timeout_s=3,
+        env=env,
     )
     server = TritonServer(cfg, log_path=log_path)
     try:
@@ -267,6 +275,9 @@ def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
             "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
             "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
             "PYTHONUNBUFFERED": "1",
+            # tests run more sessions at once than the measured limit (test_admission
+            # tests admission control on a server of its own)
+            "STREAMASR_MAX_ACTIVE_STREAMS": "0",
         }
     )
     env.update(extra)

@@ -36,12 +36,14 @@ from streamasr.protocol import (
     STREAM_MODEL,
     TWO_PASS_MODEL,
     ModelContract,
+    is_capacity_refusal,
 )
 
 log = logging.getLogger("streamasr_client")
 
 __all__ = [
     "AsrConnection",
+    "AsrBusy",
     "AsrError",
     "Session",
     "STREAM_MODEL",
@@ -58,6 +60,11 @@ MAX_REOPENS_WITHOUT_ANSWER = 3
 
 class AsrError(RuntimeError):
     """The server rejected a request; the message is the server's."""
+
+
+class AsrBusy(AsrError):
+    """The server refused to start the stream because it holds its limit of streams
+    (admission control): nothing was wrong with the request; retry later, or elsewhere."""
 
 
 def _channel(
@@ -155,6 +162,8 @@ class Session:
     #: called after every answer (and on failure), on the reader thread: lets an event
     #: loop wait for answers without parking a thread in wait() (add_listener)
     _listeners: list[Callable[[], None]] = field(default_factory=list)
+    #: the server's refusal of the START (admission control; retry later), else None
+    refused: str | None = None
 
     # -- sending ---------------------------------------------------------------------
     def send(
@@ -168,6 +177,8 @@ class Session:
     ) -> None:
         if self._failed is not None:
             raise AsrError(self._failed)
+        if self.refused is not None:
+            raise AsrBusy(self.refused)
         if self._closed:
             raise AsrError(f"session {self.sequence_id} is closed")
         req = service_pb2.ModelInferRequest(
@@ -224,6 +235,15 @@ class Session:
 
     def _release(self, msgs: list[dict], error: str | None, arrived: float) -> None:
         """One response, in send order (``arrived``: its perf_counter arrival time)."""
+        release = False
+        if self._answered == 0 and error is not None and is_capacity_refusal(error):
+            self.refused = error
+            release = not self._closed
+            msgs = [dict(msgs[0], code=protocol.BUSY_CODE)] if msgs else msgs
+        elif self.refused is not None:
+            # the answers to requests sent before the refusal came back (and to the END
+            # below) only say "refused at START": the session has that error already
+            msgs, error = [], None
         # Callbacks first: once wait() returns, on_message has seen every message; and
         # on_start after on_message, so its listener finds the START's error delivered.
         if self.on_message:
@@ -237,8 +257,28 @@ class Session:
             self.messages.extend(msgs)
             self._answered += 1
             self._cv.notify_all()
+        if release:
+            self._release_refused()
         for listener in list(self._listeners):
             listener()
+
+    def _release_refused(self) -> None:
+        """END the refused sequence at once: Triton otherwise holds its sequence slot
+        until the idle timeout (60 s), and a burst of refused STARTs would fill them."""
+        req = service_pb2.ModelInferRequest(
+            model_name=self.model or self.conn.model, id=f"{self.sequence_id}:{self._sent}"
+        )
+        _set_param(req.parameters, "sequence_id", self.sequence_id)
+        _set_param(req.parameters, "sequence_start", False)
+        _set_param(req.parameters, "sequence_end", True)
+        with self._cv:
+            self._sent += 1
+            self._closed = True
+        try:
+            self.conn._submit(req)
+        except AsrError:  # the connection is closing: nothing to free
+            with self._cv:
+                self._sent -= 1
 
     def _fail(self, reason: str) -> None:
         """No more answers will come (requests of this session were lost with a broken

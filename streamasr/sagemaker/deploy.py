@@ -3,7 +3,7 @@
     docker/deploy create --name streamasr --image <ecr uri> --role <execution role arn> \\
         [--region us-east-1] [--instance-type ml.g5.xlarge] [--count 1] [--kms-key <arn>] \\
         [--subnets subnet-a,subnet-b --security-groups sg-1] [--grpc] \\
-        [--autoscale-min 1 --autoscale-max 4 --target-concurrency 20] [--wait] [--dry-run]
+        [--autoscale-min 1 --autoscale-max 4 --target-concurrency N] [--wait] [--dry-run]
     docker/deploy delete --name streamasr [--dry-run]
     docker/deploy base-image --region eu-south-2 [--triton-tag 25.09-py3] [--build-args]
 
@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
+from .. import admission
 from ..cli import argument_parser
 
 log = logging.getLogger("streamasr.deploy")
@@ -347,7 +348,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--scale-on", choices=("concurrency", "invocations"), default="concurrency")
     # the scaling target of each --scale-on metric
     for flag, default, what in (
-        ("--target-concurrency", 20.0, "concurrent sessions per instance to aim for"),
+        (
+            "--target-concurrency",
+            admission.autoscale_target(),
+            f"concurrent sessions per instance to aim for (default: "
+            f"{admission.AUTOSCALE_TARGET_SHARE:g} x the admission limit "
+            f"{admission.MEASURED_STREAMS_HELD}; set it from the instance type's measured "
+            "limit, STREAMASR_MAX_ACTIVE_STREAMS)",
+        ),
         ("--target-invocations", 600.0, "invocations per instance per minute to aim for"),
     ):
         c.add_argument(flag, type=float, default=default, help=what)

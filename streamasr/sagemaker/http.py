@@ -37,7 +37,9 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     CloseStream (or the client's close) END is sent, the final results are delivered,
     and the socket closes with 1000.  Errors: a text frame ``{"type": "Error", "code":
     ..., "message": ...}`` then close 1008 (bad input / flooding / a START the model
-    refused) or 1011 (server).  WebSocket pings are answered by aiohttp (autoping).
+    refused) or 1011 (server); a START refused by admission control (the server holds
+    its limit of streams, streamasr.admission) gets code ``busy`` and close 1013 "try
+    again later", and a new HTTP session gets 503 with ``Retry-After``.  WebSocket pings are answered by aiohttp (autoping).
 
 No audio and no transcript text is logged; only ids, counts, sizes and timings.  The
 access log shows query keys with their values redacted (``hotwords=`` holds customers'
@@ -77,7 +79,7 @@ from streamasr.protocol import (
     WS_PATH,
     ModelContract,
 )
-from streamasr_client.stream import AsrError, Session
+from streamasr_client.stream import AsrBusy, AsrError, Session
 
 from ..cli import argument_parser
 from ..decoding.config import parse_bool
@@ -147,6 +149,13 @@ def request_options(request: web.Request) -> dict[str, str]:
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"type": "Error", "code": code, "message": message}, status=status)
+
+
+def _busy(message: str) -> web.Response:
+    """503 for a session the server refused at START (at capacity): retry later."""
+    resp = _error(503, protocol.BUSY_CODE, message)
+    resp.headers["Retry-After"] = str(protocol.RETRY_AFTER_S)
+    return resp
 
 
 class Gateway:
@@ -366,9 +375,16 @@ class Gateway:
                 elif audio is not None or finalize or not s.started:
                     s.send(audio, finalize=finalize, keepalive=audio is None and not finalize)
                 await wait_session(s, self.cfg.close_timeout_s)
+            except AsrBusy as exc:
+                self._end_http_session(hs)
+                return _busy(str(exc))
             except (AsrError, TimeoutError) as exc:
                 self._end_http_session(hs)
                 return _error(503, "backend", str(exc))
+            if s.refused is not None:  # the START was refused: no session
+                self._end_http_session(hs)
+                log.info("http session %s refused: server at capacity", hs.id)
+                return _busy(s.refused)
             messages = s.messages[before:]
         if close:
             self._end_http_session(hs, send_end=False)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from streamasr import protocol
 from streamasr_client.audio import resample
 from streamasr_client.stream import AsrError, Session
 
@@ -179,6 +180,10 @@ class WsSession:
             ) from None
         if s.failed is not None:
             raise AsrError(s.failed)  # lost with a broken stream, not refused
+        if s.refused is not None:  # admission control: retry later
+            raise ProtocolError(
+                protocol.BUSY_CODE, s.refused, close_code=protocol.WS_TRY_AGAIN_LATER, notified=True
+            )
         if error is not None:
             raise ProtocolError("start_refused", error, notified=True)
 

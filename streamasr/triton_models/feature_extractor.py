@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import admission as adm
 from ..contract import ModelContract
 from ..features import FeatureStream, silence_frame
 from ..protocol import pcm16_to_float
@@ -103,8 +104,10 @@ class FeatureStep:
         max_streams: int | None = None,
         validate_options=None,
         max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS,
+        admission: adm.Admission | None = None,
     ):
         self.contract = contract
+        self.admission = admission or adm.Admission(None)
         self.max_chunk_samples = int(max_chunk_seconds * contract.sample_rate)
         self.max_stream_seconds = max_stream_seconds
         self.max_stream_samples = int(max_stream_seconds * contract.sample_rate)
@@ -196,8 +199,13 @@ class FeatureStep:
                     f"stream {corrid} is already open: END it (or let it "
                     "expire) before starting it again, or use another id"
                 )
-            st = self.store.create(corrid, _Stream(FeatureStream(self.contract)))
+            with self.store.lock:  # count and create at once: no two STARTs share a place
+                self.store.sweep()
+                self.admission.admit(corrid, len(self.store))
+                st = self.store.create(corrid, _Stream(FeatureStream(self.contract)))
         else:
+            if corrid not in self.store:
+                self.admission.check_refused(corrid, r.end)
             st = self.store.get(corrid)
             if st.features.features.samples_seen + len(audio) > self.max_stream_samples:
                 raise self._too_long()
@@ -244,6 +252,7 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
             cfg.param("max_stream_seconds", str(DEFAULT_MAX_STREAM_SECONDS)),
             0.01,
         )
+        limit = adm.configured_limit(cfg.param(adm.CONFIG_KEY, adm.MEASURED))
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
     return FeatureStep(
@@ -254,4 +263,5 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
         max_streams,
         validate_options,
         max_stream_s,
+        adm.Admission(limit),
     )

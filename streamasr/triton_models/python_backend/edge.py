@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ...admission import RefusedStreamEnded, StreamRefused
 from ...state import StreamError, StreamStore, Sweeper
 from ..common import ConfigError, ModelConfig
 
@@ -49,8 +50,14 @@ def setup_logging(prefix: str) -> logging.Logger:
     return logging.getLogger(f"streamasr.{prefix}")
 
 
-def error_response(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def error_response(message: str, unavailable: bool = False):
+    """An error response; ``unavailable``: status UNAVAILABLE (retryable: gRPC
+    UNAVAILABLE, HTTP 503 on unary calls; on a gRPC stream only the message travels)."""
+    if unavailable:
+        err = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+    else:
+        err = pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
 
 def strings_tensor(name: str, items: list[str]):
@@ -176,6 +183,45 @@ class StreamMetrics:
             self.errors.increment(1)
 
 
+class AdmissionMetrics:
+    """Admission control on Triton's metrics port (streamasr.admission):
+    streamasr_admitted_streams_total, streamasr_refused_streams_total (counters) and
+    streamasr_stream_capacity (gauge: the limit; 0 = none).  Published from execute()."""
+
+    def __init__(self, model: str, limit: int | None):
+        M = pb_utils.MetricFamily
+        labels = {"model": model}
+        # the families must outlive their metrics: keep them
+        self._families = (
+            M("streamasr_admitted_streams_total", "Streams admitted at START", M.COUNTER),
+            M(
+                "streamasr_refused_streams_total",
+                "STARTs refused because the server held its limit of streams",
+                M.COUNTER,
+            ),
+            M(
+                "streamasr_stream_capacity",
+                "Streams admitted at most at once (0: no limit)",
+                M.GAUGE,
+            ),
+        )
+        self.admitted, self.refused, self.capacity = (
+            f.Metric(labels=labels) for f in self._families
+        )
+        self.capacity.set(limit or 0)
+        self._reported = (0, 0)
+
+    def sync(self, counts: tuple[int, int]) -> None:
+        if counts == self._reported:
+            return
+        (a0, r0), (a1, r1) = self._reported, counts
+        self._reported = counts
+        if a1 > a0:
+            self.admitted.increment(a1 - a0)
+        if r1 > r0:
+            self.refused.increment(r1 - r0)
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them otherwise: thousands of
     swept streams' small arrays would stay in the stub's RSS for good)."""
@@ -223,6 +269,8 @@ def serve_each(
         t0 = time.perf_counter()
         try:
             responses.append(pb_utils.InferenceResponse(output_tensors=respond(request)))
+        except (StreamRefused, RefusedStreamEnded) as exc:  # admission: no fault, not counted
+            responses.append(error_response(str(exc), unavailable=True))
         except (StreamError, ValueError) as exc:
             if metrics is not None:
                 metrics.error()

@@ -21,12 +21,15 @@ class FeatureExtractorModel:
         defaults = ctc_decoder.build_defaults(self._decoder_config())
         self.step = feature_extractor.build_step(self.cfg, validate_options=defaults.validate)
         self.metrics = edge.StreamMetrics(self.cfg.name)
+        self.admission_metrics = edge.AdmissionMetrics(self.cfg.name, self.step.admission.limit)
         self.sweeper = edge.start_sweeper(self.step.store, self.metrics)
         self.log.info(
-            "ready: chunk %.0f ms, window %d frames, idle timeout %.1f s",
+            "ready: chunk %.0f ms, window %d frames, idle timeout %.1f s, admits %s streams "
+            "at once",
             self.step.contract.chunk_seconds * 1000,
             self.step.contract.window_frames,
             self.step.store.ttl_s,
+            self.step.admission.limit or "any number of",
         )
 
     def _decoder_config(self) -> ModelConfig:
@@ -36,9 +39,11 @@ class FeatureExtractorModel:
         return read_config(self.cfg.repository.parent / name)
 
     def execute(self, requests):
-        return edge.serve_each(
+        responses = edge.serve_each(
             requests, self._respond, self.log, "feature_extractor", self.metrics, self.step.store
         )
+        self.admission_metrics.sync(self.step.admission.snapshot())
+        return responses
 
     def _respond(self, request) -> list:
         result = self.step.process(self._read(request))
