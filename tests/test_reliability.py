@@ -181,7 +181,15 @@ def test_stream_longer_than_max_stream_seconds_is_refused_then_ends_cleanly(fcon
     s.close()
     s.wait()
     assert len(s.errors) == 1 and "max_stream_seconds" in s.errors[0], s.errors
-    assert s.messages[-1]["type"] != "Error"  # END still closed the stream
+    # END still closed the stream: its id STARTs again at once (a live stream's id is
+    # refused as "already open").  Not read from the order of the messages: with two
+    # acoustic_model instances Triton 2.51 sometimes returns the refused chunk's error
+    # under END's request id and END's answer under the chunk's (measured: 2 of 6 runs).
+    again = fconn.open_session(sequence_id=s.sequence_id)
+    again.send(piece[:1600])
+    again.close()
+    again.wait()
+    assert again.errors == [], again.errors
 
 
 # -- 4. hostile requests through the server ----------------------------------------------
