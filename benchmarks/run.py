@@ -305,12 +305,12 @@ def two_pass_targets(tp: dict) -> list[dict]:
     if not tp.get("two_pass"):
         return []
     two, wi = tp["two_pass"], tp.get("two_pass_whisper_interims") or {}
-    p50 = _get(two, "final_latency_ms", "p50")
+    p50 = report._g(two, "final_latency_ms", "p50")
     eight = next(
         (lv for lv in tp.get("concurrent", []) if lv["mode"] == "two_pass" and lv["streams"] == 8),
         None,
     )
-    p99 = _get(eight or {}, "final_latency_ms", "p99")
+    p99 = report._g(eight or {}, "final_latency_ms", "p99")
     out = [
         {
             "target": "two-pass END -> final p50 ≤ 250 ms at 1 stream",
@@ -330,7 +330,7 @@ def two_pass_targets(tp: dict) -> list[dict]:
         },
     ]
     if wi:
-        t = _get(wi, "time_to_correct_word_s", "median")
+        t = report._g(wi, "time_to_correct_word_s", "median")
         out += [
             {
                 "target": "Whisper interims: interim WER ≤ 12 %",
@@ -345,14 +345,6 @@ def two_pass_targets(tp: dict) -> list[dict]:
             },
         ]
     return out
-
-
-def _get(d: dict, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or d.get(k) is None:
-            return None
-        d = d[k]
-    return d
 
 
 def profile_summary(res: dict) -> list[str]:

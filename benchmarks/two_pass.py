@@ -165,7 +165,8 @@ def concurrent(
 
 def run_mode(
     conn: AsrConnection,
-    mode: str,
+    model: str,
+    options: dict,
     items,
     audios,
     chunk: int,
@@ -173,7 +174,7 @@ def run_mode(
     paced: bool,
     server_pid: int | None,
 ) -> dict:
-    model, options = MODES[mode]
+    """One model with these stream options, one clip after another (module docstring)."""
     refs = [it.reference for it in items]
     cpu = CpuMeter(server_pid)
     cpu.start()
@@ -221,7 +222,10 @@ def run(
         audios = [load_audio(it.audio_path, rate) for it in items]
         out["audio_s"] = round(sum(len(a) for a in audios) / rate, 1)
         for mode in modes:
-            r = out[mode] = run_mode(conn, mode, items, audios, chunk, rate, paced, server_pid)
+            model, options = MODES[mode]
+            r = out[mode] = run_mode(
+                conn, model, options, items, audios, chunk, rate, paced, server_pid
+            )
             progress(
                 f"  {mode}: WER {r['wer']:.3f}, END -> final p50 "
                 f"{r['final_latency_ms']['p50']} ms p99 {r['final_latency_ms']['p99']} ms; "
@@ -233,11 +237,8 @@ def run(
         out["refresh_sweep"] = []
         for refresh in refresh_sweep:
             model, options = MODES["two_pass_whisper_interims"]
-            MODES["_sweep"] = (model, {**options, "interim_refresh_s": refresh})
-            try:
-                r = run_mode(conn, "_sweep", items, audios, chunk, rate, paced, server_pid)
-            finally:
-                del MODES["_sweep"]
+            options = {**options, "interim_refresh_s": refresh}
+            r = run_mode(conn, model, options, items, audios, chunk, rate, paced, server_pid)
             out["refresh_sweep"].append({"interim_refresh_s": refresh, **r})
             progress(
                 f"  whisper interims every {refresh} s: interim WER {r['interim_wer']:.3f}, "

@@ -56,6 +56,12 @@ async def wait_session(s: Session, timeout: float) -> None:
                 pass
     finally:
         s.remove_listener(listener)
+    # The reader thread schedules a message's callbacks (call_soon_threadsafe) before it
+    # counts the answer, and the loop above can see the count reach 0 without yielding: one
+    # yield runs the callbacks already scheduled, so when this returns every message has
+    # been handed on (a WebSocket's last final was lost behind its writer's end marker
+    # under load: test_websocket_stream_equals_invocations).
+    await asyncio.sleep(0)
     if s.failed is not None:
         raise AsrError(s.failed)
 
@@ -275,12 +281,6 @@ class WsSession:
         await self._accepted()
         s.close()
         await wait_session(s, self.cfg.close_timeout_s)
-        # The reader thread schedules each message's _enqueue (call_soon_threadsafe) before
-        # it counts the answer, but wait_session can see the count reach 0 without yielding
-        # to the loop: one yield runs the _enqueue callbacks already scheduled, so the last
-        # final is queued before run() queues the writer's end marker (under load it was
-        # lost: test_websocket_stream_equals_invocations).
-        await asyncio.sleep(0)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
