@@ -62,11 +62,11 @@ RUN python3 -m pip install --no-cache-dir --no-deps . \
 
 # Our Python-based Triton backends.  NOT backends/onnxruntime: that is the CPU stand-in
 # used on machines without Triton's native onnxruntime backend, which this image has.
-COPY backends/streamasr_contract /opt/tritonserver/backends/streamasr_contract
-COPY backends/streamasr_decoder /opt/tritonserver/backends/streamasr_decoder
-COPY backends/streamasr_features /opt/tritonserver/backends/streamasr_features
+COPY backends/streamasr_model_contract /opt/tritonserver/backends/streamasr_model_contract
+COPY backends/streamasr_ctc_decoder /opt/tritonserver/backends/streamasr_ctc_decoder
+COPY backends/streamasr_feature_extractor /opt/tritonserver/backends/streamasr_feature_extractor
 COPY backends/streamasr_final_pass /opt/tritonserver/backends/streamasr_final_pass
-COPY backends/streamasr_offline /opt/tritonserver/backends/streamasr_offline
+COPY backends/streamasr_offline_asr /opt/tritonserver/backends/streamasr_offline_asr
 
 # The model repository, with the production overlay (acoustic model on the GPU).  Not
 # under /opt/ml: SageMaker mounts its volumes there (ModelDataUrl's content at

@@ -1,9 +1,9 @@
-"""The Whisper re-decode's accuracy and CPU by encoder window (streamasr.rescore).
+"""The Whisper re-decode's accuracy and CPU by encoder window (streamasr.whisper_redecoder).
 
     python -m benchmarks.encoder_window [--windows NAME,...] [--out FILE.json]
 
 Each utterance is decoded once per window policy, one thread, exactly as ``final_pass``
-does (``WhisperRescorer._decode_group`` + the ``degenerate`` guard + the 30 s fallback):
+does (``WhisperRedecoder._decode_group`` + the ``degenerate`` guard + the 30 s fallback):
 ``assets/eval`` (11 clips), the Asterisk test prompts (``python -m training.asterisk``;
 skipped when not built) and 15-30 s concatenations of both.  Reports WER/CER per set
 with and without the guard, WER by utterance length, fallbacks and CPU seconds per
@@ -22,7 +22,7 @@ import numpy as np
 from streamasr.contract import FeatureSpec
 from streamasr.evaluation import load_eval_set, normalize, wer_cer
 from streamasr.features import silence_frame
-from streamasr.rescore import WINDOW_FRAMES, EncoderWindow, WhisperRescorer, degenerate
+from streamasr.whisper_redecoder import WINDOW_FRAMES, EncoderWindow, WhisperRedecoder, degenerate
 
 ROOT = Path(__file__).resolve().parent.parent
 WHISPER_DIR = ROOT / "model_repository" / "final_pass" / "1"
@@ -77,7 +77,7 @@ def utterances() -> dict[tuple[str, str], tuple[np.ndarray, str]]:
 
 
 def measure(window: EncoderWindow, data) -> dict:
-    r = WhisperRescorer(WHISPER_DIR, threads=1, window=window)
+    r = WhisperRedecoder(WHISPER_DIR, threads=1, window=window)
     silence = silence_frame(FeatureSpec())
     got = {}
     for key, (f, _) in data.items():

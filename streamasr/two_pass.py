@@ -5,12 +5,12 @@ ensemble, the audio features and CTC log-probs of the open utterance
 (:class:`UtteranceRecorder`).  When it emits a final with words it attaches that
 utterance (:class:`Utterance`, serialised with :meth:`Utterance.to_bytes`).  The next
 ensemble step (``final_pass``, :class:`FinalPass`) re-decodes the utterance's features
-with the Whisper tiny.en encoder-decoder (:class:`streamasr.rescore.WhisperRescorer`),
+with the Whisper tiny.en encoder-decoder (:class:`streamasr.whisper_redecoder.WhisperRedecoder`),
 normalises the text to the acoustic model's vocabulary, and re-aligns it on the CTC
 log-probs for word timings and confidences.  Interims are never touched, so live
 captions keep CTC latency; only finals wait for the re-decode.
 
-Pure numpy (+ onnxruntime through the rescorer); no Triton imports.
+Pure numpy (+ onnxruntime through the redecoder); no Triton imports.
 """
 
 from __future__ import annotations
@@ -243,25 +243,25 @@ class FinalPass:
     """Rewrites finals (and, for ``interims=whisper`` streams, interims) with Whisper's
     re-decode (see the module docstring).
 
-    ``rescorer`` has ``transcribe_many(features_list, silence) -> [Decoded]``
-    (:class:`streamasr.rescore.WhisperRescorer`).  ``interim_ttl_s``: a stream's
+    ``redecoder`` has ``transcribe_many(features_list, silence) -> [Decoded]``
+    (:class:`streamasr.whisper_redecoder.WhisperRedecoder`).  ``interim_ttl_s``: a stream's
     agreement state is forgotten after this long without a re-decode (Triton never says
     when a stream times out).
     """
 
-    def __init__(self, contract: ModelContract, rescorer, interim_ttl_s: float = 60.0):
+    def __init__(self, contract: ModelContract, redecoder, interim_ttl_s: float = 60.0):
         from .features import silence_frame
         from .state import StreamStore
 
         check_contract(contract)
         self.contract = contract
-        self.rescorer = rescorer
+        self.redecoder = redecoder
         self.silence = silence_frame(contract.features)
         self.frame_seconds = contract.output_frame_seconds
         self.agreements: StreamStore[LocalAgreement] = StreamStore(interim_ttl_s)
 
     def texts(self, utts: list[Utterance]) -> list[str]:
-        decoded = self.rescorer.transcribe_many([u.features for u in utts], self.silence)
+        decoded = self.redecoder.transcribe_many([u.features for u in utts], self.silence)
         return [to_vocabulary(d.text, self.contract) for d in decoded]
 
     def text(self, utt: Utterance) -> str:
@@ -403,7 +403,7 @@ class FinalPass:
         self, batch: list[tuple[list[dict], list[Utterance]]]
     ) -> list[list[dict] | ValueError]:
         """Many requests' (messages, utterances) at once: every utterance of every request
-        re-decoded in one ``transcribe_many`` call (batched by the rescorer).  A request
+        re-decoded in one ``transcribe_many`` call (batched by the redecoder).  A request
         whose utterances are invalid gets its ValueError; the others are unaffected."""
         results: list[list[dict] | ValueError] = []
         todo: list[tuple[int, Utterance]] = []

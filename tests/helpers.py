@@ -28,7 +28,7 @@ from streamasr.contract import FeatureSpec, ModelContract
 from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from streamasr.repository import TWO_PASS_MODELS
 from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
-from streamasr.triton_models import ctc_decoder, offline
+from streamasr.triton_models import ctc_decoder, offline_asr
 from streamasr.triton_models.common import read_config
 from streamasr_client.stream import AsrConnection
 
@@ -92,7 +92,7 @@ def reference_messages(contract, onnx_session, audio, options=None) -> list[dict
     def run(features):
         return onnx_session.run([contract.output_name], {contract.input_name: features})[0]
 
-    return offline.transcribe_with_utterances(
+    return offline_asr.transcribe_with_utterances(
         contract,
         audio,
         None,

@@ -58,7 +58,7 @@ def _request(corrid, flags, seconds=0.4):
 
 
 def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(contract):
-    step = fx.FeatureStep(contract, 30.0, 10.0, 32, admission=adm.Admission(LIMIT))
+    step = fx.FeatureExtractorStep(contract, 30.0, 10.0, 32, admission=adm.Admission(LIMIT))
     for sid in (1, 2):
         step.process(_request(sid, fx.FLAG_START))
     with pytest.raises(adm.StreamRefused) as refused:

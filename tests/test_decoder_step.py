@@ -10,7 +10,7 @@ import pytest
 
 from streamasr.state import StreamError
 from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models.ctc_decoder import DecoderDefaults, DecoderRequest, DecoderStep
+from streamasr.triton_models.ctc_decoder import CtcDecoderStep, DecoderDefaults, DecoderRequest
 from streamasr.triton_models.step_info import StepInfo
 
 C = tiny_contract()
@@ -52,7 +52,7 @@ PIECES = ["_h_e_l", "_l_o__", "_ _w_o", "_r_l_d", "______"]
 
 
 def run(order) -> str:
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
     reqs = requests(7, PIECES)
     msgs = []
     for i in order:
@@ -74,7 +74,7 @@ def test_any_arrival_order_gives_the_same_text(order):
 
 def test_all_permutations_of_a_short_stream():
     for order in itertools.permutations(range(4)):
-        step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
+        step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
         msgs = []
         for i in order:
             msgs += step.process(requests(3, ["_a_", "_b_", "_ _", "_c_"])[i])
@@ -82,7 +82,7 @@ def test_all_permutations_of_a_short_stream():
 
 
 def test_a_duplicate_request_is_an_error():
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
     reqs = requests(1, PIECES)
     step.process(reqs[0])
     step.process(reqs[1])
@@ -91,7 +91,7 @@ def test_a_duplicate_request_is_an_error():
 
 
 def test_server_only_options_are_refused_per_stream():
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
     req = requests(1, PIECES)[0]
     req.info.options = {"lm_path": "/etc/passwd"}
     with pytest.raises(ValueError, match="config.pbtxt"):
@@ -108,7 +108,7 @@ class Clock:
 
 def test_a_request_that_never_comes_fails_its_stream_after_the_reorder_timeout():
     clock = Clock()
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5, clock=clock)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5, clock=clock)
     reqs = requests(9, PIECES)
     step.process(reqs[0])
     assert step.process(reqs[2]) == []  # request 1 is late: 2 waits
@@ -122,7 +122,7 @@ def test_a_request_that_never_comes_fails_its_stream_after_the_reorder_timeout()
 
 def test_the_timer_frees_a_stalled_streams_parked_requests():
     clock = Clock()
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5, clock=clock)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30, reorder_timeout_s=5, clock=clock)
     reqs = requests(9, PIECES)
     step.process(reqs[0])
     step.process(reqs[2])
@@ -135,7 +135,7 @@ def test_the_timer_frees_a_stalled_streams_parked_requests():
 
 def test_parking_is_bounded_in_bytes_per_stream_and_in_total():
     size = requests(1, PIECES)[0].log_probs.nbytes
-    step = DecoderStep(
+    step = CtcDecoderStep(
         C,
         DecoderDefaults(),
         idle_timeout_s=30,
@@ -159,7 +159,7 @@ def test_parking_is_bounded_in_bytes_per_stream_and_in_total():
 
 
 def test_in_order_streams_are_unaffected_by_the_limits():
-    step = DecoderStep(
+    step = CtcDecoderStep(
         C, DecoderDefaults(), idle_timeout_s=30, max_parked_bytes=1, max_parked_bytes_per_stream=1
     )
     msgs = []
@@ -170,7 +170,7 @@ def test_in_order_streams_are_unaffected_by_the_limits():
 
 def test_a_stream_swept_with_requests_parked_frees_them_and_its_id_can_start_again():
     clock = Clock()
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=2, reorder_timeout_s=5, clock=clock)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=2, reorder_timeout_s=5, clock=clock)
     old = requests(4, PIECES)
     step.process(old[0])
     step.process(old[2])  # parked behind request 1

@@ -23,11 +23,11 @@ from streamasr.features import FeatureStream
 from streamasr.state import StreamError
 from streamasr.tiny_model import tiny_contract
 from streamasr.triton_models.common import FLAG_END, FLAG_START, ModelConfig
-from streamasr.triton_models.ctc_decoder import DecoderDefaults, DecoderRequest, DecoderStep
+from streamasr.triton_models.ctc_decoder import CtcDecoderStep, DecoderDefaults, DecoderRequest
 from streamasr.triton_models.feature_extractor import (
     DEFAULT_MAX_STREAM_SECONDS,
+    FeatureExtractorStep,
     FeatureRequest,
-    FeatureStep,
     build_step,
 )
 from streamasr.triton_models.step_info import StepInfo, parse_step_info
@@ -45,7 +45,7 @@ FUZZ = settings(
 )
 
 
-def new_feature_step(**kw) -> FeatureStep:
+def new_feature_step(**kw) -> FeatureExtractorStep:
     defaults = DecoderDefaults()
     args = dict(
         idle_timeout_s=30,
@@ -55,7 +55,7 @@ def new_feature_step(**kw) -> FeatureStep:
         validate_options=defaults.validate,
     )
     args.update(kw)
-    return FeatureStep(C, **args)
+    return FeatureExtractorStep(C, **args)
 
 
 # -- strategies --------------------------------------------------------------------------
@@ -117,7 +117,7 @@ feature_requests = st.builds(
 )
 
 
-def stream_snapshot(step: FeatureStep, corrid) -> tuple | None:
+def stream_snapshot(step: FeatureExtractorStep, corrid) -> tuple | None:
     if corrid not in step.store:
         return None
     s = step.store._items[corrid][1]
@@ -133,7 +133,7 @@ def stream_snapshot(step: FeatureStep, corrid) -> tuple | None:
     )
 
 
-def check_result(step: FeatureStep, res) -> None:
+def check_result(step: FeatureExtractorStep, res) -> None:
     feats, info = res.features, res.info
     assert feats.dtype == np.float32 and feats.ndim == 3
     assert feats.shape[1:] == (C.window_frames, C.features.n_mels)
@@ -194,7 +194,7 @@ def test_feature_step_refuses_odd_or_unbounded_options_clearly(params, name):
     if name not in ("finalize", "keepalive"):
         with pytest.raises((StreamError, ValueError)):
             info = parse_step_info(json.dumps(good_info_dict(options=params)).encode())
-            DecoderStep(C, DecoderDefaults(), idle_timeout_s=30).process(
+            CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30).process(
                 DecoderRequest(np.zeros((1, 20, V), np.float32), info)
             )
 
@@ -274,7 +274,7 @@ log_prob_arrays = st.one_of(
 @FUZZ
 @given(st.lists(st.tuples(decoder_infos, log_prob_arrays), min_size=1, max_size=8))
 def test_decoder_step_answers_or_refuses_and_never_disturbs_another_stream(items):
-    step = DecoderStep(C, DecoderDefaults(), idle_timeout_s=30, max_streams=16)
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30, max_streams=16)
     word = log_probs_for("_h_i_ _t_h_e_r_e", 40)[None]
     msgs = step.process(
         DecoderRequest(word, StepInfo(BYSTANDER, 0, start=True, windows=1, valid_outputs=[40]))

@@ -96,11 +96,11 @@ def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
     """The exported graphs: encoder matches CTranslate2, cached greedy decoding gives the
     same tokens as the torch model (and so the reference words)."""
     ctranslate2 = pytest.importorskip("ctranslate2")
-    from streamasr.rescore import WhisperRescorer
+    from streamasr.whisper_redecoder import WhisperRedecoder
     from training import export_whisper
 
     export_whisper.export(tmp_path)
-    ow = WhisperRescorer(tmp_path)
+    ow = WhisperRedecoder(tmp_path)
     ref = ctranslate2.models.Whisper(
         str(ct2.packaged_whisper_dir()), device="cpu", compute_type="float32", intra_threads=1
     )

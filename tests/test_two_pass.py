@@ -11,9 +11,8 @@ import pytest
 
 from streamasr.alignment import aligned_words
 from streamasr.evaluation import wer_cer
-from streamasr.rescore import Decoded
 from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models import ctc_decoder, final_pass, offline
+from streamasr.triton_models import ctc_decoder, final_pass, offline_asr
 from streamasr.triton_models.common import ConfigError, ModelConfig, read_config
 from streamasr.triton_models.step_info import StepInfo
 from streamasr.two_pass import (
@@ -23,6 +22,7 @@ from streamasr.two_pass import (
     chunk_features,
     to_vocabulary,
 )
+from streamasr.whisper_redecoder import Decoded
 from streamasr_client.stream import TWO_PASS_MODEL, AsrConnection, Session
 
 from .helpers import REPOSITORY, ROOT
@@ -198,7 +198,7 @@ def test_decoder_step_attaches_each_worded_final_its_frames():
     """Two-pass streams (FEATURES present) get the utterance of every final with words,
     cut from exactly the frames the final spans; one-pass streams get none."""
     c = TINY
-    step = ctc_decoder.DecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
+    step = ctc_decoder.CtcDecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
     rng = np.random.default_rng(1)
     pieces = ["_h_i_", "_____", "_y_o_u", "____"]
     windows, sent_lp, got = [], [], []
@@ -247,7 +247,7 @@ def test_decoder_step_attaches_each_worded_final_its_frames():
 
 def test_a_refused_request_leaves_the_recording_in_step_with_the_decoder():
     c = TINY
-    step = ctc_decoder.DecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
+    step = ctc_decoder.CtcDecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
     rng = np.random.default_rng(2)
 
     def request(seq, piece, lp_fill=None, end=False):
@@ -297,13 +297,13 @@ def test_a_session_releases_responses_in_send_order():
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_final_pass(contract):
-    from streamasr.rescore import WhisperRescorer
+    from streamasr.whisper_redecoder import WhisperRedecoder
 
     try:
         d = final_pass.whisper_dir(read_config(REPOSITORY / "final_pass"))
     except ConfigError as exc:
         pytest.fail(str(exc), pytrace=False)
-    return FinalPass(contract, WhisperRescorer(d))
+    return FinalPass(contract, WhisperRedecoder(d))
 
 
 def stream(conn: AsrConnection, audio: np.ndarray, chunk: int, model: str) -> Session:
@@ -337,7 +337,7 @@ def whole_file_two_pass(contract, onnx_session, audio, fp: FinalPass) -> list[di
     def run(features):
         return onnx_session.run([contract.output_name], {contract.input_name: features})[0]
 
-    msgs, utts = offline.transcribe_with_utterances(
+    msgs, utts = offline_asr.transcribe_with_utterances(
         contract, audio, None, run, defaults, {}, 16, 3600, True
     )
     return fp.process(msgs, utts)

@@ -10,20 +10,20 @@ from streamasr.contract import FeatureSpec
 from streamasr.evaluation import load_eval_set
 from streamasr.features import silence_frame
 from streamasr.protocol import TWO_PASS_MODEL
-from streamasr.rescore import (
-    MAX_TOKENS,
-    WINDOW_FRAMES,
-    EncoderWindow,
-    WhisperRescorer,
-    degenerate,
-    token_budget,
-)
 from streamasr.state import StreamError
 from streamasr.tiny_model import tiny_contract
 from streamasr.triton_models import ctc_decoder, final_pass
 from streamasr.triton_models.common import ConfigError, read_config
 from streamasr.triton_models.step_info import StepInfo
 from streamasr.two_pass import CARRY, INTERIM, FinalPass, LocalAgreement, Utterance
+from streamasr.whisper_redecoder import (
+    MAX_TOKENS,
+    WINDOW_FRAMES,
+    EncoderWindow,
+    WhisperRedecoder,
+    degenerate,
+    token_budget,
+)
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
 
@@ -76,7 +76,7 @@ def test_a_decode_is_degenerate_by_a_stated_rule(tokens, text, frames, stopped, 
     assert (got is None) if why is None else (got is not None and why in got)
 
 
-class LoopsWhenShort(WhisperRescorer):
+class LoopsWhenShort(WhisperRedecoder):
     """Real Whisper for the 30 s window; the short window 'loops' (the failure the guard
     is for), so the fallback path is exercised deterministically."""
 
@@ -95,8 +95,8 @@ def whisper_dir():
 
 
 @pytest.fixture(scope="module")
-def rescorer(whisper_dir):
-    return WhisperRescorer(whisper_dir, max_batch=8)
+def redecoder(whisper_dir):
+    return WhisperRedecoder(whisper_dir, max_batch=8)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def utterances() -> list[np.ndarray]:
 
 def test_a_degenerate_short_decode_falls_back_to_the_30_s_decode(whisper_dir, utterances):
     looping = LoopsWhenShort(whisper_dir)
-    whole = WhisperRescorer(whisper_dir, window=EncoderWindow.whole())
+    whole = WhisperRedecoder(whisper_dir, window=EncoderWindow.whole())
     got = looping.transcribe_many(utterances[:2], SILENCE)
     want = whole.transcribe_many(utterances[:2], SILENCE)
     assert [d.text for d in got] == [d.text for d in want]
@@ -117,30 +117,30 @@ def test_a_degenerate_short_decode_falls_back_to_the_30_s_decode(whisper_dir, ut
 
 
 def test_short_windows_decode_the_eval_clips_like_the_30_s_window(
-    rescorer, utterances, whisper_dir
+    redecoder, utterances, whisper_dir
 ):
     from streamasr.evaluation import normalize, wer_cer
 
     refs = [i.reference for i in load_eval_set()]
-    short = [normalize(d.text) for d in rescorer.transcribe_many(utterances, SILENCE)]
-    whole = WhisperRescorer(whisper_dir, window=EncoderWindow.whole())
+    short = [normalize(d.text) for d in redecoder.transcribe_many(utterances, SILENCE)]
+    whole = WhisperRedecoder(whisper_dir, window=EncoderWindow.whole())
     padded = [normalize(d.text) for d in whole.transcribe_many(utterances, SILENCE)]
     # the measured default keeps accuracy (docs/two_pass.md has the full table)
     assert wer_cer(refs, short)["wer"] <= wer_cer(refs, padded)["wer"] + 0.02
 
 
-def test_a_batch_of_utterances_decodes_like_each_one_alone(rescorer, utterances):
-    batched = rescorer.transcribe_many(utterances, SILENCE)
-    alone = [rescorer.transcribe_many([u], SILENCE)[0] for u in utterances]
+def test_a_batch_of_utterances_decodes_like_each_one_alone(redecoder, utterances):
+    batched = redecoder.transcribe_many(utterances, SILENCE)
+    alone = [redecoder.transcribe_many([u], SILENCE)[0] for u in utterances]
     assert [d.text for d in batched] == [d.text for d in alone]
     assert len({d.window_frames for d in batched}) < len(batched)  # some shared a call
     # rows of one padded length, one encoder call and one decoder loop
-    frames = rescorer.window.frames_for(max(len(u) for u in utterances[:5]))
+    frames = redecoder.window.frames_for(max(len(u) for u in utterances[:5]))
     mels = np.stack(
         [np.concatenate([u, np.tile(SILENCE, (frames - len(u), 1))]) for u in utterances[:5]]
     )
-    rows = rescorer.greedy_batch(mels, [MAX_TOKENS] * 5)
-    assert [r[0] for r in rows] == [rescorer.greedy(m) for m in mels]
+    rows = redecoder.greedy_batch(mels, [MAX_TOKENS] * 5)
+    assert [r[0] for r in rows] == [redecoder.greedy(m) for m in mels]
 
 
 # -- Whisper interims --------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def one_hot(path: str) -> np.ndarray:
 
 def test_the_decoder_step_sends_the_open_utterance_every_refresh_interval():
     c = TINY
-    step = ctc_decoder.DecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
+    step = ctc_decoder.CtcDecoderStep(c, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
     rng = np.random.default_rng(3)
     piece = "_a_b_c_d_e"  # 10 frames of letters each request, no pause: one utterance
     refresh_frames = round(0.5 / c.output_frame_seconds)
@@ -199,7 +199,7 @@ def test_the_decoder_step_sends_the_open_utterance_every_refresh_interval():
 
 
 def test_whisper_interims_need_the_two_pass_model():
-    step = ctc_decoder.DecoderStep(TINY, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
+    step = ctc_decoder.CtcDecoderStep(TINY, ctc_decoder.DecoderDefaults(), idle_timeout_s=30)
     info = StepInfo(
         stream=12,
         seq=0,
@@ -222,7 +222,7 @@ class Hears:
         self.texts = list(texts)
 
     def transcribe_many(self, features, silence):
-        from streamasr.rescore import Decoded
+        from streamasr.whisper_redecoder import Decoded
 
         return [Decoded(self.texts.pop(0), len(f)) for f in features]
 

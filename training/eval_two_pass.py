@@ -20,7 +20,7 @@ import numpy as np
 
 from streamasr.contract import ModelContract
 from streamasr.features import FeatureStream, silence_frame
-from streamasr.rescore import WhisperRescorer
+from streamasr.whisper_redecoder import WhisperRedecoder
 
 from . import acoustic, train_ctc
 
@@ -44,7 +44,7 @@ def run(model_path: Path, whisper_dir: Path, threads: int = 1) -> dict:
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     c = ModelContract.from_session(sess)
-    rescorer = WhisperRescorer(whisper_dir, threads=threads)
+    redecoder = WhisperRedecoder(whisper_dir, threads=threads)
     sil = silence_frame(c.features)
     refs, one, two, lat1, lat2, audio_s = [], [], [], [], [], 0.0
     for wav, ref in train_ctc.real_speech_set():
@@ -64,10 +64,10 @@ def run(model_path: Path, whisper_dir: Path, threads: int = 1) -> dict:
         n_out = -(-fs.windows.total_frames // c.subsampling)
         hyp1 = train_ctc.ctc_greedy(lp[:n_out])
         t1 = time.perf_counter()
-        # the rescorer sees the utterance's features (here recomputed whole-file: identical)
+        # the redecoder sees the utterance's features (here recomputed whole-file: identical)
         from .whisper import log_mel
 
-        hyp2 = whisper_text_to_ctc(rescorer.transcribe(log_mel(audio), sil))
+        hyp2 = whisper_text_to_ctc(redecoder.transcribe(log_mel(audio), sil))
         t2 = time.perf_counter()
         refs.append(acoustic.normalise_text(ref))
         one.append(hyp1)

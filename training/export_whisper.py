@@ -9,7 +9,7 @@
 [L, B, heads, P, 64] (P = 0 at the start) -> ``logits`` [B, V] of the last token and
 ``present_k``/``present_v`` [L, B, heads, P + n, 64].
 
-Greedy decoding with them: ``streamasr.rescore.WhisperRescorer``.
+Greedy decoding with them: ``streamasr.whisper_redecoder.WhisperRedecoder``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class EncoderWithCrossKV(nn.Module):
         return out, torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
 
-class DecoderStep(nn.Module):
+class CtcDecoderStep(nn.Module):
     def __init__(self, dec: whisper.WhisperDecoder):
         super().__init__()
         self.dec = dec
@@ -81,7 +81,7 @@ def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Pa
         ck = torch.zeros(L, 1, h, 100, dh)
         past = torch.zeros(L, 1, h, 3, dh)
         torch.onnx.export(
-            DecoderStep(dec).eval(),
+            CtcDecoderStep(dec).eval(),
             (torch.tensor([[50257, 50362]]), ck, ck, past, past),
             str(dp),
             dynamo=False,
@@ -103,7 +103,7 @@ def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Pa
         onnx.checker.check_model(str(p))
         log.info("exported %s (%.0f MB)", p, p.stat().st_size / 1e6)
     src = Path(model_dir or ct2.packaged_whisper_dir())
-    for name in ("vocabulary.txt", "config.json"):  # what streamasr.rescore needs besides
+    for name in ("vocabulary.txt", "config.json"):  # what streamasr.whisper_redecoder needs besides
         shutil.copyfile(src / name, out_dir / name)
     return ep, dp
 

@@ -259,8 +259,8 @@ def decoder_from_ct2(m: ct2.CT2Model) -> WhisperDecoder:
     return dec.eval()
 
 
-# --- tokens -> text: shared with the runtime rescorer ----------------------------------
-from streamasr.rescore import WhisperTokens as Tokens  # noqa: E402
+# --- tokens -> text: shared with the runtime redecoder ----------------------------------
+from streamasr.whisper_redecoder import WhisperTokens as Tokens  # noqa: E402
 
 
 # --- greedy decoding -----------------------------------------------------------------

@@ -122,7 +122,7 @@ class _Stream:
     refreshed_at: int = 0  # output frame of the last Whisper interim re-decode
 
 
-class DecoderStep:
+class CtcDecoderStep:
     """All streams of the decoder model.  Streams are identified by the ``StepInfo`` the
     feature step attaches (not by Triton's sequence batcher), and each stream's requests
     are applied in ``seq`` order whatever order they arrive in."""
@@ -415,7 +415,7 @@ def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
     return defaults
 
 
-def build_step(cfg: ModelConfig) -> DecoderStep:
+def build_step(cfg: ModelConfig) -> CtcDecoderStep:
     max_streams = int(cfg.param("max_streams", "0")) or None
     ttl = stream_idle_timeout(cfg)
     try:
@@ -438,7 +438,7 @@ def build_step(cfg: ModelConfig) -> DecoderStep:
     # Load the default word LM now (shared, cached by path): the first stream must not wait
     # seconds for it, and a bad LM file must fail the model load, not a stream.
     StreamDecoder(contract, *defaults.configs({}))
-    return DecoderStep(
+    return CtcDecoderStep(
         contract,
         defaults,
         ttl,

@@ -92,7 +92,7 @@ class _Stream:
     requests: int = 0
 
 
-class FeatureStep:
+class FeatureExtractorStep:
     """All streams of one model instance."""
 
     def __init__(
@@ -240,7 +240,7 @@ class FeatureStep:
         )
 
 
-def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
+def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
     """The step as configured in config.pbtxt (fails fast on a bad parameter)."""
     contract = cfg.contract()
     try:
@@ -255,7 +255,7 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureStep:
         limit = adm.configured_limit(cfg.param(adm.CONFIG_KEY, adm.MEASURED))
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
-    return FeatureStep(
+    return FeatureExtractorStep(
         contract,
         stream_idle_timeout(cfg),
         max_chunk,

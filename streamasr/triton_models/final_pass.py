@@ -18,7 +18,7 @@ from ..two_pass import CARRY, FinalPass, Utterance
 from .common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
 
 if TYPE_CHECKING:
-    from ..rescore import EncoderWindow
+    from ..whisper_redecoder import EncoderWindow
 
 log = logging.getLogger("streamasr.final_pass")
 
@@ -73,9 +73,9 @@ def whisper_dir(cfg: ModelConfig) -> Path:
 
 def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
     """Parameters ``encoder_min_frames`` / ``encoder_bucket_frames`` (defaults:
-    :class:`streamasr.rescore.EncoderWindow`); ``encoder_min_frames`` 3000 restores the
+    :class:`streamasr.whisper_redecoder.EncoderWindow`); ``encoder_min_frames`` 3000 restores the
     whole-30-s decode."""
-    from ..rescore import EncoderWindow
+    from ..whisper_redecoder import EncoderWindow
 
     base = EncoderWindow()
     try:
@@ -97,7 +97,7 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
 
 
 def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
-    from ..rescore import WhisperRescorer
+    from ..whisper_redecoder import WhisperRedecoder
 
     d = whisper_dir(cfg)
     threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)
@@ -112,7 +112,7 @@ def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
     try:
         fp = FinalPass(
             contract,
-            WhisperRescorer(
+            WhisperRedecoder(
                 d, threads=threads, gpu=gpu, window=encoder_window(cfg), max_batch=max_batch
             ),
             interim_ttl_s=stream_idle_timeout(cfg),

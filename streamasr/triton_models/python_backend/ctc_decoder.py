@@ -1,4 +1,4 @@
-"""Triton python backend ``streamasr_decoder``: the decoder step of ``streaming_asr``
+"""Triton python backend ``streamasr_ctc_decoder``: the decoder step of ``streaming_asr``
 (log-probs + STEP_INFO -> result messages), over ``triton_models.ctc_decoder``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from . import edge
 
 
 class CtcDecoderModel:
-    """Backend `streamasr_decoder` — the decoder step of `streaming_asr`."""
+    """Backend `streamasr_ctc_decoder` — the decoder step of `streaming_asr`."""
 
     def initialize(self, args):
         self.cfg, self.log = edge.loaded(

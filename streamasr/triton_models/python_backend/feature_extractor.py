@@ -1,4 +1,4 @@
-"""Triton python backend ``streamasr_features``: the feature step of ``streaming_asr``
+"""Triton python backend ``streamasr_feature_extractor``: the feature step of ``streaming_asr``
 (audio chunks -> feature windows + STEP_INFO), over ``triton_models.feature_extractor``."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from . import edge
 
 
 class FeatureExtractorModel:
-    """Backend `streamasr_features` — the feature step of `streaming_asr`."""
+    """Backend `streamasr_feature_extractor` — the feature step of `streaming_asr`."""
 
     def initialize(self, args):
         self.cfg, self.log = edge.loaded(

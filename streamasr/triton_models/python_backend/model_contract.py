@@ -1,4 +1,4 @@
-"""Triton python backend ``streamasr_contract``: the acoustic model's contract as JSON
+"""Triton python backend ``streamasr_model_contract``: the acoustic model's contract as JSON
 (``model_contract``)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import triton_python_backend_utils as pb_utils
 from . import edge
 
 
-class ContractModel:
-    """Backend `streamasr_contract` — serves the acoustic model's contract as JSON, so a
+class ModelContractModel:
+    """Backend `streamasr_model_contract` — serves the acoustic model's contract as JSON, so a
     client derives chunk size and sample rate from the model itself."""
 
     def initialize(self, args):

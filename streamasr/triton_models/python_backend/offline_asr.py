@@ -1,5 +1,5 @@
-"""Triton python backend ``streamasr_offline``: a whole recording in one request
-(``offline_asr``), over ``triton_models.offline``."""
+"""Triton python backend ``streamasr_offline_asr``: a whole recording in one request
+(``offline_asr``), over ``triton_models.offline_asr``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import triton_python_backend_utils as pb_utils
 
 from ...contract import ModelContract
 from ...decoding import StreamDecoder
-from .. import ctc_decoder, offline
+from .. import ctc_decoder, offline_asr
 from ..common import parse_bool, parse_int, read_config, request_parameters
 from . import edge
 
 
 class OfflineAsrModel:
-    """Backend `streamasr_offline` — a whole recording in one request, the same messages
+    """Backend `streamasr_offline_asr` — a whole recording in one request, the same messages
     a stream of it would produce (SageMaker `/invocations` calls this).  Runs the served
     acoustic model through BLS, in batches it accepts; with the request parameter
     ``two_pass=true`` the finals go through the served `final_pass` model too."""
@@ -70,7 +70,7 @@ class OfflineAsrModel:
         sr = int(sr_t.as_numpy().reshape(-1)[0]) if sr_t is not None else None
         options = request_parameters(request)
         two_pass = parse_bool("two_pass", options.pop("two_pass", False))
-        msgs, utts = offline.transcribe_with_utterances(
+        msgs, utts = offline_asr.transcribe_with_utterances(
             self.contract,
             audio,
             sr,

@@ -1,4 +1,4 @@
-"""Triton Python-based backend `streamasr_offline`: a thin adapter, the logic lives in streamasr."""
+"""Triton Python-based backend `streamasr_offline_asr`: a thin adapter, the logic lives in streamasr."""
 
 from streamasr.triton_models.python_backend.offline_asr import (
     OfflineAsrModel as TritonPythonModel,  # noqa: F401

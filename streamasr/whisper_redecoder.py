@@ -7,7 +7,7 @@ Runtime code (numpy + onnxruntime only).  The graphs come from
     <dir>/whisper_decoder.onnx   one step with a self-attention KV cache
     <dir>/vocabulary.txt, config.json   (copied from the CTranslate2 package)
 
-``WhisperRescorer(dir).transcribe_many(features, silence)`` takes utterances as streamasr
+``WhisperRedecoder(dir).transcribe_many(features, silence)`` takes utterances as streamasr
 log-mel frames (the same features the streaming model saw) and decodes them greedily,
 batched: the encoder sees each utterance's own frames padded to a length bucket
 (:class:`EncoderWindow`), not Whisper's whole 30 s window, so a 2 s utterance pays for
@@ -140,7 +140,7 @@ class Decoded:
     fallback: str | None = None  # why the 30 s decode replaced the short one
 
 
-class WhisperRescorer:
+class WhisperRedecoder:
     def __init__(
         self,
         directory: str | Path,

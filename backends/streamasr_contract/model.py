@@ -1,5 +1,0 @@
-"""Triton Python-based backend `streamasr_contract`: a thin adapter, the logic lives in streamasr."""
-
-from streamasr.triton_models.python_backend.model_contract import (
-    ContractModel as TritonPythonModel,  # noqa: F401
-)
