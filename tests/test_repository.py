@@ -41,6 +41,53 @@ def test_window_limits_fit_the_acoustic_models_batch(configs):
     assert int(configs["offline_asr"].param("max_batch")) <= mbs
 
 
+def test_offline_asr_decodes_with_the_ensembles_decoder_step(configs):
+    """offline_asr names the ctc_decoder whose decoding it copies (one-way: nothing else
+    reads a sibling's decoder parameters), and it is the one both ensembles decode with."""
+    name = configs["offline_asr"].param("decoder_model")
+    assert configs[name].raw["backend"] == "streamasr_ctc_decoder"
+    for ensemble in ("streaming_asr", "streaming_asr_two_pass"):
+        steps = configs[ensemble].raw["ensemble_scheduling"]["step"]
+        assert name in [s["model_name"] for s in steps]
+    readers = {m for m, c in configs.items() if "decoder_model" in c.parameters()}
+    assert readers == {"offline_asr"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"decoding": "greedy"},
+        {"decoding": "beam", "beam_size": "64", "hotwords": "triton:2,tensor rt"},
+        {"hotword_boost": "3", "hotwords": "cat"},
+        {"lm_alpha": "0.3", "lm_beta": "-1", "time_offset": "12.5", "interims": "whisper"},
+        {"endpointing": "false", "rule2_min_trailing_silence": "0.5", "utterance_end": "0"},
+        {"beam_size": "0"},
+        {"decoding": "viterbi"},
+        {"hotwords": "cat:1e9"},
+        {"lm_alpha": "nan"},
+        {"lm_path": "/etc/passwd"},
+        {"beam_sise": "4"},
+        {"rule1_min_trailing_silence": "soon"},
+    ],
+)
+def test_stream_options_are_judged_alike_with_or_without_the_decoders_config(options):
+    """The feature step validates START options against the declared defaults (no
+    sibling config read); the ctc_decoder's served parameters change no verdict."""
+    from streamasr.triton_models import ctc_decoder
+
+    def verdict(validate):
+        try:
+            validate(options)
+        except ValueError as exc:
+            return str(exc).split(":")[0]
+        return "ok"
+
+    served = ctc_decoder.served_defaults(REPOSITORY / "ctc_decoder")
+    assert served.decoder  # the bundled decoder does override the declared defaults
+    assert verdict(ctc_decoder.validate_stream_options) == verdict(served.validate)
+
+
 def test_ensemble_has_no_sequence_batching_and_the_feature_step_does(configs):
     ens = configs["streaming_asr"].raw
     assert ens["platform"] == "ensemble" and "sequence_batching" not in ens

@@ -28,7 +28,7 @@ from ..decoding.config import SERVER_ONLY_PARAMETERS
 from ..features import real_output_frames
 from ..state import StreamError, StreamStore
 from ..two_pass import CARRY, INTERIM, Utterance, UtteranceRecorder, chunk_features, worded_finals
-from .common import ModelConfig, parse_float, parse_int, stream_idle_timeout
+from .common import ModelConfig, parse_float, parse_int, read_config, stream_idle_timeout
 from .step_info import StepInfo
 
 log = logging.getLogger("streamasr.ctc_decoder")
@@ -99,6 +99,22 @@ class DecoderDefaults:
 
     def validate(self, options: dict[str, Any]) -> None:
         self.configs(options)
+
+
+#: The declared decoder/endpoint defaults: ``DecoderConfig`` and ``EndpointConfig`` in
+#: streamasr/decoding/config.py, with no config.pbtxt overrides.  A ctc_decoder model's
+#: parameters override them (``build_defaults``).
+DECLARED_DEFAULTS = DecoderDefaults()
+
+
+def validate_stream_options(options: dict[str, Any]) -> None:
+    """Refuse (ValueError) the per-stream options a ctc_decoder would refuse at START,
+    without reading its config: checked against the declared defaults.  Whether a stream
+    option is valid does not depend on the values a ctc_decoder config serves: each option
+    is parsed and range-checked on its own (tests/test_repository.py checks the two agree),
+    and the one option naming a file (``lm_path``) is config-only.  The feature step calls
+    this at START, so a stream refused there has state in neither step."""
+    DECLARED_DEFAULTS.validate(options)
 
 
 @dataclass
@@ -401,7 +417,8 @@ class CtcDecoderStep:
 
 
 def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
-    """Decoder/endpoint defaults from config.pbtxt parameters (all but STEP_PARAMETERS)."""
+    """A ctc_decoder model's decoding: its config.pbtxt parameters (all but
+    STEP_PARAMETERS) over the declared defaults."""
     params = {k: v for k, v in cfg.parameters().items() if k not in STEP_PARAMETERS}
     if params.get("lm_path") and not Path(params["lm_path"]).is_absolute():
         # a repository is relocatable: a relative LM path names a file in the model's folder
@@ -413,6 +430,14 @@ def build_defaults(cfg: ModelConfig) -> DecoderDefaults:
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
     return defaults
+
+
+def served_defaults(model_dir: Path) -> DecoderDefaults:
+    """The decoding the ctc_decoder model in ``model_dir`` serves, read from its
+    config.pbtxt, for a model that must decode exactly as the stream does: offline_asr,
+    which names that model in its own config (parameter ``decoder_model``).  The
+    dependency is one-way: the ctc_decoder knows nothing of who reads it."""
+    return build_defaults(read_config(model_dir))
 
 
 def build_step(cfg: ModelConfig) -> CtcDecoderStep:

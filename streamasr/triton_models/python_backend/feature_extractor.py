@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from ...state import StreamError
 from .. import ctc_decoder, feature_extractor
-from ..common import ModelConfig, read_config, request_parameters
+from ..common import request_parameters
 from . import edge
 
 
@@ -18,8 +18,9 @@ class FeatureExtractorModel:
         self.cfg, self.log = edge.loaded(
             args, {"AUDIO", "AUDIO_INT16", "SAMPLE_RATE"}, {"FEATURES", "STEP_INFO"}
         )
-        defaults = ctc_decoder.build_defaults(self._decoder_config())
-        self.step = feature_extractor.build_step(self.cfg, validate_options=defaults.validate)
+        self.step = feature_extractor.build_step(
+            self.cfg, validate_options=ctc_decoder.validate_stream_options
+        )
         self.metrics = edge.StreamMetrics(self.cfg.name)
         self.admission_metrics = edge.AdmissionMetrics(self.cfg.name, self.step.admission.limit)
         self.sweeper = edge.start_sweeper(self.step.store, self.metrics)
@@ -31,12 +32,6 @@ class FeatureExtractorModel:
             self.step.store.ttl_s,
             self.step.admission.limit or "any number of",
         )
-
-    def _decoder_config(self) -> ModelConfig:
-        """The decoder model's config, to validate stream options at the START request
-        (a stream rejected there has state in neither step)."""
-        name = self.cfg.param("decoder_model", "ctc_decoder")
-        return read_config(self.cfg.repository.parent / name)
 
     def execute(self, requests):
         responses = edge.serve_each(

@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 from ...contract import ModelContract
 from ...decoding import StreamDecoder
 from .. import ctc_decoder, offline_asr
-from ..common import parse_bool, parse_int, read_config, request_parameters
+from ..common import parse_bool, parse_int, request_parameters
 from . import edge
 
 
@@ -25,8 +25,9 @@ class OfflineAsrModel:
         self.acoustic_model = self.cfg.param("acoustic_model", "acoustic_model")
         self.max_batch = parse_int("max_batch", self.cfg.param("max_batch", "8"), 1)
         self.max_seconds = float(self.cfg.param("max_audio_seconds", "600"))
-        self.defaults = ctc_decoder.build_defaults(
-            read_config(self.cfg.repository.parent / self.cfg.param("decoder_model", "ctc_decoder"))
+        # Decodes as the stream does: the decoding its config's `decoder_model` serves.
+        self.defaults = ctc_decoder.served_defaults(
+            self.cfg.repository.parent / self.cfg.param("decoder_model")
         )
         StreamDecoder(self.contract, *self.defaults.configs({}))  # load the LM now
         self.final_pass_model = self.cfg.param("final_pass_model", "final_pass")
