@@ -30,6 +30,40 @@ NATIVE_GPU_BACKENDS = {"onnxruntime"}
 TWO_PASS_MODELS = ("final_pass", "streaming_asr_two_pass")
 
 
+#: Per-request window counts that become one acoustic-model batch, (model, parameter):
+#: each is its own fact, written once in its own config (how much one request may carry,
+#: how a recording is cut into calls), bounded by the acoustic model's max_batch_size
+#: (Triton rejects a larger batch).  ``check_limits`` checks the bound.
+ACOUSTIC_BATCH_BOUNDED = (
+    ("feature_extractor", "max_windows_per_request"),
+    ("offline_asr", "max_batch"),
+)
+
+
+def check_limits(repo: Path) -> list[str]:
+    """What in ``repo`` breaks a limit between models (empty: nothing): each of
+    ``ACOUSTIC_BATCH_BOUNDED`` at most the ``max_batch_size`` of the acoustic model that
+    model names (parameter ``acoustic_model``).  Models absent from ``repo`` are skipped."""
+    repo, problems = Path(repo), []
+    for model, key in ACOUSTIC_BATCH_BOUNDED:
+        path = repo / model / "config.pbtxt"
+        if not path.exists():
+            continue
+        cfg = parse_config(path)
+        acoustic = cfg.parameters["acoustic_model"].string_value or "acoustic_model"
+        acoustic_path = repo / acoustic / "config.pbtxt"
+        if key not in cfg.parameters or not acoustic_path.exists():
+            continue
+        value = int(cfg.parameters[key].string_value)
+        limit = parse_config(acoustic_path).max_batch_size
+        if value > limit:
+            problems.append(
+                f"{model} {key} {value} exceeds {acoustic} max_batch_size {limit}: "
+                "Triton would reject those batches"
+            )
+    return problems
+
+
 def parse_config(path: Path) -> Any:
     """A ``config.pbtxt`` as a ``tritonclient`` ModelConfig protobuf message."""
     from google.protobuf import text_format
@@ -123,6 +157,9 @@ def production_overlay(
         dirs_exist_ok=True,
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
+    problems = check_limits(dst_repo)
+    if problems:
+        raise ValueError(f"{src_repo}: " + "; ".join(problems))
     changed = []
     for cfg_path in sorted(dst_repo.glob("*/config.pbtxt")):
         cfg = parse_config(cfg_path)

@@ -252,6 +252,11 @@ class TritonServer:
         return f"{cfg.host}:{cfg.grpc_port}"
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
+        from .repository import check_limits
+
+        problems = check_limits(Path(self.config.model_repository))
+        if problems:
+            raise ServerError(f"{self.config.model_repository}: " + "; ".join(problems))
         self._log_file = open(self.log_path, "ab")
         log.info("starting tritonserver (log: %s)", self.log_path)
         self.proc = subprocess.Popen(

@@ -41,6 +41,26 @@ def test_window_limits_fit_the_acoustic_models_batch(configs):
     assert int(configs["offline_asr"].param("max_batch")) <= mbs
 
 
+def test_check_limits_finds_a_window_count_above_the_acoustic_batch(tmp_path):
+    from streamasr.repository import ACOUSTIC_BATCH_BOUNDED, check_limits, copy_repository
+
+    assert check_limits(REPOSITORY) == []
+    for model, key in ACOUSTIC_BATCH_BOUNDED:
+        dst = copy_repository(
+            REPOSITORY, tmp_path / model, {model: {key: "33"}}, link_suffixes=(".onnx",)
+        )
+        (problem,) = check_limits(dst)
+        assert problem.startswith(f"{model} {key} 33 exceeds acoustic_model max_batch_size 32")
+
+
+def test_final_pass_batch_limits_are_its_max_batch_size(configs):
+    """Written once: max_requests_per_batch and max_utterances_per_call default to
+    final_pass's max_batch_size, and the committed config sets neither."""
+    fp = configs["final_pass"]
+    assert fp.raw["max_batch_size"] > 1
+    assert not {"max_requests_per_batch", "max_utterances_per_call"} & set(fp.parameters())
+
+
 def test_offline_asr_decodes_with_the_ensembles_decoder_step(configs):
     """offline_asr names the ctc_decoder whose decoding it copies (one-way: nothing else
     reads a sibling's decoder parameters), and it is the one both ensembles decode with."""

@@ -172,7 +172,7 @@ def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> l
     fe_path = repo / "feature_extractor" / "config.pbtxt"
     if fe_path.exists():
         fe = parse_config(fe_path)
-        max_w = int(fe.parameters["max_windows_per_request"].string_value or 32)
+        max_w = int(fe.parameters["max_windows_per_request"].string_value or cfg.max_batch_size)
         secs = float(fe.parameters["max_chunk_seconds"].string_value or 10)
         if windows_per_request(contract, secs) > max_w:
             fit = secs

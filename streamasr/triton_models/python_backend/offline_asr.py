@@ -23,7 +23,7 @@ class OfflineAsrModel:
         self.cfg, self.log = edge.loaded(args, {"AUDIO", "SAMPLE_RATE"}, {"RESULTS"})
         self.contract: ModelContract = self.cfg.contract()
         self.acoustic_model = self.cfg.param("acoustic_model", "acoustic_model")
-        self.max_batch = parse_int("max_batch", self.cfg.param("max_batch", "8"), 1)
+        self.max_batch = parse_int("max_batch", self.cfg.param("max_batch"), 1)
         self.max_seconds = float(self.cfg.param("max_audio_seconds", "600"))
         # Decodes as the stream does: the decoding its config's `decoder_model` serves.
         self.defaults = ctc_decoder.served_defaults(
