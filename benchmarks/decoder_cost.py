@@ -83,6 +83,9 @@ def run(audio_path: Path = DEMO, lm: Path | None = None, hotwords: str = "") -> 
         cases.append({"decoding": "beam", "beam_size": "8", "hotwords": words})
     if lm:
         cases.append({"decoding": "beam", "beam_size": "8", "lm_path": str(lm)})
+        served = {"decoding": "beam", "beam_size": "16", "lm_path": str(lm)}
+        cases.append(served)  # the served default (ctc_decoder/config.pbtxt)
+        cases.append({**served, "beam_min_token_logp": "-1000"})  # without token pruning
     return [measure(contract, frames, c) for c in cases]
 
 

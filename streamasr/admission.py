@@ -11,12 +11,10 @@ The limit comes from, in order: the environment variable ``STREAMASR_MAX_ACTIVE_
 ``max_active_streams``, else ``MEASURED_STREAMS_HELD`` below: the one place the measured
 capacity is written down.  ``0`` turns admission control off.
 
-Not bounded here: one admitted stream's own backlog (requests in flight).  The SageMaker
-gateway bounds it per session (``STREAMASR_GATEWAY_MAX_PENDING``, backpressure); a Triton
-queue policy on acoustic_model (reject a window queued > 5 s) was tried and dropped: it
-failed a legitimate client that sends a whole file at once in 10 ms chunks (2651 of its
-requests rejected in tests/test_streaming.py), and a shared queue bound fails every
-stream's requests, not only the flooding one's.
+One admitted stream's own backlog is bounded elsewhere: the feature step closes a stream
+that runs ``max_lead_seconds`` ahead of real time (streamasr.protocol), AsrConnection and
+the SageMaker gateway keep at most ``MAX_PENDING_REQUESTS`` unanswered per stream (README,
+"One stream's backlog").
 """
 
 from __future__ import annotations

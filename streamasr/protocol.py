@@ -22,6 +22,11 @@ __all__ = [
     "CAPACITY_MARKER",
     "CLOSED_SESSION_HEADER",
     "CONTRACT_MODEL",
+    "DEFAULT_MAX_LEAD_SECONDS",
+    "FEATURE_MODEL",
+    "LEAD_MARKER",
+    "MAX_LEAD_PARAMETER",
+    "MAX_PENDING_REQUESTS",
     "CONTROL_MESSAGES",
     "CUSTOM_ATTRIBUTES_HEADER",
     "ContractError",
@@ -55,6 +60,24 @@ STREAM_MODEL = "streaming_asr"
 TWO_PASS_MODEL = "streaming_asr_two_pass"
 CONTRACT_MODEL = "model_contract"
 OFFLINE_MODEL = "offline_asr"
+#: The streaming ensembles' first step: where a stream's per-stream limits are configured.
+FEATURE_MODEL = "feature_extractor"
+
+# -- how fast one stream may send ------------------------------------------------------
+#: A stream's audio may run at most this many seconds ahead of real time (wall time since
+#: its START was served).  Beyond it the server closes the stream (an error naming the
+#: limit): one stream may not take more than a real-time stream's share of the server
+#: for long, which admission control counts on.  Whole recordings go to OFFLINE_MODEL.
+#: The feature step's config parameter MAX_LEAD_PARAMETER overrides it (0: no limit);
+#: AsrConnection reads that parameter and paces its sessions to stay within it.
+DEFAULT_MAX_LEAD_SECONDS = 120.0
+MAX_LEAD_PARAMETER = "max_lead_seconds"
+#: Every such closure's message contains this.
+LEAD_MARKER = "ahead of real time"
+#: Requests one stream may have unanswered at once: AsrConnection's sessions wait to
+#: send beyond it (backpressure), and the SageMaker gateway stops reading a session's
+#: WebSocket (STREAMASR_GATEWAY_MAX_PENDING overrides it there).
+MAX_PENDING_REQUESTS = 50
 
 # -- the SageMaker container's routes and headers --------------------------------------
 INVOCATIONS_PATH = "/invocations"

@@ -17,6 +17,11 @@ from typing import Callable, Generic, Hashable, Iterator, TypeVar
 T = TypeVar("T")
 
 
+#: Ids of swept or closed streams remembered at most (each for 10 TTLs) so that their
+#: late requests are told what happened instead of "unknown stream".
+MEMORY_MAX = 100_000
+
+
 class StreamError(Exception):
     """A request that cannot be served for this stream; the message is for the client."""
 
@@ -36,6 +41,8 @@ class StreamStore(Generic[T]):
         self._items: "OrderedDict[Hashable, tuple[float, T]]" = OrderedDict()
         self.reclaimed = 0  # streams swept after going idle (never saw END)
         self.expired: "OrderedDict[Hashable, float]" = OrderedDict()  # recently swept ids
+        # streams the server closed (close()): id -> (when, why), so later requests say why
+        self.closed: "OrderedDict[Hashable, tuple[float, str]]" = OrderedDict()
         self.lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -66,8 +73,13 @@ class StreamStore(Generic[T]):
         # Remember expired ids for a while so their next request can say "expired".
         while self.expired and now - next(iter(self.expired.values())) > 10 * self.ttl_s:
             self.expired.popitem(last=False)
-        while len(self.expired) > 100_000:
+        while len(self.expired) > MEMORY_MAX:
             self.expired.popitem(last=False)
+        while self.closed and (
+            len(self.closed) > MEMORY_MAX
+            or now - next(iter(self.closed.values()))[0] > 10 * self.ttl_s
+        ):
+            self.closed.popitem(last=False)
         return gone
 
     def create(self, key: Hashable, value: T) -> T:
@@ -85,6 +97,7 @@ class StreamStore(Generic[T]):
             raise StreamError(f"too many open streams (limit {self.max_streams})")
         self._items.pop(key, None)
         self.expired.pop(key, None)
+        self.closed.pop(key, None)
         self._items[key] = (self.clock(), value)
         return value
 
@@ -98,6 +111,8 @@ class StreamStore(Generic[T]):
         try:
             _, value = self._items.pop(key)
         except KeyError:
+            if key in self.closed:
+                raise StreamError(self.closed[key][1]) from None
             if key in self.expired:
                 raise StreamError(
                     f"stream {key} expired: idle longer than {self.ttl_s:g} s; "
@@ -108,6 +123,15 @@ class StreamStore(Generic[T]):
             ) from None
         self._items[key] = (self.clock(), value)
         return value
+
+    def close(self, key: Hashable, why: str) -> T | None:
+        """End a stream on the server's side: its state goes now, and its later requests
+        (until a new START) are refused with ``why``."""
+        with self.lock:
+            item = self._items.pop(key, None)
+            self.closed.pop(key, None)
+            self.closed[key] = (self.clock(), why)
+        return None if item is None else item[1]
 
     def pop(self, key: Hashable) -> T | None:
         with self.lock:

@@ -28,7 +28,15 @@ from .helpers import (
 # Fixtures that start a real tritonserver (themselves or through docker/serve).  A test
 # using one (directly or through another fixture), or marked `server` because it starts
 # one itself, is left out of `make test-unit`.
-SERVER_FIXTURES = {"server", "serve", "short_ttl_server", "iso_server", "byom", "launcher"}
+SERVER_FIXTURES = {
+    "server",
+    "serve",
+    "short_ttl_server",
+    "iso_server",
+    "byom",
+    "launcher",
+    "lead_server",
+}
 
 
 def pytest_collection_modifyitems(items):

@@ -32,6 +32,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from streamasr import protocol
 from streamasr.protocol import (
     CONTRACT_MODEL,
+    DEFAULT_MAX_LEAD_SECONDS,
+    FEATURE_MODEL,
+    MAX_LEAD_PARAMETER,
+    MAX_PENDING_REQUESTS,
     OFFLINE_MODEL,
     STREAM_MODEL,
     TWO_PASS_MODEL,
@@ -56,6 +60,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The shared stream is re-opened after it broke; give up on a request after this many
 # re-opens in a row that broke before answering anything (Triton down, say).
 MAX_REOPENS_WITHOUT_ANSWER = 3
+# A session keeps its audio this much further behind the server's max_lead_seconds than
+# the limit itself (or at half the limit, whichever is more): the server's clock starts
+# when it serves the START, a little later than the client's.
+LEAD_MARGIN_S = 5.0
 
 
 class AsrError(RuntimeError):
@@ -164,6 +172,8 @@ class Session:
     _listeners: list[Callable[[], None]] = field(default_factory=list)
     #: the server's refusal of the START (admission control; retry later), else None
     refused: str | None = None
+    _audio_samples: int = 0  # audio sent so far (at the model's rate)
+    _started_at: float | None = None  # time.monotonic() when the START went out
 
     # -- sending ---------------------------------------------------------------------
     def send(
@@ -181,6 +191,9 @@ class Session:
             raise AsrBusy(self.refused)
         if self._closed:
             raise AsrError(f"session {self.sequence_id} is closed")
+        samples = 0 if audio is None else len(audio)
+        if samples and not self.conn._on_reader_thread():
+            self._wait_for_room(samples)
         req = service_pb2.ModelInferRequest(
             model_name=self.model or self.conn.model, id=f"{self.sequence_id}:{self._sent}"
         )
@@ -199,9 +212,50 @@ class Session:
         self.conn._check_size(req)  # before counting it: a refused request never existed
         with self._cv:
             self._sent += 1
+            self._audio_samples += samples
+            if start:
+                self._started_at = time.monotonic()
             if end:
                 self._closed = True
         self.conn._submit(req)
+
+    # -- backpressure ------------------------------------------------------------------
+    def send_delay(self, samples: int) -> float:
+        """Seconds to wait before ``samples`` more audio may go without running this
+        stream further ahead of real time than the server allows (its max_lead_seconds,
+        less LEAD_MARGIN_S); 0 for a stream sent at real time.  An event loop awaits it
+        (the SageMaker gateway); send() sleeps it itself."""
+        if self._started_at is None:
+            return 0.0
+        elapsed = time.monotonic() - self._started_at
+        ahead = (self._audio_samples + samples) / self.conn.sample_rate() - elapsed
+        if ahead <= 0 or not self.conn.pace:  # a real-time stream needs no lookup
+            return 0.0
+        limit = self.conn.max_lead_seconds()
+        if limit is None:
+            return 0.0
+        return max(0.0, ahead - max(limit - LEAD_MARGIN_S, limit / 2))
+
+    def _wait_for_room(self, samples: int) -> None:
+        """Block while the connection's max_pending requests of this session are
+        unanswered, then while the audio would run too far ahead of real time."""
+        limit = self.conn.max_pending
+        if limit is not None:
+            with self._cv:
+                if not self._cv.wait_for(
+                    lambda: self._sent - self._answered < limit or self._failed is not None,
+                    self.conn.send_timeout_s,
+                ):
+                    raise AsrError(
+                        f"session {self.sequence_id}: {self._sent - self._answered} requests "
+                        f"unanswered for {self.conn.send_timeout_s:g} s (limit {limit}): "
+                        "the server is not keeping up"
+                    )
+            if self._failed is not None:
+                raise AsrError(self._failed)
+        delay = self.send_delay(samples)
+        if delay > 0:
+            time.sleep(delay)
 
     def finalize(self) -> None:
         """Flush the open utterance as a final without closing the stream."""
@@ -411,10 +465,24 @@ class AsrConnection:
         ssl: bool = False,
         root_certificates: bytes | None = None,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_pending: int | None = MAX_PENDING_REQUESTS,
+        send_timeout_s: float = 120.0,
+        pace: bool = True,
     ):
+        """``max_pending``: requests with audio a session may have unanswered before
+        send() waits (None: no limit); ``send_timeout_s``: how long send() waits for
+        room before it raises AsrError; ``pace``: send() also waits rather than run a
+        stream further ahead of real time than the server allows (False: the server
+        closes such a stream, naming its max_lead_seconds)."""
+        if max_pending is not None and max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1 or None, got {max_pending}")
         self.url = url
         self.model = model
         self.max_message_bytes = max_message_bytes
+        self.max_pending = max_pending
+        self.send_timeout_s = send_timeout_s
+        self.pace = pace
+        self._max_lead: tuple[float | None] | None = None  # looked up once
         self._channel = _channel(url, ssl, root_certificates, max_message_bytes)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._sessions: dict[int, Session] = {}
@@ -451,6 +519,37 @@ class AsrConnection:
             resp = self._stub.ModelInfer(service_pb2.ModelInferRequest(model_name=CONTRACT_MODEL))
             self._contract = ModelContract.from_json(_strings(resp.raw_output_contents[0])[0])
         return self._contract
+
+    def sample_rate(self) -> int:
+        return self.contract().sample_rate
+
+    def max_lead_seconds(self) -> float | None:
+        """How far ahead of real time the server lets a stream's audio run (its feature
+        step's max_lead_seconds; None: no limit).  Read from the model's config once."""
+        if self._max_lead is None:
+            value: float | None = DEFAULT_MAX_LEAD_SECONDS
+            try:
+                cfg = self._stub.ModelConfig(
+                    service_pb2.ModelConfigRequest(name=FEATURE_MODEL), timeout=10.0
+                ).config
+            except grpc.RpcError as exc:  # not this server's layout: assume the default
+                log.warning(
+                    "no %s config (%s): assuming max_lead_seconds %g",
+                    FEATURE_MODEL,
+                    exc.code().name,
+                    DEFAULT_MAX_LEAD_SECONDS,
+                )
+            else:
+                if MAX_LEAD_PARAMETER in cfg.parameters:
+                    value = float(cfg.parameters[MAX_LEAD_PARAMETER].string_value) or None
+            self._max_lead = (value,)
+        return self._max_lead[0]
+
+    def _on_reader_thread(self) -> bool:
+        """A callback sending from the reader thread must not wait for answers: only
+        that thread delivers them."""
+        st = self._current
+        return st is not None and threading.current_thread() is st.reader
 
     def transcribe_file(
         self,

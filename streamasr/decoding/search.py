@@ -10,7 +10,8 @@ posterior), from which word timings and confidences are derived.
   token whose frames straddle a request boundary -- or an utterance boundary forced by
   endpoint rule 3 -- is emitted once.
 * :class:`BeamSearch`: CTC prefix beam search in the log domain.  Per frame only the
-  ``beam_top_k`` most likely non-blank tokens are tried.  Optional hotword boosting
+  ``beam_top_k`` most likely non-blank tokens are tried, and of those only the ones at
+  least ``beam_min_token_logp`` likely (the frame's best always).  Optional hotword boosting
   (:class:`ContextGraph`) and word n-gram shallow fusion (:mod:`.lm`).  A prefix's
   alignment is the one of its most probable single contribution at each frame (a
   Viterbi-style choice inside the prefix sum).
@@ -204,6 +205,8 @@ class _Hyp:
 class BeamOptions:
     beam_size: int
     top_k: int
+    #: candidates less likely than this (log) are not tried, except the frame's best
+    min_token_logp: float = NEG_INF
 
 
 class BeamSearch:
@@ -284,9 +287,12 @@ class BeamSearch:
         idx = np.argpartition(-nb, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(nb, idx, axis=1)
         probs = np.exp(vals)
+        floor = max(self.options.min_token_logp, NEG_INF)
+        best = nb.max(axis=1).tolist()
+        # a token is tried if it is at least `floor` likely, or the frame's best
         self._cands = [
-            [c for c in zip(r_i, r_v, r_p) if c[1] > NEG_INF]
-            for r_i, r_v, r_p in zip(idx.tolist(), vals.tolist(), probs.tolist())
+            [c for c in zip(r_i, r_v, r_p) if c[1] > NEG_INF and (c[1] >= floor or c[1] == b)]
+            for r_i, r_v, r_p, b in zip(idx.tolist(), vals.tolist(), probs.tolist(), best)
         ]
 
     def step(self, i: int, t: int) -> None:

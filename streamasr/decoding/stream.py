@@ -121,7 +121,12 @@ class StreamDecoder:
                 spellable,
                 cfg.lm_oov_letter_log10,
             )
-        return BeamSearch(self.text, BeamOptions(cfg.beam_size, cfg.beam_top_k), context, lm)
+        return BeamSearch(
+            self.text,
+            BeamOptions(cfg.beam_size, cfg.beam_top_k, cfg.beam_min_token_logp),
+            context,
+            lm,
+        )
 
     # -- public API ------------------------------------------------------------------------
     @property

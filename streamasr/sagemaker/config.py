@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamasr.decoding.config import parse_bool
-from streamasr.protocol import STREAM_MODEL, TWO_PASS_MODEL
+from streamasr.protocol import MAX_PENDING_REQUESTS, STREAM_MODEL, TWO_PASS_MODEL
 
 
 @dataclass
@@ -21,7 +21,7 @@ class GatewayConfig:
     # Requests sent to Triton and not yet answered, per WebSocket session.  Above this the
     # gateway stops reading the socket (TCP backpressure to the client); if the model has
     # not caught up after flood_timeout_s the client gets an error and is closed.
-    max_pending_requests: int = 50
+    max_pending_requests: int = MAX_PENDING_REQUESTS
     flood_timeout_s: float = 10.0
     # Result messages waiting to be written to a slow client.
     max_outgoing_messages: int = 1000

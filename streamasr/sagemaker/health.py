@@ -41,8 +41,13 @@ class Backend:
                 if self.cfg.grpc_root_cert:
                     with open(self.cfg.grpc_root_cert, "rb") as f:
                         root = f.read()
+                # The gateway waits for room itself (never blocking its event loop):
+                # the connection's window is the gateway's.
                 self._conn = AsrConnection(
-                    self.cfg.triton_grpc, ssl=self.cfg.grpc_ssl, root_certificates=root
+                    self.cfg.triton_grpc,
+                    ssl=self.cfg.grpc_ssl,
+                    root_certificates=root,
+                    max_pending=self.cfg.max_pending_requests,
                 )
             return self._conn
 

@@ -370,6 +370,8 @@ class Gateway:
             s = hs.session
             before = len(s.messages)
             try:
+                if audio is not None:  # keep within the server's max_lead_seconds
+                    await asyncio.sleep(s.send_delay(len(audio)))
                 if close:
                     s.close(audio)
                 elif audio is not None or finalize or not s.started:

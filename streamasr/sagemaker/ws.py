@@ -241,6 +241,9 @@ class WsSession:
             decode_pcm(data[:cut], self.encoding, self.channels), rate, self.model_rate
         )
         self.audio_bytes += cut
+        # Pace a client that sends faster than real time to the server's max_lead_seconds
+        # (not reading the socket meanwhile) instead of letting the server close it.
+        await asyncio.sleep(s.send_delay(len(audio)))
         s.send(audio)
 
     async def _control(self, text: str) -> bool:

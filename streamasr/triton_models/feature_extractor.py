@@ -10,7 +10,8 @@ since Triton cannot send it a batch of zero (``StepInfo.windows`` is then 0).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,13 @@ import numpy as np
 from .. import admission as adm
 from ..contract import ModelContract
 from ..features import FeatureStream, silence_frame
-from ..protocol import pcm16_to_float
+from ..protocol import (
+    DEFAULT_MAX_LEAD_SECONDS,
+    LEAD_MARKER,
+    MAX_LEAD_PARAMETER,
+    OFFLINE_MODEL,
+    pcm16_to_float,
+)
 from ..state import StreamError, StreamStore
 from .common import (
     FLAG_END,
@@ -90,6 +97,7 @@ class FeatureResult:
 class _Stream:
     features: FeatureStream
     requests: int = 0
+    started: float = field(default_factory=time.monotonic)  # when its START was served
 
 
 class FeatureExtractorStep:
@@ -105,8 +113,15 @@ class FeatureExtractorStep:
         validate_options=None,
         max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS,
         admission: adm.Admission | None = None,
+        max_lead_seconds: float | None = DEFAULT_MAX_LEAD_SECONDS,
+        clock=time.monotonic,
     ):
         self.contract = contract
+        # How far a stream's audio may run ahead of real time (None: no limit); see
+        # streamasr.protocol.DEFAULT_MAX_LEAD_SECONDS.
+        self.max_lead_s = max_lead_seconds
+        self.clock = clock
+        self.lead_closed = 0  # streams closed for running ahead of real time
         self.admission = admission or adm.Admission(None)
         self.max_chunk_samples = int(max_chunk_seconds * contract.sample_rate)
         self.max_stream_seconds = max_stream_seconds
@@ -126,7 +141,9 @@ class FeatureExtractorStep:
                 f"max_chunk_seconds {max_chunk_seconds:g} can yield {need} windows in one "
                 f"request, more than max_windows_per_request {max_windows_per_request}"
             )
-        self.store: StreamStore[_Stream] = StreamStore(idle_timeout_s, max_streams=max_streams)
+        self.store: StreamStore[_Stream] = StreamStore(
+            idle_timeout_s, clock=clock, max_streams=max_streams
+        )
         self._placeholder = np.tile(
             silence_frame(contract.features), (1, contract.window_frames, 1)
         ).astype(np.float32)
@@ -202,13 +219,16 @@ class FeatureExtractorStep:
             with self.store.lock:  # count and create at once: no two STARTs share a place
                 self.store.sweep()
                 self.admission.admit(corrid, len(self.store))
-                st = self.store.create(corrid, _Stream(FeatureStream(self.contract)))
+                st = self.store.create(
+                    corrid, _Stream(FeatureStream(self.contract), started=self.clock())
+                )
         else:
             if corrid not in self.store:
                 self.admission.check_refused(corrid, r.end)
             st = self.store.get(corrid)
             if st.features.features.samples_seen + len(audio) > self.max_stream_samples:
                 raise self._too_long()
+            self._check_lead(corrid, st, len(audio))
         info = StepInfo(
             stream=corrid,
             seq=st.requests,
@@ -233,6 +253,25 @@ class FeatureExtractorStep:
             features = self._placeholder
         return FeatureResult(features, info)
 
+    def _check_lead(self, corrid: int, st: _Stream, samples: int) -> None:
+        """Close the stream when this chunk would put its audio more than max_lead_s
+        ahead of real time.  Closed, not refused: refusing one chunk and taking the next
+        would leave a hole in the audio that nobody sees."""
+        if self.max_lead_s is None or samples == 0:
+            return
+        audio_s = (st.features.features.samples_seen + samples) / self.contract.sample_rate
+        lead = audio_s - (self.clock() - st.started)
+        if lead <= self.max_lead_s:
+            return
+        why = (
+            f"stream {corrid} closed: its audio ran {lead:.1f} s {LEAD_MARKER}, more than "
+            f"{MAX_LEAD_PARAMETER} ({self.max_lead_s:g} s). Send a live stream at most that "
+            f"far ahead of real time; whole recordings go to the {OFFLINE_MODEL} model"
+        )
+        self.store.close(corrid, why)
+        self.lead_closed += 1
+        raise StreamError(why)
+
     def _too_long(self) -> StreamError:
         return StreamError(
             f"stream exceeds max_stream_seconds ({self.max_stream_seconds:g} s "
@@ -253,6 +292,9 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
             0.01,
         )
         limit = adm.configured_limit(cfg.param(adm.CONFIG_KEY, adm.MEASURED))
+        max_lead = parse_float(
+            MAX_LEAD_PARAMETER, cfg.param(MAX_LEAD_PARAMETER, str(DEFAULT_MAX_LEAD_SECONDS)), 0.0
+        )
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
     return FeatureExtractorStep(
@@ -264,4 +306,5 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
         validate_options,
         max_stream_s,
         adm.Admission(limit),
+        max_lead or None,
     )

@@ -185,14 +185,15 @@ class StreamMetrics:
 
 class AdmissionMetrics:
     """Admission control on Triton's metrics port (streamasr.admission):
-    streamasr_admitted_streams_total, streamasr_refused_streams_total (counters) and
-    streamasr_stream_capacity (gauge: the limit; 0 = none).  Published from execute()."""
+    streamasr_admitted_streams_total, streamasr_refused_streams_total,
+    streamasr_lead_closed_streams_total (counters) and streamasr_stream_capacity (gauge:
+    the limit; 0 = none).  Published from execute()."""
 
     def __init__(self, model: str, limit: int | None):
         M = pb_utils.MetricFamily
         labels = {"model": model}
         # the families must outlive their metrics: keep them
-        self._families = (
+        self._counters = (
             M("streamasr_admitted_streams_total", "Streams admitted at START", M.COUNTER),
             M(
                 "streamasr_refused_streams_total",
@@ -200,26 +201,27 @@ class AdmissionMetrics:
                 M.COUNTER,
             ),
             M(
-                "streamasr_stream_capacity",
-                "Streams admitted at most at once (0: no limit)",
-                M.GAUGE,
+                "streamasr_lead_closed_streams_total",
+                "Streams closed for sending audio further ahead of real time than max_lead_seconds",
+                M.COUNTER,
             ),
         )
-        self.admitted, self.refused, self.capacity = (
-            f.Metric(labels=labels) for f in self._families
+        self._capacity = M(
+            "streamasr_stream_capacity", "Streams admitted at most at once (0: no limit)", M.GAUGE
         )
+        self.counters = [f.Metric(labels=labels) for f in self._counters]
+        self.capacity = self._capacity.Metric(labels=labels)
         self.capacity.set(limit or 0)
-        self._reported = (0, 0)
+        self._reported = (0,) * len(self.counters)
 
-    def sync(self, counts: tuple[int, int]) -> None:
+    def sync(self, counts: tuple[int, ...]) -> None:
+        """``counts``: admitted, refused, closed for their lead, as totals so far."""
         if counts == self._reported:
             return
-        (a0, r0), (a1, r1) = self._reported, counts
+        for metric, before, now in zip(self.counters, self._reported, counts):
+            if now > before:
+                metric.increment(now - before)
         self._reported = counts
-        if a1 > a0:
-            self.admitted.increment(a1 - a0)
-        if r1 > r0:
-            self.refused.increment(r1 - r0)
 
 
 def _release_freed_memory() -> None:

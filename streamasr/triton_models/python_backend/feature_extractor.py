@@ -37,7 +37,7 @@ class FeatureExtractorModel:
         responses = edge.serve_each(
             requests, self._respond, self.log, "feature_extractor", self.metrics, self.step.store
         )
-        self.admission_metrics.sync(self.step.admission.snapshot())
+        self.admission_metrics.sync((*self.step.admission.snapshot(), self.step.lead_closed))
         return responses
 
     def _respond(self, request) -> list:
