@@ -40,7 +40,7 @@ def _chunk(sid: int, flags: int, seconds: float, contract) -> fx.FeatureRequest:
 
 def test_a_stream_running_ahead_of_real_time_is_closed_and_says_why(contract):
     clock = FakeClock()
-    step = fx.FeatureStep(contract, 30.0, 10.0, 32, max_lead_seconds=LEAD_S, clock=clock)
+    step = fx.FeatureExtractorStep(contract, 30.0, 10.0, 32, max_lead_seconds=LEAD_S, clock=clock)
     step.process(_chunk(1, fx.FLAG_START, 1.0, contract))
     step.process(_chunk(2, fx.FLAG_START, 1.0, contract))
     step.process(_chunk(1, 0, 2.0, contract))  # 3 s of audio at t=0: exactly at the limit
@@ -66,7 +66,9 @@ def test_a_stream_running_ahead_of_real_time_is_closed_and_says_why(contract):
 
 
 def test_no_lead_limit_takes_any_amount_ahead(contract):
-    step = fx.FeatureStep(contract, 30.0, 10.0, 32, max_lead_seconds=None, clock=FakeClock())
+    step = fx.FeatureExtractorStep(
+        contract, 30.0, 10.0, 32, max_lead_seconds=None, clock=FakeClock()
+    )
     step.process(_chunk(1, fx.FLAG_START, 10.0, contract))
     for _ in range(30):
         step.process(_chunk(1, 0, 10.0, contract))
