@@ -334,8 +334,8 @@ def main(argv=None) -> int:
         if targets:
             md += ["", "| target | measured | met |", "|---|---|---|"]
             md += [
-                f"| {t['target']} | {t['measured']} | "
-                f"{'yes' if t['met'] else ('**no**' if t['met'] is False else '–')} |"
+                f"| {t.target} | {t.measured} | "
+                f"{'yes' if t.met else ('**no**' if t.met is False else '–')} |"
                 for t in targets
             ]
         a.json.with_suffix(".md").write_text("\n".join(md) + "\n")

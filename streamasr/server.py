@@ -7,6 +7,11 @@ backends from ``backends/``), ``TritonServer`` starts the binary with the right
 library path, polls readiness, and stops it.
 
     python -m streamasr.server --model-repository model_repository
+
+Both folders come from a checkout (``make venv`` installs this package editable); a
+non-editable install (``pip install .``) ships the code they load but not the folders
+themselves: point at them with ``--model-repository`` / ``--backends`` or the
+environment variables STREAMASR_MODEL_REPOSITORY / STREAMASR_BACKENDS.
 """
 
 from __future__ import annotations
@@ -35,8 +40,29 @@ from .cli import argument_parser
 log = logging.getLogger("streamasr.server")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-DEFAULT_BACKENDS = REPO_ROOT / "backends"
+# Where the model repository and the Python-based backends are when not given: these
+# variables, else the checkout this package is imported from.
+ENV_MODEL_REPOSITORY = "STREAMASR_MODEL_REPOSITORY"
+ENV_BACKENDS = "STREAMASR_BACKENDS"
+
+
+def checkout_path(env_var: str, name: str) -> Path:
+    """``$env_var`` if set, else ``<checkout>/<name>`` (absent in a non-editable install)."""
+    value = os.environ.get(env_var)
+    return Path(value) if value else REPO_ROOT / name
+
+
+def missing_folder(what: str, path: Path, env_var: str, flag: str) -> str:
+    """The error for a folder that is not there, saying how to point at one."""
+    return (
+        f"no {what} at {path}: it comes from a streamasr checkout, which a non-editable "
+        f"install (pip install .) does not have; set {env_var}=<checkout>/{path.name} "
+        f"or pass {flag}"
+    )
+
+
+DEFAULT_MODEL_REPOSITORY = checkout_path(ENV_MODEL_REPOSITORY, "model_repository")
+DEFAULT_BACKENDS = checkout_path(ENV_BACKENDS, "backends")
 LOOPBACK = "127.0.0.1"
 
 
@@ -108,6 +134,12 @@ class TritonHome:
             _copy(server_dir / "backends" / "python" / name, python_dir / name)
         _copy(stub, python_dir / "triton_python_backend_stub")
         # Python-based backends: a folder holding model.py, named as config.pbtxt's `backend`.
+        if not self.backends_src.is_dir():
+            raise ServerError(
+                missing_folder(
+                    "Python-based backends folder", self.backends_src, ENV_BACKENDS, "--backends"
+                )
+            )
         for src in sorted(self.backends_src.iterdir()):
             if (src / "model.py").exists():
                 dst = self.backend_dir / src.name
@@ -131,6 +163,8 @@ def _copy(src: Path, dst: Path) -> None:
 @dataclass
 class ServerConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    # backends/<name>/model.py: the Python-based backends config.pbtxt files name
+    backends: Path = DEFAULT_BACKENDS
     host: str = LOOPBACK
     http_port: int = 8000
     grpc_port: int = 8001
@@ -170,7 +204,7 @@ class TritonServer:
         if home_root is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="streamasr-triton-")
             home_root = Path(self._tmp.name)
-        self.home = TritonHome(Path(home_root)).prepare()
+        self.home = TritonHome(Path(home_root), Path(config.backends)).prepare()
         self.log_path = log_path or (self.home.root / "tritonserver.log")
         self.proc: subprocess.Popen | None = None
         self._log_file: BinaryIO | None = None
@@ -254,9 +288,14 @@ class TritonServer:
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
         from .repository import check_limits
 
-        problems = check_limits(Path(self.config.model_repository))
+        repo = Path(self.config.model_repository)
+        if not repo.is_dir():
+            raise ServerError(
+                missing_folder("model repository", repo, ENV_MODEL_REPOSITORY, "--model-repository")
+            )
+        problems = check_limits(repo)
         if problems:
-            raise ServerError(f"{self.config.model_repository}: " + "; ".join(problems))
+            raise ServerError(f"{repo}: " + "; ".join(problems))
         self._log_file = open(self.log_path, "ab")
         log.info("starting tritonserver (log: %s)", self.log_path)
         self.proc = subprocess.Popen(
@@ -416,7 +455,19 @@ def _health_problem(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser("python -m streamasr.server", __doc__)
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_MODEL_REPOSITORY,
+        help=f"default: ${ENV_MODEL_REPOSITORY}, else the checkout's model_repository/",
+    )
+    p.add_argument(
+        "--backends",
+        type=Path,
+        default=DEFAULT_BACKENDS,
+        help=f"the Python-based backends (<name>/model.py); default: ${ENV_BACKENDS}, "
+        "else the checkout's backends/",
+    )
     p.add_argument("--host", default=LOOPBACK, help="address for all endpoints (default loopback)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -460,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     cfg = ServerConfig(
         model_repository=a.model_repository,
+        backends=a.backends,
         host=a.host,
         http_port=a.http_port,
         grpc_port=a.grpc_port,

@@ -19,6 +19,7 @@ from .helpers import (
     REPOSITORY,
     TRITON_IDLE_US,
     TTL_S,
+    Launcher,
     Serve,
     copy_repository,
     sagemaker_env,
@@ -31,11 +32,14 @@ from .helpers import (
 SERVER_FIXTURES = {
     "server",
     "serve",
+    "own_serve",
     "short_ttl_server",
     "iso_server",
+    "limited_server",
+    "lead_server",
     "byom",
     "launcher",
-    "lead_server",
+    "own_launcher",
 }
 
 
@@ -121,3 +125,40 @@ def serve(tmp_path_factory):
     s.startup_pings = s.wait_ready()
     yield s
     s.stop()
+
+
+@pytest.fixture
+def own_serve(tmp_path):
+    """docker/serve for ONE test that stops it (SIGTERM drills): a repository copy without
+    the two-pass models; always stopped, so no test depends on running before or after it."""
+    repo = copy_repository(tmp_path / "repo", {})
+    s = Serve(sagemaker_env(tmp_path, STREAMASR_MODEL_REPOSITORY=str(repo)), tmp_path / "serve.log")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """The launcher (`python -m streamasr.server`, its default repository) with a
+    self-signed gRPC certificate and a 1 s health poll, shared by a module's tests."""
+    launcher = Launcher(tmp_path_factory.mktemp("launcher"))
+    try:
+        launcher.wait_ready()
+        yield launcher
+    finally:
+        launcher.stop()
+
+
+@pytest.fixture
+def own_launcher(tmp_path):
+    """A launcher for ONE test that breaks it (a killed stub): a repository copy without
+    the two-pass models; always stopped."""
+    launcher = Launcher(tmp_path, copy_repository(tmp_path / "repo", {}))
+    try:
+        launcher.wait_ready()
+        yield launcher
+    finally:
+        launcher.stop()

@@ -130,9 +130,7 @@ def stream(conn: AsrConnection, audio: np.ndarray, chunk: int, options=None):
 
 def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=None):
     """Send a hand-built request through a session's slot on the shared stream."""
-    req = service_pb2.ModelInferRequest(
-        model_name=session.conn.model, id=f"{session.sequence_id}:{session._sent}"
-    )
+    req = service_pb2.ModelInferRequest(model_name=session.conn.model)
     for name, dtype, shape, data in inputs:
         t = req.inputs.add(name=name, datatype=dtype)
         t.shape.extend(shape)
@@ -146,9 +144,7 @@ def raw_request(session, inputs, *, start, end=False, sequence_id=None, params=N
     req.parameters["sequence_end"].bool_param = end
     for k, v in (params or {}).items():
         req.parameters[k].string_param = v
-    with session._cv:
-        session._sent += 1
-    session.conn._submit(req)
+    session.send_request(req)
 
 
 def f32(a):
@@ -344,6 +340,84 @@ class Serve:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class Launcher:
+    """The launcher (`python -m streamasr.server`) as a child process, with a self-signed
+    gRPC certificate and a 1 s health poll; ``repository``: the model repository it
+    serves (its default when None)."""
+
+    def __init__(self, root: Path, repository: Path | None = None):
+        self.cert_path, key = root / "cert.pem", root / "key.pem"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                "-keyout",
+                str(key),
+                "-out",
+                str(self.cert_path),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        ports = dict(http=free_port(), grpc=free_port(), metrics=free_port())
+        self.log_path = root / "launcher.log"
+        self._out = open(self.log_path, "wb")
+        argv = [
+            sys.executable,
+            "-m",
+            "streamasr.server",
+            "--http-port",
+            str(ports["http"]),
+            "--grpc-port",
+            str(ports["grpc"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--grpc-cert",
+            str(self.cert_path),
+            "--grpc-key",
+            str(key),
+            "--health-interval",
+            "1",
+            "--home",
+            str(root / "home"),
+        ]
+        if repository is not None:
+            argv += ["--model-repository", str(repository)]
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.cert = self.cert_path.read_bytes()
+        self.grpc = f"127.0.0.1:{ports['grpc']}"
+        self.http = f"127.0.0.1:{ports['http']}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Until the launcher logs that it is watching its models' health."""
+
+        def watching() -> bool:
+            assert self.proc.poll() is None, self.log_path.read_text()
+            return "watching" in self.log_path.read_text()
+
+        poll(watching, timeout, "the launcher to be ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
 
 
 def triton_children(pid: int) -> list[int]:

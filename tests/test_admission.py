@@ -187,7 +187,7 @@ def test_refused_ends_are_not_counted_as_errors(limited_server, contract):
         s = conn.open_session()
         s.send(np.zeros(contract.chunk_samples, np.float32))
         s.wait()
-        assert s.refused and s._sent == 2  # START + the releasing END
+        assert s.refused and s.sent == 2  # START + the releasing END
         assert metric(limited_server, "streamasr_request_errors_total") == errors0
         for h in holders:
             h.close()

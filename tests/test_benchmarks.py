@@ -4,6 +4,7 @@ files.  No server needed."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,39 @@ def test_markdown_has_the_two_pass_rows_from_a_committed_result():
     old = json.loads((results / "two_pass-vm-20261202.json").read_text())
     md = report.markdown({"levels": [], "held_streams": 0, "budget_ms": 250.0, "two_pass": old})
     assert any(line.startswith("| two-pass | 8 | 88 |") for line in md.splitlines())
+
+
+def newest_result_file() -> Path:
+    """The newest committed `make bench` result (<host>-<yyyymmdd>-<hhmm>.json)."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    files = [p for p in results.glob("*.json") if re.fullmatch(r".+-\d{8}-\d{4}", p.stem)]
+    assert files, f"no result files in {results}"
+    return max(files, key=lambda p: p.stem[-13:])
+
+
+def test_the_newest_committed_result_loads_through_the_typed_sections():
+    from benchmarks import report
+    from benchmarks.result import BenchResult, Target
+    from benchmarks.run import compute_targets
+
+    path = newest_result_file()
+    data = json.loads(path.read_text())
+    result = BenchResult.from_json(data)
+    assert result.extra == {}, f"keys no section owns: {sorted(result.extra)}"
+    assert result.capacity.levels and result.capacity.held_streams is not None
+    assert result.raw_model.raw and result.run.model
+    assert result.targets and all(isinstance(t, Target) for t in result.targets)
+    assert result.to_json() == data  # the same JSON shape, key for key
+    # the targets recomputed from the typed result include every one the run wrote
+    again = [t.to_json() for t in compute_targets(result, result.run.chunk_ms / 1000)]
+    assert [t for t in data["targets"] if t not in again] == []
+    assert report.markdown(result.to_json()).startswith("# streamasr benchmark")
+
+
+def test_result_sections_leave_out_what_a_run_did_not_measure():
+    from benchmarks.result import BenchResult, RunInfo
+
+    data = BenchResult(run=RunInfo(host="h", started="2026-01-01T00:00:00Z")).to_json()
+    assert "overload" not in data and "levels" not in data and "targets" not in data
+    assert data["intra_op_threads"] is None  # always written, as run.py always set it
+    assert BenchResult.from_json(dict(data, future_key=1)).to_json() == dict(data, future_key=1)

@@ -194,7 +194,7 @@ def test_broken_stream_fails_only_sessions_with_requests_in_flight(
         for _ in range(10):
             busy.send(np.zeros(10 * contract.sample_rate, np.float32))
         assert busy.pending > 0
-        conn._stream.cancel()  # the shared stream breaks under them
+        conn.cancel_stream()  # the shared stream breaks under them
         with pytest.raises(AsrError, match="in flight"):
             busy.wait(timeout=30)
         with pytest.raises(AsrError):

@@ -139,7 +139,7 @@ def test_half_closed_connection_still_gets_its_answers_and_streams_are_reclaimed
     for s in sessions:
         for _ in range(4):
             s.send(np.zeros(contract.chunk_samples, np.float32))
-    conn._requests.put(None)  # half-close: no more requests, no END
+    conn.half_close()  # no more requests, no END
     for s in sessions:
         s.wait(timeout=60)  # every request sent is still answered
         assert s.errors == [] and s.pending == 0
@@ -356,7 +356,7 @@ def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_
         for i in range(0, len(audio), chunk):
             s.send(audio[i : i + chunk])
         s.close()
-    poll(lambda: sum(s._answered for s in sessions) > 0, 120, "the first answers")
+    poll(lambda: sum(s.answered for s in sessions) > 0, 120, "the first answers")
     before = [len(s.messages) for s in sessions]
     in_flight = sum(s.pending for s in sessions)
     t0 = time.monotonic()
@@ -396,86 +396,9 @@ def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_
         srv2.stop()
 
 
-# -- TLS and the launcher's watchdog: one launcher (`python -m streamasr.server`) --------
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    """The launcher with a self-signed gRPC certificate and a 1 s health poll."""
-    root = tmp_path_factory.mktemp("launcher")
-    cert, key = root / "cert.pem", root / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    ports = dict(http=free_port(), grpc=free_port(), metrics=free_port())
-    out = open(root / "launcher.log", "wb")
-    proc = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "streamasr.server",
-            "--http-port",
-            str(ports["http"]),
-            "--grpc-port",
-            str(ports["grpc"]),
-            "--metrics-port",
-            str(ports["metrics"]),
-            "--grpc-cert",
-            str(cert),
-            "--grpc-key",
-            str(key),
-            "--health-interval",
-            "1",
-            "--home",
-            str(root / "home"),
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    info = {
-        "proc": proc,
-        "cert": cert.read_bytes(),
-        "log": root / "launcher.log",
-        "grpc": f"127.0.0.1:{ports['grpc']}",
-        "http": f"127.0.0.1:{ports['http']}",
-    }
-
-    def watching() -> bool:
-        assert proc.poll() is None, info["log"].read_text()
-        return "watching" in info["log"].read_text()
-
-    poll(watching, 180, "the launcher to be ready")
-    yield info
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    out.close()
-
-
+# -- TLS and the launcher's watchdog (conftest: launcher, own_launcher) --------------
 def test_tls_server_refuses_plaintext(launcher):
-    channel = grpc.insecure_channel(launcher["grpc"])
+    channel = grpc.insecure_channel(launcher.grpc)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     with pytest.raises(grpc.RpcError) as err:
         stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10)
@@ -484,7 +407,7 @@ def test_tls_server_refuses_plaintext(launcher):
 
 
 def test_tls_server_serves_a_tls_client(launcher, contract):
-    with AsrConnection(launcher["grpc"], ssl=True, root_certificates=launcher["cert"]) as c:
+    with AsrConnection(launcher.grpc, ssl=True, root_certificates=launcher.cert) as c:
         assert c.contract() == contract
         s = c.open_session()
         s.send(np.zeros(contract.chunk_samples * 3, np.float32))
@@ -493,11 +416,11 @@ def test_tls_server_serves_a_tls_client(launcher, contract):
         assert s.errors == [] and s.messages
 
 
-def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(launcher, contract):
-    """Last in the module: kills the launcher's feature_extractor stub."""
+def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(own_launcher, contract):
+    """Kills the feature_extractor stub of a launcher of its own."""
     (triton,) = [
         p
-        for p, argv in child_processes(launcher["proc"].pid).items()
+        for p, argv in child_processes(own_launcher.proc.pid).items()
         if argv[0].endswith("tritonserver")
     ]
     stubs = [
@@ -507,7 +430,7 @@ def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(launcher,
         and Path(argv[1]).parent.parent.name == "feature_extractor"
     ]
     assert len(stubs) == 1
-    with AsrConnection(launcher["grpc"], ssl=True, root_certificates=launcher["cert"]) as c:
+    with AsrConnection(own_launcher.grpc, ssl=True, root_certificates=own_launcher.cert) as c:
         os.kill(stubs[0], signal.SIGKILL)
         s = c.open_session()
         s.send(np.zeros(contract.chunk_samples, np.float32))
@@ -518,8 +441,8 @@ def test_crashed_stub_gives_clear_errors_and_the_launcher_exits_loudly(launcher,
         # never a transcript from a dead step: an error naming it, or no answer at all
         assert not [m for m in s.messages if m["type"] != "Error"]
         assert all("not healthy" in e or "feature_extractor" in e for e in s.errors), s.errors
-    code = launcher["proc"].wait(timeout=60)
-    text = launcher["log"].read_text()
+    code = own_launcher.proc.wait(timeout=60)
+    text = own_launcher.log_path.read_text()
     assert code == 3, text[-3000:]
     assert "UNHEALTHY" in text and "feature_extractor" in text
 

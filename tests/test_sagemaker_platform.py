@@ -1,9 +1,7 @@
 """What SageMaker's platform does to the container, checked with docker/serve run outside
 Docker: where the model repository comes from (/opt/ml/model only when it holds one), the
 stateful-session header SageMaker reads, InvokeEndpoint's 6 MB / 60 s limits on
-/invocations, and draining within the 30 s between SIGTERM and SIGKILL.
-
-The last test stops the module's server: keep it last."""
+/invocations, and draining within the 30 s between SIGTERM and SIGKILL (on a server of its own)."""
 
 from __future__ import annotations
 
@@ -229,11 +227,11 @@ def test_shutdown_budget_fits_sagemakers_30s():
     assert total < platform.SAGEMAKER_KILL_AFTER_S
 
 
-# -- SIGTERM (keep last: it stops the module's server) ---------------------------------------
+# -- SIGTERM (conftest.own_serve: the test stops its server) -----------------------------------
 
 
 @needs_demo
-def test_sigterm_drains_open_streams_within_30s(byom):
+def test_sigterm_drains_open_streams_within_30s(own_serve):
     """A stream is mid-utterance when SageMaker sends SIGTERM: the client still gets the
     final of what it sent, then close 1001, and the container is gone well before the
     SIGKILL that follows 30 s after SIGTERM."""
@@ -243,7 +241,7 @@ def test_sigterm_drains_open_streams_within_30s(byom):
     async def go():
         after: list[dict] = []
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{byom.url}{WS_PATH}?sample_rate={rate}") as ws:
+            async with session.ws_connect(f"{own_serve.url}{WS_PATH}?sample_rate={rate}") as ws:
                 step = rate // 10 * 2
                 for i in range(0, len(half), step):
                     await ws.send_bytes(half[i : i + step])
@@ -254,15 +252,15 @@ def test_sigterm_drains_open_streams_within_30s(byom):
                     if alts[0].get("transcript"):
                         break
                 t0 = time.monotonic()
-                byom.proc.send_signal(15)
+                own_serve.proc.send_signal(15)
                 async for m in ws:
                     if m.type == aiohttp.WSMsgType.TEXT:
                         after.append(json.loads(m.data))
                 return ws.close_code, after, t0
 
     code, after, t0 = asyncio.run(go())
-    rc = byom.proc.wait(timeout=platform.SAGEMAKER_KILL_AFTER_S)
+    rc = own_serve.proc.wait(timeout=platform.SAGEMAKER_KILL_AFTER_S)
     elapsed = time.monotonic() - t0
     assert code == platform.GOING_AWAY
     assert final_text(after), f"no final after SIGTERM: {after[-3:]}"
-    assert rc == 0 and elapsed < platform.SAGEMAKER_KILL_AFTER_S, (rc, elapsed, byom.log())
+    assert rc == 0 and elapsed < platform.SAGEMAKER_KILL_AFTER_S, (rc, elapsed, own_serve.log())

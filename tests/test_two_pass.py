@@ -6,8 +6,15 @@ one-pass interims and final spans, and finals equal to the same re-decode done h
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import struct
+import threading
+
+import grpc
 import numpy as np
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from streamasr.alignment import aligned_words
 from streamasr.evaluation import wer_cer
@@ -280,18 +287,55 @@ def test_final_pass_refuses_to_load_without_the_whisper_files(tmp_path):
         final_pass.whisper_dir(cfg)
 
 
-def test_a_session_releases_responses_in_send_order():
-    class NoConnection:
-        model = "streaming_asr"
+class OutOfOrderTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """A stand-in Triton whose stream answers a session's requests 1 and 2, then the
+    next request (another session's: once it is answered, 1 and 2 have reached the
+    client, the stream keeps its order), and request 0 only once ``release`` is set."""
 
-    seen = []
-    s = Session(NoConnection(), 1, {}, on_message=seen.append)
-    s._sent = 3
-    s._deliver(1, [{"n": 1}], None)
-    s._deliver(2, [{"n": 2}], None)
-    assert seen == [] and s.pending == 3  # waiting for response 0
-    s._deliver(0, [{"n": 0}], None)
-    assert seen == [{"n": 0}, {"n": 1}, {"n": 2}] and s.pending == 0
+    def __init__(self):
+        self.release = threading.Event()
+
+    @staticmethod
+    def answer(req) -> service_pb2.ModelStreamInferResponse:
+        index = int(req.id.partition(":")[2])
+        body = json.dumps({"n": index}).encode()
+        resp = service_pb2.ModelInferResponse(id=req.id)
+        resp.outputs.add(name="RESULTS", datatype="BYTES", shape=[1])
+        resp.raw_output_contents.append(struct.pack("<I", len(body)) + body)
+        return service_pb2.ModelStreamInferResponse(infer_response=resp)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        requests = iter(request_iterator)
+        first, second, third, marker = (next(requests) for _ in range(4))
+        for req in (second, third, marker):
+            yield self.answer(req)
+        self.release.wait(30)
+        yield self.answer(first)
+        for _ in requests:  # until the client half-closes
+            pass
+
+
+def test_a_session_releases_responses_in_send_order():
+    triton = OutOfOrderTriton()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        seen: list[dict] = []
+        with AsrConnection(f"127.0.0.1:{port}") as conn:
+            s = conn.open_session(on_message=seen.append)
+            for _ in range(3):
+                s.send(np.zeros(1, np.float32))
+            marker = conn.open_session()
+            marker.send(np.zeros(1, np.float32))
+            marker.wait(timeout=30)  # answered after responses 1 and 2 arrived
+            assert seen == [] and s.pending == 3  # waiting for response 0
+            triton.release.set()
+            s.wait(timeout=30)
+            assert seen == [{"n": 0}, {"n": 1}, {"n": 2}] and s.pending == 0
+    finally:
+        server.stop(grace=None)
 
 
 # -- through the server ---------------------------------------------------------------------

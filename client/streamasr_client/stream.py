@@ -257,6 +257,18 @@ class Session:
         if delay > 0:
             time.sleep(delay)
 
+    def send_request(self, request: service_pb2.ModelInferRequest) -> None:
+        """Send a hand-built ``ModelInferRequest`` in this session's next slot, for
+        protocol tests and tools that need inputs or parameters send() does not write.
+        Its ``id`` is set to the slot; model, inputs and parameters (sequence id and
+        START/END flags included) go as built, unchecked, and no flag of this session
+        changes (an END here does not make it closed).  It counts as sent: wait() waits
+        for its answer."""
+        with self._cv:
+            request.id = f"{self.sequence_id}:{self._sent}"
+            self._sent += 1
+        self.conn._submit(request)
+
     def finalize(self) -> None:
         """Flush the open utterance as a final without closing the stream."""
         self.send(finalize=True)
@@ -389,6 +401,11 @@ class Session:
     def sent(self) -> int:
         """Requests sent so far (the START included)."""
         return self._sent
+
+    @property
+    def answered(self) -> int:
+        """Responses passed on so far (in send order; ``sent - answered`` is pending)."""
+        return self._answered
 
     @property
     def started(self) -> bool:
@@ -612,16 +629,22 @@ class AsrConnection:
             st.reader.start()
         return self._current
 
-    @property
-    def _stream(self):
-        """The current gRPC call (tests cancel it to simulate a broken stream)."""
+    def cancel_stream(self) -> None:
+        """Cancel the shared gRPC stream as a network fault would (for fault drills):
+        sessions with a request on it not yet answered fail, the others carry on on a new
+        stream."""
         with self._lock:
-            return self._stream_locked().call
+            call = self._stream_locked().call
+        call.cancel()
 
-    @property
-    def _requests(self) -> "queue.Queue[Any]":
+    def half_close(self) -> None:
+        """Half-close the shared stream: no more requests on it and no END for its
+        sessions, as a client that stops sending without closing (for drills).  Answers to
+        the requests already sent still arrive; a later send opens a new stream."""
         with self._lock:
-            return self._stream_locked().requests
+            st, self._current = self._current, None
+        if st is not None:
+            st.requests.put(None)
 
     def _submit(self, req) -> None:
         with self._lock:
