@@ -96,8 +96,8 @@ class _FakeConnection:
     def _on_reader_thread(self) -> bool:
         return False
 
-    def sample_rate(self) -> int:
-        return 16000
+    def _pacing_rate(self) -> int | None:
+        return 16000 if self.pace else None
 
     def max_lead_seconds(self) -> float | None:
         return self.max_lead

@@ -227,9 +227,12 @@ class Session:
         (the SageMaker gateway); send() sleeps it itself."""
         if self._started_at is None:
             return 0.0
+        rate = self.conn._pacing_rate() if self.conn.pace else None
+        if rate is None:
+            return 0.0
         elapsed = time.monotonic() - self._started_at
-        ahead = (self._audio_samples + samples) / self.conn.sample_rate() - elapsed
-        if ahead <= 0 or not self.conn.pace:  # a real-time stream needs no lookup
+        ahead = (self._audio_samples + samples) / rate - elapsed
+        if ahead <= 0:  # a real-time stream needs no lookup of the limit
             return 0.0
         limit = self.conn.max_lead_seconds()
         if limit is None:
@@ -539,6 +542,18 @@ class AsrConnection:
 
     def sample_rate(self) -> int:
         return self.contract().sample_rate
+
+    def _pacing_rate(self) -> int | None:
+        """The model's sample rate for pacing; None (no pacing) when this server has no
+        contract model to ask (a stand-in, another server's layout): said once."""
+        if self._contract is None and self._max_lead == (None,):
+            return None
+        try:
+            return self.sample_rate()
+        except grpc.RpcError as exc:
+            log.warning("no model contract (%s): sessions are not paced", exc.code().name)
+            self._max_lead = (None,)
+            return None
 
     def max_lead_seconds(self) -> float | None:
         """How far ahead of real time the server lets a stream's audio run (its feature
