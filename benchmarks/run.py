@@ -304,56 +304,7 @@ def compute_targets(result: BenchResult, chunk_s: float) -> list[Target]:
                 None if mx is None else bool(mx <= bound),
             )
         )
-    out += two_pass_targets(result.accuracy.two_pass or {})
-    return out
-
-
-#: Two-pass WER before the encoder window (30 s padding) on assets/eval, through the
-#: server (README, 2026-12-03); the faster second pass may lose at most half a point.
-TWO_PASS_WER_BEFORE = 0.079
-
-
-def two_pass_targets(tp: dict) -> list[Target]:
-    if not tp.get("two_pass"):
-        return []
-    two, wi = tp["two_pass"], tp.get("two_pass_whisper_interims") or {}
-    p50 = report._g(two, "final_latency_ms", "p50")
-    eight = next(
-        (lv for lv in tp.get("concurrent", []) if lv["mode"] == "two_pass" and lv["streams"] == 8),
-        None,
-    )
-    p99 = report._g(eight or {}, "final_latency_ms", "p99")
-    out = [
-        Target(
-            "two-pass END -> final p50 ≤ 250 ms at 1 stream",
-            f"{p50:.0f} ms" if p50 is not None else "not measured",
-            None if p50 is None else bool(p50 <= 250),
-        ),
-        Target(
-            "two-pass END -> final p99 ≤ 600 ms at 8 paced streams",
-            f"{p99:.0f} ms" if p99 is not None else "not measured",
-            None if p99 is None else bool(p99 <= 600),
-        ),
-        Target(
-            f"two-pass WER ≤ {100 * TWO_PASS_WER_BEFORE + 0.5:.1f} % (30-s padding + 0.5 points)",
-            f"{100 * two['wer']:.1f} %",
-            bool(two["wer"] <= TWO_PASS_WER_BEFORE + 0.005),
-        ),
-    ]
-    if wi:
-        t = report._g(wi, "time_to_correct_word_s", "median")
-        out += [
-            Target(
-                "Whisper interims: interim WER ≤ 12 %",
-                f"{100 * wi['interim_wer']:.1f} % (CTC interims {100 * two['interim_wer']:.1f} %)",
-                bool(wi["interim_wer"] <= 0.12),
-            ),
-            Target(
-                "Whisper interims: median time to a correct word ≤ 1.5 s",
-                f"{t:.2f} s" if t is not None else "not measured",
-                None if t is None else bool(t <= 1.5),
-            ),
-        ]
+    out += two_pass.two_pass_targets(result.accuracy.two_pass or {})
     return out
 
 

@@ -16,22 +16,19 @@ from pathlib import Path
 from .server import REPO_ROOT, ServerConfig, ServerError, TritonServer, free_port
 
 DEMO_AUDIO = REPO_ROOT / "assets" / "demo.wav"
+# The demo's switches (each maps onto a `transcribe` flag below).
+SWITCHES = (
+    ("--fast", "do not pace at real time"),
+    ("--one-pass", "finals from the streaming CTC model too (model streaming_asr)"),
+    ("--whisper-interims", "interims re-decoded by Whisper too (stream option interims=whisper)"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m streamasr.demo", description=__doc__)
     p.add_argument("--audio", type=Path, default=DEMO_AUDIO)
-    p.add_argument("--fast", action="store_true", help="do not pace at real time")
-    p.add_argument(
-        "--one-pass",
-        action="store_true",
-        help="finals from the streaming CTC model too (model streaming_asr)",
-    )
-    p.add_argument(
-        "--whisper-interims",
-        action="store_true",
-        help="interims re-decoded by Whisper too (stream option interims=whisper)",
-    )
+    for flag, what in SWITCHES:
+        p.add_argument(flag, action="store_true", help=what)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from streamasr_client import transcribe

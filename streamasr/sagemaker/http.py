@@ -184,7 +184,7 @@ class Gateway:
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         # InvokeEndpoint's 6 MB / 60 s limits, and draining streams on SIGTERM
-        sagemaker_platform.install(app, self)
+        sagemaker_platform.install(app, self.ws_sessions)
         return app
 
     async def _on_startup(self, _app) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -26,7 +27,6 @@ from aiohttp import web
 from streamasr.protocol import INVOCATIONS_PATH
 
 if TYPE_CHECKING:
-    from .http import Gateway
     from .ws import WsSession
 
 log = logging.getLogger("streamasr.platform")
@@ -145,9 +145,9 @@ async def _drain_stream(ws_session: "WsSession", deadline: float) -> None:
         await ws_session.ws.close(code=GOING_AWAY, message=b"server shutting down")
 
 
-async def drain(gw: "Gateway", budget_s: float = DRAIN_S) -> None:
+async def drain(ws_sessions: "Iterable[WsSession]", budget_s: float = DRAIN_S) -> None:
     """End every open WebSocket stream within ``budget_s`` (see the module doc)."""
-    streams = list(getattr(gw, "ws_sessions", ()))
+    streams = list(ws_sessions)
     if not streams:
         return
     log.info("shutdown: draining %d open stream(s) within %.0f s", len(streams), budget_s)
@@ -160,12 +160,13 @@ async def drain(gw: "Gateway", budget_s: float = DRAIN_S) -> None:
     log.info("shutdown: %d stream(s) drained, %d cut", len(done), len(pending))
 
 
-def install(app: web.Application, gw: "Gateway") -> None:
-    """Hook the limits and the drain into the gateway's application."""
+def install(app: web.Application, ws_sessions: "Iterable[WsSession]") -> None:
+    """Hook the limits and the drain into the gateway's application; ``ws_sessions``: the
+    gateway's live collection of open WebSocket sessions, read at shutdown."""
     app.middlewares.append(invocation_limits())
 
     async def _drain(_app) -> None:
-        await drain(gw)
+        await drain(ws_sessions)
 
     # before the gateway's own shutdown hook, which closes the connection to Triton
     app.on_shutdown.insert(0, _drain)

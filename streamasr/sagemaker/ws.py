@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -18,9 +18,20 @@ from streamasr_client.audio import resample
 from streamasr_client.stream import AsrError, Session
 
 from .audio import ENCODINGS, decode_pcm, parse_channels, parse_encoding, parse_sample_rate
+from .config import GatewayConfig
+from .health import Backend
 
-if TYPE_CHECKING:
-    from .http import Gateway
+
+class Gateway(Protocol):
+    """What a WebSocket session uses of the gateway (http.Gateway): its settings, its
+    connection to Triton, the model contract.  Named here so that ws.py need not import
+    http.py, which imports it."""
+
+    cfg: GatewayConfig
+    backend: Backend
+
+    async def contract(self) -> protocol.ModelContract: ...
+
 
 log = logging.getLogger("streamasr.gateway")
 
