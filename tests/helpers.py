@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import string
@@ -342,35 +343,28 @@ class Serve:
         return self.proc.returncode
 
 
+def make_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost / 127.0.0.1 and its key (openssl CLI)."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed")
+    cert, key = folder / "grpc.crt", folder / "grpc.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 class Launcher:
     """The launcher (`python -m streamasr.server`) as a child process, with a self-signed
     gRPC certificate and a 1 s health poll; ``repository``: the model repository it
     serves (its default when None)."""
 
     def __init__(self, root: Path, repository: Path | None = None):
-        self.cert_path, key = root / "cert.pem", root / "key.pem"
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=localhost",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                "-keyout",
-                str(key),
-                "-out",
-                str(self.cert_path),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        self.cert_path, key = make_cert(root)
         ports = dict(http=free_port(), grpc=free_port(), metrics=free_port())
         self.log_path = root / "launcher.log"
         self._out = open(self.log_path, "wb")

@@ -4,9 +4,7 @@ SIGTERM stopping both processes, and a dead tritonserver taking the container do
 
 from __future__ import annotations
 
-import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,39 +14,10 @@ import pytest
 from streamasr.sagemaker.serve import server_config
 from streamasr_client.stream import AsrConnection, AsrError
 
-from .helpers import Serve, sagemaker_env, triton_children
+from .helpers import Serve, make_cert, sagemaker_env, triton_children
 
 # Every test here starts docker/serve of its own (TLS, restarts, a dying Triton).
 pytestmark = pytest.mark.server
-
-
-def make_cert(tmp: Path) -> tuple[Path, Path]:
-    if not shutil.which("openssl"):
-        pytest.skip("openssl CLI not installed")
-    cert, key = tmp / "grpc.crt", tmp / "grpc.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def listening(port: int) -> list[str]:
