@@ -171,7 +171,7 @@ def paced(
 ) -> dict:
     from streamasr import admission
     from streamasr.repository import production_overlay
-    from streamasr.server import ServerConfig, TritonServer, free_port
+    from streamasr.server import ServerConfig, TritonServer, free_ports
     from streamasr_client.stream import AsrConnection
 
     from . import load, metrics
@@ -183,9 +183,7 @@ def paced(
         server = TritonServer(
             ServerConfig(
                 model_repository=repo,
-                http_port=free_port(),
-                grpc_port=free_port(),
-                metrics_port=free_port(),
+                **free_ports(),
                 exit_timeout_s=5,
                 env={admission.ENV_LIMIT: "0"},
             ),

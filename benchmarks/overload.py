@@ -459,7 +459,7 @@ def run_with_server(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     from streamasr.contract import ModelContract
-    from streamasr.server import ServerConfig, TritonServer, free_port
+    from streamasr.server import ServerConfig, TritonServer, free_ports
     from streamasr.triton_models.common import read_config
 
     if capacity is None:  # the repository's own setting (not this process's env)
@@ -478,9 +478,7 @@ def run_with_server(
     server = TritonServer(
         ServerConfig(
             model_repository=repository,
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
+            **free_ports(),
             exit_timeout_s=5,
             env=env,
         ),

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from streamasr import admission, repository
 from streamasr.contract import ModelContract
-from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
+from streamasr.server import ServerConfig, ServerError, TritonServer, free_ports
 from streamasr_client.stream import AsrConnection
 
 from . import (
@@ -165,9 +165,7 @@ class Live:
             self.server = TritonServer(
                 ServerConfig(
                     model_repository=self.repo,
-                    http_port=free_port(),
-                    grpc_port=free_port(),
-                    metrics_port=free_port(),
+                    **free_ports(),
                     exit_timeout_s=5,
                     # admission control off: this server measures how many streams fit
                     env={admission.ENV_LIMIT: "0"},

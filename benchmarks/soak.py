@@ -230,7 +230,7 @@ def run(
     warmup_rounds: int = 2,
 ) -> dict:
     from streamasr.repository import TWO_PASS_MODELS, copy_repository
-    from streamasr.server import ServerConfig, TritonServer, free_port
+    from streamasr.server import ServerConfig, TritonServer, free_ports
     from streamasr_client.stream import AsrConnection
 
     limit = str(max(streams, warmup) * 2)
@@ -243,9 +243,7 @@ def run(
     )
     cfg = ServerConfig(
         model_repository=repo,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        **free_ports(),
         exit_timeout_s=3,
     )
     figures: dict = {

@@ -358,12 +358,10 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown mode(s) {sorted(unknown)}")
     if a.start_server:
-        from streamasr.server import ServerConfig, TritonServer, free_port
+        from streamasr.server import ServerConfig, TritonServer, free_ports
 
         cfg = ServerConfig(
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
+            **free_ports(),
             **({"model_repository": a.repository} if a.repository else {}),
         )
         server = TritonServer(cfg)

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .server import REPO_ROOT, ServerConfig, ServerError, TritonServer, free_port
+from .server import REPO_ROOT, ServerConfig, ServerError, TritonServer, free_ports
 
 DEMO_AUDIO = REPO_ROOT / "assets" / "demo.wav"
 # The demo's switches (each maps onto a `transcribe` flag below).
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from streamasr_client import transcribe
 
-    cfg = ServerConfig(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    cfg = ServerConfig(**free_ports())
     server = TritonServer(cfg)
     print(f"Starting tritonserver on {cfg.host} (grpc :{cfg.grpc_port}) ...", flush=True)
     try:

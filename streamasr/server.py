@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypedDict
 
 from .cli import argument_parser
 
@@ -107,6 +107,18 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class Ports(TypedDict):
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+
+def free_ports() -> Ports:
+    """ServerConfig's three ports, each a free one: ``ServerConfig(**free_ports(), ...)``
+    for a server beside others on the same machine (tests, benchmarks, the demo)."""
+    return Ports(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
 
 
 @dataclass

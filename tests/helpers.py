@@ -28,7 +28,7 @@ from streamasr.admission import ENV_LIMIT
 from streamasr.contract import FeatureSpec, ModelContract
 from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from streamasr.repository import TWO_PASS_MODELS
-from streamasr.server import ServerConfig, ServerError, TritonServer, free_port
+from streamasr.server import ServerConfig, ServerError, TritonServer, free_port, free_ports
 from streamasr.triton_models import ctc_decoder, offline_asr
 from streamasr.triton_models.common import read_config
 from streamasr_client.stream import AsrConnection
@@ -58,9 +58,7 @@ def start_server(
     env = {} if max_active_streams is None else {ENV_LIMIT: str(max_active_streams)}
     cfg = ServerConfig(
         model_repository=repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        **free_ports(),
         exit_timeout_s=3,
         env=env,
     )

@@ -26,7 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from streamasr.server import ServerConfig, ServerError, TritonServer, child_processes, free_port
+from streamasr.server import (
+    ServerConfig,
+    ServerError,
+    TritonServer,
+    child_processes,
+    free_ports,
+)
 from streamasr_client.stream import AsrConnection
 
 from .helpers import (
@@ -341,7 +347,7 @@ def test_launcher_health_poll_flags_a_model_that_goes_unready(short_ttl_server):
 def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_clients(
     tmp_path, contract, audio, expected
 ):
-    ports = dict(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    ports = free_ports()
     cfg = ServerConfig(exit_timeout_s=20, **ports)
     srv = TritonServer(cfg, log_path=tmp_path / "first.log")
     try:
