@@ -503,6 +503,7 @@ class AsrConnection:
         self.send_timeout_s = send_timeout_s
         self.pace = pace
         self._max_lead: tuple[float | None] | None = None  # looked up once
+        self._no_contract = False  # the server has no contract model: no pacing
         self._channel = _channel(url, ssl, root_certificates, max_message_bytes)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._sessions: dict[int, Session] = {}
@@ -546,13 +547,13 @@ class AsrConnection:
     def _pacing_rate(self) -> int | None:
         """The model's sample rate for pacing; None (no pacing) when this server has no
         contract model to ask (a stand-in, another server's layout): said once."""
-        if self._contract is None and self._max_lead == (None,):
+        if self._no_contract:
             return None
         try:
             return self.sample_rate()
         except grpc.RpcError as exc:
             log.warning("no model contract (%s): sessions are not paced", exc.code().name)
-            self._max_lead = (None,)
+            self._no_contract = True
             return None
 
     def max_lead_seconds(self) -> float | None:

@@ -287,7 +287,7 @@ class BeamSearch:
         idx = np.argpartition(-nb, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(nb, idx, axis=1)
         probs = np.exp(vals)
-        floor = max(self.options.min_token_logp, NEG_INF)
+        floor = self.options.min_token_logp
         best = nb.max(axis=1).tolist()
         # a token is tried if it is at least `floor` likely, or the frame's best
         self._cands = [

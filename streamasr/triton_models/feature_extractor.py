@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -96,8 +96,8 @@ class FeatureResult:
 @dataclass
 class _Stream:
     features: FeatureStream
+    started: float  # the step's clock when its START was served
     requests: int = 0
-    started: float = field(default_factory=time.monotonic)  # when its START was served
 
 
 class FeatureExtractorStep:
