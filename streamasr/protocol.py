@@ -31,14 +31,20 @@ __all__ = [
     "CUSTOM_ATTRIBUTES_HEADER",
     "ContractError",
     "FeatureSpec",
+    "INT64_MAX",
+    "INT64_MIN",
     "INVOCATIONS_PATH",
     "is_capacity_refusal",
+    "RESERVED_PARAMETERS",
     "RETRY_AFTER_S",
+    "STREAM_OPTION_KEYS",
+    "check_stream_options",
     "WS_TRY_AGAIN_LATER",
     "ModelContract",
     "NEW_SESSION",
     "NEW_SESSION_HEADER",
     "OFFLINE_MODEL",
+    "OFFLINE_OPTION_KEYS",
     "PCM16_FULL_SCALE",
     "SESSION_HEADER",
     "STREAM_MODEL",
@@ -62,6 +68,86 @@ CONTRACT_MODEL = "model_contract"
 OFFLINE_MODEL = "offline_asr"
 #: The streaming ensembles' first step: where a stream's per-stream limits are configured.
 FEATURE_MODEL = "feature_extractor"
+
+# -- what a client may set on a stream -----------------------------------------------
+#: Per-stream options a client may send on a stream's START (decoder and endpoint
+#: settings): a closed set.  Every other key is refused by name wherever options enter
+#: (the client library, the gateway's query strings, Configure messages, headers).  The
+#: decoder's own dataclasses are the definition; tests/test_protocol.py checks this set
+#: equals their fields less the server-only ones (``lm_path``).
+STREAM_OPTION_KEYS = frozenset(
+    {
+        # DecoderConfig
+        "decoding",
+        "beam_size",
+        "beam_top_k",
+        "beam_min_token_logp",
+        "hotwords",
+        "hotword_boost",
+        "lm_alpha",
+        "lm_beta",
+        "lm_partial_words",
+        "lm_oov_letter_log10",
+        "time_offset",
+        "interims",
+        "interim_refresh_s",
+        # EndpointConfig
+        "endpointing",
+        "rule1_min_trailing_silence",
+        "rule2_min_trailing_silence",
+        "rule3_min_utterance_length",
+        "empty_finals",
+        "utterance_end",
+    }
+)
+#: Keys OFFLINE_MODEL takes beside the stream options.
+OFFLINE_OPTION_KEYS = frozenset({"two_pass"})
+#: Request parameters Triton (or the KServe protocol) reads itself: a client option of
+#: one of these names would steer the request -- another stream's sequence id, its END --
+#: instead of the decoder.  Refused by name, and a request's own fields are set after
+#: any option in any case.
+RESERVED_PARAMETERS = frozenset(
+    {
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "priority",
+        "timeout",
+        "headers",
+        "binary_data",
+        "binary_data_size",
+        "binary_data_output",
+        "classification",
+        "shared_memory_region",
+        "shared_memory_offset",
+        "shared_memory_byte_size",
+    }
+)
+#: Range of an integer request parameter (int64_param): larger values are refused
+#: before a request is built.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: Parameter-name prefixes Triton keeps for itself.
+RESERVED_PREFIXES = ("triton_", "sequence_")
+
+
+def check_stream_options(options: Mapping[str, Any], allowed: Iterable[str] = ()) -> None:
+    """Refuse (ValueError naming the key) any option that is not a per-stream option
+    (``STREAM_OPTION_KEYS``, or one of ``allowed``): reserved request fields first, so
+    the message says why."""
+    extra = set(allowed)
+    for key in options:
+        if not isinstance(key, str):
+            raise ValueError(f"option names must be strings, got {type(key).__name__}")
+        if key in RESERVED_PARAMETERS or key.startswith(RESERVED_PREFIXES):
+            raise ValueError(
+                f"{key[:64]!r} is a reserved request field, not a stream option; "
+                f"stream options: {sorted(STREAM_OPTION_KEYS)}"
+            )
+        if key not in STREAM_OPTION_KEYS and key not in extra:
+            raise ValueError(
+                f"{key[:64]!r} is not a stream option; stream options: {sorted(STREAM_OPTION_KEYS)}"
+            )
+
 
 # -- how fast one stream may send ------------------------------------------------------
 #: A stream's audio may run at most this many seconds ahead of real time (wall time since

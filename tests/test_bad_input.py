@@ -97,8 +97,12 @@ def test_zero_sequence_id_is_rejected(conn, bystander):
 
 
 def test_unknown_stream_option_is_rejected_at_start(conn, bystander):
-    s = conn.open_session({"no_such_option": "1"})
-    s.send(np.zeros(1600, np.float32))
+    """The client library refuses it before sending; a raw gRPC client that sends it
+    anyway is refused by the server, naming it."""
+    with pytest.raises(ValueError, match="no_such_option"):
+        conn.open_session({"no_such_option": "1"})
+    s = conn.open_session()
+    raw_request(s, [f32(np.zeros(1600))], start=True, params={"no_such_option": "1"})
     s.wait()
     assert len(s.errors) == 1 and "no_such_option" in s.errors[0]
     bystander()

@@ -14,11 +14,10 @@ so an error reaches the session that caused it and no other.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import queue
-import random
+import secrets
 import struct
 import threading
 import time
@@ -37,6 +36,7 @@ from streamasr.protocol import (
     MAX_LEAD_PARAMETER,
     MAX_PENDING_REQUESTS,
     OFFLINE_MODEL,
+    OFFLINE_OPTION_KEYS,
     STREAM_MODEL,
     TWO_PASS_MODEL,
     ModelContract,
@@ -55,6 +55,9 @@ __all__ = [
     "CONTRACT_MODEL",
     "OFFLINE_MODEL",
 ]
+# Sequence ids are drawn from [1, INT64_MAX]: Triton's UINT64 CORRID, kept within the
+# signed range every client library writes.
+MAX_SEQUENCE_ID = protocol.INT64_MAX
 # gRPC's 4 MB default is too small for a long recording sent to offline_asr.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # The shared stream is re-opened after it broke; give up on a request after this many
@@ -90,6 +93,10 @@ def _channel(
 
 
 def _set_param(params, key: str, value: Any) -> None:
+    # refused here rather than by protobuf's bare ValueError halfway through a request
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not protocol.INT64_MIN <= value <= protocol.INT64_MAX:
+            raise AsrError(f"option {key[:64]!r}: {value} is outside the 64-bit integer range")
     p = params[key]
     if isinstance(value, bool):
         p.bool_param = value
@@ -199,6 +206,11 @@ class Session:
         )
         _add_audio(req, audio, sample_rate)
         start = self._sent == 0
+        if start:
+            for k, v in self.options.items():
+                _set_param(req.parameters, k, v)
+        # The request's own fields last: nothing in the options can override them
+        # (open_session refuses reserved names too).
         _set_param(req.parameters, "sequence_id", self.sequence_id)
         _set_param(req.parameters, "sequence_start", start)
         _set_param(req.parameters, "sequence_end", end)
@@ -206,9 +218,6 @@ class Session:
             _set_param(req.parameters, "finalize", True)
         if keepalive:
             _set_param(req.parameters, "keepalive", True)
-        if start:
-            for k, v in self.options.items():
-                _set_param(req.parameters, k, v)
         self.conn._check_size(req)  # before counting it: a refused request never existed
         with self._cv:
             self._sent += 1
@@ -238,6 +247,17 @@ class Session:
         if limit is None:
             return 0.0
         return max(0.0, ahead - max(limit - LEAD_MARGIN_S, limit / 2))
+
+    def lead_seconds(self) -> float | None:
+        """How far this session's audio runs ahead of real time: audio seconds sent
+        less the seconds since its START went out (<= 0: at or behind real time); None
+        before START or when the server has no model contract to give the rate."""
+        if self._started_at is None:
+            return None
+        rate = self.conn._pacing_rate()
+        if rate is None:
+            return None
+        return self._audio_samples / rate - (time.monotonic() - self._started_at)
 
     def _wait_for_room(self, samples: int) -> None:
         """Block while the connection's max_pending requests of this session are
@@ -508,7 +528,6 @@ class AsrConnection:
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(random.randrange(1, 2**40))
         self._contract: ModelContract | None = None
         self._current: _Stream | None = None
         self._closing = False
@@ -592,10 +611,13 @@ class AsrConnection:
         options: dict[str, Any] | None = None,
         timeout: float = 600.0,
     ) -> list[dict]:
-        """Whole recording in one request to `offline_asr`."""
+        """Whole recording in one request to `offline_asr`; ``options``: stream options
+        and ``two_pass`` (anything else is refused, ValueError)."""
+        options = dict(options or {})
+        protocol.check_stream_options(options, allowed=OFFLINE_OPTION_KEYS)
         req = service_pb2.ModelInferRequest(model_name=OFFLINE_MODEL)
         _add_audio(req, np.asarray(audio, np.float32), sample_rate)
-        for k, v in (options or {}).items():
+        for k, v in options.items():
             _set_param(req.parameters, k, v)
         self._check_size(req)
         try:
@@ -623,13 +645,26 @@ class AsrConnection:
         model: str | None = None,
     ) -> Session:
         """A new stream on this connection; ``model`` picks the streaming model for it
-        (e.g. TWO_PASS_MODEL), default the connection's."""
-        sid = sequence_id if sequence_id is not None else next(self._ids)
-        s = Session(self, sid, dict(options or {}), on_message, model)
+        (e.g. TWO_PASS_MODEL), default the connection's.  ``options`` are per-stream
+        decoder and endpoint options (``protocol.STREAM_OPTION_KEYS``); any other key,
+        a reserved request field above all, is refused here (ValueError) before
+        anything is sent."""
+        options = dict(options or {})
+        protocol.check_stream_options(options)
         with self._lock:
+            sid = sequence_id if sequence_id is not None else self._new_id_locked()
+            s = Session(self, sid, options, on_message, model)
             self._sessions[sid] = s
             self._stream_locked()
         return s
+
+    def _new_id_locked(self) -> int:
+        """A random sequence id, unused on this connection: ids shared by many clients
+        (the gateway's connection) must not be guessable from one's own."""
+        while True:
+            sid = secrets.randbelow(MAX_SEQUENCE_ID) + 1
+            if sid not in self._sessions:
+                return sid
 
     def _stream_locked(self) -> _Stream:
         """The live stream, opened if there is none (caller holds ``_lock``)."""

@@ -224,6 +224,10 @@ def parse_options(pairs: list[str], hotwords: str | None) -> dict[str, str]:
         opts[key.strip()] = value.strip()
     if hotwords:
         opts["hotwords"] = hotwords
+    try:
+        protocol.check_stream_options(opts)
+    except ValueError as exc:
+        raise SystemExit(f"transcribe: --option {exc}") from None
     return opts
 
 

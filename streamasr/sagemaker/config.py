@@ -23,6 +23,32 @@ class GatewayConfig:
     # not caught up after flood_timeout_s the client gets an error and is closed.
     max_pending_requests: int = MAX_PENDING_REQUESTS
     flood_timeout_s: float = 10.0
+    # A session whose chunks wait this much longer than real time permits (its audio runs
+    # this many seconds ahead of the wall clock since START) is flooding; one at real time
+    # whose chunks still wait is a victim of an overloaded server, told so (not blamed).
+    flood_lead_s: float = 2.0
+    # Frames a WebSocket session may send: a token bucket per session.  Audio frames over
+    # the rate are read later (backpressure); control frames over it close the session
+    # ("rate_limited"): a client needs a few per second at most.
+    max_frames_per_s: float = 200.0
+    frame_burst: int = 400
+    max_control_frames_per_s: float = 10.0
+    control_frame_burst: int = 40
+    # A KeepAlive becomes a Triton request only when nothing else of the session is
+    # pending and none went out for this long (it exists to keep the stream's state alive
+    # across the server's 30 s idle timeout).
+    keepalive_interval_s: float = 5.0
+    # A WebSocket that sends nothing (no audio, no KeepAlive) for this long is ended:
+    # its final is delivered and it closes 1008 "idle_timeout" (Deepgram closes after 10 s).
+    idle_timeout_s: float = 10.0
+    # Largest text frame (a control message) and deepest JSON nesting accepted.
+    max_text_frame_bytes: int = 16 * 1024
+    max_json_depth: int = 8
+    # How long a closing WebSocket waits for the client's close frame before the
+    # connection is dropped (aiohttp's default is 10 s).
+    ws_close_timeout_s: float = 2.0
+    # Whole-file /invocations transcribed at once; more get 503 + Retry-After.
+    max_concurrent_invocations: int = 4
     # Result messages waiting to be written to a slow client.
     max_outgoing_messages: int = 1000
     # Largest binary frame accepted (bytes); 10 s of 16 kHz int16 is 320 kB.
@@ -69,6 +95,12 @@ class GatewayConfig:
             ("STREAMASR_GATEWAY_BLOCKING_THREADS", "blocking_threads", int),
             ("STREAMASR_GATEWAY_FLOOD_TIMEOUT", "flood_timeout_s", float),
             ("STREAMASR_GATEWAY_SESSION_TTL", "session_ttl_s", float),
+            ("STREAMASR_GATEWAY_FLOOD_LEAD", "flood_lead_s", float),
+            ("STREAMASR_GATEWAY_MAX_FRAMES_PER_S", "max_frames_per_s", float),
+            ("STREAMASR_GATEWAY_MAX_CONTROL_FRAMES_PER_S", "max_control_frames_per_s", float),
+            ("STREAMASR_GATEWAY_KEEPALIVE_INTERVAL", "keepalive_interval_s", float),
+            ("STREAMASR_GATEWAY_IDLE_TIMEOUT", "idle_timeout_s", float),
+            ("STREAMASR_GATEWAY_MAX_CONCURRENT_INVOCATIONS", "max_concurrent_invocations", int),
         ):
             if name in e:
                 setattr(c, attr, conv(e[name]))

@@ -28,11 +28,15 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     stream to Triton.  Binary frames: audio, 16-bit signed little-endian PCM, mono, at
     the model's sample rate unless the query string says otherwise
     (``?encoding=linear16|float32&sample_rate=N``; ``two_pass=true|false``: finals
-    re-decoded by Whisper, default env STREAMASR_TWO_PASS; other query keys are per-stream
-    decoder options passed on the START request).  A first text message
+    re-decoded by Whisper, default env STREAMASR_TWO_PASS; other query keys must be
+    per-stream decoder options, ``protocol.STREAM_OPTION_KEYS``, passed on the START
+    request: any other key is refused by name, see options.py).  A first text message
     ``{"type": "Configure", "encoding": ..., "sample_rate": ..., "options": {...}}`` sent
     before any audio does the same.  Text frames are JSON control messages:
-    ``{"type": "Finalize"}``, ``{"type": "KeepAlive"}``, ``{"type": "CloseStream"}``.
+    ``{"type": "Finalize"}``, ``{"type": "KeepAlive"}``, ``{"type": "CloseStream"}``;
+    every frame costs (config.py: a frame rate, a control-message rate, the session's
+    window of unanswered requests, KeepAlives coalesced), and a socket silent for
+    ``idle_timeout_s`` is ended.
     Results go back as text frames (the model's JSON messages) as they arrive.  On
     CloseStream (or the client's close) END is sent, the final results are delivered,
     and the socket closes with 1000.  Errors: a text frame ``{"type": "Error", "code":
@@ -41,9 +45,10 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     its limit of streams, streamasr.admission) gets code ``busy`` and close 1013 "try
     again later", and a new HTTP session gets 503 with ``Retry-After``.  WebSocket pings are answered by aiohttp (autoping).
 
-No audio and no transcript text is logged; only ids, counts, sizes and timings.  The
-access log shows query keys with their values redacted (``hotwords=`` holds customers'
-words) and no headers.
+No client-supplied text is logged (audio, transcripts, option values, unknown keys,
+paths); only the gateway's own session ids, counts, sizes, codes and timings.  The access
+log shows known routes and query keys, values redacted, no headers.  Messages to clients
+never show Triton sequence ids.
 
 Isolation: sessions share one gRPC stream to Triton; a request gRPC would refuse is
 refused before it is sent, and should the stream break anyway, only the sessions with a
@@ -63,6 +68,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -87,7 +93,8 @@ from . import platform as sagemaker_platform
 from .audio import BadAudio, decode_body
 from .config import GatewayConfig
 from .health import FIRST_HEALTH_WAIT_S, HEALTH_INTERVAL_S, HEALTH_STALE_S, Backend
-from .ws import WsSession, wait_session
+from .options import OptionError, client_message, client_options, hide_sequence_id
+from .ws import GATEWAY_KEYS, WsSession, wait_session
 
 log = logging.getLogger("streamasr.gateway")
 
@@ -107,18 +114,31 @@ class Refused(Exception):
         self.response = response
 
 
+# Keys /invocations reads itself beside the stream options: a whole file, and one chunk
+# of a stateful session.
+INVOCATION_KEYS = protocol.OFFLINE_OPTION_KEYS
+SESSION_CHUNK_KEYS = frozenset({"finalize", "close", "two_pass"})
+# What the access log may name of a request (everything else is shown as <other>).
+ROUTES = frozenset({"/ping", protocol.INVOCATIONS_PATH, WS_PATH})
+LOGGED_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE"})
+LOGGED_QUERY_KEYS = protocol.STREAM_OPTION_KEYS | GATEWAY_KEYS | SESSION_CHUNK_KEYS
+
+
 class RedactingAccessLogger(AbstractAccessLogger):
     """aiohttp's access log without content: query values redacted (``hotwords=`` holds
     customers' words), no headers (Referer repeats the query, custom attributes hold
     options)."""
 
     def log(self, request, response, time: float) -> None:
-        keys = "&".join(f"{k}=<redacted>" for k in request.query.keys())
+        # keys and paths are client input too: only the ones the gateway knows are shown
+        keys = "&".join(
+            f"{k if k in LOGGED_QUERY_KEYS else '<other>'}=<redacted>" for k in request.query
+        )
         self.logger.info(
             '%s "%s %s%s" %s %s %.3fs',
             request.remote,
-            request.method,
-            request.path,
+            request.method if request.method in LOGGED_METHODS else "<other>",
+            request.path if request.path in ROUTES else "<other path>",
             f"?{keys}" if keys else "",
             response.status,
             response.body_length,
@@ -135,16 +155,28 @@ class HttpSession:
     expires: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def redacted(self, text: str) -> str:
+        return hide_sequence_id(text, self.session.sequence_id)
 
-def request_options(request: web.Request) -> dict[str, str]:
-    """Query string plus ``X-Amzn-SageMaker-Custom-Attributes`` (``k=v;k2=v2``): through
-    InvokeEndpoint the custom attributes are the only way to pass options (no query)."""
-    out = dict(request.query)
+    def redacted_message(self, m: dict) -> dict:
+        return client_message(m, self.session.sequence_id)
+
+
+def request_options(
+    request: web.Request, route_keys: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(stream options, the route's own keys) from the query string plus
+    ``X-Amzn-SageMaker-Custom-Attributes`` (``k=v;k2=v2``: through InvokeEndpoint the
+    custom attributes are the only way to pass options); any other key, and any bad
+    value, is an OptionError naming it."""
+    out: dict[str, Any] = dict(request.query)
     for part in request.headers.get(CUSTOM_ATTRIBUTES_HEADER, "").split(";"):
         if "=" in part:
             k, v = part.split("=", 1)
             out[k.strip()] = v.strip()
-    return out
+        elif part.strip():
+            raise OptionError(f"{CUSTOM_ATTRIBUTES_HEADER}: parts must be key=value")
+    return client_options(out, route_keys)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -164,6 +196,7 @@ class Gateway:
         self.backend = backend or Backend(cfg)
         self.http_sessions: dict[str, HttpSession] = {}
         self.active_ws = 0
+        self.invocations_running = 0  # whole-file /invocations being transcribed
         self.ws_sessions: set[WsSession] = set()  # open streams, for the shutdown drain
         self._reaper: asyncio.Task | None = None
         self._health_task: asyncio.Task | None = None
@@ -300,20 +333,38 @@ class Gateway:
         if SESSION_HEADER in request.headers:
             return await self._session_chunk(request)
         try:
+            options, own = request_options(request, INVOCATION_KEYS)
+        except OptionError as exc:
+            return _error(400, "bad_request", str(exc))
+        if self.invocations_running >= self.cfg.max_concurrent_invocations:
+            # whole files hold the pipeline for seconds each: beyond the limit they would
+            # take the streams' share of the server (streams have their admission limit)
+            log.info("invocations: refused, %d running", self.invocations_running)
+            return _busy(
+                f"{protocol.CAPACITY_MARKER}: {self.invocations_running} whole-file "
+                "transcriptions running; retry later or stream the audio"
+            )
+        self.invocations_running += 1
+        try:
+            return await self._transcribe(request, {**options, **own})
+        finally:
+            self.invocations_running -= 1
+
+    async def _transcribe(self, request: web.Request, options: dict[str, Any]) -> web.Response:
+        try:
             audio, contract = await self._body_audio(request)
         except Refused as refused:
             return refused.response
         assert audio is not None
-        options = request_options(request)
         t0 = time.monotonic()
         try:
             conn = await self._run(self.backend.connection)
             messages = await self._run(conn.transcribe_file, audio, options=options)
         except AsrError as exc:
+            # the message may quote the client's options: not logged
             log.warning(
-                "invocations: offline_asr refused %.1f s of audio: %s",
+                "invocations: offline_asr refused %.1f s of audio",
                 len(audio) / contract.sample_rate,
-                exc,
             )
             return _error(400, "model_error", str(exc))
         log.info(
@@ -328,8 +379,8 @@ class Gateway:
 
     async def _session_chunk(self, request: web.Request) -> web.Response:
         sid = request.headers[SESSION_HEADER].strip()
-        q = request_options(request)
         try:
+            options, q = request_options(request, SESSION_CHUNK_KEYS)
             finalize = parse_bool("finalize", q.get("finalize", "false"))
             close = parse_bool("close", q.get("close", "false"))
         except ValueError as exc:
@@ -341,8 +392,11 @@ class Gateway:
         except Refused as refused:
             return refused.response
         headers = {}
+        if sid != NEW_SESSION and options:
+            return _error(
+                400, "bad_request", "stream options are accepted only on the NEW_SESSION request"
+            )
         if sid == NEW_SESSION:
-            options = {k: v for k, v in q.items() if k not in ("finalize", "close", "two_pass")}
             try:
                 model = self.cfg.stream_model(q.get("two_pass"))
             except ValueError as exc:
@@ -379,15 +433,15 @@ class Gateway:
                 await wait_session(s, self.cfg.close_timeout_s)
             except AsrBusy as exc:
                 self._end_http_session(hs)
-                return _busy(str(exc))
+                return _busy(hs.redacted(str(exc)))
             except (AsrError, TimeoutError) as exc:
                 self._end_http_session(hs)
-                return _error(503, "backend", str(exc))
+                return _error(503, "backend", hs.redacted(str(exc)))
             if s.refused is not None:  # the START was refused: no session
                 self._end_http_session(hs)
                 log.info("http session %s refused: server at capacity", hs.id)
-                return _busy(s.refused)
-            messages = s.messages[before:]
+                return _busy(hs.redacted(s.refused))
+            messages = [hs.redacted_message(m) for m in s.messages[before:]]
         if close:
             self._end_http_session(hs, send_end=False)
             headers[CLOSED_SESSION_HEADER] = hs.id
@@ -414,7 +468,10 @@ class Gateway:
     # -- WebSocket -----------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
-            autoping=True, heartbeat=self.cfg.heartbeat_s, max_msg_size=self.cfg.max_frame_bytes
+            autoping=True,
+            heartbeat=self.cfg.heartbeat_s,
+            max_msg_size=self.cfg.max_frame_bytes,
+            timeout=self.cfg.ws_close_timeout_s,
         )
         await ws.prepare(request)  # accept first: SageMaker wants it within 250 ms
         self.active_ws += 1

@@ -96,22 +96,30 @@ def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES, timeout_s: fl
                 max_body_bytes,
             )
             return _too_large(request.content_length, max_body_bytes)
-        if request.content_length is None:  # chunked: read in pieces, stop at the limit
-            parts, size = [], 0
-            async for part in request.content.iter_chunked(BODY_READ_BYTES):
-                size += len(part)
-                if size > max_body_bytes:
-                    log.info("invocations: refused a chunked body over %d bytes", max_body_bytes)
-                    resp = _too_large(size, max_body_bytes)
-                    resp.force_close()  # do not read the rest
-                    return resp
-                parts.append(part)
-            request[READ_BODY_KEY] = b"".join(parts)  # the handler takes it from here
+
+        async def read_and_handle() -> web.StreamResponse:
+            if request.content_length is None:  # chunked: read in pieces, stop at the limit
+                parts, size = [], 0
+                async for part in request.content.iter_chunked(BODY_READ_BYTES):
+                    size += len(part)
+                    if size > max_body_bytes:
+                        log.info(
+                            "invocations: refused a chunked body over %d bytes", max_body_bytes
+                        )
+                        resp = _too_large(size, max_body_bytes)
+                        resp.force_close()  # do not read the rest
+                        return resp
+                    parts.append(part)
+                request[READ_BODY_KEY] = b"".join(parts)  # the handler takes it from here
+            return await handler(request)
+
+        # The deadline covers reading the body too: a client trickling its body holds a
+        # connection and its buffer no longer than an answer may take.
         try:
-            return await asyncio.wait_for(handler(request), timeout_s)
+            return await asyncio.wait_for(read_and_handle(), timeout_s)
         except asyncio.TimeoutError:
             log.warning("invocations: no answer after %.0f s; gave up", timeout_s)
-            return web.json_response(
+            resp = web.json_response(
                 {
                     "type": "Error",
                     "code": "timeout",
@@ -121,6 +129,8 @@ def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES, timeout_s: fl
                 },
                 status=504,
             )
+            resp.force_close()  # the body may be unread: do not keep the connection
+            return resp
 
     return middleware
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
+import traceback
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +22,13 @@ from streamasr_client.stream import AsrError, Session
 from .audio import ENCODINGS, decode_pcm, parse_channels, parse_encoding, parse_sample_rate
 from .config import GatewayConfig
 from .health import Backend
+from .options import (
+    OptionError,
+    check_values,
+    client_message,
+    client_options,
+    hide_sequence_id,
+)
 
 
 class Gateway(Protocol):
@@ -36,8 +45,44 @@ class Gateway(Protocol):
 log = logging.getLogger("streamasr.gateway")
 
 
-# Query keys the gateway itself reads; everything else is a per-stream decoder option.
-GATEWAY_KEYS = {"encoding", "sample_rate", "channels", "two_pass"}
+# Query keys the gateway itself reads; every other key must be a per-stream option.
+GATEWAY_KEYS = frozenset({"encoding", "sample_rate", "channels", "two_pass"})
+# Keys of a Configure message: the gateway's own, its type, and the options object.
+CONFIGURE_KEYS = GATEWAY_KEYS | {"type", "options"}
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, counted only up to ``limit + 1``."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((json_depth(v, limit - 1) for v in items), default=0)
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up (one token per frame)."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, float(burst), clock
+        self.tokens, self.at = float(burst), clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self) -> bool:
+        """Take a token if there is one."""
+        self._refill()
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait_s(self) -> float:
+        """Seconds until a token is there."""
+        self._refill()
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
 
 async def wait_session(s: Session, timeout: float) -> None:
@@ -95,8 +140,13 @@ class WsSession:
         self.encoding = "linear16"
         self.sample_rate: int | None = None
         self.channels = 1
-        self.two_pass = query.get("two_pass")  # None: the gateway's default
-        self.options: dict[str, Any] = {k: v for k, v in query.items() if k not in GATEWAY_KEYS}
+        self.two_pass: Any = None  # None: the gateway's default
+        self.options: dict[str, Any] = {}  # checked in run(): the query is client input
+        self.frames = TokenBucket(self.cfg.max_frames_per_s, self.cfg.frame_burst)
+        self.control_frames = TokenBucket(
+            self.cfg.max_control_frames_per_s, self.cfg.control_frame_burst
+        )
+        self.last_request_at = 0.0  # monotonic time of the last request sent to Triton
         self.session: Session | None = None
         self.loop = asyncio.get_running_loop()
         self.out: asyncio.Queue = asyncio.Queue()
@@ -105,8 +155,30 @@ class WsSession:
         self.remainder = b""
         self.received = 0  # messages handed to us by the reader thread
         self.audio_bytes = 0
-        self.id = "-"
+        # The session's name in the gateway's log; the Triton sequence id is never shown
+        # to a client (nor logged): knowing it would be the first step to another stream.
+        self.id = secrets.token_hex(4)
         self.draining = False  # set by the shutdown drain: further input is ignored
+
+    def _query(self) -> None:
+        """Format and options from the query string, refused as a whole if any key or
+        value is not one the gateway takes."""
+        self._set_format(self.query, "query string")
+        try:
+            self.options, own = client_options(self.query, GATEWAY_KEYS)
+        except OptionError as exc:
+            raise ProtocolError("bad_request", f"query string: {exc}") from None
+        self.two_pass = own.get("two_pass")
+        self._check_two_pass()
+
+    def _check_two_pass(self) -> None:
+        try:
+            self.cfg.stream_model(self.two_pass)
+        except ValueError as exc:
+            raise ProtocolError("bad_request", str(exc)) from None
+
+    def _redacted(self, text: str) -> str:
+        return text if self.session is None else hide_sequence_id(text, self.session.sequence_id)
 
     def _set_format(self, source: dict, where: str) -> None:
         """encoding / sample_rate / channels from the query or a Configure message."""
@@ -133,6 +205,8 @@ class WsSession:
 
     def _enqueue(self, m: dict) -> None:
         self.received += 1
+        if self.session is not None:
+            m = client_message(m, self.session.sequence_id)
         if self.out.qsize() >= self.cfg.max_outgoing_messages:
             self.overflow = True
             return
@@ -148,8 +222,16 @@ class WsSession:
     def _configure(self, msg: dict) -> None:
         if self.session is not None and self.session.started:
             raise ProtocolError("bad_request", "Configure must come before any audio")
+        unknown = sorted(k[:64] for k in set(msg) - CONFIGURE_KEYS)
+        if unknown:
+            raise ProtocolError(
+                "bad_request",
+                f"Configure: unknown field(s) {unknown}; fields: {sorted(CONFIGURE_KEYS)} "
+                '(stream options go in "options")',
+            )
         self._set_format(msg, "Configure")
         self.two_pass = msg.get("two_pass", self.two_pass)
+        self._check_two_pass()
         options = msg.get("options") or {}
         if not isinstance(options, dict):
             raise ProtocolError(
@@ -157,7 +239,13 @@ class WsSession:
                 "Configure: options must be a JSON object "
                 f"of decoder options, got {type(options).__name__}",
             )
-        self.options.update(options)
+        try:
+            given, _ = client_options(options, validate=False)
+            merged = {**self.options, **given}
+            check_values(merged)
+        except OptionError as exc:
+            raise ProtocolError("bad_request", f"Configure: {exc}") from None
+        self.options = merged
 
     async def _open(self) -> Session:
         if self.session is None:
@@ -172,7 +260,6 @@ class WsSession:
             conn = self.gw.backend.connection()  # made once, no I/O
             self.session = conn.open_session(self.options, on_message=self._on_message, model=model)
             self.session.on_start = self._on_start
-            self.id = str(self.session.sequence_id)
             log.info(
                 "ws %s: opened (encoding %s, %d Hz, %d options)",
                 self.id,
@@ -205,22 +292,45 @@ class WsSession:
             raise ProtocolError("start_refused", error, notified=True)
 
     async def _check_flood(self) -> None:
-        """Wait (not reading the socket) while too many chunks are in flight; a client
-        still ahead of the model after flood_timeout_s is flooding."""
+        """Wait (not reading the socket) while the session's window of requests is full
+        (audio, Finalize and KeepAlive all count).  Still full after flood_timeout_s: a
+        client whose audio runs ahead of real time is flooding; one at real time is not
+        to blame, the server is overloaded (told so, "try again later")."""
         s = self.session
-        assert s is not None  # opened before any audio
+        assert s is not None  # opened before any request
         deadline = time.monotonic() + self.cfg.flood_timeout_s
         while s.pending >= self.cfg.max_pending_requests:
             if time.monotonic() >= deadline:
+                lead = s.lead_seconds()
+                if lead is not None and lead <= self.cfg.flood_lead_s:
+                    raise ProtocolError(
+                        "overloaded",
+                        f"the server has not answered {s.pending} requests of this stream "
+                        f"for {self.cfg.flood_timeout_s:.0f} s although its audio came at "
+                        "real time: the server is overloaded; reconnect later",
+                        close_code=protocol.WS_TRY_AGAIN_LATER,
+                    )
                 raise ProtocolError(
                     "backpressure",
-                    f"{s.pending} audio chunks still waiting for the model after "
+                    f"{s.pending} requests still waiting for the model after "
                     f"{self.cfg.flood_timeout_s:.0f} s (limit {self.cfg.max_pending_requests}):"
                     f" send audio no faster than the model transcribes it",
                 )
             await asyncio.sleep(0.005)
         if self.overflow:
             raise ProtocolError("backpressure", "client is not reading results fast enough")
+
+    async def _rate(self, control: bool) -> None:
+        """Every frame costs a token; a control frame beyond its own rate ends the
+        session, an audio frame beyond the frame rate waits (is read later)."""
+        if control and not self.control_frames.take():
+            raise ProtocolError(
+                "rate_limited",
+                f"more than {self.cfg.max_control_frames_per_s:g} control messages a second "
+                f"(burst {self.cfg.control_frame_burst})",
+            )
+        while not self.frames.take():
+            await asyncio.sleep(self.frames.wait_s())
 
     async def _audio(self, data: bytes) -> None:
         if self.draining:
@@ -256,33 +366,63 @@ class WsSession:
         # (not reading the socket meanwhile) instead of letting the server close it.
         await asyncio.sleep(s.send_delay(len(audio)))
         s.send(audio)
+        self.last_request_at = time.monotonic()
 
     async def _control(self, text: str) -> bool:
         """Handle a text frame; True when the client asked to close."""
         if self.draining:
             return False
-        try:
-            msg = json.loads(text)
-            kind = msg["type"]
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolError(
-                "bad_request", 'text frames must be JSON objects with a "type"'
-            ) from None
+        msg = self._parse_control(text)
+        kind = msg["type"]
         if kind == "Configure":
             self._configure(msg)
         elif kind == "Finalize":
             s = await self._open()
             await self._accepted()
+            await self._check_flood()
             s.finalize()
+            self.last_request_at = time.monotonic()
         elif kind == "KeepAlive":
             s = await self._open()
             await self._accepted()
+            # Coalesced: a request in flight or a recent one keeps the stream alive
+            # already, so thousands of KeepAlives cost Triton nothing.
+            recent = time.monotonic() - self.last_request_at < self.cfg.keepalive_interval_s
+            if s.started and (s.pending > 0 or recent):
+                return False
+            await self._check_flood()
             s.keepalive()
+            self.last_request_at = time.monotonic()
         elif kind == "CloseStream":
             return True
         else:
-            raise ProtocolError("bad_request", f"unknown message type {kind!r}")
+            raise ProtocolError(
+                "bad_request",
+                f"unknown message type; types: {['Configure', *protocol.CONTROL_MESSAGES]}",
+            )
         return False
+
+    def _parse_control(self, text: str) -> dict:
+        """A text frame as a control message: size, depth and shape checked."""
+        if len(text) > self.cfg.max_text_frame_bytes:
+            raise ProtocolError(
+                "bad_request",
+                f"text frame of {len(text)} characters; control messages are at most "
+                f"{self.cfg.max_text_frame_bytes}",
+            )
+        try:
+            msg = json.loads(text)
+        except RecursionError:  # nesting deep enough to exhaust the parser
+            msg = None
+        except ValueError:
+            raise ProtocolError("bad_request", "text frames must be JSON objects") from None
+        if msg is None or json_depth(msg, self.cfg.max_json_depth) > self.cfg.max_json_depth:
+            raise ProtocolError(
+                "bad_request", f"JSON nested deeper than {self.cfg.max_json_depth} levels"
+            )
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ProtocolError("bad_request", 'text frames must be JSON objects with a "type"')
+        return msg
 
     async def _finish(self) -> None:
         """END the sequence and wait for its last responses."""
@@ -301,19 +441,31 @@ class WsSession:
         close_code, reason = 1000, ""
         client_gone = False
         try:
-            self._set_format(self.query, "query string")
-            async for msg in self.ws:
+            self._query()
+            while True:
+                try:
+                    msg = await self.ws.receive(timeout=self.cfg.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    await self._finish()  # the open utterance's final still goes out
+                    raise ProtocolError(
+                        "idle_timeout",
+                        f"nothing received for {self.cfg.idle_timeout_s:g} s: send audio or "
+                        '{"type": "KeepAlive"} at least that often',
+                    ) from None
                 if msg.type == WSMsgType.BINARY:
+                    await self._rate(control=False)
                     await self._audio(msg.data)
                 elif msg.type == WSMsgType.TEXT:
+                    await self._rate(control=True)
                     if await self._control(msg.data):
                         break
                 elif msg.type == WSMsgType.ERROR:
-                    log.warning("ws %s: transport error %s", self.id, self.ws.exception())
+                    log.warning("ws %s: transport error", self.id)
                     client_gone = True
                     break
-            else:
-                client_gone = True  # the client closed the socket
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    client_gone = True  # the client closed the socket
+                    break
             await self._finish()
         except ProtocolError as exc:
             log.warning("ws %s: closing, %s", self.id, exc.code)
@@ -321,9 +473,20 @@ class WsSession:
                 self._enqueue_error(exc.code, str(exc))
             close_code, reason = exc.close_code, exc.code
         except (AsrError, TimeoutError) as exc:
-            log.error("ws %s: backend failure: %s", self.id, exc)
+            # the message may quote client input: the log gets its kind only
+            log.error("ws %s: backend failure (%s)", self.id, type(exc).__name__)
             self._enqueue_error("backend", str(exc))
             close_code, reason = 1011, "backend"
+        except Exception as exc:  # noqa: BLE001 - a bug here still ends with an Error frame
+            # frames only: the exception's message may quote client input
+            log.error(
+                "ws %s: internal error (%s)\n%s",
+                self.id,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+            self._enqueue_error("internal", "internal error in the gateway")
+            close_code, reason = 1011, "internal"
         finally:
             s = self.session
             if (
@@ -369,4 +532,4 @@ class WsSession:
 
     def _enqueue_error(self, code: str, message: str) -> None:
         # Errors go out even when the result queue is full.
-        self.out.put_nowait({"type": "Error", "code": code, "message": message})
+        self.out.put_nowait({"type": "Error", "code": code, "message": self._redacted(message)})

@@ -300,7 +300,8 @@ class CtcDecoderStep:
         END included, gets ``why`` instead of an empty answer."""
         self._unpark(stream, st)
         st.failed = why
-        log.warning("stream %d failed: %s", stream, why)
+        # ``why`` may quote the client's options (a hotword): the client gets it, not the log
+        log.warning("stream %d failed (request %d)", stream, st.next_seq)
         return StreamError(why)
 
     def expire_gaps(self) -> int:
