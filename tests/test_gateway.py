@@ -172,10 +172,17 @@ def test_stateful_session_chunks_match_whole_file(serve):
 
 
 async def ws_stream(
-    url: str, pcm: bytes, chunk: int, *, controls=(), close_msg=True, query: str = ""
+    url: str,
+    pcm: bytes,
+    chunk: int,
+    *,
+    controls=(),
+    close_msg=True,
+    query: str = "",
+    pace_s: float = 0.0,
 ) -> tuple[list[dict], int | None]:
-    """Stream like SageMaker's platform does: binary frames of audio, text frames of
-    control messages; collect every text frame until the server closes."""
+    """Stream like SageMaker's platform does: binary frames of audio (``pace_s`` apart),
+    text frames of control messages; collect every text frame until the server closes."""
     messages: list[dict] = []
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(url + WS_PATH + query) as ws:
@@ -188,6 +195,8 @@ async def ws_stream(
             r = asyncio.create_task(reader())
             for i in range(0, len(pcm), chunk):
                 await ws.send_bytes(pcm[i : i + chunk])
+                if pace_s:
+                    await asyncio.sleep(pace_s)
                 for at, ctl in controls:
                     if at == i:
                         await ws.send_str(json.dumps(ctl))
@@ -608,7 +617,10 @@ def test_ping_stays_fast_while_40_websocket_sessions_stream(serve):
     finally:
         stop.set()
         pinger.join()
-    assert all(code == 1000 for _, code in results)
+    # say which session ended how: a flake here (once, at load 4.3) must show whether a
+    # close was lost or a backend timeout (1011, close_timeout_s) ended it
+    bad = [(code, [m for m in msgs if m["type"] == "Error"]) for msgs, code in results]
+    assert all(code == 1000 for code, _ in bad), [b for b in bad if b[0] != 1000]
     assert len(lat) >= 3 and max(lat) < PING_LIMIT_S, sorted(lat)[-5:]
 
 
