@@ -101,7 +101,7 @@ image: venv whisper lm
 # the WebSocket route, SIGTERM, 64 MB of /dev/shm.
 test-image: image
 	eval "$$(docker/local-image env)" && STREAMASR_IMAGE=$(IMAGE) \
-		$(PY) -m pytest -q -m image tests/test_image.py
+		$(PY) -m pytest -q -rP -m image tests/test_image.py
 
 bench: venv whisper lm
 	$(PY) -m benchmarks.run

@@ -179,7 +179,8 @@ def test_shared_memory_fits_in_64_mb(ready):
     block = int(ready.exec("stat", "-f", "-c", "%S", "/dev/shm").strip())
     assert size * block <= SHM_LIMIT_BYTES
     used_kb = int(ready.exec("du", "-s", "-k", "/dev/shm").split()[0])
-    print(f"/dev/shm in use: {used_kb / 1024:.1f} MiB")
+    memory = cli("stats", "--no-stream", "--format", "{{.MemUsage}}", ready.name).stdout.strip()
+    print(f"/dev/shm in use after the tests above: {used_kb / 1024:.1f} MiB; memory {memory}")
     assert 0 < used_kb * 1024 <= SHM_LIMIT_BYTES
 
 
