@@ -10,8 +10,10 @@ repository are loaded (the ensemble needs every step), and HTTP always binds loo
 SAGEMAKER_BIND_TO_PORT                gateway port (8080)
 SAGEMAKER_SAFE_PORT_RANGE             ``lo-hi``: Triton's internal http/grpc/metrics
                                       ports are taken from the top of this range
-SAGEMAKER_TRITON_ALLOW_GRPC           ``true``: gRPC listens on 0.0.0.0 for in-VPC
-                                      clients (else loopback, for the gateway only)
+SAGEMAKER_TRITON_ALLOW_GRPC           ``true``: gRPC listens on 0.0.0.0 (else
+                                      loopback, for the gateway only); only useful
+                                      outside SageMaker, where nothing but the runtime
+                                      API reaches the container
 SAGEMAKER_TRITON_GRPC_PORT            gRPC port (8001)
 SAGEMAKER_TRITON_ALLOW_METRICS        ``false`` turns metrics off (default on, loopback)
 SAGEMAKER_TRITON_METRICS_PORT         metrics port (8002)
