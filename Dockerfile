@@ -4,6 +4,8 @@
 #
 # Without registry access (CI, `make image`): docker/local-image builds a local stand-in
 # for the base (docker/standin/) and this file with WHISPER_STAGE=whisper-prebuilt.
+# Needs BuildKit (Docker's default builder since 23.0) or buildah: stages the chosen
+# WHISPER_STAGE does not use are skipped.
 #
 # REGION        region of AWS's SageMaker Triton image registry; pull with
 #               `aws ecr get-login-password --region $REGION | docker login --username AWS
