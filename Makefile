@@ -1,4 +1,5 @@
 # Fixed entry points: make demo | make test | make bench | make model
+# The image: make image | make test-image (CI runs test-image after test)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean
+.PHONY: venv venv-http2 demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean \
+	image test-image
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -84,6 +86,22 @@ test-unit: venv
 
 test-slow: venv venv-http2 whisper lm
 	$(PY) -m pytest -q -m slow tests
+
+# The SageMaker image, built without a Docker daemon or registry access: podman + a local
+# stand-in for AWS's base image (docker/local-image says how; as root, installs podman when
+# missing; layers cached in /var/tmp/streamasr-podman).  The Whisper graphs and the LM are
+# this checkout's (make whisper lm).  On a machine that can pull the real base, build
+# with docker as the Dockerfile's header says.
+IMAGE ?= localhost/streamasr:standin
+
+image: venv whisper lm
+	STREAMASR_IMAGE=$(IMAGE) docker/local-image
+
+# The container contract against the running image (tests/test_image.py): /ping, /invocations,
+# the WebSocket route, SIGTERM, 64 MB of /dev/shm.
+test-image: image
+	eval "$$(docker/local-image env)" && STREAMASR_IMAGE=$(IMAGE) \
+		$(PY) -m pytest -q -rP -m image tests/test_image.py
 
 bench: venv whisper lm
 	$(PY) -m benchmarks.run

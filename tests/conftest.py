@@ -84,9 +84,9 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     if rep.when == "call" and rep.failed:
-        for name in ("server", "short_ttl_server", "iso_server"):
+        for name in ("server", "short_ttl_server", "iso_server", "container"):
             srv = item.funcargs.get(name)
-            if isinstance(srv, TritonServer):
+            if isinstance(srv, TritonServer) or hasattr(srv, "log_tail"):
                 rep.sections.append((f"{name} log tail", srv.log_tail(80)))
 
 

@@ -23,10 +23,11 @@ On the container side it does what AWS documents SageMaker does (notes/sagemaker
 opens ``ws://<container>/invocations-bidirectional-stream`` (or the
 ``X-Amzn-SageMaker-Model-Invocation-Path``) with ``X-Amzn-SageMaker-Model-Query-String`` as the
 query, BINARY parts as binary frames, UTF8 parts as text frames.  When the container closes
-the socket with 1000 the response stream ends; any other close code becomes a
-``ModelStreamError`` event first.  That last mapping, and how SageMaker reacts to the client
-ending its input first (here: the socket is closed), are assumptions: AWS does not document
-them.
+the socket, the close code reaches the client as a ``ModelStreamError`` event (``ErrorCode``
+the code's digits), 1000 included, and the response stream ends: AWS's bidirectional-stream
+guide says every close frame from the container is passed on that way.  The ``ErrorCode``
+format and how SageMaker reacts to the client ending its input first (here: the socket is
+closed) are assumptions: AWS does not document them.
 """
 
 from __future__ import annotations
@@ -405,13 +406,13 @@ class _Stream:
                 break
             self.record.events_out += 1
         self.record.ws_close_code = ws.close_code
-        if ws.close_code != 1000:
-            self.conn.send(
-                self.id,
-                model_stream_error_event(
-                    f"the model closed the stream with code {ws.close_code}", "ModelStreamError"
-                ),
-            )
+        # every close frame, the normal 1000 included, as SageMaker documents it
+        self.conn.send(
+            self.id,
+            model_stream_error_event(
+                f"the model closed the stream with code {ws.close_code}", str(ws.close_code)
+            ),
+        )
 
 
 # -- HTTP/2 connection ----------------------------------------------------------------------

@@ -110,6 +110,8 @@ def test_create_defaults():
     assert model["PrimaryContainer"]["Image"] == IMAGE and "VpcConfig" not in model
     (v,) = epc["ProductionVariants"]
     assert (v["InstanceType"], v["InitialInstanceCount"]) == ("ml.g5.xlarge", 1)
+    # the CUDA 13 base needs driver 580 on a GPU instance (issue 22)
+    assert v["InferenceAmiVersion"] == dep.GPU_INFERENCE_AMI
     assert "DataCaptureConfig" not in epc, "data capture must be OFF by default"
     assert "KmsKeyId" not in epc
     assert ep == {"EndpointName": "asr", "EndpointConfigName": "asr"}
@@ -137,7 +139,6 @@ def test_create_everything():
             "subnet-1,subnet-2",
             "--security-groups",
             "sg-1",
-            "--grpc",
             "--env",
             "STREAMASR_GATEWAY_MAX_PENDING=80",
             "--autoscale-min",
@@ -155,8 +156,9 @@ def test_create_everything():
     model, epc = calls[0].params, calls[1].params
     assert model["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
     env = model["PrimaryContainer"]["Environment"]
-    assert env["SAGEMAKER_TRITON_ALLOW_GRPC"] == "true"
+    assert "SAGEMAKER_TRITON_ALLOW_GRPC" not in env  # nothing reaches it on SageMaker
     assert env["STREAMASR_GATEWAY_MAX_PENDING"] == "80"
+    assert "InferenceAmiVersion" not in epc["ProductionVariants"][0]  # ml.m5: no GPU
     assert epc["KmsKeyId"] == KMS and epc["DataCaptureConfig"]["EnableCapture"] is True
     reg, pol = calls[-2].params, calls[-1].params
     assert reg["ResourceId"] == "endpoint/asr/variant/AllTraffic"
@@ -166,6 +168,33 @@ def test_create_everything():
     assert tt["TargetValue"] == 25.0
     # autoscaling waits for InService: DescribeEndpoint (the waiter) comes first
     run_stubbed(calls, RESPONSES, in_service=True)  # Stubber validates every request
+
+
+def test_inference_ami_is_in_botocores_enum_and_set_for_gpu_types_only():
+    import botocore.session
+
+    shapes = (
+        botocore.session.get_session().get_service_model("sagemaker")._shape_resolver._shape_map
+    )
+    enum = shapes["ProductionVariantInferenceAmiVersion"]["enum"]
+    assert dep.GPU_INFERENCE_AMI in enum
+    for itype, gpu in (
+        ("ml.g5.xlarge", True),
+        ("ml.g4dn.xlarge", True),
+        ("ml.g6e.2xlarge", True),
+        ("ml.p4d.24xlarge", True),
+        ("ml.m5.large", False),
+        ("ml.c7i.xlarge", False),
+        ("ml.inf2.xlarge", False),
+    ):
+        assert dep.is_gpu_instance(itype) is gpu, itype
+    base = ["create", "--name", "a", "--image", IMAGE, "--role", ROLE]
+    none = dep.parse_args([*base, "--inference-ami", "none"])
+    assert "InferenceAmiVersion" not in dep.plan_create(none)[1].params["ProductionVariants"][0]
+    other = dep.parse_args([*base, "--inference-ami", "al2-ami-sagemaker-inference-gpu-3-1"])
+    (v,) = dep.plan_create(other)[1].params["ProductionVariants"]
+    assert v["InferenceAmiVersion"] == "al2-ami-sagemaker-inference-gpu-3-1"
+    run_stubbed(dep.plan_create(other), RESPONSES)  # a request botocore's validator accepts
 
 
 def test_metric_names_exist_in_the_api_model():

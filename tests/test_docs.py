@@ -4,6 +4,7 @@ is documented with its real default."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,20 @@ def test_every_option_is_in_the_readme_with_its_default(field):
 def test_readme_starts_with_the_two_commands():
     head = (ROOT / "README.md").read_text().split("\n\n")[:3]
     assert any("make demo" in part and "make test" in part for part in head)
+
+
+def test_readme_says_what_ci_runs():
+    """The README's `make test` line names .ci/run's commands, in .ci/run's order."""
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci/run").read_text().splitlines()
+        if line.startswith("make ")
+    ]
+    assert "make test-image" in ci, "an image that cannot start must fail CI"
+    test_line = next(
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("make test ")
+    )
+    said = re.findall(r"`(make [a-z-]+)`", test_line)
+    assert [c for c in ci if c != "make test"] == said

@@ -81,6 +81,20 @@ def test_ping_is_503_when_triton_is_down():
     assert status == 503 and "unreachable" in text
 
 
+def test_post_ping_answers_like_get_ping():
+    """The bidirectional-stream container contract pings with POST (issue 22)."""
+
+    async def go():
+        gw = Gateway(GatewayConfig(triton_grpc=f"127.0.0.1:{free_port()}"))
+        async with aiohttp.test_utils.TestClient(aiohttp.test_utils.TestServer(gw.app())) as c:
+            got = await c.get("/ping"), await c.post("/ping")
+            return [(r.status, await r.text()) for r in got]
+
+    (get_status, get_text), (post_status, post_text) = asyncio.run(go())
+    assert post_status == get_status == 503
+    assert post_text == get_text
+
+
 # -- docker/serve, HTTP --------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,7 +81,12 @@ def aws_profile(tmp: Path, secret: str = SECRET_KEY) -> dict[str, str]:
 
 
 def run_bidi_cli(
-    py: Path, standin: RuntimeStandIn, ca: Path, env: dict[str, str], audio: Path = DEMO_WAV
+    py: Path,
+    standin: RuntimeStandIn,
+    ca: Path,
+    env: dict[str, str],
+    audio: Path = DEMO_WAV,
+    options: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -96,6 +102,7 @@ def run_bidi_cli(
             str(ca),
             "--chunk-ms",
             "250",
+            *[arg for o in options for arg in ("--option", o)],
         ],
         env=env,
         capture_output=True,
@@ -119,6 +126,69 @@ def test_framing():
     assert json.loads(f.control("CloseStream")) == {"type": "CloseStream"}
     with pytest.raises(ValueError):
         f.control("Bogus")
+
+
+# ModelQueryString: keys and values of unreserved characters or %XX escapes (issue 22)
+QUERY_ITEM = re.compile(r"(?:[A-Za-z0-9._~-]|%[0-9A-F]{2})+")
+# hotwords long enough to push the query past its 2048 characters, short enough for the
+# decoder's own limit (step_info.MAX_HOTWORDS_CHARS)
+LONG_HOTWORDS = ",".join(
+    f"word{chr(97 + i // 26)}{chr(97 + i % 26)}:2" for i in range(300)
+)  # letters only: a hotword's characters must be in the model's vocabulary
+TIME_OFFSET = 1000  # s: an option whose effect a result shows
+
+
+def test_query_string_is_what_model_query_string_allows():
+    f = sms.Framing(16000, options={"hotwords": "new york:3,san francisco", "two_pass": True})
+    q = f.query_string()
+    assert "+" not in q and "new%20york%3A3%2Csan%20francisco" in q
+    for item in q.split("&"):
+        key, _, value = item.partition("=")
+        assert QUERY_ITEM.fullmatch(key) and QUERY_ITEM.fullmatch(value), item
+    assert parse_qs(q)["hotwords"] == ["new york:3,san francisco"]
+    assert parse_qs(q)["two_pass"] == ["true"]
+    with pytest.raises(ValueError, match="'hotwords' has an empty value"):
+        sms.Framing(16000, options={"hotwords": ""}).query_string()
+
+
+def test_long_option_sets_go_in_a_configure_message():
+    opts = {"hotwords": LONG_HOTWORDS, "time_offset": 100, "two_pass": True}
+    f = sms.Framing(16000, options=opts)
+    query, configure = f.wire()
+    assert len(query) <= sms.MAX_QUERY_STRING
+    assert parse_qs(query) == {"encoding": ["linear16"], "sample_rate": ["16000"]}
+    assert json.loads(configure) == {
+        "type": "Configure",
+        "two_pass": True,
+        "options": {"hotwords": LONG_HOTWORDS, "time_offset": 100},
+    }
+    with pytest.raises(ValueError, match="Configure"):
+        f.query_string()
+    assert sms.Framing(16000, options={"time_offset": 100}).wire()[1] is None
+
+
+def test_model_stream_error_1000_after_close_stream_is_a_clean_end():
+    """SageMaker passes every container close on as a ModelStreamError with its code."""
+    assert sms.close_code_of("1000", None) == 1000
+    assert sms.close_code_of(None, "the model closed the stream with code 1008") == 1008
+    assert sms.close_code_of("StreamBroken", "connection reset") is None
+    assert sms.ended_cleanly("1000", "closed", input_closed=True)
+    assert not sms.ended_cleanly("1000", "closed", input_closed=False)  # cut short
+    assert not sms.ended_cleanly("1008", "policy", input_closed=True)
+    assert not sms.ended_cleanly("StreamBroken", "connection reset", input_closed=True)
+
+
+@needs_demo
+def test_ws_mode_sends_long_options_in_a_configure_message(serve):
+    pcm, rate = sms.read_pcm16(DEMO_WAV)
+    framing = sms.Framing(
+        rate, chunk_ms=250, options={"hotwords": LONG_HOTWORDS, "time_offset": TIME_OFFSET}
+    )
+    assert framing.wire()[1] is not None
+    msgs = asyncio.run(sms.stream_websocket(serve.url, pcm, framing))
+    # the Configure's options were applied: every word is TIME_OFFSET s later
+    words = [w for m in msgs if m.get("is_final") for w in m["channel"]["alternatives"][0]["words"]]
+    assert words and all(w["start"] >= TIME_OFFSET for w in words)
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="checks the <3.12 refusal")
@@ -151,6 +221,34 @@ def test_bidi_mode_through_the_sdk_and_a_sagemaker_standin(serve, tmp_path):
     assert kinds == ["BINARY"] * (len(kinds) - 1) + ["UTF8"]  # audio, then CloseStream
     assert sum(n for k, n in rec.parts_in if k == "BINARY") == len(pcm)
     assert rec.signed_events >= len(rec.parts_in) and rec.events_out > 0
+
+
+@needs_demo
+def test_bidi_mode_a_non_normal_close_fails_and_long_options_travel_in_configure(serve, tmp_path):
+    """A refusal (close 1008) reaches the client as ModelStreamError 1008: exit 1, named.
+    Options too long for ModelQueryString go in a Configure part before the audio."""
+    py = http2_python()
+    if not shutil.which("openssl"):
+        pytest.skip("openssl CLI not installed (the stand-in's TLS certificates)")
+    ca, cert, key = make_certificates(tmp_path)
+    env = aws_profile(tmp_path)
+    with RuntimeStandIn(serve.url, {ACCESS_KEY: SECRET_KEY}, REGION, cert, key) as standin:
+        bad = run_bidi_cli(py, standin, ca, env, options=("two_pass=maybe",))
+        long = run_bidi_cli(
+            py,
+            standin,
+            ca,
+            env,
+            options=(f"hotwords={LONG_HOTWORDS}", f"time_offset={TIME_OFFSET}"),
+        )
+    assert bad.returncode == 1 and not bad.stdout.strip()
+    assert "ModelStreamError 1008" in bad.stderr and "Traceback" not in bad.stderr
+    assert long.returncode == 0, long.stderr[-3000:]
+    assert long.stdout.strip()
+    first, second = standin.records
+    assert first.ws_close_code == 1008 and second.ws_close_code == 1000
+    assert "hotwords" not in second.container_url
+    assert second.parts_in[0][0] == "UTF8"  # the Configure, then audio
 
 
 @needs_demo

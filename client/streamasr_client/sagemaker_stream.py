@@ -34,12 +34,13 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
-from urllib.parse import urlencode
+from urllib.parse import quote
 
 import numpy as np
 
@@ -57,6 +58,15 @@ from streamasr.protocol import (
 
 log = logging.getLogger("streamasr_client.sagemaker")
 
+# ModelQueryString (X-Amzn-SageMaker-Model-Query-String): at most 2048 characters, keys and
+# values of unreserved characters or %XX escapes, no empty values (API reference,
+# InvokeEndpointWithBidirectionalStream).  Option sets that do not fit go in a Configure
+# message, the stream's first text part.
+MAX_QUERY_STRING = 2048
+# A normal WebSocket close (RFC 6455).  SageMaker hands ANY close frame from the container
+# to the client as a ModelStreamError carrying the close code, this one included.
+CLOSE_NORMAL = 1000
+
 
 # -- framing (shared by every transport) --------------------------------------------------
 
@@ -69,10 +79,52 @@ class Framing:
     chunk_ms: int = 100
     options: dict[str, Any] = field(default_factory=dict)
 
+    def _wire_options(self) -> dict[str, str]:
+        out = {}
+        for k, v in self.options.items():
+            text = str(v).lower() if isinstance(v, bool) else str(v)
+            if not text:
+                raise ValueError(
+                    f"option {k!r} has an empty value (ModelQueryString allows none): "
+                    "leave the option out instead"
+                )
+            out[str(k)] = text
+        return out
+
+    def _format(self) -> dict[str, str]:
+        return {"encoding": "linear16", "sample_rate": str(self.sample_rate)}
+
+    @staticmethod
+    def _encode(q: dict[str, str]) -> str:
+        # quote(safe=""): only unreserved characters stay as they are; a space is %20
+        # (urlencode's '+' is not allowed in ModelQueryString)
+        return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in q.items())
+
+    def wire(self) -> tuple[str, str | None]:
+        """(query string, Configure message or None): the options travel in the query
+        when it fits MAX_QUERY_STRING, else in a Configure text message sent before any
+        audio (the query then holds only the audio format)."""
+        options = self._wire_options()
+        q = self._encode({**self._format(), **options})
+        if len(q) <= MAX_QUERY_STRING:
+            return q, None
+        msg: dict[str, Any] = {"type": "Configure"}
+        rest = dict(self.options)
+        if "two_pass" in rest:
+            msg["two_pass"] = rest.pop("two_pass")
+        msg["options"] = rest
+        return self._encode(self._format()), json.dumps(msg)
+
     def query_string(self) -> str:
-        q = {"encoding": "linear16", "sample_rate": self.sample_rate}
-        q.update({k: str(v).lower() if isinstance(v, bool) else v for k, v in self.options.items()})
-        return urlencode(q)
+        """The whole framing as one query string; ValueError if it does not fit
+        MAX_QUERY_STRING (:meth:`wire` then moves the options to a Configure message)."""
+        q, configure = self.wire()
+        if configure is not None:
+            raise ValueError(
+                f"the options make a query string longer than {MAX_QUERY_STRING} "
+                "characters: send them in a Configure message (Framing.wire)"
+            )
+        return q
 
     def chunk_bytes(self) -> int:
         return max(1, self.sample_rate * self.chunk_ms // 1000) * 2
@@ -135,9 +187,12 @@ async def stream_websocket(
     import aiohttp
 
     messages: list[dict] = []
-    url = base_url.rstrip("/") + WS_PATH + "?" + framing.query_string()
+    query, configure = framing.wire()
+    url = base_url.rstrip("/") + WS_PATH + "?" + query
     async with aiohttp.ClientSession() as s:
         async with s.ws_connect(url) as ws:
+            if configure:
+                await ws.send_str(configure)
 
             async def reader():
                 async for m in ws:
@@ -161,6 +216,23 @@ async def stream_websocket(
 
 
 # -- bidi: InvokeEndpointWithBidirectionalStream ---------------------------------------------
+
+
+def close_code_of(error_code: str | None, message: str | None) -> int | None:
+    """The WebSocket close code a ModelStreamError carries: its ErrorCode when that is a
+    number, else a close code (1000-4999) named in its message.  AWS documents that the
+    code is passed on, not the exact format; None when neither holds one."""
+    if error_code and error_code.strip().isdigit():
+        return int(error_code.strip())
+    found = re.search(r"\b([1-4]\d{3})\b", message or "")
+    return int(found.group(1)) if found else None
+
+
+def ended_cleanly(error_code: str | None, message: str | None, input_closed: bool) -> bool:
+    """A ModelStreamError that is the container's normal close (1000) after the client
+    sent CloseStream: the end of a good session, not a failure."""
+    return input_closed and close_code_of(error_code, message) == CLOSE_NORMAL
+
 
 # The release this client is written and tested against (client/requirements-http2.txt pins
 # it with its dependencies).  The SDK is pre-1.0 and breaks its API between minor releases
@@ -308,7 +380,8 @@ async def stream_sagemaker(
     from awscrt.exceptions import AwsCrtError
     from smithy_core.exceptions import SmithyError
 
-    kw = {"endpoint_name": endpoint, "model_query_string": framing.query_string()}
+    query, configure = framing.wire()
+    kw = {"endpoint_name": endpoint, "model_query_string": query}
     if target_variant:
         kw["target_variant"] = target_variant
 
@@ -318,17 +391,32 @@ async def stream_sagemaker(
         )
 
     messages: list[dict] = []
+    input_closed = False  # CloseStream sent
+
+    def model_stream_error(err) -> None:
+        """The container closed its WebSocket: SageMaker says so with a ModelStreamError
+        for every close code; 1000 after CloseStream is the session's normal end."""
+        code, text = getattr(err, "error_code", None), getattr(err, "message", None)
+        if ended_cleanly(code, text, input_closed):
+            log.debug("stream ended: ModelStreamError %s (normal close)", code)
+            return
+        raise StreamFailed(f"ModelStreamError {code}: {text}")
 
     async def reader(stream) -> None:
         _, output = await stream.await_output()
-        async for event in output:
-            if isinstance(event, m.ResponseStreamEventPayloadPart):
-                msg = framing.parse(event.value.bytes_)
-                messages.append(msg)
-                if on_message:
-                    on_message(msg)
-            else:  # ModelStreamError / InternalStreamFailure / unknown
-                raise StreamFailed(f"{type(event).__name__}: {getattr(event, 'value', event)}")
+        try:
+            async for event in output:
+                if isinstance(event, m.ResponseStreamEventPayloadPart):
+                    msg = framing.parse(event.value.bytes_)
+                    messages.append(msg)
+                    if on_message:
+                        on_message(msg)
+                elif isinstance(event, m.ResponseStreamEventModelStreamError):
+                    return model_stream_error(event.value)
+                else:  # InternalStreamFailure / unknown
+                    raise StreamFailed(f"{type(event).__name__}: {getattr(event, 'value', event)}")
+        except m.ModelStreamError as err:  # the SDK may raise the event instead
+            model_stream_error(err)
 
     _quiet_completed_stream_writes(asyncio.get_running_loop())
     client = None
@@ -342,11 +430,15 @@ async def stream_sagemaker(
         async with stream:  # closes both directions, also on errors
             r = asyncio.create_task(reader(stream))
             try:
+                if configure:  # options too long for the query: before any audio
+                    await stream.input_stream.send(part(configure.encode(), "UTF8"))
                 async for frame in _paced(framing.audio_frames(pcm), framing, realtime):
                     if r.done():  # the endpoint ended the stream early: say why
                         break
                     await stream.input_stream.send(part(frame, "BINARY"))
                 if not r.done():
+                    # set first: the container's close may be read before send() returns
+                    input_closed = True
                     await stream.input_stream.send(
                         part(framing.control("CloseStream").encode(), "UTF8")
                     )
@@ -553,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
                     on_message=show,
                 )
             )
-    except StreamFailed as exc:
+    except (StreamFailed, ValueError) as exc:  # ValueError: options the query cannot carry
         log.error("%s", exc)
         return 1
     if not a.json:

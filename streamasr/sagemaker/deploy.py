@@ -2,7 +2,7 @@
 
     docker/deploy create --name streamasr --image <ecr uri> --role <execution role arn> \\
         [--region us-east-1] [--instance-type ml.g5.xlarge] [--count 1] [--kms-key <arn>] \\
-        [--subnets subnet-a,subnet-b --security-groups sg-1] [--grpc] \\
+        [--subnets subnet-a,subnet-b --security-groups sg-1] [--inference-ami <version>] \\
         [--autoscale-min 1 --autoscale-max 4 --target-concurrency N] [--wait] [--dry-run]
     docker/deploy delete --name streamasr [--dry-run]
     docker/deploy base-image --region eu-south-2 [--triton-tag 25.09-py3] [--build-args]
@@ -16,6 +16,12 @@ registered only once the endpoint is InService (``RegisterScalableTarget`` fails
 endpoint that is still Creating), with or without ``--wait``.  ``base-image`` prints the
 SageMaker Triton base image (or ``docker build`` arguments) for a region: the registry
 account differs between regions (streamasr/sagemaker/images.py).
+
+GPU instances get ``InferenceAmiVersion`` (driver 580 / CUDA 13.0): without it a
+real-time instance keeps an older default driver that the CUDA 13 base image (25.09)
+cannot run on.  Nothing but ``/ping``, ``/invocations`` and the bidirectional WebSocket
+reaches a SageMaker container (the runtime API is the only way in), so there is no
+option to expose Triton's gRPC port.
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ LOCAL_STORAGE_FAMILIES = {
     "trn2",
     "x2iedn",
 }
+# The inference AMI for GPU variants (botocore's ProductionVariantInferenceAmiVersion):
+# NVIDIA driver 580, CUDA 13.0 -- what sagemaker-tritonserver:25.09-py3 (CUDA 13) needs;
+# older default drivers would need CUDA forward compatibility, which not every GPU has.
+GPU_INFERENCE_AMI = "al2023-ami-sagemaker-inference-gpu-4-1"
+# Instance families with NVIDIA GPUs (ml.g4dn, ml.g5, ml.g6, ml.g6e, ml.p4d, ml.p5, ...).
+GPU_FAMILY = re.compile(r"^(g|gr|p)\d")
 # AWS's default waiter polls DescribeEndpoint every 30 s (up to 120 times).
 WAITER_DELAY_S = 30
 WAITER_MAX_ATTEMPTS = 120
@@ -92,9 +104,6 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 
 def container_environment(a: argparse.Namespace) -> dict[str, str]:
     env = {"SAGEMAKER_TRITON_LOG_VERBOSE": "false", "STREAMASR_LOG_LEVEL": "INFO"}
-    if a.grpc:
-        env["SAGEMAKER_TRITON_ALLOW_GRPC"] = "true"
-        env["SAGEMAKER_TRITON_GRPC_PORT"] = str(a.grpc_port)
     env.update(_env_pairs(a.env or []))
     return env
 
@@ -106,6 +115,18 @@ def has_local_instance_storage(instance_type: str) -> bool:
         return True
     m = re.fullmatch(r"[a-z]+\d+([a-z]*)", family)
     return bool(m and "d" in m[1])
+
+
+def is_gpu_instance(instance_type: str) -> bool:
+    return bool(GPU_FAMILY.match(instance_type.removeprefix("ml.")))
+
+
+def inference_ami(a: argparse.Namespace) -> str | None:
+    """--inference-ami; by default GPU_INFERENCE_AMI on GPU instance types, none on CPU
+    ones ("none" leaves it to SageMaker)."""
+    if a.inference_ami is not None:
+        return None if a.inference_ami == "none" else a.inference_ami
+    return GPU_INFERENCE_AMI if is_gpu_instance(a.instance_type) else None
 
 
 def resource_id(name: str) -> str:
@@ -145,6 +166,9 @@ def plan_create(a: argparse.Namespace) -> list[Call]:
         "InitialVariantWeight": 1.0,
         "ContainerStartupHealthCheckTimeoutInSeconds": a.startup_timeout,
     }
+    ami = inference_ami(a)
+    if ami:
+        variant["InferenceAmiVersion"] = ami
     epc: dict[str, Any] = {"EndpointConfigName": a.name, "ProductionVariants": [variant]}
     if a.kms_key:
         epc["KmsKeyId"] = a.kms_key
@@ -320,11 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--security-groups", default=None, help="comma-separated SG ids")
     c.add_argument("--network-isolation", action="store_true")
     c.add_argument(
-        "--grpc",
-        action="store_true",
-        help="open Triton's gRPC port to the VPC (SAGEMAKER_TRITON_ALLOW_GRPC)",
+        "--inference-ami",
+        default=None,
+        help=f"the variant's InferenceAmiVersion (default: {GPU_INFERENCE_AMI} on GPU "
+        "instance types, none on CPU ones; 'none' leaves it out)",
     )
-    c.add_argument("--grpc-port", type=int, default=8001)
     c.add_argument(
         "--env",
         action="append",

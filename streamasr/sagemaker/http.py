@@ -212,6 +212,7 @@ class Gateway:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_body_bytes)
         app.router.add_get("/ping", self.ping)
+        app.router.add_post("/ping", self.ping)  # the bidirectional contract pings by POST
         app.router.add_post("/invocations", self.invocations)
         app.router.add_get(WS_PATH, self.websocket)
         app.on_startup.append(self._on_startup)

@@ -10,14 +10,17 @@ repository are loaded (the ensemble needs every step), and HTTP always binds loo
 SAGEMAKER_BIND_TO_PORT                gateway port (8080)
 SAGEMAKER_SAFE_PORT_RANGE             ``lo-hi``: Triton's internal http/grpc/metrics
                                       ports are taken from the top of this range
-SAGEMAKER_TRITON_ALLOW_GRPC           ``true``: gRPC listens on 0.0.0.0 for in-VPC
-                                      clients (else loopback, for the gateway only)
+SAGEMAKER_TRITON_ALLOW_GRPC           ``true``: gRPC listens on 0.0.0.0 (else
+                                      loopback, for the gateway only); only useful
+                                      outside SageMaker, where nothing but the runtime
+                                      API reaches the container
 SAGEMAKER_TRITON_GRPC_PORT            gRPC port (8001)
 SAGEMAKER_TRITON_ALLOW_METRICS        ``false`` turns metrics off (default on, loopback)
 SAGEMAKER_TRITON_METRICS_PORT         metrics port (8002)
 SAGEMAKER_TRITON_LOG_VERBOSE          ``true``/``false`` or a level (default 0)
 SAGEMAKER_TRITON_LOG_INFO/_WARNING/_ERROR  ``false`` silences that level
-SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE  python backend shm (default 16 MiB)
+SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE  python backend shm per model instance (default
+                                      4 MiB: fits Docker's 64 MB /dev/shm)
 SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE   python backend shm growth (default 1 MiB)
 SAGEMAKER_TRITON_ADDITIONAL_ARGS      further tritonserver flags (shell-split)
 STREAMASR_MODEL_REPOSITORY            model repository; default: /opt/ml/model when it
@@ -71,6 +74,12 @@ IMAGE_BACKENDS = Path("/opt/tritonserver/backends")
 # repository lives elsewhere so that a mount cannot hide it.
 SAGEMAKER_MODEL_DIR = Path("/opt/ml/model")
 BAKED_REPOSITORY = Path("/opt/streamasr/model_repository")
+# The python backend maps one region of this size per model instance in /dev/shm (the stock
+# serve script's 16 MiB default x 7 instances does not fit Docker's default 64 MB, and what
+# SageMaker gives a container is not documented); regions grow by the growth size when a
+# message needs more.
+SHM_DEFAULT_BYTES = 4 * 1024 * 1024
+SHM_GROWTH_BYTES = 1024 * 1024
 
 
 def holds_repository(path: Path) -> bool:
@@ -139,8 +148,8 @@ def server_config(env=None) -> ServerConfig:
     for lvl in ("INFO", "WARNING", "ERROR"):
         if not _flag(env, f"SAGEMAKER_TRITON_LOG_{lvl}", True):
             extra.append(f"--log-{lvl.lower()}=false")
-    shm = env.get("SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE", str(16 * 1024 * 1024))
-    growth = env.get("SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE", str(1024 * 1024))
+    shm = env.get("SAGEMAKER_TRITON_SHM_DEFAULT_BYTE_SIZE", str(SHM_DEFAULT_BYTES))
+    growth = env.get("SAGEMAKER_TRITON_SHM_GROWTH_BYTE_SIZE", str(SHM_GROWTH_BYTES))
     extra += [
         f"--backend-config=python,shm-default-byte-size={int(shm)}",
         f"--backend-config=python,shm-growth-byte-size={int(growth)}",
