@@ -279,10 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     watcher = threading.Thread(target=_start_and_watch, name="triton", daemon=True)
     watcher.start()
     gw = Gateway(gcfg, backend)
+    app = gw.app()
+
+    async def _shutting_down(_app) -> None:
+        stopping.set()  # a drain without health checks is no reason to exit 3
+
+    app.on_shutdown.insert(0, _shutting_down)
     log.info("gateway on %s:%d", gcfg.host, gcfg.port)
     try:
         # on_shutdown drains the streams (DRAIN_S), then requests get HANDLER_SHUTDOWN_S
-        serve_app(gw.app(), gcfg.host, gcfg.port, shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
+        serve_app(app, gcfg.host, gcfg.port, shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
     finally:
         stopping.set()
         log.info("stopping tritonserver")
