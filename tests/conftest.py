@@ -128,11 +128,14 @@ def serve(tmp_path_factory):
 
 
 @pytest.fixture
-def own_serve(tmp_path):
-    """docker/serve for ONE test that stops it (SIGTERM drills): a repository copy without
-    the two-pass models; always stopped, so no test depends on running before or after it."""
+def own_serve(tmp_path, request):
+    """docker/serve for ONE test that stops it (SIGTERM drills, killed stubs): a repository
+    copy without the two-pass models; always stopped, so no test depends on running before
+    or after it.  Parametrize it (indirect) with a dict of further environment variables."""
     repo = copy_repository(tmp_path / "repo", {})
-    s = Serve(sagemaker_env(tmp_path, STREAMASR_MODEL_REPOSITORY=str(repo)), tmp_path / "serve.log")
+    extra = getattr(request, "param", {})
+    env = sagemaker_env(tmp_path, STREAMASR_MODEL_REPOSITORY=str(repo), **extra)
+    s = Serve(env, tmp_path / "serve.log")
     try:
         s.wait_ready()
         yield s

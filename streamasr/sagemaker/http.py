@@ -3,8 +3,9 @@
 Routes (SageMaker's container contract plus bidirectional streaming):
 
 ``GET /ping``
-    200 when Triton is live and the streaming and offline models are ready, else 503
-    (SageMaker treats anything but 200 as unhealthy).
+    200 when the pipeline answers (streamasr/sagemaker/health.py: models ready, python
+    stubs alive, a canary stream answered in time), else 503 with the reason (SageMaker
+    treats anything but 200 as unhealthy).
 
 ``POST /invocations``
     Whole recording -> ``offline_asr``.  Body: any file libsndfile reads (wav, flac,
@@ -256,7 +257,7 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 - a failed check is "not ready"
                 ok, reason = False, f"health check failed: {type(exc).__name__}"
             if self.health is None or self.health[:2] != (ok, reason):
-                log.info("health: %s", reason)
+                log.log(logging.INFO if ok else logging.WARNING, "health: %s", reason)
             self.health = (ok, reason, time.monotonic())
             first_health.set()
             await asyncio.sleep(HEALTH_INTERVAL_S)

@@ -40,6 +40,12 @@ STREAMASR_TRITON_BACKENDS             backend directory for that binary
                                       (default /opt/tritonserver/backends)
 ====================================  ==================================================
 
+Health (streamasr/sagemaker/health.py): ``/ping`` turns 503 when a python backend
+stub died, a model is not ready, or a canary stream misses its deadline
+(STREAMASR_HEALTH_CANARY_INTERVAL / _CANARY_DEADLINE); once the pipeline has been healthy,
+staying unhealthy for STREAMASR_HEALTH_EXIT_AFTER seconds (30; 0: never) stops the
+container with exit status 3, the reason logged at ERROR.
+
 SIGTERM/SIGINT: the gateway stops accepting, drains open streams (END to Triton, last
 results sent, close 1001) within 10 s, gives running requests 5 s more, then tritonserver
 gets SIGTERM and 8 s to exit (then SIGKILL): all within the 30 s SageMaker allows between
@@ -64,6 +70,7 @@ from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
 from ..decoding.config import parse_bool
 from . import platform
 from .config import GatewayConfig
+from .health import UNHEALTHY_EXIT_CODE, Backend
 from .http import Gateway, serve_app
 
 log = logging.getLogger("streamasr.serve")
@@ -80,6 +87,8 @@ BAKED_REPOSITORY = Path("/opt/streamasr/model_repository")
 # message needs more.
 SHM_DEFAULT_BYTES = 4 * 1024 * 1024
 SHM_GROWTH_BYTES = 1024 * 1024
+# How often the watcher looks at tritonserver's process and the gateway's health state.
+WATCH_INTERVAL_S = 0.5
 
 
 def holds_repository(path: Path) -> bool:
@@ -255,20 +264,40 @@ def main(argv: list[str] | None = None) -> int:
             return
         log.info("tritonserver ready (grpc %s)", server.grpc_url)
         assert server.proc is not None
-        code = server.proc.wait()
-        if not stopping.is_set():
-            log.error("tritonserver exited with code %s; stopping the gateway", code)
-            _stop_gateway(1)
+        while not stopping.wait(WATCH_INTERVAL_S):
+            code = server.proc.poll()
+            if code is not None:
+                log.error("tritonserver exited with code %s; stopping the gateway", code)
+                _stop_gateway(1)
+                return
+            why = backend.state.fatal()
+            if why is not None:
+                log.error(
+                    "UNHEALTHY: %s; stopping (exit status %d) so that SageMaker replaces "
+                    "the container",
+                    why,
+                    UNHEALTHY_EXIT_CODE,
+                )
+                _stop_gateway(UNHEALTHY_EXIT_CODE)
+                return
 
     stopping = threading.Event()
+    # the gateway's health check also watches this tritonserver's python stubs
+    backend = Backend(gcfg, list_stubs=server.python_stubs)
     # Triton starts in the background so that /ping answers (503) while models load.
     watcher = threading.Thread(target=_start_and_watch, name="triton", daemon=True)
     watcher.start()
-    gw = Gateway(gcfg)
+    gw = Gateway(gcfg, backend)
+    app = gw.app()
+
+    async def _shutting_down(_app) -> None:
+        stopping.set()  # a drain without health checks is no reason to exit 3
+
+    app.on_shutdown.insert(0, _shutting_down)
     log.info("gateway on %s:%d", gcfg.host, gcfg.port)
     try:
         # on_shutdown drains the streams (DRAIN_S), then requests get HANDLER_SHUTDOWN_S
-        serve_app(gw.app(), gcfg.host, gcfg.port, shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
+        serve_app(app, gcfg.host, gcfg.port, shutdown_timeout=platform.HANDLER_SHUTDOWN_S)
     finally:
         stopping.set()
         log.info("stopping tritonserver")
