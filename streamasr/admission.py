@@ -25,8 +25,8 @@ import time
 from collections import OrderedDict
 from typing import Hashable, Mapping
 
-from .protocol import CAPACITY_MARKER, is_capacity_refusal  # noqa: F401 (re-exported)
-from .state import StreamError
+from streamasr.protocol import CAPACITY_MARKER, is_capacity_refusal  # noqa: F401 (re-exported)
+from streamasr.state import StreamError
 
 #: Paced real-time streams the committed model repository (acoustic_model 2 instances x
 #: 1 thread, beam 16 + word LM with token pruning) held at p99 chunk latency <= 250 ms on

@@ -354,7 +354,7 @@ def check_onnx_io(path: str | Path, contract: ModelContract) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
 
-    from .cli import argument_parser
+    from streamasr.cli import argument_parser
 
     p = argument_parser(
         "python -m streamasr.contract", __doc__, "Validate an acoustic model against the contract."

@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .server import REPO_ROOT, ServerConfig, ServerError, TritonServer, free_ports
+from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer, free_ports
 
 DEMO_AUDIO = REPO_ROOT / "assets" / "demo.wav"
 # The demo's switches (each maps onto a `transcribe` flag below).

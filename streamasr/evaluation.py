@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .text import normalize
+from streamasr.text import normalize
 
 EVAL_DIR = Path(__file__).resolve().parent.parent / "assets" / "eval"
 REFERENCES = "references.tsv"

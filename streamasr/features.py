@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .contract import FeatureSpec, ModelContract
+from streamasr.contract import FeatureSpec, ModelContract
 
 
 def _hz_to_mel(f: float | np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .cli import argument_parser
+from streamasr.cli import argument_parser
 
 log = logging.getLogger("streamasr.repository")
 

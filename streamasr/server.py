@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypedDict
 
-from .cli import argument_parser
+from streamasr.cli import argument_parser
 
 log = logging.getLogger("streamasr.server")
 
@@ -298,7 +298,7 @@ class TritonServer:
         return f"{cfg.host}:{cfg.grpc_port}"
 
     def start(self, timeout_s: float = 120.0) -> "TritonServer":
-        from .repository import check_limits
+        from streamasr.repository import check_limits
 
         repo = Path(self.config.model_repository)
         if not repo.is_dir():

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .contract import FeatureSpec, ModelContract
+from streamasr.contract import FeatureSpec, ModelContract
 
 CHAR_VOCABULARY = ("<blank>", " ", *string.ascii_lowercase, "'")
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import protocol
-from .alignment import aligned_words
-from .contract import ModelContract
-from .decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
-from .text import normalize
+from streamasr import protocol
+from streamasr.alignment import aligned_words
+from streamasr.contract import ModelContract
+from streamasr.decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
+from streamasr.text import normalize
 
 log = logging.getLogger("streamasr.two_pass")
 
@@ -250,8 +250,8 @@ class FinalPass:
     """
 
     def __init__(self, contract: ModelContract, redecoder, interim_ttl_s: float = 60.0):
-        from .features import silence_frame
-        from .state import StreamStore
+        from streamasr.features import silence_frame
+        from streamasr.state import StreamStore
 
         check_contract(contract)
         self.contract = contract

@@ -23,9 +23,8 @@ import numpy as np
 
 from streamasr import protocol
 from streamasr.protocol import TWO_PASS_MODEL
-
-from .audio import load_audio, pcm_chunks, stdin_binary
-from .stream import AsrConnection, AsrError, Session
+from streamasr_client.audio import load_audio, pcm_chunks, stdin_binary
+from streamasr_client.stream import AsrConnection, AsrError, Session
 
 
 def _fmt_final(m: dict, lag_s: float | None = None) -> str:

@@ -59,8 +59,8 @@ Semantics
 Every message field is documented in :data:`results_schema_doc`.
 """
 
-from .config import DecoderConfig, EndpointConfig
-from .schema import results_schema_doc
-from .stream import StreamDecoder, decode_whole
+from streamasr.decoding.config import DecoderConfig, EndpointConfig
+from streamasr.decoding.schema import results_schema_doc
+from streamasr.decoding.stream import StreamDecoder, decode_whole
 
 __all__ = ["StreamDecoder", "DecoderConfig", "EndpointConfig", "results_schema_doc", "decode_whole"]

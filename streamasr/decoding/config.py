@@ -282,7 +282,9 @@ class DecoderConfig:
         }
         check_ranges(out)
         if out["lm_path"]:
-            from .lm import check_lm_path  # kenlm is optional: imported only when asked for
+            from streamasr.decoding.lm import (
+                check_lm_path,  # kenlm is optional: imported only when asked for
+            )
 
             check_lm_path("lm_path", str(out["lm_path"]))
         return out

@@ -32,7 +32,7 @@ import functools
 import math
 from pathlib import Path
 
-from .text import SPACE, TokenText
+from streamasr.decoding.text import SPACE, TokenText
 
 LOG10_TO_LN = math.log(10.0)
 END_OF_SENTENCE = "</s>"

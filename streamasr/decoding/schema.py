@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import (
+from streamasr.decoding.config import (
     DEFAULT_RULE1_MIN_TRAILING_SILENCE,
     DEFAULT_RULE2_MIN_TRAILING_SILENCE,
     DEFAULT_RULE3_MIN_UTTERANCE_LENGTH,

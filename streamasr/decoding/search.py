@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .text import TokenText
+from streamasr.decoding.text import TokenText
 
 NEG_INF = -math.inf
 

@@ -12,12 +12,19 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .. import protocol
-from ..alignment import aligned_words
-from ..contract import ModelContract
-from .config import DecoderConfig, EndpointConfig
-from .search import BeamOptions, BeamSearch, ContextGraph, GreedySearch, Token, alignment
-from .text import TokenText
+from streamasr import protocol
+from streamasr.alignment import aligned_words
+from streamasr.contract import ModelContract
+from streamasr.decoding.config import DecoderConfig, EndpointConfig
+from streamasr.decoding.search import (
+    BeamOptions,
+    BeamSearch,
+    ContextGraph,
+    GreedySearch,
+    Token,
+    alignment,
+)
+from streamasr.decoding.text import TokenText
 
 log = logging.getLogger("streamasr.decoding")
 
@@ -105,7 +112,7 @@ class StreamDecoder:
             context = ContextGraph(phrases)
         lm = None
         if cfg.lm_path:
-            from .lm import WordLM
+            from streamasr.decoding.lm import WordLM
 
             spellable = frozenset(
                 c

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..contract import ModelContract
+from streamasr.contract import ModelContract
 
 SPACE = " "
 SP_MARK = "\u2581"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import ImporterError
+from streamasr.importers.common import ImporterError
 
 KINDS = ("wav2vec2", "ctc-onnx")
 
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     kind, rest = argv[0], argv[1:]
     try:
         if kind == "wav2vec2":
-            from .wav2vec2 import main as run
+            from streamasr.importers.wav2vec2 import main as run
         else:
-            from .ctc_onnx import main as run
+            from streamasr.importers.ctc_onnx import main as run
         return run(rest)
     except ImporterError as exc:
         print(f"error: {exc}", file=sys.stderr)

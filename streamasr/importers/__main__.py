@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from streamasr.importers import main
 
 sys.exit(main())

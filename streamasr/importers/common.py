@@ -9,8 +9,8 @@ from pathlib import Path
 
 import onnx
 
-from ..contract import PREFIX, FeatureSpec, ModelContract
-from ..repository import TWO_PASS_MODELS, parse_config, write_config
+from streamasr.contract import PREFIX, FeatureSpec, ModelContract
+from streamasr.repository import TWO_PASS_MODELS, parse_config, write_config
 
 PROJECT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 ACOUSTIC = "acoustic_model"
@@ -195,7 +195,7 @@ def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> l
 def finish(model: onnx.ModelProto, contract: ModelContract, a: argparse.Namespace) -> int:
     """Check, save, validate against the contract, print the config dims, write the
     repository if asked."""
-    from ..contract import check_onnx_io
+    from streamasr.contract import check_onnx_io
 
     set_contract_metadata(model, contract)
     onnx.checker.check_model(model)

@@ -38,9 +38,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..cli import argument_parser
-from ..contract import FeatureSpec, ModelContract
-from .common import ImporterError, add_contract_arguments, contract_from_args, finish
+from streamasr.cli import argument_parser
+from streamasr.contract import FeatureSpec, ModelContract
+from streamasr.importers.common import (
+    ImporterError,
+    add_contract_arguments,
+    contract_from_args,
+    finish,
+)
 
 PREFIX = "src/"
 BLANK_NAMES = ("<blk>", "<blank>")

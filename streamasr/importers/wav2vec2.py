@@ -34,8 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import FeatureSpec, ModelContract
-from .common import ImporterError, add_contract_arguments, contract_from_args, finish
+from streamasr.contract import FeatureSpec, ModelContract
+from streamasr.importers.common import (
+    ImporterError,
+    add_contract_arguments,
+    contract_from_args,
+    finish,
+)
 
 NORM_EPS = 1e-7  # as Hugging Face's zero_mean_unit_var_norm
 

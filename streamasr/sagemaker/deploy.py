@@ -34,8 +34,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
-from .. import admission
-from ..cli import argument_parser
+from streamasr import admission
+from streamasr.cli import argument_parser
 
 log = logging.getLogger("streamasr.deploy")
 
@@ -405,7 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def base_image_command(a: argparse.Namespace, out: TextIO) -> int:
-    from . import images
+    from streamasr.sagemaker import images
 
     region = a.region
     if region is None:

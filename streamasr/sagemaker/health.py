@@ -46,9 +46,8 @@ from streamasr.protocol import (
     ModelContract,
     is_capacity_refusal,
 )
+from streamasr.sagemaker.config import GatewayConfig
 from streamasr_client.stream import AsrConnection, AsrError, Session
-
-from .config import GatewayConfig
 
 log = logging.getLogger("streamasr.health")
 

@@ -77,6 +77,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from streamasr import protocol
+from streamasr.cli import argument_parser
+from streamasr.decoding.config import parse_bool
 from streamasr.protocol import (
     CLOSED_SESSION_HEADER,
     CUSTOM_ATTRIBUTES_HEADER,
@@ -86,16 +88,23 @@ from streamasr.protocol import (
     WS_PATH,
     ModelContract,
 )
+from streamasr.sagemaker import platform as sagemaker_platform
+from streamasr.sagemaker.audio import BadAudio, decode_body
+from streamasr.sagemaker.config import GatewayConfig
+from streamasr.sagemaker.health import (
+    FIRST_HEALTH_WAIT_S,
+    HEALTH_INTERVAL_S,
+    HEALTH_STALE_S,
+    Backend,
+)
+from streamasr.sagemaker.options import (
+    OptionError,
+    client_message,
+    client_options,
+    hide_sequence_id,
+)
+from streamasr.sagemaker.ws import GATEWAY_KEYS, WsSession, wait_session
 from streamasr_client.stream import AsrBusy, AsrError, Session
-
-from ..cli import argument_parser
-from ..decoding.config import parse_bool
-from . import platform as sagemaker_platform
-from .audio import BadAudio, decode_body
-from .config import GatewayConfig
-from .health import FIRST_HEALTH_WAIT_S, HEALTH_INTERVAL_S, HEALTH_STALE_S, Backend
-from .options import OptionError, client_message, client_options, hide_sequence_id
-from .ws import GATEWAY_KEYS, WsSession, wait_session
 
 log = logging.getLogger("streamasr.gateway")
 

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import argument_parser
+from streamasr.cli import argument_parser
 
 log = logging.getLogger("streamasr.images")
 

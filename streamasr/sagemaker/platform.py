@@ -27,7 +27,7 @@ from aiohttp import web
 from streamasr.protocol import INVOCATIONS_PATH
 
 if TYPE_CHECKING:
-    from .ws import WsSession
+    from streamasr.sagemaker.ws import WsSession
 
 log = logging.getLogger("streamasr.platform")
 

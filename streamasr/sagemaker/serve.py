@@ -65,13 +65,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+from streamasr.decoding.config import parse_bool
+from streamasr.sagemaker import platform
+from streamasr.sagemaker.config import GatewayConfig
+from streamasr.sagemaker.health import UNHEALTHY_EXIT_CODE, Backend
+from streamasr.sagemaker.http import Gateway, serve_app
 from streamasr.server import REPO_ROOT, ServerConfig, ServerError, TritonServer
-
-from ..decoding.config import parse_bool
-from . import platform
-from .config import GatewayConfig
-from .health import UNHEALTHY_EXIT_CODE, Backend
-from .http import Gateway, serve_app
 
 log = logging.getLogger("streamasr.serve")
 

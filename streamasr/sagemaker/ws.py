@@ -16,19 +16,24 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from streamasr import protocol
-from streamasr_client.audio import resample
-from streamasr_client.stream import AsrError, Session
-
-from .audio import ENCODINGS, decode_pcm, parse_channels, parse_encoding, parse_sample_rate
-from .config import GatewayConfig
-from .health import Backend
-from .options import (
+from streamasr.sagemaker.audio import (
+    ENCODINGS,
+    decode_pcm,
+    parse_channels,
+    parse_encoding,
+    parse_sample_rate,
+)
+from streamasr.sagemaker.config import GatewayConfig
+from streamasr.sagemaker.health import Backend
+from streamasr.sagemaker.options import (
     OptionError,
     check_values,
     client_message,
     client_options,
     hide_sequence_id,
 )
+from streamasr_client.audio import resample
+from streamasr_client.stream import AsrError, Session
 
 
 class Gateway(Protocol):

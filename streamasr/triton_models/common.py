@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import ModelContract
+from streamasr.contract import ModelContract
 
 # One set of typed parameter readers for config.pbtxt and request parameters alike.
-from ..decoding.config import parse_bool, parse_float, parse_int  # noqa: F401
+from streamasr.decoding.config import parse_bool, parse_float, parse_int  # noqa: F401
 
 # Sequence control flags as Triton reports them in request.flags().
 FLAG_START = 1
@@ -88,7 +88,7 @@ def read_config(model_dir: Path) -> ModelConfig:
     """A model folder's config.pbtxt, parsed as Triton would hand it to initialize()."""
     from google.protobuf import json_format
 
-    from ..repository import parse_config
+    from streamasr.repository import parse_config
 
     msg = parse_config(Path(model_dir) / "config.pbtxt")
     raw = json_format.MessageToDict(msg, preserving_proto_field_name=True)

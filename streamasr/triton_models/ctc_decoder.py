@@ -21,15 +21,28 @@ from typing import Any
 
 import numpy as np
 
-from .. import protocol
-from ..contract import ModelContract
-from ..decoding import DecoderConfig, EndpointConfig, StreamDecoder
-from ..decoding.config import SERVER_ONLY_PARAMETERS
-from ..features import real_output_frames
-from ..state import StreamError, StreamStore
-from ..two_pass import CARRY, INTERIM, Utterance, UtteranceRecorder, chunk_features, worded_finals
-from .common import ModelConfig, parse_float, parse_int, read_config, stream_idle_timeout
-from .step_info import StepInfo
+from streamasr import protocol
+from streamasr.contract import ModelContract
+from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from streamasr.decoding.config import SERVER_ONLY_PARAMETERS
+from streamasr.features import real_output_frames
+from streamasr.state import StreamError, StreamStore
+from streamasr.triton_models.common import (
+    ModelConfig,
+    parse_float,
+    parse_int,
+    read_config,
+    stream_idle_timeout,
+)
+from streamasr.triton_models.step_info import StepInfo
+from streamasr.two_pass import (
+    CARRY,
+    INTERIM,
+    Utterance,
+    UtteranceRecorder,
+    chunk_features,
+    worded_finals,
+)
 
 log = logging.getLogger("streamasr.ctc_decoder")
 

@@ -16,18 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from .. import admission as adm
-from ..contract import ModelContract
-from ..features import FeatureStream, silence_frame
-from ..protocol import (
+from streamasr import admission as adm
+from streamasr.contract import ModelContract
+from streamasr.features import FeatureStream, silence_frame
+from streamasr.protocol import (
     DEFAULT_MAX_LEAD_SECONDS,
     LEAD_MARKER,
     MAX_LEAD_PARAMETER,
     OFFLINE_MODEL,
     pcm16_to_float,
 )
-from ..state import StreamError, StreamStore
-from .common import (
+from streamasr.state import StreamError, StreamStore
+from streamasr.triton_models.common import (
     FLAG_END,
     FLAG_START,
     ModelConfig,
@@ -36,7 +36,7 @@ from .common import (
     parse_int,
     stream_idle_timeout,
 )
-from .step_info import MAX_STREAM_ID, StepInfo, check_option_limits
+from streamasr.triton_models.step_info import MAX_STREAM_ID, StepInfo, check_option_limits
 
 log = logging.getLogger("streamasr.feature_extractor")
 

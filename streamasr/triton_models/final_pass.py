@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..two_pass import CARRY, FinalPass, Utterance
-from .common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
+from streamasr.triton_models.common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
+from streamasr.two_pass import CARRY, FinalPass, Utterance
 
 if TYPE_CHECKING:
-    from ..whisper_redecoder import EncoderWindow
+    from streamasr.whisper_redecoder import EncoderWindow
 
 log = logging.getLogger("streamasr.final_pass")
 
@@ -75,7 +75,7 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
     """Parameters ``encoder_min_frames`` / ``encoder_bucket_frames`` (defaults:
     :class:`streamasr.whisper_redecoder.EncoderWindow`); ``encoder_min_frames`` 3000 restores the
     whole-30-s decode."""
-    from ..whisper_redecoder import EncoderWindow
+    from streamasr.whisper_redecoder import EncoderWindow
 
     base = EncoderWindow()
     try:
@@ -97,7 +97,7 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
 
 
 def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
-    from ..whisper_redecoder import WhisperRedecoder
+    from streamasr.whisper_redecoder import WhisperRedecoder
 
     d = whisper_dir(cfg)
     threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)

@@ -6,12 +6,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..contract import ModelContract
-from ..decoding import StreamDecoder
-from ..features import whole_file_windows
-from ..protocol import pcm16_to_float
-from ..state import StreamError
-from ..two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features, worded_finals
+from streamasr.contract import ModelContract
+from streamasr.decoding import StreamDecoder
+from streamasr.features import whole_file_windows
+from streamasr.protocol import pcm16_to_float
+from streamasr.state import StreamError
+from streamasr.two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features, worded_finals
 
 RunModel = Callable[[np.ndarray], np.ndarray]  # [N, W, F] features -> [N, T, V] log-probs
 

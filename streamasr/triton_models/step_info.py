@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..state import StreamError
+from streamasr.state import StreamError
 
 # Upper bounds on per-stream options a client may set (config.pbtxt is not limited): each
 # bounds the CPU or memory one stream can take.  rule3 (the longest utterance before a

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from .. import ctc_decoder
-from ..step_info import parse_step_info
-from . import edge
+from python_backend import edge
+from streamasr.triton_models import ctc_decoder
+from streamasr.triton_models.step_info import parse_step_info
 
 
 class CtcDecoderModel:

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ...admission import RefusedStreamEnded, StreamRefused
-from ...state import StreamError, StreamStore, Sweeper
-from ..common import ConfigError, ModelConfig
+from streamasr.admission import RefusedStreamEnded, StreamRefused
+from streamasr.state import StreamError, StreamStore, Sweeper
+from streamasr.triton_models.common import ConfigError, ModelConfig
 
 
 class _TritonLogHandler(logging.Handler):

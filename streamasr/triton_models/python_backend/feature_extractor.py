@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from ...state import StreamError
-from .. import ctc_decoder, feature_extractor
-from ..common import request_parameters
-from . import edge
+from python_backend import edge
+from streamasr.state import StreamError
+from streamasr.triton_models import ctc_decoder, feature_extractor
+from streamasr.triton_models.common import request_parameters
 
 
 class FeatureExtractorModel:

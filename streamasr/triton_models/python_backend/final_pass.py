@@ -10,9 +10,9 @@ import time
 
 import triton_python_backend_utils as pb_utils
 
-from .. import final_pass
-from ..common import ConfigError, parse_int
-from . import edge
+from python_backend import edge
+from streamasr.triton_models import final_pass
+from streamasr.triton_models.common import ConfigError, parse_int
 
 
 class FinalPassModel:

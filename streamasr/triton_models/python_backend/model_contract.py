@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from . import edge
+from python_backend import edge
 
 
 class ModelContractModel:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ...contract import ModelContract
-from ...decoding import StreamDecoder
-from .. import ctc_decoder, offline_asr
-from ..common import parse_bool, parse_int, request_parameters
-from . import edge
+from python_backend import edge
+from streamasr.contract import ModelContract
+from streamasr.decoding import StreamDecoder
+from streamasr.triton_models import ctc_decoder, offline_asr
+from streamasr.triton_models.common import parse_bool, parse_int, request_parameters
 
 
 class OfflineAsrModel:

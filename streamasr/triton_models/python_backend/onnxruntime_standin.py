@@ -9,8 +9,8 @@ import threading
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..common import ConfigError, parse_int
-from . import edge
+from python_backend import edge
+from streamasr.triton_models.common import ConfigError, parse_int
 
 
 class OnnxRuntimeModel:
