@@ -98,7 +98,7 @@ COPY pyproject.toml ./
 COPY streamasr streamasr
 COPY client client
 RUN python3 -m pip install --no-cache-dir --no-deps . \
-    && python3 -c "import streamasr.sagemaker.http, streamasr_client.stream"
+    && python3 -c "import streamasr.sagemaker.gateway.http, streamasr_client.stream"
 
 # Our Python-based Triton backends.  NOT backends/onnxruntime: that is the CPU stand-in
 # used on machines without Triton's native onnxruntime backend, which this image has.
@@ -114,7 +114,7 @@ COPY backends/streamasr_offline_asr /opt/tritonserver/backends/streamasr_offline
 # a repository (bring your own model), else this one.
 COPY model_repository /tmp/model_repository
 RUN if [ "$GPU" = "1" ]; then FLAG=""; else FLAG="--cpu"; fi \
-    && python3 -m streamasr.repository /tmp/model_repository /opt/streamasr/model_repository $FLAG \
+    && python3 -m streamasr.triton.repository /tmp/model_repository /opt/streamasr/model_repository $FLAG \
     && rm -rf /tmp/model_repository
 COPY --from=whisper /whisper /opt/streamasr/model_repository/final_pass/1
 COPY --from=whisper /lm/en-us.arpa /opt/streamasr/model_repository/ctc_decoder/1/en-us.arpa

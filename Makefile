@@ -65,10 +65,10 @@ $(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2
 	$(PY) -m training.export_whisper --out $(dir $@)
 
 demo: venv whisper lm
-	$(PY) -m streamasr.demo
+	$(PY) -m streamasr.tools.demo
 
 serve: venv whisper lm
-	$(PY) -m streamasr.server
+	$(PY) -m streamasr.triton.server
 
 # Lint, format and import order, type check (configured in pyproject.toml); CI runs it
 # before the tests.  To fix what it reports: ruff check --fix . && ruff format .
@@ -76,6 +76,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: venv venv-http2 whisper lm
 	$(PY) -m pytest -q tests

@@ -1,7 +1,7 @@
 """Accuracy through the real server: each eval utterance streamed (model-sized chunks over
 the gRPC stream) and sent whole to `offline_asr`; WER/CER of both against the references.
 
-The eval set is ``streamasr.evaluation.load_eval_set()`` when that module exists (the data
+The eval set is ``streamasr.core.evaluation.load_eval_set()`` when that module exists (the data
 helper's); until then the LibriVox clips shipped with pocketsphinx and their
 ``transcription`` file.
 """
@@ -70,17 +70,17 @@ def _as_triples(items, sample_rate: int) -> list[tuple[str, np.ndarray, str]]:
 
 def eval_set(sample_rate: int) -> tuple[str, list[tuple[str, np.ndarray, str]]]:
     try:
-        from streamasr import evaluation
+        from streamasr.core import evaluation
     except ImportError:
         return "pocketsphinx LibriVox clips", librivox_eval_set(sample_rate)
-    return "streamasr.evaluation.load_eval_set()", _as_triples(
+    return "streamasr.core.evaluation.load_eval_set()", _as_triples(
         evaluation.load_eval_set(), sample_rate
     )
 
 
 def wer_cer(refs: list[str], hyps: list[str]) -> dict:
     try:
-        from streamasr.evaluation import wer_cer as ev
+        from streamasr.core.evaluation import wer_cer as ev
     except ImportError:
         ev = None
     if ev is not None:

@@ -1,4 +1,4 @@
-"""What the gateway's health canary costs (streamasr/sagemaker/health.py): CPU per
+"""What the gateway's health canary costs (streamasr/sagemaker/gateway/health.py): CPU per
 canary on the server (tritonserver + each python stub) and in the gateway, and its
 latency on an idle server.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.server_stats import CpuMeter
-from streamasr.sagemaker.health import CANARY_INTERVAL_S, Canary, HealthConfig
+from streamasr.sagemaker.gateway.health import CANARY_INTERVAL_S, Canary, HealthConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WARMUP = 20  # canaries before measuring (first calls load lazily)
@@ -30,8 +30,8 @@ ANSWER_POLL_S = 0.001
 
 
 def run(canaries: int, workdir: Path) -> dict:
-    from streamasr.repository import TWO_PASS_MODELS, copy_repository
-    from streamasr.server import ServerConfig, TritonServer, free_ports
+    from streamasr.triton.repository import TWO_PASS_MODELS, copy_repository
+    from streamasr.triton.server import ServerConfig, TritonServer, free_ports
     from streamasr_client.stream import AsrConnection
 
     repo = copy_repository(

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.contract import ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole
-from streamasr.features import whole_file_windows
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, decode_whole
+from streamasr.core.features import whole_file_windows
 from streamasr.protocol import final_text
+from streamasr.protocol.contract import ModelContract
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"

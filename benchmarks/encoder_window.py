@@ -1,4 +1,4 @@
-"""The Whisper re-decode's accuracy and CPU by encoder window (streamasr.whisper_redecoder).
+"""The Whisper re-decode's accuracy and CPU by encoder window (streamasr.core.whisper_redecoder).
 
     python -m benchmarks.encoder_window [--windows NAME,...] [--out FILE.json]
 
@@ -19,10 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.contract import FeatureSpec
-from streamasr.evaluation import load_eval_set, normalize, wer_cer
-from streamasr.features import silence_frame
-from streamasr.whisper_redecoder import WINDOW_FRAMES, EncoderWindow, WhisperRedecoder, degenerate
+from streamasr.core.evaluation import load_eval_set, normalize, wer_cer
+from streamasr.core.features import silence_frame
+from streamasr.core.whisper_redecoder import (
+    WINDOW_FRAMES,
+    EncoderWindow,
+    WhisperRedecoder,
+    degenerate,
+)
+from streamasr.protocol.contract import FeatureSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 WHISPER_DIR = ROOT / "model_repository" / "final_pass" / "1"

@@ -5,7 +5,7 @@ provider: what Triton's native onnxruntime backend uses on a GPU instance):
 
 1. raw model on the CUDA provider, batch sweep 1..64: ms per call, windows/s;
 2. a local server with the acoustic model on the GPU (the production overlay,
-   ``streamasr.repository``: ``instance_group KIND_GPU``; the local stand-in backend then
+   ``streamasr.triton.repository``: ``instance_group KIND_GPU``; the local stand-in backend then
    runs the same ONNX file on the CUDA provider, one session call per batch Triton forms),
    admission control off;
 3. paced real-time streams at 160 ms and 400 ms chunks, swept upward until p99 chunk
@@ -143,7 +143,7 @@ def check_gpu() -> dict:
 def raw_sweep(batches: list[int], seconds: float, progress=print) -> dict:
     import onnxruntime as ort
 
-    from streamasr.contract import ModelContract
+    from streamasr.protocol.contract import ModelContract
 
     from . import raw
     from .load import load_clips
@@ -169,9 +169,9 @@ def paced(
     connections: int,
     progress=print,
 ) -> dict:
-    from streamasr import admission
-    from streamasr.repository import production_overlay
-    from streamasr.server import ServerConfig, TritonServer, free_ports
+    from streamasr.core import admission
+    from streamasr.triton.repository import production_overlay
+    from streamasr.triton.server import ServerConfig, TritonServer, free_ports
     from streamasr_client.stream import AsrConnection
 
     from . import load, metrics

@@ -1,7 +1,7 @@
 """Overload: offer ``factor`` x the admission limit in paced real-time streams.
 
 Issue 14's targets, measured on a server whose feature step admits ``capacity`` streams
-(streamasr.admission): the speakers START over the first ``start_spread_s``; the first
+(streamasr.core.admission): the speakers START over the first ``start_spread_s``; the first
 ``capacity`` are admitted and stream for ``duration`` s; the rest are refused and retry
 every ``retry_s`` (a burst of STARTs per second for the whole run, as real clients
 would).  Measured:
@@ -38,8 +38,9 @@ from typing import Callable
 
 import numpy as np
 
-from streamasr import admission, protocol
-from streamasr import repository as repo_tools
+from streamasr import protocol
+from streamasr.core import admission
+from streamasr.triton import repository as repo_tools
 from streamasr_client.stream import AsrBusy, AsrConnection, AsrError
 
 from . import metrics
@@ -458,9 +459,9 @@ def run_with_server(
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    from streamasr.contract import ModelContract
-    from streamasr.server import ServerConfig, TritonServer, free_ports
-    from streamasr.triton_models.common import read_config
+    from streamasr.pipeline.common import read_config
+    from streamasr.protocol.contract import ModelContract
+    from streamasr.triton.server import ServerConfig, TritonServer, free_ports
 
     if capacity is None:  # the repository's own setting (not this process's env)
         capacity = admission.configured_limit(

@@ -5,10 +5,10 @@ project's evaluation set.
     .venv/bin/python -m benchmarks.peer_pocketsphinx --json out.json # also write the result dict
     .venv/bin/python -m benchmarks.peer_pocketsphinx -q              # totals only
 
-Each clip of ``streamasr.evaluation.load_eval_set()`` (assets/eval/) is decoded as one whole
+Each clip of ``streamasr.core.evaluation.load_eval_set()`` (assets/eval/) is decoded as one whole
 utterance (``start_utt`` / ``process_raw(full_utt=True)`` / ``end_utt``) from 16 kHz mono int16
 samples, with the wheel's bundled en-us acoustic model, language model and dictionary, no
-options changed. The hypotheses are scored with ``streamasr.evaluation.wer_cer`` (the same
+options changed. The hypotheses are scored with ``streamasr.core.evaluation.wer_cer`` (the same
 normaliser as every other system in the benchmarks). Decode time is wall time of the three
 calls above, per clip, on one thread, and the process CPU time they took (``rtf_cpu``: less
 sensitive to other work on a shared machine than the wall-clock ``rtf``); decoder construction
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.evaluation import EvalItem, load_eval_set, wer_cer
+from streamasr.core.evaluation import EvalItem, load_eval_set, wer_cer
 
 log = logging.getLogger("benchmarks.peer_pocketsphinx")
 
@@ -153,7 +153,7 @@ def run(items: list[EvalItem] | None = None, *, limit: int | None = None, decode
         "system": f"{PACKAGE} {version()}",
         "model": model_files(decoder),
         "decoding": "whole file, one utterance per clip, default config, 16 kHz mono int16",
-        "eval_set": "streamasr.evaluation.load_eval_set()",
+        "eval_set": "streamasr.core.evaluation.load_eval_set()",
         "clips": len(items),
         "words": score["words"],
         "wer": round(score["wer"], 4),

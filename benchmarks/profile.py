@@ -34,7 +34,7 @@ def parse_raw(text: str) -> tuple[int, Counter, Counter]:
 
 
 def _short(frame: str) -> str:
-    # "process (streamasr/triton_models/ctc_decoder.py:113)" -> "process (ctc_decoder.py:113)"
+    # "process (streamasr/pipeline/ctc_decoder.py:113)" -> "process (ctc_decoder.py:113)"
     name, _, where = frame.partition(" (")
     if where:
         where = where.rstrip(")")

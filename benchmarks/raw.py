@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.contract import ModelContract
+from streamasr.protocol.contract import ModelContract
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = REPO_ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
@@ -27,7 +27,7 @@ CONFIG = REPO_ROOT / "model_repository" / "acoustic_model" / "config.pbtxt"
 
 def server_intra_op_threads(config: Path = CONFIG) -> int:
     """The ``intra_op_thread_count`` the server's backend uses (0 when not set)."""
-    from streamasr.repository import parse_config
+    from streamasr.triton.repository import parse_config
 
     cfg = parse_config(config)
     if "intra_op_thread_count" in cfg.parameters:
@@ -48,7 +48,7 @@ def session(model: Path = MODEL, intra_op_threads: int | None = None):
 
 def real_windows(contract: ModelContract, audio: list[np.ndarray], n: int) -> np.ndarray:
     """``n`` model windows [n, W, F] cut from the recordings by the streaming features."""
-    from streamasr.features import whole_file_windows
+    from streamasr.core.features import whole_file_windows
 
     out: list[np.ndarray] = []
     for a in audio:

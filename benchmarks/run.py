@@ -40,9 +40,10 @@ from dataclasses import field as dc_field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from streamasr import admission, repository
-from streamasr.contract import ModelContract
-from streamasr.server import ServerConfig, ServerError, TritonServer, free_ports
+from streamasr.core import admission
+from streamasr.protocol.contract import ModelContract
+from streamasr.triton import repository
+from streamasr.triton.server import ServerConfig, ServerError, TritonServer, free_ports
 from streamasr_client.stream import AsrConnection
 
 from . import (

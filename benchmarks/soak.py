@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.server import child_processes
+from streamasr.triton.server import child_processes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("feature_extractor", "ctc_decoder")
@@ -142,7 +142,7 @@ class StepStreams:
             self.answered[f"?{len(self.answered)}"] = time.monotonic()
 
     def open(self, n: int, samples: int) -> None:
-        from streamasr.triton_models.step_info import StepInfo
+        from streamasr.pipeline.step_info import StepInfo
 
         audio = (np.random.default_rng(0).standard_normal(samples) * 0.01).astype(np.float32)
         lp = np.zeros((1, 20, self.vocab), np.float32)
@@ -229,8 +229,8 @@ def run(
     rounds: int = 1,
     warmup_rounds: int = 2,
 ) -> dict:
-    from streamasr.repository import TWO_PASS_MODELS, copy_repository
-    from streamasr.server import ServerConfig, TritonServer, free_ports
+    from streamasr.triton.repository import TWO_PASS_MODELS, copy_repository
+    from streamasr.triton.server import ServerConfig, TritonServer, free_ports
     from streamasr_client.stream import AsrConnection
 
     limit = str(max(streams, warmup) * 2)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.evaluation import caption_quality, load_eval_set, wer_cer
+from streamasr.core.evaluation import caption_quality, load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown mode(s) {sorted(unknown)}")
     if a.start_server:
-        from streamasr.server import ServerConfig, TritonServer, free_ports
+        from streamasr.triton.server import ServerConfig, TritonServer, free_ports
 
         cfg = ServerConfig(
             **free_ports(),

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamasr.contract import ModelContract
-from streamasr.server import TritonServer
+from streamasr.protocol.contract import ModelContract
+from streamasr.triton.server import TritonServer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
 
@@ -145,7 +145,7 @@ def own_serve(tmp_path, request):
 
 @pytest.fixture(scope="module")
 def launcher(tmp_path_factory):
-    """The launcher (`python -m streamasr.server`, its default repository) with a
+    """The launcher (`python -m streamasr.triton.server`, its default repository) with a
     self-signed gRPC certificate and a 1 s health poll, shared by a module's tests."""
     launcher = Launcher(tmp_path_factory.mktemp("launcher"))
     try:

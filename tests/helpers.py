@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from streamasr import repository
-from streamasr.admission import ENV_LIMIT
-from streamasr.contract import FeatureSpec, ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
-from streamasr.repository import TWO_PASS_MODELS
-from streamasr.server import ServerConfig, ServerError, TritonServer, free_port, free_ports
-from streamasr.triton_models import ctc_decoder, offline_asr
-from streamasr.triton_models.common import read_config
+from streamasr.core.admission import ENV_LIMIT
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from streamasr.pipeline import ctc_decoder, offline_asr
+from streamasr.pipeline.common import read_config
+from streamasr.protocol.contract import FeatureSpec, ModelContract
+from streamasr.triton import repository
+from streamasr.triton.repository import TWO_PASS_MODELS
+from streamasr.triton.server import ServerConfig, ServerError, TritonServer, free_port, free_ports
 from streamasr_client.stream import AsrConnection
 
 # -- the repository, its files, and real servers -----------------------------------------
@@ -51,7 +51,7 @@ DEMO_WAV = Path(os.environ.get("STREAMASR_TEST_AUDIO", ROOT / "assets" / "demo.w
 def start_server(
     repository: Path, log_path: Path, max_active_streams: int | None = 0
 ) -> TritonServer:
-    """``max_active_streams``: the admission limit (streamasr.admission); 0 (no limit)
+    """``max_active_streams``: the admission limit (streamasr.core.admission); 0 (no limit)
     by default, since tests leave streams open on purpose and share one server; None:
     the repository's own setting."""
     # Tests leave streams open on purpose; don't wait 30 s for them at shutdown.
@@ -362,7 +362,7 @@ def make_cert(folder: Path) -> tuple[Path, Path]:
 
 
 class Launcher:
-    """The launcher (`python -m streamasr.server`) as a child process, with a self-signed
+    """The launcher (`python -m streamasr.triton.server`) as a child process, with a self-signed
     gRPC certificate and a 1 s health poll; ``repository``: the model repository it
     serves (its default when None)."""
 
@@ -374,7 +374,7 @@ class Launcher:
         argv = [
             sys.executable,
             "-m",
-            "streamasr.server",
+            "streamasr.triton.server",
             "--http-port",
             str(ports["http"]),
             "--grpc-port",
@@ -418,7 +418,7 @@ class Launcher:
 
 
 def triton_children(pid: int) -> list[int]:
-    from streamasr.server import child_processes
+    from streamasr.triton.server import child_processes
 
     return [
         p for p, argv in child_processes(pid).items() if argv and argv[0].endswith("tritonserver")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamasr.contract import ModelContract, check_onnx_io
+from streamasr.protocol.contract import ModelContract, check_onnx_io
 from training import acoustic, ct2, whisper
 
 

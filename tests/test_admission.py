@@ -1,4 +1,4 @@
-"""Admission control (streamasr.admission, issue 14): a server that holds its limit of
+"""Admission control (streamasr.core.admission, issue 14): a server that holds its limit of
 streams refuses a new START with a retryable error, the admitted streams' transcripts are
 exact, refused STARTs are counted, and the gateway maps the refusal to 503 / close 1013.
 
@@ -17,10 +17,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from streamasr import admission as adm
-from streamasr.state import StreamError
-from streamasr.triton_models import feature_extractor as fx
-from streamasr.triton_models.common import read_config
+from streamasr.core import admission as adm
+from streamasr.core.state import StreamError
+from streamasr.pipeline import feature_extractor as fx
+from streamasr.pipeline.common import read_config
 
 from .helpers import REPOSITORY, copy_repository, start_server
 
@@ -200,8 +200,8 @@ def test_gateway_answers_busy_with_503_and_websocket_close_1013(limited_server, 
     import aiohttp.test_utils
 
     from streamasr.protocol import SESSION_HEADER, WS_PATH, WS_TRY_AGAIN_LATER
-    from streamasr.sagemaker.config import GatewayConfig
-    from streamasr.sagemaker.http import Gateway
+    from streamasr.sagemaker.gateway.config import GatewayConfig
+    from streamasr.sagemaker.gateway.http import Gateway
     from streamasr_client.stream import AsrConnection
 
     pcm = bytes(2 * contract.chunk_samples)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from streamasr import protocol
-from streamasr.state import StreamError
-from streamasr.triton_models import feature_extractor as fx
+from streamasr.core.state import StreamError
+from streamasr.pipeline import feature_extractor as fx
 from streamasr_client.stream import AsrConnection, AsrError, Session
 
 from .helpers import copy_repository, finals_with_words, reference_messages, start_server

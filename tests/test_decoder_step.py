@@ -8,10 +8,10 @@ import itertools
 import numpy as np
 import pytest
 
-from streamasr.state import StreamError
-from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models.ctc_decoder import CtcDecoderStep, DecoderDefaults, DecoderRequest
-from streamasr.triton_models.step_info import StepInfo
+from streamasr.core.state import StreamError
+from streamasr.pipeline.ctc_decoder import CtcDecoderStep, DecoderDefaults, DecoderRequest
+from streamasr.pipeline.step_info import StepInfo
+from streamasr.tools.tiny_model import tiny_contract
 
 C = tiny_contract()
 V = len(C.vocabulary)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamasr import protocol
-from streamasr.decoding import (
+from streamasr.core.decoding import (
     DecoderConfig,
     EndpointConfig,
     StreamDecoder,

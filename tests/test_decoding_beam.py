@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from streamasr import protocol
-from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder, decode_whole
-from streamasr.decoding.lm import kenlm_available
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder, decode_whole
+from streamasr.core.decoding.lm import kenlm_available
 
 from .helpers import (
     BLANK,
@@ -233,7 +233,7 @@ def test_impossible_tokens_are_never_chosen():
 
 
 def test_sentencepiece_beam_and_hotword_tokenisation():
-    from streamasr.decoding.text import TokenText
+    from streamasr.core.decoding.text import TokenText
 
     from .helpers import make_contract
 

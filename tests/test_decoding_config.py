@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
-from streamasr.decoding.config import (
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from streamasr.core.decoding.config import (
     DEFAULT_HOTWORD_BOOST,
     DEFAULT_RULE1_MIN_TRAILING_SILENCE,
     DEFAULT_RULE2_MIN_TRAILING_SILENCE,
@@ -131,7 +131,7 @@ def test_stream_level_errors_name_the_key():
 
 
 def test_server_only_parameters_are_decoder_fields():
-    from streamasr.decoding.config import SERVER_ONLY_PARAMETERS
+    from streamasr.core.decoding.config import SERVER_ONLY_PARAMETERS
 
     assert SERVER_ONLY_PARAMETERS == {"lm_path"}
     assert SERVER_ONLY_PARAMETERS <= {f.name for f in dataclasses.fields(DecoderConfig)}
@@ -152,7 +152,7 @@ def test_server_only_parameters_are_decoder_fields():
     ],
 )
 def test_absurd_option_values_are_refused_by_name(key, bad):
-    from streamasr.decoding.config import OPTION_RANGES
+    from streamasr.core.decoding.config import OPTION_RANGES
 
     cls = (
         EndpointConfig
@@ -173,7 +173,7 @@ def test_absurd_option_values_are_refused_by_name(key, bad):
 def test_every_option_range_is_in_the_readme():
     from pathlib import Path
 
-    from streamasr.decoding.config import OPTION_RANGES
+    from streamasr.core.decoding.config import OPTION_RANGES
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for key, (lo, _hi) in OPTION_RANGES.items():

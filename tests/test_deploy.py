@@ -463,7 +463,7 @@ def test_dry_run_shows_the_wait_before_autoscaling():
 
 
 def test_base_image_account_per_region(caplog):
-    from streamasr.sagemaker import images
+    from streamasr.sagemaker.deploy import images
 
     for region, account in (
         ("us-east-1", "763104351884"),

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from streamasr.repository import main as overlay_main
-from streamasr.repository import parse_config as parse
-from streamasr.repository import production_overlay
+from streamasr.triton.repository import main as overlay_main
+from streamasr.triton.repository import parse_config as parse
+from streamasr.triton.repository import production_overlay
 
 from .helpers import REPOSITORY, ROOT
 
@@ -101,7 +101,7 @@ def test_dockerfile_structure():
     assert args["WHISPER_STAGE"] == "whisper-export", "the real-AWS path is the default"
     assert args["REGION"] and re.fullmatch(r"\d\d\.\d\d-py3", args["TRITON_TAG"])
     # the defaults are the table's entry for the default region and tag
-    from streamasr.sagemaker.images import DEFAULT_TRITON_TAG, base_image
+    from streamasr.sagemaker.deploy.images import DEFAULT_TRITON_TAG, base_image
 
     assert args["TRITON_TAG"] == DEFAULT_TRITON_TAG
     default = base_image(args["REGION"], args["TRITON_TAG"])
@@ -125,7 +125,9 @@ def test_dockerfile_structure():
         assert dst == "/opt/tritonserver/backends/" + src.split("/", 1)[1]
     runs = " ".join(r for w, r in ins if w == "RUN")
     # the baked repository stays out of /opt/ml, where SageMaker mounts its volumes
-    assert "streamasr.repository /tmp/model_repository /opt/streamasr/model_repository" in runs
+    assert (
+        "streamasr.triton.repository /tmp/model_repository /opt/streamasr/model_repository" in runs
+    )
     envs = " ".join(r for w, r in ins if w == "ENV")
     assert "STREAMASR_BAKED_REPOSITORY=/opt/streamasr/model_repository" in envs
     assert "STREAMASR_MODEL_REPOSITORY" not in envs, (
@@ -190,7 +192,7 @@ def test_image_requirements_are_pinned_and_match_the_venv_pins():
     for name, ver in image.items():
         assert venv.get(name) == ver, f"{name}: image {ver}, venv {venv.get(name)}"
     assert not [name for name in image if "pytriton" in name]
-    # every model imports onnx at load (streamasr/contract.py); without it the image exits 1
+    # every model imports onnx at load (streamasr/protocol/contract.py); without it the image exits 1
     assert "onnx" in image
     # the venv's runtime requirements are all in the image, but the pytriton server
     assert set(venv) - set(image) == {"nvidia-pytriton"}
@@ -258,7 +260,7 @@ def test_default_python_backend_shm_fits_dockers_64_mb():
     """Every model instance maps SHM_DEFAULT_BYTES of /dev/shm at load: all of them (the
     CPU stand-in's acoustic model included) must fit Docker's default 64 MB with room for
     growth; the running image is checked by tests/test_image.py."""
-    from streamasr.sagemaker.serve import SHM_DEFAULT_BYTES, server_config
+    from streamasr.sagemaker.gateway.serve import SHM_DEFAULT_BYTES, server_config
 
     configs = [parse(cfg) for cfg in REPOSITORY.glob("*/config.pbtxt")]
     instances = sum(g.count for c in configs for g in c.instance_group)

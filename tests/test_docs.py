@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from streamasr.decoding import DecoderConfig, EndpointConfig, results_schema_doc
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, results_schema_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_results_doc_is_the_decoders_own():
     assert (ROOT / "docs" / "results.md").read_text() == results_schema_doc, (
-        "regenerate docs/results.md from streamasr.decoding.results_schema_doc"
+        "regenerate docs/results.md from streamasr.core.decoding.results_schema_doc"
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import soundfile as sf
 
-from streamasr.evaluation import load_eval_set, normalize, wer_cer
+from streamasr.core.evaluation import load_eval_set, normalize, wer_cer
 
 
 def test_eval_set_is_real_audio_with_references():

@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamasr.contract import ContractError, FeatureSpec, ModelContract
-from streamasr.features import FeatureStream, StreamingFeatures, mel_filterbank, whole_file_windows
-from streamasr.state import StreamError, StreamStore
-from streamasr.tiny_model import tiny_contract
+from streamasr.core.features import (
+    FeatureStream,
+    StreamingFeatures,
+    mel_filterbank,
+    whole_file_windows,
+)
+from streamasr.core.state import StreamError, StreamStore
+from streamasr.protocol.contract import ContractError, FeatureSpec, ModelContract
+from streamasr.tools.tiny_model import tiny_contract
 
 
 def test_features_equal_a_direct_stft_log_mel():

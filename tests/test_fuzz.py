@@ -17,20 +17,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from streamasr.decoding import DecoderConfig, EndpointConfig, StreamDecoder
-from streamasr.decoding.search import alignment
-from streamasr.features import FeatureStream
-from streamasr.state import StreamError
-from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models.common import FLAG_END, FLAG_START, ModelConfig
-from streamasr.triton_models.ctc_decoder import CtcDecoderStep, DecoderDefaults, DecoderRequest
-from streamasr.triton_models.feature_extractor import (
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder
+from streamasr.core.decoding.search import alignment
+from streamasr.core.features import FeatureStream
+from streamasr.core.state import StreamError
+from streamasr.pipeline.common import FLAG_END, FLAG_START, ModelConfig
+from streamasr.pipeline.ctc_decoder import CtcDecoderStep, DecoderDefaults, DecoderRequest
+from streamasr.pipeline.feature_extractor import (
     DEFAULT_MAX_STREAM_SECONDS,
     FeatureExtractorStep,
     FeatureRequest,
     build_step,
 )
-from streamasr.triton_models.step_info import StepInfo, parse_step_info
+from streamasr.pipeline.step_info import StepInfo, parse_step_info
+from streamasr.tools.tiny_model import tiny_contract
 
 C = tiny_contract()
 RATE = C.sample_rate
@@ -315,7 +315,7 @@ def test_max_stream_seconds_refuses_audio_beyond_the_limit_and_keeps_the_stream(
 
 
 def test_max_stream_seconds_comes_from_config_with_a_four_hour_default(tmp_path):
-    from streamasr.tiny_model import build_tiny_model
+    from streamasr.tools.tiny_model import build_tiny_model
 
     (tmp_path / "acoustic_model" / "1").mkdir(parents=True)
     build_tiny_model(tmp_path / "acoustic_model" / "1" / "model.onnx")

@@ -27,10 +27,10 @@ from streamasr.protocol import (
     WS_PATH,
     final_text,
 )
-from streamasr.sagemaker.audio import decode_body, parse_content_type
-from streamasr.sagemaker.config import GatewayConfig
-from streamasr.sagemaker.http import Gateway
-from streamasr.server import free_port
+from streamasr.sagemaker.gateway.audio import decode_body, parse_content_type
+from streamasr.sagemaker.gateway.config import GatewayConfig
+from streamasr.sagemaker.gateway.http import Gateway
+from streamasr.triton.server import free_port
 from streamasr_client.stream import AsrConnection
 
 from .helpers import DEMO_WAV, needs_demo, post, triton_children

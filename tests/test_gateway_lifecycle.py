@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from streamasr.sagemaker.serve import server_config
+from streamasr.sagemaker.gateway.serve import server_config
 from streamasr_client.stream import AsrConnection, AsrError
 
 from .helpers import Serve, make_cert, sagemaker_env, triton_children
@@ -125,7 +125,7 @@ def test_image_code_path_with_a_real_tritonserver(tmp_path):
     """The path the SageMaker image takes (ImageTritonServer: a given tritonserver binary
     and backend directory, --allow-sagemaker=false, no pytriton helpers), run here with
     the wheel's binary and a backend directory laid out like /opt/tritonserver/backends."""
-    from streamasr.server import ServerConfig, TritonHome, TritonServer, _pytriton_dirs
+    from streamasr.triton.server import ServerConfig, TritonHome, TritonServer, _pytriton_dirs
 
     server_dir, _ = _pytriton_dirs()
     home = TritonHome(tmp_path / "home").prepare()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from streamasr.protocol import CAPACITY_MARKER, WS_PATH, final_text
-from streamasr.sagemaker.health import (
+from streamasr.sagemaker.gateway.health import (
     CANARY_DEADLINE_S,
     ENV_CANARY_DEADLINE,
     ENV_CANARY_INTERVAL,
@@ -31,7 +31,7 @@ from streamasr.sagemaker.health import (
     HealthState,
     StubWatch,
 )
-from streamasr.server import child_processes
+from streamasr.triton.server import child_processes
 from streamasr_client.stream import AsrConnection
 
 from .helpers import Serve, copy_repository, needs_demo, sagemaker_env, triton_children

@@ -17,13 +17,13 @@ import aiohttp.test_utils
 import pytest
 
 from streamasr import protocol
-from streamasr.decoding import DecoderConfig, EndpointConfig
-from streamasr.decoding.config import SERVER_ONLY_PARAMETERS
+from streamasr.core.decoding import DecoderConfig, EndpointConfig
+from streamasr.core.decoding.config import SERVER_ONLY_PARAMETERS
 from streamasr.protocol import CUSTOM_ATTRIBUTES_HEADER, SESSION_HEADER, WS_PATH, final_text
-from streamasr.sagemaker.config import GatewayConfig
-from streamasr.sagemaker.http import Gateway
-from streamasr.sagemaker.options import OptionError, client_message, client_options
-from streamasr.sagemaker.ws import TokenBucket, WsSession, json_depth
+from streamasr.sagemaker.gateway.config import GatewayConfig
+from streamasr.sagemaker.gateway.http import Gateway
+from streamasr.sagemaker.gateway.options import OptionError, client_message, client_options
+from streamasr.sagemaker.gateway.ws import TokenBucket, WsSession, json_depth
 from streamasr_client.stream import AsrConnection
 
 from .helpers import needs_demo, post
@@ -134,7 +134,7 @@ class _FakeSession:
 def test_a_real_time_client_is_not_blamed_for_a_slow_server(lead, code):
     """The window stays full past flood_timeout_s: a client far ahead of real time is
     flooding; one at real time is told the server is overloaded (1013, retry)."""
-    from streamasr.sagemaker.ws import ProtocolError
+    from streamasr.sagemaker.gateway.ws import ProtocolError
 
     cfg = GatewayConfig(max_pending_requests=2, flood_timeout_s=0.0)
 
@@ -454,7 +454,7 @@ def test_slow_chunked_bodies_time_out(serve, monkeypatch):
 
 @needs_demo
 def test_whole_file_invocations_have_a_concurrency_limit(serve):
-    from streamasr.sagemaker.config import GatewayConfig as Cfg
+    from streamasr.sagemaker.gateway.config import GatewayConfig as Cfg
 
     from .helpers import DEMO_WAV
 

@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 from streamasr.protocol import INVOCATIONS_PATH, final_text
-from streamasr.sagemaker.platform import SAGEMAKER_KILL_AFTER_S
+from streamasr.sagemaker.gateway.platform import SAGEMAKER_KILL_AFTER_S
 from streamasr_client.sagemaker_stream import Framing, read_pcm16, stream_websocket
 
 from .helpers import DEMO_WAV, free_port, reference_messages

@@ -1,4 +1,4 @@
-"""Bring your own model (streamasr.importers): small random models built here are
+"""Bring your own model (streamasr.tools.importers): small random models built here are
 imported, validated against the contract, compared with the original model window by
 window, and served by a real tritonserver whose streamed results must equal a whole-file
 decode of the ORIGINAL model's log-probs."""
@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from streamasr.contract import FeatureSpec, ModelContract
-from streamasr.decoding import decode_whole
-from streamasr.features import FeatureStream, whole_file_windows
-from streamasr.importers import main as import_main
-from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models import ctc_decoder
-from streamasr.triton_models.common import read_config
+from streamasr.core.decoding import decode_whole
+from streamasr.core.features import FeatureStream, whole_file_windows
+from streamasr.pipeline import ctc_decoder
+from streamasr.pipeline.common import read_config
+from streamasr.protocol.contract import FeatureSpec, ModelContract
+from streamasr.tools.importers import main as import_main
+from streamasr.tools.tiny_model import tiny_contract
 from streamasr_client.stream import AsrConnection
 
 from .helpers import finals_with_words, start_server
@@ -59,7 +59,7 @@ def run_import(*args) -> int:
 
 def validate_cli(path) -> str:
     r = subprocess.run(
-        [sys.executable, "-m", "streamasr.contract", str(path)],
+        [sys.executable, "-m", "streamasr.protocol.contract", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -219,7 +219,7 @@ def test_wav2vec2_import_is_a_valid_contract_model(w2v):
 
 
 def test_wav2vec2_onnx_gives_the_original_log_probs(w2v):
-    from streamasr.importers.wav2vec2 import reference_log_probs
+    from streamasr.tools.importers.wav2vec2 import reference_log_probs
 
     model, path, c, _ = w2v
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -237,7 +237,7 @@ def test_wav2vec2_onnx_gives_the_original_log_probs(w2v):
 def assert_conv_frames_align(model, c: ModelContract) -> None:
     """The alignment: the conv encoder's frames picked for each chunk equal the frames the
     whole recording gives at the chunk's position (the encoder is local in time)."""
-    from streamasr.importers.wav2vec2 import chunk_output_range
+    from streamasr.tools.importers.wav2vec2 import chunk_output_range
 
     audio = synthetic_audio(3.0, seed=5)
     windows = whole_file_windows(c, audio)
@@ -259,7 +259,7 @@ def test_wav2vec2_chunk_frames_are_the_recordings_frames(w2v):
 
 
 def test_wav2vec2_with_subsampling_2_frames_of_10_ms(w2v, tmp_path):
-    from streamasr.importers.wav2vec2 import reference_log_probs
+    from streamasr.tools.importers.wav2vec2 import reference_log_probs
 
     model, path, _, _ = w2v
     out = tmp_path / "sub2.onnx"
@@ -291,7 +291,7 @@ def test_wav2vec2_with_subsampling_2_frames_of_10_ms(w2v, tmp_path):
 def test_wav2vec2_window_normalisation_and_look_ahead_check(w2v, tmp_path):
     from dataclasses import replace
 
-    from streamasr.importers.wav2vec2 import chunk_output_range, reference_log_probs
+    from streamasr.tools.importers.wav2vec2 import chunk_output_range, reference_log_probs
 
     model, path, _, _ = w2v
     out = tmp_path / "norm.onnx"
@@ -324,7 +324,7 @@ def test_wav2vec2_window_normalisation_and_look_ahead_check(w2v, tmp_path):
 
 
 def test_wav2vec2_base_style_model_imports_with_the_same_log_probs(tmp_path):
-    from streamasr.importers.wav2vec2 import reference_log_probs
+    from streamasr.tools.importers.wav2vec2 import reference_log_probs
 
     model = tiny_wav2vec2(tmp_path / "source", seed=4, base_style=True)
     out = tmp_path / "base.onnx"
@@ -351,7 +351,7 @@ def test_wav2vec2_base_style_model_imports_with_the_same_log_probs(tmp_path):
 
 @pytest.mark.server
 def test_wav2vec2_served_by_triton_equals_the_original(w2v, tmp_path):
-    from streamasr.importers.wav2vec2 import reference_log_probs
+    from streamasr.tools.importers.wav2vec2 import reference_log_probs
 
     model, _, c, repo = w2v
     served_equals_original(
@@ -572,7 +572,7 @@ def test_importer_runs_as_a_module(ctc, tmp_path):
         [
             sys.executable,
             "-m",
-            "streamasr.importers",
+            "streamasr.tools.importers",
             "ctc-onnx",
             str(path),
             "--tokens",
@@ -591,7 +591,10 @@ def test_importer_runs_as_a_module(ctc, tmp_path):
     assert "dims: 144 dims: 80" in r.stdout  # default window: 64 left + 64 + 16 right
     validate_cli(tmp_path / "cli.onnx")
     r = subprocess.run(
-        [sys.executable, "-m", "streamasr.importers"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "streamasr.tools.importers"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2 and "wav2vec2" in r.stderr
 

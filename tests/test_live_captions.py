@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamasr.alignment import word_spans
-from streamasr.features import whole_file_windows
+from streamasr.core.alignment import word_spans
+from streamasr.core.features import whole_file_windows
 
 from .helpers import stream
 

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("kenlm")
 import kenlm  # noqa: E402
 
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole  # noqa: E402
-from streamasr.decoding.lm import PrefixTable, read_arpa_unigrams  # noqa: E402
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, decode_whole  # noqa: E402
+from streamasr.core.decoding.lm import PrefixTable, read_arpa_unigrams  # noqa: E402
 from streamasr.protocol import final_text  # noqa: E402
 from training import build_lm, sphinx_lm  # noqa: E402
 from training.acoustic import VOCABULARY, default_contract  # noqa: E402
@@ -180,7 +180,7 @@ def test_partial_words_stop_run_on_words(tmp_path):
 
 def test_unknown_words_pay_per_letter(tmp_path):
     """One <unk> must not be cheaper than the real words it swallows."""
-    from streamasr.decoding.lm import WordLM
+    from streamasr.core.decoding.lm import WordLM
 
     lm = WordLM(
         str(write_toy_arpa(tmp_path / "toy.arpa")), alpha=1.0, beta=0.0, oov_letter_log10=-0.5

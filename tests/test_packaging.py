@@ -15,7 +15,7 @@ import zipfile
 
 import pytest
 
-from streamasr.server import (
+from streamasr.triton.server import (
     ENV_BACKENDS,
     ENV_MODEL_REPOSITORY,
     ServerConfig,
@@ -61,7 +61,7 @@ def test_the_wheel_holds_what_the_backends_and_the_gateway_load(wheel):
     for backend, module in backend_imports().items():
         path = module.replace(".", "/") + ".py"
         assert path in names, f"backend {backend} imports {module}: {path} not in the wheel"
-    assert "streamasr/sagemaker/tritonserver-registries.json" in names
+    assert "streamasr/sagemaker/deploy/tritonserver-registries.json" in names
     assert "streamasr_client/stream.py" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"streamasr", "streamasr_client"}  # no tests/, training/, benchmarks/
@@ -81,7 +81,7 @@ def test_without_a_checkout_the_server_names_the_missing_folder(tmp_path):
 
 def test_the_launcher_takes_the_folders_from_the_environment(tmp_path):
     code = (
-        "import streamasr.server as s; "
+        "import streamasr.triton.server as s; "
         "a = s.parse_args([]); print(a.backends); print(a.model_repository)"
     )
     env = {ENV_BACKENDS: str(tmp_path / "b"), ENV_MODEL_REPOSITORY: str(tmp_path / "m")}

@@ -8,7 +8,7 @@ import json
 
 from benchmarks import peer_pocketsphinx as peer
 from benchmarks import report
-from streamasr.evaluation import EvalItem, load_eval_set
+from streamasr.core.evaluation import EvalItem, load_eval_set
 
 CLIP = "cards-001"  # 1.1 s, "ten of clubs"
 

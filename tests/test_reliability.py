@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from streamasr.server import (
+from streamasr.triton.server import (
     ServerConfig,
     ServerError,
     TritonServer,
@@ -319,9 +319,9 @@ def test_metrics_port_has_tritons_and_our_metrics(short_ttl_server, fconn, contr
 
 
 def test_launcher_health_poll_flags_a_model_that_goes_unready(short_ttl_server):
-    """The launcher's poll (streamasr.server._health_problem) on a model unloaded through
+    """The launcher's poll (streamasr.triton.server._health_problem) on a model unloaded through
     the repository API: its stub goes away and /v2/models/<m>/ready stops answering 200."""
-    from streamasr.server import _health_problem
+    from streamasr.triton.server import _health_problem
 
     models, stubs = short_ttl_server.ready_models(), short_ttl_server.python_stubs()
     assert "model_contract" in models

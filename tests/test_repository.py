@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamasr.triton_models.common import read_config, stream_idle_timeout
+from streamasr.pipeline.common import read_config, stream_idle_timeout
 
 from .helpers import REPOSITORY
 
@@ -42,7 +42,7 @@ def test_window_limits_fit_the_acoustic_models_batch(configs):
 
 
 def test_check_limits_finds_a_window_count_above_the_acoustic_batch(tmp_path):
-    from streamasr.repository import ACOUSTIC_BATCH_BOUNDED, check_limits, copy_repository
+    from streamasr.triton.repository import ACOUSTIC_BATCH_BOUNDED, check_limits, copy_repository
 
     assert check_limits(REPOSITORY) == []
     for model, key in ACOUSTIC_BATCH_BOUNDED:
@@ -94,7 +94,7 @@ def test_offline_asr_decodes_with_the_ensembles_decoder_step(configs):
 def test_stream_options_are_judged_alike_with_or_without_the_decoders_config(options):
     """The feature step validates START options against the declared defaults (no
     sibling config read); the ctc_decoder's served parameters change no verdict."""
-    from streamasr.triton_models import ctc_decoder
+    from streamasr.pipeline import ctc_decoder
 
     def verdict(validate):
         try:
@@ -134,7 +134,7 @@ def test_stateful_steps_agree_on_the_idle_timeout(configs):
 
 
 def test_copy_repository_edits_configs_as_protobuf(tmp_path):
-    from streamasr.repository import TWO_PASS_MODELS, copy_repository, parse_config
+    from streamasr.triton.repository import TWO_PASS_MODELS, copy_repository, parse_config
 
     dst = copy_repository(
         REPOSITORY,

@@ -18,10 +18,10 @@ import aiohttp.test_utils
 import pytest
 
 from streamasr.protocol import NEW_SESSION_HEADER, SESSION_HEADER, WS_PATH, final_text
-from streamasr.sagemaker import platform
-from streamasr.sagemaker.config import GatewayConfig
-from streamasr.sagemaker.http import Gateway
-from streamasr.sagemaker.serve import model_repository
+from streamasr.sagemaker.gateway import platform
+from streamasr.sagemaker.gateway.config import GatewayConfig
+from streamasr.sagemaker.gateway.http import Gateway
+from streamasr.sagemaker.gateway.serve import model_repository
 from streamasr_client import sagemaker_stream as sms
 
 from .helpers import DEMO_WAV, ROOT, Serve, copy_repository, needs_demo, post, sagemaker_env

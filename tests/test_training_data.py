@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamasr.features import whole_file_windows
+from streamasr.core.features import whole_file_windows
 from training import asterisk
 from training.acoustic import default_contract
 from training.train_ctc import full_sequence

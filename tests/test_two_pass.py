@@ -16,20 +16,20 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from streamasr.alignment import aligned_words
-from streamasr.evaluation import wer_cer
-from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models import ctc_decoder, final_pass, offline_asr
-from streamasr.triton_models.common import ConfigError, ModelConfig, read_config
-from streamasr.triton_models.step_info import StepInfo
-from streamasr.two_pass import (
+from streamasr.core.alignment import aligned_words
+from streamasr.core.evaluation import wer_cer
+from streamasr.core.two_pass import (
     FinalPass,
     Utterance,
     UtteranceRecorder,
     chunk_features,
     to_vocabulary,
 )
-from streamasr.whisper_redecoder import Decoded
+from streamasr.core.whisper_redecoder import Decoded
+from streamasr.pipeline import ctc_decoder, final_pass, offline_asr
+from streamasr.pipeline.common import ConfigError, ModelConfig, read_config
+from streamasr.pipeline.step_info import StepInfo
+from streamasr.tools.tiny_model import tiny_contract
 from streamasr_client.stream import TWO_PASS_MODEL, AsrConnection, Session
 
 from .helpers import REPOSITORY, ROOT
@@ -341,7 +341,7 @@ def test_a_session_releases_responses_in_send_order():
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_final_pass(contract):
-    from streamasr.whisper_redecoder import WhisperRedecoder
+    from streamasr.core.whisper_redecoder import WhisperRedecoder
 
     try:
         d = final_pass.whisper_dir(read_config(REPOSITORY / "final_pass"))

@@ -6,17 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamasr.contract import FeatureSpec
-from streamasr.evaluation import load_eval_set
-from streamasr.features import silence_frame
-from streamasr.protocol import TWO_PASS_MODEL
-from streamasr.state import StreamError
-from streamasr.tiny_model import tiny_contract
-from streamasr.triton_models import ctc_decoder, final_pass
-from streamasr.triton_models.common import ConfigError, read_config
-from streamasr.triton_models.step_info import StepInfo
-from streamasr.two_pass import CARRY, INTERIM, FinalPass, LocalAgreement, Utterance
-from streamasr.whisper_redecoder import (
+from streamasr.core.evaluation import load_eval_set
+from streamasr.core.features import silence_frame
+from streamasr.core.state import StreamError
+from streamasr.core.two_pass import CARRY, INTERIM, FinalPass, LocalAgreement, Utterance
+from streamasr.core.whisper_redecoder import (
     MAX_TOKENS,
     WINDOW_FRAMES,
     EncoderWindow,
@@ -24,6 +18,12 @@ from streamasr.whisper_redecoder import (
     degenerate,
     token_budget,
 )
+from streamasr.pipeline import ctc_decoder, final_pass
+from streamasr.pipeline.common import ConfigError, read_config
+from streamasr.pipeline.step_info import StepInfo
+from streamasr.protocol import TWO_PASS_MODEL
+from streamasr.protocol.contract import FeatureSpec
+from streamasr.tools.tiny_model import tiny_contract
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import AsrConnection
 
@@ -119,7 +119,7 @@ def test_a_degenerate_short_decode_falls_back_to_the_30_s_decode(whisper_dir, ut
 def test_short_windows_decode_the_eval_clips_like_the_30_s_window(
     redecoder, utterances, whisper_dir
 ):
-    from streamasr.evaluation import normalize, wer_cer
+    from streamasr.core.evaluation import normalize, wer_cer
 
     refs = [i.reference for i in load_eval_set()]
     short = [normalize(d.text) for d in redecoder.transcribe_many(utterances, SILENCE)]
@@ -222,7 +222,7 @@ class Hears:
         self.texts = list(texts)
 
     def transcribe_many(self, features, silence):
-        from streamasr.whisper_redecoder import Decoded
+        from streamasr.core.whisper_redecoder import Decoded
 
         return [Decoded(self.texts.pop(0), len(f)) for f in features]
 
@@ -361,7 +361,7 @@ def test_the_cli_shows_the_unstable_tail_in_brackets():
 
 
 def test_caption_quality_counts_changed_words_and_the_wait_for_a_correct_one():
-    from streamasr.evaluation import caption_quality
+    from streamasr.core.evaluation import caption_quality
 
     def results(is_final, words):
         return {

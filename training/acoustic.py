@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from streamasr.contract import FeatureSpec, ModelContract
+from streamasr.protocol.contract import FeatureSpec, ModelContract
 
 from .whisper import WhisperEncoder
 

@@ -33,7 +33,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from streamasr.evaluation import normalize
+from streamasr.core.evaluation import normalize
 
 log = logging.getLogger("training.asterisk")
 

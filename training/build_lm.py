@@ -10,7 +10,7 @@ What is added: an ``<unk>`` unigram.  The CMU file has none, so KenLM would give
 out-of-vocabulary word ``-100`` (log10) and the beam search would prefer gluing words
 together; with ``<unk>`` at ``--unk-log10`` an unknown word costs a fixed, finite amount
 (the decoder's partial-word scoring charges the same cost as soon as a word leaves the
-vocabulary, see ``streamasr.decoding.lm``).
+vocabulary, see ``streamasr.core.decoding.lm``).
 
 Licence: the CMU LM is distributed with pocketsphinx under its BSD-style licence.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamasr.contract import ModelContract, check_onnx_io
+from streamasr.protocol.contract import ModelContract, check_onnx_io
 
 from . import acoustic, ct2, train_ctc, whisper
 
@@ -145,7 +145,7 @@ def build(
     result = {"output": str(out), "contract": c.to_json()}
     clips = train_ctc.real_speech_set()
     if clips:
-        from streamasr.features import whole_file_windows
+        from streamasr.core.features import whole_file_windows
 
         feats = whole_file_windows(c, train_ctc.load_audio_16k(clips[0][0])).features
         with torch.no_grad():

@@ -4,7 +4,7 @@
         --lm model_repository/ctc_decoder/1/en-us.arpa --tune --out build/eval_decoding.json
 
 Log-probs come from the ONNX model on exactly the serving windows; decoding is the
-product's own :func:`streamasr.decoding.decode_whole` (the code the ``ctc_decoder`` step
+product's own :func:`streamasr.core.decoding.decode_whole` (the code the ``ctc_decoder`` step
 runs), so every figure is what a stream of the same audio gets.
 
 Sets: ``eval`` (assets/eval without JFK), ``jfk`` (its sentence is in the CMU LM's
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.contract import ModelContract
-from streamasr.decoding import DecoderConfig, EndpointConfig, decode_whole
-from streamasr.evaluation import load_eval_set, wer_cer
-from streamasr.features import whole_file_windows
+from streamasr.core.decoding import DecoderConfig, EndpointConfig, decode_whole
+from streamasr.core.evaluation import load_eval_set, wer_cer
+from streamasr.core.features import whole_file_windows
 from streamasr.protocol import final_text
+from streamasr.protocol.contract import ModelContract
 
 from .build_model import OUTPUT as BUNDLED_MODEL
 from .train_ctc import load_audio_16k, read_manifest
@@ -108,8 +108,8 @@ def interim_stability(
       A response's time is when its audio was complete (chunk end + the model's
       look-ahead); compute time is not included.
     """
-    from streamasr.decoding import StreamDecoder
-    from streamasr.evaluation import caption_quality
+    from streamasr.core.decoding import StreamDecoder
+    from streamasr.core.evaluation import caption_quality
 
     step = contract.output_frames
     lookahead_s = contract.right_frames * contract.features.frame_seconds

@@ -3,7 +3,7 @@
     python -m training.eval_two_pass [--model model_repository/acoustic_model/1/model.onnx]
 
 For each real clip (pocketsphinx test data, never trained on) the audio is streamed in
-chunk-sized pieces through ``streamasr.features.FeatureStream`` and the exported acoustic
+chunk-sized pieces through ``streamasr.core.features.FeatureStream`` and the exported acoustic
 model (onnxruntime).  "Final latency" is the compute time after the last audio sample
 arrives until the final text exists: the flush windows + CTC decoding for the one-pass
 final; that plus the Whisper re-decode of the utterance's features for the two-pass final.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streamasr.contract import ModelContract
-from streamasr.features import FeatureStream, silence_frame
-from streamasr.whisper_redecoder import WhisperRedecoder
+from streamasr.core.features import FeatureStream, silence_frame
+from streamasr.core.whisper_redecoder import WhisperRedecoder
+from streamasr.protocol.contract import ModelContract
 
 from . import acoustic, train_ctc
 

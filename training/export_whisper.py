@@ -9,7 +9,7 @@
 [L, B, heads, P, 64] (P = 0 at the start) -> ``logits`` [B, V] of the last token and
 ``present_k``/``present_v`` [L, B, heads, P + n, 64].
 
-Greedy decoding with them: ``streamasr.whisper_redecoder.WhisperRedecoder``.
+Greedy decoding with them: ``streamasr.core.whisper_redecoder.WhisperRedecoder``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def export(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Pa
         onnx.checker.check_model(str(p))
         log.info("exported %s (%.0f MB)", p, p.stat().st_size / 1e6)
     src = Path(model_dir or ct2.packaged_whisper_dir())
-    for name in ("vocabulary.txt", "config.json"):  # what streamasr.whisper_redecoder needs besides
+    for name in (
+        "vocabulary.txt",
+        "config.json",
+    ):  # what streamasr.core.whisper_redecoder needs besides
         shutil.copyfile(src / name, out_dir / name)
     return ep, dp
 

@@ -27,7 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from streamasr.text import number_words
+from streamasr.core.text import number_words
 
 log = logging.getLogger("training.synth")
 

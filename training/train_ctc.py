@@ -3,7 +3,7 @@
     nice -n 10 python -m training.train_ctc --manifest build/data/manifest.jsonl
 
 1. ``precompute``: every training utterance is cut into exactly the serving windows
-   (``streamasr.features.whole_file_windows``), run once through the frozen encoder, and the
+   (``streamasr.core.features.whole_file_windows``), run once through the frozen encoder, and the
    frames the head reads are cached in fp16 under ``build/ctc_cache/``.
 2. ``train``: the head runs on each window on its own (as in serving); the chunk outputs of
    an utterance's windows are concatenated and trained with CTC against its text.
@@ -28,8 +28,8 @@ import soundfile as sf
 import torch
 from torch.nn import functional as F
 
-from streamasr.contract import ModelContract
-from streamasr.features import whole_file_windows
+from streamasr.core.features import whole_file_windows
+from streamasr.protocol.contract import ModelContract
 
 from . import acoustic, ct2, whisper
 
@@ -404,7 +404,7 @@ def train(
 def real_speech_set() -> list[tuple[Path, str]]:
     """(wav, reference) of the bundled real-speech evaluation set (assets/eval: the
     pocketsphinx-testdata clips + JFK), so evaluation needs no Debian package."""
-    from streamasr.evaluation import load_eval_set
+    from streamasr.core.evaluation import load_eval_set
 
     return [(item.audio_path, item.reference) for item in load_eval_set()]
 

@@ -260,7 +260,7 @@ def decoder_from_ct2(m: ct2.CT2Model) -> WhisperDecoder:
 
 
 # --- tokens -> text: shared with the runtime redecoder ----------------------------------
-from streamasr.whisper_redecoder import WhisperTokens as Tokens  # noqa: E402
+from streamasr.core.whisper_redecoder import WhisperTokens as Tokens  # noqa: E402
 
 
 # --- greedy decoding -----------------------------------------------------------------
@@ -300,9 +300,9 @@ class Whisper:
         return out
 
     def transcribe_features(self, feats: np.ndarray) -> str:
-        """feats [T, n_mels] (streamasr.features log-mel), padded to 30 s as Whisper expects."""
-        from streamasr.contract import FeatureSpec
-        from streamasr.features import silence_frame
+        """feats [T, n_mels] (streamasr.core.features log-mel), padded to 30 s as Whisper expects."""
+        from streamasr.core.features import silence_frame
+        from streamasr.protocol.contract import FeatureSpec
 
         n = self.encoder.pos.shape[0] * 2
         if len(feats) > n:
@@ -314,8 +314,8 @@ class Whisper:
 
 def log_mel(audio: np.ndarray) -> np.ndarray:
     """Whole-file features exactly as the server computes them: [T, n_mels]."""
-    from streamasr.contract import FeatureSpec
-    from streamasr.features import StreamingFeatures
+    from streamasr.core.features import StreamingFeatures
+    from streamasr.protocol.contract import FeatureSpec
 
     sf = StreamingFeatures(FeatureSpec())
     return np.concatenate([sf.accept(audio), sf.flush()])

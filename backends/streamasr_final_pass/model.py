@@ -1,5 +1,5 @@
 """Triton Python-based backend `streamasr_final_pass`: a thin adapter, the logic lives in streamasr."""
 
-from streamasr.triton_models.python_backend.final_pass import (
+from streamasr.triton.backend.final_pass import (
     FinalPassModel as TritonPythonModel,  # noqa: F401
 )

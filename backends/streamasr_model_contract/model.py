@@ -1,5 +1,5 @@
 """Triton Python-based backend `streamasr_model_contract`: a thin adapter, the logic lives in streamasr."""
 
-from streamasr.triton_models.python_backend.model_contract import (
+from streamasr.triton.backend.model_contract import (
     ModelContractModel as TritonPythonModel,  # noqa: F401
 )

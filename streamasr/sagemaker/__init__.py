@@ -1,5 +1,6 @@
-"""The SageMaker side: the gateway that owns the container's port (``http``: routes and
-the process; ``ws``: WebSocket streams; ``audio``: decoding what clients send;
-``health``: the view of Triton ``/ping`` answers from; ``config``: settings),
-``platform`` (SageMaker's limits and shutdown budget), ``serve`` (``docker/serve``:
-tritonserver + gateway), ``deploy`` and ``images`` (the endpoint and its base image)."""
+"""The SageMaker side, two rooms that do not know each other: ``gateway`` (the process
+that owns the container's port in front of Triton: ``http`` routes and the process,
+``ws`` WebSocket streams, ``options`` what clients may set, ``audio`` decoding what they
+send, ``health`` what ``/ping`` answers, ``config`` settings, ``platform`` SageMaker's
+limits and shutdown budget, ``serve`` = ``docker/serve``) and ``deploy`` (the endpoint,
+its base image and instance settings, through boto3)."""

@@ -1,0 +1,437 @@
+"""Two-pass finals: interims from streaming CTC, finals re-decoded by Whisper.
+
+The decoder step (``ctc_decoder``) records, for streams that come through the two-pass
+ensemble, the audio features and CTC log-probs of the open utterance
+(:class:`UtteranceRecorder`).  When it emits a final with words it attaches that
+utterance (:class:`Utterance`, serialised with :meth:`Utterance.to_bytes`).  The next
+ensemble step (``final_pass``, :class:`FinalPass`) re-decodes the utterance's features
+with the Whisper tiny.en encoder-decoder (:class:`streamasr.core.whisper_redecoder.WhisperRedecoder`),
+normalises the text to the acoustic model's vocabulary, and re-aligns it on the CTC
+log-probs for word timings and confidences.  Interims are never touched, so live
+captions keep CTC latency; only finals wait for the re-decode.
+
+Pure numpy (+ onnxruntime through the redecoder); no Triton imports.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamasr import protocol
+from streamasr.core.alignment import aligned_words
+from streamasr.core.decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
+from streamasr.core.text import normalize
+from streamasr.protocol.contract import ModelContract
+
+log = logging.getLogger("streamasr.core.two_pass")
+
+#: The Whisper encoder sees at most 30 s (3000 frames of 10 ms); an utterance longer than
+#: that keeps its first-pass final (the endpoint rule 3 default, 20 s, prevents it).
+MAX_UTTERANCE_SECONDS = 30.0
+
+
+def chunk_features(
+    windows: np.ndarray, valid_outputs: list[int], contract: ModelContract
+) -> np.ndarray:
+    """[N, left+chunk+right, F] model windows -> the chunks' own feature frames,
+    ``subsampling`` per real output frame: [sum(valid) * subsampling, F]."""
+    left, sub = contract.left_frames, contract.subsampling
+    parts = [windows[i, left : left + n * sub] for i, n in enumerate(valid_outputs)]
+    if not parts:
+        return np.zeros((0, windows.shape[-1]), np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+#: Utterance kinds: a final to re-decode; for streams with Whisper interims
+#: (``interims=whisper``) the open utterance to re-decode for an interim, or (no frames)
+#: an interim between re-decodes, shown as the last re-decode plus the CTC words after it.
+FINAL, INTERIM, CARRY = "final", "interim", "carry"
+KINDS = (FINAL, INTERIM, CARRY)
+
+
+@dataclass
+class Utterance:
+    """One utterance, sent from the decoder step to the final pass."""
+
+    index: int  # position of its message in the response's RESULTS
+    features: np.ndarray  # [T * subsampling, F] audio features
+    log_probs: np.ndarray  # [T, V] CTC log-probs of the same output frames
+    kind: str = FINAL
+    stream: int = 0  # stream id (interims: whose agreement state)
+    seq: int = 0  # the request's index in its stream
+    start_frame: int = 0  # the utterance's first output frame in its stream
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            index=np.int64(self.index),
+            features=self.features,
+            log_probs=self.log_probs,
+            kind=np.int64(KINDS.index(self.kind)),
+            stream=np.uint64(self.stream),
+            frames=np.array([self.seq, self.start_frame], np.int64),
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Utterance":
+        """Raises ValueError for anything but what ``to_bytes`` writes (no pickles)."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                stream = int(z["stream"])
+                seq, start = (int(x) for x in np.asarray(z["frames"]).reshape(2))
+                return cls(
+                    int(z["index"]),
+                    np.asarray(z["features"], np.float32),
+                    np.asarray(z["log_probs"], np.float32),
+                    KINDS[int(z["kind"])],
+                    stream,
+                    seq,
+                    start,
+                )
+        except Exception as exc:  # noqa: BLE001 - zip, npy and key errors alike
+            raise ValueError(
+                f"UTTERANCES: not an utterance ({type(exc).__name__}: {str(exc)[:100]})"
+            ) from None
+
+
+class UtteranceRecorder:
+    """One stream's output frames (log-probs + features) since its open utterance began.
+
+    ``append`` each request's frames in stream order, ``cut`` a final's frames, ``trim``
+    what the decoder has settled.  Holds at most ``max_frames`` output frames: past that
+    the oldest are dropped and an utterance that needed them is not re-decoded.
+    """
+
+    def __init__(self, contract: ModelContract, max_seconds: float = MAX_UTTERANCE_SECONDS):
+        self.sub = contract.subsampling
+        self.max_frames = int(max_seconds / contract.output_frame_seconds)
+        self.base = 0  # absolute output frame of the first kept frame
+        self.lost_before = 0  # frames before this were dropped unrecorded
+        self._lp: list[np.ndarray] = []
+        self._feat: list[np.ndarray] = []
+
+    @property
+    def frames(self) -> int:
+        return sum(len(x) for x in self._lp)
+
+    def append(self, log_probs: np.ndarray, features: np.ndarray) -> None:
+        if len(features) != len(log_probs) * self.sub:
+            raise ValueError(
+                f"internal: {len(features)} feature frames for {len(log_probs)} output frames"
+            )
+        if len(log_probs):
+            self._lp.append(log_probs)
+            self._feat.append(features)
+        excess = self.frames - self.max_frames
+        if excess > 0:
+            self.lost_before = self.base + excess
+            self.trim(self.lost_before)
+
+    def trim(self, first: int) -> None:
+        """Forget frames before absolute output frame ``first``."""
+        drop = first - self.base
+        if drop <= 0:
+            return
+        lp = np.concatenate(self._lp) if self._lp else np.zeros((0, 0), np.float32)
+        feat = np.concatenate(self._feat) if self._feat else None
+        self._lp = [lp[drop:]] if len(lp) > drop else []
+        self._feat = [feat[drop * self.sub :]] if self._lp else []
+        self.base = first
+
+    def cut(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(features, log_probs) of output frames [first, end), or None if some of them
+        were dropped (utterance longer than ``max_frames``)."""
+        if first < self.lost_before or first < self.base or end > self.base + self.frames:
+            return None
+        lp = np.concatenate(self._lp)[first - self.base : end - self.base]
+        feat = np.concatenate(self._feat)[
+            (first - self.base) * self.sub : (end - self.base) * self.sub
+        ]
+        return feat, lp
+
+
+#: Whisper writes titles abbreviated; the character model (and its training text) spells
+#: what is said.
+SPOKEN_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+
+
+def to_vocabulary(text: str, contract: ModelContract) -> str:
+    """Whisper's text -> the character model's form: lower case, numbers and titles
+    spelled out, characters outside the vocabulary dropped."""
+    allowed = set(contract.vocabulary)
+    t = "".join(c if c in allowed else " " for c in normalize(text))
+    return " ".join(SPOKEN_ABBREVIATIONS.get(w, w) for w in t.split())
+
+
+def worded_finals(
+    finals: list[tuple[dict, int, int]], messages: list[dict]
+) -> list[tuple[int, int, int]]:
+    """(position in ``messages``, first frame, end frame) of each final reported by
+    ``StreamDecoder.on_final`` that is among ``messages`` and has words: the finals to
+    re-decode."""
+    position = {id(m): i for i, m in enumerate(messages)}
+    return [
+        (position[id(msg)], first, end)
+        for msg, first, end in finals
+        if id(msg) in position and protocol.transcript(msg)
+    ]
+
+
+def check_contract(contract: ModelContract) -> None:
+    """The re-decoder reads Whisper-style features and writes characters split by spaces."""
+    f = contract.features
+    problems = []
+    if f.type != "log_mel" or f.n_mels != 80 or f.sample_rate != 16000 or f.hop_length != 160:
+        problems.append(
+            "features must be 80-bin log-mel at 16 kHz with a 10 ms shift "
+            f"(Whisper's), got {f.type}/{f.n_mels} bins/{f.sample_rate} Hz/"
+            f"hop {f.hop_length}"
+        )
+    if contract.word_boundary != "space" or " " not in contract.vocabulary:
+        problems.append("the vocabulary must be characters with ' ' between words")
+    if problems:
+        raise ValueError(
+            "two-pass finals need a Whisper-compatible acoustic model: " + "; ".join(problems)
+        )
+
+
+def common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@dataclass
+class LocalAgreement:
+    """One stream's Whisper interims (the LocalAgreement-2 policy of whisper_streaming):
+    words that two consecutive re-decodes of the open utterance agree on, from its start,
+    become *stable*: later interims of the utterance show them unchanged, followed by the
+    newest re-decode's words after them (the unstable tail).  The utterance's final is
+    re-decoded afresh and may still differ.
+
+    ``update(start_frame, seq, words)`` -> (words to show, how many of them are stable).
+    A re-decode of an older request (``seq`` below the last one seen, possible when
+    re-decodes are batched out of order) is shown but does not move the agreement.
+    """
+
+    start_frame: int = -1
+    seq: int = -1
+    previous: list[str] = field(default_factory=list)
+    stable: list[str] = field(default_factory=list)
+    shown: list[dict] = field(default_factory=list)  # the last re-decode's timed words
+
+    def update(self, start_frame: int, seq: int, words: list[str]) -> tuple[list[str], int]:
+        if start_frame != self.start_frame:  # a new utterance: nothing agreed yet
+            self.start_frame, self.seq, self.previous, self.stable = start_frame, -1, [], []
+            self.shown = []
+        if seq > self.seq:
+            agreed = self.previous[: common_prefix(self.previous, words)]
+            if len(agreed) > len(self.stable) and agreed[: len(self.stable)] == self.stable:
+                self.stable = agreed
+            self.seq, self.previous = seq, list(words)
+        return self.stable + words[len(self.stable) :], len(self.stable)
+
+
+class FinalPass:
+    """Rewrites finals (and, for ``interims=whisper`` streams, interims) with Whisper's
+    re-decode (see the module docstring).
+
+    ``redecoder`` has ``transcribe_many(features_list, silence) -> [Decoded]``
+    (:class:`streamasr.core.whisper_redecoder.WhisperRedecoder`).  ``interim_ttl_s``: a stream's
+    agreement state is forgotten after this long without a re-decode (Triton never says
+    when a stream times out).
+    """
+
+    def __init__(self, contract: ModelContract, redecoder, interim_ttl_s: float = 60.0):
+        from streamasr.core.features import silence_frame
+        from streamasr.core.state import StreamStore
+
+        check_contract(contract)
+        self.contract = contract
+        self.redecoder = redecoder
+        self.silence = silence_frame(contract.features)
+        self.frame_seconds = contract.output_frame_seconds
+        self.agreements: StreamStore[LocalAgreement] = StreamStore(interim_ttl_s)
+
+    def texts(self, utts: list[Utterance]) -> list[str]:
+        decoded = self.redecoder.transcribe_many([u.features for u in utts], self.silence)
+        return [to_vocabulary(d.text, self.contract) for d in decoded]
+
+    def text(self, utt: Utterance) -> str:
+        return self.texts([utt])[0]
+
+    def _words(self, message: dict, utt: Utterance, text: str) -> list[dict] | None:
+        """Whisper's words timed by forced alignment on the utterance's CTC log-probs, or
+        None if the text cannot be aligned to those frames."""
+        try:
+            words = (
+                aligned_words(utt.log_probs, text, self.contract.vocabulary, self.contract.blank_id)
+                if text
+                else []
+            )
+        except ValueError as exc:
+            log.info("re-decoded %s kept its first pass: %s", utt.kind, exc)
+            return None
+        start = message["start"]
+        return [
+            {
+                "word": w,
+                "start": round(start + a * self.frame_seconds, TIME_DECIMALS),
+                "end": round(start + b * self.frame_seconds, TIME_DECIMALS),
+                "confidence": round(c, CONFIDENCE_DECIMALS),
+            }
+            for w, a, b, c in words
+        ]
+
+    @staticmethod
+    def _with_words(message: dict, words: list[dict], **extra) -> dict:
+        conf = sum(w["confidence"] for w in words) / len(words) if words else 0.0
+        return {
+            **message,
+            **extra,
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": " ".join(w["word"] for w in words),
+                        "confidence": round(conf, CONFIDENCE_DECIMALS),
+                        "words": words,
+                    }
+                ]
+            },
+        }
+
+    def rewrite(self, message: dict, utt: Utterance, text: str | None = None) -> dict:
+        """The final ``message`` with its transcript, words and confidence re-decoded;
+        ``first_pass_transcript`` keeps the CTC text.  If the re-decoded text cannot be
+        aligned to the frames, the first-pass final is kept (``rescored: false``)."""
+        text = self.text(utt) if text is None else text
+        words = self._words(message, utt, text)
+        if words is None:
+            return {**message, "rescored": False}
+        return self._with_words(
+            message, words, rescored=True, first_pass_transcript=(protocol.transcript(message))
+        )
+
+    def _agreement(self, stream: int) -> LocalAgreement:
+        with self.agreements.lock:
+            self.agreements.sweep()  # so that `in` and `get` agree
+            return (
+                self.agreements.get(stream)
+                if stream in self.agreements
+                else self.agreements.create(stream, LocalAgreement())
+            )
+
+    def rewrite_interim(self, message: dict, utt: Utterance, text: str) -> dict:
+        """The interim ``message`` with Whisper's words (see :class:`LocalAgreement`);
+        stable words carry ``stable: true``, the tail ``stable: false``.  Text that cannot
+        be aligned to the frames keeps the CTC words (all ``stable: false``)."""
+        state = self._agreement(utt.stream)
+        with self.agreements.lock:
+            shown, n_stable = state.update(utt.start_frame, utt.seq, text.split())
+            words = self._words(message, utt, " ".join(shown))
+            if words is None:
+                return self.carry_interim(message, utt)
+            for i, w in enumerate(words):
+                w["stable"] = i < n_stable
+            if utt.seq >= state.seq:
+                state.shown = words
+        return self._with_words(
+            message, words, rescored=True, first_pass_transcript=(protocol.transcript(message))
+        )
+
+    def carry_interim(self, message: dict, utt: Utterance) -> dict:
+        """An interim between re-decodes: the last re-decode's words of this utterance,
+        then the CTC words that start after them (``stable: false``); only CTC words
+        (all unstable) before the utterance's first re-decode."""
+        state = self._agreement(utt.stream)
+        ctc = protocol.words(message)
+        with self.agreements.lock:
+            whisper = [dict(w) for w in state.shown] if state.start_frame == utt.start_frame else []
+        cut = whisper[-1]["end"] if whisper else -1.0
+        words = whisper + [{**w, "stable": False} for w in ctc if w["start"] >= cut]
+        return self._with_words(
+            message,
+            words,
+            rescored=bool(whisper),
+            first_pass_transcript=protocol.transcript(message),
+        )
+
+    def check(self, utt: Utterance) -> None:
+        """An utterance the decoder step could have sent: bounded (a caller of this model
+        must not buy unbounded Whisper time), shapes that agree, finite values."""
+        c, lp, f = self.contract, utt.log_probs, utt.features
+        if utt.kind == CARRY:
+            if lp.size or f.size:
+                raise ValueError("UTTERANCES: a carried interim has no frames")
+            return
+        max_frames = int(MAX_UTTERANCE_SECONDS / c.output_frame_seconds)
+        if lp.ndim != 2 or lp.shape[1] != len(c.vocabulary) or not 0 < len(lp) <= max_frames:
+            raise ValueError(
+                f"UTTERANCES: log_probs must be [1..{max_frames}, "
+                f"{len(c.vocabulary)}], got {list(lp.shape)}"
+            )
+        if f.shape != (len(lp) * c.subsampling, c.features.n_mels):
+            raise ValueError(
+                f"UTTERANCES: features must be [{len(lp) * c.subsampling}, "
+                f"{c.features.n_mels}], got {list(f.shape)}"
+            )
+        if not (np.isfinite(f).all() and (np.isfinite(lp) | (lp == -np.inf)).all()):
+            raise ValueError("UTTERANCES: NaN or infinite values")
+
+    def _checked(self, messages: list[dict], utterances: list[Utterance]) -> None:
+        for utt in utterances:
+            self.check(utt)
+            want_final = utt.kind == FINAL
+            if (
+                not 0 <= utt.index < len(messages)
+                or messages[utt.index].get("type") != "Results"
+                or bool(messages[utt.index].get("is_final")) != want_final
+            ):
+                raise ValueError(
+                    f"UTTERANCES: {utt.kind} utterance for message "
+                    f"{utt.index}, which is not {'a final' if want_final else 'an interim'}"
+                )
+
+    def process_many(
+        self, batch: list[tuple[list[dict], list[Utterance]]]
+    ) -> list[list[dict] | ValueError]:
+        """Many requests' (messages, utterances) at once: every utterance of every request
+        re-decoded in one ``transcribe_many`` call (batched by the redecoder).  A request
+        whose utterances are invalid gets its ValueError; the others are unaffected."""
+        results: list[list[dict] | ValueError] = []
+        todo: list[tuple[int, Utterance]] = []
+        for i, (messages, utterances) in enumerate(batch):
+            try:
+                self._checked(messages, utterances)
+            except ValueError as exc:
+                results.append(exc)
+                continue
+            results.append(list(messages))
+            todo += [(i, u) for u in utterances]
+        decode = [(i, u) for i, u in todo if u.kind != CARRY]
+        texts = dict(
+            zip((id(u) for _, u in decode), self.texts([u for _, u in decode]) if decode else [])
+        )
+        for i, utt in todo:  # in request order: a stream's interims agree in order
+            out = results[i]
+            assert isinstance(out, list)
+            if utt.kind == FINAL:
+                out[utt.index] = self.rewrite(out[utt.index], utt, texts[id(utt)])
+            elif utt.kind == INTERIM:
+                out[utt.index] = self.rewrite_interim(out[utt.index], utt, texts[id(utt)])
+            else:
+                out[utt.index] = self.carry_interim(out[utt.index], utt)
+        return results
+
+    def process(self, messages: list[dict], utterances: list[Utterance]) -> list[dict]:
+        out = self.process_many([(messages, utterances)])[0]
+        if isinstance(out, ValueError):
+            raise out
+        return out

@@ -1,0 +1,259 @@
+"""Two-pass finals: re-decode a finished utterance with the Whisper tiny.en decoder.
+
+Runtime code (numpy + onnxruntime only).  The graphs come from
+``python -m training.export_whisper`` / ``make model``:
+
+    <dir>/whisper_encoder.onnx   mel [B, T<=3000, 80] -> encoder_out, cross_k, cross_v
+    <dir>/whisper_decoder.onnx   one step with a self-attention KV cache
+    <dir>/vocabulary.txt, config.json   (copied from the CTranslate2 package)
+
+``WhisperRedecoder(dir).transcribe_many(features, silence)`` takes utterances as streamasr
+log-mel frames (the same features the streaming model saw) and decodes them greedily,
+batched: the encoder sees each utterance's own frames padded to a length bucket
+(:class:`EncoderWindow`), not Whisper's whole 30 s window, so a 2 s utterance pays for
+10 s of encoder instead of 30 s.  Utterances with the same padded length share one
+encoder call and one decoder loop.  An output that looks degenerate (:func:`degenerate`)
+is decoded again padded to 30 s, the way Whisper was trained.  Callers refuse utterances
+over 30 s (``streamasr.core.two_pass.MAX_UTTERANCE_SECONDS``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+EOT, SOT, NO_TIMESTAMPS, TIMESTAMP_BEGIN = 50256, 50257, 50362, 50363
+#: Whisper's whole window: 30 s of 10 ms frames.
+WINDOW_FRAMES = 3000
+#: Whisper's own decoding limit (half its 448-token context).
+MAX_TOKENS = 224
+
+
+@dataclass(frozen=True)
+class EncoderWindow:
+    """How many frames the encoder sees for an utterance of ``T`` frames: ``T`` plus
+    ``tail_frames`` of silence, at least ``min_frames``, rounded up to a multiple of
+    ``bucket_frames`` (so utterances of similar length batch together), at most 30 s.
+
+    Defaults measured on assets/eval, the 114 Asterisk test prompts and 15-30 s
+    concatenations (docs/two_pass.md): at least 10 s, in 5 s buckets, decodes assets/eval
+    exactly as the 30 s window does (WER 7.0 %) at 0.25 instead of 0.64 CPU s per
+    utterance, the Asterisk prompts at 7.5 % instead of 6.1 %; shorter windows loop or
+    hallucinate on short prompts far more often (without the guard, WER 72-1100 %).
+    ``EncoderWindow.whole()`` is the old 30 s behaviour.
+    """
+
+    min_frames: int = 1000
+    tail_frames: int = 0
+    bucket_frames: int = 500
+
+    def __post_init__(self):
+        for name in ("min_frames", "tail_frames", "bucket_frames"):
+            v = getattr(self, name)
+            if not 0 <= v <= WINDOW_FRAMES:
+                raise ValueError(f"{name} must be in [0, {WINDOW_FRAMES}], got {v}")
+        if self.bucket_frames < 2 or self.bucket_frames % 2:
+            raise ValueError(
+                f"bucket_frames must be even and >= 2 (the encoder halves "
+                f"time), got {self.bucket_frames}"
+            )
+
+    @classmethod
+    def whole(cls) -> "EncoderWindow":
+        return cls(min_frames=WINDOW_FRAMES, tail_frames=0, bucket_frames=2)
+
+    def frames_for(self, n_frames: int) -> int:
+        want = max(n_frames + self.tail_frames, self.min_frames, 1)
+        return min(WINDOW_FRAMES, self.bucket_frames * math.ceil(want / self.bucket_frames))
+
+
+def token_budget(n_frames: int) -> int:
+    """Most tokens an utterance of ``n_frames`` may decode to: ~10 tokens a second plus a
+    margin, so a decoder stuck in a loop stops early (and is caught by ``degenerate``)."""
+    return min(MAX_TOKENS, 16 + math.ceil(n_frames / 10))
+
+
+def degenerate(tokens: list[int], text: str, n_frames: int, stopped: bool) -> str | None:
+    """Why a decode looks like Whisper's failure modes on a short or padded input, or None.
+
+    - ``stopped`` False: no end-of-text within ``token_budget`` (a loop);
+    - empty text: the caller only re-decodes utterances the first pass heard words in;
+    - a gzip compression ratio above 2.4 over 40+ characters: repeated text (Whisper's own
+      temperature-fallback rule);
+    - more than 6 words a second (plus 3): speech is rarely faster than ~4.
+    """
+    if not stopped:
+        return f"no end of text within {len(tokens)} tokens"
+    words = text.split()
+    if not words:
+        return "empty text"
+    data = text.encode("utf-8")
+    if len(data) >= 40 and len(data) / len(gzip.compress(data)) > 2.4:
+        return "repeated text"
+    if len(words) > 3 + 6 * n_frames / 100:
+        return f"{len(words)} words in {n_frames / 100:.1f} s"
+    return None
+
+
+def _byte_unicode_table() -> dict[str, int]:
+    """GPT-2 byte-level BPE: the printable character that stands for each byte."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+class WhisperTokens:
+    """Token id -> text for the Whisper vocabulary (``vocabulary.txt``, one token a line)."""
+
+    def __init__(self, vocabulary_file: str | Path):
+        self.pieces = Path(vocabulary_file).read_text(encoding="utf-8").split("\n")
+        if self.pieces and self.pieces[-1] == "":
+            self.pieces.pop()
+        self._bytes = _byte_unicode_table()
+
+    def decode(self, ids) -> str:
+        data = bytearray()
+        for i in ids:
+            if i < EOT:
+                data.extend(self._bytes[ch] for ch in self.pieces[i])
+        return data.decode("utf-8", errors="replace")
+
+
+@dataclass
+class Decoded:
+    text: str
+    window_frames: int  # what the encoder saw
+    fallback: str | None = None  # why the 30 s decode replaced the short one
+
+
+class WhisperRedecoder:
+    def __init__(
+        self,
+        directory: str | Path,
+        threads: int = 1,
+        gpu: bool = False,
+        window: EncoderWindow | None = None,
+        max_batch: int = 8,
+    ):
+        import onnxruntime as ort
+
+        d = Path(directory)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        prov = ["CPUExecutionProvider"]
+        if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+            prov.insert(0, "CUDAExecutionProvider")
+        self.enc = ort.InferenceSession(str(d / "whisper_encoder.onnx"), so, providers=prov)
+        self.dec = ort.InferenceSession(str(d / "whisper_decoder.onnx"), so, providers=prov)
+        cfg = json.loads((d / "config.json").read_text())
+        self.suppress = np.asarray(cfg.get("suppress_ids", []), dtype=np.int64)
+        self.suppress_begin = np.asarray(cfg.get("suppress_ids_begin", []), dtype=np.int64)
+        self.tokens = WhisperTokens(d / "vocabulary.txt")
+        self.window = window or EncoderWindow()
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+
+    def greedy_batch(self, mels: np.ndarray, budgets: list[int]) -> list[tuple[list[int], bool]]:
+        """mels [B, frames, 80] (one padded length) -> per row (token ids, stopped at EOT),
+        English, no timestamps.  Rows are independent: a row decodes to the same tokens
+        alone or in a batch (tests/test_two_pass_batch.py)."""
+        _, ck, cv = self.enc.run(None, {"mel": mels.astype(np.float32, copy=False)})
+        L, B, h, _, dh = ck.shape
+        pk = pv = np.zeros((L, B, h, 0, dh), np.float32)
+        toks = np.tile(np.array([[SOT, NO_TIMESTAMPS]], np.int64), (B, 1))
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        stopped = np.zeros(B, bool)
+        for step in range(max(budgets)):
+            logits, pk, pv = self.dec.run(
+                None, {"tokens": toks, "cross_k": ck, "cross_v": cv, "past_k": pk, "past_v": pv}
+            )
+            logits[:, self.suppress] = -np.inf
+            logits[:, TIMESTAMP_BEGIN - 1 :] = -np.inf
+            if step == 0:
+                logits[:, self.suppress_begin] = -np.inf
+            nxt = logits.argmax(axis=1)
+            for b in range(B):
+                if done[b]:
+                    continue
+                if nxt[b] == EOT:
+                    done[b] = stopped[b] = True
+                elif len(out[b]) >= budgets[b]:
+                    done[b] = True  # out of budget: not stopped at EOT
+                else:
+                    out[b].append(int(nxt[b]))
+            if done.all():
+                break
+            toks = np.where(done, EOT, nxt)[:, None].astype(np.int64)
+        return [(o, bool(stopped[b])) for b, o in enumerate(out)]
+
+    def greedy(self, mel: np.ndarray, max_tokens: int = MAX_TOKENS) -> list[int]:
+        """mel [frames, 80] -> token ids (English, no timestamps)."""
+        return self.greedy_batch(mel[None], [max_tokens])[0][0]
+
+    def _decode_group(
+        self, feats: list[np.ndarray], frames: int, silence: np.ndarray
+    ) -> list[tuple[str, list[int], bool]]:
+        out = []
+        for s in range(0, len(feats), self.max_batch):
+            part = feats[s : s + self.max_batch]
+            mels = np.stack(
+                [np.concatenate([f[:frames], np.tile(silence, (frames - len(f), 1))]) for f in part]
+            )
+            budgets = [token_budget(len(f)) if frames < WINDOW_FRAMES else MAX_TOKENS for f in part]
+            for toks, stopped in self.greedy_batch(mels, budgets):
+                out.append((self.tokens.decode(toks).strip(), toks, stopped))
+        return out
+
+    def transcribe_many(self, features: list[np.ndarray], silence: np.ndarray) -> list[Decoded]:
+        """features: utterances [T_i <= 3000, 80] (streamasr log-mel), silence [80] (the
+        feature vector of digital silence, ``streamasr.core.features.silence_frame``)."""
+        for f in features:
+            if len(f) > WINDOW_FRAMES:
+                raise ValueError(
+                    f"an utterance of {len(f)} frames is over Whisper's "
+                    f"{WINDOW_FRAMES}-frame window"
+                )
+        results: list[Decoded | None] = [None] * len(features)
+        groups: dict[int, list[int]] = {}
+        for i, f in enumerate(features):
+            groups.setdefault(self.window.frames_for(len(f)), []).append(i)
+        retry = []
+        for frames, idx in sorted(groups.items()):
+            for i, (text, toks, stopped) in zip(
+                idx, self._decode_group([features[i] for i in idx], frames, silence)
+            ):
+                why = (
+                    degenerate(toks, text, len(features[i]), stopped)
+                    if frames < WINDOW_FRAMES
+                    else None
+                )
+                if why is None:
+                    results[i] = Decoded(text, frames)
+                else:
+                    retry.append((i, why))
+        if retry:
+            redo = self._decode_group([features[i] for i, _ in retry], WINDOW_FRAMES, silence)
+            for (i, why), (text, _, _) in zip(retry, redo):
+                log.info("short-window decode looked degenerate (%s): decoded at 30 s", why)
+                results[i] = Decoded(text, WINDOW_FRAMES, fallback=why)
+        return results  # type: ignore[return-value]
+
+    def transcribe(self, features: np.ndarray, silence: np.ndarray) -> str:
+        """One utterance [T <= 3000, 80] -> text (see ``transcribe_many``)."""
+        return self.transcribe_many([features], silence)[0].text

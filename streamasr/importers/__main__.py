@@ -1,5 +1,0 @@
-import sys
-
-from streamasr.importers import main
-
-sys.exit(main())

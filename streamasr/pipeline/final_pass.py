@@ -1,0 +1,122 @@
+"""Final-pass step of the `streaming_asr_two_pass` ensemble: finals re-decoded by Whisper.
+
+Each request carries the decoder step's messages and, for each final with words (and
+each due Whisper interim), its utterance (:class:`streamasr.core.two_pass.Utterance`).
+Requests without utterances pass straight through.  The Triton adapter is decoupled: it
+answers requests with nothing to re-decode at once and re-decodes the rest in batches (:meth:`streamasr.core.two_pass.FinalPass.process_many`).
+The only state is the Whisper interims' agreement per stream, so the model runs as ONE
+instance (batching, not instances, is how it scales).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from streamasr.core.two_pass import CARRY, FinalPass, Utterance
+from streamasr.pipeline.common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
+
+if TYPE_CHECKING:
+    from streamasr.core.whisper_redecoder import EncoderWindow
+
+log = logging.getLogger("streamasr.final_pass")
+
+#: Files the re-decoder needs, made by ``make whisper`` (python -m training.export_whisper).
+WHISPER_FILES = ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json")
+BUILD_HINT = "build them with `make whisper` (python -m training.export_whisper --out DIR)"
+
+
+class FinalPassStep:
+    def __init__(self, final_pass: FinalPass, whisper_dir: Path):
+        self.final_pass = final_pass
+        self.whisper_dir = whisper_dir
+
+    @staticmethod
+    def parse(blobs: list[bytes]) -> list[Utterance]:
+        return [Utterance.from_bytes(b) for b in blobs]
+
+    @staticmethod
+    def needs_decode(utterances: list[Utterance]) -> bool:
+        """Whether answering takes a Whisper re-decode (anything but carried interims)."""
+        return any(u.kind != CARRY for u in utterances)
+
+    def process(self, messages: list[dict], blobs: list[bytes]) -> list[dict]:
+        return self.final_pass.process(messages, [Utterance.from_bytes(b) for b in blobs])
+
+    def process_many(
+        self, batch: list[tuple[list[dict], list[bytes]]]
+    ) -> list[list[dict] | ValueError]:
+        """Each request's messages, or the ValueError that request alone gets."""
+        parsed: list[tuple[list[dict], list[Utterance]] | ValueError] = []
+        for messages, blobs in batch:
+            try:
+                parsed.append((messages, [Utterance.from_bytes(b) for b in blobs]))
+            except ValueError as exc:
+                parsed.append(exc)
+        good = [p for p in parsed if not isinstance(p, ValueError)]
+        done = iter(self.final_pass.process_many(good))
+        return [p if isinstance(p, ValueError) else next(done) for p in parsed]
+
+
+def whisper_dir(cfg: ModelConfig) -> Path:
+    """Parameter ``whisper_dir`` (relative to the model's folder), default its version
+    folder ``1/``; every file of WHISPER_FILES must be there."""
+    d = cfg.repository / cfg.param("whisper_dir", "1")
+    missing = [f for f in WHISPER_FILES if not (d / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"model {cfg.name!r}: Whisper re-decoder files {missing} missing in {d}: {BUILD_HINT}"
+        )
+    return d
+
+
+def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
+    """Parameters ``encoder_min_frames`` / ``encoder_bucket_frames`` (defaults:
+    :class:`streamasr.core.whisper_redecoder.EncoderWindow`); ``encoder_min_frames`` 3000 restores the
+    whole-30-s decode."""
+    from streamasr.core.whisper_redecoder import EncoderWindow
+
+    base = EncoderWindow()
+    try:
+        return EncoderWindow(
+            min_frames=parse_int(
+                "encoder_min_frames", cfg.param("encoder_min_frames", str(base.min_frames)), 0
+            ),
+            tail_frames=parse_int(
+                "encoder_tail_frames", cfg.param("encoder_tail_frames", str(base.tail_frames)), 0
+            ),
+            bucket_frames=parse_int(
+                "encoder_bucket_frames",
+                cfg.param("encoder_bucket_frames", str(base.bucket_frames)),
+                2,
+            ),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model {cfg.name!r}: {exc}") from None
+
+
+def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
+    from streamasr.core.whisper_redecoder import WhisperRedecoder
+
+    d = whisper_dir(cfg)
+    threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)
+    # one encoder call / decoder loop takes at most this many utterances (a batch of
+    # requests may carry more)
+    max_batch = parse_int(
+        "max_utterances_per_call",
+        cfg.param("max_utterances_per_call", str(int(cfg.raw.get("max_batch_size") or 1))),
+        1,
+    )
+    contract = cfg.contract()
+    try:
+        fp = FinalPass(
+            contract,
+            WhisperRedecoder(
+                d, threads=threads, gpu=gpu, window=encoder_window(cfg), max_batch=max_batch
+            ),
+            interim_ttl_s=stream_idle_timeout(cfg),
+        )
+    except ValueError as exc:
+        raise ConfigError(f"model {cfg.name!r}: {exc}") from None
+    return FinalPassStep(fp, d)

@@ -1,0 +1,1 @@
+"""The process on SageMaker's port: /ping, /invocations, the bidirectional-stream WebSocket."""

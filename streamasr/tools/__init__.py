@@ -1,0 +1,1 @@
+"""Command-line tools on top of everything: the demo, model importers, the tiny test model."""

@@ -1,0 +1,5 @@
+import sys
+
+from streamasr.tools.importers import main
+
+sys.exit(main())

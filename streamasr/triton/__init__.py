@@ -1,0 +1,1 @@
+"""The Triton edge: python-backend adapters, the server launcher, the model repository."""
