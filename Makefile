@@ -98,11 +98,11 @@ IMAGE ?= localhost/streamasr:standin
 image: venv whisper lm
 	STREAMASR_IMAGE=$(IMAGE) docker/local-image
 
-# The container contract against the running image (tests/test_image.py): /ping, /invocations,
+# The container contract against the running image (tests/e2e/test_image.py): /ping, /invocations,
 # the WebSocket route, SIGTERM, 64 MB of /dev/shm.
 test-image: image
 	eval "$$(docker/local-image env)" && STREAMASR_IMAGE=$(IMAGE) \
-		$(PY) -m pytest -q -rP -m image tests/test_image.py
+		$(PY) -m pytest -q -rP -m image tests/e2e/test_image.py
 
 bench: venv whisper lm
 	$(PY) -m benchmarks.run

@@ -1,6 +1,6 @@
 """Pure helpers of the benchmarks: percentiles, latency summaries, lateness, speech onset.
 
-Nothing here talks to a server, so ``tests/test_benchmarks.py`` checks it directly.
+Nothing here talks to a server, so ``tests/unit/test_benchmarks.py`` checks it directly.
 """
 
 from __future__ import annotations

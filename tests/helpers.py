@@ -275,7 +275,7 @@ def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
             "STREAMASR_MAX_ACTIVE_STREAMS": "0",
             # ... and so overload it: a canary may then wait longer than the 4 s that
             # means "wedged" in production; the shared server must not exit over it
-            # (tests/test_health.py tests the defaults on servers of its own)
+            # (tests/e2e/test_health.py tests the defaults on servers of its own)
             "STREAMASR_HEALTH_CANARY_DEADLINE": "60",
             "STREAMASR_HEALTH_EXIT_AFTER": "0",
         }

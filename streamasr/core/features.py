@@ -71,7 +71,7 @@ def log_mel_frames(frames: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     # Not a BLAS matmul: BLAS may sum in a different order for different row counts, and
     # streamed frames must equal whole-file frames bit for bit. einsum without
     # optimisation runs its own loop per output element: the same sums for any number of
-    # rows (tests/test_features.py), ~45x faster than a Python loop of row products.
+    # rows (tests/unit/test_features.py), ~45x faster than a Python loop of row products.
     mel = np.einsum("fb,bm->fm", power, mel_t, optimize=False)
     logm = np.maximum(np.log10(np.maximum(mel, 1e-10)), spec.log_floor)
     return ((logm + spec.offset) / spec.scale).astype(np.float32)

@@ -171,7 +171,7 @@ class WhisperRedecoder:
     def greedy_batch(self, mels: np.ndarray, budgets: list[int]) -> list[tuple[list[int], bool]]:
         """mels [B, frames, 80] (one padded length) -> per row (token ids, stopped at EOT),
         English, no timestamps.  Rows are independent: a row decodes to the same tokens
-        alone or in a batch (tests/test_two_pass_batch.py)."""
+        alone or in a batch (tests/integration/test_two_pass_batch.py)."""
         _, ck, cv = self.enc.run(None, {"mel": mels.astype(np.float32, copy=False)})
         L, B, h, _, dh = ck.shape
         pk = pv = np.zeros((L, B, h, 0, dh), np.float32)

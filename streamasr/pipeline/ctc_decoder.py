@@ -124,7 +124,7 @@ def validate_stream_options(options: dict[str, Any]) -> None:
     """Refuse (ValueError) the per-stream options a ctc_decoder would refuse at START,
     without reading its config: checked against the declared defaults.  Whether a stream
     option is valid does not depend on the values a ctc_decoder config serves: each option
-    is parsed and range-checked on its own (tests/test_repository.py checks the two agree),
+    is parsed and range-checked on its own (tests/unit/test_repository.py checks the two agree),
     and the one option naming a file (``lm_path``) is config-only.  The feature step calls
     this at START, so a stream refused there has state in neither step."""
     DECLARED_DEFAULTS.validate(options)

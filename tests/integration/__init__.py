@@ -1,0 +1,1 @@
+"""Tests against a real tritonserver over gRPC (the streaming and two-pass models, faults, admission)."""

@@ -1,0 +1,274 @@
+"""Admission control (streamasr.core.admission, issue 14): a server that holds its limit of
+streams refuses a new START with a retryable error, the admitted streams' transcripts are
+exact, refused STARTs are counted, and the gateway maps the refusal to 503 / close 1013.
+
+The server tests use a repository copy limited to ``LIMIT`` streams and offer 3x that
+(the short overload test; the timed one, with latency and memory, is in ``make bench``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from streamasr.core import admission as adm
+from streamasr.core.state import StreamError
+from streamasr.pipeline import feature_extractor as fx
+from streamasr.pipeline.common import read_config
+
+from ..helpers import REPOSITORY, copy_repository, start_server
+
+LIMIT = 2
+
+
+# -- units (no server) ---------------------------------------------------------------------
+
+
+def test_limit_comes_from_environment_then_config_then_the_measured_figure():
+    assert adm.configured_limit(None, {}) == adm.MEASURED_STREAMS_HELD
+    assert adm.configured_limit("measured", {}) == adm.MEASURED_STREAMS_HELD
+    assert adm.configured_limit("7", {}) == 7
+    assert adm.configured_limit("0", {}) is None  # 0: no limit
+    assert adm.configured_limit("7", {adm.ENV_LIMIT: "3"}) == 3
+    assert adm.configured_limit("7", {adm.ENV_LIMIT: "0"}) is None
+    for bad in ("-1", "many", "2.5"):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            adm.configured_limit(bad, {})
+        with pytest.raises(ValueError, match=adm.ENV_LIMIT):
+            adm.configured_limit("1", {adm.ENV_LIMIT: bad})
+
+
+def test_committed_config_admits_the_measured_number_of_streams(monkeypatch):
+    monkeypatch.delenv(adm.ENV_LIMIT, raising=False)
+    step = fx.build_step(read_config(REPOSITORY / "feature_extractor"))
+    assert step.admission.limit == adm.MEASURED_STREAMS_HELD
+
+
+def _request(corrid, flags, seconds=0.4):
+    audio = np.zeros(int(16000 * seconds), np.float32) if seconds else None
+    return fx.FeatureRequest(
+        corrid=corrid, flags=flags, audio=audio, sample_rate=None, parameters={}
+    )
+
+
+def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(contract):
+    step = fx.FeatureExtractorStep(contract, 30.0, 10.0, 32, admission=adm.Admission(LIMIT))
+    for sid in (1, 2):
+        step.process(_request(sid, fx.FLAG_START))
+    with pytest.raises(adm.StreamRefused) as refused:
+        step.process(_request(3, fx.FLAG_START))
+    assert adm.is_capacity_refusal(str(refused.value)) and "limit is 2" in str(refused.value)
+    assert 3 not in step.store  # no state for a refused stream
+    # the refused stream's own later requests say so (not "unknown stream"), END last
+    with pytest.raises(adm.RefusedStreamEnded, match="nothing to continue"):
+        step.process(_request(3, 0))
+    with pytest.raises(adm.RefusedStreamEnded, match="nothing to end"):
+        step.process(_request(3, fx.FLAG_END, seconds=0))
+    with pytest.raises(StreamError, match="unknown stream 3"):
+        step.process(_request(3, 0))
+    # a bad START is told what is wrong with it, not "busy"
+    with pytest.raises(StreamError, match="NaN") as bad:
+        step.process(fx.FeatureRequest(4, fx.FLAG_START, np.full(10, np.nan, np.float32), None, {}))
+    assert not isinstance(bad.value, adm.StreamRefused)
+    step.process(_request(1, fx.FLAG_END))
+    step.process(_request(5, fx.FLAG_START))  # a place came free
+    assert step.admission.snapshot() == (3, 1)
+
+
+# -- a real server limited to LIMIT streams ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("limited")
+    repo = copy_repository(root / "repo", {"feature_extractor": {adm.CONFIG_KEY: str(LIMIT)}})
+    srv = start_server(repo, root / "tritonserver.log", max_active_streams=None)
+    yield srv
+    srv.stop()
+
+
+def metric(server, name: str) -> float:
+    text = (
+        urllib.request.urlopen(
+            f"http://{server.config.host}:{server.config.metrics_port}/metrics", timeout=10
+        )
+        .read()
+        .decode()
+    )
+    m = re.search(rf'^{name}{{model="feature_extractor"}} ([0-9.e+]+)$', text, re.M)
+    assert m, f"{name} not in metrics"
+    return float(m.group(1))
+
+
+def _stream(session, audio: np.ndarray, chunk: int) -> None:
+    for i in range(0, len(audio), chunk):
+        session.send(audio[i : i + chunk])
+    session.close()
+
+
+def test_three_times_capacity_admits_the_limit_exactly_and_refuses_the_rest(
+    limited_server, demo_audio, contract
+):
+    from streamasr_client.stream import AsrBusy, AsrConnection
+
+    audio = demo_audio[: 8 * contract.sample_rate]
+    chunk = contract.chunk_samples
+    with AsrConnection(limited_server.grpc_url) as conn:
+        expected = conn.transcribe_file(audio)
+        expected = " ".join(
+            m["channel"]["alternatives"][0]["transcript"]
+            for m in expected
+            if m.get("type") == "Results"
+            and m.get("is_final")
+            and m["channel"]["alternatives"][0]["transcript"]
+        )
+        admitted0, refused0 = (
+            metric(limited_server, "streamasr_admitted_streams_total"),
+            metric(limited_server, "streamasr_refused_streams_total"),
+        )
+        assert metric(limited_server, "streamasr_stream_capacity") == LIMIT
+        # LIMIT streams start and are answered; then 2 x LIMIT more try while they run
+        admitted = [conn.open_session() for _ in range(LIMIT)]
+        for s in admitted:
+            s.send(audio[:chunk])
+        for s in admitted:
+            s.wait()
+        late = [conn.open_session() for _ in range(2 * LIMIT)]
+        for s in late:
+            s.send(audio[:chunk])
+            s.send(audio[chunk : 2 * chunk])  # sent before the refusal is back
+        senders = [
+            threading.Thread(target=_stream, args=(s, audio[chunk:], chunk)) for s in admitted
+        ]
+        for t in senders:
+            t.start()
+        for s in late:
+            s.wait()
+        for t in senders:
+            t.join()
+        for s in admitted:
+            s.wait()
+        for s in late:
+            assert s.refused is not None and adm.CAPACITY_MARKER in s.refused, s.messages
+            assert s.errors == [s.refused]  # the refusal, no follow-up errors
+            assert [m.get("code") for m in s.messages] == ["busy"]
+            with pytest.raises(AsrBusy):
+                s.send(audio[:chunk])
+        for s in admitted:
+            assert s.errors == [] and s.refused is None
+            assert s.transcript == expected  # exact under 3x offered load
+        # the places are free again
+        again = conn.open_session()
+        again.send(audio[:chunk])
+        again.close()
+        again.wait()
+        assert again.errors == []
+    assert metric(limited_server, "streamasr_admitted_streams_total") - admitted0 == LIMIT + 1
+    assert metric(limited_server, "streamasr_refused_streams_total") - refused0 == 2 * LIMIT
+
+
+def test_refused_ends_are_not_counted_as_errors(limited_server, contract):
+    """The client ENDs a refused stream at once (frees Triton's sequence slot); that
+    END is answered without counting as a request error."""
+    from streamasr_client.stream import AsrConnection
+
+    with AsrConnection(limited_server.grpc_url) as conn:
+        holders = [conn.open_session() for _ in range(LIMIT)]
+        for s in holders:
+            s.send(np.zeros(contract.chunk_samples, np.float32))
+            s.wait()
+        errors0 = metric(limited_server, "streamasr_request_errors_total")
+        s = conn.open_session()
+        s.send(np.zeros(contract.chunk_samples, np.float32))
+        s.wait()
+        assert s.refused and s.sent == 2  # START + the releasing END
+        assert metric(limited_server, "streamasr_request_errors_total") == errors0
+        for h in holders:
+            h.close()
+            h.wait()
+
+
+def test_gateway_answers_busy_with_503_and_websocket_close_1013(limited_server, contract):
+    pytest.importorskip("aiohttp")
+    import aiohttp
+    import aiohttp.test_utils
+
+    from streamasr.protocol import SESSION_HEADER, WS_PATH, WS_TRY_AGAIN_LATER
+    from streamasr.sagemaker.gateway.config import GatewayConfig
+    from streamasr.sagemaker.gateway.http import Gateway
+    from streamasr_client.stream import AsrConnection
+
+    pcm = bytes(2 * contract.chunk_samples)
+
+    async def go():
+        gw = Gateway(GatewayConfig(triton_grpc=limited_server.grpc_url))
+        server = aiohttp.test_utils.TestServer(gw.app())
+        await server.start_server()
+        url = str(server.make_url("")).rstrip("/")
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(url + WS_PATH) as ws:
+                    try:  # a client streams on: the refusal ends it
+                        for _ in range(5):
+                            await ws.send_bytes(pcm)
+                        await ws.send_str(json.dumps({"type": "CloseStream"}))
+                    except ConnectionError:
+                        pass
+                    texts = [
+                        json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT
+                    ]
+                    ws_result = texts, ws.close_code
+                async with http.post(
+                    url + "/invocations",
+                    data=pcm,
+                    headers={SESSION_HEADER: "NEW_SESSION", "Content-Type": "audio/l16"},
+                ) as r:
+                    http_result = r.status, dict(r.headers), await r.json()
+        finally:
+            await server.close()
+        return ws_result, http_result
+
+    with AsrConnection(limited_server.grpc_url) as conn:
+        holders = [conn.open_session() for _ in range(LIMIT)]
+        for s in holders:
+            s.send(np.zeros(contract.chunk_samples, np.float32))
+            s.wait()
+        (texts, code), (status, headers, body) = asyncio.run(go())
+        for h in holders:
+            h.close()
+            h.wait()
+    assert code == WS_TRY_AGAIN_LATER, (code, texts)
+    assert [t["code"] for t in texts] == ["busy"], texts
+    assert adm.CAPACITY_MARKER in texts[0]["message"]
+    assert status == 503 and body["code"] == "busy", (status, body)
+    assert headers.get("Retry-After") == "1"
+
+
+def test_unary_infer_of_a_refused_start_is_grpc_unavailable(limited_server, contract):
+    """On a unary call (not the stream) the status itself says: UNAVAILABLE."""
+    import grpc
+    import tritonclient.grpc as tc
+
+    from streamasr_client.stream import AsrConnection
+
+    with AsrConnection(limited_server.grpc_url) as conn:
+        holders = [conn.open_session() for _ in range(LIMIT)]
+        for s in holders:
+            s.send(np.zeros(contract.chunk_samples, np.float32))
+            s.wait()
+        client = tc.InferenceServerClient(limited_server.grpc_url)
+        x = tc.InferInput("AUDIO", [contract.chunk_samples], "FP32")
+        x.set_data_from_numpy(np.zeros(contract.chunk_samples, np.float32))
+        with pytest.raises(tc.InferenceServerException) as exc:
+            client.infer("streaming_asr", [x], sequence_id=987654321, sequence_start=True)
+        assert adm.CAPACITY_MARKER in exc.value.message()
+        assert exc.value.status() in ("StatusCode.UNAVAILABLE", str(grpc.StatusCode.UNAVAILABLE))
+        for h in holders:
+            h.close()
+            h.wait()

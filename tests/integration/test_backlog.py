@@ -1,0 +1,192 @@
+"""One stream's backlog is bounded (issue 14): the server closes a stream whose audio runs
+further ahead of real time than ``max_lead_seconds`` (no hole in anyone's audio, nobody
+else disturbed), and AsrConnection keeps its sessions within that limit and within
+``max_pending`` unanswered requests, so its own clients are never closed for it.
+
+The server tests use a repository copy whose limit is ``LEAD_S`` seconds."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from streamasr import protocol
+from streamasr.core.state import StreamError
+from streamasr.pipeline import feature_extractor as fx
+from streamasr_client.stream import AsrConnection, AsrError, Session
+
+from ..helpers import copy_repository, finals_with_words, reference_messages, start_server
+
+LEAD_S = 3.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _chunk(sid: int, flags: int, seconds: float, contract) -> fx.FeatureRequest:
+    audio = np.zeros(int(seconds * contract.sample_rate), np.float32) if seconds else None
+    return fx.FeatureRequest(sid, flags, audio, None, {})
+
+
+# -- units (no server) ---------------------------------------------------------------------
+
+
+def test_a_stream_running_ahead_of_real_time_is_closed_and_says_why(contract):
+    clock = FakeClock()
+    step = fx.FeatureExtractorStep(contract, 30.0, 10.0, 32, max_lead_seconds=LEAD_S, clock=clock)
+    step.process(_chunk(1, fx.FLAG_START, 1.0, contract))
+    step.process(_chunk(2, fx.FLAG_START, 1.0, contract))
+    step.process(_chunk(1, 0, 2.0, contract))  # 3 s of audio at t=0: exactly at the limit
+    with pytest.raises(StreamError, match=protocol.LEAD_MARKER) as closed:
+        step.process(_chunk(1, 0, 0.5, contract))
+    why = str(closed.value)
+    assert f"{protocol.MAX_LEAD_PARAMETER} ({LEAD_S:g} s)" in why and "3.5 s" in why
+    assert 1 not in step.store and step.lead_closed == 1
+    # every later request of it, END included, gets the same reason (not "unknown stream")
+    for flags in (0, fx.FLAG_END):
+        with pytest.raises(StreamError) as later:
+            step.process(_chunk(1, flags, 0.1, contract))
+        assert str(later.value) == why
+    # the other stream, sent at real time, goes on; 10 s later it may run 3 s ahead again
+    for _ in range(10):
+        clock.now += 1.0
+        step.process(_chunk(2, 0, 1.0, contract))
+    step.process(_chunk(2, 0, LEAD_S - 1.0, contract))
+    step.process(_chunk(2, fx.FLAG_END, 0.0, contract))
+    # the closed id can be started again, as a new stream
+    step.process(_chunk(1, fx.FLAG_START, 1.0, contract))
+    assert 1 in step.store and step.lead_closed == 1
+
+
+def test_no_lead_limit_takes_any_amount_ahead(contract):
+    step = fx.FeatureExtractorStep(
+        contract, 30.0, 10.0, 32, max_lead_seconds=None, clock=FakeClock()
+    )
+    step.process(_chunk(1, fx.FLAG_START, 10.0, contract))
+    for _ in range(30):
+        step.process(_chunk(1, 0, 10.0, contract))
+    assert step.lead_closed == 0
+
+
+class _FakeConnection:
+    """What a Session needs of its connection; answers never come."""
+
+    model = protocol.STREAM_MODEL
+
+    def __init__(self, max_pending: int | None, max_lead: float | None, pace: bool = True):
+        self.max_pending = max_pending
+        self.send_timeout_s = 0.2
+        self.pace = pace
+        self.max_lead = max_lead
+        self.submitted: list = []
+
+    def _check_size(self, req) -> None:
+        pass
+
+    def _submit(self, req) -> None:
+        self.submitted.append(req)
+
+    def _on_reader_thread(self) -> bool:
+        return False
+
+    def _pacing_rate(self) -> int | None:
+        return 16000 if self.pace else None
+
+    def max_lead_seconds(self) -> float | None:
+        return self.max_lead
+
+
+def test_a_session_waits_for_room_then_says_the_server_is_not_keeping_up():
+    conn = _FakeConnection(max_pending=2, max_lead=None)
+    s = Session(conn, 7, {})  # type: ignore[arg-type]
+    s.send(np.zeros(160, np.float32))
+    s.send(np.zeros(160, np.float32))
+    with pytest.raises(AsrError, match=r"2 requests unanswered for 0.2 s \(limit 2\)"):
+        s.send(np.zeros(160, np.float32))
+    assert len(conn.submitted) == 2 and s.sent == 2
+    s.close()  # a request without audio is not held back: END frees the server's state
+    assert len(conn.submitted) == 3
+
+
+def test_send_delay_keeps_a_session_within_the_servers_lead():
+    conn = _FakeConnection(max_pending=None, max_lead=120.0)
+    s = Session(conn, 7, {})  # type: ignore[arg-type]
+    assert s.send_delay(16000) == 0.0  # nothing sent yet: the START is not held back
+    s.send(np.zeros(16000 * 100, np.float32))  # 100 s at once
+    # allowed: 120 - LEAD_MARGIN_S ahead; 20 s more is 5 s too far (less the time passed)
+    assert 4.9 < s.send_delay(16000 * 20) <= 5.0
+    assert s.send_delay(16000 * 15) == 0.0
+    conn.max_lead = None  # no limit on the server
+    assert s.send_delay(16000 * 1000) == 0.0
+    conn.max_lead, conn.pace = 120.0, False  # pacing turned off
+    assert s.send_delay(16000 * 1000) == 0.0
+
+
+# -- a real server with a short lead -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lead_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lead")
+    repo = copy_repository(
+        root / "repo", {"feature_extractor": {protocol.MAX_LEAD_PARAMETER: str(LEAD_S)}}
+    )
+    srv = start_server(repo, root / "tritonserver.log")
+    yield srv
+    srv.stop()
+
+
+def test_server_closes_a_flooding_stream_and_keeps_its_neighbour_exact(
+    lead_server, contract, onnx_session, demo_audio
+):
+    clip = demo_audio[: 8 * contract.sample_rate]
+    expected = finals_with_words(reference_messages(contract, onnx_session, clip))
+    chunk = contract.chunk_samples
+    with (
+        AsrConnection(lead_server.grpc_url, pace=False) as flood_conn,
+        AsrConnection(lead_server.grpc_url) as conn,
+    ):
+        assert conn.max_lead_seconds() == LEAD_S  # read from the server's own config
+        good = conn.open_session()
+        flood = flood_conn.open_session()
+        t0 = time.monotonic()
+        for i in range(0, 4 * len(clip), chunk):  # 32 s of audio as fast as it goes
+            flood.send(np.tile(clip, 4)[i : i + chunk])
+            if i < len(clip):
+                good.send(clip[i : i + chunk])
+        flood.close()
+        good.close()
+        flood.wait(timeout=120)
+        good.wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    # the good stream was paced to the limit: it ran at most LEAD_S ahead of real time
+    assert elapsed >= len(clip) / contract.sample_rate - LEAD_S
+    assert good.errors == [] and finals_with_words(good.messages) == expected
+    assert flood.errors, "the flooding stream was not closed"
+    why = flood.errors[0]
+    assert protocol.LEAD_MARKER in why and f"({LEAD_S:g} s)" in why
+    assert all(e == why for e in flood.errors)  # every later request told the same reason
+    # no results after the closure: nothing was taken after a refused chunk (no hole)
+    first_error = next(i for i, m in enumerate(flood.messages) if m["type"] == "Error")
+    assert all(m["type"] == "Error" for m in flood.messages[first_error:])
+
+
+def test_a_paced_session_longer_than_the_lead_is_never_closed(
+    lead_server, contract, onnx_session, demo_audio
+):
+    clip = demo_audio[: 6 * contract.sample_rate]
+    expected = finals_with_words(reference_messages(contract, onnx_session, clip))
+    with AsrConnection(lead_server.grpc_url) as conn:
+        s = conn.open_session()
+        for i in range(0, len(clip), contract.chunk_samples):
+            s.send(clip[i : i + contract.chunk_samples])
+        s.close()
+        s.wait(timeout=120)
+    assert s.errors == [] and finals_with_words(s.messages) == expected
