@@ -195,3 +195,51 @@ def test_the_contract_example_runs_as_written():
             [sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120
         )
         assert r.returncode == 0 and r.stdout.startswith("OK: "), (line, r.stdout, r.stderr)
+
+
+def test_every_transcribe_flag_is_documented(capsys):
+    """docs/configuration.md's flag table and `transcribe --help`, both ways."""
+    from streamasr_client.transcribe import build_parser
+
+    build_parser().print_help()
+    flags = {w.strip(",[]").split("=")[0] for w in capsys.readouterr().out.split()}
+    flags = {f for f in flags if f.startswith("--")} - {"--help"}
+    section = CONFIGURATION.read_text().split("## The `transcribe` CLI", 1)[1]
+    documented = {
+        flag
+        for line in section.splitlines()
+        if line.startswith("| `")
+        for flag in re.findall(r"`(--[\w-]+)[^`]*`", line.split("|")[1])
+    }
+    assert flags, "no flags parsed from transcribe --help"
+    assert flags == documented, (
+        f"undocumented: {sorted(flags - documented)}, gone: {sorted(documented - flags)}"
+    )
+
+
+def test_the_readme_transcribe_examples_run(server):
+    """The README's file examples against the suite's server, as written except for the
+    address (the fixture's) and --realtime (wall-clock pacing of 30 s of audio)."""
+    import shlex
+    import subprocess
+    import sys
+
+    lines = [
+        line.split("#")[0].strip()
+        for block in FENCE.findall(README.read_text())
+        for line in block.splitlines()
+        if line.startswith(".venv/bin/transcribe assets/")
+    ]
+    assert len(lines) >= 2, "the README lost its transcribe examples"
+    for line in lines:
+        args = [a for a in shlex.split(line)[1:] if a != "--realtime"]
+        r = subprocess.run(
+            [sys.executable, "-m", "streamasr_client.transcribe", *args, "--no-interims"]
+            + ["--url", server.grpc_url],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, (line, r.stderr[-2000:])
+        assert len(r.stdout.split()) >= 10, (line, r.stdout)
