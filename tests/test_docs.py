@@ -243,3 +243,20 @@ def test_the_readme_transcribe_examples_run(server):
         )
         assert r.returncode == 0, (line, r.stderr[-2000:])
         assert len(r.stdout.split()) >= 10, (line, r.stdout)
+
+
+#: Folders the docs name that a command creates (`make bench-gpu` writes its results here).
+CREATED_BY_COMMANDS = {"benchmarks/results/gpu"}
+REPO_PATH = re.compile(
+    r"`((?:streamasr|client|tests|benchmarks|backends|docker|training|model_repository|assets)"
+    r"/[\w./-]*)`"
+)
+
+
+@pytest.mark.parametrize("page", DOCS, ids=page_id)
+def test_every_repository_path_named_exists(page):
+    """A file or folder named as code (`streamasr/core/state.py`) is where the page says:
+    a moved module takes its docs along."""
+    named = {p.rstrip("/") for p in REPO_PATH.findall(page.read_text()) if "<" not in p}
+    missing = sorted(p for p in named - CREATED_BY_COMMANDS if not (ROOT / p).exists())
+    assert missing == [], f"{page_id(page)} names paths that are not there: {missing}"
