@@ -7,7 +7,7 @@ does (``WhisperRedecoder._decode_group`` + the ``degenerate`` guard + the 30 s f
 ``assets/eval`` (11 clips), the Asterisk test prompts (``python -m training.asterisk``;
 skipped when not built) and 15-30 s concatenations of both.  Reports WER/CER per set
 with and without the guard, WER by utterance length, fallbacks and CPU seconds per
-utterance.  The table in docs/two_pass.md comes from this.
+utterance.  The table in docs/accuracy.md comes from this.
 """
 
 from __future__ import annotations

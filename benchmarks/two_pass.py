@@ -263,7 +263,7 @@ def run(
 
 
 #: Two-pass WER before the encoder window (30 s padding) on assets/eval, through the
-#: server (README, 2026-12-03); the faster second pass may lose at most half a point.
+#: server (docs/accuracy.md, 2026-12-03); the faster second pass may lose at most half a point.
 TWO_PASS_WER_BEFORE = 0.079
 
 

@@ -13,8 +13,8 @@ capacity is written down.  ``0`` turns admission control off.
 
 One admitted stream's own backlog is bounded elsewhere: the feature step closes a stream
 that runs ``max_lead_seconds`` ahead of real time (streamasr.protocol), AsrConnection and
-the SageMaker gateway keep at most ``MAX_PENDING_REQUESTS`` unanswered per stream (README,
-"One stream's backlog").
+the SageMaker gateway keep at most ``MAX_PENDING_REQUESTS`` unanswered per stream
+(docs/reliability.md, "Capacity, admission control and backlog").
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from streamasr.protocol import CAPACITY_MARKER, is_capacity_refusal  # noqa: F40
 #: the 2-core CPU VM (no GPU) in every run: the same config held 28 in one run (vm-...-1743),
 #: missed 28 by 0.6 ms in the next (1747), and two hours later held 16 (1922: 20 at p99
 #: 259 ms, 24 at 338-358 ms) as the VM's speed drifted (benchmarks/results/capacity/
-#: README.md).  3x overload at this limit, in the slow period: admitted p99 79 ms.
+#: README.md, docs/benchmarks.md).  3x overload at this limit, in the slow period: admitted p99 79 ms.
 #: The default admission limit; a deployment measures its own instance type.
 MEASURED_STREAMS_HELD = 16
 MEASURED_ON = "2-core CPU VM, benchmarks/results/capacity/pruned-i2t1/vm-20261203-1922"

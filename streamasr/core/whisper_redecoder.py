@@ -44,7 +44,7 @@ class EncoderWindow:
     ``bucket_frames`` (so utterances of similar length batch together), at most 30 s.
 
     Defaults measured on assets/eval, the 114 Asterisk test prompts and 15-30 s
-    concatenations (docs/two_pass.md): at least 10 s, in 5 s buckets, decodes assets/eval
+    concatenations (docs/accuracy.md): at least 10 s, in 5 s buckets, decodes assets/eval
     exactly as the 30 s window does (WER 7.0 %) at 0.25 instead of 0.64 CPU s per
     utterance, the Asterisk prompts at 7.5 % instead of 6.1 %; shorter windows loop or
     hallucinate on short prompts far more often (without the guard, WER 72-1100 %).

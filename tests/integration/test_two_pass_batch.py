@@ -125,7 +125,7 @@ def test_short_windows_decode_the_eval_clips_like_the_30_s_window(
     short = [normalize(d.text) for d in redecoder.transcribe_many(utterances, SILENCE)]
     whole = WhisperRedecoder(whisper_dir, window=EncoderWindow.whole())
     padded = [normalize(d.text) for d in whole.transcribe_many(utterances, SILENCE)]
-    # the measured default keeps accuracy (docs/two_pass.md has the full table)
+    # the measured default keeps accuracy (docs/accuracy.md has the full table)
     assert wer_cer(refs, short)["wer"] <= wer_cer(refs, padded)["wer"] + 0.02
 
 

@@ -51,7 +51,7 @@ DEFAULT_LM_OOV_LETTER_LOG10 = -1.0
 INTERIM_SOURCES = ("ctc", "whisper")
 DEFAULT_INTERIMS = "ctc"
 #: Whisper interims: audio seconds between re-decodes of the open utterance (chosen by
-#: measurement: docs/two_pass.md).
+#: measurement: docs/accuracy.md).
 DEFAULT_INTERIM_REFRESH_S = 2.0
 
 # -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
