@@ -14,7 +14,7 @@ from streamasr.core.decoding.config import (
     DEFAULT_RULE3_MIN_UTTERANCE_LENGTH,
 )
 
-from .helpers import CONTRACT
+from ..helpers import CONTRACT
 
 
 def test_defaults_are_sherpa_rules_and_greedy():
