@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamasr.pipeline.common import read_config, stream_idle_timeout
+from streamasr.pipeline.common import parse_config, read_config, stream_idle_timeout
 
 from .helpers import REPOSITORY
 
@@ -156,3 +156,18 @@ def test_copy_repository_edits_configs_as_protobuf(tmp_path):
     )
     fe = parse_config(dst / "feature_extractor" / "config.pbtxt")
     assert fe.sequence_batching.max_sequence_idle_microseconds == 7_000_000
+
+
+# -- the spec (streamasr.triton.spec) the configs are generated from ---------------------
+
+
+def test_the_spec_declares_the_committed_configs():
+    """Every committed config.pbtxt is the spec's model, field for field (parsed
+    protobufs), and the spec declares no model the repository lacks."""
+    from streamasr.triton import spec
+
+    configs = spec.check()
+    committed = {p.parent.name: p for p in REPOSITORY.glob("*/config.pbtxt")}
+    assert sorted(configs) == sorted(committed)
+    for name, path in committed.items():
+        assert parse_config(path) == configs[name], f"{path} differs from the spec"
