@@ -773,7 +773,11 @@ def check_wiring(configs: Mapping[str, Any]) -> list[str]:
         if not cfg.ensemble_scheduling.step:
             continue
         types = {t.name: t.data_type for t in cfg.input}
-        for i, s in enumerate(cfg.ensemble_scheduling.step):
+        steps = cfg.ensemble_scheduling.step
+        first_made: dict[str, int] = {}
+        for i, s in reversed(list(enumerate(steps))):
+            first_made.update({outer: i for outer in s.output_map.values()})
+        for i, s in enumerate(steps):
             where = f"{cfg.name} step {i} ({s.model_name})"
             if s.model_name not in configs:
                 problems.append(f"{where}: no such model")
@@ -784,8 +788,10 @@ def check_wiring(configs: Mapping[str, Any]) -> list[str]:
             for own, outer in s.input_map.items():
                 if own not in ins:
                     problems.append(f"{where}: {s.model_name} has no input {own!r}")
-                elif outer not in types:
+                elif first_made.get(outer, -1) >= i:
                     problems.append(f"{where}: {outer!r} is used before a step produces it")
+                elif outer not in types:
+                    problems.append(f"{where}: {outer!r} is no ensemble input nor step output")
                 elif types[outer] != ins[own].data_type:
                     problems.append(f"{where}: {outer!r} has another data type than {own!r}")
             for own in sorted(set(ins) - set(s.input_map)):
