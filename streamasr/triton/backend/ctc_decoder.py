@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
-from python_backend import edge
 
 from streamasr.pipeline import ctc_decoder
 from streamasr.pipeline.step_info import parse_step_info
+from streamasr.triton.backend import edge
 
 
 class CtcDecoderModel:

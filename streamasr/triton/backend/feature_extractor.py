@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
-from python_backend import edge
 
 from streamasr.core.state import StreamError
 from streamasr.pipeline import ctc_decoder, feature_extractor
 from streamasr.pipeline.common import request_parameters
+from streamasr.triton.backend import edge
 
 
 class FeatureExtractorModel:

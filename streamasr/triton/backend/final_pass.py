@@ -9,10 +9,10 @@ import threading
 import time
 
 import triton_python_backend_utils as pb_utils
-from python_backend import edge
 
 from streamasr.pipeline import final_pass
 from streamasr.pipeline.common import ConfigError, parse_int
+from streamasr.triton.backend import edge
 
 
 class FinalPassModel:

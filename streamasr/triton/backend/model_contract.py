@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
-from python_backend import edge
+
+from streamasr.triton.backend import edge
 
 
 class ModelContractModel:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from python_backend import edge
 
 from streamasr.core.decoding import StreamDecoder
 from streamasr.pipeline import ctc_decoder, offline_asr
 from streamasr.pipeline.common import parse_bool, parse_int, request_parameters
 from streamasr.protocol.contract import ModelContract
+from streamasr.triton.backend import edge
 
 
 class OfflineAsrModel:

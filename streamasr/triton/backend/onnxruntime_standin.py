@@ -8,9 +8,9 @@ import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from python_backend import edge
 
 from streamasr.pipeline.common import ConfigError, parse_int
+from streamasr.triton.backend import edge
 
 
 class OnnxRuntimeModel:
