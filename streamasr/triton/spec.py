@@ -108,9 +108,6 @@ class Model:
     decoupled: bool = False
     notes: Mapping[str, str] = field(default_factory=dict)
 
-    def parameter(self, key: str) -> str | None:
-        return next((str(p.value) for p in self.parameters if p.key == key), None)
-
     def with_parameters(self, **values: str | int) -> Model:
         """A copy with these parameters' values changed (each must exist)."""
         unknown = set(values) - {p.key for p in self.parameters}
@@ -330,16 +327,15 @@ CTC_DECODER = Model(
     },
 )
 
-# A request is one stream's response: the ensemble hands it over as a batch of one.
+# Streams' responses final_pass takes at once (see its max_batch_size note).
 FINAL_PASS_MAX_BATCH_SIZE = 8
+# The first pass's messages, as final_pass takes them (a batch of streams' responses).
+RESULTS_IN = Tensor("RESULTS_IN", "TYPE_STRING", (-1,), allow_ragged_batch=True)
 
 FINAL_PASS = Model(
     name="final_pass",
     backend="streamasr_final_pass",
-    inputs=(
-        replace(RESULTS, name="RESULTS_IN", allow_ragged_batch=True),
-        replace(UTTERANCES, allow_ragged_batch=True),
-    ),
+    inputs=(RESULTS_IN, replace(UTTERANCES, allow_ragged_batch=True)),
     outputs=(RESULTS,),
     max_batch_size=FINAL_PASS_MAX_BATCH_SIZE,
     decoupled=True,
@@ -457,7 +453,7 @@ STREAMING_ASR_TWO_PASS = Ensemble(
         ),
         Step(
             FINAL_PASS,
-            {"RESULTS_IN": "first_pass", UTTERANCES.name: "utterances"},
+            {RESULTS_IN.name: "first_pass", UTTERANCES.name: "utterances"},
             {RESULTS.name: RESULTS.name},
         ),
     ),
