@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
 .PHONY: venv venv-http2 demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean \
-	image test-image
+	image test-image repository
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
 WHISPER := model_repository/final_pass/1/whisper_decoder.onnx
@@ -63,6 +63,12 @@ $(LM): $(STAMP) training/build_lm.py training/sphinx_lm.py
 
 $(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2.py
 	$(PY) -m training.export_whisper --out $(dir $@)
+
+# model_repository/*/config.pbtxt are generated from one typed spec (streamasr/triton/spec.py,
+# which cross-checks the values between models): edit the spec, then regenerate them here.
+# tests/test_repository.py fails while a committed file differs from the spec.
+repository: venv
+	$(PY) -m streamasr.triton.spec --write model_repository
 
 demo: venv whisper lm
 	$(PY) -m streamasr.tools.demo

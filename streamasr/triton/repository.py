@@ -22,6 +22,11 @@ from typing import Any, Callable
 
 from streamasr.cli import argument_parser
 from streamasr.pipeline.common import parse_config
+from streamasr.triton.spec import (
+    ACOUSTIC_BATCH_BOUNDED,
+    acoustic_model_of,
+    check_acoustic_batches,
+)
 
 log = logging.getLogger("streamasr.triton.repository")
 
@@ -31,38 +36,21 @@ NATIVE_GPU_BACKENDS = {"onnxruntime"}
 TWO_PASS_MODELS = ("final_pass", "streaming_asr_two_pass")
 
 
-#: Per-request window counts that become one acoustic-model batch, (model, parameter):
-#: each is its own fact, written once in its own config (how much one request may carry,
-#: how a recording is cut into calls), bounded by the acoustic model's max_batch_size
-#: (Triton rejects a larger batch).  ``check_limits`` checks the bound.
-ACOUSTIC_BATCH_BOUNDED = (
-    ("feature_extractor", "max_windows_per_request"),
-    ("offline_asr", "max_batch"),
-)
-
-
 def check_limits(repo: Path) -> list[str]:
     """What in ``repo`` breaks a limit between models (empty: nothing): each of
     ``ACOUSTIC_BATCH_BOUNDED`` at most the ``max_batch_size`` of the acoustic model that
-    model names (parameter ``acoustic_model``).  Models absent from ``repo`` are skipped."""
-    repo, problems = Path(repo), []
-    for model, key in ACOUSTIC_BATCH_BOUNDED:
+    model names (parameter ``acoustic_model``), the rule the spec (streamasr.triton.spec)
+    checks for the committed repository.  Models absent from ``repo`` are skipped."""
+    repo = Path(repo)
+    configs = {}
+    for model, _ in ACOUSTIC_BATCH_BOUNDED:
         path = repo / model / "config.pbtxt"
-        if not path.exists():
-            continue
-        cfg = parse_config(path)
-        acoustic = cfg.parameters["acoustic_model"].string_value or "acoustic_model"
-        acoustic_path = repo / acoustic / "config.pbtxt"
-        if key not in cfg.parameters or not acoustic_path.exists():
-            continue
-        value = int(cfg.parameters[key].string_value)
-        limit = parse_config(acoustic_path).max_batch_size
-        if value > limit:
-            problems.append(
-                f"{model} {key} {value} exceeds {acoustic} max_batch_size {limit}: "
-                "Triton would reject those batches"
-            )
-    return problems
+        if path.exists():
+            configs[model] = cfg = parse_config(path)
+            acoustic = acoustic_model_of(cfg)
+            if (repo / acoustic / "config.pbtxt").exists():
+                configs[acoustic] = parse_config(repo / acoustic / "config.pbtxt")
+    return check_acoustic_batches(configs)
 
 
 def write_config(path: Path, cfg: Any, header: str = "") -> None:

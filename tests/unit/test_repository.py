@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamasr.pipeline.common import read_config, stream_idle_timeout
+from streamasr.pipeline.common import parse_config, read_config, stream_idle_timeout
 
 from ..helpers import REPOSITORY
 
@@ -156,3 +156,112 @@ def test_copy_repository_edits_configs_as_protobuf(tmp_path):
     )
     fe = parse_config(dst / "feature_extractor" / "config.pbtxt")
     assert fe.sequence_batching.max_sequence_idle_microseconds == 7_000_000
+
+
+# -- the spec (streamasr.triton.spec) the configs are generated from ---------------------
+
+
+def test_the_committed_configs_are_the_specs_byte_for_byte():
+    """Every committed config.pbtxt is the spec's text (regenerate: `make repository`),
+    that text parses to the spec's model field for field, and the spec declares no model
+    the repository lacks."""
+    from streamasr.triton import spec
+
+    configs = spec.check()
+    committed = {p.parent.name: p for p in REPOSITORY.glob("*/config.pbtxt")}
+    assert sorted(configs) == sorted(committed)
+    for rel, text in spec.rendered().items():
+        path = REPOSITORY / rel
+        assert path.read_text() == text, f"{path} differs from the spec: run `make repository`"
+        assert parse_config(path) == configs[path.parent.name]
+
+
+def test_spec_check_names_the_file_that_differs(tmp_path, caplog):
+    from streamasr.triton import spec
+
+    for rel, text in spec.rendered().items():
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_text(text)
+    assert spec.main([str(tmp_path), "--check"]) == 0
+    stale = tmp_path / "ctc_decoder" / "config.pbtxt"
+    stale.write_text(stale.read_text().replace('"16"', '"8"'))
+    (tmp_path / "model_contract" / "config.pbtxt").unlink()
+    caplog.clear()
+    assert spec.main([str(tmp_path), "--check"]) == 1
+    named = [r.getMessage().split()[0] for r in caplog.records]
+    assert named == [str(stale), str(tmp_path / "model_contract" / "config.pbtxt")]
+    assert spec.main([str(tmp_path), "--write"]) == 0
+    assert spec.differing(tmp_path) == []
+
+
+def refused(models) -> str:
+    from streamasr.triton import spec
+
+    with pytest.raises(spec.SpecError) as err:
+        spec.check(models)
+    return str(err.value)
+
+
+def test_spec_refuses_a_window_count_above_the_acoustic_batch():
+    from streamasr.triton import spec
+
+    for model, key in spec.ACOUSTIC_BATCH_BOUNDED:
+        m = next(m for m in spec.REPOSITORY if m.name == model)
+        bad = spec.with_model(m.with_parameters(**{key: 33}))
+        assert f"{model} {key} 33 exceeds acoustic_model max_batch_size 32" in refused(bad)
+
+
+def test_spec_refuses_a_stream_ttl_triton_would_outlive_or_undercut():
+    from streamasr.triton import spec
+
+    fe, dec = spec.FEATURE_EXTRACTOR, spec.CTC_DECODER
+    # our TTL must fire before Triton forgets the sequence (60 s)
+    too_long = spec.with_model(fe.with_parameters(stream_idle_timeout_s=60))
+    assert "stream_idle_timeout_s (60) must be shorter than" in refused(too_long)
+    # the decoder must not forget a stream the feature step still serves
+    short_decoder = spec.with_model(dec.with_parameters(stream_idle_timeout_s=20))
+    problem = refused(short_decoder)
+    assert "ctc_decoder stream_idle_timeout_s 20 is shorter than feature_extractor's 30" in problem
+    assert problem.count("streaming_asr") == 2  # both ensembles say it
+    spec.check(spec.with_model(dec.with_parameters(stream_idle_timeout_s=45)))  # longer: fine
+
+
+def test_spec_refuses_a_later_step_holding_fewer_streams():
+    from streamasr.triton import spec
+
+    bad = spec.with_model(spec.CTC_DECODER.with_parameters(max_streams=100))
+    assert "ctc_decoder max_streams 100 is below feature_extractor's 4096" in refused(bad)
+
+
+def test_spec_refuses_miswired_ensembles():
+    from dataclasses import replace
+
+    from streamasr.triton import spec
+
+    ens = spec.STREAMING_ASR
+    fe_step, am_step, dec_step = ens.steps
+
+    def with_steps(*steps):
+        return tuple(replace(ens, steps=steps) if m is ens else m for m in spec.REPOSITORY)
+
+    unknown = replace(dec_step, inputs={**dec_step.inputs, "LOGITS": "log_probs"})
+    assert "ctc_decoder has no input 'LOGITS'" in refused(with_steps(fe_step, am_step, unknown))
+    unmapped = replace(dec_step, inputs={"LOG_PROBS": "log_probs"})
+    assert "required input 'STEP_INFO' is not mapped" in refused(
+        with_steps(fe_step, am_step, unmapped)
+    )
+    # the decoder before the acoustic model: log_probs, produced later, read first
+    early = refused(with_steps(fe_step, dec_step, am_step))
+    assert "'log_probs' is used before a step produces it" in early
+    # STEP_INFO (strings) where the decoder reads float log-probs
+    crossed = replace(dec_step, inputs={"LOG_PROBS": "step_info", "STEP_INFO": "step_info"})
+    assert "'step_info' has another data type than 'LOG_PROBS'" in refused(
+        with_steps(fe_step, am_step, crossed)
+    )
+    lost = tuple(m for m in spec.REPOSITORY if m is not spec.FINAL_PASS)
+    assert "step 'final_pass' is not in the repository" in refused(lost)
+    assert "models declared twice: ctc_decoder" in refused((*spec.REPOSITORY, spec.CTC_DECODER))
+    orphan = spec.with_model(spec.OFFLINE_ASR.with_parameters(decoder_model="acoustic_model"))
+    assert "offline_asr decoder_model 'acoustic_model' is not a streamasr_ctc_decoder" in (
+        refused(orphan)
+    )
