@@ -190,12 +190,11 @@ class CtcDecoderStep:
             self.reorder.expire()
             st = self._stream(info)
             msgs = []
-            for ready in self.reorder.in_order(info.stream, st.order, info.seq, r):
+            for ready in self.reorder.in_order(info.stream, st.order, info.seq, r, info.end):
                 msgs += self._apply(st, ready)
             rec = st.recording
             utterances = rec.utterances(msgs, st.order.next_seq - 1) if rec is not None else []
-            if st.decoder is not None and st.decoder.closed:
-                self.reorder.drop(info.stream, st.order)
+            if st.order.ended:  # its lane let go of anything parked past END
                 self.store.pop(info.stream)
             return msgs, utterances
 
@@ -215,9 +214,9 @@ class CtcDecoderStep:
             st = self.store.get(info.stream)
         else:
             # A request that overtook its stream's START: hold it for the START, unless
-            # the stream is known to have expired.
-            if info.stream in self.store.expired:
-                self.store.get(info.stream)  # raises "expired"
+            # the stream is known to have expired, or it is a stream's first request.
+            if info.stream in self.store.expired or info.seq == 0:
+                self.store.get(info.stream)  # raises "expired" or "must carry the START flag"
             st = self.store.create(info.stream, _Stream())
         if st.order.failed is not None:
             if info.end:

@@ -47,6 +47,12 @@ class Lane(Generic[P]):
     parked_bytes: int = 0  # size of `parked`
     gap_since: float | None = None  # when `parked` began waiting
     failed: str | None = None  # why this stream cannot go on
+    last_seq: int | None = None  # its END request, once that has come
+
+    @property
+    def ended(self) -> bool:
+        """Its END request has been handed on: nothing comes after it."""
+        return self.last_seq is not None and self.next_seq > self.last_seq
 
 
 class Reorderer(Generic[P]):
@@ -74,7 +80,9 @@ class Reorderer(Generic[P]):
         # streams waiting for a missing request, oldest gap first
         self._gaps: "OrderedDict[Hashable, Lane[P]]" = OrderedDict()
 
-    def in_order(self, stream: Hashable, lane: Lane[P], seq: int, item: P) -> Iterator[P]:
+    def in_order(
+        self, stream: Hashable, lane: Lane[P], seq: int, item: P, last: bool = False
+    ) -> Iterator[P]:
         """The requests that request ``seq`` makes ready, in order: none while an earlier
         one is missing (it is parked), else itself and the parked ones that follow it.
 
@@ -84,27 +92,38 @@ class Reorderer(Generic[P]):
         StreamError for a duplicate, or when parking would pass a limit (the stream then
         fails: its parked requests are dropped).
 
-        A new ``lane`` for a stream lets go of what the stream's old lane parked (the
-        stream was swept by its TTL, or a new START replaced it)."""
+        ``last``: this is the stream's END request; once it is handed on, whatever was
+        parked past it is dropped.  A new ``lane`` for a stream lets go of what the
+        stream's old lane parked (the stream was swept by its TTL, or a new START
+        replaced it)."""
         stale = self._gaps.get(stream)
         if stale is not None and stale is not lane:  # swept by the TTL or replaced by a START
             self.drop(stream, stale)
-        if seq == lane.next_seq:
-            return self._release(stream, lane, item)
         if seq < lane.next_seq or seq in lane.parked:
             raise StreamError(f"internal: request {seq} of stream {stream} arrived twice")
-        self._park(stream, lane, seq, item)
-        return iter(())
+        if last:
+            lane.last_seq = seq
+        if seq > lane.next_seq:
+            self._park(stream, lane, seq, item)
+            return iter(())
+        return self._release(stream, lane, item)
 
     def _release(self, stream: Hashable, lane: Lane[P], item: P) -> Iterator[P]:
         yield item
         lane.next_seq += 1
-        while lane.next_seq in lane.parked:
+        while lane.next_seq in lane.parked and not lane.ended:
             parked = lane.parked.pop(lane.next_seq)
             lane.parked_bytes -= parked.nbytes
             self.parked_bytes -= parked.nbytes
             yield parked
             lane.next_seq += 1
+        if lane.ended:
+            if lane.parked:  # only a caller that numbers requests wrongly sends these
+                log.warning(
+                    "stream %s: %d request(s) after its END dropped", stream, len(lane.parked)
+                )
+            self.drop(stream, lane)
+            return
         if lane.gap_since is None:
             return
         if lane.parked:  # still waiting for another request: that gap starts now
