@@ -200,3 +200,9 @@ def test_a_streams_first_request_without_start_is_refused_clearly():
     with pytest.raises(StreamError, match="must carry the START flag"):
         step.process(req)
     assert len(step.store) == 0
+    start = requests(6, PIECES)[0]
+    start.info.options = {"beam_size": "many"}
+    with pytest.raises(ValueError, match="beam_size"):
+        step.process(start)  # the START is refused: the stream has no decoder
+    with pytest.raises(StreamError, match="no accepted START"):
+        step.process(req)

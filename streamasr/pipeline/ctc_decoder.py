@@ -233,15 +233,21 @@ class CtcDecoderStep:
             st.recording = TwoPassRecording.start(
                 self.contract, st.decoder, info.stream, two_pass=r.features is not None
             )
+        decoder = st.decoder
+        if decoder is None:  # e.g. its START was refused, and a request 0 without START came
+            raise StreamError(
+                f"stream {info.stream} has no accepted START: the first request of a stream "
+                "must carry the START flag"
+            )
         frames = self._frames(r)
         if st.recording is not None:
             msgs = st.recording.accept(frames, r.features, info.valid_outputs[: info.windows])
         else:
-            msgs = st.decoder.accept(frames)
+            msgs = decoder.accept(frames)
         if info.finalize:
-            msgs += st.decoder.finalize()
+            msgs += decoder.finalize()
         if info.end:
-            msgs += st.decoder.close()
+            msgs += decoder.close()
         return msgs
 
     def _frames(self, r: DecoderRequest) -> np.ndarray:
