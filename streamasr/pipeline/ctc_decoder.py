@@ -170,6 +170,7 @@ class CtcDecoderStep:
 
     @property
     def parked_bytes(self) -> int:
+        """What all streams' out-of-order requests hold now."""
         return self.reorder.parked_bytes
 
     def expire_gaps(self) -> int:
