@@ -1,39 +1,30 @@
 """Decoder step of the `streaming_asr` ensemble: log-probs -> JSON result messages.
 
-Per stream it keeps a ``StreamDecoder`` (streamasr.core.decoding).  Requests are processed in
+Per stream it keeps a ``StreamDecoder`` (streamasr.core.decoding).  Requests are applied in
 stream order (``StepInfo.seq``): should an earlier request of the same stream still be on
-its way through the acoustic model, a later one waits in a small reorder buffer.
+its way through the acoustic model, a later one waits in a bounded reorder buffer
+(:mod:`streamasr.pipeline.reorder`).
 
 Streams that come through the two-pass ensemble also send their feature windows
 (FEATURES); the step then records each utterance and attaches it to the final for the
-``final_pass`` step to re-decode (:mod:`streamasr.core.two_pass`).
+``final_pass`` step to re-decode (:mod:`streamasr.pipeline.two_pass_recording`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamasr import protocol
 from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from streamasr.core.decoding.config import SERVER_ONLY_PARAMETERS
 from streamasr.core.features import real_output_frames
 from streamasr.core.state import StreamError, StreamStore
-from streamasr.core.two_pass import (
-    CARRY,
-    INTERIM,
-    Utterance,
-    UtteranceRecorder,
-    chunk_features,
-    worded_finals,
-)
+from streamasr.core.two_pass import Utterance
 from streamasr.pipeline.common import (
     ModelConfig,
     parse_float,
@@ -41,10 +32,10 @@ from streamasr.pipeline.common import (
     read_config,
     stream_idle_timeout,
 )
+from streamasr.pipeline.reorder import Lane, Reorderer
 from streamasr.pipeline.step_info import StepInfo
+from streamasr.pipeline.two_pass_recording import TwoPassRecording
 from streamasr.protocol.contract import ModelContract
-
-log = logging.getLogger("streamasr.ctc_decoder")
 
 # config.pbtxt parameters of the decoder model that are not decoder options.
 STEP_PARAMETERS = (
@@ -69,7 +60,6 @@ DEFAULT_MAX_PARKED_BYTES_PER_STREAM = 16 << 20
 # ... and all streams together (config `max_parked_bytes`): what reordering may cost the
 # decoder process at most, whoever sends.
 DEFAULT_MAX_PARKED_BYTES = 64 << 20
-MB = 1 << 20
 
 
 def _field_names(cls) -> set[str]:
@@ -136,25 +126,23 @@ class DecoderRequest:
     info: StepInfo
     features: np.ndarray | None = None  # [N, window, F]: two-pass streams only
 
+    @property
+    def nbytes(self) -> int:
+        """What it costs to hold while it waits for an earlier request."""
+        return self.log_probs.nbytes + (self.features.nbytes if self.features is not None else 0)
+
 
 @dataclass
 class _Stream:
+    order: Lane[DecoderRequest] = field(default_factory=Lane)
     decoder: StreamDecoder | None = None  # None until its START arrives
-    next_seq: int = 0
-    pending: dict[int, DecoderRequest] = field(default_factory=dict)
-    closed: bool = False
-    parked_bytes: int = 0  # size of `pending`
-    gap_since: float | None = None  # when `pending` began waiting
-    failed: str | None = None  # why this stream cannot go on
-    recorder: UtteranceRecorder | None = None  # two-pass streams only
-    finals: list[tuple[dict, int, int]] = field(default_factory=list)  # (msg, first, end)
-    refreshed_at: int = 0  # output frame of the last Whisper interim re-decode
+    recording: TwoPassRecording | None = None  # two-pass streams only
 
 
 class CtcDecoderStep:
     """All streams of the decoder model.  Streams are identified by the ``StepInfo`` the
     feature step attaches (not by Triton's sequence batcher), and each stream's requests
-    are applied in ``seq`` order whatever order they arrive in."""
+    are applied in ``seq`` order whatever order they arrive in (``reorder``)."""
 
     def __init__(
         self,
@@ -174,17 +162,94 @@ class CtcDecoderStep:
         self.store: StreamStore[_Stream] = StreamStore(
             idle_timeout_s, clock=clock, max_streams=max_streams
         )
-        self.max_pending = max_pending
-        # Independent of the TTL: a stream with a gap keeps being touched by the requests
-        # that park, so the TTL alone never frees it; one swept by the TTL first still
-        # leaves its parked requests here until the gap expires.
-        self.reorder_timeout_s = reorder_timeout_s
-        self.max_parked_bytes_per_stream = max_parked_bytes_per_stream
-        self.max_parked_bytes = max_parked_bytes
-        self.parked_bytes = 0  # all streams' parked requests
-        # streams waiting for a missing request, oldest gap first
-        self._gaps: "OrderedDict[int, _Stream]" = OrderedDict()
-        self.clock = clock
+        # Its timeout is independent of the TTL: a stream with a gap keeps being touched
+        # by the requests that park, so the TTL alone never frees it.
+        self.reorder: Reorderer[DecoderRequest] = Reorderer(
+            reorder_timeout_s, max_pending, max_parked_bytes_per_stream, max_parked_bytes, clock
+        )
+
+    @property
+    def parked_bytes(self) -> int:
+        """What all streams' out-of-order requests hold now."""
+        return self.reorder.parked_bytes
+
+    def expire_gaps(self) -> int:
+        """Fail the streams whose missing request is older than the reorder timeout
+        (and free what they parked).  Runs on every request and on the sweeper's timer."""
+        with self.store.lock:
+            return self.reorder.expire()
+
+    def process(self, r: DecoderRequest) -> list[dict]:
+        """This request's messages (see ``process_full`` for the two-pass utterances)."""
+        return self.process_full(r)[0]
+
+    def process_full(self, r: DecoderRequest) -> tuple[list[dict], list[Utterance]]:
+        """This request's messages and its two-pass utterances: those of every request
+        it lets through in its stream's order (none when it has to wait)."""
+        info = r.info
+        with self.store.lock:
+            self.reorder.expire()
+            st = self._stream(info)
+            msgs = []
+            for ready in self.reorder.in_order(info.stream, st.order, info.seq, r, info.end):
+                msgs += self._apply(st, ready)
+            rec = st.recording
+            utterances = rec.utterances(msgs, st.order.next_seq - 1) if rec is not None else []
+            if st.order.ended:  # its lane let go of anything parked past END
+                self.store.pop(info.stream)
+            return msgs, utterances
+
+    def _stream(self, info: StepInfo) -> _Stream:
+        """The state of the request's stream: a START makes it (keeping the requests that
+        overtook the START), a request that overtook its START makes it to wait there."""
+        if info.start:
+            if info.seq != 0:
+                raise StreamError("internal: a START request must be its stream's first")
+            held = self.store.pop(info.stream)
+            # A held stream without a decoder is the requests that overtook this START; a
+            # live one is replaced (the reorderer lets go of what it parked).
+            if held is None or held.decoder is not None:
+                held = _Stream()
+            st = self.store.create(info.stream, held)
+        elif info.stream in self.store:
+            st = self.store.get(info.stream)
+        else:
+            # A request that overtook its stream's START: hold it for the START, unless
+            # the stream is known to have expired, or it is a stream's first request.
+            if info.stream in self.store.expired or info.seq == 0:
+                self.store.get(info.stream)  # raises "expired" or "must carry the START flag"
+            st = self.store.create(info.stream, _Stream())
+        if st.order.failed is not None:
+            if info.end:
+                self.store.pop(info.stream)
+            raise StreamError(st.order.failed)
+        return st
+
+    def _apply(self, st: _Stream, r: DecoderRequest) -> list[dict]:
+        """One request, in its stream's order."""
+        info = r.info
+        if info.start:
+            dec_cfg, end_cfg = self.defaults.configs(info.options)
+            st.decoder = StreamDecoder(self.contract, config=dec_cfg, endpoint=end_cfg)
+            st.recording = TwoPassRecording.start(
+                self.contract, st.decoder, info.stream, two_pass=r.features is not None
+            )
+        decoder = st.decoder
+        if decoder is None:  # e.g. its START was refused, and a request 0 without START came
+            raise StreamError(
+                f"stream {info.stream} has no accepted START: the first request of a stream "
+                "must carry the START flag"
+            )
+        frames = self._frames(r)
+        if st.recording is not None:
+            msgs = st.recording.accept(frames, r.features, info.valid_outputs[: info.windows])
+        else:
+            msgs = decoder.accept(frames)
+        if info.finalize:
+            msgs += decoder.finalize()
+        if info.end:
+            msgs += decoder.close()
+        return msgs
 
     def _frames(self, r: DecoderRequest) -> np.ndarray:
         info = r.info
@@ -193,241 +258,6 @@ class CtcDecoderStep:
         if r.log_probs.ndim != 3 or r.log_probs.shape[0] != info.windows:
             raise StreamError(f"internal: {r.log_probs.shape} log-probs for {info.windows} windows")
         return real_output_frames(r.log_probs, info.valid_outputs)
-
-    def _apply(self, st: _Stream, r: DecoderRequest) -> list[dict]:
-        info = r.info
-        if info.start:
-            dec_cfg, end_cfg = self.defaults.configs(info.options)
-            st.decoder = StreamDecoder(self.contract, config=dec_cfg, endpoint=end_cfg)
-            if r.features is not None:
-                st.recorder = UtteranceRecorder(self.contract)
-                st.decoder.on_final = lambda msg, a, b: st.finals.append((msg, a, b))
-            elif dec_cfg.interims == "whisper":
-                raise StreamError(
-                    "interims=whisper needs the two-pass model "
-                    "(streaming_asr_two_pass): Whisper re-decodes the interims"
-                )
-        frames = self._frames(r)
-        if st.recorder is not None and r.features is None:
-            raise StreamError("internal: a two-pass stream's request without FEATURES")
-        msgs = st.decoder.accept(frames)
-        if st.recorder is not None:  # after accept: a refused request records nothing
-            st.recorder.append(
-                frames,
-                chunk_features(r.features, info.valid_outputs[: info.windows], self.contract),
-            )
-        if info.finalize:
-            msgs += st.decoder.finalize()
-        if info.end:
-            msgs += st.decoder.close()
-            st.closed = True
-        return msgs
-
-    def _utterances(self, stream: int, st: _Stream, msgs: list[dict]) -> list[Utterance]:
-        """The recorded utterances of this response's finals that have words, and for an
-        ``interims=whisper`` stream the open utterance when a refresh is due."""
-        out = []
-        for index, first, end in worded_finals(st.finals, msgs):
-            cut = st.recorder.cut(first, end)
-            if cut is None:
-                log.info("utterance over the two-pass limit: first-pass final kept")
-                continue
-            features, log_probs = cut
-            out.append(
-                Utterance(
-                    index,
-                    features,
-                    log_probs,
-                    stream=stream,
-                    seq=st.next_seq - 1,
-                    start_frame=first,
-                )
-            )
-        st.finals.clear()
-        if not st.closed:
-            st.recorder.trim(st.decoder.utterance_start_frame)
-        return out + self._interim_utterances(stream, st, msgs)
-
-    def _interim_utterances(self, stream: int, st: _Stream, msgs: list[dict]) -> list[Utterance]:
-        """For an ``interims=whisper`` stream, what each interim of the response needs:
-        the last one gets the open utterance to re-decode when it has words and
-        ``interim_refresh_s`` of audio went by since the last re-decode (or the
-        utterance's start); every other interim a CARRY (shown as the last re-decode of its
-        utterance plus newer CTC words)."""
-        dec = st.decoder
-        if dec.config.interims != "whisper":
-            return []
-        nothing = np.zeros((0, 0), np.float32)
-        first, end, seq = dec.utterance_start_frame, dec.frames_decoded, st.next_seq - 1
-        interims = [
-            i for i, m in enumerate(msgs) if m.get("type") == "Results" and not m.get("is_final")
-        ]
-        frame_s, offset = self.contract.output_frame_seconds, dec.config.time_offset
-        out = [
-            Utterance(
-                i,
-                nothing,
-                nothing,
-                kind=CARRY,
-                stream=stream,
-                seq=seq,
-                start_frame=round((msgs[i]["start"] - offset) / frame_s),
-            )
-            for i in interims
-        ]
-        if not out or interims[-1] != len(msgs) - 1:
-            return out
-        since = end - max(st.refreshed_at, first)
-        due = since * self.contract.output_frame_seconds >= dec.config.interim_refresh_s
-        cut = st.recorder.cut(first, end) if due and protocol.transcript(msgs[-1]) else None
-        if cut is not None:
-            st.refreshed_at = end
-            features, log_probs = cut
-            out[-1] = Utterance(
-                len(msgs) - 1,
-                features,
-                log_probs,
-                kind=INTERIM,
-                stream=stream,
-                seq=seq,
-                start_frame=first,
-            )
-        return out
-
-    def process(self, r: DecoderRequest) -> list[dict]:
-        """This request's messages (see ``process_full`` for the two-pass utterances)."""
-        return self.process_full(r)[0]
-
-    # -- reordering ------------------------------------------------------------------
-    def _unpark(self, stream: int, st: _Stream) -> None:
-        """Forget a stream's parked requests (and its gap)."""
-        self.parked_bytes -= st.parked_bytes
-        st.parked_bytes = 0
-        st.pending.clear()
-        st.gap_since = None
-        if self._gaps.get(stream) is st:
-            del self._gaps[stream]
-
-    def _fail(self, stream: int, st: _Stream, why: str) -> StreamError:
-        """The stream cannot go on (a request of it is lost): every later request of it,
-        END included, gets ``why`` instead of an empty answer."""
-        self._unpark(stream, st)
-        st.failed = why
-        # ``why`` may quote the client's options (a hotword): the client gets it, not the log
-        log.warning("stream %d failed (request %d)", stream, st.next_seq)
-        return StreamError(why)
-
-    def expire_gaps(self) -> int:
-        """Fail the streams whose missing request is older than the reorder timeout
-        (and free what they parked).  Runs on every request and on the sweeper's timer."""
-        with self.store.lock:
-            now, n = self.clock(), 0
-            while self._gaps:
-                stream, st = next(iter(self._gaps.items()))
-                if now - st.gap_since <= self.reorder_timeout_s:
-                    break
-                self._fail(
-                    stream,
-                    st,
-                    (
-                        f"request {st.next_seq} of stream {stream} never reached the decoder "
-                        f"within {self.reorder_timeout_s:g} s (lost in flight, e.g. its gRPC "
-                        f"stream was cancelled); the {len(st.pending)} request(s) after it "
-                        "were dropped: end this stream and start a new one"
-                    ),
-                )
-                n += 1
-            return n
-
-    def _park(self, stream: int, st: _Stream, r: DecoderRequest) -> None:
-        seq = r.info.seq
-        size = r.log_probs.nbytes + (r.features.nbytes if r.features is not None else 0)
-        why = None
-        if len(st.pending) >= self.max_pending:
-            why = (
-                f"{len(st.pending)} requests already parked waiting for request "
-                f"{st.next_seq} (limit {self.max_pending})"
-            )
-        elif st.parked_bytes + size > self.max_parked_bytes_per_stream:
-            why = (
-                f"{st.parked_bytes / MB:.1f} MB of this stream's requests are already "
-                f"parked waiting for request {st.next_seq} (limit "
-                f"{self.max_parked_bytes_per_stream / MB:g} MB per stream)"
-            )
-        elif self.parked_bytes + size > self.max_parked_bytes:
-            why = (
-                f"the decoder's reorder buffers hold {self.parked_bytes / MB:.1f} MB parked "
-                f"by all streams (limit {self.max_parked_bytes / MB:g} MB)"
-            )
-        if why is not None:
-            raise self._fail(
-                stream, st, f"request {seq} of stream {stream} refused: {why}; the stream is closed"
-            )
-        st.pending[seq] = r
-        st.parked_bytes += size
-        self.parked_bytes += size
-        stale = self._gaps.get(stream)
-        if stale is not None and stale is not st:  # swept by the TTL, id started again
-            self._unpark(stream, stale)
-        if st.gap_since is None:
-            st.gap_since = self.clock()
-            self._gaps[stream] = st
-
-    def process_full(self, r: DecoderRequest) -> tuple[list[dict], list[Utterance]]:
-        info = r.info
-        with self.store.lock:
-            self.expire_gaps()
-            if info.start:
-                if info.seq != 0:
-                    raise StreamError("internal: a START request must be its stream's first")
-                held = self.store.pop(info.stream)
-                if held is not None and held.decoder is None:
-                    st = self.store.create(info.stream, held)  # requests that overtook it
-                else:
-                    if held is not None:  # a live stream is replaced
-                        self._unpark(info.stream, held)
-                    st = self.store.create(info.stream, _Stream())
-            elif info.stream in self.store:
-                st = self.store.get(info.stream)
-            else:
-                # A request that overtook its stream's START: hold it for the START, unless
-                # the stream is known to have expired.
-                if info.stream in self.store.expired:
-                    self.store.get(info.stream)  # raises "expired"
-                st = self.store.create(info.stream, _Stream())
-            if st.failed is not None:
-                if info.end:
-                    self.store.pop(info.stream)
-                raise StreamError(st.failed)
-            if info.seq != st.next_seq:
-                if info.seq < st.next_seq or info.seq in st.pending:
-                    raise StreamError(
-                        f"internal: request {info.seq} of stream {info.stream} arrived twice"
-                    )
-                self._park(info.stream, st, r)
-                return [], []
-            msgs = self._apply(st, r)
-            st.next_seq += 1
-            while st.next_seq in st.pending:
-                parked = st.pending.pop(st.next_seq)
-                size = parked.log_probs.nbytes + (
-                    parked.features.nbytes if parked.features is not None else 0
-                )
-                st.parked_bytes -= size
-                self.parked_bytes -= size
-                msgs += self._apply(st, parked)
-                st.next_seq += 1
-            if st.gap_since is not None:
-                self._gaps.pop(info.stream, None)
-                # still waiting for another request: that gap starts now
-                st.gap_since = self.clock() if st.pending else None
-                if st.pending:
-                    self._gaps[info.stream] = st
-            utterances = self._utterances(info.stream, st, msgs) if st.recorder is not None else []
-            if st.closed:
-                self._unpark(info.stream, st)
-                self.store.pop(info.stream)
-            return msgs, utterances
 
 
 def build_defaults(cfg: ModelConfig) -> DecoderDefaults:

@@ -41,23 +41,6 @@ class FinalPassStep:
         """Whether answering takes a Whisper re-decode (anything but carried interims)."""
         return any(u.kind != CARRY for u in utterances)
 
-    def process(self, messages: list[dict], blobs: list[bytes]) -> list[dict]:
-        return self.final_pass.process(messages, [Utterance.from_bytes(b) for b in blobs])
-
-    def process_many(
-        self, batch: list[tuple[list[dict], list[bytes]]]
-    ) -> list[list[dict] | ValueError]:
-        """Each request's messages, or the ValueError that request alone gets."""
-        parsed: list[tuple[list[dict], list[Utterance]] | ValueError] = []
-        for messages, blobs in batch:
-            try:
-                parsed.append((messages, [Utterance.from_bytes(b) for b in blobs]))
-            except ValueError as exc:
-                parsed.append(exc)
-        good = [p for p in parsed if not isinstance(p, ValueError)]
-        done = iter(self.final_pass.process_many(good))
-        return [p if isinstance(p, ValueError) else next(done) for p in parsed]
-
 
 def whisper_dir(cfg: ModelConfig) -> Path:
     """Parameter ``whisper_dir`` (relative to the model's folder), default its version

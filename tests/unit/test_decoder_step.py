@@ -182,3 +182,27 @@ def test_a_stream_swept_with_requests_parked_frees_them_and_its_id_can_start_aga
     assert step.parked_bytes == new[2].log_probs.nbytes  # the swept stream's bytes freed
     step.process(new[1])
     assert step.parked_bytes == 0
+
+
+def test_a_request_parked_past_its_streams_end_is_dropped_and_the_stream_closes():
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
+    reqs = requests(3, ["_a_", "_b_"])
+    reqs[0].info.end = True  # a caller that numbers wrongly: request 1 comes after END
+    assert step.process(reqs[1]) == []  # parked, waiting for request 0
+    assert transcript(step.process(reqs[0])) == "a"  # never applied to a closed decoder
+    assert len(step.store) == 0 and step.parked_bytes == 0
+
+
+def test_a_streams_first_request_without_start_is_refused_clearly():
+    step = CtcDecoderStep(C, DecoderDefaults(), idle_timeout_s=30)
+    req = requests(6, PIECES)[1]
+    req.info.seq = 0  # nothing can overtake a stream's first request
+    with pytest.raises(StreamError, match="must carry the START flag"):
+        step.process(req)
+    assert len(step.store) == 0
+    start = requests(6, PIECES)[0]
+    start.info.options = {"beam_size": "many"}
+    with pytest.raises(ValueError, match="beam_size"):
+        step.process(start)  # the START is refused: the stream has no decoder
+    with pytest.raises(StreamError, match="no accepted START"):
+        step.process(req)
