@@ -123,6 +123,7 @@ class Plan:
     keepalives: int = KEEPALIVE_FLOOD
     finalizes: int = KEEPALIVE_FLOOD
     flood_frame_ms: float = 10.0
+    flood_audio_s: float | None = None  # None: the whole of assets/demo.wav (30 s)
     brackets: int = NESTED_BRACKETS
     trickle_connections: int = 100
     trickle_every_s: float = 0.5
@@ -143,6 +144,7 @@ QUICK = Plan(
     repeats=1,
     keepalives=2_000,
     finalizes=500,
+    flood_audio_s=5.0,
     trickle_connections=5,
     trickle_bound_s=6.0,
     abandoned=4,
@@ -502,12 +504,15 @@ async def attack_finalize_flood(ctx: AttackCtx) -> dict:
 
 
 async def attack_audio_flood(ctx: AttackCtx) -> dict:
-    """assets/demo.wav (30 s) as fast as the socket takes it, in frames of
-    ``flood_frame_ms``; then CloseStream.  Not refused: the gateway reads audio frames
+    """assets/demo.wav (30 s, or its first ``flood_audio_s``) as fast as the socket takes
+    it, in frames of ``flood_frame_ms``; then CloseStream.  Not refused: the gateway reads audio frames
     over its frame rate later and paces audio to max_lead_seconds."""
     from streamasr_client.audio import load_audio
 
-    pcm = to_pcm16(load_audio(str(DEMO_WAV), ctx.rate))
+    audio = load_audio(str(DEMO_WAV), ctx.rate)
+    if ctx.plan.flood_audio_s is not None:
+        audio = audio[: int(ctx.plan.flood_audio_s * ctx.rate)]
+    pcm = to_pcm16(audio)
     n = int(ctx.rate * ctx.plan.flood_frame_ms / 1000) * SAMPLE_WIDTH
     frames = [pcm[i : i + n] for i in range(0, len(pcm), n)]
     r = await _ws_attack(ctx.url, frames=frames, close_msg=True)
