@@ -244,16 +244,26 @@ class Serve:
                 return pid
         raise RuntimeError("docker/serve has no tritonserver child")
 
-    def stream_requests(self) -> float:
-        """Requests Triton has counted for the streaming model (success + failure)."""
+    def stream_requests(self) -> float | None:
+        """Requests Triton has counted for the streaming model (success + failure);
+        None when the metrics port does not answer (tritonserver died)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode()
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return None
         total = 0.0
         for name in ("nv_inference_request_success", "nv_inference_request_failure"):
             pat = rf'^{name}{{model="{protocol.STREAM_MODEL}",[^}}]*}} ([0-9.e+-]+)$'
             total += sum(float(m.group(1)) for m in re.finditer(pat, text, re.M))
         return total
+
+    def crash_lines(self) -> list[str]:
+        """The log's lines that say how tritonserver or the gateway ended."""
+        pat = r"Signal \(|terminate called|what\(\)|exited with code|Stub process|UNHEALTHY"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [ln.strip()[:300] for ln in lines if re.search(pat, ln)][-6:]
 
     def tail(self, n: int = 3000) -> str:
         self._log.flush()
@@ -753,7 +763,16 @@ def class_targets(c: dict, budget_ms: float = LATENCY_BUDGET_MS) -> list[dict]:
     """Issue 21's targets for one class's result: met True / False, None if unmeasured."""
     ex, by, rss, ping = c["exact"], c["bystanders"], c["rss"], c["ping"]
     p99 = by["chunk_latency_ms"]["p99"]
+    alive = c.get("server_alive", True)
     return [
+        {
+            "target": "the server survives (docker/serve and tritonserver up)",
+            "measured": "up"
+            if alive
+            else f"exited {(c.get('server_exit') or {}).get('code')}: "
+            + " | ".join((c.get("server_exit") or {}).get("log", [])[:2]),
+            "met": alive,
+        },
         {
             "target": "bystanders' finals exact",
             "measured": f"{ex['exact']} of {ex['of']}",
@@ -863,6 +882,12 @@ def markdown(result: dict) -> str:
             f"({rss['after_vs_before_pct']:+} %) | {ping['n'] - ping['not_200']}/{ping['n']}, "
             f"{ping['latency_ms']['p99']} | {c.get('attacker_triton_requests')} |"
         )
+    for crash in result.get("server_crashes", []):
+        lines += [
+            "",
+            f"**docker/serve exited during {crash['class']}** (exit {crash['code']}; restarted "
+            f"for the remaining classes): " + " | ".join(f"`{x}`" for x in crash["log"][:3]),
+        ]
     lines += ["", "Targets:", "", "| attacker | target | measured | met |", "|---|---|---|---|"]
     for name, c in result["classes"].items():
         for t in c["targets"]:
@@ -916,9 +941,15 @@ def run_class(
     with RssSampler(pid, RSS_EVERY_S) as rss, PingProbe(serve) as ping:
         runs, attacker = asyncio.run(both())
     ended = time.monotonic()
-    requests = serve.stream_requests() - requests_before
+    requests_after = serve.stream_requests()
+    requests = (
+        None
+        if requests_after is None or requests_before is None
+        else requests_after - requests_before
+    )
+    alive = serve.proc.poll() is None
     series = []
-    while True:  # bounded: settle_s
+    while alive:  # bounded: settle_s; nothing to settle when the server died
         since = time.monotonic() - ended
         series.append((round(since, 1), total_rss_kib(pid)))
         if since >= plan.settle_s:
@@ -930,17 +961,21 @@ def run_class(
         "bystanders": bystander_summary(runs),
         "finals": [r["final"] for r in runs],
         "ping": ping_summary(ping.seen),
-        "rss": rss_verdict(before, rss.peak, series[-1][1], baseline_kib or before),
+        "rss": rss_verdict(
+            before, rss.peak, series[-1][1] if series else 0, baseline_kib or before
+        ),
         "rss_series_kib": series,
         "gateway_rss_mib": round(_rss_kib(serve.proc.pid) / 1024, 1),
         "triton_stream_requests": requests,
-        "server_alive": serve.proc.poll() is None,
+        "server_alive": alive,
     }
     if attacker is not None:
         out["attacker"] = attacker
-        if baseline_requests is not None:
+        if baseline_requests is not None and requests is not None:
             out["attacker_triton_requests"] = round(requests - baseline_requests)
     out["exact"] = exact_count(expected or out["finals"], runs)
+    if not alive:
+        out["server_exit"] = {"code": serve.proc.returncode, "log": serve.crash_lines()}
     if name != "baseline":
         out["targets"] = class_targets(out)
     lat = out["bystanders"]["chunk_latency_ms"]
@@ -983,16 +1018,21 @@ def run(
     }
     pcms = bystander_pcm(plan.bystanders, plan.bystander_s, rate)
     serve = Serve(log_path)
+    restarts = 0
     t_start = time.monotonic()
     try:
         progress(f"hostile: starting docker/serve (log {log_path}) ...")
         serve.wait_ready()
+
         # warm-up: every bystander for half its audio (onnxruntime and the allocators
         # meet the batch sizes 8 streams make: a cold first run measured p99 2.2 s and
         # +225 MiB), then the baseline with no attacker
-        asyncio.run(
-            run_bystanders(serve.url, [p[: len(p) // 2] for p in pcms], plan.frame_ms, rate)
-        )
+        def warm_up(serve: Serve) -> None:
+            asyncio.run(
+                run_bystanders(serve.url, [p[: len(p) // 2] for p in pcms], plan.frame_ms, rate)
+            )
+
+        warm_up(serve)
         progress(f"  baseline: {plan.bystanders} bystanders, no attacker")
         base = run_class("baseline", serve, None, rate, pcms, None, plan, 0, None, progress)
         result["baseline"] = baseline_summary(base)
@@ -1013,8 +1053,15 @@ def run(
                     progress,
                 )
                 if serve.proc.poll() is not None:
-                    progress(f"  !! docker/serve exited during {name}: {serve.tail(800)}")
-                    break
+                    crash = {"class": name, **result["classes"][name]["server_exit"]}
+                    result.setdefault("server_crashes", []).append(crash)
+                    progress(f"  !! docker/serve exited during {name}: {crash}")
+                    serve.stop()
+                    restarts += 1
+                    serve = Serve(log_path.with_name(f"{log_path.stem}-{restarts}.log"))
+                    progress("  restarting docker/serve for the remaining classes ...")
+                    serve.wait_ready()
+                    warm_up(serve)
         if serve.proc.poll() is None:
             # the same bystanders again with no attacker: how far the run drifted
             progress("  baseline again, after every class")

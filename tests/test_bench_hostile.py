@@ -78,10 +78,18 @@ def _class(finals_ok=True, p99_lat=0.1, after_kib=1024 * 1000, pings=((200, 0.00
 
 def test_targets_met_and_missed():
     ok = [t["met"] for t in _class()["targets"]]
-    assert ok == [True, True, True, True]
+    assert ok == [True] * 5
     bad = _class(finals_ok=False, p99_lat=0.3, after_kib=1024 * 1100, pings=[(503, 0.001)])
-    assert [t["met"] for t in bad["targets"]] == [False, False, False, False]
-    assert _class(pings=())["targets"][3]["met"] is None  # not measured, not "met"
+    assert [t["met"] for t in bad["targets"]] == [True, False, False, False, False]
+    assert _class(pings=())["targets"][4]["met"] is None  # not measured, not "met"
+
+
+def test_a_server_that_died_misses_its_target_and_says_how():
+    c = _class()
+    c["server_alive"] = False
+    c["server_exit"] = {"code": 1, "log": ["Signal (11) received."]}
+    survived = hostile.class_targets(c)[0]
+    assert survived["met"] is False and "Signal (11)" in survived["measured"]
 
 
 def test_markdown_has_a_row_per_class_and_its_numbers():
@@ -103,7 +111,7 @@ def test_markdown_has_a_row_per_class_and_its_numbers():
     md = hostile.markdown(result)
     row = next(line for line in md.splitlines() if line.startswith("| keepalive_flood:"))
     assert "rate_limited" in row and "1 / 1" in row and "1000.0 → 1200.0 → 1000.0" in row
-    assert md.count("| keepalive_flood |") == 4  # one line per target
+    assert md.count("| keepalive_flood |") == 5  # one line per target
     json.dumps(result)  # the result file is plain JSON
 
 
