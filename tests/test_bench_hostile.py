@@ -174,3 +174,19 @@ def test_quick_plan_is_smaller_in_every_bounded_loop():
     ):
         assert getattr(quick, f) < getattr(full, f), f
     assert full.bystanders == 8 and full.keepalives == 30_000 and full.brackets == 200_000
+
+
+def test_make_bench_keeps_its_result_in_a_typed_section():
+    from benchmarks import run
+    from benchmarks.result import BenchResult
+
+    t = {
+        "class": "trickle",
+        "target": "bystanders' finals exact",
+        "measured": "8 of 8",
+        "met": True,
+    }
+    res = BenchResult.from_json({"hostile": {"targets": [t]}})
+    assert res.extra == {} and res.latency.hostile == {"targets": [t]}
+    assert res.to_json()["hostile"] == {"targets": [t]}
+    assert "hostile" in run.parse_args(["--skip", "hostile"]).skip
