@@ -66,7 +66,7 @@ $(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2
 
 # model_repository/*/config.pbtxt are generated from one typed spec (streamasr/triton/spec.py,
 # which cross-checks the values between models): edit the spec, then regenerate them here.
-# tests/test_repository.py fails while a committed file differs from the spec.
+# tests/unit/test_repository.py fails while a committed file differs from the spec.
 repository: venv
 	$(PY) -m streamasr.triton.spec --write model_repository
 

@@ -308,6 +308,13 @@ def markdown(result: dict) -> str:
                 f"{ov['rss_kib']['peak'] / 1024:.0f} MiB, {_f(ov['rss_kib']['after_s'], 0)} s "
                 f"after {ov['rss_kib']['after'] / 1024:.0f} MiB."
             )
+    ho = r.get("hostile")
+    if ho:
+        L += ["", "## Hostile clients beside paced bystanders (benchmarks/hostile.py)", ""]
+        if ho.get("error"):
+            L.append(f"not measured: {ho['error']}")
+        else:
+            L.append(f"Table and figures: `{ho.get('folder')}/README.md`; targets below.")
     nv = r.get("naive")
     if nv:
         L += ["", "## Peer: re-transcribe the growing buffer each chunk", ""]

@@ -112,13 +112,16 @@ class RawModel(Section):
 
 @dataclass
 class Latency(Section):
-    """Steps 3, 5 and 7: perf_analyzer's closed-loop latency, the growing-buffer peer,
-    the 3x overload on a server with admission control."""
+    """Steps 3, 5, 7 and 8: perf_analyzer's closed-loop latency, the growing-buffer peer,
+    the 3x overload on a server with admission control, hostile clients beside paced
+    bystanders through docker/serve."""
 
     perf_analyzer: Json | None = _omit()
     #: runs (benchmarks/naive.py) and a one-paragraph summary
     naive: Json | None = _omit()
     overload: Json | None = _omit()
+    #: benchmarks/hostile.py's result (its own folder: results/hostile/<date-time>/)
+    hostile: Json | None = _omit()
 
 
 @dataclass

@@ -17,7 +17,10 @@ Steps (progress is printed as they run):
 6. py-spy profile of the server's Python processes under closed-loop load;
 7. overload: a fresh server with admission control on (the repository's limit) offered
    3x that many paced streams (benchmarks/overload.py): admitted streams' latency and
-   transcripts, refusals, memory back to baseline.
+   transcripts, refusals, memory back to baseline;
+8. hostile clients: docker/serve (gateway + tritonserver), one attacker class at a time
+   beside 8 paced WebSocket bystanders (benchmarks/hostile.py; also written to
+   results/hostile/<date-time>/).
 
 Writes benchmarks/results/<host>-<date>.json / .md / *.png and latest.md.  Everything
 runs on loopback; a temporary copy of the model repository is used only when
@@ -48,6 +51,7 @@ from streamasr_client.stream import AsrConnection
 
 from . import (
     accuracy,
+    hostile,
     load,
     metrics,
     naive,
@@ -285,6 +289,8 @@ def compute_targets(result: BenchResult, chunk_s: float) -> list[Target]:
             )
     for t in (result.latency.overload or {}).get("targets", []):
         out.append(Target(f"3x overload: {t['target']}", t["measured"], t["met"]))
+    for t in (result.latency.hostile or {}).get("targets", []):
+        out.append(Target(f"hostile {t['class']}: {t['target']}", t["measured"], t["met"]))
     one = next((lv for lv in cap.levels or [] if lv["streams"] == 1), None)
     if one:
         mx = one["onset_interim_ms"].get("max")
@@ -359,7 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile,overload",
+        help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile,overload,"
+        "hostile",
     )
     p.add_argument(
         "--queue-delay-us",
@@ -764,8 +771,8 @@ def run_profile(b: Bench) -> None:
 
 
 def run_overload(b: Bench) -> None:
-    """[7/7] a fresh server with admission control on, offered 3x its limit."""
-    say("[7/7] overload: 3x the admission limit, a fresh server with admission on")
+    """[7/8] a fresh server with admission control on, offered 3x its limit."""
+    say("[7/8] overload: 3x the admission limit, a fresh server with admission on")
     cap = b.a.overload_capacity
     cap = (b.result.capacity.held_streams or None) if cap == "held" else (int(cap) if cap else None)
     b.result.latency.overload = recorded(
@@ -778,6 +785,24 @@ def run_overload(b: Bench) -> None:
         duration_s=b.cfg["overload_s"],
         settle_s=b.cfg["overload_settle_s"],
     )
+
+
+def run_hostile(b: Bench) -> None:
+    """[8/8] hostile clients beside paced bystanders, through a docker/serve of its own."""
+    say("[8/8] hostile clients: one attacker class at a time beside paced bystanders")
+
+    def step() -> dict:
+        res = hostile.run(
+            hostile.QUICK if b.a.quick else hostile.FULL,
+            list(hostile.CLASSES),
+            quick=b.a.quick,
+            log_path=LOG.with_name("bench-hostile-serve.log"),
+            progress=say,
+        )
+        res["folder"] = str(hostile.write_results(res))
+        return res
+
+    b.result.latency.hostile = recorded("hostile", step)
 
 
 #: The steps on the first server, in order, and the --skip name of each (None: always).
@@ -837,6 +862,8 @@ def main(argv: list[str] | None = None) -> int:
                 b.live.stop()
         if "overload" not in b.skip:
             run_overload(b)
+        if "hostile" not in b.skip:
+            run_hostile(b)
     finish(b, t_start)
     return 0
 
