@@ -266,6 +266,7 @@ def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
     env.update(
         {
             "SAGEMAKER_BIND_TO_PORT": str(free_port()),
+            "STREAMASR_GATEWAY_HOST": "127.0.0.1",  # tests serve loopback only
             "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
             "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
             "SAGEMAKER_TRITON_LOG_VERBOSE": "false",

@@ -296,6 +296,20 @@ def test_keepalives_at_a_normal_rate_coalesce(serve):
 
 
 @needs_demo
+def test_tiny_audio_frames_are_joined_into_few_requests(serve):
+    """One Triton request per frame let 10 ms frames cost 40 requests a chunk (and a
+    flood of them crashed tritonserver once): frames are joined to min_request_s."""
+    a, sr = demo_int16()
+    pcm = a[: 2 * sr].tobytes()
+    before, t0 = triton_requests(serve, protocol.STREAM_MODEL), time.monotonic()
+    msgs, code = asyncio.run(ws_stream(serve.url, pcm, sr // 100 * 2))  # 10 ms frames
+    assert code == 1000 and final_text(msgs)
+    sent = triton_requests(serve, protocol.STREAM_MODEL) - before
+    joined = 2 / GatewayConfig().min_request_s  # 2 s of audio
+    assert sent <= joined + 2 + canaries_at_most(time.monotonic() - t0) < 200, sent
+
+
+@needs_demo
 @pytest.mark.parametrize(
     "text, word",
     [

@@ -11,9 +11,12 @@ import asyncio
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
+import aiohttp
+import aiohttp.test_utils
 import numpy as np
 import pytest
 
@@ -21,6 +24,10 @@ from streamasr.core import admission as adm
 from streamasr.core.state import StreamError
 from streamasr.pipeline import feature_extractor as fx
 from streamasr.pipeline.common import read_config
+from streamasr.protocol import WS_PATH
+from streamasr.sagemaker.gateway.config import GatewayConfig
+from streamasr.sagemaker.gateway.http import Gateway
+from streamasr_client.stream import AsrConnection
 
 from ..helpers import REPOSITORY, copy_repository, start_server
 
@@ -272,3 +279,41 @@ def test_unary_infer_of_a_refused_start_is_grpc_unavailable(limited_server, cont
         for h in holders:
             h.close()
             h.wait()
+
+
+def test_a_refused_websocket_is_closed_at_once_even_if_it_stays_silent(limited_server):
+    """A WebSocket whose START the server refused (at capacity) gets Error ``busy`` and
+    close 1013 as soon as the refusal arrives, not when it next sends a frame (a silent
+    one used to be held until the idle timeout)."""
+    cfg = GatewayConfig(triton_grpc=limited_server.grpc_url, idle_timeout_s=30.0)
+    with AsrConnection(limited_server.grpc_url) as conn:
+        holders = [conn.open_session() for _ in range(LIMIT)]
+        for h in holders:
+            h.send(np.zeros(1600, np.float32))
+        for h in holders:
+            h.wait()
+            assert not h.errors, h.errors
+
+        async def go():
+            gw = Gateway(cfg)
+            server = aiohttp.test_utils.TestServer(gw.app())
+            await server.start_server()
+            url = str(server.make_url("")).rstrip("/")
+            try:
+                async with aiohttp.ClientSession() as s:
+                    async with s.ws_connect(url + WS_PATH) as ws:
+                        t0 = time.monotonic()
+                        await ws.send_bytes(np.zeros(3200, np.int16).tobytes())  # 0.2 s
+                        msgs = [
+                            json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT
+                        ]
+                        return msgs, ws.close_code, time.monotonic() - t0
+            finally:
+                await server.close()
+
+        msgs, code, took = asyncio.run(go())
+        for h in holders:
+            h.close()
+            h.wait()
+    assert code == 1013 and [m["code"] for m in msgs if m["type"] == "Error"] == ["busy"], msgs
+    assert took < 10, f"closed {took:.1f} s after its frame"

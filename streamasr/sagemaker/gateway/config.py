@@ -34,6 +34,9 @@ class GatewayConfig:
     frame_burst: int = 400
     max_control_frames_per_s: float = 10.0
     control_frame_burst: int = 40
+    # Audio frames are joined until at least this much is there before a request goes to
+    # Triton (every request costs the pipeline the same fixed work, however short).
+    min_request_s: float = 0.1
     # A KeepAlive becomes a Triton request only when nothing else of the session is
     # pending and none went out for this long (it exists to keep the stream's state alive
     # across the server's 30 s idle timeout).
@@ -81,6 +84,7 @@ class GatewayConfig:
         c = cls()
         c.port = int(e.get("SAGEMAKER_BIND_TO_PORT", c.port))
         c.triton_grpc = e.get("STREAMASR_TRITON_GRPC", c.triton_grpc)
+        c.host = e.get("STREAMASR_GATEWAY_HOST", c.host)
         c.grpc_ssl = parse_bool(
             "STREAMASR_TRITON_GRPC_SSL", e.get("STREAMASR_TRITON_GRPC_SSL", "false")
         )
@@ -96,6 +100,7 @@ class GatewayConfig:
             ("STREAMASR_GATEWAY_FLOOD_TIMEOUT", "flood_timeout_s", float),
             ("STREAMASR_GATEWAY_SESSION_TTL", "session_ttl_s", float),
             ("STREAMASR_GATEWAY_FLOOD_LEAD", "flood_lead_s", float),
+            ("STREAMASR_GATEWAY_MIN_REQUEST_SECONDS", "min_request_s", float),
             ("STREAMASR_GATEWAY_MAX_FRAMES_PER_S", "max_frames_per_s", float),
             ("STREAMASR_GATEWAY_MAX_CONTROL_FRAMES_PER_S", "max_control_frames_per_s", float),
             ("STREAMASR_GATEWAY_KEEPALIVE_INTERVAL", "keepalive_interval_s", float),

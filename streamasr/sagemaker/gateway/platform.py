@@ -117,6 +117,11 @@ def invocation_limits(max_body_bytes: int = INVOKE_MAX_BODY_BYTES, timeout_s: fl
         # connection and its buffer no longer than an answer may take.
         try:
             return await asyncio.wait_for(read_and_handle(), timeout_s)
+        except ConnectionResetError:  # the client went away mid-body: nobody to answer
+            log.info("invocations: client disconnected before its body was read")
+            resp = web.Response(status=400)
+            resp.force_close()
+            return resp
         except asyncio.TimeoutError:
             log.warning("invocations: no answer after %.0f s; gave up", timeout_s)
             resp = web.json_response(
@@ -140,7 +145,7 @@ async def _drain_stream(ws_session: "WsSession", deadline: float) -> None:
     s = ws_session.session
     try:
         if s is not None and not s.closed and s.started:
-            s.close()  # END: the open utterance comes back as a final
+            s.close(ws_session.take_buffered_audio())  # END: the open utterance's final
             await asyncio.to_thread(s.wait, max(0.0, deadline - time.monotonic()))
             # the last results are on their way to the socket: let the writer send them
             while (

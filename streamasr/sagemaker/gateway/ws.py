@@ -152,6 +152,11 @@ class WsSession:
             self.cfg.max_control_frames_per_s, self.cfg.control_frame_burst
         )
         self.last_request_at = 0.0  # monotonic time of the last request sent to Triton
+        # Audio not yet sent: frames shorter than min_request_s are joined (one Triton
+        # request per frame let a client of 10 ms frames cost 40 requests a chunk).
+        self.buffered: list[np.ndarray] = []
+        self.buffered_samples = 0
+        self.finalized = False  # a Finalize went out and no audio came after it
         self.session: Session | None = None
         self.loop = asyncio.get_running_loop()
         self.out: asyncio.Queue = asyncio.Queue()
@@ -367,11 +372,26 @@ class WsSession:
             decode_pcm(data[:cut], self.encoding, self.channels), rate, self.model_rate
         )
         self.audio_bytes += cut
+        self.finalized = False
+        self.buffered.append(audio)
+        self.buffered_samples += len(audio)
+        if self.buffered_samples < self.cfg.min_request_s * self.model_rate:
+            return
+        joined = self.take_buffered_audio()
+        assert joined is not None
         # Pace a client that sends faster than real time to the server's max_lead_seconds
         # (not reading the socket meanwhile) instead of letting the server close it.
-        await asyncio.sleep(s.send_delay(len(audio)))
-        s.send(audio)
+        await asyncio.sleep(s.send_delay(len(joined)))
+        s.send(joined)
         self.last_request_at = time.monotonic()
+
+    def take_buffered_audio(self) -> np.ndarray | None:
+        """The audio received and not yet sent (None: none), for the next request."""
+        if not self.buffered:
+            return None
+        joined = self.buffered[0] if len(self.buffered) == 1 else np.concatenate(self.buffered)
+        self.buffered, self.buffered_samples = [], 0
+        return joined
 
     async def _control(self, text: str) -> bool:
         """Handle a text frame; True when the client asked to close."""
@@ -384,8 +404,11 @@ class WsSession:
         elif kind == "Finalize":
             s = await self._open()
             await self._accepted()
+            if self.finalized:
+                return False  # nothing came since the last one: its final stands
             await self._check_flood()
-            s.finalize()
+            s.send(self.take_buffered_audio(), finalize=True)
+            self.finalized = True
             self.last_request_at = time.monotonic()
         elif kind == "KeepAlive":
             s = await self._open()
@@ -434,12 +457,42 @@ class WsSession:
         s = self.session
         if s is None or s.closed:
             return
-        if not s.started:
+        last = self.take_buffered_audio()
+        if not s.started and last is None:
             # Nothing was ever sent: there is no sequence to end.
             return
         await self._accepted()
-        s.close()
+        s.close(last)  # END, with the audio still buffered
+        await self._accepted()  # a START sent with this END may be refused too
         await wait_session(s, self.cfg.close_timeout_s)
+
+    async def _next_frame(self) -> Any:
+        """The client's next frame; meanwhile a refused START ends the session at once
+        (not at the client's next frame: a refused client may stay silent), and a client
+        silent for idle_timeout_s is ended (its open utterance's final still goes out)."""
+        receiving = asyncio.ensure_future(self.ws.receive())
+        try:
+            while True:
+                waits: set[asyncio.Future] = {receiving}
+                s = self.session
+                if s is not None and s.started and not self.started.done():
+                    waits.add(self.started)
+                done, _ = await asyncio.wait(
+                    waits, timeout=self.cfg.idle_timeout_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if receiving in done:
+                    return receiving.result()
+                if not done:
+                    await self._finish()
+                    raise ProtocolError(
+                        "idle_timeout",
+                        f"nothing received for {self.cfg.idle_timeout_s:g} s: send audio or "
+                        '{"type": "KeepAlive"} at least that often',
+                    )
+                await self._accepted()  # the START's answer came first: raises if refused
+        finally:
+            if not receiving.done():
+                receiving.cancel()
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer())
@@ -448,15 +501,7 @@ class WsSession:
         try:
             self._query()
             while True:
-                try:
-                    msg = await self.ws.receive(timeout=self.cfg.idle_timeout_s)
-                except asyncio.TimeoutError:
-                    await self._finish()  # the open utterance's final still goes out
-                    raise ProtocolError(
-                        "idle_timeout",
-                        f"nothing received for {self.cfg.idle_timeout_s:g} s: send audio or "
-                        '{"type": "KeepAlive"} at least that often',
-                    ) from None
+                msg = await self._next_frame()
                 if msg.type == WSMsgType.BINARY:
                     await self._rate(control=False)
                     await self._audio(msg.data)
