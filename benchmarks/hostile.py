@@ -98,17 +98,8 @@ WS_CLOSED = (-1, None)  # close_code when the socket ended without a close frame
 # docker/serve's own entry point, with the gateway bound to loopback (the container binds
 # 0.0.0.0, SageMaker's contract; this machine's rule is loopback only).  Nothing else
 # differs: same environment, same limits, same tritonserver.
-LOOPBACK_SERVE = """
-import sys
-from streamasr.sagemaker import serve
-_config = serve.gateway_config
-def _loopback(cfg, env=None):
-    g = _config(cfg, env)
-    g.host = "127.0.0.1"
-    return g
-serve.gateway_config = _loopback
-sys.exit(serve.main())
-"""
+# SageMaker's entry point, as the container runs it.
+SERVE = REPO_ROOT / "docker" / "serve"
 
 
 @dataclass
@@ -193,6 +184,7 @@ class Serve:
                 "STREAMASR_MODEL_REPOSITORY": str(repository),
                 "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
                 "PYTHONUNBUFFERED": "1",
+                "STREAMASR_GATEWAY_HOST": "127.0.0.1",  # loopback only
             }
         )
         # the repository's admission limit, not one left in this shell
@@ -201,7 +193,7 @@ class Serve:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", LOOPBACK_SERVE],
+            [sys.executable, str(SERVE)],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
