@@ -59,12 +59,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from streamasr import protocol
-from streamasr.triton.server import child_processes, free_port
+from streamasr.triton.server import child_processes, free_port, free_port_range
 
 from . import metrics
 from .load import load_clips
 from .overload import Flooder, RssSampler, speaker_audio, total_rss_kib
-from .server_stats import loadavg
+from .server_stats import loadavg, model_requests
 from .soak import _rss_kib
 
 log = logging.getLogger("benchmarks.hostile")
@@ -150,25 +150,6 @@ QUICK = Plan(
 # -- docker/serve on loopback -----------------------------------------------------------
 
 
-def free_port_range(n: int = 3) -> tuple[int, int]:
-    """lo..lo+n-1 on loopback, all free right now (SAGEMAKER_SAFE_PORT_RANGE)."""
-    for _ in range(200):
-        lo = free_port()
-        socks = []
-        try:
-            for p in range(lo, lo + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return lo, lo + n - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 class Serve:
     """docker/serve's main as a child process, its gateway on 127.0.0.1."""
 
@@ -239,17 +220,9 @@ class Serve:
     def stream_requests(self) -> float | None:
         """Requests Triton has counted for the streaming model (success + failure);
         None when the metrics port does not answer (tritonserver died)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                text = r.read().decode()
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return None
-        total = 0.0
-        for name in ("nv_inference_request_success", "nv_inference_request_failure"):
-            pat = rf'^{name}{{model="{protocol.STREAM_MODEL}",[^}}]*}} ([0-9.e+-]+)$'
-            total += sum(float(m.group(1)) for m in re.finditer(pat, text, re.M))
-        return total
+        return model_requests(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", protocol.STREAM_MODEL
+        )
 
     def crash_lines(self) -> list[str]:
         """The log's lines that say how tritonserver or the gateway ended."""

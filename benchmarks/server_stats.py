@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -14,6 +16,21 @@ from .metrics import batch_histogram_delta
 
 MODELS = ("feature_extractor", "acoustic_model", "ctc_decoder", "streaming_asr")
 _TICK = os.sysconf("SC_CLK_TCK")
+
+
+def model_requests(metrics_url: str, model: str) -> float | None:
+    """Requests Triton has counted for ``model`` (success + failure, every version) on
+    its Prometheus endpoint ``metrics_url``; None when it does not answer (the server died)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+    total = 0.0
+    for name in ("nv_inference_request_success", "nv_inference_request_failure"):
+        pattern = rf'^{name}{{model="{re.escape(model)}",[^}}]*}} ([0-9.e+-]+)$'
+        total += sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
+    return total
 
 
 def model_stats(http_url: str, model: str) -> dict:

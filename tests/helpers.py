@@ -10,7 +10,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -30,7 +29,14 @@ from streamasr.pipeline.common import read_config
 from streamasr.protocol.contract import FeatureSpec, ModelContract
 from streamasr.triton import repository
 from streamasr.triton.repository import TWO_PASS_MODELS
-from streamasr.triton.server import ServerConfig, ServerError, TritonServer, free_port, free_ports
+from streamasr.triton.server import (
+    ServerConfig,
+    ServerError,
+    TritonServer,
+    free_port,
+    free_port_range,
+    free_ports,
+)
 from streamasr_client.stream import AsrConnection
 
 # -- the repository, its files, and real servers -----------------------------------------
@@ -239,25 +245,6 @@ SERVE = ROOT / "docker" / "serve"
 needs_demo = pytest.mark.skipif(
     not DEMO_WAV.exists(), reason=f"{DEMO_WAV} not there yet (data helper adds it)"
 )
-
-
-def free_port_range(n: int = 3) -> tuple[int, int]:
-    """lo..lo+n-1, all free right now."""
-    for _ in range(200):
-        lo = free_port()
-        socks = []
-        try:
-            for p in range(lo, lo + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return lo, lo + n - 1
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:

@@ -73,7 +73,7 @@ FEATURE_MODEL = "feature_extractor"
 #: Per-stream options a client may send on a stream's START (decoder and endpoint
 #: settings): a closed set.  Every other key is refused by name wherever options enter
 #: (the client library, the gateway's query strings, Configure messages, headers).  The
-#: decoder's own dataclasses are the definition; tests/unit/test_protocol.py checks this set
+#: decoder's own dataclasses are the definition; tests/e2e/test_hostile_clients.py checks this set
 #: equals their fields less the server-only ones (``lm_path``).
 STREAM_OPTION_KEYS = frozenset(
     {

@@ -110,6 +110,26 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int = 3, host: str = LOOPBACK) -> tuple[int, int]:
+    """(lo, lo + n - 1): n consecutive ports, all free right now (SageMaker's
+    SAGEMAKER_SAFE_PORT_RANGE for a docker/serve beside others)."""
+    for _ in range(200):
+        lo = free_port(host)
+        socks = []
+        try:
+            for p in range(lo, lo + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, p))
+            return lo, lo + n - 1
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
 class Ports(TypedDict):
     http_port: int
     grpc_port: int

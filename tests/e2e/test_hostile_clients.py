@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ import aiohttp
 import aiohttp.test_utils
 import pytest
 
+from benchmarks.server_stats import model_requests
 from streamasr import protocol
 from streamasr.core.decoding import DecoderConfig, EndpointConfig
 from streamasr.core.decoding.config import SERVER_ONLY_PARAMETERS
@@ -164,13 +164,9 @@ def canaries_at_most(seconds: float) -> int:
 def triton_requests(serve, model: str) -> float:
     """Requests Triton has counted for ``model`` (success + failure)."""
     hi = int(serve.env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
-    with urllib.request.urlopen(f"http://127.0.0.1:{hi}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for name in ("nv_inference_request_success", "nv_inference_request_failure"):
-        for m in re.finditer(rf'^{name}{{model="{model}",[^}}]*}} ([0-9.e+-]+)$', text, re.M):
-            total += float(m.group(1))
-    return total
+    count = model_requests(f"http://127.0.0.1:{hi}/metrics", model)
+    assert count is not None, "tritonserver's metrics port did not answer"
+    return count
 
 
 async def _bystander(url: str, pcm: bytes):

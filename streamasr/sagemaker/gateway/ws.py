@@ -155,7 +155,6 @@ class WsSession:
         # Audio not yet sent: frames shorter than min_request_s are joined (one Triton
         # request per frame let a client of 10 ms frames cost 40 requests a chunk).
         self.buffered: list[np.ndarray] = []
-        self.buffered_samples = 0
         self.finalized = False  # a Finalize went out and no audio came after it
         self.session: Session | None = None
         self.loop = asyncio.get_running_loop()
@@ -374,8 +373,7 @@ class WsSession:
         self.audio_bytes += cut
         self.finalized = False
         self.buffered.append(audio)
-        self.buffered_samples += len(audio)
-        if self.buffered_samples < self.cfg.min_request_s * self.model_rate:
+        if sum(map(len, self.buffered)) < self.cfg.min_request_s * self.model_rate:
             return
         joined = self.take_buffered_audio()
         assert joined is not None
@@ -390,7 +388,7 @@ class WsSession:
         if not self.buffered:
             return None
         joined = self.buffered[0] if len(self.buffered) == 1 else np.concatenate(self.buffered)
-        self.buffered, self.buffered_samples = [], 0
+        self.buffered = []
         return joined
 
     async def _control(self, text: str) -> bool:
