@@ -125,11 +125,7 @@ class TimedSession(Session):
 
 def open_timed(conn: AsrConnection, cls: type = TimedSession, **kw) -> TimedSession:
     """Like ``conn.open_session()`` but returns a TimedSession (or ``cls``)."""
-    s = cls(conn, next(conn._ids), {}, None, **kw)
-    with conn._lock:
-        conn._sessions[s.sequence_id] = s
-        conn._stream_locked()
-    return s
+    return conn.open_session(session_class=cls, **kw)
 
 
 # -- speakers --------------------------------------------------------------------------

@@ -643,17 +643,20 @@ class AsrConnection:
         on_message: Callable[[dict], None] | None = None,
         sequence_id: int | None = None,
         model: str | None = None,
+        session_class: type[Session] = Session,
+        **fields: Any,
     ) -> Session:
         """A new stream on this connection; ``model`` picks the streaming model for it
         (e.g. TWO_PASS_MODEL), default the connection's.  ``options`` are per-stream
         decoder and endpoint options (``protocol.STREAM_OPTION_KEYS``); any other key,
         a reserved request field above all, is refused here (ValueError) before
-        anything is sent."""
+        anything is sent.  ``session_class``: a Session subclass to make instead (a
+        benchmark's timed session), given ``fields`` as its own further fields."""
         options = dict(options or {})
         protocol.check_stream_options(options)
         with self._lock:
             sid = sequence_id if sequence_id is not None else self._new_id_locked()
-            s = Session(self, sid, options, on_message, model)
+            s = session_class(self, sid, options, on_message, model, **fields)
             self._sessions[sid] = s
             self._stream_locked()
         return s

@@ -199,3 +199,19 @@ def test_result_sections_leave_out_what_a_run_did_not_measure():
     assert "overload" not in data and "levels" not in data and "targets" not in data
     assert data["intra_op_threads"] is None  # always written, as run.py always set it
     assert BenchResult.from_json(dict(data, future_key=1)).to_json() == dict(data, future_key=1)
+
+
+def test_open_timed_opens_a_timed_session_through_the_public_api():
+    """The load generator's sessions come from AsrConnection.open_session (it reached
+    into the connection's private id counter, which went away with random ids)."""
+    from benchmarks import load
+    from streamasr_client.stream import AsrConnection
+
+    conn = AsrConnection("127.0.0.1:1")  # never connected: nothing is sent
+    try:
+        s = load.open_timed(conn, t_capture0=1.5)
+        other = conn.open_session()
+    finally:
+        conn.close()
+    assert isinstance(s, load.TimedSession) and s.t_capture0 == 1.5
+    assert s.sequence_id != other.sequence_id and s.conn is conn
