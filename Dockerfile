@@ -40,10 +40,8 @@ COPY docker/requirements-whisper.txt docker/requirements-whisper.txt
 RUN python3 -m pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         -r docker/requirements-whisper.txt
 COPY streamasr streamasr
-COPY training/__init__.py training/ct2.py training/whisper.py training/export_whisper.py \
-     training/sphinx_lm.py training/build_lm.py training/
-RUN python3 -m training.export_whisper --out /whisper \
-    && python3 -m training.build_lm --out /lm/en-us.arpa
+RUN python3 -m streamasr.artifacts.export_whisper --out /whisper \
+    && python3 -m streamasr.artifacts.build_lm --out /lm/en-us.arpa
 
 # Stage: the same files from a local `make whisper lm` (named build context `prebuilt` =
 # the checkout's model_repository; hadolint does not know named contexts).
@@ -100,13 +98,13 @@ COPY client client
 RUN python3 -m pip install --no-cache-dir --no-deps . \
     && python3 -c "import streamasr.sagemaker.gateway.http, streamasr_client.stream"
 
-# Our Python-based Triton backends.  NOT backends/onnxruntime: that is the CPU stand-in
+# Our Python-based Triton backends.  NOT streamasr/triton/python_backends/onnxruntime: that is the CPU stand-in
 # used on machines without Triton's native onnxruntime backend, which this image has.
-COPY backends/streamasr_model_contract /opt/tritonserver/backends/streamasr_model_contract
-COPY backends/streamasr_ctc_decoder /opt/tritonserver/backends/streamasr_ctc_decoder
-COPY backends/streamasr_feature_extractor /opt/tritonserver/backends/streamasr_feature_extractor
-COPY backends/streamasr_final_pass /opt/tritonserver/backends/streamasr_final_pass
-COPY backends/streamasr_offline_asr /opt/tritonserver/backends/streamasr_offline_asr
+COPY streamasr/triton/python_backends/streamasr_model_contract /opt/tritonserver/backends/streamasr_model_contract
+COPY streamasr/triton/python_backends/streamasr_ctc_decoder /opt/tritonserver/backends/streamasr_ctc_decoder
+COPY streamasr/triton/python_backends/streamasr_feature_extractor /opt/tritonserver/backends/streamasr_feature_extractor
+COPY streamasr/triton/python_backends/streamasr_final_pass /opt/tritonserver/backends/streamasr_final_pass
+COPY streamasr/triton/python_backends/streamasr_offline_asr /opt/tritonserver/backends/streamasr_offline_asr
 
 # The model repository, with the production overlay (acoustic model on the GPU).  Not
 # under /opt/ml: SageMaker mounts its volumes there (ModelDataUrl's content at

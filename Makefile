@@ -58,11 +58,11 @@ whisper: $(WHISPER)
 
 lm: $(LM)
 
-$(LM): $(STAMP) training/build_lm.py training/sphinx_lm.py
-	$(PY) -m training.build_lm --out $@
+$(LM): $(STAMP) streamasr/artifacts/build_lm.py streamasr/artifacts/sphinx_lm.py
+	$(PY) -m streamasr.artifacts.build_lm --out $@
 
-$(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2.py
-	$(PY) -m training.export_whisper --out $(dir $@)
+$(WHISPER): $(STAMP) streamasr/artifacts/export_whisper.py streamasr/artifacts/whisper.py streamasr/artifacts/ct2.py
+	$(PY) -m streamasr.artifacts.export_whisper --out $(dir $@)
 
 # model_repository/*/config.pbtxt are generated from one typed spec (streamasr/triton/spec.py,
 # which cross-checks the values between models): edit the spec, then regenerate them here.

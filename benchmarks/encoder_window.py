@@ -46,8 +46,8 @@ LENGTH_BUCKETS_S = ((0, 2), (2, 5), (5, 10), (10, 30.01))
 
 def utterances() -> dict[tuple[str, str], tuple[np.ndarray, str]]:
     """(set, name) -> (log-mel frames as the server computes them, reference)."""
+    from streamasr.artifacts.whisper import log_mel
     from training.train_ctc import load_audio_16k, read_manifest
-    from training.whisper import log_mel
 
     items = [(i.name, i.audio_path, i.reference) for i in load_eval_set()]
     ast = (

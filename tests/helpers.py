@@ -192,6 +192,22 @@ def metric(server, name: str, model: str) -> float:
     return float(m.group(1))
 
 
+def build_wheel(dest: Path) -> Path:
+    """The wheel built from a copy of the sources (PEP 517 backend, no network)."""
+    src = dest / "streamasr-src"
+    src.mkdir(parents=True)
+    shutil.copy2(ROOT / "pyproject.toml", src)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in ("streamasr", "client"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(dest)!r}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dest / out.stdout.strip().splitlines()[-1]
+
+
 def poll(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -33,6 +33,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from streamasr.artifacts import acoustic
 from streamasr.core.evaluation import normalize
 
 log = logging.getLogger("training.asterisk")
@@ -40,7 +41,7 @@ log = logging.getLogger("training.asterisk")
 TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 SPLITS = (("test", 0.20), ("dev", 0.10), ("train", 0.70))
-LICENSE = "CC-BY-SA-3.0 (Asterisk core sounds, Allison Smith / Digium)"
+LICENSE = acoustic.ASTERISK_LICENSE
 
 _UNREADABLE = re.compile(r"[\[\]*#]|\d[.,:]\d|\d{3,}|\d[a-zA-Z]|[a-zA-Z]\d")
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamasr.protocol.contract import ModelContract, check_onnx_io
+from streamasr.artifacts import acoustic
+from streamasr.protocol.contract import ModelContract
 
-from . import acoustic, ct2, train_ctc, whisper
+from . import train_ctc
 
 log = logging.getLogger("training.build_model")
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "model_repository" / "acoustic_model" / "1" / "model.onnx"
-PARITY_TOLERANCE = 1e-3  # max |onnx - torch| of log-probs
 
 
 def make_training_data(out_dir: Path, sentences: int = 3300) -> Path:
@@ -77,12 +77,6 @@ def build(
     head_in: Path = train_ctc.HEAD_FILE,
 ) -> dict:
     t0 = time.time()
-    weights = ct2.load(ct2.packaged_whisper_dir())
-    log.info(
-        "read %s rev %d (%d variables)", weights.spec_name, weights.revision, len(weights.variables)
-    )
-    encoder = whisper.encoder_from_ct2(weights)
-    contract = acoustic.default_contract()
     if retrain or not head_in.exists():
         if manifest is None:
             manifest = make_training_data(ROOT / "build" / "synth")
@@ -106,35 +100,9 @@ def build(
     else:
         head, meta = acoustic.load_head(head_in)
         log.info("using the head %s", head_in)
-    hours = meta.get("train", {}).get("hours", {})
-    if "piper" in hours or "real_pseudo_labelled" in hours:  # say what this head saw
-        contract = acoustic.default_contract(
-            description=contract.description.replace(
-                "synthetic speech",
-                "synthetic speech (espeak-ng, flite, Piper) + Whisper-pseudo-labelled real speech",
-            )
-        )
-    if any(k.startswith("real:asterisk/") for k in hours):
-        from .asterisk import LICENSE as ASTERISK_LICENSE
-
-        contract = acoustic.default_contract(
-            description=contract.description + " + the Asterisk prompts (real, transcribed)",
-            license=f"MIT (Whisper tiny.en encoder); CTC head trained on {ASTERISK_LICENSE}",
-        )
-    if "real_speech" in meta:
-        contract = acoustic.default_contract(
-            description=contract.description + f"; real-speech WER "
-            f"{100 * meta['real_speech']['wer']:.1f}% on {meta['real_speech']['words']} words "
-            "(pocketsphinx test clips, greedy CTC)"
-        )
-    model = acoustic.AcousticModel(encoder, head, contract).eval()
-    acoustic.export_onnx(model, out)
-
-    # -- checks on what was written ------------------------------------------------
+    # Export + the checks on what was written (contract, I/O, ONNX vs torch).
+    model = acoustic.build_onnx(out, head, meta)
     c = ModelContract.from_onnx(out)
-    problems = check_onnx_io(out, c)
-    if problems:
-        raise RuntimeError("exported model breaks the contract: " + "; ".join(problems))
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -151,7 +119,7 @@ def build(
         with torch.no_grad():
             ref = model(torch.from_numpy(feats)).numpy()
         err = float(np.abs(run_onnx(feats) - ref).max())
-        if err > PARITY_TOLERANCE:
+        if err > acoustic.PARITY_TOLERANCE:
             raise RuntimeError(f"ONNX differs from torch by {err}")
         result["onnx_vs_torch_max_abs"] = err
         if evaluate:

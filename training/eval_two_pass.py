@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from streamasr.artifacts import acoustic
 from streamasr.core.features import FeatureStream, silence_frame
 from streamasr.core.whisper_redecoder import WhisperRedecoder
 from streamasr.protocol.contract import ModelContract
 
-from . import acoustic, train_ctc
+from . import train_ctc
 
 log = logging.getLogger("training.eval_two_pass")
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def run(model_path: Path, whisper_dir: Path, threads: int = 1) -> dict:
         hyp1 = train_ctc.ctc_greedy(lp[:n_out])
         t1 = time.perf_counter()
         # the redecoder sees the utterance's features (here recomputed whole-file: identical)
-        from .whisper import log_mel
+        from streamasr.artifacts.whisper import log_mel
 
         hyp2 = whisper_text_to_ctc(redecoder.transcribe(log_mel(audio), sil))
         t2 = time.perf_counter()
@@ -112,14 +113,14 @@ def main(argv=None) -> int:
         "--whisper",
         type=Path,
         default=ROOT / "build" / "whisper_onnx",
-        help="directory from python -m training.export_whisper",
+        help="directory from python -m streamasr.artifacts.export_whisper",
     )
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     needed = ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json")
     if not all((a.whisper / n).exists() for n in needed):
-        from .export_whisper import export
+        from streamasr.artifacts.export_whisper import export
 
         export(a.whisper)
     res = run(a.model, a.whisper, a.threads)

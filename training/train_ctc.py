@@ -28,15 +28,14 @@ import soundfile as sf
 import torch
 from torch.nn import functional as F
 
+from streamasr.artifacts import acoustic, ct2, whisper
 from streamasr.core.features import whole_file_windows
 from streamasr.protocol.contract import ModelContract
-
-from . import acoustic, ct2, whisper
 
 log = logging.getLogger("training.train_ctc")
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "build" / "ctc_cache"
-HEAD_FILE = Path(__file__).resolve().parent / "head.npz"
+HEAD_FILE = acoustic.HEAD_FILE
 
 
 # --- data ------------------------------------------------------------------------------

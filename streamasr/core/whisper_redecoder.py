@@ -1,7 +1,7 @@
 """Two-pass finals: re-decode a finished utterance with the Whisper tiny.en decoder.
 
 Runtime code (numpy + onnxruntime only).  The graphs come from
-``python -m training.export_whisper`` / ``make model``:
+``python -m streamasr.artifacts.export_whisper`` / ``make model``:
 
     <dir>/whisper_encoder.onnx   mel [B, T<=3000, 80] -> encoder_out, cross_k, cross_v
     <dir>/whisper_decoder.onnx   one step with a self-attention KV cache

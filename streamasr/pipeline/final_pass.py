@@ -22,9 +22,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamasr.final_pass")
 
-#: Files the re-decoder needs, made by ``make whisper`` (python -m training.export_whisper).
+#: Files the re-decoder needs, made by ``make whisper`` (python -m streamasr.artifacts.export_whisper).
 WHISPER_FILES = ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json")
-BUILD_HINT = "build them with `make whisper` (python -m training.export_whisper --out DIR)"
+BUILD_HINT = (
+    "build them with `make whisper` (python -m streamasr.artifacts.export_whisper --out DIR)"
+)
 
 
 class FinalPassStep:

@@ -3,15 +3,14 @@
 The wheel ships ``tritonserver`` (2.51), the python backend and one stub per Python
 version, but not as a ready-to-run install.  ``TritonHome`` lays out a backend
 directory (python backend + the stub for *this* interpreter + our Python-based
-backends from ``backends/``), ``TritonServer`` starts the binary with the right
-library path, polls readiness, and stops it.
+backends, package data under ``python_backends/``), ``TritonServer`` starts the binary
+with the right library path, polls readiness, and stops it.
 
-    python -m streamasr.triton.server --model-repository model_repository
+    python -m streamasr.triton.server      # or: streamasr-server
 
-Both folders come from a checkout (``make venv`` installs this package editable); a
-non-editable install (``pip install .``) ships the code they load but not the folders
-themselves: point at them with ``--model-repository`` / ``--backends`` or the
-environment variables STREAMASR_MODEL_REPOSITORY / STREAMASR_BACKENDS.
+The model repository: ``--model-repository`` or STREAMASR_MODEL_REPOSITORY; else the
+checkout's ``model_repository/`` when run from one; else the repository
+``streamasr-artifacts`` built in the artifact cache (what a wheel install serves).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, TypedDict
 
@@ -41,29 +41,32 @@ from streamasr.cli import argument_parser
 log = logging.getLogger("streamasr.triton.server")
 
 REPO_ROOT = checkout.ROOT
-# Where the model repository and the Python-based backends are when not given: these
-# variables, else the checkout this package is imported from.
+# Where the model repository and the Python-based backends are when not given.
 ENV_MODEL_REPOSITORY = "STREAMASR_MODEL_REPOSITORY"
 ENV_BACKENDS = "STREAMASR_BACKENDS"
+#: The Python-based backends (<name>/model.py) ship inside this package (package data).
+PACKAGED_BACKENDS = Path(str(resources.files("streamasr.triton") / "python_backends"))
 
 
-def checkout_path(env_var: str, name: str) -> Path:
-    """``$env_var`` if set, else ``<checkout>/<name>`` (absent in a non-editable install)."""
-    value = os.environ.get(env_var)
-    return Path(value) if value else REPO_ROOT / name
+def default_model_repository() -> Path:
+    """$STREAMASR_MODEL_REPOSITORY; else the checkout's model_repository/ when run from a
+    checkout; else the one ``streamasr-artifacts`` builds in the artifact cache."""
+    value = os.environ.get(ENV_MODEL_REPOSITORY)
+    if value:
+        return Path(value)
+    return checkout.checkout_repository() or checkout.cached_repository()
 
 
 def missing_folder(what: str, path: Path, env_var: str, flag: str) -> str:
-    """The error for a folder that is not there, saying how to point at one."""
+    """The error for a folder that is not there, saying how to get or point at one."""
     return (
-        f"no {what} at {path}: it comes from a streamasr checkout, which a non-editable "
-        f"install (pip install .) does not have; set {env_var}=<checkout>/{path.name} "
-        f"or pass {flag}"
+        f"no {what} at {path}: build one with `streamasr-artifacts` (pip install "
+        f"'streamasr[artifacts]'), or set {env_var} or pass {flag}"
     )
 
 
-DEFAULT_MODEL_REPOSITORY = checkout_path(ENV_MODEL_REPOSITORY, "model_repository")
-DEFAULT_BACKENDS = checkout_path(ENV_BACKENDS, "backends")
+DEFAULT_MODEL_REPOSITORY = default_model_repository()
+DEFAULT_BACKENDS = Path(os.environ.get(ENV_BACKENDS) or PACKAGED_BACKENDS)
 LOOPBACK = "127.0.0.1"
 
 
@@ -196,7 +199,7 @@ def _copy(src: Path, dst: Path) -> None:
 @dataclass
 class ServerConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
-    # backends/<name>/model.py: the Python-based backends config.pbtxt files name
+    # streamasr/triton/python_backends/<name>/model.py: the Python-based backends config.pbtxt files name
     backends: Path = DEFAULT_BACKENDS
     host: str = LOOPBACK
     http_port: int = 8000
@@ -492,14 +495,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-repository",
         type=Path,
         default=DEFAULT_MODEL_REPOSITORY,
-        help=f"default: ${ENV_MODEL_REPOSITORY}, else the checkout's model_repository/",
+        help=f"default: ${ENV_MODEL_REPOSITORY}, else the checkout's model_repository/, "
+        "else the artifact cache's (streamasr-artifacts)",
     )
     p.add_argument(
         "--backends",
         type=Path,
         default=DEFAULT_BACKENDS,
         help=f"the Python-based backends (<name>/model.py); default: ${ENV_BACKENDS}, "
-        "else the checkout's backends/",
+        "else the ones this package ships",
     )
     p.add_argument("--host", default=LOOPBACK, help="address for all endpoints (default loopback)")
     p.add_argument("--http-port", type=int, default=8000)
@@ -570,7 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         server.stop()
         return 1
-    log.info("ready: grpc %s, http %s", server.grpc_url, server.http_url)
+    log.info(
+        "ready: grpc %s, http %s, model repository %s",
+        server.grpc_url,
+        server.http_url,
+        Path(server.config.model_repository).resolve(),
+    )
     watching = a.health_interval > 0
     models = server.ready_models() if watching else []
     stubs = server.python_stubs() if watching else {}

@@ -228,7 +228,7 @@ ACOUSTIC_MODEL = Model(
     parameters=(Parameter("intra_op_thread_count", ONE_THREAD),),
     notes={
         "model": "The acoustic model (ONNX). In the SageMaker image Triton's native "
-        "onnxruntime backend serves this on the GPU; locally backends/onnxruntime stands in "
+        "onnxruntime backend serves this on the GPU; locally streamasr/triton/python_backends/onnxruntime stands in "
         "for it on the CPU. dims must match the model's contract (tests/unit/test_repository.py "
         "checks them).",
         "max_batch_size": "Bounds feature_extractor max_windows_per_request and offline_asr "

@@ -102,7 +102,7 @@ def redecoder(whisper_dir):
 @pytest.fixture(scope="module")
 def utterances() -> list[np.ndarray]:
     """Real speech of several lengths (1-11 s), as the server's log-mel frames."""
-    from training.whisper import log_mel
+    from streamasr.artifacts.whisper import log_mel
 
     return [log_mel(load_audio(i.audio_path, 16000)[0]) for i in load_eval_set()]
 

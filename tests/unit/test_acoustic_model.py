@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from streamasr.artifacts import acoustic, ct2, whisper
 from streamasr.protocol.contract import ModelContract, check_onnx_io
-from training import acoustic, ct2, whisper
 
 
 def test_vocabulary_and_text_normalisation():

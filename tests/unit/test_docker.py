@@ -15,10 +15,13 @@ from tritonclient.grpc import model_config_pb2
 from streamasr.triton.repository import main as overlay_main
 from streamasr.triton.repository import parse_config as parse
 from streamasr.triton.repository import production_overlay
+from streamasr.triton.server import PACKAGED_BACKENDS
 
 from ..helpers import REPOSITORY, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
+# The Python-based backends as the build context names them (package data).
+BACKENDS_IN_CONTEXT = PACKAGED_BACKENDS.relative_to(ROOT).as_posix() + "/"
 KIND = model_config_pb2.ModelInstanceGroup
 
 
@@ -113,16 +116,19 @@ def test_dockerfile_structure():
     assert "com.amazonaws.sagemaker.capabilities.bidirectional-streaming=true" in labels
     all_copies = [r.split() for w, r in ins if w == "COPY"]
     copies = [c for c in all_copies if len(c) == 2]  # one source, from context
-    backend_copies = {src: dst for src, dst in copies if src.startswith("backends/")}
+    backend_copies = {src: dst for src, dst in copies if src.startswith(BACKENDS_IN_CONTEXT)}
     ours = {
-        f"backends/{p.name}" for p in (ROOT / "backends").iterdir() if (p / "model.py").exists()
+        f"{BACKENDS_IN_CONTEXT}{p.name}"
+        for p in PACKAGED_BACKENDS.iterdir()
+        if (p / "model.py").exists()
     }
-    assert "backends/onnxruntime" not in backend_copies, (
+    standin = f"{BACKENDS_IN_CONTEXT}onnxruntime"
+    assert standin not in backend_copies, (
         "the CPU stand-in must not shadow Triton's native onnxruntime backend"
     )
-    assert set(backend_copies) == ours - {"backends/onnxruntime"}
+    assert set(backend_copies) == ours - {standin}
     for src, dst in backend_copies.items():
-        assert dst == "/opt/tritonserver/backends/" + src.split("/", 1)[1]
+        assert dst == "/opt/tritonserver/backends/" + src.rsplit("/", 1)[1]
     runs = " ".join(r for w, r in ins if w == "RUN")
     # the baked repository stays out of /opt/ml, where SageMaker mounts its volumes
     assert (
@@ -147,7 +153,7 @@ def test_dockerfile_structure():
         assert f"final_pass/1/{f}" in prebuilt
         if (exported / "whisper_decoder.onnx").exists():  # after `make whisper`
             assert (exported / f).exists(), f"make whisper no longer writes {f}"
-    assert "python3 -m training.export_whisper --out /whisper" in runs
+    assert "python3 -m streamasr.artifacts.export_whisper --out /whisper" in runs
     assert [
         "--from=whisper",
         "/whisper",

@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("kenlm")
 import kenlm  # noqa: E402
 
+from streamasr.artifacts import build_lm, sphinx_lm  # noqa: E402
+from streamasr.artifacts.acoustic import VOCABULARY, default_contract  # noqa: E402
 from streamasr.core.decoding import DecoderConfig, EndpointConfig, decode_whole  # noqa: E402
 from streamasr.core.decoding.lm import PrefixTable, read_arpa_unigrams  # noqa: E402
 from streamasr.protocol import final_text  # noqa: E402
-from training import build_lm, sphinx_lm  # noqa: E402
-from training.acoustic import VOCABULARY, default_contract  # noqa: E402
 
 SPHINX_UNITS_TO_LOG10 = math.log10(1.0001)
 

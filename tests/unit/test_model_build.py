@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 import torch
 
+from streamasr.artifacts import ct2, whisper
 from streamasr.core.features import silence_frame
 from streamasr.protocol.contract import FeatureSpec
-from training import ct2, whisper
 
 CLIP = (
     Path(__file__).resolve().parents[2]
@@ -96,8 +96,8 @@ def test_onnx_encoder_and_kv_cache_decoder(tmp_path, clip_features):
     """The exported graphs: encoder matches CTranslate2, cached greedy decoding gives the
     same tokens as the torch model (and so the reference words)."""
     ctranslate2 = pytest.importorskip("ctranslate2")
+    from streamasr.artifacts import export_whisper
     from streamasr.core.whisper_redecoder import WhisperRedecoder
-    from training import export_whisper
 
     export_whisper.export(tmp_path)
     ow = WhisperRedecoder(tmp_path)

@@ -1,14 +1,13 @@
-"""A non-editable install (`pip install .`): the wheel holds the code Triton's Python-based
-backends load, and a server started without a checkout says which folder it lacks and how
-to point at it (--backends / STREAMASR_BACKENDS, --model-repository /
-STREAMASR_MODEL_REPOSITORY).  The folders themselves (backends/, model_repository/ with
-its ~350 MB of built artifacts) are not in the wheel."""
+"""A non-editable install (`pip install .`): the wheel holds the Python-based backends
+(package data) and the code they load, the bundled CTC head streamasr-artifacts exports, and
+no built artifact (~350 MB: streamasr-artifacts builds them into a cache); a server started
+without a repository says how to get one.  tests/e2e/test_wheel.py serves from a real
+install."""
 
 from __future__ import annotations
 
 import ast
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,41 +17,29 @@ import pytest
 from streamasr.triton.server import (
     ENV_BACKENDS,
     ENV_MODEL_REPOSITORY,
+    PACKAGED_BACKENDS,
     ServerConfig,
     ServerError,
     TritonHome,
     TritonServer,
 )
 
-from ..helpers import ROOT
+from ..helpers import ROOT, build_wheel
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-    """The wheel built from a copy of the sources (PEP 517 backend, no network)."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "streamasr-src"
-    src.mkdir()
-    shutil.copy2(ROOT / "pyproject.toml", src)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("streamasr", "client"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
-    code = f"from setuptools import build_meta; print(build_meta.build_wheel({str(tmp)!r}))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return zipfile.ZipFile(tmp / out.stdout.strip().splitlines()[-1])
+    return zipfile.ZipFile(build_wheel(tmp_path_factory.mktemp("wheel")))
 
 
 def backend_imports() -> dict[str, str]:
     """backend name -> the module its model.py imports TritonPythonModel from."""
     out = {}
-    for model in sorted((ROOT / "backends").glob("*/model.py")):
+    for model in sorted(PACKAGED_BACKENDS.glob("*/model.py")):
         tree = ast.parse(model.read_text())
         (mod,) = [n.module for n in tree.body if isinstance(n, ast.ImportFrom)]
         out[model.parent.name] = mod
-    assert out, "no backends/*/model.py"
+    assert out, f"no {PACKAGED_BACKENDS}/*/model.py"
     return out
 
 
@@ -61,6 +48,8 @@ def test_the_wheel_holds_what_the_backends_and_the_gateway_load(wheel):
     for backend, module in backend_imports().items():
         path = module.replace(".", "/") + ".py"
         assert path in names, f"backend {backend} imports {module}: {path} not in the wheel"
+        assert f"streamasr/triton/python_backends/{backend}/model.py" in names
+    assert "streamasr/artifacts/head.npz" in names
     assert "streamasr/sagemaker/deploy/tritonserver-registries.json" in names
     assert "streamasr_client/stream.py" in names
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
@@ -69,12 +58,12 @@ def test_the_wheel_holds_what_the_backends_and_the_gateway_load(wheel):
 
 
 def test_without_a_checkout_the_server_names_the_missing_folder(tmp_path):
-    with pytest.raises(ServerError, match=f"{ENV_BACKENDS}=.*--backends"):
+    with pytest.raises(ServerError, match=f"{ENV_BACKENDS} or pass --backends"):
         TritonHome(tmp_path / "home", tmp_path / "backends").prepare()
     srv = TritonServer(
         ServerConfig(model_repository=tmp_path / "model_repository", home=tmp_path / "h")
     )
-    with pytest.raises(ServerError, match=f"{ENV_MODEL_REPOSITORY}=.*--model-repository"):
+    with pytest.raises(ServerError, match="streamasr-artifacts"):
         srv.start()
     assert srv.proc is None  # nothing was started
 
@@ -104,8 +93,6 @@ def test_every_top_level_import_of_the_package_resolves():
     move left half-rewritten) fails only when Triton loads the model: catch it here."""
     import ast
     import importlib.util
-
-    from ..helpers import ROOT
 
     missing = []
     for path in sorted((ROOT / "streamasr").rglob("*.py")):

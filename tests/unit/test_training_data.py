@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamasr.artifacts.acoustic import default_contract
 from streamasr.core.features import whole_file_windows
 from training import asterisk
-from training.acoustic import default_contract
 from training.train_ctc import full_sequence
 
 

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m training.export_whisper",
+        prog="python -m streamasr.artifacts.export_whisper",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

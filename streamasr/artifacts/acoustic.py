@@ -13,6 +13,7 @@ import logging
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,12 +26,20 @@ from .whisper import WhisperEncoder
 
 log = logging.getLogger(__name__)
 
+#: The bundled CTC head (package data, 6 MB): `make model` / `streamasr-artifacts` export
+#: it on the packaged Whisper encoder; `python -m training.build_model --retrain` replaces it.
+HEAD_FILE = Path(__file__).resolve().parent / "head.npz"
+#: The Asterisk prompts' licence (training/asterisk.py reads them).
+ASTERISK_LICENSE = "CC-BY-SA-3.0 (Asterisk core sounds, Allison Smith / Digium)"
+#: max |onnx - torch| of log-probs accepted for an exported graph.
+PARITY_TOLERANCE = 1e-3
+
 VOCABULARY: tuple[str, ...] = ("<blank>", " ", *string.ascii_lowercase, "'")
 CHAR_TO_ID = {c: i for i, c in enumerate(VOCABULARY) if i > 0}
 
 
-def default_contract(**overrides) -> ModelContract:
-    kw = dict(
+def default_contract(**overrides: Any) -> ModelContract:
+    kw: dict[str, Any] = dict(
         features=FeatureSpec(),
         chunk_frames=40,
         left_frames=100,
@@ -197,3 +206,65 @@ def load_head(path: str | Path) -> tuple[CTCHead, dict]:
     head = CTCHead(HeadConfig(**meta["head"]), meta["chunk_out"])
     head.load_state_dict({k: torch.from_numpy(z[k]) for k in z.files if k != "__config__"})
     return head.eval(), meta
+
+
+def describe(meta: dict) -> ModelContract:
+    """The contract for a head, its description saying what data the head saw."""
+    contract = default_contract()
+    hours = meta.get("train", {}).get("hours", {})
+    if "piper" in hours or "real_pseudo_labelled" in hours:
+        contract = default_contract(
+            description=contract.description.replace(
+                "synthetic speech",
+                "synthetic speech (espeak-ng, flite, Piper) + Whisper-pseudo-labelled real speech",
+            )
+        )
+    if any(k.startswith("real:asterisk/") for k in hours):
+        # The prompts' licence follows a head trained on them.
+        contract = default_contract(
+            description=contract.description + " + the Asterisk prompts (real, transcribed)",
+            license=f"MIT (Whisper tiny.en encoder); CTC head trained on {ASTERISK_LICENSE}",
+        )
+    if "real_speech" in meta:
+        contract = default_contract(
+            description=contract.description + f"; real-speech WER "
+            f"{100 * meta['real_speech']['wer']:.1f}% on {meta['real_speech']['words']} words "
+            "(pocketsphinx test clips, greedy CTC)"
+        )
+    return contract
+
+
+def build_onnx(
+    out: str | Path, head: CTCHead | None = None, meta: dict | None = None
+) -> "AcousticModel":
+    """Export the packaged Whisper encoder + ``head`` (default: the bundled one) to ``out``
+    and check what was written: the contract from its metadata, the graph's I/O against
+    it, and ONNX against torch on a fixed input.  Returns the torch model."""
+    import onnxruntime as ort
+
+    from streamasr.protocol.contract import check_onnx_io
+
+    from . import ct2, whisper
+
+    if head is None:
+        head, meta = load_head(HEAD_FILE)
+    weights = ct2.load(ct2.packaged_whisper_dir())
+    encoder = whisper.encoder_from_ct2(weights)
+    model = AcousticModel(encoder, head, describe(meta or {})).eval()
+    export_onnx(model, out)
+    c = ModelContract.from_onnx(out)
+    problems = check_onnx_io(out, c)
+    if problems:
+        raise RuntimeError("exported model breaks the contract: " + "; ".join(problems))
+    # Log-mel-like input (the features' floor is -1.5 after Whisper's scaling): fixed seed.
+    feats = np.random.default_rng(0).uniform(-1.5, 1.5, (2, c.window_frames, c.features.n_mels))
+    feats = feats.astype(np.float32)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run([c.output_name], {c.input_name: feats})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(feats)).numpy()
+    err = float(np.abs(got - ref).max())
+    if err > PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX differs from torch by {err} (> {PARITY_TOLERANCE})")
+    log.info("checked %s: contract, I/O, ONNX vs torch max |diff| %.2g", out, err)
+    return model

@@ -1,10 +1,10 @@
 """``make lm``: the word LM the CTC beam search fuses, as an ARPA file KenLM loads.
 
-    python -m training.build_lm --out model_repository/ctc_decoder/1/en-us.arpa
+    python -m streamasr.artifacts.build_lm --out model_repository/ctc_decoder/1/en-us.arpa
 
 Source: the CMU Sphinx en-us trigram (72.5 k words, lower case) shipped in PyPI
 ``pocketsphinx==5.1.1`` (BSD-style licence, ``pocketsphinx/model/en-us/en-us.lm.bin``),
-read by :mod:`training.sphinx_lm` because Sphinx's own converter aborts on it.
+read by :mod:`streamasr.artifacts.sphinx_lm` because Sphinx's own converter aborts on it.
 
 What is added: an ``<unk>`` unigram.  The CMU file has none, so KenLM would give every
 out-of-vocabulary word ``-100`` (log10) and the beam search would prefer gluing words
@@ -26,7 +26,7 @@ import numpy as np
 
 from . import sphinx_lm
 
-log = logging.getLogger("training.build_lm")
+log = logging.getLogger("streamasr.artifacts.build_lm")
 UNK = "<unk>"
 #: log10 P(<unk>): measured with beam 16 on assets/eval and the Asterisk prompts while
 #: planning (issue 11): -7 stops run-on words without forbidding rare words.
@@ -104,7 +104,7 @@ def build(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m training.build_lm",
+        prog="python -m streamasr.artifacts.build_lm",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
