@@ -87,9 +87,10 @@ lint: venv
 test: venv venv-http2 whisper lm
 	$(PY) -m pytest -q tests
 
-# The tests that start no server (seconds): for work on the logic between full runs.
+# The tests that start no server (tests/unit: a few minutes): for work on the logic
+# between full runs.  tests/integration and tests/e2e start real servers.
 test-unit: venv
-	$(PY) -m pytest -q -m "not server and not slow" tests
+	$(PY) -m pytest -q tests/unit
 
 test-slow: venv venv-http2 whisper lm
 	$(PY) -m pytest -q -m slow tests

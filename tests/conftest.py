@@ -15,38 +15,19 @@ from streamasr_client.stream import AsrConnection
 from .helpers import (
     ACOUSTIC_MODEL,
     DEMO_WAV,
-    MAX_STREAM_S,
     REPOSITORY,
-    TRITON_IDLE_US,
-    TTL_S,
     Launcher,
     Serve,
+    VariantServer,
     copy_repository,
     sagemaker_env,
     start_server,
+    variants_repository,
 )
 
-# Fixtures that start a real tritonserver (themselves or through docker/serve).  A test
-# using one (directly or through another fixture), or marked `server` because it starts
-# one itself, is left out of `make test-unit`.
-SERVER_FIXTURES = {
-    "server",
-    "serve",
-    "own_serve",
-    "short_ttl_server",
-    "iso_server",
-    "limited_server",
-    "lead_server",
-    "byom",
-    "launcher",
-    "own_launcher",
-}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if SERVER_FIXTURES & set(item.fixturenames):
-            item.add_marker(pytest.mark.server)
+# Which tests start a server is decided by folder, not by a list of fixture names:
+# tests/unit never does (tests/unit/conftest.py makes it fail), tests/integration and
+# tests/e2e may (`make test-unit` runs tests/unit only).
 
 
 @pytest.fixture(scope="session")
@@ -58,24 +39,38 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def short_ttl_server(tmp_path_factory):
-    """Short TTLs (reclaim within seconds) and a 30 s per-stream limit: one server for
-    the reclaim, fault and limit tests (helpers.TTL_S and its neighbours)."""
-    root = tmp_path_factory.mktemp("short_ttl")
-    repo = copy_repository(
-        root / "repo",
-        {
-            "feature_extractor": {
-                "stream_idle_timeout_s": str(TTL_S),
-                "max_stream_seconds": str(MAX_STREAM_S),
-            },
-            "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)},
-        },
-        idle_us={"feature_extractor": TRITON_IDLE_US},
-    )
-    srv = start_server(repo, root / "tritonserver.log")
+def variants_server(tmp_path_factory):
+    """ONE server for the configurations the reclaim, fault, limit, isolation, lead and
+    admission tests need (helpers.variants): each its own renamed models."""
+    root = tmp_path_factory.mktemp("variants")
+    srv = start_server(variants_repository(root / "repo"), root / "tritonserver.log", None)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def short_ttl_server(variants_server):
+    """Short TTLs (reclaim within seconds) and a 30 s per-stream limit (helpers.TTL_S and
+    its neighbours)."""
+    return VariantServer(variants_server, "short_ttl")
+
+
+@pytest.fixture(scope="session")
+def iso_server(variants_server):
+    """A short reorder timeout and small parking budgets in the decoder."""
+    return VariantServer(variants_server, "isolation")
+
+
+@pytest.fixture(scope="session")
+def lead_server(variants_server):
+    """Streams closed once their audio runs helpers.LEAD_S ahead of real time."""
+    return VariantServer(variants_server, "lead")
+
+
+@pytest.fixture(scope="session")
+def limited_server(variants_server):
+    """The base model names, limited to helpers.ADMISSION_LIMIT streams."""
+    return VariantServer(variants_server, None)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -84,9 +79,8 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     if rep.when == "call" and rep.failed:
-        for name in ("server", "short_ttl_server", "iso_server", "container"):
-            srv = item.funcargs.get(name)
-            if isinstance(srv, TritonServer) or hasattr(srv, "log_tail"):
+        for name, srv in item.funcargs.items():
+            if isinstance(srv, TritonServer) or callable(getattr(srv, "log_tail", None)):
                 rep.sections.append((f"{name} log tail", srv.log_tail(80)))
 
 

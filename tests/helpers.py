@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from streamasr.core.admission import ENV_LIMIT
 from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from streamasr.pipeline import ctc_decoder, offline_asr
 from streamasr.pipeline.common import read_config
+from streamasr.protocol import STREAM_MODEL
 from streamasr.protocol.contract import FeatureSpec, ModelContract
 from streamasr.triton import repository
 from streamasr.triton.repository import TWO_PASS_MODELS
@@ -85,6 +87,111 @@ def copy_repository(
     return repository.copy_repository(
         REPOSITORY, dst, parameter_overrides, idle_us=idle_us, leave_out=TWO_PASS_MODELS
     )
+
+
+# -- the variants server: several configurations in ONE tritonserver ---------------------
+# Each variant is its own feature_extractor_<v> / ctc_decoder_<v> / streaming_asr_<v> with
+# changed config values (one server start instead of one per configuration); the base
+# names carry the admission limit (they answer streamasr.core.admission's tests, which
+# need the server's own setting: no STREAMASR_MAX_ACTIVE_STREAMS override on this server).
+ADMISSION_LIMIT = 2
+# isolation (test_isolation): reorder timeout within the test; well above an overtake's
+# length on a loaded 2-core machine; small parking budgets, reached with a few MB.
+REORDER_TIMEOUT_S = 3.0
+PARKED_PER_STREAM = 1 << 20
+PARKED_TOTAL = 3 << 20
+# lead (test_backlog): a stream closed once its audio runs this far ahead of real time.
+LEAD_S = 3.0
+STREAMING_STEPS = ("feature_extractor", "ctc_decoder")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A configuration of the streaming models: config values per step, Triton idle time."""
+
+    parameters: dict[str, dict[str, str]]
+    idle_us: dict[str, int] = field(default_factory=dict)
+
+
+def variants() -> dict[str, Variant]:
+    from streamasr import protocol
+    from streamasr.core import admission
+
+    unlimited = {admission.CONFIG_KEY: "0"}
+    return {
+        "short_ttl": Variant(
+            {
+                "feature_extractor": {
+                    "stream_idle_timeout_s": str(TTL_S),
+                    "max_stream_seconds": str(MAX_STREAM_S),
+                    **unlimited,
+                },
+                "ctc_decoder": {"stream_idle_timeout_s": str(TTL_S)},
+            },
+            {"feature_extractor": TRITON_IDLE_US},
+        ),
+        "isolation": Variant(
+            {
+                "feature_extractor": unlimited,
+                "ctc_decoder": {
+                    "reorder_timeout_s": str(REORDER_TIMEOUT_S),
+                    "max_parked_bytes_per_stream": str(PARKED_PER_STREAM),
+                    "max_parked_bytes": str(PARKED_TOTAL),
+                },
+            }
+        ),
+        "lead": Variant(
+            {"feature_extractor": {protocol.MAX_LEAD_PARAMETER: str(LEAD_S), **unlimited}}
+        ),
+    }
+
+
+def variants_repository(dst: Path) -> Path:
+    """A copy of the repository (no two-pass models) whose base streaming models are
+    limited to ADMISSION_LIMIT streams, plus one renamed copy of them per variant."""
+    from streamasr.core import admission
+    from streamasr.triton.repository import edit_config
+
+    repo = repository.copy_repository(
+        REPOSITORY,
+        dst,
+        {"feature_extractor": {admission.CONFIG_KEY: str(ADMISSION_LIMIT)}},
+        leave_out=TWO_PASS_MODELS,
+        link_suffixes=(".onnx", ".arpa"),
+    )
+    for suffix, v in variants().items():
+        renamed = {m: f"{m}_{suffix}" for m in (*STREAMING_STEPS, STREAM_MODEL)}
+        for model, name in renamed.items():
+            shutil.copytree(repo / model, repo / name, symlinks=True)
+
+            def change(cfg, model=model, name=name, v=v, renamed=renamed):
+                cfg.name = name
+                for k, val in v.parameters.get(model, {}).items():
+                    cfg.parameters[k].string_value = val
+                if model in v.idle_us:
+                    cfg.sequence_batching.max_sequence_idle_microseconds = v.idle_us[model]
+                for step in cfg.ensemble_scheduling.step:
+                    step.model_name = renamed.get(step.model_name, step.model_name)
+
+            edit_config(repo / name / "config.pbtxt", change)
+    return repo
+
+
+class VariantServer:
+    """One variant of the variants server, used like a server of its own: the same
+    addresses and process, model names with its suffix (``suffix`` None: the base names)."""
+
+    def __init__(self, server: TritonServer, suffix: str | None):
+        self.server, self.suffix = server, suffix
+
+    def __getattr__(self, name: str):
+        return getattr(self.server, name)
+
+    def model(self, step: str = STREAM_MODEL) -> str:
+        return f"{step}_{self.suffix}" if self.suffix else step
+
+    def connect(self, **kwargs) -> AsrConnection:
+        return AsrConnection(self.server.grpc_url, model=self.model(), **kwargs)
 
 
 # -- streaming through a real server -----------------------------------------------------
@@ -176,7 +283,7 @@ class Bystander:
             self.s.send(self.audio[i : i + self.chunk])
         self.s.close()
         self.s.wait(timeout=180)
-        assert self.s.errors == []
+        assert self.s.errors == [], self.s.errors
         assert finals_with_words(self.s.messages) == self.expected
 
 
@@ -220,7 +327,8 @@ def poll(predicate, timeout: float, what: str):
 def publish_metrics(server) -> None:
     """The steps publish their metrics from execute(), so make both run once: a
     one-request stream (START and END together) that leaves nothing open."""
-    with AsrConnection(server.grpc_url) as c:
+    model = server.model() if isinstance(server, VariantServer) else STREAM_MODEL
+    with AsrConnection(server.grpc_url, model=model) as c:
         s = c.open_session()
         s.close(np.zeros(1600, np.float32))
         s.wait()
@@ -229,27 +337,27 @@ def publish_metrics(server) -> None:
 
 # The short-TTL server (conftest.short_ttl_server): streams reclaimed within seconds, a
 # late request still inside Triton's own idle window (so our step answers "expired"), and
-# a per-stream audio limit above the bystander's audio (at most 25 s).
-TTL_S = 2.0
-TRITON_IDLE_US = 10_000_000
+# a per-stream audio limit above the bystander's audio (at most 25 s).  4 s, not less: on a
+# 2-core machine at load 15 a bystander's pause around a fault reached 2 s and expired it.
+TTL_S = 4.0
+TRITON_IDLE_US = 20_000_000  # > 3 x TTL_S (test_reclaim's late request)
 MAX_STREAM_S = 30.0
-STEPS = ("feature_extractor", "ctc_decoder")
 
 
-def all_reclaimed(server, since: dict[str, float], n: int) -> bool:
+def all_reclaimed(server: VariantServer, since: dict[str, float], n: int) -> bool:
     publish_metrics(server)
     return all(
-        metric(server, "streamasr_open_streams", m) == 0
-        and metric(server, "streamasr_reclaimed_streams_total", m) - since[m] >= n
-        for m in ("feature_extractor", "ctc_decoder")
+        metric(server, "streamasr_open_streams", server.model(m)) == 0
+        and metric(server, "streamasr_reclaimed_streams_total", server.model(m)) - since[m] >= n
+        for m in STREAMING_STEPS
     )
 
 
-def reclaimed_now(server) -> dict[str, float]:
+def reclaimed_now(server: VariantServer) -> dict[str, float]:
     publish_metrics(server)
     return {
-        m: metric(server, "streamasr_reclaimed_streams_total", m)
-        for m in ("feature_extractor", "ctc_decoder")
+        m: metric(server, "streamasr_reclaimed_streams_total", server.model(m))
+        for m in STREAMING_STEPS
     }
 
 

@@ -43,6 +43,8 @@ from streamasr.protocol import (
     is_capacity_refusal,
 )
 
+#: The ensemble input that carries float audio (the feature step takes it).
+AUDIO_INPUT = "AUDIO"
 log = logging.getLogger("streamasr_client")
 
 __all__ = [
@@ -128,7 +130,7 @@ def _add_audio(req, audio: np.ndarray | None, sample_rate: int | None) -> None:
         if a.dtype == np.int16:
             name, dtype = "AUDIO_INT16", "INT16"
         else:
-            name, dtype, a = "AUDIO", "FP32", a.astype(np.float32, copy=False)
+            name, dtype, a = AUDIO_INPUT, "FP32", a.astype(np.float32, copy=False)
         t = req.inputs.add(name=name, datatype=dtype)
         t.shape.extend([len(a)])
         req.raw_input_contents.append(np.ascontiguousarray(a).tobytes())
@@ -580,14 +582,15 @@ class AsrConnection:
         step's max_lead_seconds; None: no limit).  Read from the model's config once."""
         if self._max_lead is None:
             value: float | None = DEFAULT_MAX_LEAD_SECONDS
+            feature_model = self._feature_model()
             try:
                 cfg = self._stub.ModelConfig(
-                    service_pb2.ModelConfigRequest(name=FEATURE_MODEL), timeout=10.0
+                    service_pb2.ModelConfigRequest(name=feature_model), timeout=10.0
                 ).config
             except grpc.RpcError as exc:  # not this server's layout: assume the default
                 log.warning(
                     "no %s config (%s): assuming max_lead_seconds %g",
-                    FEATURE_MODEL,
+                    feature_model,
                     exc.code().name,
                     DEFAULT_MAX_LEAD_SECONDS,
                 )
@@ -596,6 +599,20 @@ class AsrConnection:
                     value = float(cfg.parameters[MAX_LEAD_PARAMETER].string_value) or None
             self._max_lead = (value,)
         return self._max_lead[0]
+
+    def _feature_model(self) -> str:
+        """The step of this connection's ensemble that takes the audio (the server's
+        own config says which; FEATURE_MODEL when it cannot be read)."""
+        try:
+            cfg = self._stub.ModelConfig(
+                service_pb2.ModelConfigRequest(name=self.model), timeout=10.0
+            ).config
+        except grpc.RpcError:
+            return FEATURE_MODEL
+        for step in cfg.ensemble_scheduling.step:
+            if AUDIO_INPUT in step.input_map.values():
+                return step.model_name
+        return FEATURE_MODEL
 
     def _on_reader_thread(self) -> bool:
         """A callback sending from the reader thread must not wait for answers: only

@@ -17,7 +17,6 @@ from streamasr_client.stream import AsrConnection, AsrError
 from ..helpers import Serve, make_cert, sagemaker_env, triton_children
 
 # Every test here starts docker/serve of its own (TLS, restarts, a dying Triton).
-pytestmark = pytest.mark.server
 
 
 def listening(port: int) -> list[str]:

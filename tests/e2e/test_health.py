@@ -289,7 +289,6 @@ def test_flooded_pipeline_turns_ping_503_and_200_after_it_drains(own_serve):
     print(f"\nflood: /ping 503 after {took:.2f} s ({text}); 200 {back:.2f} s after it stopped")
 
 
-@pytest.mark.server  # starts docker/serve itself, without a fixture
 def test_canary_past_a_tiny_deadline_is_503_and_never_exits_during_startup(tmp_path):
     """Every canary misses a 0.5 ms deadline: /ping never says 200, and docker/serve,
     never healthy, does not exit although its exit bound (1 s) passes many times."""

@@ -78,7 +78,6 @@ def test_model_repository_choice(tmp_path, caplog):
     )  # a checkout, outside Docker
 
 
-@pytest.mark.server
 def test_serve_uses_the_baked_repository_when_model_data_is_empty(tmp_path):
     model_dir = tmp_path / "opt-ml-model"
     model_dir.mkdir()  # mounted, nothing in it

@@ -29,9 +29,9 @@ from streamasr.sagemaker.gateway.config import GatewayConfig
 from streamasr.sagemaker.gateway.http import Gateway
 from streamasr_client.stream import AsrConnection
 
-from ..helpers import REPOSITORY, copy_repository, start_server
+from ..helpers import ADMISSION_LIMIT, REPOSITORY
 
-LIMIT = 2
+LIMIT = ADMISSION_LIMIT
 
 
 # -- units (no server) ---------------------------------------------------------------------
@@ -89,15 +89,6 @@ def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(con
 
 
 # -- a real server limited to LIMIT streams ------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def limited_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("limited")
-    repo = copy_repository(root / "repo", {"feature_extractor": {adm.CONFIG_KEY: str(LIMIT)}})
-    srv = start_server(repo, root / "tritonserver.log", max_active_streams=None)
-    yield srv
-    srv.stop()
 
 
 def metric(server, name: str) -> float:

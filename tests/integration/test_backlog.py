@@ -15,11 +15,9 @@ import pytest
 from streamasr import protocol
 from streamasr.core.state import StreamError
 from streamasr.pipeline import feature_extractor as fx
-from streamasr_client.stream import AsrConnection, AsrError, Session
+from streamasr_client.stream import AsrError, Session
 
-from ..helpers import copy_repository, finals_with_words, reference_messages, start_server
-
-LEAD_S = 3.0
+from ..helpers import LEAD_S, finals_with_words, reference_messages
 
 
 class FakeClock:
@@ -132,17 +130,6 @@ def test_send_delay_keeps_a_session_within_the_servers_lead():
 # -- a real server with a short lead -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lead_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lead")
-    repo = copy_repository(
-        root / "repo", {"feature_extractor": {protocol.MAX_LEAD_PARAMETER: str(LEAD_S)}}
-    )
-    srv = start_server(repo, root / "tritonserver.log")
-    yield srv
-    srv.stop()
-
-
 def test_server_closes_a_flooding_stream_and_keeps_its_neighbour_exact(
     lead_server, contract, onnx_session, demo_audio
 ):
@@ -150,8 +137,8 @@ def test_server_closes_a_flooding_stream_and_keeps_its_neighbour_exact(
     expected = finals_with_words(reference_messages(contract, onnx_session, clip))
     chunk = contract.chunk_samples
     with (
-        AsrConnection(lead_server.grpc_url, pace=False) as flood_conn,
-        AsrConnection(lead_server.grpc_url) as conn,
+        lead_server.connect(pace=False) as flood_conn,
+        lead_server.connect() as conn,
     ):
         assert conn.max_lead_seconds() == LEAD_S  # read from the server's own config
         good = conn.open_session()
@@ -183,7 +170,7 @@ def test_a_paced_session_longer_than_the_lead_is_never_closed(
 ):
     clip = demo_audio[: 6 * contract.sample_rate]
     expected = finals_with_words(reference_messages(contract, onnx_session, clip))
-    with AsrConnection(lead_server.grpc_url) as conn:
+    with lead_server.connect() as conn:
         s = conn.open_session()
         for i in range(0, len(clip), contract.chunk_samples):
             s.send(clip[i : i + contract.chunk_samples])

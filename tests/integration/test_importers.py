@@ -349,7 +349,6 @@ def test_wav2vec2_base_style_model_imports_with_the_same_log_probs(tmp_path):
     np.testing.assert_allclose(got, reference_log_probs(model, windows, c), atol=1e-4)
 
 
-@pytest.mark.server
 def test_wav2vec2_served_by_triton_equals_the_original(w2v, tmp_path):
     from streamasr.tools.importers.wav2vec2 import reference_log_probs
 
@@ -599,7 +598,6 @@ def test_importer_runs_as_a_module(ctc, tmp_path):
     assert r.returncode == 2 and "wav2vec2" in r.stderr
 
 
-@pytest.mark.server
 def test_ctc_onnx_served_by_triton_equals_the_original(tmp_path):
     """One server start, for the NeMo-like variant ([B,F,T] + lengths, logits); the
     icefall-like one shares the wrapper and is checked in process above."""

@@ -12,49 +12,25 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from streamasr_client.stream import AsrConnection, AsrError
+from streamasr_client.stream import AsrError
 
 from ..helpers import (
+    PARKED_PER_STREAM,
+    PARKED_TOTAL,
+    REORDER_TIMEOUT_S,
     Bystander,
-    copy_repository,
     f32,
     finals_with_words,
     metric,
     publish_metrics,
     raw_request,
     reference_messages,
-    start_server,
 )
-
-# The decoder's reorder timeout in this server: short, so that a lost request is noticed
-# within the test; well above an overtake's length on a loaded 2-core machine.
-REORDER_TIMEOUT_S = 3.0
-# Small parking budgets so that the limits are reached with a few MB.
-PARKED_PER_STREAM = 1 << 20
-PARKED_TOTAL = 3 << 20
-
-
-@pytest.fixture(scope="module")
-def iso_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("isolation")
-    repo = copy_repository(
-        root / "repo",
-        {
-            "ctc_decoder": {
-                "reorder_timeout_s": str(REORDER_TIMEOUT_S),
-                "max_parked_bytes_per_stream": str(PARKED_PER_STREAM),
-                "max_parked_bytes": str(PARKED_TOTAL),
-            }
-        },
-    )
-    srv = start_server(repo, root / "tritonserver.log")
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
 def iconn(iso_server):
-    c = AsrConnection(iso_server.grpc_url)
+    c = iso_server.connect()
     yield c
     c.close()
 
@@ -73,7 +49,7 @@ def expected(contract, onnx_session, audio):
 def test_string_id_of_a_live_stream_cannot_replace_it(iso_server, iconn, contract, audio, expected):
     live = Bystander(iconn, contract, audio, expected)
     live.s.wait()  # its START has been served: integer id N is live
-    with AsrConnection(iso_server.grpc_url) as other:
+    with iso_server.connect() as other:
         dup = other.open_session()
         raw_request(
             dup,
@@ -89,7 +65,7 @@ def test_string_id_of_a_live_stream_cannot_replace_it(iso_server, iconn, contrac
 @pytest.mark.parametrize("bad_id", ["abc", "-5", "0x10", " 7", str(2**64)])
 def test_invalid_string_id_is_refused_clearly_and_keeps_no_state(iso_server, iconn, bad_id):
     publish_metrics(iso_server)
-    before = metric(iso_server, "streamasr_open_streams", "feature_extractor")
+    before = metric(iso_server, "streamasr_open_streams", iso_server.model("feature_extractor"))
     s = iconn.open_session()
     raw_request(s, [f32(np.zeros(1600))], start=True, sequence_id=bad_id)
     s.wait()
@@ -97,7 +73,10 @@ def test_invalid_string_id_is_refused_clearly_and_keeps_no_state(iso_server, ico
     assert "sequence id" in s.errors[0] and repr(bad_id) in s.errors[0], s.errors[0]
     assert "invalid literal" not in s.errors[0]
     publish_metrics(iso_server)
-    assert metric(iso_server, "streamasr_open_streams", "feature_extractor") == before
+    assert (
+        metric(iso_server, "streamasr_open_streams", iso_server.model("feature_extractor"))
+        == before
+    )
 
 
 # -- 3 + 4. the decoder's reorder buffer, called directly ----------------------------------
@@ -106,6 +85,7 @@ class Decoder:
 
     def __init__(self, server, contract):
         self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.model = server.model("ctc_decoder")
         self.c = contract
         self.frames = contract.chunk_frames // contract.subsampling
 
@@ -127,7 +107,7 @@ class Decoder:
         inputs[0].set_data_from_numpy(lp)
         inputs[1].set_data_from_numpy(np.array([json.dumps(info).encode()], np.object_))
         try:
-            r = self.client.infer("ctc_decoder", inputs)
+            r = self.client.infer(self.model, inputs)
         except grpcclient.InferenceServerException as exc:
             return None, exc.message()
         return [json.loads(m) for m in r.as_numpy("RESULTS")], None
@@ -183,7 +163,7 @@ def test_parking_is_bounded_per_stream_and_in_total(iso_server, iconn, contract,
 def test_broken_stream_fails_only_sessions_with_requests_in_flight(
     iso_server, contract, audio, expected
 ):
-    conn = AsrConnection(iso_server.grpc_url)
+    conn = iso_server.connect()
     try:
         good = [Bystander(conn, contract, audio, expected) for _ in range(2)]
         for b in good:
@@ -208,7 +188,7 @@ def test_broken_stream_fails_only_sessions_with_requests_in_flight(
 def test_oversized_request_is_refused_without_breaking_the_stream(
     iso_server, contract, audio, expected
 ):
-    conn = AsrConnection(iso_server.grpc_url, max_message_bytes=1 << 20)
+    conn = iso_server.connect(max_message_bytes=1 << 20)
     try:
         good = Bystander(conn, contract, audio, expected)
         bad = conn.open_session()

@@ -11,7 +11,6 @@ from ..helpers import TTL_S, all_reclaimed, metric, poll, reclaimed_now
 
 
 def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server):
-    from streamasr_client.stream import AsrConnection
 
     n = 20
     # The server is shared: start from nothing open, count reclaims from here.
@@ -22,7 +21,7 @@ def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server)
         "streams of earlier tests to be reclaimed",
     )
     since = reclaimed_now(short_ttl_server)
-    with AsrConnection(short_ttl_server.grpc_url) as conn:
+    with short_ttl_server.connect() as conn:
         rate = conn.contract().sample_rate
         sessions = [conn.open_session() for _ in range(n)]
         for s in sessions:
@@ -31,7 +30,10 @@ def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server)
             s.wait()
             assert s.errors == []
         for model in ("feature_extractor", "ctc_decoder"):
-            assert metric(short_ttl_server, "streamasr_open_streams", model) == n
+            assert (
+                metric(short_ttl_server, "streamasr_open_streams", short_ttl_server.model(model))
+                == n
+            )
         # Swept on the steps' timers with no traffic at all; the metrics are published
         # when a model next runs, so a one-request stream makes both steps report.
         poll(
@@ -44,9 +46,17 @@ def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server)
         probe.wait()
         assert probe.errors == []
         for model in ("feature_extractor", "ctc_decoder"):
-            assert metric(short_ttl_server, "streamasr_open_streams", model) == 1
             assert (
-                metric(short_ttl_server, "streamasr_reclaimed_streams_total", model) - since[model]
+                metric(short_ttl_server, "streamasr_open_streams", short_ttl_server.model(model))
+                == 1
+            )
+            assert (
+                metric(
+                    short_ttl_server,
+                    "streamasr_reclaimed_streams_total",
+                    short_ttl_server.model(model),
+                )
+                - since[model]
                 >= n
             )
         # Still inside Triton's own idle window: our step answers "expired".
@@ -57,9 +67,8 @@ def test_abandoned_streams_are_reclaimed_and_then_told_expired(short_ttl_server)
 
 
 def test_keepalive_keeps_a_silent_stream_open(short_ttl_server):
-    from streamasr_client.stream import AsrConnection
 
-    with AsrConnection(short_ttl_server.grpc_url) as conn:
+    with short_ttl_server.connect() as conn:
         rate = conn.contract().sample_rate
         kept = conn.open_session()
         dropped = conn.open_session()

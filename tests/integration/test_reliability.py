@@ -39,6 +39,7 @@ from ..helpers import (
     DEMO_WAV,
     MAX_STREAM_S,
     ROOT,
+    STREAMING_STEPS,
     TTL_S,
     Bystander,
     all_reclaimed,
@@ -79,7 +80,7 @@ def expected(contract, onnx_session, audio):
 
 @pytest.fixture
 def fconn(short_ttl_server):
-    c = AsrConnection(short_ttl_server.grpc_url)
+    c = short_ttl_server.connect()
     yield c
     c.close()
 
@@ -93,7 +94,7 @@ def bystander(fconn, contract, audio, expected):
 KILLED_CLIENT = r"""
 import sys, numpy as np
 from streamasr_client.stream import AsrConnection
-conn = AsrConnection(sys.argv[1])
+conn = AsrConnection(sys.argv[1], model=sys.argv[3])
 rate = conn.contract().sample_rate
 sessions = [conn.open_session() for _ in range(int(sys.argv[2]))]
 noise = (np.random.default_rng(0).standard_normal(rate // 2) * 0.1).astype(np.float32)
@@ -115,7 +116,7 @@ def test_sigkilled_client_streams_are_reclaimed_and_others_keep_their_transcript
     n = 5
     since = reclaimed_now(short_ttl_server)
     proc = subprocess.Popen(
-        [PY, "-c", KILLED_CLIENT, short_ttl_server.grpc_url, str(n)],
+        [PY, "-c", KILLED_CLIENT, short_ttl_server.grpc_url, str(n), short_ttl_server.model()],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=ROOT,
@@ -140,7 +141,7 @@ def test_half_closed_connection_still_gets_its_answers_and_streams_are_reclaimed
     short_ttl_server, contract, bystander
 ):
     since = reclaimed_now(short_ttl_server)
-    conn = AsrConnection(short_ttl_server.grpc_url)
+    conn = short_ttl_server.connect()
     sessions = [conn.open_session() for _ in range(3)]
     for s in sessions:
         for _ in range(4):
@@ -163,7 +164,7 @@ def test_duplicate_start_for_a_live_id_is_refused_and_the_live_stream_is_intact(
 ):
     live = Bystander(fconn, contract, audio, expected)
     live.s.wait()  # its START has been served: the id is live
-    with AsrConnection(short_ttl_server.grpc_url) as other:  # a second client, same id
+    with short_ttl_server.connect() as other:  # a second client, same id
         dup = other.open_session(sequence_id=live.s.sequence_id)
         dup.send(np.zeros(contract.chunk_samples, np.float32))
         dup.wait()
@@ -254,7 +255,7 @@ def test_hostile_requests_get_an_answer_and_never_kill_the_server(
 def test_after_hostile_requests_the_server_is_whole(short_ttl_server, bystander):
     """Runs after the fuzz above: the same stubs are alive and a stream is exact."""
     stubs = short_ttl_server.python_stubs()
-    assert "feature_extractor" in stubs.values() and "ctc_decoder" in stubs.values()
+    assert {short_ttl_server.model(m) for m in STREAMING_STEPS} <= set(stubs.values())
     bystander.finish()
     assert short_ttl_server.python_stubs() == stubs
 
@@ -295,7 +296,8 @@ def test_metrics_port_has_tritons_and_our_metrics(short_ttl_server, fconn, contr
         x.wait()
     assert len(bad.errors) == 1
     text = metrics_text(short_ttl_server)
-    for model in ("streaming_asr", "feature_extractor", "acoustic_model", "ctc_decoder"):
+    steps = [short_ttl_server.model(m) for m in STREAMING_STEPS]
+    for model in (short_ttl_server.model(), "acoustic_model", *steps):
         m = re.search(
             rf'^nv_inference_request_success{{model="{model}",version="1"}} (\d+)', text, re.M
         )
@@ -306,11 +308,18 @@ def test_metrics_port_has_tritons_and_our_metrics(short_ttl_server, fconn, contr
         "streamasr_reclaimed_streams_total",
         "streamasr_request_errors_total",
     ):
-        for model in ("feature_extractor", "ctc_decoder"):
+        for model in steps:
             assert re.search(rf'^{name}{{model="{model}"}} ', text, re.M), (name, model)
-    assert metric(short_ttl_server, "streamasr_request_errors_total", "feature_extractor") > 0
+    assert (
+        metric(
+            short_ttl_server,
+            "streamasr_request_errors_total",
+            short_ttl_server.model("feature_extractor"),
+        )
+        > 0
+    )
     # per-request time of each Python step, as a histogram
-    for model in ("feature_extractor", "ctc_decoder"):
+    for model in steps:
         count = re.search(rf'^streamasr_request_seconds_count{{model="{model}"}} (\d+)', text, re.M)
         assert count and int(count.group(1)) > 0, f"no request-time histogram for {model}"
         assert re.search(
@@ -343,7 +352,6 @@ def test_launcher_health_poll_flags_a_model_that_goes_unready(short_ttl_server):
 
 
 # -- 3. server faults --------------------------------------------------------------------
-@pytest.mark.server
 def test_sigterm_answers_in_flight_requests_then_exits_and_a_restart_serves_new_clients(
     tmp_path, contract, audio, expected
 ):

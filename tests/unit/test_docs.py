@@ -217,34 +217,6 @@ def test_every_transcribe_flag_is_documented(capsys):
     )
 
 
-def test_the_readme_transcribe_examples_run(server):
-    """The README's file examples against the suite's server, as written except for the
-    address (the fixture's) and --realtime (wall-clock pacing of 30 s of audio)."""
-    import shlex
-    import subprocess
-    import sys
-
-    lines = [
-        line.split("#")[0].strip()
-        for block in FENCE.findall(README.read_text())
-        for line in block.splitlines()
-        if line.startswith(".venv/bin/transcribe assets/")
-    ]
-    assert len(lines) >= 2, "the README lost its transcribe examples"
-    for line in lines:
-        args = [a for a in shlex.split(line)[1:] if a != "--realtime"]
-        r = subprocess.run(
-            [sys.executable, "-m", "streamasr_client.transcribe", *args, "--no-interims"]
-            + ["--url", server.grpc_url],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert r.returncode == 0, (line, r.stderr[-2000:])
-        assert len(r.stdout.split()) >= 10, (line, r.stdout)
-
-
 #: Folders the docs name that a command creates (`make bench-gpu` writes its results here).
 CREATED_BY_COMMANDS = {"benchmarks/results/gpu"}
 REPO_PATH = re.compile(
