@@ -41,14 +41,9 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -59,7 +54,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from streamasr import protocol
-from streamasr.triton.server import child_processes, free_port, free_port_range
+from streamasr.tools.serve_process import ServeProcess, loopback_env
 
 from . import metrics
 from .load import load_clips
@@ -94,12 +89,6 @@ KEEPALIVE_FLOOD = 30_000
 NESTED_BRACKETS = 200_000
 HUGE_INT = 2**70
 WS_CLOSED = (-1, None)  # close_code when the socket ended without a close frame
-
-# docker/serve's own entry point, with the gateway bound to loopback (the container binds
-# 0.0.0.0, SageMaker's contract; this machine's rule is loopback only).  Nothing else
-# differs: same environment, same limits, same tritonserver.
-# SageMaker's entry point, as the container runs it.
-SERVE = REPO_ROOT / "docker" / "serve"
 
 
 @dataclass
@@ -150,72 +139,14 @@ QUICK = Plan(
 # -- docker/serve on loopback -----------------------------------------------------------
 
 
-class Serve:
-    """docker/serve's main as a child process, its gateway on 127.0.0.1."""
+class Serve(ServeProcess):
+    """docker/serve on loopback (streamasr.tools.serve_process) with the repository's own
+    admission limit, not one left in this shell; plus what the benchmark reads of it."""
 
     def __init__(self, log_path: Path, repository: Path = REPO_ROOT / "model_repository"):
-        lo, hi = free_port_range()
-        self.port = free_port()
-        self.grpc_port, self.metrics_port = hi - 1, hi
-        env = dict(os.environ)
-        env.update(
-            {
-                "SAGEMAKER_BIND_TO_PORT": str(self.port),
-                "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
-                "STREAMASR_MODEL_REPOSITORY": str(repository),
-                "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
-                "PYTHONUNBUFFERED": "1",
-                "STREAMASR_GATEWAY_HOST": "127.0.0.1",  # loopback only
-            }
-        )
-        # the repository's admission limit, not one left in this shell
+        env = loopback_env(repository)
         env.pop("STREAMASR_MAX_ACTIVE_STREAMS", None)
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVE)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def ping(self) -> tuple[int, float]:
-        """(status, seconds); status 0: no answer within PING_TIMEOUT_S."""
-        t = time.perf_counter()
-        try:
-            with urllib.request.urlopen(self.url + "/ping", timeout=PING_TIMEOUT_S) as r:
-                code = r.status
-        except urllib.error.HTTPError as e:
-            code = e.code
-        except (urllib.error.URLError, ConnectionError, OSError):
-            code = 0
-        return code, time.perf_counter() - t
-
-    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker/serve exited {self.proc.returncode}: {self.tail()}")
-            if self.ping()[0] == 200:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"/ping never answered 200 in {timeout:.0f} s: {self.tail()}")
-
-    def triton_pid(self) -> int:
-        for pid, argv in child_processes(self.proc.pid).items():
-            if argv and argv[0].endswith("tritonserver"):
-                return pid
-        raise RuntimeError("docker/serve has no tritonserver child")
+        super().__init__(env, log_path)
 
     def stream_requests(self) -> float | None:
         """Requests Triton has counted for the streaming model (success + failure);
@@ -230,21 +161,6 @@ class Serve:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return [ln.strip()[:300] for ln in lines if re.search(pat, ln)][-6:]
 
-    def tail(self, n: int = 3000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
 
 class PingProbe:
     """GET /ping every PING_EVERY_S on a thread while the attack runs."""
@@ -257,7 +173,7 @@ class PingProbe:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.seen.append(self.serve.ping())
+            self.seen.append(self.serve.timed_ping())
             self._stop.wait(PING_EVERY_S)
 
     def __enter__(self) -> "PingProbe":
@@ -987,7 +903,7 @@ def run(
     t_start = time.monotonic()
     try:
         progress(f"hostile: starting docker/serve (log {log_path}) ...")
-        serve.wait_ready()
+        serve.wait_ready(STARTUP_TIMEOUT_S)
 
         # warm-up: every bystander for half its audio (onnxruntime and the allocators
         # meet the batch sizes 8 streams make: a cold first run measured p99 2.2 s and
@@ -1025,7 +941,7 @@ def run(
                     restarts += 1
                     serve = Serve(log_path.with_name(f"{log_path.stem}-{restarts}.log"))
                     progress("  restarting docker/serve for the remaining classes ...")
-                    serve.wait_ready()
+                    serve.wait_ready(STARTUP_TIMEOUT_S)
                     warm_up(serve)
         if serve.proc.poll() is None:
             # the same bystanders again with no attacker: how far the run drifted

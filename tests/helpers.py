@@ -29,6 +29,7 @@ from streamasr.pipeline import ctc_decoder, offline_asr
 from streamasr.pipeline.common import read_config
 from streamasr.protocol import STREAM_MODEL
 from streamasr.protocol.contract import FeatureSpec, ModelContract
+from streamasr.tools.serve_process import ServeFailed, ServeProcess, loopback_env
 from streamasr.triton import repository
 from streamasr.triton.repository import TWO_PASS_MODELS
 from streamasr.triton.server import (
@@ -36,7 +37,6 @@ from streamasr.triton.server import (
     ServerError,
     TritonServer,
     free_port,
-    free_port_range,
     free_ports,
 )
 from streamasr_client.stream import AsrConnection
@@ -363,8 +363,6 @@ def reclaimed_now(server: VariantServer) -> dict[str, float]:
 
 # -- docker/serve as SageMaker runs it ---------------------------------------------------
 
-SERVE = ROOT / "docker" / "serve"
-
 
 needs_demo = pytest.mark.skipif(
     not DEMO_WAV.exists(), reason=f"{DEMO_WAV} not there yet (data helper adds it)"
@@ -372,90 +370,27 @@ needs_demo = pytest.mark.skipif(
 
 
 def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
-    lo, hi = free_port_range()
-    env = dict(os.environ)
-    env.update(
-        {
-            "SAGEMAKER_BIND_TO_PORT": str(free_port()),
-            "STREAMASR_GATEWAY_HOST": "127.0.0.1",  # tests serve loopback only
-            "SAGEMAKER_SAFE_PORT_RANGE": f"{lo}-{hi}",
-            "STREAMASR_MODEL_REPOSITORY": str(ROOT / "model_repository"),
-            "SAGEMAKER_TRITON_LOG_VERBOSE": "false",
-            "PYTHONUNBUFFERED": "1",
-            # tests run more sessions at once than the measured limit (test_admission
-            # tests admission control on a server of its own)
-            "STREAMASR_MAX_ACTIVE_STREAMS": "0",
-            # ... and so overload it: a canary may then wait longer than the 4 s that
-            # means "wedged" in production; the shared server must not exit over it
-            # (tests/e2e/test_health.py tests the defaults on servers of its own)
-            "STREAMASR_HEALTH_CANARY_DEADLINE": "60",
-            "STREAMASR_HEALTH_EXIT_AFTER": "0",
-        }
-    )
-    env.update(extra)
-    return env
+    defaults = {
+        # tests run more sessions at once than the measured limit (test_admission
+        # tests admission control on a server of its own)
+        "STREAMASR_MAX_ACTIVE_STREAMS": "0",
+        # ... and so overload it: a canary may then wait longer than the 4 s that
+        # means "wedged" in production; the shared server must not exit over it
+        # (tests/e2e/test_health.py tests the defaults on servers of its own)
+        "STREAMASR_HEALTH_CANARY_DEADLINE": "60",
+        "STREAMASR_HEALTH_EXIT_AFTER": "0",
+    }
+    return loopback_env(REPOSITORY, **{**defaults, **extra})
 
 
-class Serve:
-    """docker/serve as a child process."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env, self.log_path = env, log_path
-        self.port = int(env["SAGEMAKER_BIND_TO_PORT"])
-        hi = int(env["SAGEMAKER_SAFE_PORT_RANGE"].split("-")[1])
-        self.grpc_port = hi - 1
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVE)],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def ping(self) -> int:
-        try:
-            with urllib.request.urlopen(self.url + "/ping", timeout=5) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except (urllib.error.URLError, ConnectionError, OSError):
-            return 0
+class Serve(ServeProcess):
+    """docker/serve as a child process; a failed start fails the test with its log."""
 
     def wait_ready(self, timeout: float = 180) -> list[int]:
-        """Poll /ping; returns the statuses seen (SageMaker's view of startup)."""
-        seen = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"docker/serve exited {self.proc.returncode}\n{self.log()}")
-            code = self.ping()
-            if not seen or seen[-1] != code:
-                seen.append(code)
-            if code == 200:
-                return seen
-            time.sleep(0.3)
-        pytest.fail(f"/ping never answered 200 (seen {seen})\n{self.log()}")
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        try:
+            return super().wait_ready(timeout)
+        except ServeFailed as exc:
+            pytest.fail(str(exc), pytrace=False)
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
