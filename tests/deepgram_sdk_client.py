@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import sys
 import wave
@@ -38,6 +39,9 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram_captions import DeepgramConverter, srt, webvtt
 
 CHUNK_S = 0.25
+# --keepalive: one KeepAlive every this many chunks (2 s of audio), as a client keeps a
+# quiet stream open; the gateway closes a client sending control messages by the dozen.
+KEEPALIVE_EVERY = 8
 
 
 def read_audio(path: Path, raw: bool, rate: int, width: int) -> tuple[bytes, int, int]:
@@ -103,13 +107,18 @@ async def run(a: argparse.Namespace) -> dict:
     async def on_error(exc) -> None:
         errors.append(repr(exc))
 
+    # a parameter connect() has no argument for goes as the SDK lets one through
+    known = inspect.signature(client.listen.v1.connect).parameters
+    other = {k: params.pop(k) for k in list(params) if k not in known}
+    if other:
+        params["request_options"] = {"additional_query_parameters": other}
     async with client.listen.v1.connect(**params) as conn:
         conn.on(EventType.MESSAGE, on_message)
         conn.on(EventType.ERROR, on_error)
         listening = asyncio.create_task(conn.start_listening())
-        for i in range(0, len(data), chunk):
+        for n, i in enumerate(range(0, len(data), chunk)):
             await conn.send_media(data[i : i + chunk])
-            if a.keepalive:
+            if a.keepalive and n % KEEPALIVE_EVERY == 0:
                 await conn.send_keep_alive()
         if a.finalize:
             await conn.send_finalize()
@@ -137,7 +146,11 @@ def captions(messages: list[dict]) -> dict:
         "results": {
             "channels": [{"alternatives": [finals[0]["channel"]["alternatives"][0]]}],
             "utterances": [
-                {**f["channel"]["alternatives"][0], "start": f["start"], "end": f["start"] + f["duration"]}
+                {
+                    **f["channel"]["alternatives"][0],
+                    "start": f["start"],
+                    "end": f["start"] + f["duration"],
+                }
                 for f in finals
             ],
         },
@@ -158,7 +171,7 @@ def main() -> int:
     p.add_argument("--raw", action="store_true", help="AUDIO is raw bytes in the params' format")
     p.add_argument("--width", type=int, default=1, help="--raw: bytes per sample")
     p.add_argument("--finalize", action="store_true", help="send Finalize before CloseStream")
-    p.add_argument("--keepalive", action="store_true", help="a KeepAlive after every chunk")
+    p.add_argument("--keepalive", action="store_true", help="a KeepAlive every 2 s of audio")
     p.add_argument("--configure", action="store_true", help="send Deepgram's Configure")
     p.add_argument("--timeout", type=float, default=240.0)
     a = p.parse_args()
