@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 venv-deepgram demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean \
+.PHONY: venv venv-http2 venv-deepgram node-deepgram demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean \
 	image test-image repository
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
@@ -76,6 +76,18 @@ $(DEEPGRAM_STAMP): tests/requirements-deepgram.txt
 	$(VENV_DEEPGRAM)/bin/python -m pip install -q -r tests/requirements-deepgram.txt; \
 	touch $@
 
+# Deepgram's Node SDK (@deepgram/sdk, @deepgram/captions) for the same tests, from
+# tests/deepgram_node/package-lock.json; without npm nothing is installed and they skip.
+NODE_DEEPGRAM_STAMP := tests/deepgram_node/node_modules/.installed
+
+node-deepgram: $(NODE_DEEPGRAM_STAMP)
+
+$(NODE_DEEPGRAM_STAMP): tests/deepgram_node/package-lock.json
+	@if ! command -v npm >/dev/null; then \
+		echo "node-deepgram: npm not found; the Node SDK tests will skip"; exit 0; \
+	fi; \
+	set -e; cd tests/deepgram_node && npm ci --no-audit --no-fund --silent && touch node_modules/.installed
+
 whisper: $(WHISPER)
 
 lm: $(LM)
@@ -106,14 +118,14 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: venv venv-http2 venv-deepgram whisper lm
+test: venv venv-http2 venv-deepgram node-deepgram whisper lm
 	$(PY) -m pytest -q tests
 
 # The tests that start no server (seconds): for work on the logic between full runs.
 test-unit: venv
 	$(PY) -m pytest -q -m "not server and not slow" tests
 
-test-slow: venv venv-http2 venv-deepgram whisper lm
+test-slow: venv venv-http2 venv-deepgram node-deepgram whisper lm
 	$(PY) -m pytest -q -m slow tests
 
 # The SageMaker image, built without a Docker daemon or registry access: podman + a local

@@ -361,3 +361,38 @@ def test_deepgram_sagemaker_through_the_standin(serve, tmp_path):
     assert report["messages"][-1]["class"] == "ListenV1Metadata"
     assert any(not m["is_final"] for m in of(report, "ListenV1Results"))
     assert sdk_finals(report) == own(serve.url, DEMO_WAV)
+
+
+NODE_DIR = ROOT / "tests" / "deepgram_node"
+
+
+@needs_demo
+def test_deepgrams_node_sdk(serve):
+    """@deepgram/sdk 5.13 (Node) on demo.wav: our client's finals, interims, Metadata, a
+    normal close; @deepgram/captions renders them.  (@deepgram/sagemaker is not on the npm
+    registry, so the Node SageMaker transport is not tested: docs/deepgram.md.)"""
+    node = shutil.which("node")
+    if node is None or not (NODE_DIR / "node_modules" / "@deepgram" / "sdk").exists():
+        pytest.skip("node or tests/deepgram_node/node_modules missing (`make node-deepgram`)")
+    r = subprocess.run(
+        [
+            node,
+            "stream.mjs",
+            str(DEMO_WAV),
+            serve.url.replace("http", "ws", 1),
+            "interim_results=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=NODE_DIR,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["errors"] == [] and report["close"] == 1000
+    results = [m for m in report["messages"] if m["type"] == "Results"]
+    assert any(not m["is_final"] for m in results)
+    finals = [key(m) for m in results if m["is_final"]]
+    assert finals == own(serve.url, DEMO_WAV) and finals
+    assert report["messages"][-1]["type"] == "Metadata"
+    assert report["webvtt"].startswith("WEBVTT") and finals[0][1][0][0] in report["webvtt"]
