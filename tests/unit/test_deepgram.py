@@ -119,8 +119,13 @@ def test_utterance_end_ms():
 
 
 def test_keywords_and_keyterms_become_hotwords():
-    q = parse(keywords=["Triton:2", "SageMaker"], keyterm="Open Source").query
-    assert json.loads(q["hotwords"]) == [["triton", 2.0], "sagemaker", "open source"]
+    q = parse(keywords=["Triton:2", "SageMaker"], keyterm="Route 66, Open-Source").query
+    assert json.loads(q["hotwords"]) == [
+        ["triton", 2.0],
+        "sagemaker",
+        "route sixty six open source",
+    ]
+    refused("^keyterm: empty phrase", keyterm="?!")
     refused("^keywords: negative boosts", keywords="um:-5")
     refused("^keywords: ", keywords="x:lots")
     # the decoder's own check, named by Deepgram's parameter

@@ -46,6 +46,7 @@ from aiohttp import web
 
 from streamasr import protocol
 from streamasr.core.params import parse_bool, parse_float, parse_int
+from streamasr.core.text import normalize
 from streamasr.sagemaker.gateway.audio import ENCODINGS, parse_channels, parse_sample_rate
 from streamasr.sagemaker.gateway.options import OptionError, check_values
 from streamasr.sagemaker.gateway.ws import Gateway, ProtocolError, WsSession
@@ -80,7 +81,10 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     ),
     "extra": (SERVED, "key:value pairs echoed in each Results' metadata.extra"),
     "interim_results": (SERVED, "true: interim Results too; false (default): finals only"),
-    "keyterm": (MAPPED, "phrases boosted in the decoder (hotwords, default boost)"),
+    "keyterm": (
+        MAPPED,
+        "phrases boosted in the decoder (hotwords, default boost; 66 -> sixty six)",
+    ),
     "keywords": (MAPPED, "word[:boost] boosted in the decoder (hotwords); boost >= 0"),
     "language": (MAPPED, "English only: en, en-US, en-GB, en-AU, en-IN, en-NZ"),
     "language_hint": (MAPPED, "as language"),
@@ -187,7 +191,7 @@ def endpoint_options(value: str) -> dict[str, Any]:
 
 def hotwords(name: str, values: Sequence[str], boosted: bool) -> list[Any]:
     """``keywords`` (``word[:boost]``) or ``keyterm`` (a phrase) as hotword entries, in
-    the model's lower case."""
+    the form the character models write (lower case, numbers as words, no punctuation)."""
     out: list[Any] = []
     for raw in values:
         phrase, boost = raw, None
@@ -201,7 +205,7 @@ def hotwords(name: str, values: Sequence[str], boosted: bool) -> list[Any]:
                 raise ListenParameterError(
                     f"{name}: negative boosts (suppressing a word) are not supported, got {boost:g}"
                 )
-        phrase = " ".join(phrase.lower().split())
+        phrase = normalize(phrase)  # the models' form: "Route 66" -> "route sixty six"
         if not phrase:
             raise ListenParameterError(f"{name}: empty phrase")
         out.append(phrase if boost is None else [phrase, boost])
