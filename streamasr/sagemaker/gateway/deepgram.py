@@ -132,6 +132,7 @@ DEEPGRAM_ENCODINGS = ("linear16", "mulaw", "alaw")
 KEYWORD_SEP = ":"
 #: Close reason Deepgram gives a stream that sent nothing within its timeout.
 NO_AUDIO_REASON = "NET-0001"
+#: ... with this close code (RFC 6455 "internal error"), as Deepgram documents it.
 INTERNAL_ERROR = 1011
 #: Error variant for a refused query parameter (ListenV1Error.variant).
 BAD_PARAMETER = "INVALID_QUERY_PARAMETER"

@@ -531,7 +531,7 @@ class WsSession:
             log.warning("ws %s: closing, %s", self.id, exc.code)
             if not exc.notified:
                 self._enqueue_error(exc.code, str(exc))
-            close_code, reason = self._close_frame(exc)
+            close_code, reason = exc.close_code, exc.code
         except (AsrError, TimeoutError) as exc:
             # the message may quote client input: the log gets its kind only
             log.error("ws %s: backend failure (%s)", self.id, type(exc).__name__)
@@ -593,11 +593,6 @@ class WsSession:
     def _enqueue_error(self, code: str, message: str) -> None:
         # Errors go out even when the result queue is full.
         self.out.put_nowait(self._error_message(code, self._redacted(message)))
-
-    @staticmethod
-    def _close_frame(exc: ProtocolError) -> tuple[int, str]:
-        """Close code and reason for a session ended by ``exc``."""
-        return exc.close_code, exc.code
 
     @staticmethod
     def _error_message(code: str, message: str) -> dict:
