@@ -42,6 +42,8 @@ CHUNK_S = 0.25
 # --keepalive: one KeepAlive every this many chunks (2 s of audio), as a client keeps a
 # quiet stream open; the gateway closes a client sending control messages by the dozen.
 KEEPALIVE_EVERY = 8
+# --wav: bytes per send_media (0.25 s of 16 kHz 16-bit mono; the header rides in the first)
+WAV_CHUNK_BYTES = 8000
 
 
 def read_audio(path: Path, raw: bool, rate: int, width: int) -> tuple[bytes, int, int]:
@@ -86,8 +88,13 @@ def sagemaker_factory(a: argparse.Namespace):
 async def run(a: argparse.Namespace) -> dict:
     params = dict(p.split("=", 1) for p in a.param)
     params.setdefault("model", "nova-3")
-    data, chunk, rate = read_audio(a.audio, a.raw, int(params.get("sample_rate", 8000)), a.width)
-    if not a.raw:
+    if a.wav:  # the file as it is, header and all; the server reads the format from it
+        data, chunk = a.audio.read_bytes(), WAV_CHUNK_BYTES
+    else:
+        data, chunk, rate = read_audio(
+            a.audio, a.raw, int(params.get("sample_rate", 8000)), a.width
+        )
+    if not (a.raw or a.wav):
         params.setdefault("encoding", "linear16")
         params.setdefault("sample_rate", str(rate))
     if a.sagemaker:
@@ -170,6 +177,7 @@ def main() -> int:
     p.add_argument("--param", action="append", default=[], help="a connect() parameter k=v")
     p.add_argument("--raw", action="store_true", help="AUDIO is raw bytes in the params' format")
     p.add_argument("--width", type=int, default=1, help="--raw: bytes per sample")
+    p.add_argument("--wav", action="store_true", help="send the WAV file whole, no encoding")
     p.add_argument("--finalize", action="store_true", help="send Finalize before CloseStream")
     p.add_argument("--keepalive", action="store_true", help="a KeepAlive every 2 s of audio")
     p.add_argument("--configure", action="store_true", help="send Deepgram's Configure")

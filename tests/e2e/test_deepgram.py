@@ -253,6 +253,27 @@ def test_telephony_audio_at_8khz(serve, tmp_path, encoding):
     assert meta["duration"] == pytest.approx(len(coded) / TELEPHONY_RATE, abs=1e-3)
 
 
+@needs_demo
+def test_a_wav_stream_without_encoding(serve):
+    """No encoding or sample_rate: the stream's WAV header says the format (as Deepgram
+    detects containers); the finals are those of the same audio sent raw."""
+    report = sdk(serve.url, DEMO_WAV, "interim_results=true", flags=("--wav",))
+    assert report["errors"] == []
+    assert sdk_finals(report) == own(serve.url, DEMO_WAV) and sdk_finals(report)
+    (meta,) = of(report, "ListenV1Metadata")
+    pcm, rate = sms.read_pcm16(DEMO_WAV)
+    assert meta["duration"] == pytest.approx(len(pcm) / 2 / rate, abs=1e-3)
+
+
+def test_audio_that_is_not_wav_and_has_no_encoding_is_data_0000(serve, tmp_path):
+    ogg = tmp_path / "fake.ogg"
+    ogg.write_bytes(b"OggS" + bytes(8000))
+    report = sdk(serve.url, ogg, flags=("--wav",))
+    (error,) = of(report, "ListenV1Error")
+    assert error["variant"] == dg.UNDECODABLE and "not WAV" in error["description"]
+    assert len(report["errors"]) == 1 and "1008" in report["errors"][0]
+
+
 @pytest.mark.parametrize(
     "param",
     [

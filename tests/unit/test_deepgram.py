@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,40 @@ def test_format():
     refused("^encoding: 'opus' is not supported", encoding="opus")
     refused("^sample_rate: must be between", sample_rate="4000")
     refused("^channels: must be between", channels="9")
-    with pytest.raises(dg.ListenParameterError, match="^encoding and sample_rate are required"):
-        dg.parse_listen_query({"model": ["nova-3"]})
+    with pytest.raises(dg.ListenParameterError, match="^encoding and sample_rate go together"):
+        dg.parse_listen_query({"model": ["nova-3"], "encoding": ["linear16"]})
+    wav = dg.parse_listen_query({"model": ["nova-3"]})
+    assert wav.wav and "encoding" not in wav.query and not parse().wav
+
+
+def wav_bytes(tag: int, bits: int, rate: int = 8000, channels: int = 1, extra=b"") -> bytes:
+    fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * channels * bits // 8, 1, bits)
+    chunks = b"LIST" + struct.pack("<I", 3) + b"abc\0"  # odd size: padded
+    chunks += b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"data" + struct.pack("<I", 0xFFFFFFFF)  # a live stream's unknown length
+    return b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + chunks + extra
+
+
+@pytest.mark.parametrize(
+    "tag,bits,encoding",
+    [(1, 16, "linear16"), (3, 32, "float32"), (7, 8, "mulaw"), (6, 8, "alaw")],
+)
+def test_wav_header(tag, bits, encoding):
+    head = wav_bytes(tag, bits, 8000, 2, extra=b"\x01\x02")
+    found = dg.wav_header(head)
+    assert found is not None
+    assert found[:3] == (encoding, 8000, 2) and head[found[3] :] == b"\x01\x02"
+    # byte by byte: None until the data chunk's header is there
+    assert all(dg.wav_header(head[:n]) is None for n in range(found[3]))
+
+
+def test_not_wav():
+    with pytest.raises(dg.NotWav, match="not WAV and no encoding"):
+        dg.wav_header(b"OggS" + bytes(40))
+    with pytest.raises(dg.NotWav, match="WAV format 85 with 0-bit"):
+        dg.wav_header(wav_bytes(85, 0))  # MP3 in WAV
+    with pytest.raises(dg.NotWav, match="no WAV data chunk"):
+        dg.wav_header(b"RIFF\0\0\0\0WAVE" + b"JUNK" + struct.pack("<I", 1 << 20) + bytes(70000))
 
 
 def test_endpointing_ms_and_false():

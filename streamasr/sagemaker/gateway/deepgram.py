@@ -73,7 +73,10 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "diarize": (FALSE_ONLY, "no speaker labels"),
     "diarize_model": (REFUSED, "no speaker labels (any value turns diarization on)"),
     "dictation": (FALSE_ONLY, "spoken punctuation commands are transcribed as words"),
-    "encoding": (MAPPED, "linear16, mulaw, alaw (raw audio; containers are refused)"),
+    "encoding": (
+        MAPPED,
+        "linear16, mulaw, alaw (raw audio); absent: a WAV stream (its header says the format)",
+    ),
     "endpointing": (
         MAPPED,
         "ms of trailing silence after speech that ends an utterance (speech_final); "
@@ -100,7 +103,10 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     ),
     "redact": (FALSE_ONLY, "no redaction"),
     "replace": (REFUSED, "no find-and-replace"),
-    "sample_rate": (MAPPED, "8000-192000 Hz, resampled to the model's rate; required"),
+    "sample_rate": (
+        MAPPED,
+        "8000-192000 Hz, resampled to the model's rate; with encoding, as Deepgram asks",
+    ),
     "search": (REFUSED, "no search hits in the results"),
     "smart_format": (SERVED, "as punctuate (numbers, dates... stay words)"),
     "tag": (IGNORED, "usage tags: this server keeps no usage records"),
@@ -134,6 +140,8 @@ KEYWORD_SEP = ":"
 NO_AUDIO_REASON = "NET-0001"
 #: ... with this close code (RFC 6455 "internal error"), as Deepgram documents it.
 INTERNAL_ERROR = 1011
+#: Error variant and close reason for audio that cannot be decoded (Deepgram's DATA-0000).
+UNDECODABLE = "DATA-0000"
 #: Error variant for a refused query parameter (ListenV1Error.variant).
 BAD_PARAMETER = "INVALID_QUERY_PARAMETER"
 
@@ -223,6 +231,55 @@ class ListenRequest:
     vad_events: bool = False
     utterance_end: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    wav: bool = False  # no encoding given: the stream starts with a WAV header
+
+
+#: WAV format tags (and sample widths) the gateway decodes, as its encodings.
+WAV_FORMATS = {(1, 16): "linear16", (3, 32): "float32", (6, 8): "alaw", (7, 8): "mulaw"}
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+#: Most bytes read while looking for a WAV header's data chunk.
+MAX_WAV_HEADER_BYTES = 64 * 1024
+
+
+class NotWav(ValueError):
+    """The start of a stream without ``encoding`` is not a WAV header this route reads."""
+
+
+def wav_header(head: bytes) -> tuple[str, int, int, int] | None:
+    """(encoding, sample rate, channels, where the samples start) from the start of a WAV
+    stream, or None while more bytes are needed (NotWav when it cannot be one).  The
+    data chunk's length is not used: a live WAV stream often says 0 or 0xFFFFFFFF."""
+    if len(head) >= 12 and (head[:4] != b"RIFF" or head[8:12] != b"WAVE"):
+        raise NotWav(
+            "the stream is not WAV and no encoding was given: send raw audio with "
+            f"encoding ({', '.join(DEEPGRAM_ENCODINGS)}) and sample_rate, or a WAV stream"
+        )
+    at, fmt = 12, None
+    while len(head) >= at + 8:
+        kind, size = head[at : at + 4], int.from_bytes(head[at + 4 : at + 8], "little")
+        if kind == b"data":
+            if fmt is None:
+                raise NotWav("WAV: the data chunk comes before the fmt chunk")
+            return (*fmt, at + 8)
+        if kind == b"fmt ":
+            if len(head) < at + 8 + 16:
+                return None
+            body = head[at + 8 : at + 8 + size]
+            tag, channels = int.from_bytes(body[0:2], "little"), int.from_bytes(body[2:4], "little")
+            rate, bits = int.from_bytes(body[4:8], "little"), int.from_bytes(body[14:16], "little")
+            if tag == WAVE_FORMAT_EXTENSIBLE and len(body) >= 26:
+                tag = int.from_bytes(body[24:26], "little")  # the subformat GUID's first bytes
+            encoding = WAV_FORMATS.get((tag, bits))
+            if encoding is None:
+                raise NotWav(
+                    f"WAV format {tag} with {bits}-bit samples is not decoded here; "
+                    "use 16-bit PCM, 32-bit float, mu-law or A-law"
+                )
+            fmt = (encoding, rate, channels)
+        at += 8 + size + size % 2  # chunks are padded to even sizes
+    if len(head) > MAX_WAV_HEADER_BYTES:
+        raise NotWav(f"no WAV data chunk in the first {MAX_WAV_HEADER_BYTES} bytes")
+    return None
 
 
 def parse_listen_query(query: Mapping[str, Sequence[str]]) -> ListenRequest:
@@ -307,12 +364,12 @@ def parse_listen_query(query: Mapping[str, Sequence[str]]) -> ListenRequest:
                 req.extra[key] = value
         else:  # pragma: no cover - PARAMETERS and this function disagree
             raise AssertionError(f"unhandled parameter {name}")
-    if "encoding" not in q or "sample_rate" not in q:
+    if ("encoding" in q) != ("sample_rate" in q):
         raise ListenParameterError(
-            "encoding and sample_rate are required: stream raw audio "
-            f"({', '.join(DEEPGRAM_ENCODINGS)}) and say its rate (containers such as WAV "
-            "or Ogg are not decoded on a stream)"
+            "encoding and sample_rate go together: raw audio "
+            f"({', '.join(DEEPGRAM_ENCODINGS)}) needs both; a WAV stream neither"
         )
+    req.wav = "encoding" not in q
     if words:
         options.update(
             _checked(
@@ -364,8 +421,9 @@ class DeepgramSession(WsSession):
         self.listen = ListenRequest(query={})
         self.request_id = str(uuid.uuid4())
         self.created = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        self.sha256 = hashlib.sha256()
-        self.bytes_in = 0
+        self.sha256 = hashlib.sha256()  # of everything received (Metadata.sha256)
+        self.bytes_in = 0  # audio bytes (a WAV header not counted)
+        self.header: bytes | None = b""  # a WAV stream's header so far; None: read
         self.in_speech = False  # SpeechStarted sent for the open utterance
         self.model = ""
         self.model_uuid = ""
@@ -382,10 +440,33 @@ class DeepgramSession(WsSession):
         self.model_uuid, self.model_info = model_info(self.model)
 
     async def _audio(self, data: bytes) -> None:
-        if not self.draining:
-            self.sha256.update(data)
-            self.bytes_in += len(data)
+        if self.draining:
+            return
+        self.sha256.update(data)
+        if self.listen.wav and self.header is not None:
+            data = self._after_header(data)
+            if not data:
+                return
+        self.bytes_in += len(data)
         await super()._audio(data)
+
+    def _after_header(self, data: bytes) -> bytes:
+        """Read the WAV header off the stream's first bytes: it sets the format; what
+        follows it is audio (b"" while the header is still incomplete)."""
+        assert self.header is not None
+        self.header += data
+        try:
+            found = wav_header(self.header)
+            if found is None:
+                return b""
+            encoding, rate, channels, start = found
+            self.encoding = encoding
+            self.sample_rate = parse_sample_rate(rate)
+            self.channels = parse_channels(channels)
+        except ValueError as exc:  # NotWav, or a rate or channel count out of range
+            raise ProtocolError(UNDECODABLE, str(exc)) from None
+        audio, self.header = self.header[start:], None
+        return audio
 
     async def _control(self, text: str) -> bool:
         if self.draining:
