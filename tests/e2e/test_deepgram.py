@@ -129,6 +129,13 @@ def test_sdk_finals_equal_our_clients_on_the_eval_set(serve, audio):
     assert report["messages"][-1]["class"] == "ListenV1Metadata"
 
 
+@pytest.mark.parametrize("audio", EVAL, ids=lambda p: p.stem)
+def test_two_pass_finals_equal_our_clients_on_the_eval_set(serve, audio):
+    report = sdk(serve.url, audio, f"model={TWO_PASS_MODEL}")
+    assert report["errors"] == []
+    assert sdk_finals(report) == own(serve.url, audio, two_pass=True) and sdk_finals(report)
+
+
 @needs_demo
 def test_sdk_on_demo_with_deepgrams_defaults(serve):
     """No interim_results, vad_events or utterance_end_ms: finals only, as Deepgram sends;
