@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements.txt requirements-dev.txt requirements-build.txt pyproject.toml
 
-.PHONY: venv venv-http2 demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean \
+.PHONY: venv venv-http2 venv-deepgram node-deepgram demo test test-unit test-slow lint bench bench-gpu model whisper lm serve clean \
 	image test-image repository
 
 # Whisper tiny.en re-decoder for two-pass finals (final_pass): ~230 MB, built, not in git.
@@ -54,6 +54,40 @@ $(HTTP2_STAMP): $(HTTP2_REQS)
 	$(VENV_HTTP2)/bin/python -m pip install -q --no-deps -e .; \
 	touch $@
 
+# Deepgram's own SDKs (deepgram-sdk, deepgram-sagemaker, deepgram-captions) for the
+# /v1/listen tests: Python >= 3.12 like venv-http2, but a venv of their own (they pin an
+# older AWS HTTP/2 SDK).  Without such a Python nothing is built and those tests skip.
+VENV_DEEPGRAM ?= .venv-deepgram
+DEEPGRAM_STAMP := $(VENV_DEEPGRAM)/.installed
+
+venv-deepgram: $(DEEPGRAM_STAMP)
+
+$(DEEPGRAM_STAMP): tests/requirements-deepgram.txt
+	@py=""; for c in $(PY312_CANDIDATES); do \
+		if $$c -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then py=$$c; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then \
+		echo "venv-deepgram: no Python >= 3.12 found; $(VENV_DEEPGRAM) not built (its tests will skip)"; \
+		exit 0; \
+	fi; \
+	set -e; \
+	test -x $(VENV_DEEPGRAM)/bin/python || $$py -m venv $(VENV_DEEPGRAM); \
+	$(VENV_DEEPGRAM)/bin/python -m pip install -q --upgrade pip; \
+	$(VENV_DEEPGRAM)/bin/python -m pip install -q -r tests/requirements-deepgram.txt; \
+	touch $@
+
+# Deepgram's Node SDK (@deepgram/sdk, @deepgram/captions) for the same tests, from
+# tests/deepgram_node/package-lock.json; without npm nothing is installed and they skip.
+NODE_DEEPGRAM_STAMP := tests/deepgram_node/node_modules/.installed
+
+node-deepgram: $(NODE_DEEPGRAM_STAMP)
+
+$(NODE_DEEPGRAM_STAMP): tests/deepgram_node/package-lock.json
+	@if ! command -v npm >/dev/null; then \
+		echo "node-deepgram: npm not found; the Node SDK tests will skip"; exit 0; \
+	fi; \
+	set -e; cd tests/deepgram_node && npm ci --no-audit --no-fund --silent && touch node_modules/.installed
+
 whisper: $(WHISPER)
 
 lm: $(LM)
@@ -84,7 +118,7 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: venv venv-http2 whisper lm
+test: venv venv-http2 venv-deepgram node-deepgram whisper lm
 	$(PY) -m pytest -q tests
 
 # The tests that start no server (tests/unit: a few minutes): for work on the logic
@@ -92,7 +126,7 @@ test: venv venv-http2 whisper lm
 test-unit: venv
 	$(PY) -m pytest -q tests/unit
 
-test-slow: venv venv-http2 whisper lm
+test-slow: venv venv-http2 venv-deepgram node-deepgram whisper lm
 	$(PY) -m pytest -q -m slow tests
 
 # The SageMaker image, built without a Docker daemon or registry access: podman + a local

@@ -159,6 +159,8 @@ class UtteranceRecorder:
 #: Whisper writes titles abbreviated; the character model (and its training text) spells
 #: what is said.
 SPOKEN_ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor"}
+#: Characters around a written word that are not part of it (for ``punctuated_word``).
+PUNCTUATION = "\"'.,;:!?()[]{}-\u2026\u2019\u2018\u201c\u201d"
 
 
 def to_vocabulary(text: str, contract: ModelContract) -> str:
@@ -167,6 +169,44 @@ def to_vocabulary(text: str, contract: ModelContract) -> str:
     allowed = set(contract.vocabulary)
     t = "".join(c if c in allowed else " " for c in normalize(text))
     return " ".join(SPOKEN_ABBREVIATIONS.get(w, w) for w in t.split())
+
+
+class WhisperText(str):
+    """Whisper's text in the character model's form (the ``str``), with the text as
+    Whisper wrote it (``written``: cased and punctuated) kept for ``punctuated_word``."""
+
+    written: str
+
+    def __new__(cls, text: str, written: str) -> "WhisperText":
+        self = super().__new__(cls, text)
+        self.written = written
+        return self
+
+
+def written_words(written: str, contract: ModelContract) -> list[tuple[str, str]]:
+    """Whisper's text as (word in the model's form, that word as Whisper wrote it), in
+    order.  A written token that becomes several words ("100" -> "one hundred") keeps
+    its leading punctuation and capital on the first, its trailing punctuation on the
+    last; a token of punctuation alone joins the word before it."""
+    out: list[tuple[str, str]] = []
+    for token in written.split():
+        pieces = to_vocabulary(token, contract).split()
+        if not pieces:
+            if out:
+                out[-1] = (out[-1][0], out[-1][1] + token)
+            continue
+        if len(pieces) == 1:
+            out.append((pieces[0], token))
+            continue
+        core = token.strip(PUNCTUATION)
+        lead, trail = (
+            token[: token.find(core)] if core else token,
+            token[len(token.rstrip(PUNCTUATION)) :],
+        )
+        first = pieces[0].capitalize() if core[:1].isupper() else pieces[0]
+        shown = [lead + first, *pieces[1:-1], pieces[-1] + trail]
+        out += list(zip(pieces, shown))
+    return out
 
 
 def worded_finals(
@@ -262,7 +302,7 @@ class FinalPass:
 
     def texts(self, utts: list[Utterance]) -> list[str]:
         decoded = self.redecoder.transcribe_many([u.features for u in utts], self.silence)
-        return [to_vocabulary(d.text, self.contract) for d in decoded]
+        return [WhisperText(to_vocabulary(d.text, self.contract), d.text) for d in decoded]
 
     def text(self, utt: Utterance) -> str:
         return self.texts([utt])[0]
@@ -315,6 +355,11 @@ class FinalPass:
         words = self._words(message, utt, text)
         if words is None:
             return {**message, "rescored": False}
+        written = getattr(text, "written", None)
+        pairs = written_words(written, self.contract) if written else []
+        if [p for p, _ in pairs] == [w["word"] for w in words]:  # else none: not aligned
+            for w, (_, shown) in zip(words, pairs):
+                w["punctuated_word"] = shown
         return self._with_words(
             message, words, rescored=True, first_pass_transcript=(protocol.transcript(message))
         )

@@ -24,17 +24,21 @@ from streamasr.core.two_pass import (
     UtteranceRecorder,
     chunk_features,
     to_vocabulary,
+    written_words,
 )
 from streamasr.core.whisper_redecoder import Decoded
 from streamasr.pipeline import ctc_decoder, final_pass, offline_asr
 from streamasr.pipeline.common import ConfigError, ModelConfig, read_config
 from streamasr.pipeline.step_info import StepInfo
+from streamasr.protocol.contract import ModelContract
 from streamasr.tools.tiny_model import tiny_contract
 from streamasr_client.stream import TWO_PASS_MODEL, AsrConnection, Session
 
 from ..helpers import REPOSITORY, ROOT
 
 TINY = tiny_contract()
+# the served model's contract (its vocabulary: lower-case letters, apostrophe, space)
+REAL = ModelContract.from_onnx(REPOSITORY / "acoustic_model" / "1" / "model.onnx")
 V = len(TINY.vocabulary)
 WHISPER_DIR = REPOSITORY / "final_pass" / "1"
 
@@ -151,6 +155,34 @@ def test_rewrite_replaces_the_text_and_times_its_words():
         ("you", round(1.0 + 9 * fs, 3), round(1.0 + 16 * fs, 3)),
     ]
     assert (m["start"], m["duration"], m["speech_final"]) == (1.0, 0.4, True)
+
+
+def test_rewrite_keeps_whispers_written_words_as_punctuated_word():
+    lp = one_hot("__hh_i___yy_oo_u__")
+    utt = Utterance(0, np.zeros((len(lp) * TINY.subsampling, 80), np.float32), lp)
+    (m,) = FinalPass(TINY, FixedText("Hi, you!")).process([final_message(1.0)], [utt])
+    words = m["channel"]["alternatives"][0]["words"]
+    assert [(w["word"], w["punctuated_word"]) for w in words] == [("hi", "Hi,"), ("you", "you!")]
+
+
+def test_written_words_line_up_with_the_models_words():
+    pairs = written_words("Mr. Smith's 25 cats -- well, \u201cfine.\u201d", REAL)
+    assert pairs == [
+        ("mister", "Mr."),
+        ("smith's", "Smith's"),
+        ("twenty", "twenty"),
+        ("five", "five"),
+        ("cats", "cats--"),
+        ("well", "well,"),
+        ("fine", "\u201cfine.\u201d"),
+    ]
+    assert [w for w, _ in pairs] == to_vocabulary(
+        "Mr. Smith's 25 cats -- well, \u201cfine.\u201d", REAL
+    ).split()
+    assert written_words("Hundred-year-old 100.", REAL)[-2:] == [
+        ("one", "one"),
+        ("hundred", "hundred."),
+    ]
 
 
 def test_a_text_that_cannot_fit_the_frames_keeps_the_first_pass():

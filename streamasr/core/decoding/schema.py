@@ -54,6 +54,7 @@ from the utterance's audio features and gets:
 | `rescored` | bool | `true`: transcript, words and confidence come from the re-decode; `false`: the re-decoded text could not be aligned to the utterance's frames and the first pass is kept |
 | `first_pass_transcript` | string | the streaming CTC transcript the final would have had (when `rescored`) |
 | `words[]` | list | the re-decoded words (lower case, numbers spelled out, the model's alphabet), timed by CTC forced alignment on the utterance's log-probs; `confidence`: mean over the word's characters of their peak posterior on their aligned frames |
+| `words[].punctuated_word` | string | the word as Whisper wrote it: cased, with its punctuation (`"Mr."` for `mister`; a written token spelled out as several words keeps its leading punctuation and capital on the first, its trailing punctuation on the last); absent from every word when Whisper's text does not line up word for word with `words[]` |
 
 A final that had no words, or whose utterance is longer than 30 s (Whisper's window), is
 not re-decoded and has neither field.  The response carrying a re-decoded final arrives

@@ -12,7 +12,36 @@ from streamasr.core.params import parse_int
 from streamasr.protocol import PCM16_FULL_SCALE
 from streamasr_client.audio import resample, to_mono
 
-ENCODINGS = {"linear16": ("<i2", PCM16_FULL_SCALE), "float32": ("<f4", 1.0)}
+
+def _mulaw_table() -> np.ndarray:
+    """G.711 mu-law byte -> 16-bit linear sample (ITU-T G.711; what audioop.ulaw2lin gives)."""
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent, mantissa = (u >> 4) & 0x07, u & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    """G.711 A-law byte -> 16-bit linear sample (ITU-T G.711; what audioop.alaw2lin gives)."""
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent, mantissa = (a >> 4) & 0x07, a & 0x0F
+    magnitude = np.where(
+        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
+    )
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+#: Companded 8-bit telephony encodings (one byte a sample): byte -> 16-bit sample.
+G711_TABLES = {"mulaw": _mulaw_table(), "alaw": _alaw_table()}
+
+#: Raw encodings a client may stream: numpy dtype of one sample (the wire width) and the
+#: full scale of the linear value it decodes to.
+ENCODINGS = {
+    "linear16": ("<i2", PCM16_FULL_SCALE),
+    "float32": ("<f4", 1.0),
+    "mulaw": ("u1", PCM16_FULL_SCALE),
+    "alaw": ("u1", PCM16_FULL_SCALE),
+}
 
 
 # Client sample rates the gateway resamples from: 8 kHz (telephony) to 192 kHz (studio).
@@ -63,7 +92,10 @@ def decode_pcm(data: bytes, encoding: str, channels: int = 1) -> np.ndarray:
     width = np.dtype(dtype).itemsize * channels
     if len(data) % width:
         raise BadAudio(f"{len(data)} bytes is not a whole number of {width}-byte frames")
-    a = np.frombuffer(data, dtype=dtype).astype(np.float32) / scale
+    raw = np.frombuffer(data, dtype=dtype)
+    if encoding in G711_TABLES:
+        raw = G711_TABLES[encoding][raw]
+    a = raw.astype(np.float32) / scale
     return to_mono(a.reshape(-1, channels)) if channels > 1 else a
 
 

@@ -7,6 +7,10 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     stubs alive, a canary stream answered in time), else 503 with the reason (SageMaker
     treats anything but 200 as unhealthy).
 
+``GET /v1/listen`` (WebSocket)
+    Deepgram's live transcription API, so that Deepgram's SDKs work unchanged (through
+    SageMaker: invocation path ``v1/listen``); deepgram.py and docs/deepgram.md.
+
 ``POST /invocations``
     Whole recording -> ``offline_asr``.  Body: any file libsndfile reads (wav, flac,
     ogg...; ``Content-Type: audio/wav`` etc. or ``application/octet-stream``), or raw
@@ -28,7 +32,7 @@ Routes (SageMaker's container contract plus bidirectional streaming):
     One WebSocket session = one Triton sequence on the gateway's single persistent gRPC
     stream to Triton.  Binary frames: audio, 16-bit signed little-endian PCM, mono, at
     the model's sample rate unless the query string says otherwise
-    (``?encoding=linear16|float32&sample_rate=N``; ``two_pass=true|false``: finals
+    (``?encoding=linear16|float32|mulaw|alaw&sample_rate=N``; ``two_pass=true|false``: finals
     re-decoded by Whisper, default env STREAMASR_TWO_PASS; other query keys must be
     per-stream decoder options, ``protocol.STREAM_OPTION_KEYS``, passed on the START
     request: any other key is refused by name, see options.py).  A first text message
@@ -88,6 +92,7 @@ from streamasr.protocol import (
     WS_PATH,
     ModelContract,
 )
+from streamasr.sagemaker.gateway import deepgram
 from streamasr.sagemaker.gateway import platform as sagemaker_platform
 from streamasr.sagemaker.gateway.audio import BadAudio, decode_body
 from streamasr.sagemaker.gateway.config import GatewayConfig
@@ -129,9 +134,11 @@ class Refused(Exception):
 INVOCATION_KEYS = protocol.OFFLINE_OPTION_KEYS
 SESSION_CHUNK_KEYS = frozenset({"finalize", "close", "two_pass"})
 # What the access log may name of a request (everything else is shown as <other>).
-ROUTES = frozenset({"/ping", protocol.INVOCATIONS_PATH, WS_PATH})
+ROUTES = frozenset({"/ping", protocol.INVOCATIONS_PATH, WS_PATH, deepgram.LISTEN_PATH})
 LOGGED_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE"})
-LOGGED_QUERY_KEYS = protocol.STREAM_OPTION_KEYS | GATEWAY_KEYS | SESSION_CHUNK_KEYS
+LOGGED_QUERY_KEYS = (
+    protocol.STREAM_OPTION_KEYS | GATEWAY_KEYS | SESSION_CHUNK_KEYS | set(deepgram.PARAMETERS)
+)
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
@@ -225,6 +232,7 @@ class Gateway:
         app.router.add_post("/ping", self.ping)  # the bidirectional contract pings by POST
         app.router.add_post("/invocations", self.invocations)
         app.router.add_get(WS_PATH, self.websocket)
+        app.router.add_get(deepgram.LISTEN_PATH, self.deepgram_websocket)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         # InvokeEndpoint's 6 MB / 60 s limits, and draining streams on SIGTERM
@@ -478,6 +486,14 @@ class Gateway:
 
     # -- WebSocket -----------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve_ws(request, lambda ws: WsSession(self, ws, dict(request.query)))
+
+    async def deepgram_websocket(self, request: web.Request) -> web.StreamResponse:
+        """Deepgram's live API (deepgram.py); through SageMaker, the invocation path v1/listen."""
+        query = deepgram.listen_query(request)
+        return await self._serve_ws(request, lambda ws: deepgram.DeepgramSession(self, ws, query))
+
+    async def _serve_ws(self, request: web.Request, make_session) -> web.StreamResponse:
         ws = web.WebSocketResponse(
             autoping=True,
             heartbeat=self.cfg.heartbeat_s,
@@ -486,7 +502,7 @@ class Gateway:
         )
         await ws.prepare(request)  # accept first: SageMaker wants it within 250 ms
         self.active_ws += 1
-        session = WsSession(self, ws, dict(request.query))
+        session = make_session(ws)
         self.ws_sessions.add(session)
         try:
             await session.run()

@@ -213,20 +213,32 @@ class WsSession:
         self.loop.call_soon_threadsafe(settle)
 
     def _enqueue(self, m: dict) -> None:
-        self.received += 1
+        self.received += 1  # one per message of the model (the drain counts them)
         if self.session is not None:
             m = client_message(m, self.session.sequence_id)
+        for out in self._outgoing(m):
+            self._put(out)
+
+    def _outgoing(self, m: dict) -> list[dict]:
+        """What the client gets for one message of the model (a dialect rewrites it)."""
+        return [m]
+
+    def _put(self, m: dict) -> None:
         if self.out.qsize() >= self.cfg.max_outgoing_messages:
             self.overflow = True
             return
         self.out.put_nowait(m)
+
+    @staticmethod
+    def _dumps(m: dict) -> str:
+        return json.dumps(m, ensure_ascii=False)
 
     async def _writer(self) -> None:
         while True:
             m = await self.out.get()
             if m is None:
                 return
-            await self.ws.send_str(json.dumps(m, ensure_ascii=False))
+            await self.ws.send_str(self._dumps(m))
 
     def _configure(self, msg: dict) -> None:
         if self.session is not None and self.session.started:
@@ -580,4 +592,8 @@ class WsSession:
 
     def _enqueue_error(self, code: str, message: str) -> None:
         # Errors go out even when the result queue is full.
-        self.out.put_nowait({"type": "Error", "code": code, "message": self._redacted(message)})
+        self.out.put_nowait(self._error_message(code, self._redacted(message)))
+
+    @staticmethod
+    def _error_message(code: str, message: str) -> dict:
+        return {"type": "Error", "code": code, "message": message}
