@@ -2,8 +2,9 @@
 
     python -m training.encoder_cost [--batch 8] [--repeats 20]
 
-Both run in torch eager on one thread with Whisper tiny's weights (the ONNX export of
-the streaming step is the next step), for one 0.4 s chunk per stream:
+Both run on one thread with Whisper tiny's weights, in torch eager and as ONNX graphs in
+onnxruntime (the windowed encoder as served; the streaming step via
+``streaming_encoder.export_step_onnx``), for one 0.4 s chunk per stream:
 
 * **windowed** (served today): the encoder on a whole [left 100 | chunk 40 | right 10]
   window, 75 encoder frames computed for 20 emitted;
@@ -25,6 +26,42 @@ import torch
 
 from training import acoustic, ct2, whisper
 from training import streaming_encoder as se
+
+
+def _onnx_costs(enc, student, window, step_in, state, repeats: int) -> dict[str, float]:
+    """The same two encoders as ONNX graphs in onnxruntime (1 thread): seconds per call."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        wpath = Path(tmp) / "windowed.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                enc,
+                (torch.from_numpy(window[:1]),),
+                str(wpath),
+                dynamo=False,
+                opset_version=17,
+                input_names=["features"],
+                output_names=["enc"],
+                dynamic_axes={"features": {0: "batch"}, "enc": {0: "batch"}},
+            )
+        spath = se.export_step_onnx(student, Path(tmp) / "step.onnx")
+        ws = ort.InferenceSession(str(wpath), so, providers=["CPUExecutionProvider"])
+        ss = ort.InferenceSession(str(spath), so, providers=["CPUExecutionProvider"])
+    feeds = {"features": step_in, **{k: v.numpy() for k, v in state.items()}}
+    w_wall, w_cpu = _median(lambda: ws.run(None, {"features": window}), repeats)
+    s_wall, s_cpu = _median(lambda: ss.run(None, feeds), repeats)
+    return {
+        "onnx_windowed_ms_per_chunk": w_wall,
+        "onnx_windowed_cpu_ms_per_chunk": w_cpu,
+        "onnx_streaming_ms_per_chunk": s_wall,
+        "onnx_streaming_cpu_ms_per_chunk": s_cpu,
+    }
 
 
 def _median(fn, repeats: int) -> tuple[float, float]:
@@ -60,7 +97,12 @@ def measure(batch: int = 1, repeats: int = 20, left_chunks: int | None = None) -
     w_wall, w_cpu = _median(lambda: enc(window), repeats)
     s_wall, s_cpu = _median(lambda: student.step(step_in, state), repeats)
     windowed_frames = contract.window_frames // contract.subsampling
+    onnx = _onnx_costs(enc, student, window.numpy(), step_in.numpy(), state, repeats)
     return {
+        **{k: round(1e3 * v / batch, 2) for k, v in onnx.items()},
+        "onnx_cpu_ratio_windowed_over_streaming": round(
+            onnx["onnx_windowed_cpu_ms_per_chunk"] / onnx["onnx_streaming_cpu_ms_per_chunk"], 2
+        ),
         "batch": batch,
         "threads": 1,
         "left_chunks": cfg.left_chunks,

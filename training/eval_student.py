@@ -38,7 +38,9 @@ log = logging.getLogger("training.eval_student")
 def load_student(checkpoint: Path) -> se.StreamingEncoder:
     ck = torch.load(checkpoint, weights_only=False)
     cfg = se.StreamConfig(**ck["config"])
-    student = se.StreamingEncoder(whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir())), cfg)
+    student = se.StreamingEncoder(
+        whisper.encoder_from_ct2(ct2.load(ct2.packaged_whisper_dir())), cfg
+    )
     student.load_state_dict(ck["model"])
     return student.eval()
 
@@ -56,7 +58,9 @@ def student_windows_encoder(student: se.StreamingEncoder, contract, head_cfg: ac
     def run(window_features: np.ndarray) -> np.ndarray:
         seq = train_ctc.full_sequence(contract, window_features)[skip:].astype(np.float32)
         main, look = student.forward_parallel(torch.from_numpy(seq[None]))
-        hf = se.head_frames(student.cfg, main[0].numpy(), look[0].numpy(), head_cfg.head_left, width)
+        hf = se.head_frames(
+            student.cfg, main[0].numpy(), look[0].numpy(), head_cfg.head_left, width
+        )
         out = np.zeros((len(window_features), n_out, hf.shape[-1]), np.float32)
         out[:, sl.start :] = hf
         return out

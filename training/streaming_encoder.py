@@ -174,8 +174,8 @@ class StreamingEncoder(nn.Module):
 
     def step(self, feats: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """feats [B, 2*chunk + right, n_mels] (this chunk + its right context) -> (frames
-        [B, chunk + lookahead, d], new state). All streams of a batch must be at the same
-        frame count (the tests' use); serving would keep ``frames`` per stream."""
+        [B, chunk + lookahead, d], new state). Tensor operations only (exportable to ONNX);
+        each stream of a batch has its own state, position included."""
         cfg = self.cfg
         K, R = cfg.chunk, cfg.lookahead
         if feats.shape[1] != 2 * K + cfg.right_features:
@@ -189,7 +189,9 @@ class StreamingEncoder(nn.Module):
         c1 = torch.cat([c1[:, :, :1] * (~first).float()[:, None, None], c1[:, :, 1:]], dim=2)
         x = F.gelu(F.conv1d(c1, self.enc.conv2.weight, self.enc.conv2.bias, stride=2))
         x = x.transpose(1, 2)  # [B, K + R, d]
-        x = x + self._positions(int(state["frames"][0]), K + R)
+        # per-stream positions: streams of one batch may be at different frame counts
+        idx = (torch.arange(K + R)[None, :] + state["frames"][:, None]) % cfg.period
+        x = x + self.enc.pos[idx]
         valid = state["valid"]
         n_cache = cfg.cache_frames
         # queries: K chunk frames (see cache + chunk) then R look-ahead (see cache + all)
@@ -276,3 +278,47 @@ def wrap_chunks(cfg: StreamConfig, phase: int, n_chunks: int) -> np.ndarray:
         hi = (c + 1) * K + cfg.lookahead + phase
         out[c] = math.floor((hi - 1) / cfg.period) != math.floor(lo / cfg.period)
     return out
+
+
+class StepGraph(nn.Module):
+    """``StreamingEncoder.step`` with the state as plain tensors, for ONNX export:
+    (features, k, v, valid, feats, frames) -> (out, k, v, valid, feats, frames)."""
+
+    STATE = ("k", "v", "valid", "feats", "frames")
+
+    def __init__(self, student: StreamingEncoder):
+        super().__init__()
+        self.student = student
+
+    def forward(self, features, k, v, valid, feats, frames):
+        out, st = self.student.step(
+            features, {"k": k, "v": v, "valid": valid, "feats": feats, "frames": frames}
+        )
+        return (out, *(st[n] for n in self.STATE))
+
+
+def export_step_onnx(student: StreamingEncoder, path, opset: int = 17):
+    """The per-chunk graph with a dynamic batch axis (state in, state out)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = student.cfg
+    state = student.initial_state(1)
+    feats = torch.zeros(1, 2 * cfg.chunk + cfg.right_features, student.enc.conv1.in_channels)
+    names = list(StepGraph.STATE)
+    dyn = {n: {0: "batch"} for n in ["features", *names, "out", *[n + "_out" for n in names]]}
+    for n in ("k", "v", "k_out", "v_out"):
+        dyn[n] = {1: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(
+            StepGraph(student.eval()),
+            (feats, *(state[n] for n in names)),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["features", *names],
+            output_names=["out", *[n + "_out" for n in names]],
+            dynamic_axes=dyn,
+        )
+    return path

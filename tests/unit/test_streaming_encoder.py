@@ -98,3 +98,40 @@ def test_wrap_chunks_marks_the_chunks_that_see_a_wrap():
     w = se.wrap_chunks(cfg, phase=30, n_chunks=8)
     # positions 30.. : chunk 2 covers 38..43+2 -> wraps; chunks up to 2 + left_chunks see it
     assert w.tolist() == [False, False, True, True, True, False, False, False]
+
+
+def test_streams_at_different_positions_share_a_batch():
+    model = se.StreamingEncoder(small_encoder(), CFG)
+    W = 2 * CFG.chunk + CFG.right_features
+    x = feats(chunks=6)
+    with torch.no_grad():
+        # stream 0 runs 3 chunks ahead, then both step together in one batch
+        s0 = model.initial_state(1)
+        for c in range(3):
+            _, s0 = model.step(x[:1, 2 * CFG.chunk * c : 2 * CFG.chunk * c + W], s0)
+        s1 = model.initial_state(1)
+        both = {k: torch.cat([s0[k], s1[k]], dim=1 if k in ("k", "v") else 0) for k in s0}
+        step_in = torch.cat([x[:1, 6 * CFG.chunk : 6 * CFG.chunk + W], x[1:, :W]])
+        out, _ = model.step(step_in, both)
+        alone0, _ = model.step(step_in[:1], s0)
+        alone1, _ = model.step(step_in[1:], s1)
+    np.testing.assert_allclose(out[:1].numpy(), alone0.numpy(), atol=1e-5)
+    np.testing.assert_allclose(out[1:].numpy(), alone1.numpy(), atol=1e-5)
+
+
+def test_onnx_step_equals_torch_step(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = se.StreamingEncoder(small_encoder(), CFG)
+    path = se.export_step_onnx(model, tmp_path / "step.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    W = 2 * CFG.chunk + CFG.right_features
+    x = feats(chunks=12)
+    state = model.initial_state(2)
+    onnx_state = {k: v.numpy() for k, v in state.items()}
+    for c in range(12):  # crosses the position wrap (period 40 = 10 chunks)
+        chunk = x[:, 2 * CFG.chunk * c : 2 * CFG.chunk * c + W]
+        with torch.no_grad():
+            ref, state = model.step(chunk, state)
+        got = sess.run(None, {"features": chunk.numpy(), **onnx_state})
+        onnx_state = dict(zip(se.StepGraph.STATE, got[1:]))
+        np.testing.assert_allclose(got[0], ref.numpy(), atol=1e-4)
