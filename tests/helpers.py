@@ -266,6 +266,9 @@ def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
             # (tests/e2e/test_health.py tests the defaults on servers of its own)
             "STREAMASR_HEALTH_CANARY_DEADLINE": "60",
             "STREAMASR_HEALTH_EXIT_AFTER": "0",
+            # ... nor refuse sessions over its canary's queue delay (the guard is tested
+            # in tests/integration/test_admission.py with a gateway of its own)
+            "STREAMASR_ADMISSION_MAX_QUEUE_DELAY": "0",
         }
     )
     env.update(extra)

@@ -278,14 +278,9 @@ class Backend:
         self._contract: ModelContract | None = None
         self.stubs = StubWatch(list_stubs) if list_stubs is not None else None
         # admission's live guard (streamasr.core.admission): new sessions are refused as
-        # busy while the canary's queue delay is over its bound; None: off
-        self.queue_guard = (
-            queue_guard
-            if queue_guard is not None
-            else QueueDelayGuard.from_env(clock=clock)
-            if self.health_cfg.canary_interval_s > 0
-            else None
-        )
+        # busy while the canary's queue delay is over its bound; None: off (docker/serve
+        # passes QueueDelayGuard.from_env())
+        self.queue_guard = queue_guard if self.health_cfg.canary_interval_s > 0 else None
         self.canary = Canary(self.health_cfg, clock, self.queue_guard)
         self.state = HealthState(self.health_cfg.exit_after_s, clock)
 
