@@ -73,6 +73,7 @@ class Calibration:
     """What one start-up calibration measured (seconds of CPU per chunk) and decided."""
 
     acoustic_s_per_window: float  # one window of a CALIBRATION_BATCH batch
+    acoustic_on_gpu: bool  # served on a GPU (then not CPU time; a ceiling only if timed there)
     acoustic_instances: int
     acoustic_threads: int
     decoder_s_per_chunk: float
@@ -88,7 +89,8 @@ class Calibration:
     def summary(self) -> str:
         return (
             f"admission limit {self.limit} streams (calibrated in {self.seconds:.1f} s: "
-            f"acoustic {self.acoustic_s_per_window * 1e3:.2f} ms/window x "
+            f"acoustic {self.acoustic_s_per_window * 1e3:.2f} ms/window"
+            f"{' (served on GPU)' if self.acoustic_on_gpu else ''} x "
             f"{self.acoustic_instances} instances x {self.acoustic_threads} threads, decoder "
             f"{self.decoder_s_per_chunk * 1e3:.2f} ms/chunk x {self.decoder_instances}, "
             f"features {self.features_s_per_chunk * 1e3:.2f} ms/chunk, {self.cores} cores, "
@@ -102,25 +104,32 @@ class Calibration:
 
 def streams_ceiling(
     chunk_seconds: float,
-    acoustic_s: float,
+    acoustic_s: float | None,
     acoustic_instances: int,
     acoustic_threads: int,
     decoder_s: float,
     decoder_instances: int,
     features_s: float,
     cores: int,
+    acoustic_on_cpu: bool = True,
 ) -> float:
     """Streams that one chunk period can serve: the smallest of the acoustic model's, the
     decoder's and the whole CPU's ceilings (each stream needs one window, one decoder
-    chunk and one feature chunk per ``chunk_seconds``)."""
-    if min(acoustic_s, decoder_s, features_s) < 0 or chunk_seconds <= 0:
+    chunk and one feature chunk per ``chunk_seconds``). ``acoustic_on_cpu`` False: the
+    acoustic model runs on a GPU, so its time is not CPU time; ``acoustic_s`` None: it
+    could not be timed there (no ceiling of its own)."""
+    if min(acoustic_s or 0.0, decoder_s, features_s) < 0 or chunk_seconds <= 0:
         raise ValueError("costs must be >= 0 and the chunk > 0")
     tiny = 1e-9  # a cost too small to time is no ceiling
+    cpu_s = decoder_s + features_s
+    if acoustic_on_cpu and acoustic_s is not None:
+        cpu_s += acoustic_s * acoustic_threads
     ceilings = [
-        acoustic_instances * chunk_seconds / max(acoustic_s, tiny),
         decoder_instances * chunk_seconds / max(decoder_s, tiny),
-        cores * chunk_seconds / max(acoustic_s * acoustic_threads + decoder_s + features_s, tiny),
+        cores * chunk_seconds / max(cpu_s, tiny),
     ]
+    if acoustic_s is not None:
+        ceilings.append(acoustic_instances * chunk_seconds / max(acoustic_s, tiny))
     return min(ceilings)
 
 
@@ -201,7 +210,11 @@ def calibrate(feature_cfg: ModelConfig) -> Calibration:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
-    if a_gpu and "CUDAExecutionProvider" in ort.get_available_providers():
+    # A GPU-served model can only be timed where this Python has onnxruntime's CUDA
+    # provider (the image has the CPU build): otherwise it is timed on the CPU only to
+    # give the decoder real log-probs, and is no ceiling (on a GPU the CPU steps bind).
+    timed_on_gpu = a_gpu and "CUDAExecutionProvider" in ort.get_available_providers()
+    if timed_on_gpu:
         providers.insert(0, "CUDAExecutionProvider")
     sess = ort.InferenceSession(str(model_path), so, providers=providers)
 
@@ -239,29 +252,33 @@ def calibrate(feature_cfg: ModelConfig) -> Calibration:
 
     features_s, features_cpu = (t / len(feats) for t in _median_time(features_all, 2))
     cores = available_cores()
+    a_ceiling = acoustic_s if (timed_on_gpu or not a_gpu) else None
     ceiling = streams_ceiling(
         contract.chunk_seconds,
-        acoustic_s,
+        a_ceiling,
         a_instances,
         threads,
         decoder_s,
         d_instances,
         features_s,
         cores,
+        acoustic_on_cpu=not a_gpu,
     )
     # the same from CPU time: what the instance would give without its neighbours
     cpu_ceiling = streams_ceiling(
         contract.chunk_seconds,
-        acoustic_cpu,
+        acoustic_cpu if a_ceiling is not None else None,
         a_instances,
         threads,
         decoder_cpu,
         d_instances,
         features_cpu,
         cores,
+        acoustic_on_cpu=not a_gpu,
     )
     cal = Calibration(
         acoustic_s_per_window=acoustic_s,
+        acoustic_on_gpu=a_gpu,
         acoustic_instances=a_instances,
         acoustic_threads=threads,
         decoder_s_per_chunk=decoder_s,
