@@ -396,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         "--capacity",
         type=int,
         default=None,
-        help="admission limit (default: the repository's, i.e. "
-        f"{admission.MEASURED_STREAMS_HELD} measured)",
+        help="admission limit (default: the repository's, i.e. what the server's start-up "
+        f"calibration picks; {admission.FALLBACK_STREAMS_HELD} if it cannot run)",
     )
     p.add_argument("--factor", type=float, default=3.0)
     p.add_argument("--duration", type=float, default=60.0)
@@ -464,11 +464,13 @@ def run_with_server(
     from streamasr.triton.server import ServerConfig, TritonServer, free_ports
 
     if capacity is None:  # the repository's own setting (not this process's env)
+        from streamasr.pipeline.feature_extractor import calibrate
+
+        fx_cfg = read_config(repository / "feature_extractor")
         capacity = admission.configured_limit(
-            read_config(repository / "feature_extractor").param(
-                admission.CONFIG_KEY, admission.MEASURED
-            ),
+            fx_cfg.param(admission.CONFIG_KEY, admission.MEASURED),
             {},
+            calibrate=lambda: calibrate(fx_cfg),  # what the server would pick, timed here
         )
         if capacity is None:
             raise ValueError(

@@ -68,6 +68,12 @@ def lead_server(variants_server):
 
 
 @pytest.fixture(scope="session")
+def calibrated_server(variants_server):
+    """The committed max_active_streams (measured): calibrated while it loads."""
+    return VariantServer(variants_server, "calibrated")
+
+
+@pytest.fixture(scope="session")
 def limited_server(variants_server):
     """The base model names, limited to helpers.ADMISSION_LIMIT streams."""
     return VariantServer(variants_server, None)

@@ -143,6 +143,8 @@ def variants() -> dict[str, Variant]:
         "lead": Variant(
             {"feature_extractor": {protocol.MAX_LEAD_PARAMETER: str(LEAD_S), **unlimited}}
         ),
+        # the committed setting: the step calibrates its own limit while it loads
+        "calibrated": Variant({"feature_extractor": {admission.CONFIG_KEY: admission.MEASURED}}),
     }
 
 
@@ -379,6 +381,9 @@ def sagemaker_env(tmp: Path, **extra: str) -> dict[str, str]:
         # (tests/e2e/test_health.py tests the defaults on servers of its own)
         "STREAMASR_HEALTH_CANARY_DEADLINE": "60",
         "STREAMASR_HEALTH_EXIT_AFTER": "0",
+        # ... nor refuse sessions over its canary's queue delay (the guard is tested
+        # in tests/integration/test_admission.py with a gateway of its own)
+        "STREAMASR_ADMISSION_MAX_QUEUE_DELAY": "0",
     }
     return loopback_env(REPOSITORY, **{**defaults, **extra})
 

@@ -7,9 +7,16 @@ fewer than ``limit`` streams are open, and refuses the rest with a retryable err
 message starts with ``CAPACITY_MARKER``; admitted streams keep their latency.
 
 The limit comes from, in order: the environment variable ``STREAMASR_MAX_ACTIVE_STREAMS``
-(a deployment sets it per instance type), the feature step's config.pbtxt parameter
-``max_active_streams``, else ``MEASURED_STREAMS_HELD`` below: the one place the measured
-capacity is written down.  ``0`` turns admission control off.
+(an override: an integer, 0 = no limit), the feature step's config.pbtxt parameter
+``max_active_streams`` (an integer, or ``measured``: the default), and for ``measured`` a
+calibration each instance runs at start-up (``streamasr.pipeline.calibration``: times the
+acoustic model, the decoder and the feature step on this machine, before Triton is ready;
+issue 26).  ``FALLBACK_STREAMS_HELD`` is used only when no calibration can run.
+
+A live guard complements the start-up figure: ``QueueDelayGuard`` refuses new streams
+while the measured queue delay is over its bound (the SageMaker gateway feeds it from its
+canary, which waits in the same queues as every stream), so an instance whose neighbours
+or inputs got slower than at start-up stops admitting before its streams miss real time.
 
 One admitted stream's own backlog is bounded elsewhere: the feature step closes a stream
 that runs ``max_lead_seconds`` ahead of real time (streamasr.protocol), AsrConnection and
@@ -19,24 +26,22 @@ the SageMaker gateway keep at most ``MAX_PENDING_REQUESTS`` unanswered per strea
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Hashable, Mapping
+from typing import Callable, Hashable, Mapping
 
 from streamasr.core.state import StreamError
 from streamasr.protocol import CAPACITY_MARKER, is_capacity_refusal  # noqa: F401 (re-exported)
 
-#: Paced real-time streams the committed model repository (acoustic_model 2 instances x
-#: 1 thread, beam 16 + word LM with token pruning) held at p99 chunk latency <= 250 ms on
-#: the 2-core CPU VM (no GPU) in every run: the same config held 28 in one run (vm-...-1743),
-#: missed 28 by 0.6 ms in the next (1747), and two hours later held 16 (1922: 20 at p99
-#: 259 ms, 24 at 338-358 ms) as the VM's speed drifted (benchmarks/results/capacity/
-#: README.md, docs/benchmarks.md).  3x overload at this limit, in the slow period: admitted p99 79 ms.
-#: The default admission limit; a deployment measures its own instance type.
-MEASURED_STREAMS_HELD = 16
-MEASURED_ON = "2-core CPU VM, benchmarks/results/capacity/pruned-i2t1/vm-20261203-1922"
+log = logging.getLogger("streamasr.admission")
+
+#: The limit when no calibration can run (``measured`` asked for, but the calibration
+#: failed, e.g. a repository without a ctc_decoder): half of what the quiet 2-core VM
+#: held with the committed repository (32 paced streams at p99 <= 250 ms, issue 26).
+FALLBACK_STREAMS_HELD = 16
 
 #: SageMaker target tracking on ConcurrentRequestsPerModel (an open stream counts until it
 #: closes, like an admitted stream here) aims at this share of the limit, so instances are
@@ -44,14 +49,16 @@ MEASURED_ON = "2-core CPU VM, benchmarks/results/capacity/pruned-i2t1/vm-2026120
 AUTOSCALE_TARGET_SHARE = 0.75
 
 
-def autoscale_target(limit: int | None = MEASURED_STREAMS_HELD) -> float:
-    """Concurrent streams per instance for SageMaker target tracking to aim at."""
-    return round(AUTOSCALE_TARGET_SHARE * (limit or MEASURED_STREAMS_HELD), 1)
+def autoscale_target(limit: int | None = None) -> float:
+    """Concurrent streams per instance for SageMaker target tracking to aim at: a share
+    of ``limit`` (the instance type's limit: its override, or what its calibration
+    picks), else of the fallback."""
+    return round(AUTOSCALE_TARGET_SHARE * (limit or FALLBACK_STREAMS_HELD), 1)
 
 
 #: Environment override of the limit (an integer; 0 = no limit).
 ENV_LIMIT = "STREAMASR_MAX_ACTIVE_STREAMS"
-#: config.pbtxt parameter of the feature step: an integer, or "measured".
+#: config.pbtxt parameter of the feature step: an integer, or "measured" (calibrate).
 CONFIG_KEY = "max_active_streams"
 MEASURED = "measured"
 #: Every refusal's message starts with CAPACITY_MARKER (streamasr.protocol: clients
@@ -74,11 +81,14 @@ class RefusedStreamEnded(StreamError):
     Answered with an error (there is no result), but not counted as one."""
 
 
-def parse_limit(value: str | int | None, where: str) -> int | None:
+def parse_limit(
+    value: str | int | None, where: str, calibrate: Callable[[], int] | None = None
+) -> int | None:
     """A configured limit: a non-negative integer (0: no limit, returned as None) or
-    "measured" (``MEASURED_STREAMS_HELD``)."""
+    "measured" (``calibrate()``; ``FALLBACK_STREAMS_HELD`` when there is none or it
+    fails)."""
     if value is None or (isinstance(value, str) and value.strip().lower() == MEASURED):
-        return MEASURED_STREAMS_HELD
+        return measured_limit(calibrate)
     try:
         n = int(str(value).strip())
     except ValueError:
@@ -90,15 +100,120 @@ def parse_limit(value: str | int | None, where: str) -> int | None:
     return n or None
 
 
+def measured_limit(calibrate: Callable[[], int] | None) -> int:
+    if calibrate is None:
+        log.warning("no calibration to run: admission limit %d (fallback)", FALLBACK_STREAMS_HELD)
+        return FALLBACK_STREAMS_HELD
+    try:
+        n = int(calibrate())
+    except Exception as exc:  # noqa: BLE001 - any failure: keep serving, say so
+        log.warning(
+            "admission calibration failed (%s: %s): limit %d (fallback)",
+            type(exc).__name__,
+            exc,
+            FALLBACK_STREAMS_HELD,
+        )
+        return FALLBACK_STREAMS_HELD
+    if n < 1:
+        raise ValueError(f"calibration picked {n} streams; a limit must be >= 1")
+    return n
+
+
 def configured_limit(
-    config_value: str | None, environ: Mapping[str, str] | None = None
+    config_value: str | None,
+    environ: Mapping[str, str] | None = None,
+    calibrate: Callable[[], int] | None = None,
 ) -> int | None:
-    """The limit in force: the environment first, then config.pbtxt, then the measured
-    figure.  None: no limit."""
+    """The limit in force: the environment first, then config.pbtxt, then (for
+    ``measured``) ``calibrate()``, which runs only when nothing overrides it.
+    None: no limit."""
     env = os.environ if environ is None else environ
     if env.get(ENV_LIMIT, "").strip():
         return parse_limit(env[ENV_LIMIT], f"environment variable {ENV_LIMIT}")
-    return parse_limit(config_value, f"config.pbtxt parameter {CONFIG_KEY!r}")
+    return parse_limit(config_value, f"config.pbtxt parameter {CONFIG_KEY!r}", calibrate)
+
+
+#: Environment variable: the queue-delay bound of QueueDelayGuard in seconds (0: off).
+ENV_QUEUE_DELAY = "STREAMASR_ADMISSION_MAX_QUEUE_DELAY"
+#: 2x the 250 ms real-time budget of a chunk: a queue this long means the streams already
+#: admitted are missing real time, so a new one would only make it worse.  Below the
+#: gateway's canary deadline (4 s), where /ping turns 503.
+QUEUE_DELAY_BOUND_S = 0.5
+#: How long one delay observation counts: the canary runs every 2 s, so two of them.
+QUEUE_DELAY_WINDOW_S = 5.0
+
+
+class QueueDelayGuard:
+    """Refuses new streams while the queue delay measured in the last ``window_s`` is
+    over ``bound_s``.  ``observe`` takes measurements (e.g. canary latencies), and an
+    ``in_flight_since`` probe that has not come back yet counts with its age."""
+
+    def __init__(
+        self,
+        bound_s: float = QUEUE_DELAY_BOUND_S,
+        window_s: float = QUEUE_DELAY_WINDOW_S,
+        clock=time.monotonic,
+    ):
+        if bound_s <= 0 or window_s <= 0:
+            raise ValueError(f"queue-delay bound and window must be > 0, got {bound_s}, {window_s}")
+        self.bound_s, self.window_s, self.clock = bound_s, window_s, clock
+        self._lock = threading.Lock()
+        self._samples: list[tuple[float, float]] = []  # (when, delay)
+        self._in_flight_since: float | None = None
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, clock=time.monotonic
+    ) -> "QueueDelayGuard | None":
+        """The guard ``STREAMASR_ADMISSION_MAX_QUEUE_DELAY`` asks for (None when 0)."""
+        env = os.environ if environ is None else environ
+        raw = env.get(ENV_QUEUE_DELAY, "").strip()
+        if not raw:
+            return cls(clock=clock)
+        try:
+            bound = float(raw)
+        except ValueError:
+            raise ValueError(
+                f"{ENV_QUEUE_DELAY} must be a number of seconds, got {raw!r}"
+            ) from None
+        if bound < 0:
+            raise ValueError(f"{ENV_QUEUE_DELAY} must be >= 0, got {bound}")
+        return cls(bound, clock=clock) if bound else None
+
+    def observe(self, delay_s: float) -> None:
+        now = self.clock()
+        with self._lock:
+            self._samples.append((now, delay_s))
+            self._samples = [(t, d) for t, d in self._samples if now - t <= self.window_s]
+
+    def probe_started(self, since: float | None) -> None:
+        """A probe in flight since ``since`` (None: none): its age is a delay too."""
+        with self._lock:
+            self._in_flight_since = since
+
+    def delay(self) -> float:
+        """The largest queue delay seen in the window (0 without measurements)."""
+        now = self.clock()
+        with self._lock:
+            recent = [d for t, d in self._samples if now - t <= self.window_s]
+            if self._in_flight_since is not None:
+                recent.append(now - self._in_flight_since)
+        return max(recent, default=0.0)
+
+    def over(self) -> bool:
+        return self.delay() > self.bound_s
+
+    def refusal(self) -> str | None:
+        """The refusal message while over the bound, else None."""
+        d = self.delay()
+        if d <= self.bound_s:
+            return None
+        return (
+            f"{CAPACITY_MARKER}: queue delay {d * 1e3:.0f} ms is over its "
+            f"{self.bound_s * 1e3:.0f} ms bound; no new stream is started until it falls. "
+            "Retry later (this is not an error in the request), or use another endpoint "
+            "instance"
+        )
 
 
 class Admission:

@@ -279,6 +279,14 @@ class FeatureExtractorStep:
         )
 
 
+def calibrate(cfg: ModelConfig) -> int:
+    """The streams this instance holds, timed now (streamasr.pipeline.calibration; imported
+    here so that a server with an overriding limit never loads what it times)."""
+    from streamasr.pipeline.calibration import calibrate as run_calibration
+
+    return run_calibration(cfg).limit
+
+
 def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
     """The step as configured in config.pbtxt (fails fast on a bad parameter)."""
     contract = cfg.contract()
@@ -291,7 +299,9 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
             cfg.param("max_stream_seconds", str(DEFAULT_MAX_STREAM_SECONDS)),
             0.01,
         )
-        limit = adm.configured_limit(cfg.param(adm.CONFIG_KEY, adm.MEASURED))
+        limit = adm.configured_limit(
+            cfg.param(adm.CONFIG_KEY, adm.MEASURED), calibrate=lambda: calibrate(cfg)
+        )
         max_lead = parse_float(
             MAX_LEAD_PARAMETER, cfg.param(MAX_LEAD_PARAMETER, str(DEFAULT_MAX_LEAD_SECONDS)), 0.0
         )

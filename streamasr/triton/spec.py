@@ -275,8 +275,9 @@ FEATURE_EXTRACTOR = Model(
             admission.MEASURED,
             "Admission control (streamasr/core/admission.py): a START beyond this many open "
             'streams is refused with a retryable "server at capacity" error (status '
-            'UNAVAILABLE). "measured": the figure measured for the committed config '
-            "(admission.MEASURED_STREAMS_HELD); the environment variable "
+            'UNAVAILABLE). "measured": calibrated on each instance while this model loads '
+            "(streamasr/pipeline/calibration.py: acoustic model, decoder and feature costs "
+            "timed on the machine, x a documented headroom); the environment variable "
             "STREAMASR_MAX_ACTIVE_STREAMS overrides it; 0 = no limit.",
         ),
     ),

@@ -180,6 +180,30 @@ def test_canary_deadline_late_answer_failure_and_capacity_refusal():
     assert "not healthy" in (canary.problem() or "")
 
 
+def test_canary_latency_feeds_the_admission_queue_delay_guard():
+    from streamasr.core.admission import QueueDelayGuard
+
+    clock = FakeClock()
+    guard = QueueDelayGuard(bound_s=0.5, window_s=5.0, clock=clock)
+    canary = Canary(HealthConfig(canary_interval_s=2, canary_deadline_s=4), clock, guard)
+    conn = FakeConnection()
+    canary.start(conn, FakeContract())  # type: ignore[arg-type]
+    clock.now += 0.7
+    assert guard.over(), "a canary unanswered for 0.7 s: the queues are that long"
+    conn.sessions[0].answer()
+    assert guard.over() and canary.problem() is None, "slow for admission, healthy for /ping"
+    clock.now += 6  # out of the window; the next canary is fast
+    canary.start(conn, FakeContract())  # type: ignore[arg-type]
+    clock.now += 0.05
+    conn.sessions[1].answer()
+    assert not guard.over()
+    clock.now += 2
+    canary.start(conn, FakeContract())  # type: ignore[arg-type]
+    clock.now += 0.01
+    conn.sessions[2].answer("Stub process 'ctc_decoder_0_0' is not healthy.")
+    assert not guard.over(), "a failed canary is a health problem, not a queue delay"
+
+
 def test_stub_watch_reports_a_dead_stub_and_logs_it_once(caplog):
     alive = {11: "feature_extractor", 12: "ctc_decoder"}
     watch = StubWatch(lambda: dict(alive))

@@ -12,8 +12,6 @@ import json
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import aiohttp
 import aiohttp.test_utils
@@ -29,6 +27,7 @@ from streamasr.sagemaker.gateway.config import GatewayConfig
 from streamasr.sagemaker.gateway.http import Gateway
 from streamasr_client.stream import AsrConnection
 
+from .. import helpers
 from ..helpers import ADMISSION_LIMIT, REPOSITORY
 
 LIMIT = ADMISSION_LIMIT
@@ -37,13 +36,24 @@ LIMIT = ADMISSION_LIMIT
 # -- units (no server) ---------------------------------------------------------------------
 
 
-def test_limit_comes_from_environment_then_config_then_the_measured_figure():
-    assert adm.configured_limit(None, {}) == adm.MEASURED_STREAMS_HELD
-    assert adm.configured_limit("measured", {}) == adm.MEASURED_STREAMS_HELD
-    assert adm.configured_limit("7", {}) == 7
+def test_limit_comes_from_environment_then_config_then_the_calibration():
+    calls = []
+
+    def calibrate():
+        calls.append(1)
+        return 23
+
+    assert adm.configured_limit(None, {}, calibrate) == 23
+    assert adm.configured_limit("measured", {}, calibrate) == 23
+    assert len(calls) == 2
+    assert adm.configured_limit("measured", {}) == adm.FALLBACK_STREAMS_HELD  # none to run
+    assert adm.configured_limit("7", {}, calibrate) == 7
     assert adm.configured_limit("0", {}) is None  # 0: no limit
     assert adm.configured_limit("7", {adm.ENV_LIMIT: "3"}) == 3
     assert adm.configured_limit("7", {adm.ENV_LIMIT: "0"}) is None
+    # the override wins, and the calibration does not even run
+    assert adm.configured_limit("measured", {adm.ENV_LIMIT: "5"}, calibrate) == 5
+    assert len(calls) == 2
     for bad in ("-1", "many", "2.5"):
         with pytest.raises(ValueError, match="non-negative integer"):
             adm.configured_limit(bad, {})
@@ -51,10 +61,43 @@ def test_limit_comes_from_environment_then_config_then_the_measured_figure():
             adm.configured_limit("1", {adm.ENV_LIMIT: bad})
 
 
-def test_committed_config_admits_the_measured_number_of_streams(monkeypatch):
+def test_a_failed_calibration_falls_back_and_says_so(caplog):
+    def broken():
+        raise FileNotFoundError("no ctc_decoder/config.pbtxt")
+
+    assert adm.configured_limit("measured", {}, broken) == adm.FALLBACK_STREAMS_HELD
+    assert "admission calibration failed (FileNotFoundError" in caplog.text
+
+
+def test_committed_config_admits_what_the_calibration_picks(monkeypatch):
+    from streamasr.pipeline import calibration
+
     monkeypatch.delenv(adm.ENV_LIMIT, raising=False)
+    picked = []
+    real = calibration.calibrate
+
+    def recording(cfg):  # the real calibration, its result kept for the assertion
+        picked.append(real(cfg))
+        return picked[-1]
+
+    monkeypatch.setattr(calibration, "calibrate", recording)
     step = fx.build_step(read_config(REPOSITORY / "feature_extractor"))
-    assert step.admission.limit == adm.MEASURED_STREAMS_HELD
+    assert len(picked) == 1
+    assert step.admission.limit == picked[0].limit
+    assert picked[0].acoustic_s_per_window > 0 and picked[0].decoder_s_per_chunk > 0
+    assert picked[0].decoder_instances >= 1 and picked[0].cores >= 1
+
+
+def test_override_wins_without_calibrating(monkeypatch):
+    from streamasr.pipeline import calibration
+
+    def must_not_run(cfg):
+        raise AssertionError("calibration ran despite the override")
+
+    monkeypatch.setattr(calibration, "calibrate", must_not_run)
+    monkeypatch.setenv(adm.ENV_LIMIT, "9")
+    step = fx.build_step(read_config(REPOSITORY / "feature_extractor"))
+    assert step.admission.limit == 9
 
 
 def _request(corrid, flags, seconds=0.4):
@@ -91,17 +134,9 @@ def test_feature_step_refuses_start_beyond_the_limit_and_admits_after_an_end(con
 # -- a real server limited to LIMIT streams ------------------------------------------------
 
 
-def metric(server, name: str) -> float:
-    text = (
-        urllib.request.urlopen(
-            f"http://{server.config.host}:{server.config.metrics_port}/metrics", timeout=10
-        )
-        .read()
-        .decode()
-    )
-    m = re.search(rf'^{name}{{model="feature_extractor"}} ([0-9.e+]+)$', text, re.M)
-    assert m, f"{name} not in metrics"
-    return float(m.group(1))
+def metric(server, name: str, step: str | None = None) -> float:
+    """``name`` of the server's feature step (limited_server's: the base names)."""
+    return helpers.metric(server, name, step or server.model("feature_extractor"))
 
 
 def _stream(session, audio: np.ndarray, chunk: int) -> None:
@@ -308,3 +343,83 @@ def test_a_refused_websocket_is_closed_at_once_even_if_it_stays_silent(limited_s
             h.wait()
     assert code == 1013 and [m["code"] for m in msgs if m["type"] == "Error"] == ["busy"], msgs
     assert took < 10, f"closed {took:.1f} s after its frame"
+
+
+def test_gateway_refuses_new_sessions_while_the_queue_delay_is_over_its_bound(
+    limited_server, contract
+):
+    """The live guard: with the canary's queue delay over its bound, a new WebSocket or
+    HTTP session is answered busy before anything reaches Triton; once the slow
+    measurement has left the window, sessions are admitted again."""
+    from streamasr.protocol import SESSION_HEADER, WS_TRY_AGAIN_LATER
+    from streamasr.sagemaker.gateway.health import Backend
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    guard = adm.QueueDelayGuard(bound_s=0.5, window_s=5.0, clock=clock)
+    cfg = GatewayConfig(triton_grpc=limited_server.grpc_url)
+    pcm = bytes(2 * contract.chunk_samples)
+
+    async def sessions(http, url):  # each closes what it opens: the server is shared
+        async with http.ws_connect(url + WS_PATH) as ws:
+            try:
+                await ws.send_bytes(pcm)
+                await ws.send_str(json.dumps({"type": "CloseStream"}))
+            except ConnectionError:
+                pass
+            texts = [json.loads(m.data) async for m in ws if m.type == aiohttp.WSMsgType.TEXT]
+            ws_result = texts, ws.close_code
+        async with http.post(
+            url + "/invocations?close=true",
+            data=pcm,
+            headers={SESSION_HEADER: "NEW_SESSION", "Content-Type": "audio/l16"},
+        ) as r:
+            http_result = r.status, await r.json()
+        return ws_result, http_result
+
+    async def go():
+        gw = Gateway(cfg, backend=Backend(cfg, queue_guard=guard))
+        server = aiohttp.test_utils.TestServer(gw.app())
+        await server.start_server()
+        url = str(server.make_url("")).rstrip("/")
+        try:
+            async with aiohttp.ClientSession() as http:
+                guard.observe(0.9)
+                late = await sessions(http, url)
+                clock.now += 10
+                on_time = await sessions(http, url)
+        finally:
+            await server.close()
+        return late, on_time
+
+    ((texts, code), (status, body)), ((texts2, code2), (status2, body2)) = asyncio.run(go())
+    assert code == WS_TRY_AGAIN_LATER and [t["code"] for t in texts] == ["busy"], (code, texts)
+    assert "queue delay 900 ms" in texts[0]["message"]
+    assert status == 503 and body["code"] == "busy" and "queue delay" in body["message"]
+    assert all(t.get("code") != "busy" for t in texts2) and code2 != WS_TRY_AGAIN_LATER, texts2
+    assert status2 == 200, body2
+
+
+# -- a real server that calibrates its own limit ------------------------------------------
+
+
+def test_server_is_ready_only_after_calibrating_and_admits_what_it_measured(calibrated_server):
+    """Triton reports ready (so the gateway's /ping can turn 200, health.Backend asks
+    ModelReady first) only once the feature step has loaded, and its load includes the
+    calibration: the calibration's line comes before the model's "successfully loaded",
+    and the admission limit in force is the calibrated one."""
+    lines = calibrated_server.log_path.read_text(errors="replace").splitlines()
+    step = calibrated_server.model("feature_extractor")
+    cal = [i for i, x in enumerate(lines) if "streams (calibrated in" in x and f"[{step}]" in x]
+    loaded = [i for i, x in enumerate(lines) if f"successfully loaded '{step}'" in x]
+    assert len(cal) == 1 and loaded, "\n".join(lines[-30:])
+    assert cal[0] < loaded[0]
+    m = re.search(r"admission limit (\d+) streams \(calibrated", lines[cal[0]])
+    assert m
+    capacity = metric(calibrated_server, "streamasr_stream_capacity")
+    assert capacity == int(m.group(1))

@@ -170,6 +170,23 @@ def test_create_everything():
     run_stubbed(calls, RESPONSES, in_service=True)  # Stubber validates every request
 
 
+def test_autoscaling_target_follows_the_instances_admission_limit():
+    from streamasr.core import admission
+
+    base = ["create", "--name", "asr", "--image", IMAGE, "--role", ROLE, "--autoscale-max", "4"]
+
+    def target(*extra: str) -> float:
+        pol = dep.plan_create(dep.parse_args([*base, *extra]))[-1].params
+        return pol["TargetTrackingScalingPolicyConfiguration"]["TargetValue"]
+
+    share = admission.AUTOSCALE_TARGET_SHARE
+    assert target() == round(share * admission.FALLBACK_STREAMS_HELD, 1)
+    assert target("--streams-per-instance", "40") == round(share * 40, 1)  # calibrated
+    # the container's override is the limit in force, so it wins over the calibration's
+    assert target("--env", f"{admission.ENV_LIMIT}=20", "--streams-per-instance", "40") == 15.0
+    assert target("--target-concurrency", "7", "--streams-per-instance", "40") == 7.0
+
+
 def test_inference_ami_is_in_botocores_enum_and_set_for_gpu_types_only():
     import botocore.session
 

@@ -194,11 +194,24 @@ def plan_create(a: argparse.Namespace) -> list[Call]:
     return calls
 
 
+def concurrency_target(a: argparse.Namespace) -> float:
+    """Concurrent sessions per instance to aim at: ``--target-concurrency``, else a share
+    of the instance's admission limit: the container's STREAMASR_MAX_ACTIVE_STREAMS
+    override when --env sets one, else ``--streams-per-instance`` (what the instance type's
+    start-up calibration picks: its log line "admission limit N streams (calibrated ...)"
+    or the streamasr_stream_capacity metric), else the fallback limit."""
+    if a.target_concurrency is not None:
+        return float(a.target_concurrency)
+    override = container_environment(a).get(admission.ENV_LIMIT, "").strip()
+    limit = admission.parse_limit(override, admission.ENV_LIMIT) if override else None
+    return admission.autoscale_target(limit or a.streams_per_instance)
+
+
 def plan_autoscaling(a: argparse.Namespace) -> list[Call]:
     if a.autoscale_max < a.autoscale_min:
         raise ValueError("--autoscale-max must be >= --autoscale-min")
     metric = CONCURRENCY_METRIC if a.scale_on == "concurrency" else INVOCATIONS_METRIC
-    target = a.target_concurrency if a.scale_on == "concurrency" else a.target_invocations
+    target = concurrency_target(a) if a.scale_on == "concurrency" else a.target_invocations
     rid = resource_id(a.name)
     return [
         Call(
@@ -370,19 +383,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument("--autoscale-min", type=int, default=1)
     c.add_argument("--autoscale-max", type=int, default=0, help="0: no autoscaling")
     c.add_argument("--scale-on", choices=("concurrency", "invocations"), default="concurrency")
-    # the scaling target of each --scale-on metric
-    for flag, default, what in (
-        (
-            "--target-concurrency",
-            admission.autoscale_target(),
-            f"concurrent sessions per instance to aim for (default: "
-            f"{admission.AUTOSCALE_TARGET_SHARE:g} x the admission limit "
-            f"{admission.MEASURED_STREAMS_HELD}; set it from the instance type's measured "
-            "limit, STREAMASR_MAX_ACTIVE_STREAMS)",
-        ),
-        ("--target-invocations", 600.0, "invocations per instance per minute to aim for"),
-    ):
-        c.add_argument(flag, type=float, default=default, help=what)
+    c.add_argument(
+        "--target-concurrency",
+        type=float,
+        default=None,
+        help=f"concurrent sessions per instance to aim for (default: "
+        f"{admission.AUTOSCALE_TARGET_SHARE:g} x the instance's admission limit: "
+        f"--env {admission.ENV_LIMIT}=N when given, else --streams-per-instance, else "
+        f"{admission.FALLBACK_STREAMS_HELD})",
+    )
+    c.add_argument(
+        "--streams-per-instance",
+        type=int,
+        default=None,
+        help="the admission limit the instance type's start-up calibration picks (its log: "
+        '"admission limit N streams (calibrated ...)"), for the autoscaling target',
+    )
+    c.add_argument(
+        "--target-invocations",
+        type=float,
+        default=600.0,
+        help="invocations per instance per minute to aim for",
+    )
     c.add_argument("--wait", action="store_true", help="wait until the endpoint is InService")
     d = sub.add_parser(
         "delete", parents=[common], help="autoscaling target, endpoint, endpoint config, model"

@@ -38,6 +38,7 @@ from typing import Callable, Mapping
 import grpc
 import numpy as np
 
+from streamasr.core.admission import QueueDelayGuard
 from streamasr.core.params import parse_float
 from streamasr.protocol import (
     CONTRACT_MODEL,
@@ -108,8 +109,15 @@ class Canary:
     """One tiny stream at a time through the streaming pipeline; its answer arrives on
     the connection's reader thread, so starting one never blocks the health check."""
 
-    def __init__(self, cfg: HealthConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        cfg: HealthConfig,
+        clock: Callable[[], float] = time.monotonic,
+        guard: QueueDelayGuard | None = None,
+    ):
         self.cfg, self.clock = cfg, clock
+        # the canary's latency is the queue delay every stream sees: admission's live guard
+        self.guard = guard
         self._lock = threading.Lock()
         self._in_flight_since: float | None = None
         self._last_start: float | None = None
@@ -129,6 +137,8 @@ class Canary:
         now = self.clock()
         with self._lock:
             self._in_flight_since = self._last_start = now
+        if self.guard is not None:
+            self.guard.probe_started(now)
         try:
             s = conn.open_session(model=STREAM_MODEL)
             s.add_listener(lambda: self._answer(conn, s, now))
@@ -153,6 +163,10 @@ class Canary:
                 self._in_flight_since = None
             self.last = (latency, problem)
             self.answered += 1
+        if self.guard is not None:
+            self.guard.probe_started(None)
+            if problem is None:  # a failed canary says nothing about queues
+                self.guard.observe(latency)
         log.debug("canary answered in %.1f ms: %s", latency * 1e3, problem or "ok")
 
     def problem(self) -> str | None:
@@ -255,6 +269,7 @@ class Backend:
         health: HealthConfig | None = None,
         list_stubs: Callable[[], dict[int, str]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        queue_guard: QueueDelayGuard | None = None,
     ):
         self.cfg = cfg
         self.health_cfg = health or HealthConfig.from_env()
@@ -262,7 +277,11 @@ class Backend:
         self._conn: AsrConnection | None = None
         self._contract: ModelContract | None = None
         self.stubs = StubWatch(list_stubs) if list_stubs is not None else None
-        self.canary = Canary(self.health_cfg, clock)
+        # admission's live guard (streamasr.core.admission): new sessions are refused as
+        # busy while the canary's queue delay is over its bound; None: off (docker/serve
+        # passes QueueDelayGuard.from_env())
+        self.queue_guard = queue_guard if self.health_cfg.canary_interval_s > 0 else None
+        self.canary = Canary(self.health_cfg, clock, self.queue_guard)
         self.state = HealthState(self.health_cfg.exit_after_s, clock)
 
     def connection(self) -> AsrConnection:
@@ -317,6 +336,10 @@ class Backend:
         if self.canary.due():
             self.canary.start(conn, contract)
         return problem
+
+    def admission_refusal(self) -> str | None:
+        """Why a new session must be refused now (queue delay over its bound), or None."""
+        return self.queue_guard.refusal() if self.queue_guard is not None else None
 
     def close(self) -> None:
         with self._lock:

@@ -420,6 +420,10 @@ class Gateway:
                 model = self.cfg.stream_model(q.get("two_pass"))
             except ValueError as exc:
                 return _error(400, "bad_request", str(exc))
+            late = self.backend.admission_refusal()
+            if late is not None:  # the queues are too long for another stream now
+                log.info("http session refused: %s", late)
+                return _busy(late)
             conn = await self._run(self.backend.connection)
             session = conn.open_session(options, model=model)
             hs = HttpSession(uuid.uuid4().hex, session, time.monotonic() + self.cfg.session_ttl_s)

@@ -65,6 +65,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from streamasr.core.admission import QueueDelayGuard
 from streamasr.core.params import parse_bool
 from streamasr.sagemaker.gateway import platform
 from streamasr.sagemaker.gateway.config import GatewayConfig
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stopping = threading.Event()
     # the gateway's health check also watches this tritonserver's python stubs
-    backend = Backend(gcfg, list_stubs=server.python_stubs)
+    backend = Backend(gcfg, list_stubs=server.python_stubs, queue_guard=QueueDelayGuard.from_env())
     # Triton starts in the background so that /ping answers (503) while models load.
     watcher = threading.Thread(target=_start_and_watch, name="triton", daemon=True)
     watcher.start()

@@ -278,6 +278,11 @@ class WsSession:
                 model = self.cfg.stream_model(self.two_pass)
             except ValueError as exc:
                 raise ProtocolError("bad_request", str(exc)) from None
+            late = self.gw.backend.admission_refusal()
+            if late is not None:  # the queues are too long for another stream now
+                raise ProtocolError(
+                    protocol.BUSY_CODE, late, close_code=protocol.WS_TRY_AGAIN_LATER
+                )
             conn = self.gw.backend.connection()  # made once, no I/O
             self.session = conn.open_session(self.options, on_message=self._on_message, model=model)
             self.session.on_start = self._on_start
