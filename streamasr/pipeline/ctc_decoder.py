@@ -241,10 +241,15 @@ class CtcDecoderStep:
                 "must carry the START flag"
             )
         frames = self._frames(r)
-        if st.recording is not None:
-            msgs = st.recording.accept(frames, r.features, info.valid_outputs[: info.windows])
-        else:
-            msgs = decoder.accept(frames)
+        try:
+            if st.recording is not None:
+                msgs = st.recording.accept(
+                    frames, r.features, info.valid_outputs[: info.windows], info.endpoints
+                )
+            else:
+                msgs = decoder.accept(frames, info.endpoints)
+        except ValueError as exc:  # endpoints outside the request (a direct caller)
+            raise StreamError(str(exc)) from None
         if info.finalize:
             msgs += decoder.finalize()
         if info.end:
