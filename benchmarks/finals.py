@@ -40,7 +40,7 @@ from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
 from .metrics import summarize
 from .result import Target
-from .server_stats import loadavg
+from .server_stats import CpuMeter, loadavg
 
 log = logging.getLogger("benchmarks.finals")
 
@@ -60,6 +60,7 @@ class ClipRun:
     finals: list[dict] = field(default_factory=list)  # finals with words, in order
     latencies: list[float] = field(default_factory=list)  # s, endpointed finals
     not_endpointed: int = 0
+    audio_s: float = 0.0  # streamed, silence included
 
 
 def stream_clip(
@@ -92,7 +93,7 @@ def stream_clip(
     conn.forget(s)
     if s.errors:
         raise RuntimeError(f"{model}: {s.errors[0]}")
-    run = ClipRun(name)
+    run = ClipRun(name, audio_s=len(padded) / rate)
     for at, m in arrivals:
         if not (protocol.is_results(m) and m.get("is_final") and protocol.words(m)):
             continue
@@ -114,12 +115,15 @@ def run_level(
     streams: int,
     silence_s: float,
     options: dict,
+    server_pid: int | None = None,
 ) -> dict:
     """``streams`` paced streams, each through every clip (starting at a different one)."""
     runs: list[ClipRun] = []
     errors: list[str] = []
     lock = threading.Lock()
     load_before = loadavg()
+    cpu = CpuMeter(server_pid)
+    cpu.start()
 
     def worker(k: int) -> None:
         for j in range(len(clips)):
@@ -138,6 +142,7 @@ def run_level(
         t.start()
     for t in threads:
         t.join()
+    used = cpu.stop()
     out: dict = {
         "mode": mode,
         "streams": streams,
@@ -159,6 +164,10 @@ def run_level(
         out["finals_wer"] = round(score["wer"], 4)
         out["finals_cer"] = round(score["cer"], 4)
         out["finals_per_eval_clip"] = round(sum(len(r.finals) for r in evals) / len(evals), 3)
+    if server_pid:  # the server's CPU per second of audio streamed (silence included)
+        audio_s = sum(r.audio_s for r in runs)
+        server_cpu = sum(v for k, v in used["cpu_s"].items() if not k.startswith("client"))
+        out["server_cpu_s_per_audio_s"] = round(server_cpu / audio_s, 4) if audio_s else None
     demo = [len(r.finals) for r in runs if r.name == "demo"]
     if demo:
         out["finals_per_demo"] = round(sum(demo) / len(demo), 2)
@@ -174,6 +183,7 @@ def run(
     silence_s: float = DEFAULT_SILENCE_S,
     options: dict | None = None,
     limit: int | None = None,
+    server_pid: int | None = None,
     progress=log.info,
 ) -> dict:
     items = load_eval_set()[:limit] if limit else load_eval_set()
@@ -188,7 +198,9 @@ def run(
         out["audio_s"] = round(sum(len(a) for _, a, _ in clips) / rate, 1)
         for mode in modes:
             for n in streams:
-                level = run_level(conn, clips, chunk, rate, mode, n, silence_s, options or {})
+                level = run_level(
+                    conn, clips, chunk, rate, mode, n, silence_s, options or {}, server_pid
+                )
                 out["levels"].append(level)
                 lat = level["last_word_to_final_ms"]
                 progress(
@@ -196,6 +208,7 @@ def run(
                     f"final p50 {lat['p50']} ms p99 {lat['p99']} ms (n {lat['n']}, not "
                     f"endpointed {level['not_endpointed']}); finals WER "
                     f"{level.get('finals_wer')}, finals/clip {level.get('finals_per_eval_clip')}; "
+                    f"server CPU {level.get('server_cpu_s_per_audio_s')} s/audio s; "
                     f"load {level['loadavg_before'][0]:.1f}->{level['loadavg_after'][0]:.1f}"
                 )
     return out
@@ -225,8 +238,9 @@ def section(res: dict) -> list[str]:
         "silence before END; last word -> final over finals sent by an endpoint.",
         "",
         "| mode | streams | chunk | last word -> final p50 / p99 (n) | not endpointed | "
-        "finals WER | finals per eval clip | demo finals | load avg (1 min) before -> after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "finals WER | finals per eval clip | demo finals | server CPU s / audio s | "
+        "load avg (1 min) before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for lv in res.get("levels", []):
         lat = lv["last_word_to_final_ms"]
@@ -236,6 +250,7 @@ def section(res: dict) -> list[str]:
             f"{lat['p99']} ms ({lat['n']}) | {lv['not_endpointed']} | "
             f"{'' if wer is None else f'{100 * wer:.1f} %'} | "
             f"{lv.get('finals_per_eval_clip')} | {lv.get('finals_per_demo')} | "
+            f"{lv.get('server_cpu_s_per_audio_s', '–')} | "
             f"{lv['loadavg_before'][0]:.2f} -> {lv['loadavg_after'][0]:.2f} |"
         )
     return md
@@ -276,7 +291,7 @@ def main(argv=None) -> int:
         server = TritonServer(ServerConfig(**free_ports()))
         server.start()
         try:
-            res = run(server.grpc_url, **kw)
+            res = run(server.grpc_url, server_pid=server.proc.pid, **kw)
         finally:
             server.stop()
     else:

@@ -695,6 +695,7 @@ def run_finals(b: Bench) -> None:
         b.url,
         streams=b.cfg["finals_streams"],
         limit=None if not b.a.quick else 3,
+        server_pid=b.live.server.proc.pid if b.live.server else None,
         progress=say,
     )
     b.live.check("last word -> final")

@@ -238,7 +238,7 @@ def test_finals_bench_reports_each_level_and_judges_the_p50_targets():
 
     res = {"silence_s": 2.5, "levels": [level("one_pass", 1, 450), level("two_pass", 8, 900)]}
     md = "\n".join(finals.section(res))
-    assert "| one_pass | 1 | 400 ms | 450.0 / 450.0 ms (3) |" in md and "1.00 -> 2.00" in md
+    assert "| one_pass | 1 | 400 ms | 450.0 / 450.0 ms (3) |" in md and "| – | 1.00 -> 2.00" in md
     assert [(t.met, t.measured) for t in finals.targets(res)] == [
         (True, "450 ms"),
         (False, "900 ms"),
