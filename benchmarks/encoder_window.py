@@ -34,12 +34,13 @@ WHISPER_DIR = ROOT / "model_repository" / "final_pass" / "1"
 ASTERISK_TEST = ROOT / "build" / "asterisk" / "test.jsonl"
 WINDOWS = {
     "whole30s": EncoderWindow.whole(),
-    "min0_b2": EncoderWindow(0, 0, 2),
-    "min0_tail50": EncoderWindow(0, 50, 2),
-    "min300_b100": EncoderWindow(300, 0, 100),
-    "min500_b250": EncoderWindow(500, 0, 250),
-    "min1000_b500": EncoderWindow(1000, 0, 500),
-    "min1500_b500": EncoderWindow(1500, 0, 500),
+    "min0_b2": EncoderWindow(0, 0, 2, short_frames=0),
+    "min0_tail50": EncoderWindow(0, 50, 2, short_frames=0),
+    "min300_b100": EncoderWindow(300, 0, 100, short_frames=0),
+    "min500_b250": EncoderWindow(500, 0, 250, short_frames=0),
+    "min1000_b500": EncoderWindow(1000, 0, 500, short_frames=0),
+    "min1500_b500": EncoderWindow(1500, 0, 500, short_frames=0),
+    "served": EncoderWindow(),  # min1000_b500, and the whole 30 s for <= 2 s
 }
 LENGTH_BUCKETS_S = ((0, 2), (2, 5), (5, 10), (10, 30.01))
 

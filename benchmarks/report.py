@@ -287,6 +287,12 @@ def markdown(result: dict) -> str:
     tp = r.get("two_pass")
     if tp:
         L += two_pass_section(tp)
+    fin = r.get("finals")
+    if fin:
+        from .finals import section as finals_section
+
+        L += ["", "## Last word -> final, paced (benchmarks/finals.py)", ""]
+        L += [f"not measured: {fin['error']}"] if fin.get("error") else finals_section(fin)
     ov = r.get("overload")
     if ov:
         L += ["", "## Overload: 3x the admission limit (benchmarks/overload.py)", ""]

@@ -130,6 +130,8 @@ class Accuracy(Section):
 
     accuracy: Json | None = _omit()
     two_pass: Json | None = _omit()
+    #: benchmarks/finals.py: last word's end -> final per mode, at 1 and 8 streams
+    finals: Json | None = _omit()
     peer_pocketsphinx: Json | None = _omit()
 
 

@@ -11,7 +11,8 @@ Steps (progress is printed as they run):
    per-request cost of the Python steps from Triton's statistics API;
 3. perf_analyzer on `streaming_asr` with real audio chunks (benchmarks/perf_analyzer.py);
 4. WER/CER streamed vs offline (benchmarks/accuracy.py); two-pass finals vs one-pass, WER
-   and final latency (benchmarks/two_pass.py); and the accuracy peer: PocketSphinx on the
+   and final latency (benchmarks/two_pass.py); last word's end -> final per mode at 1 and
+   8 paced streams (benchmarks/finals.py); and the accuracy peer: PocketSphinx on the
    same eval set (benchmarks/peer_pocketsphinx.py; recorded as skipped if missing);
 5. peer baseline: re-transcribe the growing buffer every chunk (benchmarks/naive.py);
 6. py-spy profile of the server's Python processes under closed-loop load;
@@ -51,6 +52,7 @@ from streamasr_client.stream import AsrConnection
 
 from . import (
     accuracy,
+    finals,
     hostile,
     load,
     metrics,
@@ -87,6 +89,7 @@ FULL = dict(
     naive_s=15.0,
     profile_s=10,
     two_pass_concurrency=(4, 8),
+    finals_streams=(1, 8),
     overload_s=60.0,
     overload_settle_s=60.0,
 )
@@ -101,6 +104,7 @@ QUICK = dict(
     naive_s=6.0,
     profile_s=5,
     two_pass_concurrency=(),
+    finals_streams=(1,),
     overload_s=15.0,
     overload_settle_s=20.0,
 )
@@ -310,6 +314,7 @@ def compute_targets(result: BenchResult, chunk_s: float) -> list[Target]:
             )
         )
     out += two_pass.two_pass_targets(result.accuracy.two_pass or {})
+    out += finals.targets(result.accuracy.finals or {})
     return out
 
 
@@ -365,8 +370,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of: perf_analyzer,accuracy,two_pass,pocketsphinx,naive,profile,overload,"
-        "hostile",
+        help="comma list of: perf_analyzer,accuracy,two_pass,finals,pocketsphinx,naive,profile,"
+        "overload,hostile",
     )
     p.add_argument(
         "--queue-delay-us",
@@ -680,6 +685,22 @@ def run_two_pass(b: Bench) -> None:
     b.live.check("two-pass finals")
 
 
+def run_finals(b: Bench) -> None:
+    """Last word's end -> final per mode, paced, at 1 and 8 streams (benchmarks/finals.py)."""
+    assert b.live is not None
+    say(f"      last word -> final, one-pass and two-pass, streams {b.cfg['finals_streams']}")
+    b.result.accuracy.finals = recorded(
+        "finals",
+        finals.run,
+        b.url,
+        streams=b.cfg["finals_streams"],
+        limit=None if not b.a.quick else 3,
+        server_pid=b.live.server.proc.pid if b.live.server else None,
+        progress=say,
+    )
+    b.live.check("last word -> final")
+
+
 def run_pocketsphinx(b: Bench) -> None:
     """The accuracy peer on the same eval set (no server involved)."""
     say("      accuracy peer: pocketsphinx on the same eval set (no server involved)")
@@ -812,6 +833,7 @@ SERVER_STEPS = (
     ("perf_analyzer", run_perf_analyzer),
     ("accuracy", run_accuracy),
     ("two_pass", run_two_pass),
+    ("finals", run_finals),
     ("pocketsphinx", run_pocketsphinx),
     ("naive", run_naive),
     (None, run_profile),  # checks --skip profile itself: the summary is always written

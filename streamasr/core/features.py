@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -144,6 +145,9 @@ class Windows:
     features: np.ndarray
     valid_outputs: np.ndarray
     first_output_frame: int  # stream index of the first output frame of window 0
+    #: Voice-activity endpoints among these windows' output frames: stream output-frame
+    #: indices at which an utterance ends (the decoder finalizes there).
+    endpoints: list[int] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -164,19 +168,17 @@ def real_output_frames(log_probs: np.ndarray, valid_outputs) -> np.ndarray:
 
 
 class WindowAssembler:
-    """Feature frames in, ``[left | chunk | right]`` windows out."""
+    """Feature frames in, ``[left | chunk | right]`` windows out.  ``flush()`` cuts the
+    chunk short where a stream's utterance ended (see ``FeatureStream``)."""
 
     def __init__(self, contract: ModelContract):
         self.c = contract
         self._silence = silence_frame(contract.features)
         # Frames from (next chunk start - left) onwards; starts as left-context padding.
         self._frames = np.tile(self._silence, (contract.left_frames, 1)).astype(np.float32)
-        self.next_chunk = 0  # index of the next chunk to emit
+        self.next_start = 0  # stream frame index where the next chunk starts
         self.total_frames = 0  # real frames seen so far
         self.finished = False
-
-    def _window_at(self, start: int) -> np.ndarray:
-        return self._frames[start : start + self.c.window_frames]
 
     def accept(self, frames: np.ndarray) -> Windows:
         if self.finished:
@@ -194,12 +196,39 @@ class WindowAssembler:
         self.finished = True
         return self._emit(final=True)
 
+    def flush(self) -> Windows:
+        """Windows for the frames seen so far without waiting for their right context
+        (silence stands in for it, as at the end of a stream); the next chunk starts
+        after them.  Only whole output frames are flushed (an odd frame waits)."""
+        c = self.c
+        out, valid = [], []
+        first = self.next_start // c.subsampling
+        while True:
+            pending = self.total_frames - self.next_start
+            cut = min(c.chunk_frames, pending - pending % c.subsampling)
+            if cut <= 0:
+                break
+            window = self._frames[: c.left_frames + cut]
+            pad = np.tile(self._silence, (c.window_frames - len(window), 1))
+            out.append(np.concatenate([window, pad]))
+            valid.append(cut // c.subsampling)
+            self._frames = self._frames[cut:]
+            self.next_start += cut
+        return self._windows(out, valid, first)
+
+    def _windows(self, out: list, valid: list, first: int) -> Windows:
+        c = self.c
+        feats = (
+            np.stack(out) if out else np.zeros((0, c.window_frames, c.features.n_mels), np.float32)
+        )
+        return Windows(feats, np.asarray(valid, dtype=np.int64), first)
+
     def _emit(self, final: bool) -> Windows:
         c = self.c
         out, valid = [], []
-        first = self.next_chunk * c.output_frames
+        first = self.next_start // c.subsampling
         while True:
-            chunk_start = self.next_chunk * c.chunk_frames  # stream frame index
+            chunk_start = self.next_start  # stream frame index
             if final:
                 if chunk_start >= self.total_frames:
                     break
@@ -209,22 +238,38 @@ class WindowAssembler:
                     self._frames = np.concatenate([self._frames, pad])
             elif len(self._frames) < c.window_frames:
                 break
-            out.append(self._window_at(0).copy())
+            out.append(self._frames[: c.window_frames].copy())
             real = min(c.chunk_frames, self.total_frames - chunk_start)
             valid.append(-(-real // c.subsampling))
             self._frames = self._frames[c.chunk_frames :]
-            self.next_chunk += 1
-        feats = (
-            np.stack(out) if out else np.zeros((0, c.window_frames, c.features.n_mels), np.float32)
-        )
-        return Windows(feats, np.asarray(valid, dtype=np.int64), first)
+            self.next_start += c.chunk_frames
+        return self._windows(out, valid, first)
+
+
+def join_windows(parts: list[Windows]) -> Windows:
+    """Consecutive ``Windows`` of one stream as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return Windows(
+        np.concatenate([p.features for p in parts]),
+        np.concatenate([p.valid_outputs for p in parts]),
+        parts[0].first_output_frame,
+        [e for p in parts for e in p.endpoints],
+    )
 
 
 @dataclass
 class FeatureStream:
-    """Audio in, model windows out: what the feature step keeps per stream."""
+    """Audio in, model windows out: what the feature step keeps per stream.
+
+    With ``vad`` (a :class:`streamasr.core.vad.VadEndpointer`), an utterance ends where
+    the detector hears ``endpointing`` ms of silence after speech: the windows up to that
+    sample are flushed at once (``WindowAssembler.flush``) and the endpoint's output frame
+    is listed in ``Windows.endpoints``.  The detector judges fixed frames from the
+    stream's first sample, so a recording gives the same windows however it is cut."""
 
     contract: ModelContract
+    vad: Any = None
     features: StreamingFeatures = field(init=False)
     windows: WindowAssembler = field(init=False)
 
@@ -233,7 +278,20 @@ class FeatureStream:
         self.windows = WindowAssembler(self.contract)
 
     def accept(self, audio: np.ndarray) -> Windows:
-        return self.windows.accept(self.features.accept(audio))
+        if self.vad is None:
+            return self.windows.accept(self.features.accept(audio))
+        audio = np.asarray(audio).reshape(-1)
+        seen = self.features.samples_seen
+        parts = []
+        for end in self.vad.accept(audio):
+            cut, seen = end - seen, end
+            parts.append(self.windows.accept(self.features.accept(audio[:cut])))
+            flushed = self.windows.flush()
+            flushed.endpoints.append(self.windows.next_start // self.contract.subsampling)
+            parts.append(flushed)
+            audio = audio[cut:]
+        parts.append(self.windows.accept(self.features.accept(audio)))
+        return join_windows(parts)
 
     def finish(self) -> Windows:
         return self.windows.finish(self.features.flush())
@@ -243,14 +301,8 @@ class FeatureStream:
         return self.features.samples_seen / self.contract.sample_rate
 
 
-def whole_file_windows(contract: ModelContract, audio: np.ndarray) -> Windows:
+def whole_file_windows(contract: ModelContract, audio: np.ndarray, vad: Any = None) -> Windows:
     """All windows of a complete recording: the offline path, by construction equal to
-    any streaming of the same samples."""
-    fs = FeatureStream(contract)
-    a = fs.accept(audio)
-    b = fs.finish()
-    return Windows(
-        np.concatenate([a.features, b.features]),
-        np.concatenate([a.valid_outputs, b.valid_outputs]),
-        0,
-    )
+    any streaming of the same samples (with the same ``vad`` endpointing)."""
+    fs = FeatureStream(contract, vad)
+    return join_windows([fs.accept(audio), fs.finish()])

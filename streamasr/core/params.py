@@ -54,6 +54,26 @@ def parse_int(key: str, raw: Any, minimum: int = 1) -> int:
     return value
 
 
+def parse_ms_or_bool(key: str, raw: Any, when_true: int) -> int:
+    """Milliseconds (an integer >= 0), or a boolean word: true -> ``when_true``, false ->
+    0 (Deepgram's ``endpointing=false`` / ``endpointing=300``).  Digits are always
+    milliseconds, so "1" is one millisecond, not true."""
+    if isinstance(raw, bool):
+        return when_true if raw else 0
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in TRUE_WORDS - {"1", "0"}:
+            return when_true
+        if text in FALSE_WORDS - {"1", "0"}:
+            return 0
+    try:
+        return parse_int(key, raw, minimum=0)
+    except ValueError:
+        raise ValueError(
+            f"{key}: must be milliseconds (an integer >= 0) or true/false, got {raw!r}"
+        ) from None
+
+
 def parse_choice(key: str, raw: Any, choices: tuple[str, ...]) -> str:
     text = str(raw).strip().lower()
     if text not in choices:

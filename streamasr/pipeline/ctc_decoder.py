@@ -241,10 +241,14 @@ class CtcDecoderStep:
                 "must carry the START flag"
             )
         frames = self._frames(r)
+        # endpoints outside the request's frames (a direct caller) are a ValueError, as
+        # bad log-probs are: the adapter answers both as the request's error
         if st.recording is not None:
-            msgs = st.recording.accept(frames, r.features, info.valid_outputs[: info.windows])
+            msgs = st.recording.accept(
+                frames, r.features, info.valid_outputs[: info.windows], info.endpoints
+            )
         else:
-            msgs = decoder.accept(frames)
+            msgs = decoder.accept(frames, info.endpoints)
         if info.finalize:
             msgs += decoder.finalize()
         if info.end:

@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from streamasr.core import admission as adm
+from streamasr.core.decoding import EndpointConfig
 from streamasr.core.features import FeatureStream, silence_frame
 from streamasr.core.state import StreamError, StreamStore
+from streamasr.core.vad import VAD_SAMPLE_RATE, VadEndpointer
 from streamasr.pipeline.common import (
     FLAG_END,
     FLAG_START,
@@ -66,6 +68,21 @@ def normalize_stream_id(corrid: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_STREAM_ID:
         raise refused
     return value
+
+
+def stream_vad(contract: ModelContract, options: dict[str, Any]) -> VadEndpointer | None:
+    """The voice-activity endpointer a stream's options ask for (``endpointing`` in ms,
+    its default ``EndpointConfig``'s), or None when endpointing is off or the model's
+    sample rate is not the detector's (its streams keep the decoder's silence rules)."""
+    try:
+        ms = EndpointConfig.from_parameters(
+            {k: v for k, v in options.items() if k == "endpointing"}
+        ).endpointing
+    except ValueError as exc:
+        raise StreamError(str(exc)) from None
+    if not ms or contract.sample_rate != VAD_SAMPLE_RATE:
+        return None
+    return VadEndpointer(ms, contract.sample_rate)
 
 
 @dataclass
@@ -216,11 +233,12 @@ class FeatureExtractorStep:
                     f"stream {corrid} is already open: END it (or let it "
                     "expire) before starting it again, or use another id"
                 )
+            vad = stream_vad(self.contract, options)
             with self.store.lock:  # count and create at once: no two STARTs share a place
                 self.store.sweep()
                 self.admission.admit(corrid, len(self.store))
                 st = self.store.create(
-                    corrid, _Stream(FeatureStream(self.contract), started=self.clock())
+                    corrid, _Stream(FeatureStream(self.contract, vad), started=self.clock())
                 )
         else:
             if corrid not in self.store:
@@ -249,6 +267,7 @@ class FeatureExtractorStep:
         features = np.concatenate(feats)
         info.windows = len(features)
         info.valid_outputs = [int(v) for v in np.concatenate(valid)]
+        info.endpoints = [int(e) for e in windows.endpoints]
         if info.windows == 0:
             features = self._placeholder
         return FeatureResult(features, info)

@@ -10,6 +10,7 @@ from streamasr.core.decoding import StreamDecoder
 from streamasr.core.features import whole_file_windows
 from streamasr.core.state import StreamError
 from streamasr.core.two_pass import MAX_UTTERANCE_SECONDS, Utterance, chunk_features, worded_finals
+from streamasr.core.vad import VAD_SAMPLE_RATE, VadEndpointer
 from streamasr.protocol import pcm16_to_float
 from streamasr.protocol.contract import ModelContract
 
@@ -24,9 +25,13 @@ def log_probs_for(
 
 
 def _windows_and_log_probs(
-    contract: ModelContract, audio: np.ndarray, run_model: RunModel, max_batch: int
+    contract: ModelContract,
+    audio: np.ndarray,
+    run_model: RunModel,
+    max_batch: int,
+    vad: VadEndpointer | None = None,
 ):
-    windows = whole_file_windows(contract, audio)
+    windows = whole_file_windows(contract, audio, vad)
     outs = [
         run_model(windows.features[i : i + max_batch]) for i in range(0, windows.count, max_batch)
     ]
@@ -79,8 +84,13 @@ def transcribe_with_utterances(
     spans: list[tuple[dict, int, int]] = []
     if keep_utterances:
         decoder.on_final = lambda msg, first, end: spans.append((msg, first, end))
-    windows, lp = _windows_and_log_probs(contract, a, run_model, max_batch)
-    msgs = decoder.accept(lp)
+    vad = (
+        VadEndpointer(end_cfg.endpointing, contract.sample_rate)
+        if end_cfg.endpointing and contract.sample_rate == VAD_SAMPLE_RATE
+        else None
+    )
+    windows, lp = _windows_and_log_probs(contract, a, run_model, max_batch, vad)
+    msgs = decoder.accept(lp, windows.endpoints)
     msgs += decoder.close()
     if not spans:
         return msgs, []

@@ -22,6 +22,7 @@ STREAM_OPTION_LIMITS = {
     "utterance_end": 600.0,
     "rule1_min_trailing_silence": 600.0,
     "rule2_min_trailing_silence": 600.0,
+    "endpointing": 600_000,  # ms
 }
 
 
@@ -43,7 +44,9 @@ class StepInfo:
     late one).  ``windows`` real windows in this request's FEATURES (0: the acoustic model ran on one
     placeholder window because a batch of zero cannot be sent to it), ``valid_outputs``
     real output frames per window, ``seq`` the request's index in its stream (the decoder
-    uses it to restore order), ``options`` per-stream decoder options (START only).
+    uses it to restore order), ``options`` per-stream decoder options (START only),
+    ``endpoints`` the stream output frames at which the voice-activity detector ended an
+    utterance (the windows up to each were flushed without waiting for right context).
     """
 
     stream: int
@@ -55,6 +58,7 @@ class StepInfo:
     finalize: bool = False
     keepalive: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    endpoints: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -97,6 +101,7 @@ _STEP_INFO_TYPES = {
     "finalize": bool,
     "keepalive": bool,
     "options": dict,
+    "endpoints": list,
 }
 
 
@@ -122,6 +127,9 @@ def parse_step_info(raw: Any) -> StepInfo:
     vo = d.get("valid_outputs", [])
     if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in vo):
         raise StreamError("STEP_INFO valid_outputs must be non-negative integers")
+    ends = d.get("endpoints", [])
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ends):
+        raise StreamError("STEP_INFO endpoints must be non-negative integers")
     if d["seq"] < 0 or d.get("windows", 0) < 0 or len(vo) != d.get("windows", 0):
         raise StreamError("STEP_INFO seq/windows/valid_outputs are inconsistent")
     if (d["seq"] == 0) != d.get("start", False):

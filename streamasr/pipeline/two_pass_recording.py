@@ -58,14 +58,18 @@ class TwoPassRecording:
         return None
 
     def accept(
-        self, log_probs: np.ndarray, windows: np.ndarray | None, valid_outputs: list[int]
+        self,
+        log_probs: np.ndarray,
+        windows: np.ndarray | None,
+        valid_outputs: list[int],
+        endpoints: list[int] | tuple[int, ...] = (),
     ) -> list[dict]:
         """The decoder's messages for a request's real output frames, which are recorded
         with its windows' feature frames once the decoder accepted them (a refused
         request records nothing)."""
         if windows is None:
             raise StreamError("internal: a two-pass stream's request without FEATURES")
-        msgs = self.decoder.accept(log_probs)
+        msgs = self.decoder.accept(log_probs, endpoints)
         self.recorder.append(log_probs, chunk_features(windows, valid_outputs, self.contract))
         return msgs
 

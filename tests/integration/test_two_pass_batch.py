@@ -36,7 +36,7 @@ SILENCE = silence_frame(FeatureSpec())
 
 # -- encoder window and the guard's rule -----------------------------------------------------
 def test_the_encoder_window_covers_the_utterance_in_buckets_within_30_s():
-    w = EncoderWindow(min_frames=500, tail_frames=0, bucket_frames=250)
+    w = EncoderWindow(min_frames=500, tail_frames=0, bucket_frames=250, short_frames=0)
     assert [w.frames_for(n) for n in (1, 120, 500, 501, 750, 751, 2999, 3000)] == [
         500,
         500,
@@ -47,7 +47,10 @@ def test_the_encoder_window_covers_the_utterance_in_buckets_within_30_s():
         3000,
         3000,
     ]
-    assert EncoderWindow(min_frames=0, tail_frames=30, bucket_frames=2).frames_for(101) == 132
+    assert EncoderWindow(0, 30, 2, short_frames=0).frames_for(101) == 132
+    # utterances of <= 2 s get the whole 30 s (issue 24: the 10 s window repeats words)
+    served = EncoderWindow()
+    assert [served.frames_for(n) for n in (50, 200, 201)] == [WINDOW_FRAMES, WINDOW_FRAMES, 1000]
     assert EncoderWindow.whole().frames_for(7) == WINDOW_FRAMES
     with pytest.raises(ValueError, match="bucket_frames must be even"):
         EncoderWindow(bucket_frames=3)
@@ -69,6 +72,9 @@ def test_the_token_budget_grows_with_the_utterance_up_to_whispers_limit():
         ([1] * 40, "thank you. " * 12, 1000, True, "repeated text"),
         ([1] * 12, "a b c d e f g h i j k l", 100, True, "12 words in 1.0 s"),
         ([1] * 9, "the quick brown fox jumps over the lazy dog", 300, True, None),
+        ([1] * 2, "two two", 100, True, "repeated word 'two'"),
+        ([1] * 5, "Y Y Y-", 100, True, "repeated word 'y'"),
+        ([1] * 4, "Bravo, bravo!", 100, True, "repeated word 'bravo'"),
     ],
 )
 def test_a_decode_is_degenerate_by_a_stated_rule(tokens, text, frames, stopped, why):
@@ -110,8 +116,9 @@ def utterances() -> list[np.ndarray]:
 def test_a_degenerate_short_decode_falls_back_to_the_30_s_decode(whisper_dir, utterances):
     looping = LoopsWhenShort(whisper_dir)
     whole = WhisperRedecoder(whisper_dir, window=EncoderWindow.whole())
-    got = looping.transcribe_many(utterances[:2], SILENCE)
-    want = whole.transcribe_many(utterances[:2], SILENCE)
+    longer = [u for u in utterances if len(u) > EncoderWindow().short_frames][:2]  # not 30 s
+    got = looping.transcribe_many(longer, SILENCE)
+    want = whole.transcribe_many(longer, SILENCE)
     assert [d.text for d in got] == [d.text for d in want]
     assert all(d.window_frames == WINDOW_FRAMES and "no end of text" in d.fallback for d in got)
 

@@ -215,3 +215,31 @@ def test_open_timed_opens_a_timed_session_through_the_public_api():
         conn.close()
     assert isinstance(s, load.TimedSession) and s.t_capture0 == 1.5
     assert s.sequence_id != other.sequence_id and s.conn is conn
+
+
+def test_finals_bench_reports_each_level_and_judges_the_p50_targets():
+    from benchmarks import finals
+
+    def level(mode, streams, p50):
+        return {
+            "mode": mode,
+            "streams": streams,
+            "chunk_ms": 400,
+            "options": {},
+            "loadavg_before": [1.0, 1.0, 1.0],
+            "loadavg_after": [2.0, 1.0, 1.0],
+            "errors": [],
+            "last_word_to_final_ms": metrics.summarize([p50 / 1000] * 3),
+            "not_endpointed": 0,
+            "finals_wer": 0.1,
+            "finals_per_eval_clip": 1.1,
+            "finals_per_demo": 5.0,
+        }
+
+    res = {"silence_s": 2.5, "levels": [level("one_pass", 1, 450), level("two_pass", 8, 900)]}
+    md = "\n".join(finals.section(res))
+    assert "| one_pass | 1 | 400 ms | 450.0 / 450.0 ms (3) |" in md and "| – | 1.00 -> 2.00" in md
+    assert [(t.met, t.measured) for t in finals.targets(res)] == [
+        (True, "450 ms"),
+        (False, "900 ms"),
+    ]

@@ -8,6 +8,7 @@ import pytest
 
 from streamasr.core.decoding import DecoderConfig, EndpointConfig, StreamDecoder
 from streamasr.core.decoding.config import (
+    DEFAULT_ENDPOINTING_MS,
     DEFAULT_HOTWORD_BOOST,
     DEFAULT_RULE1_MIN_TRAILING_SILENCE,
     DEFAULT_RULE2_MIN_TRAILING_SILENCE,
@@ -29,7 +30,7 @@ def test_defaults_are_sherpa_rules_and_greedy():
         DEFAULT_RULE2_MIN_TRAILING_SILENCE,
         DEFAULT_RULE3_MIN_UTTERANCE_LENGTH,
     ) == (2.4, 1.2, 20.0)
-    assert e.endpointing is True and e.empty_finals is False
+    assert e.endpointing == DEFAULT_ENDPOINTING_MS and e.empty_finals is False
     assert d.decoding == "greedy" and d.hotwords == () and d.lm_path == ""
 
 
@@ -55,13 +56,26 @@ def test_string_parameters_are_parsed_to_types():
             "utterance_end": "0",
         }
     )
-    assert e.endpointing is False and e.empty_finals is True
+    assert e.endpointing == 0 and e.empty_finals is True
     assert e.rule2_min_trailing_silence == 0.8 and e.utterance_end == 0.0
     # typed values (JSON stream options) are accepted as well
     assert EndpointConfig.from_parameters(
         {"endpointing": True, "rule3_min_utterance_length": 5}
     ) == EndpointConfig(endpointing=True, rule3_min_utterance_length=5.0)
     assert DecoderConfig.from_parameters({"beam_size": 6.0}).beam_size == 6
+
+
+def test_endpointing_is_milliseconds_or_a_boolean_as_deepgrams():
+    def ms(raw) -> int:
+        return EndpointConfig.from_parameters({"endpointing": raw}).endpointing
+
+    assert ms(True) == ms("true") == ms("on") == DEFAULT_ENDPOINTING_MS
+    assert ms(False) == ms("false") == ms("0") == ms(0) == 0
+    assert ms("300") == ms(300) == ms(300.0) == 300
+    assert ms("1") == 1  # digits are milliseconds, never "true"
+    for bad in ("-5", "1.5", "soon", 10**9):
+        with pytest.raises(ValueError, match="endpointing"):
+            ms(bad)
 
 
 def test_hotword_forms():
@@ -94,6 +108,7 @@ def test_hotword_forms():
         (DecoderConfig, "time_offset", "-1"),
         (DecoderConfig, "lm_path", "/no/such/lm.arpa"),
         (EndpointConfig, "endpointing", "maybe"),
+        (EndpointConfig, "endpointing", "-1"),
         (EndpointConfig, "rule1_min_trailing_silence", "-2"),
         (EndpointConfig, "rule2_min_trailing_silence", "soon"),
         (EndpointConfig, "rule3_min_utterance_length", "inf"),

@@ -126,7 +126,7 @@ def stream_snapshot(step: FeatureExtractorStep, corrid) -> tuple | None:
         s.requests,
         f.features.samples_seen,
         f.features.buffered_samples,
-        f.windows.next_chunk,
+        f.windows.next_start,
         f.windows.total_frames,
         f.windows._frames.tobytes(),
         f.features._buf.tobytes(),
@@ -358,7 +358,7 @@ def test_feature_stream_buffers_stay_bounded_over_an_hour():
     assert frames.max() < C.window_frames + C.chunk_frames
     assert fs.seconds_seen > 3600
     # every complete window was emitted: less than one window's frames held back
-    assert windows == fs.windows.next_chunk
+    assert windows * C.chunk_frames == fs.windows.next_start
     assert fs.windows.total_frames - windows * C.chunk_frames < C.window_frames
 
 

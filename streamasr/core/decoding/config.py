@@ -16,7 +16,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from streamasr.core.params import parse_bool, parse_choice, parse_float, parse_int
+from streamasr.core.params import (
+    parse_bool,
+    parse_choice,
+    parse_float,
+    parse_int,
+    parse_ms_or_bool,
+)
 
 # -- decoding defaults -----------------------------------------------------------------
 DECODING_METHODS = ("greedy", "beam")
@@ -54,7 +60,15 @@ DEFAULT_INTERIMS = "ctc"
 #: measurement: docs/accuracy.md).
 DEFAULT_INTERIM_REFRESH_S = 2.0
 
-# -- endpoint defaults (sherpa-onnx's three rules) ---------------------------------------
+# -- endpoint defaults (a voice-activity detector, and sherpa-onnx's three rules) -----------
+#: Voice-activity endpointing (Deepgram's ``endpointing``): milliseconds of silence after
+#: speech, as heard by the VAD (streamasr/core/vad.py), that end an utterance;
+#: ``endpointing=true`` means this value, ``false`` (0) turns every endpoint rule off.
+#: Chosen by measurement (docs/configuration.md#endpointing, benchmarks/results/finals/):
+#: the shortest silence that does not split sentences -- finals per multi-word Asterisk
+#: test prompt (53) 150 ms 1.40, 200 ms 1.13, 300 ms 1.00, 500 ms 0.98 = before (rule 2
+#: alone) -- while the final follows the last word by ~0.38 s of audio.
+DEFAULT_ENDPOINTING_MS = 300
 #: Rule 1: this much trailing silence with nothing decoded ends the utterance silently.
 DEFAULT_RULE1_MIN_TRAILING_SILENCE = 2.4
 #: Rule 2: this much trailing silence after some text ends the utterance (speech_final).
@@ -87,6 +101,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "rule2_min_trailing_silence": (0.0, 3600.0),
     "rule3_min_utterance_length": (0.0, 3600.0),
     "utterance_end": (0.0, 3600.0),
+    "endpointing": (0, 3_600_000),
 }
 
 
@@ -247,7 +262,10 @@ class DecoderConfig:
 class EndpointConfig:
     """When an utterance ends (sherpa-onnx's rules; any rule set to 0 is disabled).
 
-    endpointing                  false: utterances end only at finalize()/close()
+    endpointing                  ms of silence after speech (voice-activity detector)
+                                 that end an utterance (speech_final=true); true = the
+                                 default ms; false / 0: no endpoint rule at all,
+                                 utterances end only at finalize()/close()
     rule1_min_trailing_silence   s of silence with nothing decoded -> reset, no final
                                  (an empty final if ``empty_finals``)
     rule2_min_trailing_silence   s of silence after text -> final, speech_final=true
@@ -257,7 +275,7 @@ class EndpointConfig:
                                  before an UtteranceEnd message; 0 = never
     """
 
-    endpointing: bool = True
+    endpointing: int = DEFAULT_ENDPOINTING_MS
     rule1_min_trailing_silence: float = DEFAULT_RULE1_MIN_TRAILING_SILENCE
     rule2_min_trailing_silence: float = DEFAULT_RULE2_MIN_TRAILING_SILENCE
     rule3_min_utterance_length: float = DEFAULT_RULE3_MIN_UTTERANCE_LENGTH
@@ -272,7 +290,9 @@ class EndpointConfig:
     def _parsed(p: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(EndpointConfig):
-            if f.type in ("bool", bool):
+            if f.name == "endpointing":
+                out[f.name] = parse_ms_or_bool(f.name, p[f.name], DEFAULT_ENDPOINTING_MS)
+            elif f.type in ("bool", bool):
                 out[f.name] = parse_bool(f.name, p[f.name])
             else:
                 out[f.name] = parse_float(f.name, p[f.name])

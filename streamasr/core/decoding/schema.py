@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from streamasr.core.decoding.config import (
+    DEFAULT_ENDPOINTING_MS,
     DEFAULT_RULE1_MIN_TRAILING_SILENCE,
     DEFAULT_RULE2_MIN_TRAILING_SILENCE,
     DEFAULT_RULE3_MIN_UTTERANCE_LENGTH,
@@ -30,7 +31,7 @@ rounded to 1 ms; they are multiples of the model's output frame length.
 | --- | --- | --- |
 | `type` | string | `"Results"` |
 | `is_final` | bool | `false`: an *interim*, the current hypothesis of the open utterance, sent at the end of every request that carries audio (even when it completed no output frame) and revised by later messages. `true`: a *final*; its words are never revised, and later messages carry only later words |
-| `speech_final` | bool | `true` only on a final sent because the speaker paused (endpoint rule 1 or 2: trailing silence of {DEFAULT_RULE2_MIN_TRAILING_SILENCE} s after text by default) |
+| `speech_final` | bool | `true` only on a final sent because the speaker paused: the voice-activity detector heard `endpointing` ({DEFAULT_ENDPOINTING_MS} ms by default) of silence after speech, or endpoint rule 1 or 2 (trailing silence of {DEFAULT_RULE2_MIN_TRAILING_SILENCE} s after text by default) |
 | `from_finalize` | bool | `true` only on the final that answers an explicit Finalize request |
 | `start` | float s | start of the utterance (the frame after the previous final) |
 | `duration` | float s | length of the utterance so far (final: up to the frame the utterance ended at, trailing silence included) |
@@ -96,6 +97,10 @@ also when the stream is closed while one is still owed.
 * each request that carries audio: any finals (and UtteranceEnds) that its frames
   produced, in order, then exactly one interim for the utterance left open (possibly
   empty);
+* an endpoint of the voice-activity detector (`endpointing`, {DEFAULT_ENDPOINTING_MS} ms of
+  silence after speech): the open utterance's final (`speech_final=true`) in the response
+  to the request whose audio completed that silence; with nothing decoded the utterance
+  restarts without a message (unless `empty_finals`);
 * endpoint rule 1 ({DEFAULT_RULE1_MIN_TRAILING_SILENCE} s of silence with nothing decoded)
   starts a new utterance **without** a message (unless `empty_finals`); rule 2 (see
   `speech_final`) and rule 3 (utterance of {DEFAULT_RULE3_MIN_UTTERANCE_LENGTH} s,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -150,17 +150,24 @@ class StreamDecoder:
     def closed(self) -> bool:
         return self._closed
 
-    def accept(self, log_probs: np.ndarray) -> list[dict]:
-        """Consume this request's frames ``[T, V]`` (T may be 0), in stream order."""
+    def accept(self, log_probs: np.ndarray, endpoints: Sequence[int] = ()) -> list[dict]:
+        """Consume this request's frames ``[T, V]`` (T may be 0), in stream order.
+        ``endpoints``: stream frame indices (within this request's frames, ends included)
+        where the voice-activity detector heard the utterance end."""
         self._check_open("accept")
         lp = self._checked(log_probs)
+        vad_ends = self._checked_endpoints(endpoints, lp.shape[0])
         msgs: list[dict] = []
         self.search.begin_block(lp)
+        if self._frames in vad_ends:
+            self._vad_endpoint(msgs)
         for i in range(lp.shape[0]):
             if self._utt_rows is not None:
                 self._utt_rows.append(lp[i])
             self.search.step(i, self._frames)
             self._frames += 1
+            if self._frames in vad_ends:
+                self._vad_endpoint(msgs)
             self._check_endpoint(msgs)
             self._check_utterance_end(msgs)
         msgs.append(self._results(self.search.best_tail, is_final=False))
@@ -206,6 +213,24 @@ class StreamDecoder:
         if not np.all(np.isfinite(lp) | (lp == -np.inf)):
             raise ValueError("log_probs contain NaN or +inf")
         return lp
+
+    def _checked_endpoints(self, endpoints: Sequence[int], frames: int) -> frozenset[int]:
+        ends = frozenset(int(e) for e in endpoints)
+        if any(not self._frames <= e <= self._frames + frames for e in ends):
+            raise ValueError(
+                f"endpoints {sorted(ends)} must lie within this request's frames "
+                f"[{self._frames}, {self._frames + frames}]"
+            )
+        return ends if self.endpoint.endpointing else frozenset()
+
+    def _vad_endpoint(self, msgs: list[dict]) -> None:
+        """The detector heard the speaker stop: the utterance ends here (speech_final);
+        with nothing decoded it restarts silently (an empty final with empty_finals)."""
+        if self.search.n_text > 0 or self.endpoint.empty_finals:
+            msgs.append(self._final(speech_final=True, from_finalize=False))
+        else:
+            self.search.finish()
+            self._new_utterance()
 
     def _check_endpoint(self, msgs: list[dict]) -> None:
         if not self.endpoint.endpointing:
