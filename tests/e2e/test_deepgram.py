@@ -191,7 +191,7 @@ def test_vad_events_and_utterance_end(serve):
 @needs_demo
 @pytest.mark.parametrize(
     "value,options",
-    [("300", {"rule2_min_trailing_silence": 0.3}), ("false", {"endpointing": False})],
+    [("500", {"endpointing": 500}), ("false", {"endpointing": 0})],
 )
 def test_endpointing_maps_onto_the_endpoint_rules(serve, value, options):
     report = sdk(serve.url, DEMO_WAV, f"endpointing={value}")

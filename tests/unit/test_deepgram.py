@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from streamasr.core.decoding import EndpointConfig
-from streamasr.core.decoding.config import DEFAULT_RULE2_MIN_TRAILING_SILENCE
+from streamasr.core.decoding.config import DEFAULT_ENDPOINTING_MS
 from streamasr.sagemaker.gateway import deepgram as dg
 from streamasr.sagemaker.gateway.audio import G711_TABLES, decode_pcm
 
@@ -130,19 +130,15 @@ def test_not_wav():
 
 
 def test_endpointing_ms_and_false():
-    """Deepgram's endpointing (ms of silence after speech) -> rule 2; false -> none."""
-    q = parse(endpointing="300").query
-    assert q["endpointing"] is True and q["rule2_min_trailing_silence"] == pytest.approx(0.3)
-    assert EndpointConfig.from_parameters(
-        {k: v for k, v in q.items() if k in {"endpointing", "rule2_min_trailing_silence"}}
-    ).rule2_min_trailing_silence == pytest.approx(0.3)
-    assert parse(endpointing="false").query["endpointing"] is False
-    assert parse(endpointing="true").query["endpointing"] is True
-    assert "rule2_min_trailing_silence" not in parse(endpointing="true").query
-    assert EndpointConfig().rule2_min_trailing_silence == DEFAULT_RULE2_MIN_TRAILING_SILENCE
+    """Deepgram's endpointing (ms of silence after speech) -> our endpointing (ms, the
+    voice-activity endpoint); true -> the server's default; false -> 0 (none)."""
+    assert parse(endpointing="300").query["endpointing"] == 300
+    assert EndpointConfig.from_parameters({"endpointing": 300}).endpointing == 300
+    assert parse(endpointing="false").query["endpointing"] == 0
+    assert parse(endpointing="true").query["endpointing"] == DEFAULT_ENDPOINTING_MS
     refused("^endpointing: must be milliseconds", endpointing="soon")
     refused("^endpointing: ", endpointing="-5")
-    refused("^endpointing: .*rule2_min_trailing_silence", endpointing="99999999")
+    refused("^endpointing: ", endpointing="99999999")
 
 
 def test_utterance_end_ms():

@@ -45,7 +45,8 @@ import numpy as np
 from aiohttp import web
 
 from streamasr import protocol
-from streamasr.core.params import parse_bool, parse_float, parse_int
+from streamasr.core.decoding.config import DEFAULT_ENDPOINTING_MS
+from streamasr.core.params import parse_bool, parse_float, parse_int, parse_ms_or_bool
 from streamasr.core.text import normalize
 from streamasr.sagemaker.gateway.audio import ENCODINGS, parse_channels, parse_sample_rate
 from streamasr.sagemaker.gateway.options import OptionError, check_values
@@ -79,7 +80,7 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     ),
     "endpointing": (
         MAPPED,
-        "ms of trailing silence after speech that ends an utterance (speech_final); "
+        "ms of silence after speech (voice-activity detector) that ends an utterance (speech_final); "
         "false: only Finalize/CloseStream end one; absent or true: the server's default",
     ),
     "extra": (SERVED, "key:value pairs echoed in each Results' metadata.extra"),
@@ -181,21 +182,15 @@ def model_two_pass(name: str) -> bool | None:
 
 
 def endpoint_options(value: str) -> dict[str, Any]:
-    """Deepgram's ``endpointing`` (ms of silence, or true/false) as stream options.
-
-    The one place that maps it: today onto ``endpointing`` (on/off) and rule 2's
-    trailing silence (the rule that ends an utterance after speech, speech_final=true).
-    """
-    text = value.strip().lower()
-    if text in ("true", "false"):
-        return {"endpointing": text == "true"}
+    """Deepgram's ``endpointing`` (ms of silence after speech, or true/false) as our stream
+    option of the same name and meaning: the voice-activity endpoint (speech_final=true);
+    ``true``: the server's default; ``false`` (0): only Finalize/CloseStream end one."""
     try:
-        ms = parse_float("endpointing", text)
+        return {"endpointing": parse_ms_or_bool("endpointing", value, DEFAULT_ENDPOINTING_MS)}
     except ValueError:
         raise ListenParameterError(
-            f"endpointing: must be milliseconds (a number >= 0) or false, got {value[:64]!r}"
+            f"endpointing: must be milliseconds (an integer >= 0) or true/false, got {value[:64]!r}"
         ) from None
-    return {"endpointing": True, "rule2_min_trailing_silence": ms / 1000.0}
 
 
 def hotwords(name: str, values: Sequence[str], boosted: bool) -> list[Any]:
