@@ -169,6 +169,8 @@ class Session:
     _sent: int = 0
     _answered: int = 0  # responses passed on (in send order)
     _early: dict[int, tuple[list[dict], str | None, float]] = field(default_factory=dict)
+    # later responses to a request not yet passed on (interim refreshes), by its index
+    _late: dict[int, list[dict]] = field(default_factory=dict)
     _closed: bool = False
     _failed: str | None = None  # the session cannot go on (its requests were lost)
     _cv: threading.Condition = field(default_factory=threading.Condition)
@@ -314,13 +316,39 @@ class Session:
         with self._cv:
             if self._failed is not None:
                 return  # answered for good already (see _fail)
-            self._early[index] = (msgs, error, arrived)
-            ready: list[tuple[list[dict], str | None, float]] = []
-            while self._answered + len(ready) in self._early:
-                ready.append(self._early.pop(self._answered + len(ready)))
+            if index < self._answered or index in self._early:
+                # a second response to one request: a Whisper interim refresh, sent on
+                # its own once re-decoded (after its request's answer, never instead)
+                if index in self._early:
+                    self._late.setdefault(index, []).extend(msgs)
+                    return
+                late = msgs
+            else:
+                late = None
+                self._early[index] = (msgs, error, arrived)
+            ready: list[tuple[list[dict], str | None, float, list[dict]]] = []
+            while late is None and self._answered + len(ready) in self._early:
+                i = self._answered + len(ready)
+                ready.append((*self._early.pop(i), self._late.pop(i, [])))
         # Only the reader thread delivers, so callbacks keep the order popped in.
-        for batch, err, t in ready:
+        if late is not None:
+            self._release_late(late)
+        for batch, err, t, after in ready:
             self._release(batch, err, t)
+            if after:
+                self._release_late(after)
+
+    def _release_late(self, msgs: list[dict]) -> None:
+        """Messages of a request's later response (an interim refresh): passed on as
+        they come; they answer no request (``answered`` does not move)."""
+        if self.on_message:
+            for m in msgs:
+                self.on_message(m)
+        with self._cv:
+            self.messages.extend(msgs)
+            self._cv.notify_all()
+        for listener in list(self._listeners):
+            listener()
 
     def _release(self, msgs: list[dict], error: str | None, arrived: float) -> None:
         """One response, in send order (``arrived``: its perf_counter arrival time)."""

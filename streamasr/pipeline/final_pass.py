@@ -3,7 +3,9 @@
 Each request carries the decoder step's messages and, for each final with words (and
 each due Whisper interim), its utterance (:class:`streamasr.core.two_pass.Utterance`).
 Requests without utterances pass straight through.  The Triton adapter is decoupled: it
-answers requests with nothing to re-decode at once and re-decodes the rest in batches (:meth:`streamasr.core.two_pass.FinalPass.process_many`).
+answers requests without a final to re-decode at once and re-decodes the rest in batches
+(:meth:`streamasr.core.two_pass.FinalPass.answer_many`); Whisper interim refreshes go out
+later as their own responses (:meth:`streamasr.core.two_pass.FinalPass.refresh_many`).
 The only state is the Whisper interims' agreement per stream, so the model runs as ONE
 instance (batching, not instances, is how it scales).
 """
@@ -14,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamasr.core.two_pass import CARRY, FinalPass, Utterance
+from streamasr.core.two_pass import FINAL, FinalPass, Utterance
 from streamasr.pipeline.common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
 
 if TYPE_CHECKING:
@@ -38,8 +40,9 @@ class FinalPassStep:
 
     @staticmethod
     def needs_decode(utterances: list[Utterance]) -> bool:
-        """Whether answering takes a Whisper re-decode (anything but carried interims)."""
-        return any(u.kind != CARRY for u in utterances)
+        """Whether answering takes a Whisper re-decode: a final's (an interim's refresh
+        is sent later, on its own)."""
+        return any(u.kind == FINAL for u in utterances)
 
 
 def whisper_dir(cfg: ModelConfig) -> Path:

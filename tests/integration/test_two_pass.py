@@ -338,6 +338,60 @@ def test_a_session_releases_responses_in_send_order():
         server.stop(grace=None)
 
 
+class LateResponseTriton(OutOfOrderTriton):
+    """A stand-in Triton that answers a session's three requests 1, 1 again (a refresh),
+    2, 2 again, then 0: a second response to a request is passed on after its request's
+    answer, and responses stay in send order."""
+
+    def ModelStreamInfer(self, request_iterator, context):
+        requests = iter(request_iterator)
+        first, second, third = (next(requests) for _ in range(3))
+        yield self.answer(second)
+        yield self.late(second)
+        yield self.answer(third)
+        self.release.wait(30)
+        yield self.answer(first)
+        yield self.late(third)
+        for _ in requests:  # until the client half-closes
+            pass
+
+    def late(self, req) -> service_pb2.ModelStreamInferResponse:
+        resp = self.answer(req)
+        index = int(req.id.partition(":")[2])
+        body = json.dumps({"n": index, "refresh": True}).encode()
+        resp.infer_response.raw_output_contents[0] = struct.pack("<I", len(body)) + body
+        return resp
+
+
+def test_a_second_response_to_a_request_follows_its_answer():
+    triton = LateResponseTriton()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        seen: list[dict] = []
+        late = {"n": 2, "refresh": True}
+        got_late = threading.Event()
+
+        def on_message(m: dict) -> None:
+            seen.append(m)
+            if m == late:
+                got_late.set()
+
+        with AsrConnection(f"127.0.0.1:{port}") as conn:
+            s = conn.open_session(on_message=on_message)
+            for _ in range(3):
+                s.send(np.zeros(1, np.float32))
+            triton.release.set()
+            s.wait(timeout=30)
+            assert got_late.wait(30)  # it comes after the last answer
+            assert seen == [{"n": 0}, {"n": 1}, {"n": 1, "refresh": True}, {"n": 2}, late]
+            assert s.pending == 0 and s.messages == seen
+    finally:
+        server.stop(grace=None)
+
+
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_final_pass(contract):
