@@ -86,7 +86,7 @@ FULL = dict(
     pa_ms=4000,
     naive_s=15.0,
     profile_s=10,
-    two_pass_concurrency=(4, 8),
+    two_pass_concurrency=(4, 8, 12),
     overload_s=60.0,
     overload_settle_s=60.0,
 )

@@ -450,6 +450,13 @@ class FinalPass:
             first_pass_transcript=protocol.transcript(latest),
         )
 
+    def is_open(self, refresh: Refresh) -> bool:
+        """Whether the refresh's utterance is still open (no final noted); hold
+        ``agreements.lock`` from this check until the refresh is sent, so that it cannot
+        be sent after its utterance's final."""
+        state = self._agreement(refresh.stream)
+        return state.latest_start == refresh.utt.start_frame
+
     def note_interim(self, message: dict, utt: Utterance) -> None:
         """A first-pass interim of a Whisper-interims stream passed: the newest CTC words
         a late refresh adds (FINAL: the utterance ended, its pending refreshes are stale)."""
@@ -538,6 +545,10 @@ class FinalPass:
                 continue
             results.append(list(messages))
             todo += [(i, u) for u in utterances]
+        for i, utt in todo:  # first: a final makes its utterance's refreshes stale at once
+            out = results[i]
+            assert isinstance(out, list)
+            self.note_interim(out[utt.index], utt)
         finals = [(i, u) for i, u in todo if u.kind == FINAL]
         texts = self.texts([u for _, u in finals]) if finals else []
         for (i, utt), text in zip(finals, texts):
@@ -548,9 +559,7 @@ class FinalPass:
             out = results[i]
             assert isinstance(out, list)
             if utt.kind == FINAL:
-                self.note_interim(out[utt.index], utt)
                 continue
-            self.note_interim(out[utt.index], utt)
             if utt.kind == INTERIM:
                 refreshes[i] = Refresh(utt.stream, utt, out[utt.index])
             out[utt.index] = self.carry_interim(out[utt.index], utt)

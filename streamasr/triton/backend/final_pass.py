@@ -16,9 +16,8 @@ from streamasr.pipeline import final_pass
 from streamasr.pipeline.common import ConfigError, parse_int
 from streamasr.triton.backend import edge
 
-#: Niceness of the refresh thread: Whisper interim refreshes are best effort and take
-#: the CPU the streaming steps (and finals) leave, so they never delay a chunk's answer.
-REFRESH_NICENESS = 10
+#: Highest niceness Linux accepts.
+MAX_NICENESS = 19
 
 
 class FinalPassModel:
@@ -53,6 +52,14 @@ class FinalPassModel:
             ),
             1,
         )
+        # Whisper interim refreshes are best effort: at this niceness they take the CPU
+        # the streaming steps (and finals) leave, so they never delay a chunk's answer
+        self.niceness = parse_int("refresh_niceness", self.cfg.param("refresh_niceness"), 0)
+        if self.niceness > MAX_NICENESS:
+            raise ConfigError(
+                f"model {self.cfg.name!r}: refresh_niceness must be 0..{MAX_NICENESS}, "
+                f"got {self.niceness}"
+            )
         self.metrics = edge.StreamMetrics(self.cfg.name)
         self._cv = threading.Condition()
         self._stopping = False
@@ -154,7 +161,7 @@ class FinalPassModel:
 
     def _refresh_work(self) -> None:
         try:  # Linux: a thread's own niceness
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), REFRESH_NICENESS)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
         except OSError as exc:
             self.log.warning("refresh thread keeps normal priority: %s", exc)
         while True:
@@ -172,13 +179,18 @@ class FinalPassModel:
             except Exception:  # noqa: BLE001 - a refresh is best effort: the interim stands
                 self.log.exception("unexpected error in an interim refresh")
                 msgs = [None] * len(jobs)
-            for (sender, _), msg in zip(jobs, msgs):
-                if msg is None:
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                else:
-                    sender.send(
-                        self._response([msg]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-                    )
+            fp = self.step.final_pass
+            for (sender, job), msg in zip(jobs, msgs):
+                # the lock orders this send before its utterance's final (noted under it
+                # before the final's re-decode) or makes it stale
+                with fp.agreements.lock:
+                    if msg is not None and fp.is_open(job):
+                        sender.send(
+                            self._response([msg]),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                        )
+                        continue
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         # re-decode the finals queued, close open refreshes, then stop (Triton waits for
