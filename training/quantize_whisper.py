@@ -1,6 +1,7 @@
 """int8 Whisper graphs for the re-decoder: onnxruntime dynamic quantization.
 
     python -m training.quantize_whisper --src model_repository/final_pass/1 --out DIR
+    (`make whisper` runs it in place after training.export_whisper)
 
 Writes ``whisper_encoder.onnx`` / ``whisper_decoder.onnx`` with int8 MatMul weights
 (activations quantized per call, ``onnxruntime.quantization.quantize_dynamic``) and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -31,14 +33,16 @@ def quantize(src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in GRAPHS:
         log.info("quantizing %s", name)
+        # written beside, then renamed: ``out`` may be ``src`` (in place), and a graph may
+        # be a hard link shared with another checkout, which must keep its bytes
+        tmp = out / f".{name}.int8"
         quantize_dynamic(
-            src / name,
-            out / name,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=QUANTIZED_OPS,
+            src / name, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS
         )
+        os.replace(tmp, out / name)
     for name in COPIED:
-        shutil.copyfile(src / name, out / name)
+        if (src / name).resolve() != (out / name).resolve():
+            shutil.copyfile(src / name, out / name)
 
 
 def main(argv=None) -> int:

@@ -436,9 +436,13 @@ class FinalPass:
             if utt.seq >= state.seq:
                 state.shown = words
                 if n_stable:
-                    state.stable_end = round(
-                        (words[n_stable - 1]["end"] - message["start"]) / self.frame_seconds
-                    )
+                    # cut between the last stable word and the next (CTC spikes mark
+                    # letters, not a word's last sound): a tail cut at the stable word's
+                    # aligned end would start inside it
+                    cut = words[n_stable - 1]["end"]
+                    if n_stable < len(words):
+                        cut = (cut + words[n_stable]["start"]) / 2
+                    state.stable_end = round((cut - message["start"]) / self.frame_seconds)
             latest = state.latest
         cut = words[-1]["end"] if words else -1.0
         newer = [{**w, "stable": False} for w in protocol.words(latest) if w["start"] >= cut]

@@ -392,6 +392,29 @@ def test_a_second_response_to_a_request_follows_its_answer():
         server.stop(grace=None)
 
 
+def test_a_late_refresh_of_an_utterance_already_final_is_dropped():
+    from streamasr_client.stream import Session
+
+    def results(start, final, refresh=False):
+        m = {"type": "Results", "is_final": final, "start": start, "duration": 1.0}
+        return {**m, "refresh": True} if refresh else m
+
+    s = Session(None, 1, {})  # type: ignore[arg-type]  # delivery needs no connection
+    s._sent = 3
+    s._deliver(0, [results(0.0, False)], None)
+    s._deliver(1, [results(0.0, True), results(1.0, False)], None)
+    s._deliver(0, [results(0.0, False, refresh=True)], None)  # overtaken by its final
+    s._deliver(1, [results(1.0, False, refresh=True)], None)  # the open utterance's
+    s._deliver(2, [results(1.0, False)], None)
+    assert [(m["start"], m["is_final"], "refresh" in m) for m in s.messages] == [
+        (0.0, False, False),
+        (0.0, True, False),
+        (1.0, False, False),
+        (1.0, False, True),
+        (1.0, False, False),
+    ]
+
+
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_final_pass(contract):
