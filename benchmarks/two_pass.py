@@ -83,8 +83,13 @@ def stream_clip(
     paced: bool = True,
     options: dict | None = None,
     clip: int = 0,
+    tail_silence_s: float = 0.0,
 ) -> ClipRun:
-    """One clip as one stream; times on the stream's clock (0 = its first sample spoken)."""
+    """One clip as one stream; times on the stream's clock (0 = its first sample spoken).
+    ``tail_silence_s``: digital silence streamed after the clip before END (a live speaker
+    who stops while the stream goes on: the caption then has time to settle)."""
+    if tail_silence_s > 0:
+        audio = np.concatenate([audio, np.zeros(int(tail_silence_s * rate), audio.dtype)])
     events: list[tuple[float, dict]] = []
     t0 = time.perf_counter()
     s = conn.open_session(
@@ -150,6 +155,7 @@ def concurrent(
     mode: str,
     streams: int,
     refs: list[str] | None = None,
+    tail_silence_s: float = 0.0,
 ) -> dict:
     """``streams`` paced streams at once, each going through every clip (starting at a
     different one): final and chunk latency of each clip while the others keep streaming;
@@ -165,7 +171,14 @@ def concurrent(
             try:
                 clip = (k + j) % len(audios)
                 run = stream_clip(
-                    conn, audios[clip], chunk, rate, model, options=options, clip=clip
+                    conn,
+                    audios[clip],
+                    chunk,
+                    rate,
+                    model,
+                    options=options,
+                    clip=clip,
+                    tail_silence_s=tail_silence_s,
                 )
             except Exception as exc:  # noqa: BLE001 - recorded in the result
                 with lock:
@@ -205,6 +218,7 @@ def run_mode(
     rate: int,
     paced: bool,
     server_pid: int | None,
+    tail_silence_s: float = 0.0,
 ) -> dict:
     """One model with these stream options, one clip after another (module docstring)."""
     refs = [it.reference for it in items]
@@ -212,7 +226,9 @@ def run_mode(
     cpu.start()
     load_before = os.getloadavg()[0]
     runs = [
-        stream_clip(conn, audio, chunk, rate, model, paced, options, clip=i)
+        stream_clip(
+            conn, audio, chunk, rate, model, paced, options, clip=i, tail_silence_s=tail_silence_s
+        )
         for i, audio in enumerate(audios)
     ]
     used = cpu.stop()
@@ -250,10 +266,17 @@ def run(
     server_pid: int | None = None,
     modes: tuple[str, ...] = tuple(MODES),
     refresh_sweep: tuple[float, ...] = (),
+    tail_silence_s: float = 0.0,
 ) -> dict:
-    """``refresh_sweep``: also Whisper interims at these ``interim_refresh_s`` (1 stream)."""
+    """``refresh_sweep``: also Whisper interims at these ``interim_refresh_s`` (1 stream);
+    ``tail_silence_s``: silence streamed after each clip before END."""
     items = load_eval_set()[:limit] if limit else load_eval_set()
-    out: dict = {"clips": len(items), "paced": paced, "chunk_p99_budget_ms": CHUNK_P99_BUDGET_MS}
+    out: dict = {
+        "clips": len(items),
+        "paced": paced,
+        "chunk_p99_budget_ms": CHUNK_P99_BUDGET_MS,
+        "tail_silence_s": tail_silence_s,
+    }
     with AsrConnection(url) as conn:
         contract = conn.contract()
         rate, chunk = contract.sample_rate, contract.chunk_samples
@@ -262,7 +285,7 @@ def run(
         for mode in modes:
             model, options = MODES[mode]
             r = out[mode] = run_mode(
-                conn, model, options, items, audios, chunk, rate, paced, server_pid
+                conn, model, options, items, audios, chunk, rate, paced, server_pid, tail_silence_s
             )
             progress(
                 f"  {mode}: WER {r['wer']:.3f}, END -> final p50 "
@@ -288,7 +311,14 @@ def run(
         for mode in (m for m in CONCURRENT_MODES if m in modes):
             for n in concurrency:
                 level = concurrent(
-                    conn, audios, chunk, rate, mode, n, refs=[it.reference for it in items]
+                    conn,
+                    audios,
+                    chunk,
+                    rate,
+                    mode,
+                    n,
+                    refs=[it.reference for it in items],
+                    tail_silence_s=tail_silence_s,
                 )
                 out["concurrent"].append(level)
                 fl, cl = level.get("final_latency_ms", {}), level.get("chunk_latency_ms", {})
@@ -408,6 +438,13 @@ def main(argv=None) -> int:
         default="",
         help="also: Whisper interims at these interim_refresh_s (comma list)",
     )
+    p.add_argument(
+        "--tail-silence",
+        type=float,
+        default=0.0,
+        help="seconds of silence streamed after each clip before END (a speaker who stops "
+        "while the stream goes on)",
+    )
     p.add_argument("--server-pid", type=int, help="tritonserver's pid, for CPU per audio s")
     p.add_argument("--json", type=Path, help="write the result here (and a .md beside it)")
     a = p.parse_args(argv)
@@ -418,6 +455,7 @@ def main(argv=None) -> int:
         concurrency=tuple(int(x) for x in a.concurrency.split(",") if x.strip()),
         modes=tuple(m.strip() for m in a.modes.split(",") if m.strip()),
         refresh_sweep=tuple(float(x) for x in a.refresh_sweep.split(",") if x.strip()),
+        tail_silence_s=a.tail_silence,
     )
     unknown = set(kw["modes"]) - set(MODES)
     if unknown:

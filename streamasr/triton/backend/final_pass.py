@@ -8,6 +8,7 @@ import collections
 import os
 import threading
 import time
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
@@ -68,7 +69,7 @@ class FinalPassModel:
         # an interim never shows an older agreement than the response before it
         self._queued: dict[int, int] = {}
         # per stream its newest refresh not yet taken: (the request's open sender, job)
-        self._refresh: dict[int, tuple] = {}
+        self._refresh: dict[int, tuple[Any, Refresh]] = {}
         self._threads = [
             threading.Thread(target=self._work, name="final-pass-worker", daemon=True),
             threading.Thread(target=self._refresh_work, name="final-pass-refresh", daemon=True),
@@ -90,6 +91,7 @@ class FinalPassModel:
             sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
         sender.send(resp)
+        overtaken: tuple[Any, Refresh] | None
         with self._cv:
             if self._stopping:  # the refresh thread is gone
                 overtaken = (sender, refresh)
