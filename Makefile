@@ -61,11 +61,11 @@ lm: $(LM)
 $(LM): $(STAMP) training/build_lm.py training/sphinx_lm.py
 	$(PY) -m training.build_lm --out $@
 
-# int8 weights (training/quantize_whisper.py): half the CPU, WER no worse on assets/eval
-# (benchmarks/results/interims/README.md)
+# plus int8 copies for interim refreshes (training/quantize_whisper.py): half the CPU, WER
+# no worse on assets/eval (benchmarks/results/interims/README.md)
 $(WHISPER): $(STAMP) training/export_whisper.py training/whisper.py training/ct2.py training/quantize_whisper.py
 	$(PY) -m training.export_whisper --out $(dir $@)
-	$(PY) -m training.quantize_whisper --src $(dir $@) --out $(dir $@)
+	$(PY) -m training.quantize_whisper --dir $(dir $@)
 
 # model_repository/*/config.pbtxt are generated from one typed spec (streamasr/triton/spec.py,
 # which cross-checks the values between models): edit the spec, then regenerate them here.

@@ -290,12 +290,15 @@ class FinalPass:
         redecoder,
         interim_ttl_s: float = 60.0,
         refresh_window: "EncoderWindow | None" = None,
+        refresh_redecoder=None,
     ):
         from streamasr.core.features import silence_frame
         from streamasr.core.state import StreamStore
         from streamasr.core.whisper_redecoder import EncoderWindow
 
         self.refresh_window = refresh_window or EncoderWindow(**REFRESH_WINDOW)
+        # interim refreshes may use cheaper graphs (int8) than finals
+        self.refresh_redecoder = refresh_redecoder or redecoder
         check_contract(contract)
         self.contract = contract
         self.redecoder = redecoder
@@ -385,7 +388,7 @@ class FinalPass:
     def _prompts(self, said: list[list[str]]) -> list[list[int]] | None:
         """The stable words as Whisper prompt tokens (None: a re-decoder without a
         tokenizer, e.g. a test double, decodes without prompts)."""
-        encode = getattr(self.redecoder, "encode_prompt", None)
+        encode = getattr(self.refresh_redecoder, "encode_prompt", None)
         return [encode(w) for w in said] if encode is not None else None
 
     def refresh_many(self, refreshes: list[Refresh]) -> list[dict | None]:
@@ -401,7 +404,7 @@ class FinalPass:
         prompts = self._prompts([said for _, said, _ in tails])
         if prompts is not None:
             kw["prompts"] = prompts
-        decoded = self.redecoder.transcribe_many(
+        decoded = self.refresh_redecoder.transcribe_many(
             [f for f, _, _ in tails],
             self.silence,
             whole_window_retry=False,

@@ -31,6 +31,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EOT, SOT, NO_TIMESTAMPS, TIMESTAMP_BEGIN = 50256, 50257, 50362, 50363
+#: File-name variant of the int8 graphs (training/quantize_whisper.py): half the CPU and
+#: no WER lost on assets/eval, but activations are quantized per call, so a row's text may
+#: depend on its batch: used for interim refreshes only (finals stay batch-invariant).
+INT8_GRAPHS = ".int8"
 #: Whisper's "previous text" marker: the prompt tokens follow it, then SOT.
 START_OF_PREV = 50360
 #: Whisper's whole window: 30 s of 10 ms frames.
@@ -178,7 +182,10 @@ class WhisperRedecoder:
         gpu: bool = False,
         window: EncoderWindow | None = None,
         max_batch: int = 8,
+        graphs: str = "",
     ):
+        """``graphs``: the graph files' variant, e.g. ``INT8_GRAPHS`` for
+        ``whisper_encoder.int8.onnx`` / ``whisper_decoder.int8.onnx``."""
         import onnxruntime as ort
 
         d = Path(directory)
@@ -187,8 +194,12 @@ class WhisperRedecoder:
         prov = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             prov.insert(0, "CUDAExecutionProvider")
-        self.enc = ort.InferenceSession(str(d / "whisper_encoder.onnx"), so, providers=prov)
-        self.dec = ort.InferenceSession(str(d / "whisper_decoder.onnx"), so, providers=prov)
+        self.enc = ort.InferenceSession(
+            str(d / f"whisper_encoder{graphs}.onnx"), so, providers=prov
+        )
+        self.dec = ort.InferenceSession(
+            str(d / f"whisper_decoder{graphs}.onnx"), so, providers=prov
+        )
         cfg = json.loads((d / "config.json").read_text())
         self.suppress = np.asarray(cfg.get("suppress_ids", []), dtype=np.int64)
         self.suppress_begin = np.asarray(cfg.get("suppress_ids_begin", []), dtype=np.int64)

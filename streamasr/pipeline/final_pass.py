@@ -83,7 +83,9 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
 
 
 def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
-    from streamasr.core.whisper_redecoder import WhisperRedecoder
+    from streamasr.core.whisper_redecoder import INT8_GRAPHS, WhisperRedecoder
+
+    int8_files = tuple(f"whisper_{g}{INT8_GRAPHS}.onnx" for g in ("encoder", "decoder"))
 
     d = whisper_dir(cfg)
     threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)
@@ -95,13 +97,21 @@ def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
         1,
     )
     contract = cfg.contract()
+    window = encoder_window(cfg)
     try:
+        finals = WhisperRedecoder(d, threads=threads, gpu=gpu, window=window, max_batch=max_batch)
+        refreshes = None
+        if all((d / f).is_file() for f in int8_files):
+            refreshes = WhisperRedecoder(
+                d, threads=threads, gpu=gpu, window=window, max_batch=max_batch, graphs=INT8_GRAPHS
+            )
+        else:
+            log.info("no int8 Whisper graphs in %s: interim refreshes use the float ones", d)
         fp = FinalPass(
             contract,
-            WhisperRedecoder(
-                d, threads=threads, gpu=gpu, window=encoder_window(cfg), max_batch=max_batch
-            ),
+            finals,
             interim_ttl_s=stream_idle_timeout(cfg),
+            refresh_redecoder=refreshes,
         )
     except ValueError as exc:
         raise ConfigError(f"model {cfg.name!r}: {exc}") from None

@@ -336,6 +336,21 @@ def test_an_interim_is_answered_at_once_and_its_refresh_follows_with_newer_ctc_w
     assert [w["word"] for w in late["channel"]["alternatives"][0]["words"]] == ["a", "b", "cd"]
 
 
+def test_refreshes_use_their_own_re_decoder_and_finals_theirs():
+    # the server gives refreshes the int8 graphs and keeps finals on the float ones
+    finals, refreshes = Hears(["a b"]), Hears(["a b"])
+    fp = FinalPass(TINY, finals, refresh_redecoder=refreshes)
+    lp = one_hot("_a_b_" + "_" * 5)
+    feats = np.zeros((len(lp) * TINY.subsampling, TINY.features.n_mels), np.float32)
+    utt = Utterance(0, feats, lp, kind=INTERIM, stream=6, seq=1, start_frame=0)
+    _, (refresh,) = fp.answer_many([([interim_msg()], [utt])])
+    fp.refresh_many([refresh])
+    assert refreshes.frames and not finals.frames
+    final = {**interim_msg(), "is_final": True}
+    fp.answer_many([([final], [Utterance(0, feats, lp, stream=6, seq=2, start_frame=0)])])
+    assert finals.frames == [len(feats)]
+
+
 def test_a_refresh_overtaken_by_its_utterances_final_is_not_sent():
     fp = FinalPass(TINY, Hears(["a b", "a b"]))
     lp = one_hot("_a_b_" + "_" * 5)
