@@ -41,6 +41,7 @@ RUN python3 -m pip install --no-cache-dir --extra-index-url https://download.pyt
         -r docker/requirements-whisper.txt
 COPY streamasr streamasr
 RUN python3 -m streamasr.artifacts.export_whisper --out /whisper \
+    && python3 -m streamasr.artifacts.quantize_whisper --dir /whisper \
     && python3 -m streamasr.artifacts.build_lm --out /lm/en-us.arpa
 
 # Stage: the same files from a local `make whisper lm` (named build context `prebuilt` =
@@ -48,6 +49,7 @@ RUN python3 -m streamasr.artifacts.export_whisper --out /whisper \
 FROM scratch AS whisper-prebuilt
 # hadolint ignore=DL3022
 COPY --from=prebuilt final_pass/1/whisper_encoder.onnx final_pass/1/whisper_decoder.onnx \
+     final_pass/1/whisper_encoder.int8.onnx final_pass/1/whisper_decoder.int8.onnx \
      final_pass/1/vocabulary.txt final_pass/1/config.json /whisper/
 # hadolint ignore=DL3022
 COPY --from=prebuilt ctc_decoder/1/en-us.arpa /lm/en-us.arpa

@@ -95,8 +95,11 @@ lm: $(LM)
 $(LM): $(STAMP) streamasr/artifacts/build_lm.py streamasr/artifacts/sphinx_lm.py
 	$(PY) -m streamasr.artifacts.build_lm --out $@
 
-$(WHISPER): $(STAMP) streamasr/artifacts/export_whisper.py streamasr/artifacts/whisper.py streamasr/artifacts/ct2.py
+# plus int8 copies for interim refreshes (streamasr/artifacts/quantize_whisper.py): half the
+# CPU, WER no worse on assets/eval (benchmarks/results/interims/README.md)
+$(WHISPER): $(STAMP) streamasr/artifacts/export_whisper.py streamasr/artifacts/whisper.py streamasr/artifacts/ct2.py streamasr/artifacts/quantize_whisper.py
 	$(PY) -m streamasr.artifacts.export_whisper --out $(dir $@)
+	$(PY) -m streamasr.artifacts.quantize_whisper --dir $(dir $@)
 
 # model_repository/*/config.pbtxt are generated from one typed spec (streamasr/triton/spec.py,
 # which cross-checks the values between models): edit the spec, then regenerate them here.

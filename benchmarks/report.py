@@ -417,8 +417,12 @@ def two_pass_section(tp: dict) -> list[str]:
                     "finals",
                     "END -> final p50 / p99 / max ms",
                     "chunk p50 / p99 ms",
+                    "caption WER",
+                    "interim words changed",
+                    "refreshes",
                     "held",
                     "errors",
+                    "load avg 1 min (start / end)",
                 ],
                 [
                     [
@@ -429,8 +433,12 @@ def two_pass_section(tp: dict) -> list[str]:
                             _f(_g(lv, "final_latency_ms", q)) for q in ("p50", "p99", "max")
                         ),
                         " / ".join(_f(_g(lv, "chunk_latency_ms", q)) for q in ("p50", "p99")),
+                        _f(lv.get("interim_wer"), 3),
+                        _f(lv.get("interim_words_changed"), 3),
+                        lv.get("refreshes", "–"),
                         "yes" if lv.get("held") else "no",
                         len(lv["errors"]),
+                        " / ".join(_f(x, 1) for x in lv.get("loadavg_1m", [])) or "–",
                     ]
                     for lv in conc
                 ],

@@ -14,6 +14,7 @@ so an error reaches the session that caused it and no other.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -69,6 +70,8 @@ MAX_REOPENS_WITHOUT_ANSWER = 3
 # the limit itself (or at half the limit, whichever is more): the server's clock starts
 # when it serves the START, a little later than the client's.
 LEAD_MARGIN_S = 5.0
+# Sessions forgotten whose late responses (interim refreshes) are expected, not warned of.
+FORGOTTEN_KEPT = 1024
 
 
 class AsrError(RuntimeError):
@@ -171,6 +174,9 @@ class Session:
     _sent: int = 0
     _answered: int = 0  # responses passed on (in send order)
     _early: dict[int, tuple[list[dict], str | None, float]] = field(default_factory=dict)
+    # later responses to a request not yet passed on (interim refreshes), by its index
+    _late: dict[int, list[dict]] = field(default_factory=dict)
+    _final_end: float = -1.0  # stream time where the last final passed on ends
     _closed: bool = False
     _failed: str | None = None  # the session cannot go on (its requests were lost)
     _cv: threading.Condition = field(default_factory=threading.Condition)
@@ -316,13 +322,49 @@ class Session:
         with self._cv:
             if self._failed is not None:
                 return  # answered for good already (see _fail)
-            self._early[index] = (msgs, error, arrived)
-            ready: list[tuple[list[dict], str | None, float]] = []
-            while self._answered + len(ready) in self._early:
-                ready.append(self._early.pop(self._answered + len(ready)))
+            if index < self._answered or index in self._early:
+                # a second response to one request: a Whisper interim refresh, sent on
+                # its own once re-decoded (after its request's answer, never instead)
+                if index in self._early:
+                    self._late.setdefault(index, []).extend(msgs)
+                    return
+                late = msgs
+            else:
+                late = None
+                self._early[index] = (msgs, error, arrived)
+            ready: list[tuple[list[dict], str | None, float, list[dict]]] = []
+            while late is None and self._answered + len(ready) in self._early:
+                i = self._answered + len(ready)
+                ready.append((*self._early.pop(i), self._late.pop(i, [])))
         # Only the reader thread delivers, so callbacks keep the order popped in.
-        for batch, err, t in ready:
+        if late is not None:
+            self._release_late(late)
+        for batch, err, t, after in ready:
             self._release(batch, err, t)
+            if after:
+                self._release_late(after)
+
+    def _release_late(self, msgs: list[dict]) -> None:
+        """Messages of a request's later response (an interim refresh): passed on as
+        they come; they answer no request (``answered`` does not move).  One whose
+        utterance's final was passed on already is dropped: the server sends a refresh
+        before its final, but Triton may deliver two requests' responses out of order."""
+        with self._cv:
+            msgs = [
+                m
+                for m in msgs
+                if not (protocol.is_results(m) and m.get("start", 0.0) < self._final_end)
+            ]
+        if not msgs:
+            return
+        if self.on_message:
+            for m in msgs:
+                self.on_message(m)
+        with self._cv:
+            self.messages.extend(msgs)
+            self._cv.notify_all()
+        for listener in list(self._listeners):
+            listener()
 
     def _release(self, msgs: list[dict], error: str | None, arrived: float) -> None:
         """One response, in send order (``arrived``: its perf_counter arrival time)."""
@@ -346,6 +388,10 @@ class Session:
             if error is not None:
                 self.errors.append(error)
             self.messages.extend(msgs)
+            for m in msgs:
+                if protocol.is_results(m) and protocol.is_final(m):
+                    end = m.get("start", 0.0) + m.get("duration", 0.0)
+                    self._final_end = max(self._final_end, end)
             self._answered += 1
             self._cv.notify_all()
         if release:
@@ -529,6 +575,8 @@ class AsrConnection:
         self._channel = _channel(url, ssl, root_certificates, max_message_bytes)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._sessions: dict[int, Session] = {}
+        # the last sessions forgotten, for the late responses they may still get
+        self._forgotten: collections.deque[int] = collections.deque(maxlen=FORGOTTEN_KEPT)
         self._lock = threading.Lock()
         self._contract: ModelContract | None = None
         self._current: _Stream | None = None
@@ -731,7 +779,10 @@ class AsrConnection:
                 with self._lock:
                     session = self._sessions.get(sid) if sid is not None else None
                 if session is None:
-                    log.warning("response for unknown request id %r", rid)
+                    if sid in self._forgotten:
+                        log.debug("response for forgotten session %r (a late refresh)", rid)
+                    else:
+                        log.warning("response for unknown request id %r", rid)
                     continue
                 if resp.error_message:
                     session._deliver(index, [], resp.error_message)
@@ -799,6 +850,8 @@ class AsrConnection:
     def forget(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.sequence_id, None)
+            # a late interim refresh may still come for it: not worth a warning
+            self._forgotten.append(session.sequence_id)
 
     def close(self) -> None:
         with self._lock:

@@ -7,7 +7,7 @@
 What it writes: every ``config.pbtxt`` from the typed spec (``streamasr.triton.spec``), the
 streaming acoustic model (the packaged Whisper tiny.en encoder + the bundled CTC head, one
 ONNX graph, checked against its contract and against torch), the Whisper re-decoder for
-two-pass finals, and the word LM.  About 2-4 minutes on 2 cores; each artifact is written
+two-pass finals (and its int8 copy for interim refreshes), and the word LM.  About 2-4 minutes on 2 cores; each artifact is written
 to a temporary name and renamed when complete, so an interrupted build leaves no half file
 and a re-run builds only what is missing.  ``streamasr-server`` serves the result when it
 runs outside a checkout.  Needs the ``artifacts`` extra: ``pip install 'streamasr[artifacts]'``.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from streamasr import checkout
 from streamasr.cli import argument_parser
+from streamasr.core.whisper_redecoder import INT8_GRAPHS
 from streamasr.triton import spec
 
 log = logging.getLogger("streamasr.artifacts")
@@ -31,7 +32,15 @@ log = logging.getLogger("streamasr.artifacts")
 ACOUSTIC_MODEL = Path("acoustic_model/1/model.onnx")
 LM = Path("ctc_decoder/1/en-us.arpa")
 WHISPER_DIR = Path("final_pass/1")
-WHISPER_FILES = ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json")
+WHISPER_FILES = (
+    "whisper_encoder.onnx",
+    "whisper_decoder.onnx",
+    "vocabulary.txt",
+    "config.json",
+    # int8 copies for interim refreshes (quantize_whisper)
+    f"whisper_encoder{INT8_GRAPHS}.onnx",
+    f"whisper_decoder{INT8_GRAPHS}.onnx",
+)
 
 
 def _build_acoustic(out: Path) -> None:
@@ -47,9 +56,10 @@ def _build_lm(out: Path) -> None:
 
 
 def _build_whisper(out_dir: Path) -> None:
-    from . import export_whisper
+    from . import export_whisper, quantize_whisper
 
     export_whisper.export(out_dir)
+    quantize_whisper.quantize(out_dir, out_dir, INT8_GRAPHS)
 
 
 def write_configs(repo: Path) -> None:

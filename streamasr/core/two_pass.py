@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from streamasr.core.alignment import aligned_words
 from streamasr.core.decoding.stream import CONFIDENCE_DECIMALS, TIME_DECIMALS
 from streamasr.core.text import normalize
 from streamasr.protocol.contract import ModelContract
+
+if TYPE_CHECKING:
+    from streamasr.core.whisper_redecoder import EncoderWindow
 
 log = logging.getLogger("streamasr.core.two_pass")
 
@@ -45,6 +49,12 @@ def chunk_features(
         return np.zeros((0, windows.shape[-1]), np.float32)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
+
+#: The encoder window of an interim refresh (EncoderWindow fields): its tail after the
+#: stable words is short, and the encoder's cost grows with its window (0.05 CPU s at
+#: 5 s, 0.11 at 10 s on this machine's core); a refresh whose short-window decode looks
+#: degenerate is dropped (the last interim stands), not retried at 30 s.
+REFRESH_WINDOW = {"min_frames": 400, "tail_frames": 0, "bucket_frames": 200}
 
 #: Utterance kinds: a final to re-decode; for streams with Whisper interims
 #: (``interims=whisper``) the open utterance to re-decode for an interim, or (no frames)
@@ -248,6 +258,25 @@ def common_prefix(a: list[str], b: list[str]) -> int:
     return n
 
 
+def drop_overlap(said: list[str], tail: list[str], longest: int = 3) -> list[str]:
+    """``tail`` without the words it repeats from the end of ``said`` (a tail cut at a
+    word's aligned end may hear that word again): the longest such overlap, up to
+    ``longest`` words, is dropped."""
+    for n in range(min(longest, len(said), len(tail)), 0, -1):
+        if said[-n:] == tail[:n]:
+            return tail[n:]
+    return tail
+
+
+@dataclass
+class Refresh:
+    """A Whisper re-decode of a stream's open utterance to send as its own interim."""
+
+    stream: int
+    utt: Utterance  # INTERIM: the whole open utterance's frames
+    message: dict  # the first-pass interim it was asked with
+
+
 @dataclass
 class LocalAgreement:
     """One stream's Whisper interims (the LocalAgreement-2 policy of whisper_streaming):
@@ -266,11 +295,17 @@ class LocalAgreement:
     previous: list[str] = field(default_factory=list)
     stable: list[str] = field(default_factory=list)
     shown: list[dict] = field(default_factory=list)  # the last re-decode's timed words
+    stable_end: int = 0  # output frame (in the utterance) where the last stable word ends
+    # the newest first-pass interim of the stream and its utterance's first frame: what a
+    # late refresh adds newer CTC words from (-1: the utterance ended, refreshes are stale)
+    latest: dict = field(default_factory=dict)
+    latest_start: int = -1
+    latest_seq: int = -1
 
     def update(self, start_frame: int, seq: int, words: list[str]) -> tuple[list[str], int]:
         if start_frame != self.start_frame:  # a new utterance: nothing agreed yet
             self.start_frame, self.seq, self.previous, self.stable = start_frame, -1, [], []
-            self.shown = []
+            self.shown, self.stable_end = [], 0
         if seq > self.seq:
             agreed = self.previous[: common_prefix(self.previous, words)]
             if len(agreed) > len(self.stable) and agreed[: len(self.stable)] == self.stable:
@@ -289,10 +324,21 @@ class FinalPass:
     when a stream times out).
     """
 
-    def __init__(self, contract: ModelContract, redecoder, interim_ttl_s: float = 60.0):
+    def __init__(
+        self,
+        contract: ModelContract,
+        redecoder,
+        interim_ttl_s: float = 60.0,
+        refresh_window: "EncoderWindow | None" = None,
+        refresh_redecoder=None,
+    ):
         from streamasr.core.features import silence_frame
         from streamasr.core.state import StreamStore
+        from streamasr.core.whisper_redecoder import EncoderWindow
 
+        self.refresh_window = refresh_window or EncoderWindow(**REFRESH_WINDOW)
+        # interim refreshes may use cheaper graphs (int8) than finals
+        self.refresh_redecoder = refresh_redecoder or redecoder
         check_contract(contract)
         self.contract = contract
         self.redecoder = redecoder
@@ -373,23 +419,109 @@ class FinalPass:
                 else self.agreements.create(stream, LocalAgreement())
             )
 
-    def rewrite_interim(self, message: dict, utt: Utterance, text: str) -> dict:
-        """The interim ``message`` with Whisper's words (see :class:`LocalAgreement`);
-        stable words carry ``stable: true``, the tail ``stable: false``.  Text that cannot
-        be aligned to the frames keeps the CTC words (all ``stable: false``)."""
+    def _tail(self, utt: Utterance) -> tuple[np.ndarray, list[str], int]:
+        """What a refresh of ``utt`` decodes: its features after the last stable word
+        (whisper_streaming's buffer trimming), the stable words said before them, and
+        the output frame the features start at."""
         state = self._agreement(utt.stream)
         with self.agreements.lock:
-            shown, n_stable = state.update(utt.start_frame, utt.seq, text.split())
+            if state.start_frame != utt.start_frame:
+                return utt.features, [], 0
+            cut = min(state.stable_end, len(utt.log_probs))
+            return utt.features[cut * self.contract.subsampling :], list(state.stable), cut
+
+    def _prompts(self, said: list[list[str]]) -> list[list[int]] | None:
+        """The stable words as Whisper prompt tokens (None: a re-decoder without a
+        tokenizer, e.g. a test double, decodes without prompts)."""
+        encode = getattr(self.refresh_redecoder, "encode_prompt", None)
+        return [encode(w) for w in said] if encode is not None else None
+
+    def refresh_many(self, refreshes: list[Refresh]) -> list[dict | None]:
+        """Re-decode each refresh's unsettled tail (batched), agree it with the stream's
+        last re-decode (:class:`LocalAgreement`) and build the interim to send: stable
+        words, the new tail, then the CTC words of the stream's newest interim heard
+        since.  None where the utterance ended meanwhile (its final says more), or the
+        tail's decode was rejected or cannot be aligned: the last interim stands."""
+        if not refreshes:
+            return []
+        tails = [self._tail(r.utt) for r in refreshes]
+        kw = {}
+        prompts = self._prompts([said for _, said, _ in tails])
+        if prompts is not None:
+            kw["prompts"] = prompts
+        decoded = self.refresh_redecoder.transcribe_many(
+            [f for f, _, _ in tails],
+            self.silence,
+            whole_window_retry=False,
+            window=self.refresh_window,
+            **kw,
+        )
+        out: list[dict | None] = []
+        for r, (_, said, _), d in zip(refreshes, tails, decoded):
+            if getattr(d, "rejected", None):
+                log.info("interim refresh rejected: %s", d.rejected)
+                out.append(None)
+                continue
+            tail = to_vocabulary(d.text, self.contract).split()
+            out.append(self.rewrite_interim(r.message, r.utt, said + drop_overlap(said, tail)))
+        return out
+
+    def rewrite_interim(self, message: dict, utt: Utterance, words_heard: list[str]) -> dict | None:
+        """The interim to send after a refresh of ``utt`` heard ``words_heard`` (see
+        :class:`LocalAgreement`); stable words carry ``stable: true``, the tail ``stable:
+        false``, and ``refresh: true`` marks it as sent on its own, not as the answer to a
+        request.  None if the utterance ended meanwhile or the text cannot be aligned."""
+        state = self._agreement(utt.stream)
+        with self.agreements.lock:
+            if state.latest_start != utt.start_frame:
+                return None  # the utterance ended: its final (re-decoded) replaces this
+            shown, n_stable = state.update(utt.start_frame, utt.seq, words_heard)
             words = self._words(message, utt, " ".join(shown))
             if words is None:
-                return self.carry_interim(message, utt)
+                return None
             for i, w in enumerate(words):
                 w["stable"] = i < n_stable
             if utt.seq >= state.seq:
                 state.shown = words
+                if n_stable:
+                    # cut between the last stable word and the next (CTC spikes mark
+                    # letters, not a word's last sound): a tail cut at the stable word's
+                    # aligned end would start inside it
+                    cut = words[n_stable - 1]["end"]
+                    if n_stable < len(words):
+                        cut = (cut + words[n_stable]["start"]) / 2
+                    state.stable_end = round((cut - message["start"]) / self.frame_seconds)
+            latest = state.latest
+        cut = words[-1]["end"] if words else -1.0
+        newer = [{**w, "stable": False} for w in protocol.words(latest) if w["start"] >= cut]
         return self._with_words(
-            message, words, rescored=True, first_pass_transcript=(protocol.transcript(message))
+            latest,
+            words + newer,
+            rescored=True,
+            refresh=True,
+            first_pass_transcript=protocol.transcript(latest),
         )
+
+    def is_open(self, refresh: Refresh) -> bool:
+        """Whether the refresh's utterance is still open (no final noted); hold
+        ``agreements.lock`` from this check until the refresh is sent, so that it cannot
+        be sent after its utterance's final."""
+        state = self._agreement(refresh.stream)
+        return state.latest_start == refresh.utt.start_frame
+
+    def note_interim(self, message: dict, utt: Utterance) -> None:
+        """A first-pass interim of a Whisper-interims stream passed: the newest CTC words
+        a late refresh adds (FINAL: the utterance ended, its pending refreshes are stale)."""
+        state = self._agreement(utt.stream)
+        with self.agreements.lock:
+            if utt.seq < state.latest_seq:
+                return  # the ensemble let an older request overtake: not news
+            state.latest_seq = utt.seq
+            if utt.kind == FINAL:
+                if state.latest_start == utt.start_frame:
+                    state.latest_start = -1
+            else:
+                state.latest, state.latest_start = message, utt.start_frame
 
     def carry_interim(self, message: dict, utt: Utterance) -> dict:
         """An interim between re-decodes: the last re-decode's words of this utterance,
@@ -444,15 +576,20 @@ class FinalPass:
                     f"{utt.index}, which is not {'a final' if want_final else 'an interim'}"
                 )
 
-    def process_many(
+    def answer_many(
         self, batch: list[tuple[list[dict], list[Utterance]]]
-    ) -> list[list[dict] | ValueError]:
-        """Many requests' (messages, utterances) at once: every utterance of every request
-        re-decoded in one ``transcribe_many`` call (batched by the redecoder).  A request
-        whose utterances are invalid gets its ValueError; the others are unaffected."""
+    ) -> tuple[list[list[dict] | ValueError], list[Refresh | None]]:
+        """Many requests' (messages, utterances) answered: finals re-decoded (all in one
+        ``transcribe_many`` call, batched by the redecoder), interims answered at once as
+        carried ones (last re-decode + newer CTC words).  Per request also the refresh
+        its INTERIM utterance asks for (None: none), for :meth:`refresh_many` later, off
+        the request's path.  A request whose utterances are invalid gets its ValueError;
+        the others are unaffected."""
         results: list[list[dict] | ValueError] = []
+        refreshes: list[Refresh | None] = []
         todo: list[tuple[int, Utterance]] = []
         for i, (messages, utterances) in enumerate(batch):
+            refreshes.append(None)
             try:
                 self._checked(messages, utterances)
             except ValueError as exc:
@@ -460,19 +597,37 @@ class FinalPass:
                 continue
             results.append(list(messages))
             todo += [(i, u) for u in utterances]
-        decode = [(i, u) for i, u in todo if u.kind != CARRY]
-        texts = dict(
-            zip((id(u) for _, u in decode), self.texts([u for _, u in decode]) if decode else [])
-        )
-        for i, utt in todo:  # in request order: a stream's interims agree in order
+        for i, utt in todo:  # first: a final makes its utterance's refreshes stale at once
+            out = results[i]
+            assert isinstance(out, list)
+            self.note_interim(out[utt.index], utt)
+        finals = [(i, u) for i, u in todo if u.kind == FINAL]
+        texts = self.texts([u for _, u in finals]) if finals else []
+        for (i, utt), text in zip(finals, texts):
+            out = results[i]
+            assert isinstance(out, list)
+            out[utt.index] = self.rewrite(out[utt.index], utt, text)
+        for i, utt in todo:  # in request order: a stream's interims follow each other
             out = results[i]
             assert isinstance(out, list)
             if utt.kind == FINAL:
-                out[utt.index] = self.rewrite(out[utt.index], utt, texts[id(utt)])
-            elif utt.kind == INTERIM:
-                out[utt.index] = self.rewrite_interim(out[utt.index], utt, texts[id(utt)])
-            else:
-                out[utt.index] = self.carry_interim(out[utt.index], utt)
+                continue
+            if utt.kind == INTERIM:
+                refreshes[i] = Refresh(utt.stream, utt, out[utt.index])
+            out[utt.index] = self.carry_interim(out[utt.index], utt)
+        return results, refreshes
+
+    def process_many(
+        self, batch: list[tuple[list[dict], list[Utterance]]]
+    ) -> list[list[dict] | ValueError]:
+        """:meth:`answer_many` with each refresh done at once and shown in place of its
+        carried interim (in-process callers; the server sends refreshes on their own)."""
+        results, refreshes = self.answer_many(batch)
+        due = [(i, r) for i, r in enumerate(refreshes) if r is not None]
+        for (i, r), msg in zip(due, self.refresh_many([r for _, r in due])):
+            out = results[i]
+            if msg is not None and isinstance(out, list):
+                out[r.utt.index] = {k: v for k, v in msg.items() if k != "refresh"}
         return results
 
     def process(self, messages: list[dict], utterances: list[Utterance]) -> list[dict]:

@@ -32,10 +32,20 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 EOT, SOT, NO_TIMESTAMPS, TIMESTAMP_BEGIN = 50256, 50257, 50362, 50363
+#: File-name variant of the int8 graphs (streamasr/artifacts/quantize_whisper.py): half the CPU and
+#: no WER lost on assets/eval, but activations are quantized per call, so a row's text may
+#: depend on its batch: used for interim refreshes only (finals stay batch-invariant).
+INT8_GRAPHS = ".int8"
+#: Whisper's "previous text" marker: the prompt tokens follow it, then SOT.
+START_OF_PREV = 50360
 #: Whisper's whole window: 30 s of 10 ms frames.
 WINDOW_FRAMES = 3000
 #: Whisper's own decoding limit (half its 448-token context).
 MAX_TOKENS = 224
+#: A prompt (the settled words before a re-decoded tail) keeps its newest this many
+#: tokens: enough context for a sentence; each token costs one position of the
+#: decoder's first step.
+MAX_PROMPT_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -144,13 +154,36 @@ def _byte_unicode_table() -> dict[str, int]:
 
 
 class WhisperTokens:
-    """Token id -> text for the Whisper vocabulary (``vocabulary.txt``, one token a line)."""
+    """Token id -> text for the Whisper vocabulary (``vocabulary.txt``, one token a line),
+    and words -> token ids for a prompt (:meth:`encode_words`)."""
 
     def __init__(self, vocabulary_file: str | Path):
         self.pieces = Path(vocabulary_file).read_text(encoding="utf-8").split("\n")
         if self.pieces and self.pieces[-1] == "":
             self.pieces.pop()
         self._bytes = _byte_unicode_table()
+        self._chars = {b: ch for ch, b in self._bytes.items()}
+        self._ids = {p: i for i, p in enumerate(self.pieces[:EOT])}
+        self._longest = max((len(p) for p in self._ids), default=1)
+
+    def encode_words(self, words: list[str]) -> list[int]:
+        """Words (each after a space) -> text token ids by longest match against the
+        vocabulary: not always BPE's own split of a rare word, but the same text, which
+        is all a prompt needs (no merges file ships with the model)."""
+        out: list[int] = []
+        for word in words:
+            s = "".join(self._chars[b] for b in (" " + word).encode("utf-8"))
+            i = 0
+            while i < len(s):
+                for n in range(min(self._longest, len(s) - i), 0, -1):
+                    tok = self._ids.get(s[i : i + n])
+                    if tok is not None:
+                        out.append(tok)
+                        i += n
+                        break
+                else:  # every single byte is a token: unreachable with Whisper's vocabulary
+                    raise ValueError(f"cannot encode {word!r}")
+        return out
 
     def decode(self, ids) -> str:
         data = bytearray()
@@ -165,6 +198,7 @@ class Decoded:
     text: str
     window_frames: int  # what the encoder saw
     fallback: str | None = None  # why the 30 s decode replaced the short one
+    rejected: str | None = None  # why a decode without the 30 s retry came back empty
 
 
 class WhisperRedecoder:
@@ -175,7 +209,10 @@ class WhisperRedecoder:
         gpu: bool = False,
         window: EncoderWindow | None = None,
         max_batch: int = 8,
+        graphs: str = "",
     ):
+        """``graphs``: the graph files' variant, e.g. ``INT8_GRAPHS`` for
+        ``whisper_encoder.int8.onnx`` / ``whisper_decoder.int8.onnx``."""
         import onnxruntime as ort
 
         d = Path(directory)
@@ -184,8 +221,12 @@ class WhisperRedecoder:
         prov = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             prov.insert(0, "CUDAExecutionProvider")
-        self.enc = ort.InferenceSession(str(d / "whisper_encoder.onnx"), so, providers=prov)
-        self.dec = ort.InferenceSession(str(d / "whisper_decoder.onnx"), so, providers=prov)
+        self.enc = ort.InferenceSession(
+            str(d / f"whisper_encoder{graphs}.onnx"), so, providers=prov
+        )
+        self.dec = ort.InferenceSession(
+            str(d / f"whisper_decoder{graphs}.onnx"), so, providers=prov
+        )
         cfg = json.loads((d / "config.json").read_text())
         self.suppress = np.asarray(cfg.get("suppress_ids", []), dtype=np.int64)
         self.suppress_begin = np.asarray(cfg.get("suppress_ids_begin", []), dtype=np.int64)
@@ -195,14 +236,30 @@ class WhisperRedecoder:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
 
-    def greedy_batch(self, mels: np.ndarray, budgets: list[int]) -> list[tuple[list[int], bool]]:
+    def encode_prompt(self, words: list[str]) -> list[int]:
+        """The newest ``MAX_PROMPT_TOKENS`` tokens of ``words``, for ``transcribe_many``'s
+        ``prompts``."""
+        toks = self.tokens.encode_words(words)
+        return toks[max(0, len(toks) - MAX_PROMPT_TOKENS) :]
+
+    def greedy_batch(
+        self, mels: np.ndarray, budgets: list[int], prompts: list[list[int]] | None = None
+    ) -> list[tuple[list[int], bool]]:
         """mels [B, frames, 80] (one padded length) -> per row (token ids, stopped at EOT),
         English, no timestamps.  Rows are independent: a row decodes to the same tokens
-        alone or in a batch (tests/integration/test_two_pass_batch.py)."""
+        alone or in a batch (tests/integration/test_two_pass_batch.py).  ``prompts``: per
+        row the text tokens said before this audio (all of one length: the decoder graph
+        has no padding mask), fed after ``<|startofprev|>`` as Whisper's previous text."""
         _, ck, cv = self.enc.run(None, {"mel": mels.astype(np.float32, copy=False)})
         L, B, h, _, dh = ck.shape
         pk = pv = np.zeros((L, B, h, 0, dh), np.float32)
-        toks = np.tile(np.array([[SOT, NO_TIMESTAMPS]], np.int64), (B, 1))
+        if prompts and len({len(p) for p in prompts}) != 1:
+            raise ValueError("prompts of one batch must have one length")
+        first = [
+            [START_OF_PREV, *p, SOT, NO_TIMESTAMPS] if p else [SOT, NO_TIMESTAMPS]
+            for p in (prompts or [[]] * B)
+        ]
+        toks = np.array(first, np.int64)
         out: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         stopped = np.zeros(B, bool)
@@ -234,7 +291,11 @@ class WhisperRedecoder:
         return self.greedy_batch(mel[None], [max_tokens])[0][0]
 
     def _decode_group(
-        self, feats: list[np.ndarray], frames: int, silence: np.ndarray
+        self,
+        feats: list[np.ndarray],
+        frames: int,
+        silence: np.ndarray,
+        prompts: list[list[int]] | None = None,
     ) -> list[tuple[str, list[int], bool]]:
         out = []
         for s in range(0, len(feats), self.max_batch):
@@ -243,35 +304,59 @@ class WhisperRedecoder:
                 [np.concatenate([f[:frames], np.tile(silence, (frames - len(f), 1))]) for f in part]
             )
             budgets = [token_budget(len(f)) if frames < WINDOW_FRAMES else MAX_TOKENS for f in part]
-            for toks, stopped in self.greedy_batch(mels, budgets):
+            rows = None
+            if prompts:  # one length per call: each row keeps its newest tokens
+                rows = prompts[s : s + self.max_batch]
+                keep = min(len(p) for p in rows)
+                rows = [p[len(p) - keep :] for p in rows]
+            for toks, stopped in self.greedy_batch(mels, budgets, rows):
                 out.append((self.tokens.decode(toks).strip(), toks, stopped))
         return out
 
-    def transcribe_many(self, features: list[np.ndarray], silence: np.ndarray) -> list[Decoded]:
+    def transcribe_many(
+        self,
+        features: list[np.ndarray],
+        silence: np.ndarray,
+        prompts: list[list[int]] | None = None,
+        whole_window_retry: bool = True,
+        window: EncoderWindow | None = None,
+    ) -> list[Decoded]:
         """features: utterances [T_i <= 3000, 80] (streamasr log-mel), silence [80] (the
-        feature vector of digital silence, ``streamasr.core.features.silence_frame``)."""
+        feature vector of digital silence, ``streamasr.core.features.silence_frame``).
+        ``prompts``: per utterance the text tokens said before it ([] for none; rows with
+        prompts batch together, cut to their shortest prompt's length).
+        ``whole_window_retry`` False (interim refreshes: best effort, and a tail may hold
+        no words): a degenerate decode is not retried at 30 s but returned empty with
+        ``rejected`` saying why, and empty text is accepted.  ``window``: the encoder
+        window for this call (default: the redecoder's)."""
         for f in features:
             if len(f) > WINDOW_FRAMES:
                 raise ValueError(
                     f"an utterance of {len(f)} frames is over Whisper's "
                     f"{WINDOW_FRAMES}-frame window"
                 )
+        if prompts is not None and len(prompts) != len(features):
+            raise ValueError(f"{len(prompts)} prompts for {len(features)} utterances")
         results: list[Decoded | None] = [None] * len(features)
-        groups: dict[int, list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
         for i, f in enumerate(features):
-            groups.setdefault(self.window.frames_for(len(f)), []).append(i)
+            key = ((window or self.window).frames_for(len(f)), bool(prompts and prompts[i]))
+            groups.setdefault(key, []).append(i)
         retry = []
-        for frames, idx in sorted(groups.items()):
+        for (frames, prompted), idx in sorted(groups.items()):
+            rows = [prompts[i] for i in idx] if prompts and prompted else None
             for i, (text, toks, stopped) in zip(
-                idx, self._decode_group([features[i] for i in idx], frames, silence)
+                idx, self._decode_group([features[i] for i in idx], frames, silence, rows)
             ):
                 why = (
                     degenerate(toks, text, len(features[i]), stopped)
                     if frames < WINDOW_FRAMES
                     else None
                 )
-                if why is None:
+                if why is None or (not whole_window_retry and not text and stopped):
                     results[i] = Decoded(text, frames)
+                elif not whole_window_retry:
+                    results[i] = Decoded("", frames, rejected=why)
                 else:
                     retry.append((i, why))
         if retry:

@@ -3,7 +3,9 @@
 Each request carries the decoder step's messages and, for each final with words (and
 each due Whisper interim), its utterance (:class:`streamasr.core.two_pass.Utterance`).
 Requests without utterances pass straight through.  The Triton adapter is decoupled: it
-answers requests with nothing to re-decode at once and re-decodes the rest in batches (:meth:`streamasr.core.two_pass.FinalPass.process_many`).
+answers requests without a final to re-decode at once and re-decodes the rest in batches
+(:meth:`streamasr.core.two_pass.FinalPass.answer_many`); Whisper interim refreshes go out
+later as their own responses (:meth:`streamasr.core.two_pass.FinalPass.refresh_many`).
 The only state is the Whisper interims' agreement per stream, so the model runs as ONE
 instance (batching, not instances, is how it scales).
 """
@@ -14,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamasr.core.two_pass import CARRY, FinalPass, Utterance
+from streamasr.core.two_pass import FINAL, FinalPass, Utterance
 from streamasr.pipeline.common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
 
 if TYPE_CHECKING:
@@ -40,8 +42,9 @@ class FinalPassStep:
 
     @staticmethod
     def needs_decode(utterances: list[Utterance]) -> bool:
-        """Whether answering takes a Whisper re-decode (anything but carried interims)."""
-        return any(u.kind != CARRY for u in utterances)
+        """Whether answering takes a Whisper re-decode: a final's (an interim's refresh
+        is sent later, on its own)."""
+        return any(u.kind == FINAL for u in utterances)
 
 
 def whisper_dir(cfg: ModelConfig) -> Path:
@@ -82,7 +85,9 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
 
 
 def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
-    from streamasr.core.whisper_redecoder import WhisperRedecoder
+    from streamasr.core.whisper_redecoder import INT8_GRAPHS, WhisperRedecoder
+
+    int8_files = tuple(f"whisper_{g}{INT8_GRAPHS}.onnx" for g in ("encoder", "decoder"))
 
     d = whisper_dir(cfg)
     threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)
@@ -94,13 +99,21 @@ def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
         1,
     )
     contract = cfg.contract()
+    window = encoder_window(cfg)
     try:
+        finals = WhisperRedecoder(d, threads=threads, gpu=gpu, window=window, max_batch=max_batch)
+        refreshes = None
+        if all((d / f).is_file() for f in int8_files):
+            refreshes = WhisperRedecoder(
+                d, threads=threads, gpu=gpu, window=window, max_batch=max_batch, graphs=INT8_GRAPHS
+            )
+        else:
+            log.info("no int8 Whisper graphs in %s: interim refreshes use the float ones", d)
         fp = FinalPass(
             contract,
-            WhisperRedecoder(
-                d, threads=threads, gpu=gpu, window=encoder_window(cfg), max_batch=max_batch
-            ),
+            finals,
             interim_ttl_s=stream_idle_timeout(cfg),
+            refresh_redecoder=refreshes,
         )
     except ValueError as exc:
         raise ConfigError(f"model {cfg.name!r}: {exc}") from None

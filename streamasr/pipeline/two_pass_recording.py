@@ -28,6 +28,10 @@ from streamasr.protocol.contract import ModelContract
 
 log = logging.getLogger("streamasr.two_pass_recording")
 
+#: Whisper interims: this much audio after the last CTC word heard since the last
+#: re-decode counts as a pause and asks for a re-decode at once (one chunk is 0.4 s).
+PAUSE_REFRESH_S = 0.3
+
 
 class TwoPassRecording:
     """One two-pass stream's recording, fed in stream order: its requests' frames go to
@@ -94,12 +98,22 @@ class TwoPassRecording:
             self.recorder.trim(self.decoder.utterance_start_frame)
         return out + self._interim_utterances(msgs, seq)
 
+    def _paused(self, interim: dict, end: int) -> bool:
+        words = protocol.words(interim)
+        if not words:
+            return False
+        frame_s, offset = self.contract.output_frame_seconds, self.decoder.config.time_offset
+        last = round((words[-1]["end"] - offset) / frame_s)
+        return last > self.refreshed_at and (end - last) * frame_s >= PAUSE_REFRESH_S
+
     def _interim_utterances(self, msgs: list[dict], seq: int) -> list[Utterance]:
         """For an ``interims=whisper`` stream, what each interim of the response needs:
         the last one gets the open utterance to re-decode when it has words and
         ``interim_refresh_s`` of audio went by since the last re-decode (or the
         utterance's start); every other interim a CARRY (shown as the last re-decode of its
-        utterance plus newer CTC words)."""
+        utterance plus newer CTC words).  Also due at a pause: a word heard since the last
+        re-decode, then ``PAUSE_REFRESH_S`` without one (the caption a reader sees when
+        the speaker stops is then Whisper's)."""
         dec = self.decoder
         if dec.config.interims != "whisper":
             return []
@@ -124,7 +138,7 @@ class TwoPassRecording:
         if not out or interims[-1] != len(msgs) - 1:
             return out
         since = end - max(self.refreshed_at, first)
-        due = since * frame_s >= dec.config.interim_refresh_s
+        due = since * frame_s >= dec.config.interim_refresh_s or self._paused(msgs[-1], end)
         cut = self.recorder.cut(first, end) if due and protocol.transcript(msgs[-1]) else None
         if cut is not None:
             self.refreshed_at = end

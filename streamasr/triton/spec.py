@@ -328,6 +328,8 @@ CTC_DECODER = Model(
     },
 )
 
+# Whisper interim refreshes run at this niceness (final_pass parameter refresh_niceness).
+REFRESH_NICENESS = 10
 # Streams' responses final_pass takes at once (see its max_batch_size note).
 FINAL_PASS_MAX_BATCH_SIZE = 8
 # The first pass's messages, as final_pass takes them (a batch of streams' responses).
@@ -349,17 +351,28 @@ FINAL_PASS = Model(
             STREAM_IDLE_TIMEOUT_S,
             "Forget a stream's Whisper-interim agreement after this long without a re-decode.",
         ),
+        Parameter(
+            "refresh_niceness",
+            REFRESH_NICENESS,
+            "Niceness of the thread that re-decodes Whisper interims (0-19): refreshes take "
+            "the CPU the streaming steps and finals leave, so they never delay a chunk's "
+            "answer; on a machine shared with other work they then run rarely (0: as "
+            "urgent as the rest).",
+        ),
     ),
     notes={
         "model": "Two-pass finals: the last step of streaming_asr_two_pass. Re-decodes each "
         "final's utterance (and the open utterance of streams with interims=whisper) with "
         "Whisper tiny.en and re-aligns the text on the CTC log-probs; other messages pass "
         "through unchanged.\n"
-        "Decoupled: a request with nothing to re-decode is answered at once, never behind "
-        "another stream's re-decode; the rest queue for one worker thread that re-decodes "
-        "all queued utterances together (shared encoder calls and decoder loops, "
-        "streamasr.core.whisper_redecoder). ONE instance: the Whisper interims' agreement "
-        "state lives in it.\n"
+        "Decoupled: a request without a final to re-decode is answered at once, never "
+        "behind another stream's re-decode; the rest queue for one worker thread that "
+        "re-decodes all queued utterances together (shared encoder calls and decoder loops, "
+        "streamasr.core.whisper_redecoder). Whisper interims never wait: the chunk is "
+        "answered at once and the open utterance's refresh (its unsettled tail, the stable "
+        "words as prompt) is sent later as a second response of that request "
+        "(refresh: true), by a niced thread that batches every stream's newest refresh. "
+        "ONE instance: the Whisper interims' agreement state lives in it.\n"
         "The Whisper ONNX files (~230 MB, not in git) go in 1/: `make whisper` builds them.",
         "max_batch_size": "A request is one stream's response: the ensemble hands it over "
         "as a batch of one. Also the default of the parameters max_requests_per_batch "
@@ -461,7 +474,9 @@ STREAMING_ASR_TWO_PASS = Ensemble(
     notes={
         "model": "Streaming speech-to-text with two-pass finals: the streaming_asr protocol "
         "and steps, and a final_pass step that re-decodes each final with Whisper tiny.en "
-        "(interims stay streaming CTC). A final's response arrives after the re-decode: "
+        "(interims stay streaming CTC; with interims=whisper a request may get a second "
+        "response, a Whisper refresh of its interim). A final's response arrives after the "
+        "re-decode: "
         "responses can come back out of send order, so clients order a stream's responses "
         "by request (the bundled client does). Choose per stream by model name: "
         "streaming_asr or this one.",

@@ -370,6 +370,83 @@ def test_a_session_releases_responses_in_send_order():
         server.stop(grace=None)
 
 
+class LateResponseTriton(OutOfOrderTriton):
+    """A stand-in Triton that answers a session's three requests 1, 1 again (a refresh),
+    2, 2 again, then 0: a second response to a request is passed on after its request's
+    answer, and responses stay in send order."""
+
+    def ModelStreamInfer(self, request_iterator, context):
+        requests = iter(request_iterator)
+        first, second, third = (next(requests) for _ in range(3))
+        yield self.answer(second)
+        yield self.late(second)
+        yield self.answer(third)
+        self.release.wait(30)
+        yield self.answer(first)
+        yield self.late(third)
+        for _ in requests:  # until the client half-closes
+            pass
+
+    def late(self, req) -> service_pb2.ModelStreamInferResponse:
+        resp = self.answer(req)
+        index = int(req.id.partition(":")[2])
+        body = json.dumps({"n": index, "refresh": True}).encode()
+        resp.infer_response.raw_output_contents[0] = struct.pack("<I", len(body)) + body
+        return resp
+
+
+def test_a_second_response_to_a_request_follows_its_answer():
+    triton = LateResponseTriton()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        seen: list[dict] = []
+        late = {"n": 2, "refresh": True}
+        got_late = threading.Event()
+
+        def on_message(m: dict) -> None:
+            seen.append(m)
+            if m == late:
+                got_late.set()
+
+        with AsrConnection(f"127.0.0.1:{port}") as conn:
+            s = conn.open_session(on_message=on_message)
+            for _ in range(3):
+                s.send(np.zeros(1, np.float32))
+            triton.release.set()
+            s.wait(timeout=30)
+            assert got_late.wait(30)  # it comes after the last answer
+            assert seen == [{"n": 0}, {"n": 1}, {"n": 1, "refresh": True}, {"n": 2}, late]
+            assert s.pending == 0 and s.messages == seen
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_late_refresh_of_an_utterance_already_final_is_dropped():
+    from streamasr_client.stream import Session
+
+    def results(start, final, refresh=False):
+        m = {"type": "Results", "is_final": final, "start": start, "duration": 1.0}
+        return {**m, "refresh": True} if refresh else m
+
+    s = Session(None, 1, {})  # type: ignore[arg-type]  # delivery needs no connection
+    s._sent = 3
+    s._deliver(0, [results(0.0, False)], None)
+    s._deliver(1, [results(0.0, True), results(1.0, False)], None)
+    s._deliver(0, [results(0.0, False, refresh=True)], None)  # overtaken by its final
+    s._deliver(1, [results(1.0, False, refresh=True)], None)  # the open utterance's
+    s._deliver(2, [results(1.0, False)], None)
+    assert [(m["start"], m["is_final"], "refresh" in m) for m in s.messages] == [
+        (0.0, False, False),
+        (0.0, True, False),
+        (1.0, False, False),
+        (1.0, False, True),
+        (1.0, False, False),
+    ]
+
+
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_final_pass(contract):

@@ -3,14 +3,24 @@ batched re-decodes, and Whisper-refreshed interims (LocalAgreement)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from streamasr.core.evaluation import load_eval_set
 from streamasr.core.features import silence_frame
 from streamasr.core.state import StreamError
-from streamasr.core.two_pass import CARRY, INTERIM, FinalPass, LocalAgreement, Utterance
+from streamasr.core.two_pass import (
+    CARRY,
+    INTERIM,
+    FinalPass,
+    LocalAgreement,
+    Utterance,
+    drop_overlap,
+)
 from streamasr.core.whisper_redecoder import (
+    MAX_PROMPT_TOKENS,
     MAX_TOKENS,
     WINDOW_FRAMES,
     EncoderWindow,
@@ -86,10 +96,10 @@ class LoopsWhenShort(WhisperRedecoder):
     """Real Whisper for the 30 s window; the short window 'loops' (the failure the guard
     is for), so the fallback path is exercised deterministically."""
 
-    def _decode_group(self, feats, frames, silence):
+    def _decode_group(self, feats, frames, silence, prompts=None):
         if frames < WINDOW_FRAMES:
             return [("la la la la", [1] * token_budget(len(f)), False) for f in feats]
-        return super()._decode_group(feats, frames, silence)
+        return super()._decode_group(feats, frames, silence, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +120,7 @@ def utterances() -> list[np.ndarray]:
     """Real speech of several lengths (1-11 s), as the server's log-mel frames."""
     from streamasr.artifacts.whisper import log_mel
 
-    return [log_mel(load_audio(i.audio_path, 16000)[0]) for i in load_eval_set()]
+    return [log_mel(load_audio(i.audio_path, 16000)) for i in load_eval_set()]
 
 
 def test_a_degenerate_short_decode_falls_back_to_the_30_s_decode(whisper_dir, utterances):
@@ -121,6 +131,34 @@ def test_a_degenerate_short_decode_falls_back_to_the_30_s_decode(whisper_dir, ut
     want = whole.transcribe_many(longer, SILENCE)
     assert [d.text for d in got] == [d.text for d in want]
     assert all(d.window_frames == WINDOW_FRAMES and "no end of text" in d.fallback for d in got)
+
+
+def test_a_refresh_decode_is_not_retried_at_30_s_but_rejected(whisper_dir, utterances):
+    looping = LoopsWhenShort(whisper_dir)
+    (got,) = looping.transcribe_many(utterances[:1], SILENCE, whole_window_retry=False)
+    assert got.text == "" and "no end of text" in got.rejected and got.fallback is None
+
+
+def test_prompt_words_become_tokens_that_spell_them(redecoder):
+    words = ["mister", "dashwood's", "twenty", "xylophonic"]
+    toks = redecoder.tokens.encode_words(words)
+    assert redecoder.tokens.decode(toks) == " " + " ".join(words)
+    long = redecoder.encode_prompt(["the"] * 500)
+    assert len(long) == MAX_PROMPT_TOKENS
+
+
+def test_a_tail_decoded_after_its_prompt_hears_only_the_tail(redecoder, utterances):
+    from streamasr.core.evaluation import normalize
+
+    f = utterances[0]  # "and mister john dashwood had then leisure to consider how much..."
+    full = normalize(redecoder.transcribe_many([f], SILENCE)[0].text).split()
+    half = len(f) // 2
+    head = normalize(redecoder.transcribe_many([f[:half]], SILENCE)[0].text).split()
+    (tail,) = redecoder.transcribe_many(
+        [f[half:]], SILENCE, prompts=[redecoder.encode_prompt(head[:-1])], whole_window_retry=False
+    )
+    words = normalize(tail.text).split()
+    assert words and words[-3:] == full[-3:] and len(words) < len(full)
 
 
 def test_short_windows_decode_the_eval_clips_like_the_30_s_window(
@@ -227,15 +265,19 @@ class Hears:
 
     def __init__(self, texts):
         self.texts = list(texts)
+        self.frames: list[int] = []  # feature frames of each utterance heard
 
-    def transcribe_many(self, features, silence):
+    def transcribe_many(self, features, silence, **_):
         from streamasr.core.whisper_redecoder import Decoded
 
+        self.frames += [len(f) for f in features]
         return [Decoded(self.texts.pop(0), len(f)) for f in features]
 
 
 def test_interims_carry_whisper_words_with_the_stable_ones_marked():
-    fp = FinalPass(TINY, Hears(["a b", "a b c", "a c c d"]))
+    # the third refresh hears only what follows the stable "a b" (buffer trimming)
+    hears = Hears(["a b", "a b c", "c d"])
+    fp = FinalPass(TINY, hears)
     lp = one_hot("_a_b_c_d_" + "_" * 9)
     feats = np.zeros((len(lp) * TINY.subsampling, TINY.features.n_mels), np.float32)
     shown = []
@@ -254,14 +296,88 @@ def test_interims_carry_whisper_words_with_the_stable_ones_marked():
     assert shown == [
         [("a", False), ("b", False)],
         [("a", True), ("b", True), ("c", False)],
-        [("a", True), ("b", True), ("c", False), ("d", False)],
+        [("a", True), ("b", True), ("c", True), ("d", False)],
     ]
+    # "b" is aligned to output frames 3..4 of "_a_b_...": the third decode starts after it
+    whole = len(feats)
+    assert hears.frames == [whole, whole, whole - 4 * TINY.subsampling]
+
+
+def test_a_tail_that_hears_the_last_stable_word_again_does_not_repeat_it():
+    assert drop_overlap(["a", "b", "c"], ["c", "d"]) == ["d"]
+    assert drop_overlap(["a", "b", "c"], ["b", "c", "d"]) == ["d"]
+    assert drop_overlap(["a", "b"], ["a", "x"]) == ["a", "x"]
+    assert drop_overlap([], ["a"]) == ["a"]
+
+
+def interim_msg(transcript="ab", start=0.0, words=()):
+    return {
+        "type": "Results",
+        "is_final": False,
+        "start": start,
+        "channel": {
+            "alternatives": [{"transcript": transcript, "confidence": 0.5, "words": list(words)}]
+        },
+    }
+
+
+def test_an_interim_is_answered_at_once_and_its_refresh_follows_with_newer_ctc_words():
+    fp = FinalPass(TINY, Hears(["a b"]))
+    lp = one_hot("_a_b_" + "_" * 5)
+    feats = np.zeros((len(lp) * TINY.subsampling, TINY.features.n_mels), np.float32)
+    ctc = [{"word": "ab", "start": 0.0, "end": 0.2, "confidence": 0.5}]
+    utt = Utterance(0, feats, lp, kind=INTERIM, stream=9, seq=1, start_frame=0)
+    (answer,), (refresh,) = fp.answer_many([([interim_msg(words=ctc)], [utt])])
+    # the answer needs no re-decode: the CTC words (no refresh yet), all unstable
+    assert [(w["word"], w["stable"]) for w in answer[0]["channel"]["alternatives"][0]["words"]] == [
+        ("ab", False)
+    ]
+    assert refresh is not None and refresh.utt is utt and fp.redecoder.texts == ["a b"]
+    # a newer CTC interim of the same utterance passes before the refresh is done
+    newer = ctc + [{"word": "cd", "start": 5.0, "end": 5.3, "confidence": 0.9}]
+    nothing = np.zeros((0, 0), np.float32)
+    carry = Utterance(0, nothing, nothing, kind=CARRY, stream=9, seq=2, start_frame=0)
+    fp.answer_many([([interim_msg("ab cd", words=newer)], [carry])])
+    (late,) = fp.refresh_many([refresh])
+    assert late is not None and late["refresh"] is True and late["is_final"] is False
+    assert [w["word"] for w in late["channel"]["alternatives"][0]["words"]] == ["a", "b", "cd"]
+
+
+def test_refreshes_use_their_own_re_decoder_and_finals_theirs():
+    # the server gives refreshes the int8 graphs and keeps finals on the float ones
+    finals, refreshes = Hears(["a b"]), Hears(["a b"])
+    fp = FinalPass(TINY, finals, refresh_redecoder=refreshes)
+    lp = one_hot("_a_b_" + "_" * 5)
+    feats = np.zeros((len(lp) * TINY.subsampling, TINY.features.n_mels), np.float32)
+    utt = Utterance(0, feats, lp, kind=INTERIM, stream=6, seq=1, start_frame=0)
+    _, (refresh,) = fp.answer_many([([interim_msg()], [utt])])
+    fp.refresh_many([refresh])
+    assert refreshes.frames and not finals.frames
+    final = {**interim_msg(), "is_final": True}
+    fp.answer_many([([final], [Utterance(0, feats, lp, stream=6, seq=2, start_frame=0)])])
+    assert finals.frames == [len(feats)]
+
+
+def test_a_refresh_overtaken_by_its_utterances_final_is_not_sent():
+    fp = FinalPass(TINY, Hears(["a b", "a b"]))
+    lp = one_hot("_a_b_" + "_" * 5)
+    feats = np.zeros((len(lp) * TINY.subsampling, TINY.features.n_mels), np.float32)
+    utt = Utterance(0, feats, lp, kind=INTERIM, stream=5, seq=1, start_frame=0)
+    _, (refresh,) = fp.answer_many([([interim_msg()], [utt])])
+    final = {**interim_msg(), "is_final": True}
+    fp.answer_many([([final], [Utterance(0, feats, lp, stream=5, seq=2, start_frame=0)])])
+    assert fp.refresh_many([refresh]) == [None]
 
 
 # -- through the server --------------------------------------------------------------------------
-def stream_two_pass(conn, audio, chunk, options) -> list[dict]:
+def stream_two_pass(conn, audio, chunk, options, rate=None) -> list[dict]:
+    """``rate``: send at real time for this sample rate (refreshes need the time a live
+    speaker gives them); None: as fast as answered."""
     s = conn.open_session(model=TWO_PASS_MODEL, options=options)
+    t0 = time.perf_counter()
     for i in range(0, len(audio), chunk):
+        if rate is not None:
+            time.sleep(max(0.0, t0 + (i + chunk) / rate - time.perf_counter()))
         s.send(audio[i : i + chunk])
     s.close()
     s.wait(timeout=300)
@@ -269,16 +385,19 @@ def stream_two_pass(conn, audio, chunk, options) -> list[dict]:
     return s.messages
 
 
+#: The first two utterances of demo.wav (its third starts after 26 s).
+TWO_UTTERANCES_S = 26.0
+
+
 def test_whisper_interims_through_the_server(server, contract, demo_audio):
+    audio = demo_audio[: int(TWO_UTTERANCES_S * contract.sample_rate)]
+    chunk = contract.chunk_samples
     conn = AsrConnection(server.grpc_url)
     try:
         whisper = stream_two_pass(
-            conn,
-            demo_audio,
-            contract.chunk_samples,
-            {"interims": "whisper", "interim_refresh_s": 0.6},
+            conn, audio, chunk, {"interims": "whisper", "interim_refresh_s": 0.6}, rate=16000
         )
-        plain = stream_two_pass(conn, demo_audio, contract.chunk_samples, {})
+        plain = stream_two_pass(conn, audio, chunk, {})
     finally:
         conn.close()
 
@@ -287,23 +406,28 @@ def test_whisper_interims_through_the_server(server, contract, demo_audio):
 
     assert finals(whisper) == finals(plain)  # the option changes interims only
     interims = [m for m in whisper if m.get("type") == "Results" and not m["is_final"]]
+    # every chunk is answered by its own interim at once; refreshes come on their own
+    answers = [m for m in interims if not m.get("refresh")]
+    refreshes = [m for m in interims if m.get("refresh")]
+    ctc = [m for m in plain if m.get("type") == "Results" and not m["is_final"]]
+    assert len(answers) == len(ctc) >= len(audio) // chunk and refreshes
+    assert all(m["rescored"] for m in refreshes)
     assert all(
         all("stable" in w for w in m["channel"]["alternatives"][0]["words"]) for m in interims
     )  # every interim word says whether it is
-    refreshed = [m for m in interims if m["rescored"]]
-    assert refreshed and not any(m.get("rescored") and not m["is_final"] for m in plain)
+    assert not any(m.get("rescored") and not m["is_final"] for m in plain)
     by_utterance: dict[float, list[list[dict]]] = {}
-    for m in refreshed:
+    for m in interims:  # answers and refreshes, in the order a reader sees them
         words = m["channel"]["alternatives"][0]["words"]
         assert all(isinstance(w["stable"], bool) for w in words)
-        assert m["rescored"]
         flags = [w["stable"] for w in words]
         assert flags == sorted(flags, reverse=True)  # stable words lead
         by_utterance.setdefault(m["start"], []).append(words)
-    for interims in by_utterance.values():  # stable words are kept
-        for before, after in zip(interims, interims[1:]):
+    for shown in by_utterance.values():  # stable words never go backwards
+        for before, after in zip(shown, shown[1:]):
             kept = [w["word"] for w in before if w["stable"]]
             assert [w["word"] for w in after[: len(kept)]] == kept
+            assert all(w["stable"] for w in after[: len(kept)])
     assert any(w["stable"] for ws in by_utterance.values() for words in ws for w in words)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2
 
+from streamasr.artifacts.build import WHISPER_FILES
 from streamasr.triton.repository import main as overlay_main
 from streamasr.triton.repository import parse_config as parse
 from streamasr.triton.repository import production_overlay
@@ -149,11 +150,12 @@ def test_dockerfile_structure():
     # the prebuilt stage copies exactly what the export stage writes
     prebuilt = text_of_stage(1)
     exported = REPOSITORY / "final_pass/1"
-    for f in ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json"):
+    for f in WHISPER_FILES:  # what streamasr-artifacts writes there too
         assert f"final_pass/1/{f}" in prebuilt
         if (exported / "whisper_decoder.onnx").exists():  # after `make whisper`
             assert (exported / f).exists(), f"make whisper no longer writes {f}"
     assert "python3 -m streamasr.artifacts.export_whisper --out /whisper" in runs
+    assert "python3 -m streamasr.artifacts.quantize_whisper --dir /whisper" in runs
     assert [
         "--from=whisper",
         "/whisper",

@@ -64,16 +64,24 @@ stream's responses in request order (the bundled client does, by request id).
 
 ### Whisper interims (stream option `interims=whisper`, model `streaming_asr_two_pass`)
 
-Every `interim_refresh_s` of audio the open utterance is re-decoded by Whisper; words
-that two consecutive re-decodes agree on, from the utterance's start, become *stable*
-(the LocalAgreement policy of whisper_streaming).  Every interim of such a stream keeps
-the schema above, and each of its words gets one more field:
+Every `interim_refresh_s` of audio, and at a pause (0.3 s after a word heard since the
+last re-decode), the open utterance is re-decoded by Whisper; words that two consecutive
+re-decodes agree on, from the utterance's start, become *stable* (the LocalAgreement
+policy of whisper_streaming).  A re-decode hears only the audio after the last stable
+word, with the stable words as Whisper's prompt.  Re-decodes never hold up a chunk's
+answer: each chunk is answered at once (the last re-decode's words, then the CTC words
+heard since), and a re-decode, once done, arrives as an interim of its own, a second
+response to the chunk that asked for it, marked `refresh: true` (the bundled client
+passes it on after that chunk's answer; a re-decode overtaken by a newer one or by the
+utterance's final is not sent).  Every interim of such a stream keeps the schema above,
+and each of its words gets one more field:
 
 | field | type | meaning |
 | --- | --- | --- |
 | `words[].stable` | bool | `true`: agreed by two re-decodes; later interims of the utterance show it unchanged, at the same position (only the final, re-decoded afresh, may still differ). `false`: the unstable tail: the newest re-decode's words after the stable ones, then the CTC words heard since that re-decode |
 | `rescored` | bool | `true` when the interim shows Whisper words; `false` before the utterance's first re-decode (CTC words only, all unstable) |
 | `first_pass_transcript` | string | the CTC interim's transcript |
+| `refresh` | bool | only on a re-decode sent on its own (`true`): it answers no request; its `start` / `duration` are those of the newest CTC interim of the utterance |
 
 Stable words always lead: `words[]` is the stable words, then the tail.
 

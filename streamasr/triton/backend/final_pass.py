@@ -4,15 +4,21 @@ re-decoded by Whisper, the last step of ``streaming_asr_two_pass``, over
 
 from __future__ import annotations
 
-import queue
+import collections
+import os
 import threading
 import time
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
+from streamasr.core.two_pass import Refresh
 from streamasr.pipeline import final_pass
 from streamasr.pipeline.common import ConfigError, parse_int
 from streamasr.triton.backend import edge
+
+#: Highest niceness Linux accepts.
+MAX_NICENESS = 19
 
 
 class FinalPassModel:
@@ -20,10 +26,16 @@ class FinalPassModel:
     (and Whisper interims) re-decoded by Whisper (streamasr.core.two_pass); every other
     message passes unchanged.
 
-    Decoupled, so a response need not wait for another's re-decode: requests with
-    nothing to re-decode are answered inside ``execute``; the others go to one worker
-    thread that re-decodes everything queued since its last batch in one batched call
-    (streams' finals and interims share encoder calls and decoder loops)."""
+    Decoupled, so a response need not wait for another's re-decode: requests without a
+    final to re-decode are answered inside ``execute``; the others go to one worker
+    thread that re-decodes everything queued since its last batch in one batched call.
+
+    Whisper interims never wait either: a request whose interim asks for a refresh is
+    answered at once (the last refresh's words, then newer CTC words), and its response
+    stays open; a second thread (niced: it takes spare CPU) re-decodes the newest
+    refresh of every stream in one batch and sends each as a second response of its
+    request (an interim marked ``refresh: true``), then closes it.  A refresh overtaken
+    by a newer one of its stream, or by its utterance's final, closes with nothing."""
 
     def initialize(self, args):
         self.cfg, self.log = edge.loaded(args, {"RESULTS_IN", "UTTERANCES"}, {"RESULTS"})
@@ -41,25 +53,61 @@ class FinalPassModel:
             ),
             1,
         )
+        # Whisper interim refreshes are best effort: at this niceness they take the CPU
+        # the streaming steps (and finals) leave, so they never delay a chunk's answer
+        self.niceness = parse_int("refresh_niceness", self.cfg.param("refresh_niceness"), 0)
+        if self.niceness > MAX_NICENESS:
+            raise ConfigError(
+                f"model {self.cfg.name!r}: refresh_niceness must be 0..{MAX_NICENESS}, "
+                f"got {self.niceness}"
+            )
         self.metrics = edge.StreamMetrics(self.cfg.name)
-        self._queue: "queue.Queue[tuple | None]" = queue.Queue()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._finals: collections.deque[tuple] = collections.deque()
         # streams with requests at the worker: their later requests queue behind them, so
         # an interim never shows an older agreement than the response before it
         self._queued: dict[int, int] = {}
-        self._queued_lock = threading.Lock()
-        self._worker = threading.Thread(target=self._work, name="final-pass-worker", daemon=True)
-        self._worker.start()
+        # per stream its newest refresh not yet taken: (the request's open sender, job)
+        self._refresh: dict[int, tuple[Any, Refresh]] = {}
+        self._threads = [
+            threading.Thread(target=self._work, name="final-pass-worker", daemon=True),
+            threading.Thread(target=self._refresh_work, name="final-pass-refresh", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
         self.log.info("ready: Whisper re-decoder from %s", self.step.whisper_dir)
 
-    def _send(self, sender, out) -> None:
+    def _send(self, sender, out, refresh: Refresh | None = None) -> None:
+        """A request's answer; with a refresh the response stays open for it."""
         if isinstance(out, Exception):
             self.metrics.error()
-            resp = edge.error_response(str(out))
-        else:  # max_batch_size > 0: each response is a batch of one
-            resp = pb_utils.InferenceResponse(
-                output_tensors=[edge.batch_of_one(edge.messages_tensor("RESULTS", out))]
+            sender.send(
+                edge.error_response(str(out)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
             )
-        sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        resp = self._response(out)
+        if refresh is None:
+            sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        sender.send(resp)
+        overtaken: tuple[Any, Refresh] | None
+        with self._cv:
+            if self._stopping:  # the refresh thread is gone
+                overtaken = (sender, refresh)
+            else:
+                overtaken = self._refresh.pop(refresh.stream, None)
+                self._refresh[refresh.stream] = (sender, refresh)
+                self._cv.notify_all()
+        if overtaken is not None:
+            overtaken[0].send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    @staticmethod
+    def _response(msgs: list[dict]):
+        # max_batch_size > 0: each response is a batch of one
+        return pb_utils.InferenceResponse(
+            output_tensors=[edge.batch_of_one(edge.messages_tensor("RESULTS", msgs))]
+        )
 
     def execute(self, requests):
         for request in requests:
@@ -71,53 +119,86 @@ class FinalPassModel:
                     list(utts.as_numpy().reshape(-1)) if utts is not None else []
                 )
                 streams = {u.stream for u in utterances}
-                with self._queued_lock:
+                with self._cv:
                     behind = any(st in self._queued for st in streams)
                     if behind or self.step.needs_decode(utterances):
                         for st in streams:
                             self._queued[st] = self._queued.get(st, 0) + 1
-                        self._queue.put((sender, msgs, utterances))
+                        self._finals.append((sender, msgs, utterances))
+                        self._cv.notify_all()
                         continue
-                out = self.step.final_pass.process_many([(msgs, utterances)])[0]
+                (out,), (refresh,) = self.step.final_pass.answer_many([(msgs, utterances)])
             except ValueError as exc:
-                out = exc
+                out, refresh = exc, None
             except Exception as exc:  # noqa: BLE001 - one stream's bug must not fail others
                 self.log.exception("unexpected error")
-                out = RuntimeError(f"internal error in final_pass: {exc}")
-            self._send(sender, out)
+                out, refresh = RuntimeError(f"internal error in final_pass: {exc}"), None
+            self._send(sender, out, refresh)
         return None
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            while len(batch) < self.max_requests:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(nxt)
+            with self._cv:
+                self._cv.wait_for(lambda: self._finals or self._stopping)
+                if not self._finals:
+                    return
+                batch = [
+                    self._finals.popleft() for _ in range(min(self.max_requests, len(self._finals)))
+                ]
             t0 = time.perf_counter()
             try:
-                results = self.step.final_pass.process_many([(m, u) for _, m, u in batch])
+                results, refreshes = self.step.final_pass.answer_many([(m, u) for _, m, u in batch])
             except Exception as exc:  # noqa: BLE001 - answered as an internal error
                 self.log.exception("unexpected error")
                 results = [RuntimeError(f"internal error in final_pass: {exc}")] * len(batch)
+                refreshes = [None] * len(batch)
             self.metrics.observe([time.perf_counter() - t0])
-            for (sender, _, utterances), out in zip(batch, results):
-                self._send(sender, out)
-                with self._queued_lock:
+            for (sender, _, utterances), out, refresh in zip(batch, results, refreshes):
+                self._send(sender, out, refresh)
+                with self._cv:
                     for st in {u.stream for u in utterances}:
                         left = self._queued.pop(st) - 1
                         if left:
                             self._queued[st] = left
 
+    def _refresh_work(self) -> None:
+        try:  # Linux: a thread's own niceness
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.niceness)
+        except OSError as exc:
+            self.log.warning("refresh thread keeps normal priority: %s", exc)
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._refresh or self._stopping)
+                if self._stopping:
+                    jobs, self._refresh = list(self._refresh.values()), {}
+                    for sender, _ in jobs:
+                        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    return
+                streams = list(self._refresh)[: self.max_requests]
+                jobs = [self._refresh.pop(st) for st in streams]
+            try:
+                msgs = self.step.final_pass.refresh_many([job for _, job in jobs])
+            except Exception:  # noqa: BLE001 - a refresh is best effort: the interim stands
+                self.log.exception("unexpected error in an interim refresh")
+                msgs = [None] * len(jobs)
+            fp = self.step.final_pass
+            for (sender, job), msg in zip(jobs, msgs):
+                # the lock orders this send before its utterance's final (noted under it
+                # before the final's re-decode) or makes it stale
+                with fp.agreements.lock:
+                    if msg is not None and fp.is_open(job):
+                        sender.send(
+                            self._response([msg]),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                        )
+                        continue
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
     def finalize(self):
-        # re-decode what is queued, then stop (Triton waits for in-flight requests)
-        self._queue.put(None)
-        self._worker.join(timeout=60)
+        # re-decode the finals queued, close open refreshes, then stop (Triton waits for
+        # in-flight requests)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=60)
