@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from streamasr.core.evaluation import load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
+from .load import rotate_clips
 from .metrics import summarize
 from .result import Target
 from .server_stats import CpuMeter, loadavg
@@ -118,30 +118,15 @@ def run_level(
     server_pid: int | None = None,
 ) -> dict:
     """``streams`` paced streams, each through every clip (starting at a different one)."""
-    runs: list[ClipRun] = []
-    errors: list[str] = []
-    lock = threading.Lock()
     load_before = loadavg()
     cpu = CpuMeter(server_pid)
     cpu.start()
 
-    def worker(k: int) -> None:
-        for j in range(len(clips)):
-            name, audio, _ = clips[(k + j) % len(clips)]
-            try:
-                r = stream_clip(conn, name, audio, chunk, rate, MODES[mode], silence_s, options)
-            except Exception as exc:  # noqa: BLE001 - recorded in the result
-                with lock:
-                    errors.append(str(exc)[:200])
-                return
-            with lock:
-                runs.append(r)
+    def one(i: int) -> ClipRun:
+        name, audio, _ = clips[i]
+        return stream_clip(conn, name, audio, chunk, rate, MODES[mode], silence_s, options)
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    runs, errors = rotate_clips(streams, len(clips), one)
     used = cpu.stop()
     out: dict = {
         "mode": mode,

@@ -30,10 +30,11 @@ import heapq
 import json
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 
@@ -43,6 +44,8 @@ from streamasr_client.stream import AsrConnection, AsrError, Session
 
 from . import metrics
 from .server_stats import CpuMeter, StatsSnapshot, loadavg, stats_delta
+
+R = TypeVar("R")
 
 log = logging.getLogger("benchmarks.load")
 
@@ -74,6 +77,35 @@ def load_clips(sample_rate: int, paths: list[str] | None = None) -> list[Clip]:
         a = load_audio(p, sample_rate)
         clips.append(Clip(Path(p).stem, a, metrics.speech_onset(a, sample_rate)))
     return clips
+
+
+def rotate_clips(
+    streams: int, clips: int, stream_clip: Callable[[int], R]
+) -> tuple[list[R], list[str]]:
+    """``streams`` threads at once, thread k streaming clip k, k+1, ... (each thread every
+    clip, starting at a different one) through ``stream_clip(index)``; (the results, the
+    errors: a thread stops at its first, which is recorded, not raised)."""
+    runs: list[R] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for j in range(clips):
+            try:
+                run = stream_clip((k + j) % clips)
+            except Exception as exc:  # noqa: BLE001 - recorded in the result
+                with lock:
+                    errors.append(str(exc)[:200])
+                return
+            with lock:
+                runs.append(run)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return runs, errors
 
 
 def _check_loopback(url: str) -> None:

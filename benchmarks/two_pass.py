@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
 from . import report
+from .load import rotate_clips
 from .metrics import summarize
 from .result import Target
 from .server_stats import CpuMeter
@@ -162,36 +162,20 @@ def concurrent(
     with ``refs`` also what a caption reader sees meanwhile (:func:`interim_quality`)."""
     model, options = MODES[mode]
     load_before = os.getloadavg()[0]
-    runs: list[ClipRun] = []
-    errors: list[str] = []
-    lock = threading.Lock()
 
-    def worker(k: int) -> None:
-        for j in range(len(audios)):
-            try:
-                clip = (k + j) % len(audios)
-                run = stream_clip(
-                    conn,
-                    audios[clip],
-                    chunk,
-                    rate,
-                    model,
-                    options=options,
-                    clip=clip,
-                    tail_silence_s=tail_silence_s,
-                )
-            except Exception as exc:  # noqa: BLE001 - recorded in the result
-                with lock:
-                    errors.append(str(exc)[:200])
-                return
-            with lock:
-                runs.append(run)
+    def one(clip: int) -> ClipRun:
+        return stream_clip(
+            conn,
+            audios[clip],
+            chunk,
+            rate,
+            model,
+            options=options,
+            clip=clip,
+            tail_silence_s=tail_silence_s,
+        )
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    runs, errors = rotate_clips(streams, len(audios), one)
     out: dict = {"mode": mode, "streams": streams, "finals": len(runs), "errors": errors}
     out["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     if runs:

@@ -94,8 +94,8 @@ class Calibration:
             f"{self.acoustic_instances} instances x {self.acoustic_threads} threads, decoder "
             f"{self.decoder_s_per_chunk * 1e3:.2f} ms/chunk x {self.decoder_instances}, "
             f"features {self.features_s_per_chunk * 1e3:.2f} ms/chunk, {self.cores} cores, "
-            f"ceiling {self.ceiling:.1f} x headroom {HEADROOM:.2f}; from CPU time the "
-            f"ceiling would be {self.cpu_time_ceiling:.1f})"
+            f"ceiling {self.ceiling:.1f} x headroom {HEADROOM:.2f}; CPU-time ceiling "
+            f"{self.cpu_time_ceiling:.1f})"
         )
 
     def to_dict(self) -> dict:
