@@ -70,6 +70,11 @@ class FinalPassModel:
         self._queued: dict[int, int] = {}
         # per stream its newest refresh not yet taken: (the request's open sender, job)
         self._refresh: dict[int, tuple[Any, Refresh]] = {}
+        # Three threads answer (execute, the finals worker, the refresh thread): one at a
+        # time, so Triton's gRPC stream never gets two of this model's responses at once
+        # (tritonserver 2.51 aborted in TRITONBACKEND_ResponseSend / proto_buffer_writer
+        # under concurrent decoupled responses: the image test, 2 of 3 runs).
+        self._send_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._work, name="final-pass-worker", daemon=True),
             threading.Thread(target=self._refresh_work, name="final-pass-refresh", daemon=True),
@@ -82,15 +87,17 @@ class FinalPassModel:
         """A request's answer; with a refresh the response stays open for it."""
         if isinstance(out, Exception):
             self.metrics.error()
-            sender.send(
-                edge.error_response(str(out)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            self._locked_send(
+                sender,
+                edge.error_response(str(out)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
             )
             return
         resp = self._response(out)
         if refresh is None:
-            sender.send(resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._locked_send(sender, resp, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return
-        sender.send(resp)
+        self._locked_send(sender, resp)
         overtaken: tuple[Any, Refresh] | None
         with self._cv:
             if self._stopping:  # the refresh thread is gone
@@ -100,7 +107,11 @@ class FinalPassModel:
                 self._refresh[refresh.stream] = (sender, refresh)
                 self._cv.notify_all()
         if overtaken is not None:
-            overtaken[0].send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._locked_send(overtaken[0], flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _locked_send(self, sender, response=None, flags: int = 0) -> None:
+        with self._send_lock:
+            sender.send(response, flags=flags)
 
     @staticmethod
     def _response(msgs: list[dict]):
@@ -172,7 +183,9 @@ class FinalPassModel:
                 if self._stopping:
                     jobs, self._refresh = list(self._refresh.values()), {}
                     for sender, _ in jobs:
-                        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                        self._locked_send(
+                            sender, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                        )
                     return
                 streams = list(self._refresh)[: self.max_requests]
                 jobs = [self._refresh.pop(st) for st in streams]
@@ -187,12 +200,13 @@ class FinalPassModel:
                 # before the final's re-decode) or makes it stale
                 with fp.agreements.lock:
                     if msg is not None and fp.is_open(job):
-                        sender.send(
+                        self._locked_send(
+                            sender,
                             self._response([msg]),
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
                         )
                         continue
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                self._locked_send(sender, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         # re-decode the finals queued, close open refreshes, then stop (Triton waits for
