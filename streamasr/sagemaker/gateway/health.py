@@ -274,7 +274,10 @@ class Backend:
         self.cfg = cfg
         self.health_cfg = health or HealthConfig.from_env()
         self._lock = threading.Lock()
-        self._conn: AsrConnection | None = None
+        # one gRPC stream per model: tritonserver 2.51 aborted (gRPC proto_buffer_writer
+        # assertion in TRITONBACKEND_ResponseSend) with the decoupled two-pass ensemble's
+        # responses on the same stream as other models' (the canary, one-pass sessions)
+        self._conns: dict[str, AsrConnection] = {}
         self._contract: ModelContract | None = None
         self.stubs = StubWatch(list_stubs) if list_stubs is not None else None
         # admission's live guard (streamasr.core.admission): new sessions are refused as
@@ -284,22 +287,24 @@ class Backend:
         self.canary = Canary(self.health_cfg, clock, self.queue_guard)
         self.state = HealthState(self.health_cfg.exit_after_s, clock)
 
-    def connection(self) -> AsrConnection:
+    def connection(self, model: str = STREAM_MODEL) -> AsrConnection:
+        """The connection (one gRPC stream) that sessions of ``model`` share."""
         with self._lock:
-            if self._conn is None:
+            conn = self._conns.get(model)
+            if conn is None:
                 root = None
                 if self.cfg.grpc_root_cert:
                     with open(self.cfg.grpc_root_cert, "rb") as f:
                         root = f.read()
                 # The gateway waits for room itself (never blocking its event loop):
                 # the connection's window is the gateway's.
-                self._conn = AsrConnection(
+                conn = self._conns[model] = AsrConnection(
                     self.cfg.triton_grpc,
                     ssl=self.cfg.grpc_ssl,
                     root_certificates=root,
                     max_pending=self.cfg.max_pending_requests,
                 )
-            return self._conn
+            return conn
 
     def contract(self) -> ModelContract:
         if self._contract is None:
@@ -343,6 +348,6 @@ class Backend:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            for conn in self._conns.values():
+                conn.close()
+            self._conns = {}

@@ -424,7 +424,7 @@ class Gateway:
             if late is not None:  # the queues are too long for another stream now
                 log.info("http session refused: %s", late)
                 return _busy(late)
-            conn = await self._run(self.backend.connection)
+            conn = await self._run(self.backend.connection, model)
             session = conn.open_session(options, model=model)
             hs = HttpSession(uuid.uuid4().hex, session, time.monotonic() + self.cfg.session_ttl_s)
             self.http_sessions[hs.id] = hs

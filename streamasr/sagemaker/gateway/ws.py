@@ -283,7 +283,7 @@ class WsSession:
                 raise ProtocolError(
                     protocol.BUSY_CODE, late, close_code=protocol.WS_TRY_AGAIN_LATER
                 )
-            conn = self.gw.backend.connection()  # made once, no I/O
+            conn = self.gw.backend.connection(model)  # made once per model, no I/O
             self.session = conn.open_session(self.options, on_message=self._on_message, model=model)
             self.session.on_start = self._on_start
             log.info(
