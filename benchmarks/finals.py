@@ -23,7 +23,6 @@ a different one.  Load average is recorded with every level (2 shared cores).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from streamasr import protocol
+from streamasr.cli import argument_parser
 from streamasr.core.evaluation import load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
@@ -242,11 +242,7 @@ def section(res: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.finals",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("python -m benchmarks.finals", __doc__)
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument("--start-server", action="store_true", help="start a tritonserver for the run")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")

@@ -27,7 +27,6 @@ latency while the others keep streaming.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamasr.cli import argument_parser
 from streamasr.core.evaluation import caption_quality, load_eval_set, wer_cer
 from streamasr_client.audio import load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
@@ -391,11 +391,7 @@ def two_pass_targets(tp: dict) -> list[Target]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.two_pass",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("python -m benchmarks.two_pass", __doc__)
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     p.add_argument(
         "--start-server",

@@ -6,6 +6,8 @@ setup)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from streamasr.triton.server import TritonServer
@@ -20,8 +22,8 @@ def _refuse(*_args, **_kwargs):
     pytest.fail(MOVE_IT, pytrace=False)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item):
+@contextmanager
+def _no_servers():
     with pytest.MonkeyPatch.context() as mp:
         for owner, name in GUARDED:
             mp.setattr(owner, name, _refuse)
@@ -29,8 +31,12 @@ def pytest_runtest_setup(item):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    with _no_servers():
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    with pytest.MonkeyPatch.context() as mp:
-        for owner, name in GUARDED:
-            mp.setattr(owner, name, _refuse)
+    with _no_servers():
         yield
