@@ -152,7 +152,7 @@ def variants_repository(dst: Path) -> Path:
     """A copy of the repository (no two-pass models) whose base streaming models are
     limited to ADMISSION_LIMIT streams, plus one renamed copy of them per variant."""
     from streamasr.core import admission
-    from streamasr.triton.repository import edit_config
+    from streamasr.triton.repository import edit_config, override
 
     repo = repository.copy_repository(
         REPOSITORY,
@@ -168,10 +168,7 @@ def variants_repository(dst: Path) -> Path:
 
             def change(cfg, model=model, name=name, v=v, renamed=renamed):
                 cfg.name = name
-                for k, val in v.parameters.get(model, {}).items():
-                    cfg.parameters[k].string_value = val
-                if model in v.idle_us:
-                    cfg.sequence_batching.max_sequence_idle_microseconds = v.idle_us[model]
+                override(cfg, v.parameters.get(model, {}), v.idle_us.get(model))
                 for step in cfg.ensemble_scheduling.step:
                     step.model_name = renamed.get(step.model_name, step.model_name)
 

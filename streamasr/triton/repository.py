@@ -68,6 +68,14 @@ def edit_config(path: Path, edit: Callable[[Any], None]) -> None:
     write_config(path, cfg)
 
 
+def override(cfg: Any, parameters: dict[str, str], idle_us: int | None = None) -> None:
+    """Set string ``parameters`` and (when given) the sequence batcher's idle time."""
+    for k, v in parameters.items():
+        cfg.parameters[k].string_value = v
+    if idle_us is not None:
+        cfg.sequence_batching.max_sequence_idle_microseconds = idle_us
+
+
 def copy_repository(
     src: Path,
     dst: Path,
@@ -99,10 +107,7 @@ def copy_repository(
     for model in set(parameters or {}) | set(idle_us or {}):
 
         def change(cfg: Any, model: str = model) -> None:
-            for k, v in (parameters or {}).get(model, {}).items():
-                cfg.parameters[k].string_value = v
-            if idle_us and model in idle_us:
-                cfg.sequence_batching.max_sequence_idle_microseconds = idle_us[model]
+            override(cfg, (parameters or {}).get(model, {}), (idle_us or {}).get(model))
 
         edit_config(dst / model / "config.pbtxt", change)
     return dst
