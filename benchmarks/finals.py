@@ -3,7 +3,8 @@
     python -m benchmarks.finals --start-server [--streams 1,8] [--chunk-ms 400]
     (make bench runs it as one of its steps, 1 and 8 streams)
 
-Each clip (``demo.wav`` and ``assets/eval``) is streamed at real-time pace, followed by
+Each clip (``demo.wav`` and ``assets/eval``) is streamed at real-time pace in a live
+client's requests (``streamasr_client.audio.LIVE_CHUNK_MS``), followed by
 ``--silence`` seconds of silence (zeros, paced too), and only then END: so a final that
 arrives before END was sent by an endpoint, not by END's flush.  Per mode
 (``one_pass``: ``streaming_asr``; ``two_pass``: ``streaming_asr_two_pass``, finals
@@ -34,7 +35,7 @@ import numpy as np
 from streamasr import protocol
 from streamasr.cli import argument_parser
 from streamasr.core.evaluation import load_eval_set, wer_cer
-from streamasr_client.audio import load_audio
+from streamasr_client.audio import LIVE_CHUNK_MS, load_audio
 from streamasr_client.stream import STREAM_MODEL, TWO_PASS_MODEL, AsrConnection
 
 from .load import rotate_clips
@@ -176,7 +177,7 @@ def run(
     with AsrConnection(url) as conn:
         contract = conn.contract()
         rate = contract.sample_rate
-        chunk = rate * chunk_ms // 1000 if chunk_ms else contract.chunk_samples
+        chunk = rate * (chunk_ms or LIVE_CHUNK_MS) // 1000
         clips = [("demo", load_audio(DEMO, rate), None)] + [
             (it.name, load_audio(it.audio_path, rate), it.reference) for it in items
         ]
@@ -247,7 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--start-server", action="store_true", help="start a tritonserver for the run")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--streams", default="1,8", help="comma list of stream counts")
-    p.add_argument("--chunk-ms", type=int, help="client chunk (default: the model's chunk)")
+    p.add_argument(
+        "--chunk-ms", type=int, help=f"client chunk (default: a live client's {LIVE_CHUNK_MS} ms)"
+    )
     p.add_argument("--silence", type=float, default=DEFAULT_SILENCE_S, help="s after each clip")
     p.add_argument("--options", default="{}", help="stream options as JSON")
     p.add_argument("--limit", type=int, help="only the first N eval clips")

@@ -23,7 +23,7 @@ import numpy as np
 
 from streamasr import protocol
 from streamasr.protocol import TWO_PASS_MODEL
-from streamasr_client.audio import load_audio, pcm_chunks, stdin_binary
+from streamasr_client.audio import LIVE_CHUNK_MS, load_audio, pcm_chunks, stdin_binary
 from streamasr_client.stream import AsrConnection, AsrError, Session
 
 
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-ms",
         type=float,
         default=None,
-        help="audio per request (default: the model's chunk)",
+        help=f"audio per request (default: {LIVE_CHUNK_MS} ms with --realtime or stdin, "
+        "else the model's chunk)",
     )
     p.add_argument(
         "--rate",
@@ -238,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         with AsrConnection(a.url, ssl=a.ssl, root_certificates=root) as conn:
             contract = conn.contract()
             rate = contract.sample_rate
-            chunk = int(rate * a.chunk_ms / 1000) if a.chunk_ms else contract.chunk_samples
+            live = a.realtime or a.audio == "-"
+            chunk_ms = a.chunk_ms or (LIVE_CHUNK_MS if live else None)
+            chunk = int(rate * chunk_ms / 1000) if chunk_ms else contract.chunk_samples
             if chunk <= 0:
                 raise SystemExit("transcribe: --chunk-ms must be positive")
             if a.audio == "-":

@@ -151,9 +151,17 @@ class AcousticModel(nn.Module):
         return self.head(enc[:, self.sl])
 
 
-def export_onnx(model: AcousticModel, path: str | Path, opset: int = 17) -> Path:
-    """One ONNX graph (encoder + head), dynamic batch, contract in metadata_props."""
+def export_onnx(
+    model: AcousticModel, path: str | Path, opset: int = 17, idle_window: bool = True
+) -> Path:
+    """One ONNX graph (encoder + head), dynamic batch, contract in metadata_props; with
+    ``idle_window`` the graph answers idle windows without computing
+    (:mod:`streamasr.artifacts.idle_window`) and the contract says so."""
+    import dataclasses
+
     import onnx
+
+    from .idle_window import IDLE_WINDOW_VALUE, add_idle_window
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +182,9 @@ def export_onnx(model: AcousticModel, path: str | Path, opset: int = 17) -> Path
             do_constant_folding=True,
         )
     m = onnx.load(str(tmp))
+    if idle_window:
+        m = add_idle_window(m, (c.output_frames, len(c.vocabulary)), IDLE_WINDOW_VALUE)
+        c = dataclasses.replace(c, idle_window=IDLE_WINDOW_VALUE)
     del m.metadata_props[:]
     for k, v in c.to_metadata().items():
         p = m.metadata_props.add()

@@ -4,7 +4,9 @@ Per stream (Triton CORRID) it keeps a ``FeatureStream``: the audio remainder not
 framed and the feature context the next window needs.  Each request yields the windows
 that became complete (``[N, left+chunk+right, n_mels]``) plus a ``StepInfo`` for the
 decoder.  With no complete window the acoustic model still gets one placeholder window,
-since Triton cannot send it a batch of zero (``StepInfo.windows`` is then 0).
+since Triton cannot send it a batch of zero (``StepInfo.windows`` is then 0): the idle
+window its contract declares (``idle_window``: the model answers it without computing,
+streamasr.artifacts.idle_window), else a window of silence, computed and discarded.
 """
 
 from __future__ import annotations
@@ -161,9 +163,14 @@ class FeatureExtractorStep:
         self.store: StreamStore[_Stream] = StreamStore(
             idle_timeout_s, clock=clock, max_streams=max_streams
         )
-        self._placeholder = np.tile(
-            silence_frame(contract.features), (1, contract.window_frames, 1)
-        ).astype(np.float32)
+        # What a request that completes no window sends the acoustic model: the window
+        # its contract says it answers without computing, else a window of silence.
+        shape = (1, contract.window_frames, contract.features.n_mels)
+        self._placeholder = (
+            np.full(shape, contract.idle_window, np.float32)
+            if contract.idle_window is not None
+            else np.broadcast_to(silence_frame(contract.features), shape).astype(np.float32)
+        )
         self._validate_options = validate_options or (lambda options: None)
 
     # -- validation (before any state changes: a rejected request changes nothing) -------

@@ -15,6 +15,12 @@ and the client need.  Keys (all strings, JSON where noted)::
     streamasr.word_boundary    "space": the token " " separates words;
                                "sentencepiece": a leading "\u2581" starts a word
     streamasr.input / .output  tensor names (default "features" / "log_probs")
+    streamasr.idle_window      optional float: a window every value of which is this
+                               number carries no audio, and the model answers a batch
+                               made only of such windows without computing (its output
+                               is discarded).  The feature step sends one when a request
+                               completes no window (Triton cannot send a batch of zero);
+                               without the key it sends a window of silence, computed.
 
 Input ``[B, left+chunk+right, n_mels]`` float32 -> output ``[B, chunk/subsampling, V]``
 float32 log-probabilities for the chunk's frames only.  The model is stateless: the left
@@ -26,6 +32,7 @@ context is recomputed from features the feature step keeps.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +117,8 @@ class ModelContract:
     version: str = "0"
     license: str = "unknown"
     description: str = ""
+    # between the feature step and the model: not part of what clients compare
+    idle_window: float | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     # -- geometry derived from the fields above (never stored twice) ---------------
@@ -158,12 +167,17 @@ class ModelContract:
             "input": self.input_name,
             "output": self.output_name,
         }
+        if self.idle_window is not None:
+            m["idle_window"] = repr(float(self.idle_window))
         m.update({k: str(v) for k, v in self.extra.items()})
         return {PREFIX + k: v for k, v in m.items()}
 
     def to_json(self) -> str:
-        """The client-facing form (served by the `model_contract` model)."""
+        """The client-facing form (served by the `model_contract` model).  ``idle_window``
+        is between the feature step and the model, and stays out: clients of earlier
+        versions build the contract from every key they are given."""
         d = asdict(self)
+        del d["idle_window"]
         d["vocabulary"] = list(self.vocabulary)
         d["window_frames"] = self.window_frames
         d["chunk_samples"] = self.chunk_samples
@@ -175,6 +189,8 @@ class ModelContract:
         d = json.loads(text)
         for derived in ("window_frames", "chunk_samples", "output_frame_seconds"):
             d.pop(derived, None)
+        # keys a newer server may add are not this client's business
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["features"] = FeatureSpec(**d["features"])
         d["vocabulary"] = tuple(d["vocabulary"])
         c = cls(**d)
@@ -247,7 +263,17 @@ class ModelContract:
             "word_boundary",
             "input",
             "output",
+            "idle_window",
         }
+        idle_window = None
+        if "idle_window" in m:
+            try:
+                idle_window = float(m["idle_window"])
+            except ValueError:
+                problems.append(f"streamasr.idle_window must be a number, got {m['idle_window']!r}")
+            else:
+                if not math.isfinite(idle_window):
+                    problems.append(f"streamasr.idle_window must be finite, got {idle_window}")
         c = ModelContract(
             features=features,
             chunk_frames=integer("chunk_frames", 1),
@@ -263,6 +289,7 @@ class ModelContract:
             version=m.get("version", "0"),
             license=m.get("license", "unknown"),
             description=m.get("description", ""),
+            idle_window=idle_window,
             extra={k: v for k, v in m.items() if k not in known},
         )
         problems += c.problems()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from streamasr.artifacts import acoustic, ct2, whisper
+from streamasr.artifacts.idle_window import IDLE_WINDOW_VALUE
 from streamasr.protocol.contract import ModelContract, check_onnx_io
 
 
@@ -41,7 +42,8 @@ def exported(tmp_path_factory):
 def test_export_carries_the_contract(exported):
     model, path = exported
     c = ModelContract.from_onnx(path)
-    assert c == model.contract
+    # the exported graph answers idle windows without computing, and says so
+    assert c == model.contract and c.idle_window == IDLE_WINDOW_VALUE
     assert check_onnx_io(path, c) == []
 
 

@@ -4,6 +4,7 @@ metadata on an ONNX model, and the acoustic_model config / model repository to s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -196,8 +197,13 @@ def write_repository(repo: Path, model_path: Path, contract: ModelContract) -> l
 def finish(model: onnx.ModelProto, contract: ModelContract, a: argparse.Namespace) -> int:
     """Check, save, validate against the contract, print the config dims, write the
     repository if asked."""
+    from streamasr.artifacts.idle_window import IDLE_WINDOW_VALUE, add_idle_window, has_idle_window
     from streamasr.protocol.contract import check_onnx_io
 
+    # small client requests (no complete window) then cost the model nothing
+    if not has_idle_window(model):
+        model = add_idle_window(model, (contract.output_frames, len(contract.vocabulary)))
+    contract = dataclasses.replace(contract, idle_window=IDLE_WINDOW_VALUE)
     set_contract_metadata(model, contract)
     onnx.checker.check_model(model)
     a.output.parent.mkdir(parents=True, exist_ok=True)
