@@ -40,9 +40,9 @@ def add_idle_window(model, out_dims: tuple[int, int], value: float = IDLE_WINDOW
     if len(g.input) != 1 or len(g.output) != 1:
         raise ValueError("add_idle_window takes a graph with one input and one output")
     (inp,), (out,) = g.input, g.output
-    out_dims = [int(d) for d in out_dims]
-    if len(out_dims) != 2 or min(out_dims) <= 0:
-        raise ValueError(f"out_dims must be two positive sizes (T, V), got {out_dims}")
+    dims = [int(d) for d in out_dims]
+    if len(dims) != 2 or min(dims) <= 0:
+        raise ValueError(f"out_dims must be two positive sizes (T, V), got {dims}")
     if has_idle_window(model):
         raise ValueError("the graph already answers idle windows")
 
@@ -50,7 +50,7 @@ def add_idle_window(model, out_dims: tuple[int, int], value: float = IDLE_WINDOW
     body = list(g.node)
     for node in body:
         node.output[:] = [computed if o == out.name else o for o in node.output]
-    branch_out = helper.make_tensor_value_info(computed, TensorProto.FLOAT, ["batch", *out_dims])
+    branch_out = helper.make_tensor_value_info(computed, TensorProto.FLOAT, ["batch", *dims])
     # the weights move into the branch: onnxruntime folds constants within a subgraph
     # only from the subgraph's own initializers (from the outer scope: ~10 % slower)
     else_branch = helper.make_graph(
@@ -74,7 +74,7 @@ def add_idle_window(model, out_dims: tuple[int, int], value: float = IDLE_WINDOW
         ],
         "idle",
         [],
-        [helper.make_tensor_value_info(zeros, TensorProto.FLOAT, ["batch", *out_dims])],
+        [helper.make_tensor_value_info(zeros, TensorProto.FLOAT, ["batch", *dims])],
     )
 
     test = [
@@ -96,7 +96,7 @@ def add_idle_window(model, out_dims: tuple[int, int], value: float = IDLE_WINDOW
     g.initializer.extend(
         [
             onnx.numpy_helper.from_array(np.array(value, np.float32), "idle_value"),
-            onnx.numpy_helper.from_array(np.array(out_dims, np.int64), "idle_out_dims"),
+            onnx.numpy_helper.from_array(np.array(dims, np.int64), "idle_out_dims"),
             onnx.numpy_helper.from_array(np.array([0], np.int64), "idle_zero"),
             onnx.numpy_helper.from_array(np.array([1], np.int64), "idle_one"),
         ]
