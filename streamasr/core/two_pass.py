@@ -321,7 +321,8 @@ class FinalPass:
     ``redecoder`` has ``transcribe_many(features_list, silence) -> [Decoded]``
     (:class:`streamasr.core.whisper_redecoder.WhisperRedecoder`).  ``interim_ttl_s``: a stream's
     agreement state is forgotten after this long without a re-decode (Triton never says
-    when a stream times out).
+    when a stream times out).  ``refresh_redecoder`` re-decodes interim refreshes
+    (default: ``redecoder``).
     """
 
     def __init__(

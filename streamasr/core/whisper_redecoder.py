@@ -19,6 +19,7 @@ over 30 s (``streamasr.core.two_pass.MAX_UTTERANCE_SECONDS``).
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import logging
@@ -235,6 +236,12 @@ class WhisperRedecoder:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.max_batch = max_batch
+
+    def one_per_call(self) -> "WhisperRedecoder":
+        """This re-decoder (the same sessions) decoding one utterance per call."""
+        one = copy.copy(self)
+        one.max_batch = 1
+        return one
 
     def encode_prompt(self, words: list[str]) -> list[int]:
         """The newest ``MAX_PROMPT_TOKENS`` tokens of ``words``, for ``transcribe_many``'s

@@ -47,6 +47,17 @@ class FinalPassStep:
         return any(u.kind == FINAL for u in utterances)
 
 
+#: Parameter ``final_graphs``: the Whisper graphs finals are re-decoded with.  ``int8``
+#: (streamasr/artifacts/quantize_whisper.py) takes about half the CPU of ``float`` per
+#: utterance but goes one utterance per call (activations are quantized per call, so a
+#: batch could change a final's text); ``float`` batches the finals that queued together
+#: (several streams' finals in one encoder call and decoder loop).  Measured in
+#: benchmarks/results/finals/README.md.
+FLOAT, INT8 = "float", "int8"
+FINAL_GRAPHS = (FLOAT, INT8)
+DEFAULT_FINAL_GRAPHS = INT8
+
+
 def whisper_dir(cfg: ModelConfig) -> Path:
     """Parameter ``whisper_dir`` (relative to the model's folder), default its version
     folder ``1/``; every file of WHISPER_FILES must be there."""
@@ -100,20 +111,38 @@ def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
     )
     contract = cfg.contract()
     window = encoder_window(cfg)
+    graphs = cfg.param("final_graphs", DEFAULT_FINAL_GRAPHS)
+    if graphs not in FINAL_GRAPHS:
+        raise ConfigError(
+            f"model {cfg.name!r}: final_graphs must be one of {list(FINAL_GRAPHS)}, got {graphs!r}"
+        )
+    have_int8 = all((d / f).is_file() for f in int8_files)
+    if graphs == INT8 and not have_int8:
+        raise ConfigError(
+            f"model {cfg.name!r}: final_graphs {INT8} needs {list(int8_files)} in {d}: {BUILD_HINT}"
+        )
     try:
-        finals = WhisperRedecoder(d, threads=threads, gpu=gpu, window=window, max_batch=max_batch)
-        refreshes = None
-        if all((d / f).is_file() for f in int8_files):
-            refreshes = WhisperRedecoder(
+        int8 = None
+        if have_int8:
+            int8 = WhisperRedecoder(
                 d, threads=threads, gpu=gpu, window=window, max_batch=max_batch, graphs=INT8_GRAPHS
             )
         else:
             log.info("no int8 Whisper graphs in %s: interim refreshes use the float ones", d)
+        if graphs == INT8:
+            assert int8 is not None
+            # one utterance per call, on the refreshes' sessions
+            finals = int8.one_per_call()
+        else:
+            finals = WhisperRedecoder(
+                d, threads=threads, gpu=gpu, window=window, max_batch=max_batch
+            )
+        log.info("finals re-decoded with the %s Whisper graphs", graphs)
         fp = FinalPass(
             contract,
             finals,
             interim_ttl_s=stream_idle_timeout(cfg),
-            refresh_redecoder=refreshes,
+            refresh_redecoder=int8,
         )
     except ValueError as exc:
         raise ConfigError(f"model {cfg.name!r}: {exc}") from None

@@ -450,13 +450,11 @@ def test_a_late_refresh_of_an_utterance_already_final_is_dropped():
 # -- through the server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def whisper_final_pass(contract):
-    from streamasr.core.whisper_redecoder import WhisperRedecoder
-
+    """The re-decode the served final_pass does (its config: graphs, window, threads)."""
     try:
-        d = final_pass.whisper_dir(read_config(REPOSITORY / "final_pass"))
+        return final_pass.build_step(read_config(REPOSITORY / "final_pass")).final_pass
     except ConfigError as exc:
         pytest.fail(str(exc), pytrace=False)
-    return FinalPass(contract, WhisperRedecoder(d))
 
 
 def stream(conn: AsrConnection, audio: np.ndarray, chunk: int, model: str) -> Session:

@@ -4,6 +4,7 @@ batched re-decodes, and Whisper-refreshed interims (LocalAgreement)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,32 @@ def whisper_dir():
         return final_pass.whisper_dir(read_config(REPOSITORY / "final_pass"))
     except ConfigError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def final_pass_config(**parameters: str):
+    cfg = read_config(REPOSITORY / "final_pass")
+    cfg.raw.setdefault("parameters", {}).update(
+        {k: {"string_value": v} for k, v in parameters.items()}
+    )
+    return cfg
+
+
+def graphs_of(redecoder) -> tuple[str, int]:
+    name = Path(redecoder.enc._model_path).name
+    return ("int8" if ".int8." in name else "float"), redecoder.max_batch
+
+
+def test_finals_take_the_graphs_the_config_names(whisper_dir):
+    # default int8, one utterance per call (int8 activations are quantized per call, so a
+    # batch could change a final's text), on the refreshes' sessions
+    fp = final_pass.build_step(final_pass_config()).final_pass
+    assert graphs_of(fp.redecoder) == ("int8", 1)
+    assert fp.redecoder.enc is fp.refresh_redecoder.enc and fp.refresh_redecoder.max_batch > 1
+    fp = final_pass.build_step(final_pass_config(final_graphs="float")).final_pass
+    assert graphs_of(fp.redecoder)[0] == "float" and fp.redecoder.max_batch > 1
+    assert graphs_of(fp.refresh_redecoder)[0] == "int8"
+    with pytest.raises(ConfigError, match="final_graphs must be one of"):
+        final_pass.build_step(final_pass_config(final_graphs="fp8"))
 
 
 @pytest.fixture(scope="module")
