@@ -3,6 +3,10 @@ measurement itself runs in tests/integration/test_admission.py on the committed 
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -29,7 +33,10 @@ def test_a_gpu_served_acoustic_model_is_no_cpu_time_and_no_ceiling_unless_timed_
 
 
 def test_limit_is_headroom_times_ceiling_clipped():
-    assert cal.limit_from_ceiling(cal.CEILING_ON_REFERENCE) == cal.REFERENCE_STREAMS_HELD
+    for held, ceiling in cal.REFERENCE_POINTS:  # each reference day within 20 %
+        assert abs(cal.limit_from_ceiling(ceiling) - held) <= 0.2 * held
+    # a neighbour's share of the cores counts twice (throughput, and the wait for a core)
+    assert cal.limit_from_ceiling(40, 0.5) == math.floor(cal.HEADROOM * 40 * 0.5)
     assert cal.limit_from_ceiling(0.1) == cal.MIN_LIMIT
     assert cal.limit_from_ceiling(1e9) == cal.MAX_LIMIT
     with pytest.raises(ValueError):
@@ -44,3 +51,17 @@ def test_calibration_signal_is_deterministic_speech_band_audio():
     spectrum = np.abs(np.fft.rfft(a)) ** 2  # energy
     freqs = np.fft.rfftfreq(len(a), 1 / 16000)
     assert spectrum[(freqs > 80) & (freqs < 4000)].sum() > 0.8 * spectrum.sum()
+
+
+def test_usable_cores_counts_the_cores_that_run_at_once():
+    # work that runs side by side (sleep, like onnxruntime, releases the GIL) gets every core
+    assert cal.usable_cores(lambda: time.sleep(0.02), 4, seconds=0.06) == pytest.approx(4, rel=0.3)
+    # work that cannot (a neighbour holds the other cores: here, one lock) gets one
+    lock = threading.Lock()
+
+    def serial() -> None:
+        with lock:
+            time.sleep(0.02)
+
+    assert cal.usable_cores(serial, 4, seconds=0.06) == pytest.approx(1, rel=0.3)
+    assert cal.usable_cores(serial, 1) == 1
