@@ -24,7 +24,7 @@ from pathlib import Path
 
 from streamasr import checkout
 from streamasr.cli import argument_parser
-from streamasr.core.whisper_redecoder import INT8_GRAPHS
+from streamasr.core.whisper_redecoder import INT8_GRAPHS, SUPPORT_FILES, graph_files
 from streamasr.triton import spec
 
 log = logging.getLogger("streamasr.artifacts")
@@ -32,15 +32,8 @@ log = logging.getLogger("streamasr.artifacts")
 ACOUSTIC_MODEL = Path("acoustic_model/1/model.onnx")
 LM = Path("ctc_decoder/1/en-us.arpa")
 WHISPER_DIR = Path("final_pass/1")
-WHISPER_FILES = (
-    "whisper_encoder.onnx",
-    "whisper_decoder.onnx",
-    "vocabulary.txt",
-    "config.json",
-    # int8 copies for interim refreshes (quantize_whisper)
-    f"whisper_encoder{INT8_GRAPHS}.onnx",
-    f"whisper_decoder{INT8_GRAPHS}.onnx",
-)
+# + the int8 copies (quantize_whisper) for finals and interim refreshes
+WHISPER_FILES = (*graph_files(), *SUPPORT_FILES, *graph_files(INT8_GRAPHS))
 
 
 def _build_acoustic(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""int8 Whisper graphs for interim refreshes: onnxruntime dynamic quantization.
+"""int8 Whisper graphs for finals and interim refreshes: onnxruntime dynamic quantization.
 
     python -m streamasr.artifacts.quantize_whisper --dir model_repository/final_pass/1
     (`make whisper` runs it after training.export_whisper)
@@ -6,9 +6,9 @@
 Writes ``whisper_encoder.int8.onnx`` / ``whisper_decoder.int8.onnx`` beside the float
 graphs, with int8 MatMul weights (activations quantized per call,
 ``onnxruntime.quantization.quantize_dynamic``); ``final_pass`` uses them for interim
-refreshes (``WhisperRedecoder(dir, graphs=INT8_GRAPHS)``).  Finals keep the float graphs:
-per-call activation scales make a row's text depend on its batch.  ``--out`` writes a
-complete folder with the int8 graphs under the float names instead (for
+refreshes (``WhisperRedecoder(dir, graphs=INT8_GRAPHS)``) and, by default, for finals
+one utterance per call: per-call activation scales make a row's text depend on its batch.
+``--out`` writes a complete folder with the int8 graphs under the float names instead (for
 ``benchmarks/whisper_int8.py``, which measures WER and CPU of two folders).  Only MatMul
 is quantized: the token-embedding Gather and the encoder's convolutions stay float.
 """
@@ -21,10 +21,10 @@ import os
 import shutil
 from pathlib import Path
 
+from streamasr.core.whisper_redecoder import INT8_GRAPHS, SUPPORT_FILES, graph_files
+
 log = logging.getLogger(__name__)
 
-GRAPHS = ("whisper_encoder.onnx", "whisper_decoder.onnx")
-COPIED = ("vocabulary.txt", "config.json")
 #: Operators whose weights become int8.
 QUANTIZED_OPS = ["MatMul"]
 
@@ -35,8 +35,8 @@ def quantize(src: Path, out: Path, suffix: str = "") -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in GRAPHS:
-        target = out / name.replace(".onnx", f"{suffix}.onnx")
+    for name, target_name in zip(graph_files(), graph_files(suffix)):
+        target = out / target_name
         log.info("quantizing %s -> %s", name, target)
         # written beside, then renamed: a target may be a hard link shared with another
         # checkout, which must keep its bytes
@@ -46,7 +46,7 @@ def quantize(src: Path, out: Path, suffix: str = "") -> None:
         )
         os.replace(tmp, target)
     if out.resolve() != src.resolve():
-        for name in COPIED:
+        for name in SUPPORT_FILES:
             shutil.copyfile(src / name, out / name)
 
 
@@ -63,8 +63,6 @@ def main(argv=None) -> int:
     if a.out:
         quantize(a.dir, a.out)
     else:
-        from streamasr.core.whisper_redecoder import INT8_GRAPHS
-
         quantize(a.dir, a.dir, INT8_GRAPHS)
     return 0
 

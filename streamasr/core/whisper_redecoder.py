@@ -35,8 +35,19 @@ log = logging.getLogger(__name__)
 EOT, SOT, NO_TIMESTAMPS, TIMESTAMP_BEGIN = 50256, 50257, 50362, 50363
 #: File-name variant of the int8 graphs (streamasr/artifacts/quantize_whisper.py): half the CPU and
 #: no WER lost on assets/eval, but activations are quantized per call, so a row's text may
-#: depend on its batch: used for interim refreshes only (finals stay batch-invariant).
+#: depend on its batch: interim refreshes batch them, finals decode one utterance per call
+#: (streamasr.pipeline.final_pass, parameter final_graphs).
 INT8_GRAPHS = ".int8"
+#: The files beside the graphs: the token vocabulary and the decoding config.
+SUPPORT_FILES = ("vocabulary.txt", "config.json")
+
+
+def graph_files(graphs: str = "") -> tuple[str, str]:
+    """The (encoder, decoder) ONNX file names of a graph variant (``""``: float,
+    ``INT8_GRAPHS``)."""
+    return f"whisper_encoder{graphs}.onnx", f"whisper_decoder{graphs}.onnx"
+
+
 #: Whisper's "previous text" marker: the prompt tokens follow it, then SOT.
 START_OF_PREV = 50360
 #: Whisper's whole window: 30 s of 10 ms frames.
@@ -222,12 +233,9 @@ class WhisperRedecoder:
         prov = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             prov.insert(0, "CUDAExecutionProvider")
-        self.enc = ort.InferenceSession(
-            str(d / f"whisper_encoder{graphs}.onnx"), so, providers=prov
-        )
-        self.dec = ort.InferenceSession(
-            str(d / f"whisper_decoder{graphs}.onnx"), so, providers=prov
-        )
+        encoder, decoder = graph_files(graphs)
+        self.enc = ort.InferenceSession(str(d / encoder), so, providers=prov)
+        self.dec = ort.InferenceSession(str(d / decoder), so, providers=prov)
         cfg = json.loads((d / "config.json").read_text())
         self.suppress = np.asarray(cfg.get("suppress_ids", []), dtype=np.int64)
         self.suppress_begin = np.asarray(cfg.get("suppress_ids_begin", []), dtype=np.int64)

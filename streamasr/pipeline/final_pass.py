@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamasr.core.two_pass import FINAL, FinalPass, Utterance
+from streamasr.core.whisper_redecoder import INT8_GRAPHS, SUPPORT_FILES, graph_files
 from streamasr.pipeline.common import ConfigError, ModelConfig, parse_int, stream_idle_timeout
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamasr.final_pass")
 
 #: Files the re-decoder needs, made by ``make whisper`` (python -m streamasr.artifacts.export_whisper).
-WHISPER_FILES = ("whisper_encoder.onnx", "whisper_decoder.onnx", "vocabulary.txt", "config.json")
+WHISPER_FILES = (*graph_files(), *SUPPORT_FILES)
 BUILD_HINT = (
     "build them with `make whisper` (python -m streamasr.artifacts.export_whisper --out DIR)"
 )
@@ -96,9 +97,9 @@ def encoder_window(cfg: ModelConfig) -> "EncoderWindow":
 
 
 def build_step(cfg: ModelConfig, gpu: bool = False) -> FinalPassStep:
-    from streamasr.core.whisper_redecoder import INT8_GRAPHS, WhisperRedecoder
+    from streamasr.core.whisper_redecoder import WhisperRedecoder
 
-    int8_files = tuple(f"whisper_{g}{INT8_GRAPHS}.onnx" for g in ("encoder", "decoder"))
+    int8_files = graph_files(INT8_GRAPHS)
 
     d = whisper_dir(cfg)
     threads = parse_int("intra_op_thread_count", cfg.param("intra_op_thread_count", "1"), 0)
