@@ -15,8 +15,6 @@ runs ONNX ``If`` (onnxruntime CPU and CUDA, Triton's native onnxruntime backend)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 #: The idle-window fill: far outside any feature's range (normalised log-mel is within
@@ -105,13 +103,3 @@ def add_idle_window(model, out_dims: tuple[int, int], value: float = IDLE_WINDOW
     del g.value_info[:]
     onnx.checker.check_model(model)
     return model
-
-
-def add_idle_window_file(
-    path: str | Path, out_dims: tuple[int, int], value: float = IDLE_WINDOW_VALUE
-) -> None:
-    """:func:`add_idle_window` on an ONNX file in place (weights inline, < 2 GB)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.save(add_idle_window(model, out_dims, value), str(path))

@@ -255,17 +255,19 @@ def calibrate(feature_cfg: ModelConfig) -> Calibration:
     acoustic_cfg = read_config(model_path.parent.parent)
     a_instances, a_gpu = _instances(acoustic_cfg)
     threads = int(acoustic_cfg.parameters().get("intra_op_thread_count") or DEFAULT_ONNX_THREADS)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
+
+    def session(threads: int, providers: list[str]):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        return ort.InferenceSession(str(model_path), so, providers=providers)
+
+    cpu = ["CPUExecutionProvider"]
     # A GPU-served model can only be timed where this Python has onnxruntime's CUDA
     # provider (the image has the CPU build): otherwise it is timed on the CPU only to
     # give the decoder real log-probs, and is no ceiling (on a GPU the CPU steps bind).
     timed_on_gpu = a_gpu and "CUDAExecutionProvider" in ort.get_available_providers()
-    if timed_on_gpu:
-        providers.insert(0, "CUDAExecutionProvider")
-    sess = ort.InferenceSession(str(model_path), so, providers=providers)
+    sess = session(threads, ["CUDAExecutionProvider", *cpu] if timed_on_gpu else cpu)
 
     audio = speech_like(CALIBRATION_SECONDS, contract.sample_rate)
     windows = whole_file_windows(contract, audio)
@@ -302,12 +304,7 @@ def calibrate(feature_cfg: ModelConfig) -> Calibration:
     features_s, features_cpu = (t / len(feats) for t in _median_time(features_all, 2))
     # the cores' ceiling counts the cores this process gets now, not the ones it may use:
     # a busy neighbour on one core slows no single-threaded timing above
-    one_thread = sess
-    if threads != 1 or timed_on_gpu:
-        so1 = ort.SessionOptions()
-        so1.intra_op_num_threads = 1
-        so1.inter_op_num_threads = 1
-        one_thread = ort.InferenceSession(str(model_path), so1, providers=["CPUExecutionProvider"])
+    one_thread = sess if threads == 1 and not timed_on_gpu else session(1, cpu)
     one = batch[:1]
     cores_allowed = available_cores()
     cores = usable_cores(
