@@ -7,6 +7,7 @@ one-pass interims and final spans, and finals equal to the same re-decode done h
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import struct
 import threading
@@ -347,15 +348,25 @@ class OutOfOrderTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             pass
 
 
-def test_a_session_releases_responses_in_send_order():
-    triton = OutOfOrderTriton()
+@contextlib.contextmanager
+def stand_in_triton(servicer):
+    """``servicer`` (a stand-in for Triton's gRPC service) on a free loopback port: yields
+    its address, stops it after."""
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_a_session_releases_responses_in_send_order():
+    triton = OutOfOrderTriton()
+    with stand_in_triton(triton) as url:
         seen: list[dict] = []
-        with AsrConnection(f"127.0.0.1:{port}") as conn:
+        with AsrConnection(url) as conn:
             s = conn.open_session(on_message=seen.append)
             for _ in range(3):
                 s.send(np.zeros(1, np.float32))
@@ -366,8 +377,6 @@ def test_a_session_releases_responses_in_send_order():
             triton.release.set()
             s.wait(timeout=30)
             assert seen == [{"n": 0}, {"n": 1}, {"n": 2}] and s.pending == 0
-    finally:
-        server.stop(grace=None)
 
 
 class LateResponseTriton(OutOfOrderTriton):
@@ -397,11 +406,7 @@ class LateResponseTriton(OutOfOrderTriton):
 
 def test_a_second_response_to_a_request_follows_its_answer():
     triton = LateResponseTriton()
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with stand_in_triton(triton) as url:
         seen: list[dict] = []
         late = {"n": 2, "refresh": True}
         got_late = threading.Event()
@@ -411,7 +416,7 @@ def test_a_second_response_to_a_request_follows_its_answer():
             if m == late:
                 got_late.set()
 
-        with AsrConnection(f"127.0.0.1:{port}") as conn:
+        with AsrConnection(url) as conn:
             s = conn.open_session(on_message=on_message)
             for _ in range(3):
                 s.send(np.zeros(1, np.float32))
@@ -420,8 +425,6 @@ def test_a_second_response_to_a_request_follows_its_answer():
             assert got_late.wait(30)  # it comes after the last answer
             assert seen == [{"n": 0}, {"n": 1}, {"n": 1, "refresh": True}, {"n": 2}, late]
             assert s.pending == 0 and s.messages == seen
-    finally:
-        server.stop(grace=None)
 
 
 def test_a_late_refresh_of_an_utterance_already_final_is_dropped():
