@@ -59,7 +59,7 @@ from streamasr.tools.serve_process import ServeProcess, loopback_env
 from . import metrics
 from .load import load_clips
 from .overload import Flooder, RssSampler, speaker_audio, total_rss_kib
-from .server_stats import loadavg, model_requests
+from .server_stats import loadavg, metric_total, model_requests
 from .soak import _rss_kib
 
 log = logging.getLogger("benchmarks.hostile")
@@ -154,6 +154,10 @@ class Serve(ServeProcess):
         return model_requests(
             f"http://127.0.0.1:{self.metrics_port}/metrics", protocol.STREAM_MODEL
         )
+
+    def metric(self, name: str) -> float | None:
+        """One of streamasr's metrics on Triton's metrics port (e.g. the admission limit)."""
+        return metric_total(f"http://127.0.0.1:{self.metrics_port}/metrics", name)
 
     def crash_lines(self) -> list[str]:
         """The log's lines that say how tritonserver or the gateway ended."""
@@ -728,7 +732,8 @@ def markdown(result: dict) -> str:
         "",
         f"`python -m benchmarks.hostile{' --quick' if run['quick'] else ''}` on "
         f"{run['host']} ({run['cpu_count']} cores); load average at start "
-        f"{run['loadavg_start']}, at end {run.get('loadavg_end')}. {run['note']}",
+        f"{run['loadavg_start']}, at end {run.get('loadavg_end')}. {run['note']} "
+        f"Admission limit (calibrated at start-up): {run.get('admission_limit')} streams.",
         "",
         f"Bystanders: {run['plan']['bystanders']} WebSocket streams of "
         f"{run['plan']['bystander_s']:g} s of assets/eval speech at real time, "
@@ -849,6 +854,7 @@ def run_class(
         "gateway_rss_mib": round(_rss_kib(serve.proc.pid) / 1024, 1),
         "triton_stream_requests": requests,
         "server_alive": alive,
+        "lead_closed_total": serve.metric("streamasr_lead_closed_streams_total") if alive else None,
     }
     if attacker is not None:
         out["attacker"] = attacker
@@ -892,7 +898,7 @@ def run(
             "cpu_count": os.cpu_count(),
             "loadavg_start": loadavg(),
             "plan": dataclasses.asdict(plan),
-            "note": "docker/serve with the repository's limits (admission 16), gateway "
+            "note": "docker/serve with the repository's limits, gateway "
             "bound to 127.0.0.1; other sessions share these cores (load average above).",
         },
         "classes": {},
@@ -904,6 +910,7 @@ def run(
     try:
         progress(f"hostile: starting docker/serve (log {log_path}) ...")
         serve.wait_ready(STARTUP_TIMEOUT_S)
+        result["run"]["admission_limit"] = serve.metric("streamasr_stream_capacity")
 
         # warm-up: every bystander for half its audio (onnxruntime and the allocators
         # meet the batch sizes 8 streams make: a cold first run measured p99 2.2 s and
@@ -934,7 +941,12 @@ def run(
                     progress,
                 )
                 if serve.proc.poll() is not None:
-                    crash = {"class": name, **result["classes"][name]["server_exit"]}
+                    # it may have exited after run_class looked (then it has no server_exit)
+                    exit_ = result["classes"][name].get("server_exit") or {
+                        "code": serve.proc.returncode,
+                        "log": serve.crash_lines(),
+                    }
+                    crash = {"class": name, **exit_}
                     result.setdefault("server_crashes", []).append(crash)
                     progress(f"  !! docker/serve exited during {name}: {crash}")
                     serve.stop()

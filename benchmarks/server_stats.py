@@ -33,6 +33,21 @@ def model_requests(metrics_url: str, model: str) -> float | None:
     return total
 
 
+def metric_total(metrics_url: str, name: str) -> float | None:
+    """The sum of every series of the metric ``name`` (e.g. streamasr_stream_capacity) on
+    the Prometheus endpoint ``metrics_url``; None when it does not answer or has none."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+    values = [
+        float(m.group(1))
+        for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)
+    ]
+    return sum(values) if values else None
+
+
 def model_stats(http_url: str, model: str) -> dict:
     with urllib.request.urlopen(f"http://{http_url}/v2/models/{model}/stats", timeout=10) as r:
         data = json.load(r)

@@ -18,6 +18,15 @@ while the measured queue delay is over its bound (the SageMaker gateway feeds it
 canary, which waits in the same queues as every stream), so an instance whose neighbours
 or inputs got slower than at start-up stops admitting before its streams miss real time.
 
+The limit is also a rate: ``limit`` streams at real time need ``limit`` seconds of model
+windows per second.  ``RealTimeBudget`` counts the windows the feature step sends on
+against that rate, so a stream that runs ahead of real time (a client sending a file as
+fast as the server answers) spends what is left, not what the real-time streams need:
+while the budget is spent and another stream streams at real time, the feature step closes
+a stream more than ``max_lead_seconds_at_capacity`` ahead (issue 26: fifteen such raw-gRPC
+streams beside eight paced ones were all admitted under the calibrated limit and took the
+instance down).
+
 One admitted stream's own backlog is bounded elsewhere: the feature step closes a stream
 that runs ``max_lead_seconds`` ahead of real time (streamasr.protocol), AsrConnection and
 the SageMaker gateway keep at most ``MAX_PENDING_REQUESTS`` unanswered per stream
@@ -270,3 +279,65 @@ class Admission:
     def snapshot(self) -> tuple[int, int]:
         with self._lock:
             return self.admitted, self.refused
+
+
+#: config.pbtxt parameter of the feature step: how far (seconds) a stream may run ahead of
+#: real time while the instance's real-time budget is spent and another stream streams at
+#: real time (0: no such check).
+LEAD_AT_CAPACITY_KEY = "max_lead_seconds_at_capacity"
+#: Its default: a paced client is within a frame or two of real time (its jitter and the
+#: gateway's 100 ms frame joins are well under this); a client sending as fast as the
+#: server answers is past it within its first few requests.
+DEFAULT_LEAD_AT_CAPACITY_S = 1.0
+#: A stream counts as "at real time" (one the check protects) once it has been open this
+#: long without running further ahead than the at-capacity lead: a newly started stream
+#: is not yet known to be paced, and must not get a fast stream closed on its first request.
+REALTIME_AFTER_S = 1.0
+#: The budget's burst, in seconds of its rate: what simultaneous STARTs and a gateway's
+#: frame joins send at once.  Small, because a flood admitted in the burst is computed
+#: before anyone can be closed.
+BUDGET_BURST_S = 0.5
+
+
+class RealTimeBudget:
+    """Seconds of audio per second (counted in model windows) that the admission limit's
+    streams need at real time: a token bucket refilled at ``windows_per_s`` and holding
+    at most ``burst_s`` of it.  ``spend`` takes every window sent on (real-time streams'
+    too, which are never refused for it); ``spent`` says whether nothing is left.
+    Debt is kept down to one burst, so a flood that is over does not count for long."""
+
+    def __init__(self, windows_per_s: float, burst_s: float = BUDGET_BURST_S, clock=time.monotonic):
+        if windows_per_s <= 0 or burst_s <= 0:
+            raise ValueError(f"budget rate and burst must be > 0, got {windows_per_s}, {burst_s}")
+        self.rate, self.clock = windows_per_s, clock
+        self.burst = windows_per_s * burst_s
+        self._tokens = self.burst
+        self._at = clock()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_limit(
+        cls, limit: int | None, window_seconds: float, clock=time.monotonic
+    ) -> "RealTimeBudget | None":
+        """The budget of ``limit`` real-time streams whose model windows each carry
+        ``window_seconds`` of audio (None without a limit)."""
+        if limit is None:
+            return None
+        return cls(limit / window_seconds, clock=clock)
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def spend(self, windows: int) -> None:
+        if windows <= 0:
+            return
+        with self._lock:
+            self._refill()
+            self._tokens = max(-self.burst, self._tokens - windows)
+
+    def spent(self) -> bool:
+        with self._lock:
+            self._refill()
+            return self._tokens <= 0

@@ -54,6 +54,11 @@ class StreamStore(Generic[T]):
     def keys(self) -> Iterator[Hashable]:
         return iter(list(self._items))
 
+    def values(self) -> list[T]:
+        """The live streams' states, without refreshing them (a look, not a use)."""
+        with self.lock:
+            return [value for _, value in self._items.values()]
+
     def sweep(self) -> list[tuple[Hashable, T]]:
         """Drop and return entries idle for longer than the TTL."""
         with self.lock:

@@ -117,6 +117,13 @@ class _Stream:
     features: FeatureStream
     started: float  # the step's clock when its START was served
     requests: int = 0
+    # It has run more than max_lead_seconds_at_capacity ahead of real time: it is not a
+    # stream the at-capacity check protects, and it may be closed by it.
+    ahead: bool = False
+
+    def lead_s(self, now: float, sample_rate: int) -> float:
+        """Seconds its audio so far is ahead of the time since its START."""
+        return self.features.features.samples_seen / sample_rate - (now - self.started)
 
 
 class FeatureExtractorStep:
@@ -134,6 +141,7 @@ class FeatureExtractorStep:
         admission: adm.Admission | None = None,
         max_lead_seconds: float | None = DEFAULT_MAX_LEAD_SECONDS,
         clock=time.monotonic,
+        max_lead_seconds_at_capacity: float | None = adm.DEFAULT_LEAD_AT_CAPACITY_S,
     ):
         self.contract = contract
         # How far a stream's audio may run ahead of real time (None: no limit); see
@@ -142,6 +150,15 @@ class FeatureExtractorStep:
         self.clock = clock
         self.lead_closed = 0  # streams closed for running ahead of real time
         self.admission = admission or adm.Admission(None)
+        # The admission limit as a rate of model windows (None without a limit or without
+        # the at-capacity lead): what real-time streams need, spent by everyone.
+        self.lead_at_capacity_s = max_lead_seconds_at_capacity
+        window_s = contract.chunk_frames * contract.features.hop_length / contract.sample_rate
+        self.budget = (
+            adm.RealTimeBudget.for_limit(self.admission.limit, window_s, clock)
+            if max_lead_seconds_at_capacity is not None
+            else None
+        )
         self.max_chunk_samples = int(max_chunk_seconds * contract.sample_rate)
         self.max_stream_seconds = max_stream_seconds
         self.max_stream_samples = int(max_stream_seconds * contract.sample_rate)
@@ -277,23 +294,58 @@ class FeatureExtractorStep:
         info.endpoints = [int(e) for e in windows.endpoints]
         if info.windows == 0:
             features = self._placeholder
+        elif self.budget is not None:
+            self.budget.spend(info.windows)
         return FeatureResult(features, info)
 
     def _check_lead(self, corrid: int, st: _Stream, samples: int) -> None:
         """Close the stream when this chunk would put its audio more than max_lead_s
-        ahead of real time.  Closed, not refused: refusing one chunk and taking the next
-        would leave a hole in the audio that nobody sees."""
-        if self.max_lead_s is None or samples == 0:
+        ahead of real time, or when it is already more than max_lead_seconds_at_capacity
+        ahead while the real-time budget is spent and another stream is at real time.
+        Closed, not refused: refusing one chunk and taking the next would leave a hole in
+        the audio that nobody sees."""
+        if samples == 0:
             return
-        audio_s = (st.features.features.samples_seen + samples) / self.contract.sample_rate
-        lead = audio_s - (self.clock() - st.started)
+        now = self.clock()
+        at_capacity_lead = self.lead_at_capacity_s
+        if (
+            self.budget is not None
+            and at_capacity_lead is not None
+            and st.lead_s(now, self.contract.sample_rate) > at_capacity_lead
+        ):
+            st.ahead = True
+            if self.budget.spent() and self._someone_at_real_time(st, now):
+                self._close_for_lead(
+                    corrid,
+                    f"stream {corrid} closed: its audio ran "
+                    f"{st.lead_s(now, self.contract.sample_rate):.1f} s {LEAD_MARKER} while "
+                    f"this instance was at capacity (the model time of its "
+                    f"{self.admission.limit} streams at real time was spent) and other "
+                    f"streams were at real time; {adm.LEAD_AT_CAPACITY_KEY} is "
+                    f"{at_capacity_lead:g} s. Send a live stream at real time; whole "
+                    f"recordings go to the {OFFLINE_MODEL} model",
+                )
+        if self.max_lead_s is None:
+            return
+        lead = st.lead_s(now, self.contract.sample_rate) + samples / self.contract.sample_rate
         if lead <= self.max_lead_s:
             return
-        why = (
+        self._close_for_lead(
+            corrid,
             f"stream {corrid} closed: its audio ran {lead:.1f} s {LEAD_MARKER}, more than "
             f"{MAX_LEAD_PARAMETER} ({self.max_lead_s:g} s). Send a live stream at most that "
-            f"far ahead of real time; whole recordings go to the {OFFLINE_MODEL} model"
+            f"far ahead of real time; whole recordings go to the {OFFLINE_MODEL} model",
         )
+
+    def _someone_at_real_time(self, st: _Stream, now: float) -> bool:
+        """Another stream, open for REALTIME_AFTER_S, that has never run ahead: one the
+        at-capacity check protects (a paced client, or one the server keeps waiting)."""
+        return any(
+            other is not st and not other.ahead and now - other.started >= adm.REALTIME_AFTER_S
+            for other in self.store.values()
+        )
+
+    def _close_for_lead(self, corrid: int, why: str) -> None:
         self.store.close(corrid, why)
         self.lead_closed += 1
         raise StreamError(why)
@@ -331,6 +383,11 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
         max_lead = parse_float(
             MAX_LEAD_PARAMETER, cfg.param(MAX_LEAD_PARAMETER, str(DEFAULT_MAX_LEAD_SECONDS)), 0.0
         )
+        lead_at_capacity = parse_float(
+            adm.LEAD_AT_CAPACITY_KEY,
+            cfg.param(adm.LEAD_AT_CAPACITY_KEY, str(adm.DEFAULT_LEAD_AT_CAPACITY_S)),
+            0.0,
+        )
     except ValueError as exc:
         raise ValueError(f"model {cfg.name!r}: {exc}") from None
     return FeatureExtractorStep(
@@ -343,4 +400,5 @@ def build_step(cfg: ModelConfig, validate_options=None) -> FeatureExtractorStep:
         max_stream_s,
         adm.Admission(limit),
         max_lead or None,
+        max_lead_seconds_at_capacity=lead_at_capacity or None,
     )

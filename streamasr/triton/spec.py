@@ -281,6 +281,15 @@ FEATURE_EXTRACTOR = Model(
             "timed on the machine, x a documented headroom); the environment variable "
             "STREAMASR_MAX_ACTIVE_STREAMS overrides it; 0 = no limit.",
         ),
+        Parameter(
+            admission.LEAD_AT_CAPACITY_KEY,
+            f"{admission.DEFAULT_LEAD_AT_CAPACITY_S:g}",
+            "The limit is also a rate (its streams at real time): while the model windows "
+            "sent on have spent it and another stream is at real time, a stream running "
+            "more than this many seconds ahead of real time is closed (a file sent as fast "
+            "as the server answers takes what is left, not the real-time streams' share); "
+            "0 = no such check. streamasr/core/admission.py RealTimeBudget.",
+        ),
     ),
     notes={
         "model": "Feature step: audio chunks -> model windows [N, left+chunk+right, n_mels]. "

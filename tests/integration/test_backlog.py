@@ -7,6 +7,7 @@ The server tests use a repository copy whose limit is ``LEAD_S`` seconds."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from streamasr.core.state import StreamError
 from streamasr.pipeline import feature_extractor as fx
 from streamasr_client.stream import AsrError, Session
 
-from ..helpers import LEAD_S, finals_with_words, reference_messages
+from ..helpers import ADMISSION_LIMIT, LEAD_S, finals_with_words, reference_messages
 
 
 class FakeClock:
@@ -177,3 +178,61 @@ def test_a_paced_session_longer_than_the_lead_is_never_closed(
         s.close()
         s.wait(timeout=120)
     assert s.errors == [] and finals_with_words(s.messages) == expected
+
+
+# -- a real server at capacity (the admission limit as a rate, issue 26) -------------------
+
+
+def _send_until_refused(session: Session, audio: np.ndarray, chunk: int) -> None:
+    """A client sending a file as fast as the server answers, until it is told to stop."""
+    for j in range(0, len(audio), chunk):
+        if session.errors:
+            return
+        try:
+            session.send(audio[j : j + chunk])
+        except AsrError:
+            return
+
+
+def test_at_capacity_a_fast_stream_is_closed_and_the_real_time_one_stays_exact(
+    limited_server, contract, onnx_session, demo_audio
+):
+    """Limit ADMISSION_LIMIT streams = that many seconds of model windows per second: a
+    stream sent as fast as the server answers, beside one sent at real time, spends it
+    and is closed past max_lead_seconds_at_capacity; the real-time one keeps its exact
+    transcript.  (The same flood alone is never closed for it: tests/unit.)"""
+    from streamasr.core import admission
+
+    clip = demo_audio[: 5 * contract.sample_rate]
+    expected = finals_with_words(reference_messages(contract, onnx_session, clip))
+    chunk = contract.chunk_samples
+    chunk_s = chunk / contract.sample_rate
+    flood_audio = np.tile(clip, 8)  # 40 s
+    with limited_server.connect() as conn, limited_server.connect(pace=False) as flood_conn:
+        paced = conn.open_session()
+        flood = None
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(clip), chunk)):
+            # a live client: chunk k leaves once its audio has been spoken
+            time.sleep(max(0.0, t0 + k * chunk_s - time.monotonic()))
+            paced.send(clip[i : i + chunk])
+            if flood is None and time.monotonic() - t0 > admission.REALTIME_AFTER_S + 0.5:
+                flood = flood_conn.open_session()
+                sender = threading.Thread(
+                    target=_send_until_refused, args=(flood, flood_audio, chunk), daemon=True
+                )
+                sender.start()
+        paced.close()
+        paced.wait(timeout=60)
+        assert flood is not None
+        sender.join(timeout=60)
+        flood.close()
+        flood.wait(timeout=60)
+    assert paced.errors == [] and finals_with_words(paced.messages) == expected
+    assert flood.errors, "the fast stream was not closed"
+    why = flood.errors[0]
+    assert protocol.LEAD_MARKER in why and admission.LEAD_AT_CAPACITY_KEY in why
+    assert f"its {ADMISSION_LIMIT} streams" in why
+    # closed within a few seconds of its audio, long before max_lead_seconds (120 s)
+    answered = sum(1 for m in flood.messages if m["type"] != "Error")
+    assert answered * chunk_s < 20.0

@@ -202,7 +202,8 @@ class AdmissionMetrics:
             ),
             M(
                 "streamasr_lead_closed_streams_total",
-                "Streams closed for sending audio further ahead of real time than max_lead_seconds",
+                "Streams closed for sending audio further ahead of real time than "
+                "max_lead_seconds (or max_lead_seconds_at_capacity, at capacity)",
                 M.COUNTER,
             ),
         )
