@@ -5,6 +5,7 @@ execute loop (``serve_each``).  Importable only inside Triton
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import json
 import logging
@@ -107,10 +108,64 @@ def validate_io(cfg: ModelConfig, inputs: set[str], outputs: set[str]) -> None:
         )
 
 
+#: The per-request time histogram's name: its series are ``_bucket{le}``, ``_count`` and
+#: ``_sum``, as a Prometheus histogram's (histogram_quantile reads them as such).
+REQUEST_SECONDS = "streamasr_request_seconds"
+
+
+class RequestSeconds:
+    """A Prometheus histogram of request times, counted here and published to Triton's
+    metrics as counters at most once per ``publish_every_s``.  Observing each request
+    through pb_utils was one round trip to tritonserver per request: py-spy found it
+    the top frame of the Python steps (37 % of the feature step's samples, 14 % of the
+    decoder's at the throughput limit, benchmarks/results/vm-20261206-1055.md).  What is
+    counted since the last publication goes out with the first request after the next
+    ``publish_every_s``."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+    LE = (*(f"{b:g}" for b in BUCKETS), "+Inf")
+    PUBLISH_EVERY_S = 1.0
+
+    def __init__(
+        self,
+        buckets: list,
+        count,
+        total,
+        publish_every_s: float = PUBLISH_EVERY_S,
+        clock=time.monotonic,
+    ):
+        self._metrics = buckets, count, total
+        self.publish_every_s, self.clock = publish_every_s, clock
+        self.counts = [0] * len(self.LE)  # cumulative, as Prometheus's buckets are
+        self.sum = 0.0
+        self._published = ([0] * len(self.LE), 0.0)
+        self._last = clock()
+
+    def observe(self, durations: list[float]) -> None:
+        for d in durations:
+            self.sum += d
+            for i in range(bisect.bisect_left(self.BUCKETS, d), len(self.LE)):
+                self.counts[i] += 1
+        if self.clock() - self._last >= self.publish_every_s:
+            self.publish()
+
+    def publish(self) -> None:
+        buckets, count, total = self._metrics
+        seen, summed = self._published
+        for metric, now, before in zip(buckets, self.counts, seen):
+            if now != before:
+                metric.increment(now - before)
+        if self.counts[-1] != seen[-1]:
+            count.increment(self.counts[-1] - seen[-1])
+            total.increment(self.sum - summed)
+        self._published = (list(self.counts), self.sum)
+        self._last = self.clock()
+
+
 class StreamMetrics:
     """Our Prometheus metrics on Triton's metrics port, labelled by model:
     streamasr_open_streams (gauge), streamasr_reclaimed_streams_total and
-    streamasr_request_errors_total (counters).
+    streamasr_request_errors_total (counters), streamasr_request_seconds (RequestSeconds).
 
     Published from execute() only, i.e. as of the model's last request: a pb_utils call
     from another thread races the stub's own IPC (tritonserver aborted with
@@ -132,35 +187,25 @@ class StreamMetrics:
             fam["errors"] = M(
                 "streamasr_request_errors_total", "Requests answered with an error", M.COUNTER
             )
-            try:  # histograms: Triton >= 2.49's python backend
-                fam["seconds"] = M(
-                    "streamasr_request_seconds",
-                    "Time this step spent on one request (one audio chunk)",
-                    M.HISTOGRAM,
-                )
-            except Exception:  # noqa: BLE001 - an older Triton: no histogram, no failure
-                fam["seconds"] = None
+            what = "Time this step spent on one request (one audio chunk)"
+            for part in ("bucket", "count", "sum"):
+                fam[part] = M(f"{REQUEST_SECONDS}_{part}", f"{what}: {part}", M.COUNTER)
         labels = {"model": model}
         self.open = fam["open"].Metric(labels=labels)
         self.reclaimed = fam["reclaimed"].Metric(labels=labels)
         self.errors = fam["errors"].Metric(labels=labels)
-        self.seconds = None
-        if fam["seconds"] is not None:
-            try:
-                self.seconds = fam["seconds"].Metric(labels=labels, buckets=self.BUCKETS)
-            except Exception:  # noqa: BLE001
-                self.seconds = None
+        self.seconds = RequestSeconds(
+            [fam["bucket"].Metric(labels={**labels, "le": le}) for le in RequestSeconds.LE],
+            fam["count"].Metric(labels=labels),
+            fam["sum"].Metric(labels=labels),
+        )
         self._reported = 0
         self._open_reported: int | None = None
 
-    BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
-
     def observe(self, durations: list[float]) -> None:
-        if self.seconds is None or not durations:
-            return
-        with self._lock:
-            for d in durations:
-                self.seconds.observe(d)
+        if durations:
+            with self._lock:
+                self.seconds.observe(durations)
 
     def sync(self, store: StreamStore) -> None:
         """Publish the store's figures.  ``reclaimed`` follows ``store.reclaimed``, which
