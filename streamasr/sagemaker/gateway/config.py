@@ -70,7 +70,8 @@ class GatewayConfig:
     # Stateful /invocations sessions expire after this idle time.
     session_ttl_s: float = 300.0
     heartbeat_s: float | None = None  # server-initiated pings (SageMaker pings us anyway)
-    # Streams get two-pass finals (Whisper re-decode) unless they say two_pass=false.
+    # Streams get one-pass finals unless they ask for two_pass=true (Whisper re-decodes
+    # each final); STREAMASR_TWO_PASS=true makes two-pass the default.
     two_pass: bool = False
 
     def stream_model(self, two_pass: Any = None) -> str:
