@@ -18,13 +18,20 @@ MODELS = ("feature_extractor", "acoustic_model", "ctc_decoder", "streaming_asr")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def _scrape(metrics_url: str) -> str | None:
+    """The Prometheus endpoint's text; None when it does not answer (the server died)."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            return r.read().decode()
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return None
+
+
 def model_requests(metrics_url: str, model: str) -> float | None:
     """Requests Triton has counted for ``model`` (success + failure, every version) on
     its Prometheus endpoint ``metrics_url``; None when it does not answer (the server died)."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=10) as r:
-            text = r.read().decode()
-    except (urllib.error.URLError, ConnectionError, OSError):
+    text = _scrape(metrics_url)
+    if text is None:
         return None
     total = 0.0
     for name in ("nv_inference_request_success", "nv_inference_request_failure"):
@@ -36,10 +43,8 @@ def model_requests(metrics_url: str, model: str) -> float | None:
 def metric_total(metrics_url: str, name: str) -> float | None:
     """The sum of every series of the metric ``name`` (e.g. streamasr_stream_capacity) on
     the Prometheus endpoint ``metrics_url``; None when it does not answer or has none."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=10) as r:
-            text = r.read().decode()
-    except (urllib.error.URLError, ConnectionError, OSError):
+    text = _scrape(metrics_url)
+    if text is None:
         return None
     values = [
         float(m.group(1))

@@ -153,9 +153,8 @@ class FeatureExtractorStep:
         # The admission limit as a rate of model windows (None without a limit or without
         # the at-capacity lead): what real-time streams need, spent by everyone.
         self.lead_at_capacity_s = max_lead_seconds_at_capacity
-        window_s = contract.chunk_frames * contract.features.hop_length / contract.sample_rate
         self.budget = (
-            adm.RealTimeBudget.for_limit(self.admission.limit, window_s, clock)
+            adm.RealTimeBudget.for_limit(self.admission.limit, contract.chunk_seconds, clock)
             if max_lead_seconds_at_capacity is not None
             else None
         )
@@ -307,18 +306,14 @@ class FeatureExtractorStep:
         if samples == 0:
             return
         now = self.clock()
+        lead = st.lead_s(now, self.contract.sample_rate)  # before this chunk
         at_capacity_lead = self.lead_at_capacity_s
-        if (
-            self.budget is not None
-            and at_capacity_lead is not None
-            and st.lead_s(now, self.contract.sample_rate) > at_capacity_lead
-        ):
+        if self.budget is not None and at_capacity_lead is not None and lead > at_capacity_lead:
             st.ahead = True
             if self.budget.spent() and self._someone_at_real_time(st, now):
                 self._close_for_lead(
                     corrid,
-                    f"stream {corrid} closed: its audio ran "
-                    f"{st.lead_s(now, self.contract.sample_rate):.1f} s {LEAD_MARKER} while "
+                    f"stream {corrid} closed: its audio ran {lead:.1f} s {LEAD_MARKER} while "
                     f"this instance was at capacity (the model time of its "
                     f"{self.admission.limit} streams at real time was spent) and other "
                     f"streams were at real time; {adm.LEAD_AT_CAPACITY_KEY} is "
@@ -327,7 +322,7 @@ class FeatureExtractorStep:
                 )
         if self.max_lead_s is None:
             return
-        lead = st.lead_s(now, self.contract.sample_rate) + samples / self.contract.sample_rate
+        lead += samples / self.contract.sample_rate  # with this chunk
         if lead <= self.max_lead_s:
             return
         self._close_for_lead(
